@@ -1,0 +1,132 @@
+"""Data roots, lazy (memory-mapped) arrays from ``.npz`` files, and preprocessing to an encoder's input.
+
+Dataset plugins use :class:`LazyNpz` so that a large split (e.g. a 224 px MedMNIST set) is never
+copied whole into RAM: a compressed member is streamed once into an uncompressed ``.npy`` beside the
+feature cache and memory-mapped from there; a stored (uncompressed) member is memory-mapped in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from hica_bench.errors import UserError
+from hica_bench.interfaces import InputSpec
+
+DATA_ENV = "HICA_BENCH_DATA"
+CACHE_ENV = "HICA_BENCH_CACHE"
+
+
+def data_root(cli_value: str | None) -> str | None:
+    """``--data-root`` > ``$HICA_BENCH_DATA`` > None (the dataset plugin's own default)."""
+    value = cli_value or os.environ.get(DATA_ENV) or None
+    if value is not None and not Path(value).expanduser().is_dir():
+        source = "--data-root" if cli_value else f"${DATA_ENV}"
+        raise UserError(f"data root {value!r} (from {source}) does not exist or is not a directory")
+    return str(Path(value).expanduser()) if value else None
+
+
+def cache_root(cli_value: str | None) -> Path:
+    """``--cache-dir`` > ``$HICA_BENCH_CACHE`` > ``~/.cache/hica-bench``."""
+    value = cli_value or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hica-bench"
+    path = Path(value).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cache directory {str(path)!r} is not writable ({exc.strerror or exc})") from None
+    return path
+
+
+def file_fingerprint(path: Path) -> str:
+    """Cheap identity of a file's content version: name, byte size and modification time."""
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class LazyNpz:
+    """Read-only access to the arrays of one ``.npz`` file without loading images into memory."""
+
+    def __init__(self, path: Path, scratch_dir: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+            self.keys = {name[:-4] for name in self._zip.namelist() if name.endswith(".npy")}
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise UserError(f"{self.path} is not a readable .npz file ({exc}); delete it and download it again") from None
+        digest = hashlib.sha256(file_fingerprint(self.path).encode()).hexdigest()[:16]
+        self._scratch = Path(scratch_dir) / "arrays" / f"{self.path.stem}-{digest}"
+
+    def require(self, keys: list[str]) -> None:
+        missing = [k for k in keys if k not in self.keys]
+        if missing:
+            raise UserError(f"{self.path} lacks the arrays {', '.join(missing)} (it has: {', '.join(sorted(self.keys))})")
+
+    def load(self, key: str) -> np.ndarray:
+        """The whole array in memory (for small arrays such as labels)."""
+        try:
+            with np.load(self.path, allow_pickle=False) as npz:
+                return npz[key]
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise UserError(f"{self.path}: array {key!r} is unreadable ({exc}); delete the file and download it again") from None
+
+    def memmap(self, key: str) -> np.ndarray:
+        """The array as a read-only memory map."""
+        info = self._zip.getinfo(f"{key}.npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with self.path.open("rb") as handle:
+                handle.seek(info.header_offset + 26)
+                name_len, extra_len = np.frombuffer(handle.read(4), dtype="<u2")
+                start = info.header_offset + 30 + int(name_len) + int(extra_len)
+                handle.seek(start)
+                version = np.lib.format.read_magic(handle)
+                shape, fortran, dtype = np.lib.format._read_array_header(handle, version)  # noqa: SLF001
+                offset = handle.tell()
+            return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+        target = self._scratch / f"{key}.npy"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(f".partial-{os.getpid()}")
+            try:
+                with self._zip.open(info) as source, partial.open("wb") as sink:
+                    shutil.copyfileobj(source, sink, length=1 << 22)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                partial.unlink(missing_ok=True)
+                raise UserError(f"{self.path}: array {key!r} is truncated or corrupt ({exc}); download it again") from None
+            os.replace(partial, target)
+        try:
+            return np.load(target, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            target.unlink(missing_ok=True)
+            raise UserError(f"{self.path}: array {key!r} is not a valid array ({exc})") from None
+
+
+def preprocessing_id(spec: InputSpec) -> str:
+    """Everything about preprocessing that changes features; part of every feature-cache key."""
+    return f"uint8/255|rgb|resize{spec.size}-{spec.interpolation}-antialias|mean{spec.mean}|std{spec.std}"
+
+
+def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu"):
+    """uint8 (N, H, W) or (N, H, W, 3) -> float32 tensor (N, 3, size, size) normalised per ``spec``."""
+    import torch
+    import torch.nn.functional as F
+
+    batch = torch.from_numpy(np.ascontiguousarray(images))
+    if device != "cpu":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    batch = batch.float()
+    batch = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+    if batch.shape[-1] != spec.size or batch.shape[-2] != spec.size:
+        batch = F.interpolate(batch, size=(spec.size, spec.size), mode=spec.interpolation, antialias=True, align_corners=False)
+        batch = batch.clamp_(0.0, 255.0)
+    mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1) * 255.0
+    # a grey batch (N, 1, S, S) broadcasts to three channels here, after the (cheaper) one-channel resize
+    return ((batch - mean) / std).contiguous()

@@ -1,0 +1,54 @@
+"""The plugin contract: one hook per kind of plugin.
+
+A plugin is a module (or object) registered under the ``hica_bench`` entry-point group, e.g. in its
+``pyproject.toml``::
+
+    [project.entry-points.hica_bench]
+    my_methods = "my_package.plugin"
+
+and implementing any of the hooks below with :data:`hica_bench.hookimpl`. Every hook takes no
+arguments and returns a list of :class:`hica_bench.interfaces.PluginSpec` of its kind; what each
+spec's ``factory`` must build is the interface documented in :mod:`hica_bench.interfaces`.
+First-party plugins (``plugins/``) use exactly this contract; the core has no built-in names.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from hica_bench.interfaces import PluginSpec
+
+hookspec = pluggy.HookspecMarker("hica_bench")
+
+
+@hookspec
+def hica_bench_datasets() -> list[PluginSpec]:
+    """Datasets. ``factory(root, size, download, cache_dir, **options)`` returns a
+    :class:`~hica_bench.interfaces.FewShotDataset`."""
+
+
+@hookspec
+def hica_bench_encoders() -> list[PluginSpec]:
+    """Image/text encoder pairs. ``factory(device, **options)`` returns an
+    :class:`~hica_bench.interfaces.EncoderPair` whose models already live on ``device``."""
+
+
+@hookspec
+def hica_bench_methods() -> list[PluginSpec]:
+    """Few-shot methods. ``factory(**options)`` returns a :class:`~hica_bench.interfaces.Method`."""
+
+
+@hookspec
+def hica_bench_roi_extractors() -> list[PluginSpec]:
+    """ROI extractors. ``factory(**options)`` returns a :class:`~hica_bench.interfaces.ROIExtractor`."""
+
+
+@hookspec
+def hica_bench_descriptor_generators() -> list[PluginSpec]:
+    """Class-text descriptor generators. ``factory(**options)`` returns a
+    :class:`~hica_bench.interfaces.DescriptorGenerator`."""
+
+
+@hookspec
+def hica_bench_losses() -> list[PluginSpec]:
+    """Training losses. ``factory(**options)`` returns a :class:`~hica_bench.interfaces.Loss`."""

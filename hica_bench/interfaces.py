@@ -1,0 +1,191 @@
+"""What plugins build: the typed interfaces of every plugin kind, and the data the runner hands them.
+
+Shapes use N = number of images, C = number of classes, D = embedding width, K = regions per image.
+Arrays handed to plugins are numpy unless a signature says ``torch.Tensor``. No I/O lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+KINDS = ("dataset", "encoder", "method", "roi-extractor", "descriptor-generator", "loss")
+Kind = Literal["dataset", "encoder", "method", "roi-extractor", "descriptor-generator", "loss"]
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One named thing a plugin offers (returned by the hooks in :mod:`hica_bench.hookspecs`).
+
+    ``options`` maps every option the factory accepts to its default; the CLI syntax
+    ``name:key=value:key2=value`` is validated and type-converted against these defaults before
+    anything runs. ``factory`` receives the converted options as keyword arguments (plus the
+    kind's fixed arguments documented on its hook).
+    """
+
+    kind: Kind
+    name: str
+    description: str
+    factory: Callable[..., Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset.
+
+    ``images``: uint8, (N, H, W) grey or (N, H, W, 3) RGB; may be a read-only memory map, so index
+    it in slices rather than converting it whole. ``labels``: int64, (N,), values in [0, C).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+class FewShotDataset(Protocol):
+    """A single-label classification dataset with official train/val/test splits."""
+
+    name: str  #: registry name, e.g. ``breastmnist``
+    size: int  #: image side in pixels
+    task: str  #: ``binary-class`` or ``multi-class``
+    class_names: list[str]  #: C human-readable names, index = label
+    identity: str  #: changes whenever the underlying files change (used in cache keys)
+
+    def split(self, name: Literal["train", "val", "test"]) -> Split: ...
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image encoder wants its input: square ``size``, RGB, ``(x/255 - mean) / std``."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """A frozen image encoder.
+
+    ``identity`` is stable across processes and includes a digest of the weights, so two encoders
+    with the same identity produce the same features (it keys the feature cache).
+    ``encode(x)`` takes a float tensor (N, 3, size, size) already normalised per ``input_spec`` on the
+    encoder's device and returns (N, D) features (not necessarily normalised). It is called under
+    ``torch.inference_mode``. An encoder with spatial features may also offer
+    ``dense(x) -> (N, D, h, w)`` for ROI pooling.
+    """
+
+    identity: str
+    input_spec: InputSpec
+    embed_dim: int
+
+    def encode(self, images: Any) -> Any: ...
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """A frozen text encoder: ``encode(texts) -> (len(texts), D)`` float32 numpy."""
+
+    identity: str
+    embed_dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass
+class EncoderPair:
+    """What an encoder plugin's factory returns.
+
+    ``aligned`` is True only when image and text embeddings live in one trained joint space (CLIP-style),
+    so cosine similarity between them is meaningful. ``text`` may be None for image-only backbones.
+    ``modules`` lists the torch modules involved (for methods that fine-tune; may be empty).
+    """
+
+    image: ImageEncoder
+    text: TextEncoder | None
+    aligned: bool
+    device: str = "cpu"
+    modules: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+Need = Literal["image_features", "class_texts", "text_encoder", "aligned_encoders", "encoders"]
+
+
+@dataclass
+class FewShotTask:
+    """Everything a method may use for one (dataset, k, seed) cell.
+
+    ``support_features`` (k*C, D) float32 are frozen image features of the support images,
+    ``support_labels`` (k*C,) int64, ``support_indices`` their indices in the train split.
+    ``encoders`` gives access to the text encoder (and the image encoder for fine-tuning methods);
+    ``train_images`` the lazy train split images for methods that declared the ``encoders`` need.
+    Methods must not modify any array they are handed. Randomness comes only from ``seed``.
+    """
+
+    dataset: str
+    task: str
+    class_names: list[str]
+    support_features: np.ndarray
+    support_labels: np.ndarray
+    support_indices: np.ndarray
+    k: int
+    seed: int
+    encoders: EncoderPair
+    device: str = "cpu"
+    train_images: np.ndarray | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Method(Protocol):
+    """A few-shot classifier (scikit-learn habits: configure in the factory, learn in ``fit``).
+
+    ``needs`` declares what the method uses, from :data:`Need`; the runner checks e.g. that a method
+    needing ``aligned_encoders`` gets an aligned pair, and records ``not_applicable`` otherwise.
+    ``fit(task)`` returns self and may raise :class:`hica_bench.errors.NotApplicable`.
+    ``predict_proba(features)`` maps (N, D) test features to (N, C) float probabilities, rows summing to 1.
+    """
+
+    needs: frozenset[str]
+
+    def fit(self, task: FewShotTask) -> "Method": ...
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------- HiCA building blocks
+
+
+class ROIExtractor(Protocol):
+    """``extract(images, k)``: images (N, 3, S, S) tensor -> boxes (N, K, 4) int ``x0, y0, x1, y1``
+    with 0 <= x0 < x1 <= S and 0 <= y0 < y1 <= S."""
+
+    def extract(self, images: Any, k: int) -> Any: ...
+
+
+class DescriptorGenerator(Protocol):
+    """``describe(dataset, class_names)`` -> one entry per class: ``{"global": [str, ...], "local": [str, ...]}``
+    (at least one global text per class; local texts are fine-grained findings)."""
+
+    def describe(self, dataset: str, class_names: Sequence[str]) -> list[dict[str, list[str]]]: ...
+
+
+class Loss(Protocol):
+    """A differentiable training loss: ``__call__(**tensors) -> scalar tensor``; each loss documents
+    the keyword tensors it takes."""
+
+    def __call__(self, **tensors: Any) -> Any: ...

@@ -1,0 +1,205 @@
+"""Plugin discovery: entry points -> pluggy -> one name -> spec map per kind.
+
+Plugins come from the ``hica_bench`` entry-point group (unless ``HICA_BENCH_DISABLE_PLUGIN_AUTOLOAD``
+is set) and from modules named explicitly (``hica-bench -p module``). A name offered twice within a
+kind is an error naming both distributions; an unknown name is answered with close matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Iterable
+
+import pluggy
+
+from hica_bench import hookspecs
+from hica_bench.errors import UserError
+from hica_bench.interfaces import KINDS, PluginSpec
+
+ENTRY_POINT_GROUP = "hica_bench"
+DISABLE_AUTOLOAD_ENV = "HICA_BENCH_DISABLE_PLUGIN_AUTOLOAD"
+
+_HOOK_OF_KIND = {
+    "dataset": "hica_bench_datasets",
+    "encoder": "hica_bench_encoders",
+    "method": "hica_bench_methods",
+    "roi-extractor": "hica_bench_roi_extractors",
+    "descriptor-generator": "hica_bench_descriptor_generators",
+    "loss": "hica_bench_losses",
+}
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A spec together with where it came from."""
+
+    spec: PluginSpec
+    distribution: str  #: distribution name, or ``-p module`` for explicitly loaded modules
+    version: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A spec chosen on the command line with its converted options, e.g. ``hica:lambda1=0.5``."""
+
+    registered: Registered
+    options: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.registered.spec.name
+
+    @property
+    def label(self) -> str:
+        """Canonical text: the name plus the options that differ from their defaults, sorted."""
+        defaults = self.registered.spec.options
+        changed = {k: v for k, v in sorted(self.options.items()) if defaults.get(k) != v}
+        return ":".join([self.name] + [f"{k}={v}" for k, v in changed.items()])
+
+    def build(self, **fixed: Any) -> Any:
+        return self.registered.spec.factory(**fixed, **self.options)
+
+
+class Registry:
+    """All plugins of one process. Build with :func:`load_registry`."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("hica_bench")
+        self.pm.add_hookspecs(hookspecs)
+        self._origin: dict[int, tuple[str, str]] = {}  # id(plugin) -> (distribution, version)
+        self.load_errors: list[str] = []
+        self._specs: dict[str, dict[str, Registered]] | None = None
+
+    # -- loading
+    def load_entry_points(self) -> None:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist else "?"
+            version = ep.dist.version if ep.dist else "?"
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # one broken plugin must not hide the others
+                self.load_errors.append(f"plugin {ep.name!r} from {dist} failed to import: {exc}")
+                continue
+            self._add(plugin, ep.name, dist, version)
+
+    def load_module(self, module_name: str) -> None:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UserError(f"-p {module_name}: cannot import it ({exc})") from None
+        self._add(module, module_name, f"-p {module_name}", getattr(module, "__version__", "?"))
+
+    def _add(self, plugin: object, name: str, dist: str, version: str) -> None:
+        if self.pm.is_registered(plugin):
+            return
+        self.pm.register(plugin, name=f"{dist}:{name}")
+        self._origin[id(plugin)] = (dist, version)
+        self._specs = None
+
+    # -- lookup
+    def specs(self, kind: str) -> dict[str, Registered]:
+        if self._specs is None:
+            self._specs = {k: self._collect(k) for k in KINDS}
+        return self._specs[kind]
+
+    def _collect(self, kind: str) -> dict[str, Registered]:
+        found: dict[str, Registered] = {}
+        for impl in getattr(self.pm.hook, _HOOK_OF_KIND[kind]).get_hookimpls():
+            dist, version = self._origin.get(id(impl.plugin), (impl.plugin_name, "?"))
+            for spec in impl.function() or []:
+                if not isinstance(spec, PluginSpec) or spec.kind != kind:
+                    raise UserError(f"plugin from {dist} returned a non-{kind} spec from {_HOOK_OF_KIND[kind]}")
+                if spec.name in found:
+                    other = found[spec.name].distribution
+                    raise UserError(f"{kind} {spec.name!r} is registered twice: by {other} and by {dist}")
+                found[spec.name] = Registered(spec, dist, version)
+        return found
+
+    def get(self, kind: str, name: str) -> Registered:
+        specs = self.specs(kind)
+        if name in specs:
+            return specs[name]
+        close = difflib.get_close_matches(name, list(specs), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        known = f" Known: {', '.join(sorted(specs))}." if specs else f" No {kind} plugins are installed."
+        raise UserError(f"unknown {kind} {name!r}{hint}{known if not close else ''}")
+
+    def choose(self, kind: str, text: str) -> Choice:
+        """Parse ``name:key=value:key2=value`` against the named spec's declared options."""
+        name, options = parse_choice(text)
+        registered = self.get(kind, name)
+        return Choice(registered, convert_options(registered.spec, options))
+
+    def all(self) -> Iterable[Registered]:
+        for kind in KINDS:
+            yield from self.specs(kind).values()
+
+
+def load_registry(modules: Iterable[str] = ()) -> Registry:
+    registry = Registry()
+    if not os.environ.get(DISABLE_AUTOLOAD_ENV):
+        registry.load_entry_points()
+    for module in modules:
+        registry.load_module(module)
+    return registry
+
+
+_OPTION_START = re.compile(r":(?=[A-Za-z_][\w.-]*=)")
+
+
+def parse_choice(text: str) -> tuple[str, dict[str, str]]:
+    """``hica:lambda1=0.5:tau=0.07`` -> ("hica", {"lambda1": "0.5", "tau": "0.07"}).
+
+    A colon only starts an option when ``key=`` follows it, so values may contain colons
+    (``model=hf-hub:microsoft/BiomedCLIP-...``).
+    """
+    text = text.strip()
+    name, *parts = _OPTION_START.split(text)
+    if not name or not re.fullmatch(r"[\w.+-]+", name):
+        raise UserError(f"malformed name {text!r}: expected NAME or NAME:key=value:key=value")
+    options: dict[str, str] = {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key in options:
+            raise UserError(f"option {key!r} given twice in {text!r}")
+        options[key] = value
+    return name, options
+
+
+def convert_options(spec: PluginSpec, raw: dict[str, str]) -> dict[str, Any]:
+    """Fill defaults and convert each given value to the type of its default."""
+    result = dict(spec.options)
+    for key, value in raw.items():
+        if key not in spec.options:
+            allowed = ", ".join(sorted(spec.options)) or "none"
+            raise UserError(f"{spec.kind} {spec.name!r} has no option {key!r} (options: {allowed})")
+        result[key] = _convert(spec, key, value, spec.options[key])
+    return result
+
+
+def _convert(spec: PluginSpec, key: str, value: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            number = float(value)
+            if number != number:  # NaN
+                raise ValueError
+            return number
+    except ValueError:
+        raise UserError(
+            f"option {key}={value!r} of {spec.kind} {spec.name!r} must be a {type(default).__name__}"
+        ) from None
+    return value
