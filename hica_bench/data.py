@@ -80,16 +80,17 @@ class LazyNpz:
     def memmap(self, key: str) -> np.ndarray:
         """The array as a read-only memory map."""
         info = self._zip.getinfo(f"{key}.npy")
-        if info.compress_type == zipfile.ZIP_STORED:
+        if info.compress_type == zipfile.ZIP_STORED:  # memory-map in place, right after the member's header
             with self.path.open("rb") as handle:
                 handle.seek(info.header_offset + 26)
                 name_len, extra_len = np.frombuffer(handle.read(4), dtype="<u2")
-                start = info.header_offset + 30 + int(name_len) + int(extra_len)
-                handle.seek(start)
+                handle.seek(info.header_offset + 30 + int(name_len) + int(extra_len))
                 version = np.lib.format.read_magic(handle)
-                shape, fortran, dtype = np.lib.format._read_array_header(handle, version)  # noqa: SLF001
-                offset = handle.tell()
-            return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version in read_header:
+                    shape, fortran, dtype = read_header[version](handle)
+                    offset = handle.tell()
+                    return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
         target = self._scratch / f"{key}.npy"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu"):
     import torch
     import torch.nn.functional as F
 
-    batch = torch.from_numpy(np.ascontiguousarray(images))
+    batch = torch.from_numpy(np.array(images, copy=True))  # a small writable copy of a (read-only) memmap slice
     if device != "cpu":
         batch = batch.pin_memory().to(device, non_blocking=True)
     batch = batch.float()

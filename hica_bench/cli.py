@@ -1,0 +1,217 @@
+"""The ``hica-bench`` command line: thin typer commands over the core modules.
+
+Exit codes: 0 all cells finished, 1 some cells failed, 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hica_bench import __version__
+from hica_bench.errors import UserError
+from hica_bench.interfaces import KINDS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Benchmark few-shot medical image classification methods built on vision-language models.",
+)
+console = Console(stderr=True)
+
+DEFAULT_DATASETS = "breastmnist,pneumoniamnist"
+DEFAULT_METHODS = "zero-shot,linear-probe,prototype"
+DEFAULT_ENCODER = "effnet-lite0-minilm"
+
+
+def _registry(ctx: typer.Context):
+    from hica_bench.registry import load_registry
+
+    if ctx.obj is None:
+        ctx.obj = load_registry(ctx.find_root().params.get("plugin") or [])
+        for problem in ctx.obj.load_errors:
+            console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+    return ctx.obj
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"hica-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    plugin: List[str] = typer.Option([], "-p", "--plugin", help="Import MODULE and register it as a plugin (repeatable), as pytest's -p."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log debug details (e.g. tracebacks of failed cells)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """``"1,5,20"`` -> [1, 5, 20] (order kept, duplicates dropped)."""
+    values: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise UserError(f"{option} takes comma-separated whole numbers like 1,5,20; got {text!r}") from None
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def name_list(text: str, option: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    if not text.strip() or any(not n for n in names):
+        raise UserError(f"{option} takes a comma-separated list of names; got {text!r}")
+    if len(set(names)) != len(names):
+        raise UserError(f"{option} names something twice: {text!r}")
+    return names
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    datasets: str = typer.Option(DEFAULT_DATASETS, help="Comma list of datasets (see `hica-bench list dataset`)."),
+    methods: str = typer.Option(DEFAULT_METHODS, help="Comma list of methods, each NAME or NAME:opt=value:opt=value."),
+    encoder: str = typer.Option(DEFAULT_ENCODER, help="Encoder pair, NAME or NAME:opt=value (see `hica-bench list encoder`)."),
+    shots: str = typer.Option("1,5,20", help="Comma list of shots per class."),
+    seeds: str = typer.Option("0,1,2", help="Comma list of seeds."),
+    size: int = typer.Option(28, help="Image size of the dataset files (MedMNIST: 28, 64, 128, 224)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    batch_size: int = typer.Option(0, help="Encoder batch size; 0 = 16 on CPU, 128 on CUDA."),
+    amp: bool = typer.Option(True, help="Mixed precision (bf16/fp16) for the encoder on CUDA; ignored on CPU."),
+    data_root: Optional[str] = typer.Option(None, help="Folder with the dataset files [default: $HICA_BENCH_DATA, else the dataset's own default]."),
+    cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder [default: $HICA_BENCH_CACHE, else ~/.cache/hica-bench]."),
+    out: Path = typer.Option(Path("hica-bench-results"), help="Folder for results.jsonl and the leaderboards; reruns resume here."),
+    max_test: Optional[int] = typer.Option(None, help="Evaluate on the first N test images only (quick runs; recorded)."),
+    download: bool = typer.Option(True, help="Download missing dataset files."),
+) -> None:
+    """Run the grid datasets × methods × shots × seeds and write results and leaderboards to --out."""
+    from hica_bench import data, runner
+
+    shot_list, seed_list = int_list(shots, "--shots"), int_list(seeds, "--seeds")
+    if batch_size < 0:
+        raise UserError(f"--batch-size must be >= 0, got {batch_size}")
+    if size < 1:
+        raise UserError(f"--size must be positive, got {size}")
+    if max_test is not None and max_test < 1:
+        raise UserError(f"--max-test must be >= 1, got {max_test}")
+    for k in shot_list:
+        if k < 1:
+            raise UserError(f"--shots must be >= 1, got {k}")
+    if any(s < 0 for s in seed_list):
+        raise UserError(f"--seeds must be >= 0, got {seeds!r}")
+    registry = _registry(ctx)
+    grid = runner.Grid(
+        datasets=[registry.choose("dataset", n) for n in name_list(datasets, "--datasets")],
+        methods=[registry.choose("method", n) for n in name_list(methods, "--methods")],
+        encoder=registry.choose("encoder", encoder),
+        shots=shot_list,
+        seeds=seed_list,
+        size=size,
+        max_test=max_test,
+    )
+    resolved = runner.resolve_device(device)
+    settings = runner.Settings(
+        device=resolved,
+        batch_size=batch_size or (128 if resolved.startswith("cuda") else 16),
+        amp=amp,
+        data_root=data.data_root(data_root),
+        cache_dir=data.cache_root(cache_dir),
+        out_dir=out,
+        download=download,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        summary = runner.run(grid, settings, progress)
+    _print_summary(summary, settings)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary, settings) -> None:
+    out = Console()
+    if summary.extractions:
+        table = Table(title="encoder passes (one per dataset and split)")
+        for column in ("dataset", "split", "images", "source", "seconds", "images/s"):
+            table.add_column(column)
+        for e in summary.extractions:
+            rate = e.images_per_second
+            table.add_row(e.dataset, e.split, str(e.n_images), "cache" if e.cached else f"encoder ({settings.device})",
+                          f"{e.seconds:.1f}", f"{rate:.1f}" if rate else "—")
+        out.print(table)
+    out.print(
+        f"cells: {summary.total} in grid, {summary.skipped} already finished, {summary.ok} ran ok, "
+        f"{summary.not_applicable} not applicable, {summary.failed} failed"
+    )
+    out.print(f"feature cache: {summary.cache_hits} hits, {summary.cache_misses} misses "
+              f"(encoder seconds: {sum(e.seconds for e in summary.extractions):.1f})")
+    for failure in summary.failures:
+        out.print(f"[red]failed:[/] {failure}", highlight=False)
+    out.print(f"wall time: {summary.wall_s:.1f} s")
+    if summary.leaderboard:
+        md_path, csv_path = summary.leaderboard
+        out.print(f"results: {settings.out_dir / 'results.jsonl'}\nleaderboard: {md_path}, {csv_path}")
+
+
+@app.command("list")
+def list_(ctx: typer.Context, kind: Optional[str] = typer.Argument(None, help=f"One of: {', '.join(KINDS)}.")) -> None:
+    """Show the installed plugins: name, kind, distribution, version, options, description."""
+    registry = _registry(ctx)
+    if kind is not None:
+        normal = kind.rstrip("s") if kind.rstrip("s") in KINDS else kind
+        if normal not in KINDS:
+            raise UserError(f"unknown kind {kind!r}; kinds are: {', '.join(KINDS)}")
+        kinds = [normal]
+    else:
+        kinds = list(KINDS)
+    table = Table()
+    for column in ("name", "kind", "distribution", "version", "options", "description"):
+        table.add_column(column, overflow="fold")
+    for k in kinds:
+        for name, reg in sorted(registry.specs(k).items()):
+            options = " ".join(f"{key}={value}" for key, value in reg.spec.options.items())
+            table.add_row(name, k, reg.distribution, reg.version, options, reg.spec.description.split("\n")[0])
+    Console(width=200).print(table)
+
+
+@app.command("leaderboard")
+def leaderboard_(
+    results: Path = typer.Argument(..., help="A results.jsonl written by `hica-bench run`."),
+    out: Optional[Path] = typer.Option(None, help="Folder for leaderboard.md/.csv [default: beside RESULTS]."),
+) -> None:
+    """Write Markdown and CSV leaderboards from a results file."""
+    from hica_bench import leaderboard
+    from hica_bench.results import ResultsStore
+
+    if not results.is_file():
+        raise UserError(f"results file {str(results)!r} does not exist")
+    loaded = list(ResultsStore(results).load().values())
+    if not loaded:
+        raise UserError(f"{results} holds no results")
+    md_path, csv_path = leaderboard.write(loaded, out or results.parent)
+    print(md_path.read_text())
+    print(f"written: {md_path}, {csv_path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        print(f"hica-bench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("hica-bench: interrupted; finished cells are kept in the results file", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,119 @@
+"""Baselines every few-shot VLM paper reports: zero-shot, linear probe, nearest class mean (prototype).
+
+All three work on frozen image features handed over by the runner; features are L2-normalised first,
+as CLIP-style evaluations do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import softmax
+
+from hica_bench import hookimpl
+from hica_bench.errors import NotApplicable
+from hica_bench.interfaces import FewShotTask, PluginSpec
+
+#: Prompt ensemble for zero-shot (CLIP-style); ``{}`` is the class name from the dataset.
+TEMPLATES = (
+    "a medical image of {}.",
+    "a photo of {}.",
+    "an image showing {}.",
+    "a scan with findings of {}.",
+    "{}.",
+)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class ZeroShot:
+    """Cosine similarity to each class's prompt-ensemble text embedding, times ``logit_scale``, softmax.
+
+    Needs an aligned image-text pair; the support set is not used.
+    """
+
+    needs = frozenset({"aligned_encoders", "class_texts"})
+
+    def __init__(self, logit_scale: float = 100.0) -> None:
+        self.logit_scale = logit_scale
+
+    def fit(self, task: FewShotTask) -> "ZeroShot":
+        if not task.encoders.aligned or task.encoders.text is None:
+            raise NotApplicable("zero-shot needs an aligned image-text encoder pair")
+        texts = [template.format(name) for name in task.class_names for template in TEMPLATES]
+        embedded = l2_normalise(task.encoders.text.encode(texts))
+        per_class = embedded.reshape(task.n_classes, len(TEMPLATES), -1).mean(axis=1)
+        self.class_embeddings_ = l2_normalise(per_class)
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        if features.shape[1] != self.class_embeddings_.shape[1]:
+            raise ValueError(f"image features are {features.shape[1]}-d but text embeddings {self.class_embeddings_.shape[1]}-d")
+        return softmax(self.logit_scale * l2_normalise(features) @ self.class_embeddings_.T, axis=1)
+
+
+class LinearProbe:
+    """Multinomial logistic regression (scikit-learn, lbfgs, L2) on L2-normalised features.
+
+    Regularisation: with ``C=0`` (default) the inverse strength C is chosen from ``Cs`` by stratified
+    k-fold cross-validation on the support set (min(k, 5) folds, log-loss) when k >= 2; at k = 1 there
+    is nothing to validate on and ``C_one_shot`` is used. A positive ``C`` fixes it.
+    """
+
+    needs = frozenset({"image_features"})
+    Cs = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+    def __init__(self, C: float = 0.0, C_one_shot: float = 10.0, max_iter: int = 2000) -> None:
+        self.C, self.C_one_shot, self.max_iter = C, C_one_shot, max_iter
+
+    def fit(self, task: FewShotTask) -> "LinearProbe":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+        x, y = l2_normalise(task.support_features), task.support_labels
+        if self.C > 0 or task.k < 2:
+            self.C_ = self.C if self.C > 0 else self.C_one_shot
+            self.model_ = LogisticRegression(C=self.C_, max_iter=self.max_iter).fit(x, y)
+        else:
+            folds = StratifiedKFold(n_splits=min(task.k, 5), shuffle=True, random_state=task.seed)
+            search = GridSearchCV(
+                LogisticRegression(max_iter=self.max_iter), {"C": list(self.Cs)}, cv=folds, scoring="neg_log_loss"
+            ).fit(x, y)
+            self.model_, self.C_ = search.best_estimator_, float(search.best_params_["C"])
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(l2_normalise(features))
+
+
+class Prototype:
+    """Nearest class mean: cosine similarity to each class's mean normalised support feature,
+    divided by ``temperature``, softmax."""
+
+    needs = frozenset({"image_features"})
+
+    def __init__(self, temperature: float = 0.05) -> None:
+        self.temperature = temperature
+
+    def fit(self, task: FewShotTask) -> "Prototype":
+        x = l2_normalise(task.support_features)
+        means = np.stack([x[task.support_labels == c].mean(axis=0) for c in range(task.n_classes)])
+        self.prototypes_ = l2_normalise(means)
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return softmax(l2_normalise(features) @ self.prototypes_.T / self.temperature, axis=1)
+
+
+@hookimpl
+def hica_bench_methods() -> list[PluginSpec]:
+    return [
+        PluginSpec("method", "zero-shot", "Zero-shot: cosine similarity to prompt-ensemble class text embeddings (aligned pairs only)",
+                   ZeroShot, {"logit_scale": 100.0}),
+        PluginSpec("method", "linear-probe", "Linear probe: logistic regression on frozen features, C by support-set CV",
+                   LinearProbe, {"C": 0.0, "C_one_shot": 10.0, "max_iter": 2000}),
+        PluginSpec("method", "prototype", "Nearest class mean (prototype) on frozen features, cosine similarity",
+                   Prototype, {"temperature": 0.05}),
+    ]

@@ -1,0 +1,141 @@
+"""The 12 MedMNIST v2 2D datasets, described by ``medmnist.INFO`` (class names, task, split sizes, URLs).
+
+Files are ``{flag}.npz`` (28 px) or ``{flag}_{size}.npz`` in the data root (``--data-root`` >
+``$HICA_BENCH_DATA`` > medmnist's ``~/.medmnist``). A missing file is downloaded from the official
+record with its MD5 checked (torchvision's downloader, with a progress bar); offline, one line says
+which file is missing and where to put it. Images are memory-mapped (see ``hica_bench.data.LazyNpz``).
+
+ChestMNIST is multi-label and is refused: hica-bench's protocol and metrics are single-label.
+RetinaMNIST (ordinal regression) is evaluated as 5-class classification, as medmnist's Evaluator does.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from hica_bench import hookimpl
+from hica_bench.data import LazyNpz, file_fingerprint
+from hica_bench.errors import UserError
+from hica_bench.interfaces import PluginSpec, Split
+
+SIZES = (28, 64, 128, 224)
+FLAGS = (
+    "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
+    "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
+)
+SPLITS = ("train", "val", "test")
+
+
+def _info(flag: str) -> dict:
+    import medmnist
+
+    return medmnist.INFO[flag]
+
+
+def file_name(flag: str, size: int) -> str:
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def _download(flag: str, size: int, root: Path) -> None:
+    from torchvision.datasets.utils import download_url
+
+    suffix = "" if size == 28 else f"_{size}"
+    info = _info(flag)
+    try:
+        download_url(info[f"url{suffix}"], str(root), filename=file_name(flag, size), md5=info[f"MD5{suffix}"])
+    except Exception as exc:  # network down, host unreachable, MD5 mismatch
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"{file_name(flag, size)} is missing from {root} and could not be downloaded ({reason}); "
+            f"download {info[f'url{suffix}']} and put it at {root / file_name(flag, size)}"
+        ) from None
+    if not (root / file_name(flag, size)).exists():
+        raise UserError(f"download of {file_name(flag, size)} into {root} failed; put the file there by hand")
+
+
+class MedMNIST:
+    """One MedMNIST 2D dataset at one size (implements ``hica_bench.interfaces.FewShotDataset``)."""
+
+    def __init__(self, flag: str, root: str | None, size: int, download: bool, cache_dir: Path) -> None:
+        info = _info(flag)
+        if info["task"] == "multi-label, binary-class":
+            raise UserError(f"{flag} is multi-label; hica-bench supports single-label datasets only (see README)")
+        if size not in SIZES:
+            raise UserError(f"{flag} comes in sizes {', '.join(map(str, SIZES))}; got --size {size}")
+        if root is None:
+            from medmnist.info import DEFAULT_ROOT
+
+            root = DEFAULT_ROOT
+        self.root = Path(root)
+        self.name, self.size = flag, size
+        self.task = "multi-class" if info["task"] == "ordinal-regression" else info["task"]
+        self.class_names = [info["label"][str(i)] for i in range(len(info["label"]))]
+        self.channels = info["n_channels"]
+        path = self.root / file_name(flag, size)
+        if not path.exists():
+            if not download:
+                raise UserError(f"{path.name} is missing from {self.root}; put it there or drop --no-download")
+            self.root.mkdir(parents=True, exist_ok=True)
+            _download(flag, size, self.root)
+        self.path = path
+        self._npz = LazyNpz(path, Path(cache_dir))
+        self._npz.require([f"{s}_{part}" for s in SPLITS for part in ("images", "labels")])
+        self.identity = f"medmnist/{flag}@{size}/{file_fingerprint(path)}"
+        self._splits: dict[str, Split] = {}
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        if name not in self._splits:
+            self._splits[name] = self._load(name)
+        return self._splits[name]
+
+    def _load(self, name: str) -> Split:
+        where = f"{self.path}: {name}"
+        labels = self._npz.load(f"{name}_labels")
+        images = self._npz.memmap(f"{name}_images")
+        if images.dtype != np.uint8:
+            raise UserError(f"{where}_images has dtype {images.dtype}; MedMNIST images are uint8")
+        expected = (self.size, self.size) if self.channels == 1 else (self.size, self.size, 3)
+        if images.shape[1:] != expected:
+            raise UserError(f"{where}_images has shape {images.shape}; expected (N, {', '.join(map(str, expected))})")
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{where}_labels has shape {labels.shape} and dtype {labels.dtype}; expected integers (N, 1)")
+        if len(labels) != len(images):
+            raise UserError(f"{where}: {len(images)} images but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise UserError(f"{where}_labels has values outside 0..{len(self.class_names) - 1}")
+        return Split(images=images, labels=labels.astype(np.int64))
+
+
+def _factory(flag: str):
+    def build(root: str | None, size: int, download: bool, cache_dir: Path) -> MedMNIST:
+        return MedMNIST(flag, root, size, download, cache_dir)
+
+    return build
+
+
+@lru_cache(maxsize=None)
+def _specs() -> tuple[PluginSpec, ...]:
+    specs = []
+    for flag in FLAGS:
+        info = _info(flag)
+        n = info["n_samples"]
+        classes = len(info["label"])
+        note = " (multi-label: refused)" if info["task"].startswith("multi-label") else ""
+        description = (
+            f"MedMNIST {info['python_class']}: {classes} classes, {info['task']}{note}, "
+            f"{n['train']}/{n['val']}/{n['test']} train/val/test"
+        )
+        specs.append(PluginSpec("dataset", flag, description, _factory(flag)))
+    return tuple(specs)
+
+
+@hookimpl
+def hica_bench_datasets() -> list[PluginSpec]:
+    return list(_specs())

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real MedMNIST files, MedMNIST-format arrays built on the fly, and the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_PLUGINS = Path(__file__).parent / "plugins"
+
+
+def shared_medmnist() -> Path | None:
+    for candidate in (os.environ.get("HICA_BENCH_DATA"), REPO.parent / "shared" / "data" / "medmnist"):
+        if candidate and (Path(candidate) / "breastmnist.npz").exists():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def medmnist_root() -> Path:
+    root = shared_medmnist()
+    if root is None:
+        pytest.skip("real MedMNIST files not found (set HICA_BENCH_DATA to a folder with breastmnist.npz)")
+    return root
+
+
+def write_medmnist_npz(path: Path, n_classes: int, size: int = 28, rgb: bool = False,
+                       counts=(30, 10, 20), seed: int = 0, compressed: bool = True) -> Path:
+    """A file in the exact MedMNIST format: uint8 images (N, S, S[, 3]) and uint8 labels (N, 1) per split.
+
+    Each class gets a distinct mean brightness pattern, so a classifier can learn something."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), counts):
+        labels = np.arange(n) % n_classes
+        rng.shuffle(labels)
+        shape = (n, size, size, 3) if rgb else (n, size, size)
+        noise = rng.normal(0, 20, size=shape)
+        base = (40 + 170 * labels / max(n_classes - 1, 1)).reshape((-1,) + (1,) * (len(shape) - 1))
+        arrays[f"{split}_images"] = np.clip(base + noise, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return path
+
+
+def hica_bench(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed ``hica-bench`` console script as a user would."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")])}
+    full_env.update(env or {})
+    exe = Path(sys.executable).parent / "hica-bench"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
