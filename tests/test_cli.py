@@ -1,0 +1,110 @@
+"""The CLI end to end on the real MedMNIST files, with the small pixel encoder from tests/plugins."""
+
+import json
+
+import pytest
+
+from conftest import hica_bench, write_medmnist_npz
+
+
+def _results(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_run_resume_and_leaderboard(medmnist_root, tmp_path):
+    args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--shots", "1,5", "--seeds", "0,1",
+            "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    first = hica_bench(*args)
+    assert first.returncode == 0, first.stderr
+    records = _results(tmp_path / "out")
+    assert len(records) == 2 * 3 * 2 * 2  # datasets × methods × shots × seeds
+    ok = [r for r in records if r["status"] == "ok"]
+    assert {r["key"]["method"] for r in ok} == {"linear-probe", "prototype"}
+    assert all(r["status"] == "not_applicable" and "aligned" in r["reason"] for r in records if r["key"]["method"] == "zero-shot")
+    assert all(len(r["support_hash"]) == 64 and r["environment"]["packages"]["hica-bench"] for r in ok)
+    assert "0 hits, 4 misses" in first.stdout  # one encoder pass per dataset and split
+
+    second = hica_bench(*args)
+    assert second.returncode == 0, second.stderr
+    assert "24 already finished" in second.stdout and "0 ran ok" in second.stdout
+    assert _results(tmp_path / "out") == records  # nothing recomputed or appended
+
+    board = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "breastmnist (28 px)" in board and "pneumoniamnist (28 px)" in board and "5-shot" in board
+    rebuilt = hica_bench("leaderboard", str(tmp_path / "out" / "results.jsonl"), "--out", str(tmp_path / "lb"))
+    assert rebuilt.returncode == 0 and (tmp_path / "lb" / "leaderboard.md").read_text() == board
+    assert (tmp_path / "lb" / "leaderboard.csv").read_text().startswith("dataset,size,encoder,method,k")
+
+    # new features: cache hits, and identical metrics after deleting the results
+    (tmp_path / "out" / "results.jsonl").unlink()
+    third = hica_bench(*args)
+    assert "4 hits, 0 misses" in third.stdout
+    assert [r["metrics"] for r in _results(tmp_path / "out")] == [r["metrics"] for r in records]
+
+
+def test_multiclass_rgb_dataset_in_medmnist_format(tmp_path):
+    write_medmnist_npz(tmp_path / "data" / "bloodmnist_64.npz", n_classes=8, size=64, rgb=True, counts=(80, 8, 40))
+    result = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "bloodmnist", "--size", "64",
+                        "--methods", "linear-probe,prototype:temperature=0.1", "--shots", "1,5", "--seeds", "0",
+                        "--data-root", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                        "--max-test", "24")
+    assert result.returncode == 0, result.stderr
+    records = _results(tmp_path / "out")
+    assert {r["key"]["method"] for r in records} == {"linear-probe", "prototype:temperature=0.1"}
+    assert all(r["n_test"] == 24 and r["key"]["max_test"] == 24 for r in records)
+    five_shot = [r for r in records if r["key"]["k"] == 5]
+    assert all(r["metrics"]["acc"] > 0.5 for r in five_shot)  # 8 classes: chance is 0.125
+
+
+def _error(result):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--datasets", "breastmnst"], "did you mean breastmnist"),
+    (["--methods", "linear-prob"], "did you mean linear-probe"),
+    (["--encoder", "effnet-lite0"], "unknown encoder 'effnet-lite0'"),
+    (["--shots", "0"], "--shots must be >= 1"),
+    (["--shots", "1,x"], "--shots takes comma-separated whole numbers"),
+    (["--shots", "500"], "smallest train class has"),
+    (["--seeds", "0,,1"], "--seeds takes comma-separated whole numbers"),
+    (["--methods", "prototype:temperature=hot"], "must be a float"),
+    (["--methods", "prototype:tau=1"], "has no option 'tau'"),
+    (["--datasets", "chestmnist"], "multi-label"),
+    (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+])
+def test_bad_input_is_one_line_and_exit_2(medmnist_root, tmp_path, args, message):
+    base = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--data-root", str(medmnist_root),
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    assert message in _error(hica_bench(*base, *args))
+
+
+def test_missing_data_offline(tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = _error(hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+                             "--data-root", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")))
+    assert "breastmnist.npz is missing from" in line and "could not be downloaded" in line and "put it at" in line
+    line = _error(hica_bench("run", "--data-root", str(tmp_path / "nowhere")))
+    assert "does not exist" in line
+
+
+def test_bad_input_keeps_finished_results(medmnist_root, tmp_path):
+    args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
+            "--shots", "1", "--seeds", "0", "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out")]
+    assert hica_bench(*args).returncode == 0
+    before = (tmp_path / "out" / "results.jsonl").read_text()
+    _error(hica_bench(*args[:-2], "--out", str(tmp_path / "out"), "--shots", "500"))
+    assert (tmp_path / "out" / "results.jsonl").read_text() == before
+
+
+def test_list_and_help():
+    listed = hica_bench("list", "method")
+    assert listed.returncode == 0 and "linear-probe" in listed.stdout and "hica-bench-baselines" in listed.stdout
+    assert "unknown kind" in _error(hica_bench("list", "widgets"))
+    for command in ([], ["run"], ["list"], ["leaderboard"]):
+        shown = hica_bench(*command, "--help")
+        assert shown.returncode == 0 and "Usage" in shown.stdout
