@@ -1,0 +1,219 @@
+"""OpenCLIP models (aligned image-text pairs), BiomedCLIP included.
+
+Weights come from a local file (read with ``weights_only=True`` / safetensors), from the Hugging Face
+cache, or from the Hub; when the Hub is needed and unreachable, a UserError says how to pass local files.
+
+Models published as an ``open_clip_config.json`` + checkpoint (``hf-hub:`` names, BiomedCLIP) are built
+through open_clip's own ``local-dir:`` loader from a scratch folder holding that config and a link to the
+checkpoint, so a local config + checkpoint builds with no network (see :func:`from_config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hica_bench.errors import UserError
+from hica_bench.interfaces import EncoderPair, InputSpec
+from hica_bench_encoders.weights import file_sha256, first_line, hub_file, local_file, seeded, state_dict_sha256
+
+BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+BATCH = 64
+
+
+class OpenCLIPImage:
+    """``encode(x)`` = ``model.encode_image(x)``: (N, embed_dim), not normalised."""
+
+    def __init__(self, model: Any, identity: str, input_spec: InputSpec, embed_dim: int) -> None:
+        self.model, self.identity, self.input_spec, self.embed_dim = model, identity, input_spec, embed_dim
+
+    def encode(self, images: Any) -> Any:
+        return self.model.encode_image(images)
+
+
+class OpenCLIPText:
+    """``encode(texts)`` = ``model.encode_text(tokenizer(texts))`` as float32 numpy, not normalised."""
+
+    def __init__(self, model: Any, tokenizer: Any, identity: str, device: str) -> None:
+        self.model, self.tokenizer, self.identity, self.device = model, tokenizer, identity, device
+        self.embed_dim = int(self._encode([""]).shape[1])
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            parts = [self.model.encode_text(self.tokenizer(list(texts[i:i + BATCH])).to(self.device)).float().cpu()
+                     for i in range(0, len(texts), BATCH)]
+        return torch.cat(parts).numpy().astype(np.float32, copy=False)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts) if len(texts) else np.zeros((0, self.embed_dim), dtype=np.float32)
+
+
+def _pair(model: Any, tokenizer: Any, identity: str, device: str) -> EncoderPair:
+    """Both towers of a (CPU-built) open_clip model, moved to ``device`` in eval mode."""
+    import open_clip
+    import torch
+
+    model = model.to(device).eval()
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"] if isinstance(cfg["size"], int) else int(cfg["size"][-1])
+    spec = InputSpec(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                     interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic")
+    with torch.inference_mode():
+        embed_dim = int(model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1])
+    image = OpenCLIPImage(model, identity, spec, embed_dim)
+    return EncoderPair(image, OpenCLIPText(model, tokenizer, f"{identity}/text", device), aligned=True,
+                       device=device, modules={"model": model, "image": model.visual})
+
+
+def _build(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run an open_clip/transformers builder; any failure (missing Hub files, mismatched weights) -> UserError."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot build {what}: {first_line(exc)}") from None
+
+
+def _download_hint(repo: str, local: str) -> str:
+    return f"pass {local} (e.g. from `huggingface-cli download {repo}` on a connected machine)"
+
+
+def open_clip_pair(device: str, model: str, pretrained: str) -> EncoderPair:
+    """``model``: an open_clip architecture name, ``hf-hub:org/repo`` or ``local-dir:/folder``.
+    ``pretrained``: ""=random init (seed 0), a local checkpoint file, or an open_clip tag (ignored for schemas)."""
+    import open_clip
+
+    if model.startswith("hf-hub:"):
+        return from_config(device, f"open-clip:{model}", model[len("hf-hub:"):], config="", checkpoint="",
+                           local="model=local-dir:<folder with open_clip_config.json and the weights>")
+    if model.startswith("local-dir:"):
+        with seeded(0):  # only matters when the folder holds no weights
+            net = _build(model, open_clip.create_model, model, device="cpu", pretrained_text=False, weights_only=True)
+        tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
+        return _pair(net, tokenizer, f"open-clip:{model}:sha256={state_dict_sha256(net)}", device)
+    if model not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=3, cutoff=0.6)
+        raise UserError(f"open_clip has no model {model!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+                        + " (or use hf-hub:org/repo or local-dir:/folder)")
+    tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
+    if not pretrained:
+        with seeded(0):
+            net = _build(model, open_clip.create_model, model, device="cpu", pretrained_text=False)
+        return _pair(net, tokenizer, f"open-clip:{model}:random-init-seed0:sha256={state_dict_sha256(net)}", device)
+    if os.path.isfile(os.path.expanduser(pretrained)):
+        path, extra = local_file(pretrained, "pretrained"), {}
+    else:
+        path, extra = _tag_weights(model, pretrained)
+    net = _build(f"{model} from {path}", open_clip.create_model, model, pretrained=str(path), device="cpu",
+                 weights_only=True, **extra)
+    return _pair(net, tokenizer, f"open-clip:{model}:sha256={file_sha256(path)}", device)
+
+
+def _tag_weights(model: str, tag: str) -> tuple[Path, dict[str, Any]]:
+    """Local path of an open_clip pretrained tag's weights (HF cache first, then the Hub or its URL), and the
+    ``create_model`` overrides the tag implies (its preprocessing and QuickGELU)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise UserError(f"pretrained={tag!r} is neither a file nor an open_clip tag of {model} (tags: {tags})")
+    if cfg.get("hf_hub"):
+        repo, name = os.path.split(cfg["hf_hub"])  # "org/repo/" -> default names, "org/repo/file" -> file
+        if not name or name == CHECKPOINT_NAMES[1]:
+            names = list(CHECKPOINT_NAMES)
+        else:  # prefer a safetensors twin of a pickle file, as open_clip does
+            names = [name[:-4] + ".safetensors", name] if name.endswith((".bin", ".pth")) else [name]
+        path = hub_file(repo, names, f"{model} {tag} weights", _download_hint(repo, "pretrained=<local checkpoint file>"))
+    else:
+        try:
+            path = open_clip.download_pretrained_from_url(cfg["url"])
+        except Exception as exc:
+            raise UserError(f"could not fetch the {model} {tag} weights from {cfg['url']} ({first_line(exc)}); "
+                            "download it elsewhere and pass pretrained=<local checkpoint file>") from None
+    preprocess = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k) is not None}
+    return Path(path), {"force_preprocess_cfg": preprocess, "force_quick_gelu": bool(cfg.get("quick_gelu", False))}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"config {path} is not a readable JSON file ({first_line(exc)})") from None
+    if isinstance(config, dict) and "model_cfg" not in config and {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
+        config = {"model_cfg": config}  # a bare model config, as in open_clip's model_configs/
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise UserError(f"config {path} is not an open_clip_config.json (it lacks 'model_cfg')")
+    return config
+
+
+def from_config(device: str, label: str, repo: str, config: str, checkpoint: str,
+                local: str = "config=<open_clip_config.json or its folder> checkpoint=<weights file>") -> EncoderPair:
+    """An open_clip model described by an ``open_clip_config.json`` plus its checkpoint.
+
+    ``config``: the JSON file or a folder holding it (a downloaded snapshot of ``repo``; its checkpoint is
+    then used when ``checkpoint`` is empty); "" fetches it from ``repo`` (HF cache first). ``checkpoint``: a
+    weights file; "" fetches ``repo``'s. The config's HF text tower (``hf_model_name``/``hf_tokenizer_name``)
+    is resolved by transformers: a Hub name (HF cache, or network), or a local folder put in the config.
+    ``local`` says, in Hub errors, which options give local files instead.
+    """
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    hint = _download_hint(repo, local)
+    if config:
+        config_path = Path(config).expanduser()
+        if config_path.is_dir():
+            if not checkpoint:
+                checkpoint = next((str(config_path / n) for n in CHECKPOINT_NAMES if (config_path / n).is_file()), "")
+            config_path = config_path / "open_clip_config.json"
+        config_path = local_file(str(config_path), "config")
+    else:
+        config_path = Path(hub_file(repo, ["open_clip_config.json"], f"{label} config", hint))
+    full_config = _read_config(config_path)
+    weights = local_file(checkpoint, "checkpoint") if checkpoint else Path(
+        hub_file(repo, list(CHECKPOINT_NAMES), f"{label} weights", hint))
+    config_digest = hashlib.sha256(json.dumps(full_config, sort_keys=True).encode()).hexdigest()[:16]
+    identity = f"{label}:sha256={file_sha256(weights)}:config={config_digest}"
+
+    with tempfile.TemporaryDirectory(prefix="hica-open-clip-") as scratch:
+        (Path(scratch) / "open_clip_config.json").write_text(json.dumps(full_config), encoding="utf-8")
+        link = Path(scratch) / (CHECKPOINT_NAMES[0] if weights.suffix == ".safetensors" else CHECKPOINT_NAMES[1])
+        try:
+            link.symlink_to(weights)
+        except OSError:  # no symlinks here: build from the config alone, load the weights below
+            link = None
+        tower = full_config["model_cfg"].get("text_cfg", {}).get("hf_model_name")
+        what = f"{label} from {config_path}" + (
+            f" (its text tower {tower!r} is read by transformers: HF cache, Hub, or a local folder named in the config)"
+            if tower and not Path(tower).is_dir() else "")
+        net = _build(what, open_clip.create_model, f"local-dir:{scratch}", device="cpu",
+                     pretrained_text=False, weights_only=True)
+    if link is None:
+        _build(f"{label} from {weights}", open_clip.load_checkpoint, net, str(weights), weights_only=True)
+
+    text_cfg = full_config["model_cfg"].get("text_cfg", {})
+    context_length = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer = _build(f"the {label} tokenizer {text_cfg['hf_tokenizer_name']!r}", HFTokenizer,
+                           text_cfg["hf_tokenizer_name"], context_length=context_length,
+                           tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+    else:
+        tokenizer = open_clip.SimpleTokenizer(context_length=context_length, **text_cfg.get("tokenizer_kwargs", {}))
+    return _pair(net, tokenizer, identity, device)
+
+
+def biomedclip_pair(device: str, checkpoint: str, config: str) -> EncoderPair:
+    """BiomedCLIP (ViT-B/16 + PubMedBERT, 512-d joint space, context 256) through open_clip's hf-hub format."""
+    return from_config(device, "biomedclip", BIOMEDCLIP_REPO, config=config, checkpoint=checkpoint)

