@@ -108,3 +108,30 @@ def test_list_and_help():
     for command in ([], ["run"], ["list"], ["leaderboard"]):
         shown = hica_bench(*command, "--help")
         assert shown.returncode == 0 and "Usage" in shown.stdout
+
+
+def test_real_default_encoder_learns_breastmnist(medmnist_root, tmp_path):
+    """The offline default pair end to end: real ImageNet EfficientNet-Lite0 features of the real test split."""
+    result = hica_bench("run", "--datasets", "breastmnist", "--methods", "linear-probe,zero-shot", "--shots", "20",
+                        "--seeds", "0", "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"),
+                        "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    records = {r["key"]["method"]: r for r in _results(tmp_path / "out")}
+    probe = records["linear-probe"]
+    assert probe["key"]["encoder"] == "effnet-lite0-minilm" and probe["n_test"] == 156
+    assert probe["metrics"]["auc"] > 0.65 and probe["metrics"]["balanced_acc"] > 0.6  # chance: 0.5
+    assert probe["timings"]["encoder_images_per_s"] > 0
+    assert records["zero-shot"]["status"] == "not_applicable"
+
+
+def test_failing_cells_are_recorded_and_the_grid_goes_on(medmnist_root, tmp_path):
+    result = hica_bench("-p", "pixel_encoder", "-p", "faulty_methods", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+                        "--methods", "raises,nans,prototype", "--shots", "1", "--seeds", "0,1", "--data-root", str(medmnist_root),
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    records = {(r["key"]["method"], r["key"]["seed"]): r for r in _results(tmp_path / "out")}
+    assert len(records) == 6
+    assert records[("raises", 0)]["status"] == "failed" and "deliberate failure in fit" in records[("raises", 0)]["reason"]
+    assert records[("nans", 1)]["status"] == "failed" and "NaN" in records[("nans", 1)]["reason"]
+    assert all(records[("prototype", s)]["status"] == "ok" for s in (0, 1))
+    assert "2 ran ok, 0 not applicable, 4 failed" in result.stdout and "deliberate failure" in result.stdout

