@@ -7,6 +7,7 @@ Arrays handed to plugins are numpy unless a signature says ``torch.Tensor``. No 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -120,7 +121,11 @@ class EncoderPair:
 # --------------------------------------------------------------------------- methods
 
 
-Need = Literal["image_features", "class_texts", "text_encoder", "aligned_encoders", "encoders"]
+#: What a method may declare in ``needs``: ``image_features`` (frozen support/test features, always given),
+#: ``class_texts`` / ``text_encoder`` (a text encoder must exist), ``aligned_encoders`` (an aligned pair),
+#: ``train_features`` (frozen features of the whole, unlabeled train split), ``encoders`` (raw train images
+#: plus the encoder modules, for methods that fine-tune).
+Need = Literal["image_features", "class_texts", "text_encoder", "aligned_encoders", "train_features", "encoders"]
 
 
 @dataclass
@@ -130,7 +135,10 @@ class FewShotTask:
     ``support_features`` (k*C, D) float32 are frozen image features of the support images,
     ``support_labels`` (k*C,) int64, ``support_indices`` their indices in the train split.
     ``encoders`` gives access to the text encoder (and the image encoder for fine-tuning methods);
-    ``train_images`` the lazy train split images for methods that declared the ``encoders`` need.
+    ``train_images`` the lazy train split images for methods that declared the ``encoders`` need;
+    ``train_features`` (N_train, D) frozen features of the whole train split for methods that declared
+    ``train_features`` (labels are never handed over beyond the support set). ``cache_dir`` is a folder
+    where a method may keep artifacts it can reuse across cells (key them by everything they depend on).
     Methods must not modify any array they are handed. Randomness comes only from ``seed``.
     """
 
@@ -145,6 +153,8 @@ class FewShotTask:
     encoders: EncoderPair
     device: str = "cpu"
     train_images: np.ndarray | None = None
+    train_features: np.ndarray | None = None
+    cache_dir: Path | None = None
 
     @property
     def n_classes(self) -> int:

@@ -118,6 +118,7 @@ def run_cell(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
     device: str,
+    cache_dir: Path | None = None,
 ) -> CellResult:
     import torch
 
@@ -155,6 +156,8 @@ def run_cell(
             encoders=encoders,
             device=device,
             train_images=dataset.split("train").images if "encoders" in needs else None,
+            train_features=train_features if "train_features" in needs else None,
+            cache_dir=cache_dir,
         )
         torch.manual_seed(key.seed)
         np.random.seed(key.seed % 2**32)
@@ -212,7 +215,8 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
                 splits[split] = (features, labels)
                 summary.extractions.append(extraction)
             for method, key in cells:
-                result = run_cell(method, key, dataset, encoders, splits["train"], splits["test"], settings.device)
+                result = run_cell(method, key, dataset, encoders, splits["train"], splits["test"], settings.device,
+                                  settings.cache_dir / "methods")
                 result.environment = env
                 result.options["encoder"] = grid.encoder.options
                 result.timings.update(_throughput(summary.extractions, dataset.name))
