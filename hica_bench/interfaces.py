@@ -181,10 +181,12 @@ class Method(Protocol):
 
 
 class ROIExtractor(Protocol):
-    """``extract(images, k)``: images (N, 3, S, S) tensor -> boxes (N, K, 4) int ``x0, y0, x1, y1``
-    with 0 <= x0 < x1 <= S and 0 <= y0 < y1 <= S."""
+    """``extract(images, k, dense=None)`` -> int64 tensor (N, K, 4) of boxes ``x0, y0, x1, y1`` in pixels of
+    ``images`` (N, 3, S, S, normalised encoder input), with 0 <= x0 < x1 <= S and 0 <= y0 < y1 <= S.
+    ``dense`` is the encoder's (N, D, h, w) feature map when it has one (for activation-based saliency).
+    Deterministic: the same inputs give the same boxes."""
 
-    def extract(self, images: Any, k: int) -> Any: ...
+    def extract(self, images: Any, k: int, dense: Any = None) -> Any: ...
 
 
 class DescriptorGenerator(Protocol):

@@ -1,0 +1,317 @@
+"""HiCA: two-stage adaptation of a frozen image/text encoder pair for few-shot classification.
+
+Stage 1 (domain pretraining, no labels; cached per encoder × dataset × descriptor corpus):
+  * visual: a residual MLP adapter ``a`` on the frozen pooled image features of the *whole unlabeled train
+    split*, trained DeepCluster-style: k-means pseudo-labels on the adapted features, re-clustered every
+    ``stage1_recluster`` epochs, cross-entropy through a linear cluster head.
+  * text: a residual MLP adapter ``b`` on the frozen text embeddings of the dataset's descriptor corpus,
+    trained contrastively (descriptors of the same class are positives, SupCon-style).
+  Why adapters on cached features instead of the encoder's last blocks: on 2 CPU cores the whole ablation
+  grid must finish in ~30 min; an adapter on cached features costs seconds, while re-running the encoder
+  over the train split for every DeepCluster epoch costs minutes. Full encoder fine-tuning would also need
+  test images inside the method (the harness hands methods frozen test features), so it is not offered.
+
+Stage 2 (hierarchical contrastive alignment on the k-shot support set): projection heads ``g_v`` (image)
+and ``g_t`` (text) into a shared space, trained with
+  L = L_global + λ1·L_local + λ2·L_cross
+  * L_global: InfoNCE between support image embeddings g_v(a(f)) and class text embeddings g_t(b(t_c))
+    (t_c = mean of the class's global descriptors);
+  * L_local: InfoNCE between K ROI embeddings per support image (dense encoder features pooled inside the
+    boxes of an ROI extractor, one encoder pass per image) and the fine-grained local descriptors;
+  * L_cross: hinge pushing mismatched image/text similarities at least δ below the matched one.
+Prediction: softmax over cosine(g_v(a(f)), g_t(b(t_c))) / τ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from hica_bench.errors import NotApplicable, UserError
+from hica_bench.interfaces import FewShotTask
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "lambda1": 0.5,  # weight of the local (ROI ↔ fine-grained descriptor) loss
+    "lambda2": 0.5,  # weight of the cross-category margin loss
+    "delta": 0.2,  # margin δ of the cross loss (cosine units)
+    "tau": 0.07,  # temperature of both InfoNCE losses and of prediction
+    "rois": 4,  # K regions per image
+    "roi": "saliency",  # ROI extractor (see `hica-bench list roi-extractor`)
+    "descriptors": "knowledge",  # descriptor generator (templates, knowledge, noisy)
+    "noise": 0.0,  # fraction of descriptors corrupted by the `noisy` generator (0 = clean)
+    "dim": 256,  # shared embedding width of the projection heads
+    "epochs": 150,  # stage-2 full-batch steps
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "stage1": True,
+    "stage1_epochs": 30,
+    "stage1_clusters": 32,
+    "stage1_recluster": 5,
+    "stage1_lr": 1e-3,
+}
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _adapter(width: int, hidden: int):
+    """x + MLP(x), the MLP's last layer zero-initialised so the adapter starts as the identity."""
+    import torch.nn as nn
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+
+        def forward(self, x):
+            return x + self.mlp(x)
+
+    return Residual()
+
+
+class HiCA:
+    """The HiCA method (see the module docstring); options in :data:`DEFAULTS`."""
+
+    def __init__(self, **options) -> None:
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown HiCA options: {sorted(unknown)}")
+        self.options = {**DEFAULTS, **options}
+        o = self.options
+        if not 0.0 <= o["noise"] <= 1.0:
+            raise UserError(f"hica: noise must be within [0, 1], got {o['noise']}")
+        if o["rois"] < 1 or o["epochs"] < 1 or o["dim"] < 1 or o["tau"] <= 0:
+            raise UserError("hica: rois, epochs and dim must be >= 1 and tau > 0")
+        needs = {"image_features", "text_encoder", "class_texts"}
+        if o["stage1"]:
+            needs.add("train_features")
+        if o["lambda1"] > 0:
+            needs.add("encoders")  # raw support images + the image encoder, for ROI features
+        self.needs = frozenset(needs)
+
+    # ------------------------------------------------------------------ descriptors
+    def _descriptors(self, task: FewShotTask) -> list[dict[str, list[str]]]:
+        from hica_bench.registry import load_registry
+
+        o = self.options
+        if o["noise"] > 0:
+            text = f"noisy:fraction={o['noise']}:base={o['descriptors']}:seed=0"
+        else:
+            text = o["descriptors"]
+        generator = load_registry().choose("descriptor-generator", text).build()
+        described = generator.describe(task.dataset, list(task.class_names))
+        if len(described) != task.n_classes or any(not d.get("global") for d in described):
+            raise ValueError(f"descriptor generator {text!r} gave no global text for some class")
+        self.descriptor_label_ = text
+        return described
+
+    # ------------------------------------------------------------------ stage 1
+    def _stage1(self, task: FewShotTask, texts_by_class: list[list[str]], text_features: np.ndarray, torch):
+        """Train (or load from the cache) the visual and text adapters; returns (a, b) as torch modules."""
+        from safetensors.torch import load_file, save_file
+
+        o = self.options
+        with torch.random.fork_rng(devices=[]):  # stage 1 is shared by every cell: its seed is fixed
+            torch.manual_seed(0)
+            visual = _adapter(task.support_features.shape[1], 512)
+            textual = _adapter(text_features.shape[1], 256)
+        if not o["stage1"]:
+            return visual.eval(), textual.eval()  # identity adapters (zero-initialised residuals)
+        train = task.train_features
+        key = _digest(
+            "hica-stage1-v1", task.encoders.image.identity, task.encoders.text.identity, task.dataset,
+            hashlib.sha256(np.ascontiguousarray(train).tobytes()).hexdigest(), texts_by_class,
+            {k: o[k] for k in ("stage1_epochs", "stage1_clusters", "stage1_recluster", "stage1_lr")},
+        )
+        path = Path(task.cache_dir or ".") / "hica-stage1" / f"{key}.safetensors"
+        if path.exists():
+            try:
+                state = load_file(str(path))
+                visual.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("v.")})
+                textual.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("t.")})
+                self.stage1_cached_ = True
+                return visual.eval(), textual.eval()
+            except Exception as exc:  # corrupt or stale: retrain, never trust it
+                log.warning("HiCA stage-1 cache %s unreadable (%s); retraining", path.name, exc)
+        self.stage1_cached_ = False
+        generator = torch.Generator().manual_seed(0)
+        self._train_visual(visual, torch.from_numpy(_normalise(train)).float(), generator, torch)
+        class_of = np.concatenate([[c] * len(t) for c, t in enumerate(texts_by_class)])
+        self._train_text(textual, torch.from_numpy(_normalise(text_features)).float(), torch.from_numpy(class_of), torch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        state = {f"v.{k}": v.contiguous() for k, v in visual.state_dict().items()}
+        state |= {f"t.{k}": v.contiguous() for k, v in textual.state_dict().items()}
+        save_file(state, str(tmp))
+        tmp.replace(path)
+        return visual.eval(), textual.eval()
+
+    def _train_visual(self, visual, features, generator, torch) -> None:
+        """DeepCluster on the adapter: k-means on adapted features -> pseudo-labels -> cross-entropy."""
+        from sklearn.cluster import KMeans
+
+        o = self.options
+        n_clusters = min(o["stage1_clusters"], len(features) // 2)
+        head = torch.nn.Linear(features.shape[1], n_clusters)
+        optimiser = torch.optim.AdamW(list(visual.parameters()) + list(head.parameters()), lr=o["stage1_lr"], weight_decay=1e-4)
+        batch = 256
+        for epoch in range(o["stage1_epochs"]):
+            if epoch % o["stage1_recluster"] == 0:
+                with torch.no_grad():
+                    adapted = torch.nn.functional.normalize(visual(features), dim=1).numpy()
+                kmeans = KMeans(n_clusters=n_clusters, n_init=1, random_state=epoch, max_iter=100).fit(adapted)
+                pseudo = torch.from_numpy(kmeans.labels_.astype(np.int64))
+                torch.nn.init.normal_(head.weight, std=0.01, generator=generator)  # new clusters: new head
+                torch.nn.init.zeros_(head.bias)
+                # DeepCluster's remedy against a trivial solution: sample clusters uniformly
+                weights = 1.0 / torch.bincount(pseudo, minlength=n_clusters).clamp(min=1).float()
+            order = torch.multinomial(weights[pseudo], len(features), replacement=True, generator=generator)
+            for start in range(0, len(order), batch):
+                idx = order[start : start + batch]
+                logits = head(torch.nn.functional.normalize(visual(features[idx]), dim=1))
+                loss = torch.nn.functional.cross_entropy(logits, pseudo[idx])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+
+    def _train_text(self, textual, embeddings, classes, torch) -> None:
+        """Refine the text side on the descriptor corpus: same-class descriptors are positives (SupCon)."""
+        o = self.options
+        optimiser = torch.optim.AdamW(textual.parameters(), lr=o["stage1_lr"], weight_decay=1e-4)
+        same = (classes[:, None] == classes[None, :]).float()
+        eye = torch.eye(len(classes))
+        positives = same - eye
+        if positives.sum() == 0:
+            return
+        for _ in range(o["stage1_epochs"] * 5):
+            z = torch.nn.functional.normalize(textual(embeddings), dim=1)
+            logits = z @ z.T / o["tau"] - eye * 1e9
+            log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+            has = positives.sum(1) > 0
+            loss = -((log_prob * positives).sum(1)[has] / positives.sum(1)[has]).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+
+    # ------------------------------------------------------------------ ROIs
+    def _roi_features(self, task: FewShotTask, torch) -> np.ndarray:
+        """(N_support, K, D) frozen features pooled inside K ROIs per support image (one encoder pass)."""
+        from hica_bench.data import preprocess
+        from hica_bench.registry import load_registry
+        from hica_bench_hica.rois import roi_pool
+
+        o = self.options
+        extractor = load_registry().choose("roi-extractor", o["roi"]).build()
+        encoder = task.encoders.image
+        images = np.asarray(task.train_images[np.sort(task.support_indices)])
+        order = np.argsort(np.argsort(task.support_indices))  # back to support order
+        images = images[order]
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(images), 16):
+                x = preprocess(images[start : start + 16], encoder.input_spec, task.device)
+                dense = encoder.dense(x) if hasattr(encoder, "dense") else None
+                boxes = extractor.extract(x, o["rois"], dense)
+                if dense is not None:
+                    pooled = roi_pool(dense.float(), boxes, x.shape[-1])
+                else:  # no dense map: re-encode each crop at the encoder's input size
+                    pooled = torch.stack([
+                        encoder.encode(torch.stack([
+                            torch.nn.functional.interpolate(x[i : i + 1, :, y0:y1, x0:x1], size=x.shape[-2:], mode="bilinear")[0]
+                            for x0, y0, x1, y1 in boxes[i].tolist()
+                        ])).float()
+                        for i in range(len(x))
+                    ])
+                out.append(pooled.cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    # ------------------------------------------------------------------ fit / predict
+    def fit(self, task: FewShotTask) -> "HiCA":
+        import torch
+
+        from hica_bench_hica.losses import CrossMargin, GlobalInfoNCE, LocalInfoNCE
+
+        if task.encoders.text is None:
+            raise NotApplicable("HiCA needs a text encoder for the class descriptors")
+        o = self.options
+        described = self._descriptors(task)
+        global_texts = [d["global"] for d in described]
+        local_texts = [d.get("local") or d["global"] for d in described]
+        corpus = [t for texts in global_texts for t in texts] + [t for texts in local_texts for t in texts]
+        corpus_class = [c for c, texts in enumerate(global_texts) for _ in texts] + [c for c, texts in enumerate(local_texts) for _ in texts]
+        corpus_features = np.asarray(task.encoders.text.encode(corpus), dtype=np.float32)
+        by_class = [[t for t, c in zip(corpus, corpus_class) if c == k] for k in range(task.n_classes)]
+        ordered = np.argsort(corpus_class, kind="stable")
+        visual, textual = self._stage1(task, by_class, corpus_features[ordered], torch)
+        for module in (visual, textual):
+            module.requires_grad_(False)
+
+        n_global = sum(len(t) for t in global_texts)
+        with torch.no_grad():
+            text_all = textual(torch.from_numpy(_normalise(corpus_features)).float())
+            support = visual(torch.from_numpy(_normalise(task.support_features)).float())
+        class_text = torch.stack([text_all[:n_global][torch.tensor(corpus_class[:n_global]) == c].mean(0) for c in range(task.n_classes)])
+        local_lengths = [len(t) for t in local_texts]
+        local = torch.zeros(task.n_classes, max(local_lengths), text_all.shape[1])
+        mask = torch.zeros(task.n_classes, max(local_lengths), dtype=torch.bool)
+        cursor = n_global
+        for c, length in enumerate(local_lengths):
+            local[c, :length] = text_all[cursor : cursor + length]
+            mask[c, :length] = True
+            cursor += length
+        labels = torch.from_numpy(np.asarray(task.support_labels, dtype=np.int64))
+        rois = None
+        if o["lambda1"] > 0:
+            with torch.no_grad():
+                raw = torch.from_numpy(self._roi_features(task, torch))
+                rois = visual(torch.nn.functional.normalize(raw, dim=-1))
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(task.seed)
+            image_head = torch.nn.Linear(support.shape[1], o["dim"])
+            text_head = torch.nn.Linear(class_text.shape[1], o["dim"])
+        params = list(image_head.parameters()) + list(text_head.parameters())
+        optimiser = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        global_loss, local_loss, cross_loss = GlobalInfoNCE(o["tau"]), LocalInfoNCE(o["tau"]), CrossMargin(o["delta"])
+        self.loss_history_ = []
+        for _ in range(o["epochs"]):
+            image_embeddings = image_head(support)
+            text_embeddings = text_head(class_text)
+            loss = global_loss(image_embeddings=image_embeddings, text_embeddings=text_embeddings, labels=labels)
+            if rois is not None:
+                loss = loss + o["lambda1"] * local_loss(
+                    roi_embeddings=image_head(rois), local_text_embeddings=text_head(local), labels=labels, local_mask=mask
+                )
+            if o["lambda2"] > 0:
+                loss = loss + o["lambda2"] * cross_loss(image_embeddings=image_embeddings, text_embeddings=text_embeddings, labels=labels)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            self.loss_history_.append(loss.item())
+        self._visual, self._image_head = visual, image_head.eval()
+        with torch.no_grad():
+            self.class_embeddings_ = torch.nn.functional.normalize(text_head(class_text), dim=1)
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            x = self._visual(torch.from_numpy(_normalise(features)).float())
+            z = torch.nn.functional.normalize(self._image_head(x), dim=1)
+            logits = z @ self.class_embeddings_.T / self.options["tau"]
+            return torch.softmax(logits.double(), dim=1).numpy()
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,78 @@
+"""The hica plugin's hooks: the HiCA method and its ablation variants, its losses, ROI extractors and
+descriptor generators. Modules are imported only when something is built, so listing stays fast."""
+
+from __future__ import annotations
+
+from hica_bench import hookimpl
+from hica_bench.interfaces import PluginSpec
+
+#: variant name -> (option overrides, description)
+VARIANTS = {
+    "hica": ({}, "HiCA: stage-1 domain adaptation + hierarchical contrastive alignment (global + local + cross)"),
+    "hica-no-local": ({"lambda1": 0.0}, "HiCA ablation: without the local ROI ↔ descriptor loss (λ1 = 0)"),
+    "hica-no-cross": ({"lambda2": 0.0}, "HiCA ablation: without the cross-category margin loss (λ2 = 0)"),
+    "hica-no-stage1": ({"stage1": False}, "HiCA ablation: without stage-1 domain pretraining"),
+}
+
+
+def _hica(**options):
+    from hica_bench_hica.method import HiCA
+
+    return HiCA(**options)
+
+
+def _defaults() -> dict:
+    from hica_bench_hica.method import DEFAULTS
+
+    return dict(DEFAULTS)
+
+
+@hookimpl
+def hica_bench_methods() -> list[PluginSpec]:
+    defaults = _defaults()
+    return [PluginSpec("method", name, description, _hica, {**defaults, **overrides})
+            for name, (overrides, description) in VARIANTS.items()]
+
+
+def _lazy(module: str, name: str):
+    def build(**options):
+        import importlib
+
+        return getattr(importlib.import_module(f"hica_bench_hica.{module}"), name)(**options)
+
+    return build
+
+
+@hookimpl
+def hica_bench_losses() -> list[PluginSpec]:
+    return [
+        PluginSpec("loss", "global-infonce", "InfoNCE between image embeddings and class text embeddings (symmetric)",
+                   _lazy("losses", "GlobalInfoNCE"), {"temperature": 0.07, "symmetric": True}),
+        PluginSpec("loss", "local-infonce", "Multi-positive InfoNCE between ROI embeddings and fine-grained descriptors",
+                   _lazy("losses", "LocalInfoNCE"), {"temperature": 0.07}),
+        PluginSpec("loss", "cross-margin", "Hinge: mismatched image/text similarity at least δ below the matched one",
+                   _lazy("losses", "CrossMargin"), {"margin": 0.2}),
+    ]
+
+
+@hookimpl
+def hica_bench_roi_extractors() -> list[PluginSpec]:
+    return [
+        PluginSpec("roi-extractor", "grid", "K fixed patches on a regular grid", _lazy("rois", "GridROI"), {"grid": 0}),
+        PluginSpec("roi-extractor", "saliency", "Top-K peaks of the encoder's activation map (or image contrast), with NMS",
+                   _lazy("rois", "SaliencyROI"), {"box_fraction": 0.35, "sigma": 0.05}),
+        PluginSpec("roi-extractor", "monai", "Bounding boxes of the K largest foreground components (MONAI transforms)",
+                   _lazy("rois", "MonaiForegroundROI"), {"bright": True, "min_area": 0.005, "smooth": 0.01}),
+    ]
+
+
+@hookimpl
+def hica_bench_descriptor_generators() -> list[PluginSpec]:
+    return [
+        PluginSpec("descriptor-generator", "templates", "Class-name prompt templates (global and local)",
+                   _lazy("descriptors", "TemplateDescriptors")),
+        PluginSpec("descriptor-generator", "knowledge", "Curated global + fine-grained descriptors for every MedMNIST 2D class",
+                   _lazy("descriptors", "KnowledgeDescriptors"), {"path": ""}),
+        PluginSpec("descriptor-generator", "noisy", "Corrupts a fraction of another generator's descriptors (robustness)",
+                   _lazy("descriptors", "NoisyDescriptors"), {"fraction": 0.3, "base": "knowledge", "seed": 0, "path": ""}),
+    ]
