@@ -29,6 +29,12 @@ def medmnist_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def default_encoder_cache(tmp_path_factory) -> Path:
+    """One feature cache for every test that runs the real default encoder, so BreastMNIST is encoded once."""
+    return tmp_path_factory.mktemp("default-encoder-cache")
+
+
 def write_medmnist_npz(path: Path, n_classes: int, size: int = 28, rgb: bool = False,
                        counts=(30, 10, 20), seed: int = 0, compressed: bool = True) -> Path:
     """A file in the exact MedMNIST format: uint8 images (N, S, S[, 3]) and uint8 labels (N, 1) per split.

@@ -110,17 +110,16 @@ def test_list_and_help():
         assert shown.returncode == 0 and "Usage" in shown.stdout
 
 
-def test_real_default_encoder_learns_breastmnist(medmnist_root, tmp_path):
+def test_real_default_encoder_learns_breastmnist(medmnist_root, default_encoder_cache, tmp_path):
     """The offline default pair end to end: real ImageNet EfficientNet-Lite0 features of the real test split."""
     result = hica_bench("run", "--datasets", "breastmnist", "--methods", "linear-probe,zero-shot", "--shots", "20",
-                        "--seeds", "0", "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"),
+                        "--seeds", "0", "--data-root", str(medmnist_root), "--cache-dir", str(default_encoder_cache),
                         "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     records = {r["key"]["method"]: r for r in _results(tmp_path / "out")}
     probe = records["linear-probe"]
     assert probe["key"]["encoder"] == "effnet-lite0-minilm" and probe["n_test"] == 156
     assert probe["metrics"]["auc"] > 0.65 and probe["metrics"]["balanced_acc"] > 0.6  # chance: 0.5
-    assert probe["timings"]["encoder_images_per_s"] > 0
     assert records["zero-shot"]["status"] == "not_applicable"
 
 

@@ -4,8 +4,6 @@ learning on a constructed task."""
 import json
 
 import numpy as np
-import pytest
-
 from conftest import hica_bench
 from hica_bench.interfaces import FewShotTask
 from hica_bench.registry import load_registry
@@ -20,11 +18,6 @@ def test_everything_is_listed_from_the_hica_distribution():
         assert name in rows and "hica-bench-hica" in rows[name], name
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("hica-cache")
-
-
 def _run(medmnist_root, cache, out, methods="hica", seeds="0"):
     result = hica_bench("run", "--datasets", "breastmnist", "--methods", methods, "--shots", "5", "--seeds", seeds,
                         "--max-test", "48", "--data-root", str(medmnist_root), "--cache-dir", str(cache), "--out", str(out))
@@ -32,7 +25,8 @@ def _run(medmnist_root, cache, out, methods="hica", seeds="0"):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-def test_a_full_hica_cell_is_deterministic_and_stage1_is_cached(medmnist_root, shared_cache, tmp_path):
+def test_a_full_hica_cell_is_deterministic_and_stage1_is_cached(medmnist_root, default_encoder_cache, tmp_path):
+    shared_cache = default_encoder_cache
     first = _run(medmnist_root, shared_cache, tmp_path / "a")
     stage1 = list((shared_cache / "methods" / "hica-stage1").glob("*.safetensors"))
     assert len(stage1) == 1
