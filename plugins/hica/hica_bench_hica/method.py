@@ -132,8 +132,8 @@ class HiCA:
             hashlib.sha256(np.ascontiguousarray(train).tobytes()).hexdigest(), texts_by_class,
             {k: o[k] for k in ("stage1_epochs", "stage1_clusters", "stage1_recluster", "stage1_lr")},
         )
-        path = Path(task.cache_dir or ".") / "hica-stage1" / f"{key}.safetensors"
-        if path.exists():
+        path = Path(task.cache_dir) / "hica-stage1" / f"{key}.safetensors" if task.cache_dir else None
+        if path is not None and path.exists():
             try:
                 state = load_file(str(path))
                 visual.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("v.")})
@@ -147,6 +147,8 @@ class HiCA:
         self._train_visual(visual, torch.from_numpy(_normalise(train)).float(), generator, torch)
         class_of = np.concatenate([[c] * len(t) for c, t in enumerate(texts_by_class)])
         self._train_text(textual, torch.from_numpy(_normalise(text_features)).float(), torch.from_numpy(class_of), torch)
+        if path is None:  # no cache folder given: nothing is kept
+            return visual.eval(), textual.eval()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         state = {f"v.{k}": v.contiguous() for k, v in visual.state_dict().items()}
