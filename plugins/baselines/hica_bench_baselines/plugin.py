@@ -1,7 +1,8 @@
-"""Baselines every few-shot VLM paper reports: zero-shot, linear probe, nearest class mean (prototype).
+"""The baselines the few-shot VLM literature reports, registered under the ``hica_bench`` entry point.
 
-All three work on frozen image features handed over by the runner; features are L2-normalised first,
-as CLIP-style evaluations do.
+Here: zero-shot, linear probe, nearest class mean (prototype). In sibling modules: kNN (:mod:`.knn`),
+Tip-Adapter, Tip-Adapter-F, CLIP-Adapter, LP++ (:mod:`.adapters`) and CoOp (:mod:`.coop`). All work on
+frozen image features handed over by the runner, L2-normalised first as CLIP-style evaluations do.
 """
 
 from __future__ import annotations
@@ -10,22 +11,14 @@ import numpy as np
 from scipy.special import softmax
 
 from hica_bench import hookimpl
-from hica_bench.errors import NotApplicable
 from hica_bench.interfaces import FewShotTask, PluginSpec
+from hica_bench_baselines.adapters import ClipAdapter, LPPlusPlus, TipAdapter, TipAdapterF
+from hica_bench_baselines.common import TEMPLATES, class_text_embeddings, l2_normalise, require_aligned
+from hica_bench_baselines.coop import CoOp
+from hica_bench_baselines.knn import KNN
 
-#: Prompt ensemble for zero-shot (CLIP-style); ``{}`` is the class name from the dataset.
-TEMPLATES = (
-    "a medical image of {}.",
-    "a photo of {}.",
-    "an image showing {}.",
-    "a scan with findings of {}.",
-    "{}.",
-)
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+__all__ = ["TEMPLATES", "l2_normalise", "ZeroShot", "LinearProbe", "Prototype", "KNN", "TipAdapter", "TipAdapterF",
+           "ClipAdapter", "LPPlusPlus", "CoOp"]
 
 
 class ZeroShot:
@@ -40,12 +33,8 @@ class ZeroShot:
         self.logit_scale = logit_scale
 
     def fit(self, task: FewShotTask) -> "ZeroShot":
-        if not task.encoders.aligned or task.encoders.text is None:
-            raise NotApplicable("zero-shot needs an aligned image-text encoder pair")
-        texts = [template.format(name) for name in task.class_names for template in TEMPLATES]
-        embedded = l2_normalise(task.encoders.text.encode(texts))
-        per_class = embedded.reshape(task.n_classes, len(TEMPLATES), -1).mean(axis=1)
-        self.class_embeddings_ = l2_normalise(per_class)
+        require_aligned(task, "zero-shot")
+        self.class_embeddings_ = class_text_embeddings(task)
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
@@ -116,4 +105,19 @@ def hica_bench_methods() -> list[PluginSpec]:
                    LinearProbe, {"C": 0.0, "C_one_shot": 10.0, "max_iter": 2000}),
         PluginSpec("method", "prototype", "Nearest class mean (prototype) on frozen features, cosine similarity",
                    Prototype, {"temperature": 0.05}),
+        PluginSpec("method", "knn", "Cosine kNN on frozen features, exp(cos/temperature)-weighted votes; neighbours=0: "
+                   "largest odd <= sqrt(support size), at most k", KNN, {"neighbours": 0, "temperature": 0.07}),
+        PluginSpec("method", "tip-adapter", "Tip-Adapter (training-free cache model + zero-shot, aligned pairs only); "
+                   "search=true: alpha/beta by leave-one-out on the support set", TipAdapter,
+                   {"alpha": 1.0, "beta": 5.5, "logit_scale": 100.0, "search": False}),
+        PluginSpec("method", "tip-adapter-f", "Tip-Adapter-F: cache keys fine-tuned on the support set (aligned pairs only)",
+                   TipAdapterF, {"alpha": 1.0, "beta": 5.5, "lr": 1e-3, "epochs": 20, "batch_size": 256, "logit_scale": 100.0}),
+        PluginSpec("method", "clip-adapter", "CLIP-Adapter: residual bottleneck MLP on image features (aligned pairs only); "
+                   "epochs=0: 50/100/200 by shots", ClipAdapter,
+                   {"ratio": 0.2, "reduction": 4, "lr": 0.01, "epochs": 0, "batch_size": 32, "logit_scale": 100.0}),
+        PluginSpec("method", "lp++", "LP++: linear probe blended class-wise with text embeddings, Lipschitz step sizes "
+                   "(aligned pairs only)", LPPlusPlus, {"epochs": 300, "alpha_every": 10}),
+        PluginSpec("method", "coop", "CoOp: learned prompt context through the frozen text tower (aligned pairs only); "
+                   "epochs=0: 50/100/200 by shots", CoOp,
+                   {"n_ctx": 16, "lr": 0.002, "epochs": 0, "batch_size": 32, "init_std": 0.02, "logit_scale": 100.0}),
     ]
