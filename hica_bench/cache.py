@@ -4,7 +4,8 @@ The key is a sha256 over everything that determines the features (encoder identi
 digest, dataset identity, split, preprocessing, precision). The JSON holds the sha256 of the ``.npy``
 bytes, its shape and dtype; an entry whose file does not match is reported, deleted and recomputed,
 never trusted. The JSON is written last, so a process killed mid-write leaves at most an orphan
-temporary file, never an entry that reads as valid.
+temporary file, never an entry that reads as valid; the next ``put`` of that key deletes the orphans of
+writers that are no longer running.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def _atomic_write(path: Path, write) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
 
 
 class FeatureCache:
@@ -80,6 +91,10 @@ class FeatureCache:
 
     def put(self, key: str, array: np.ndarray, parts: dict[str, Any]) -> None:
         array_path, meta_path = self._paths(key)
+        for orphan in self.dir.glob(f".{key}.*.tmp"):  # ".{key}.npy.{pid}.tmp", see _atomic_write
+            pid = orphan.name.split(".")[-2]
+            if pid.isdigit() and not _running(int(pid)):
+                orphan.unlink(missing_ok=True)
         array = np.ascontiguousarray(array)
         _atomic_write(array_path, lambda handle: np.save(handle, array, allow_pickle=False))
         meta = {"sha256": _sha256_file(array_path), "shape": list(array.shape), "dtype": str(array.dtype), "parts": parts}

@@ -16,6 +16,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+try:
+    from typer._click.exceptions import ClickException  # newer typer vendors its own click
+except ImportError:  # pragma: no cover - older typer
+    from click.exceptions import ClickException
+
 from hica_bench import __version__
 from hica_bench.errors import UserError
 from hica_bench.interfaces import KINDS
@@ -29,7 +34,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 DEFAULT_DATASETS = "breastmnist,pneumoniamnist"
-DEFAULT_METHODS = "zero-shot,linear-probe,prototype"
+DEFAULT_METHODS = "zero-shot,linear-probe,prototype,knn,tip-adapter,tip-adapter-f,clip-adapter,lp++,coop"
 DEFAULT_ENCODER = "effnet-lite0-minilm"
 
 
@@ -38,8 +43,9 @@ def _registry(ctx: typer.Context):
 
     if ctx.obj is None:
         ctx.obj = load_registry(ctx.find_root().params.get("plugin") or [])
+        ctx.obj.specs("method")  # calls every plugin's hooks, so load_errors is complete
         for problem in ctx.obj.load_errors:
-            console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+            console.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
     return ctx.obj
 
 
@@ -52,10 +58,18 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     plugin: List[str] = typer.Option([], "-p", "--plugin", help="Import MODULE and register it as a plugin (repeatable), as pytest's -p."),
+    plugins_only: Optional[str] = typer.Option(
+        None, "--plugins-only", metavar="DISTS",
+        help="Load entry-point plugins only from these distributions (comma list) [default: $HICA_BENCH_PLUGINS, else all]."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log debug details (e.g. tracebacks of failed cells)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if plugins_only is not None:
+        from hica_bench.registry import ALLOW_ENV
+
+        name_list(plugins_only, "--plugins-only")  # checks it names something, nothing twice
+        os.environ[ALLOW_ENV] = plugins_only  # plugins that build a registry themselves see the same allow-list
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -98,6 +112,8 @@ def run(
     out: Path = typer.Option(Path("hica-bench-results"), help="Folder for results.jsonl and the leaderboards; reruns resume here."),
     max_test: Optional[int] = typer.Option(None, help="Evaluate on the first N test images only (quick runs; recorded)."),
     download: bool = typer.Option(True, help="Download missing dataset files."),
+    cell_timeout: Optional[float] = typer.Option(
+        None, help="Seconds one cell's fit + predict may take; past it the cell fails and the grid goes on [default: no limit]."),
 ) -> None:
     """Run the grid datasets × methods × shots × seeds and write results and leaderboards to --out."""
     from hica_bench import data, runner
@@ -109,6 +125,8 @@ def run(
         raise UserError(f"--size must be positive, got {size}")
     if max_test is not None and max_test < 1:
         raise UserError(f"--max-test must be >= 1, got {max_test}")
+    if cell_timeout is not None and not 0 < cell_timeout < float("inf"):
+        raise UserError(f"--cell-timeout must be a positive number of seconds, got {cell_timeout}")
     for k in shot_list:
         if k < 1:
             raise UserError(f"--shots must be >= 1, got {k}")
@@ -124,6 +142,8 @@ def run(
         size=size,
         max_test=max_test,
     )
+    for method in grid.methods:  # option values a method's constructor rejects are bad input, not failed cells
+        method.build()
     resolved = runner.resolve_device(device)
     settings = runner.Settings(
         device=resolved,
@@ -131,8 +151,9 @@ def run(
         amp=amp,
         data_root=data.data_root(data_root),
         cache_dir=data.cache_root(cache_dir),
-        out_dir=out,
+        out_dir=data.writable_dir(out, "--out folder"),
         download=download,
+        cell_timeout=cell_timeout,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -207,15 +228,115 @@ def leaderboard_(
     print(f"written: {md_path}, {csv_path}")
 
 
+@app.command("bench")
+def bench_(
+    ctx: typer.Context,
+    encoder: str = typer.Option(DEFAULT_ENCODER, help="Encoder pair, NAME or NAME:opt=value."),
+    dataset: str = typer.Option("breastmnist", help="Dataset whose images are encoded."),
+    split: str = typer.Option("train", help="Split to take the images from (train, val or test)."),
+    size: int = typer.Option(28, help="Image size of the dataset files (MedMNIST: 28, 64, 128, 224)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    batch_size: int = typer.Option(0, help="Encoder batch size; 0 = 16 on CPU, 128 on CUDA (as `run`)."),
+    amp: bool = typer.Option(True, help="Mixed precision (bf16/fp16) on CUDA, as `run`; ignored on CPU."),
+    channels_last: bool = typer.Option(False, help="Put the image model (and the raw input) in channels-last memory format."),
+    warmup: int = typer.Option(2, help="Untimed raw forward passes before timing."),
+    batches: int = typer.Option(10, help="Batches per repeat: the harness encodes batches × batch-size images, with one raw pass after each batch."),
+    repeats: int = typer.Option(5, help="Repeats; medians over them are reported."),
+    data_root: Optional[str] = typer.Option(None, help="Folder with the dataset files [default: $HICA_BENCH_DATA]."),
+    cache_dir: Optional[str] = typer.Option(None, help="Scratch folder (memory-mapped arrays, throw-away feature caches) [default: $HICA_BENCH_CACHE]."),
+    download: bool = typer.Option(True, help="Download missing dataset files."),
+    out: Path = typer.Option(Path("hica-bench-bench.json"), help="JSON file for the report."),
+) -> None:
+    """Encoder throughput: raw forward loop vs the harness's feature-extraction path; prints and writes their ratio."""
+    import json
+
+    from hica_bench import bench, data, runner
+
+    registry = _registry(ctx)
+    dataset_choice, encoder_choice = registry.choose("dataset", dataset), registry.choose("encoder", encoder)
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split must be train, val or test, got {split!r}")
+    resolved = runner.resolve_device(device)
+    scratch = data.cache_root(cache_dir)
+    built = dataset_choice.build(root=data.data_root(data_root), size=size, download=download, cache_dir=scratch)
+    report = bench.bench(encoder_choice.build(device=resolved), encoder_choice.label, built, split, resolved,
+                         batch_size or (128 if resolved.startswith("cuda") else 16), amp, channels_last,
+                         warmup, batches, repeats, scratch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    table = Table(title=f"{report['encoder']} on {report['dataset']} {split} ({report['size']} → {report['input_size']} px), "
+                        f"batch {report['batch_size']}, {report['precision']}, {report['device']}, {report['threads']} threads")
+    for column in ("path", "images/s (median)", "min – max"):
+        table.add_column(column)
+    for path in ("raw", "harness"):
+        ips = report[path]["images_per_s"]
+        table.add_row(path, f"{ips['median']:.1f}", f"{ips['min']:.1f} – {ips['max']:.1f}")
+    stdout = Console(width=120)
+    stdout.print(table)
+    gpu = f"peak GPU memory {report['peak_memory_mb']:.0f} MiB, " if report["peak_memory_mb"] is not None else ""
+    stdout.print(f"{gpu}peak process RSS {report['peak_rss_mb']:.0f} MiB")
+    stages = report["stage_seconds"]
+    stdout.print(f"harness/raw ratio: {report['ratio']:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in report['ratio_per_repeat'])})")
+    stdout.print("harness seconds per repeat (median): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+    stdout.print(f"written: {out}")
+
+
+@app.command("check")
+def check_(
+    baseline: Path = typer.Option(..., help="Committed baseline: a results.jsonl, a leaderboard.csv, or a folder with one."),
+    results: Path = typer.Option(..., help="The fresh run: a results.jsonl, a leaderboard.csv, or a folder with one."),
+    tolerance: float = typer.Option(1.0, help="Allowed ACC/AUC drop per cell, in percentage points."),
+    noise_z: float = typer.Option(0.0, help="If > 0, allow max(tolerance, Z × seed noise from the baseline's std) instead."),
+    throughput_tolerance: float = typer.Option(0.25, help="Allowed relative drop of harness/raw throughput (0.25 = 25 %)."),
+    report: Optional[Path] = typer.Option(None, help="Also write the comparison as JSON here."),
+) -> None:
+    """Compare a fresh run with a baseline cell by cell; exit 1 on a regression, 0 when clean, 2 on bad input."""
+    from hica_bench import check
+
+    outcome = check.compare(check.load(baseline, "baseline"), check.load(results, "results"),
+                            tolerance, noise_z, throughput_tolerance)
+    rows = outcome.rows
+    stdout = Console(width=200)  # CI logs: never fold the table
+    shown = rows[rows["verdict"].isin(["regressed", "improved", "changed"])]
+    if len(shown):
+        table = Table(title=f"{results} vs baseline {baseline}")
+        for column in ("verdict", "dataset", "method", "k", "what", "baseline", "run", "change", "allowed", "note"):
+            table.add_column(column, overflow="fold")
+        for row in shown.to_dict("records"):
+            style = "red" if row["verdict"] == "regressed" else "green" if row["verdict"] == "improved" else ""
+            table.add_row(f"[{style}]{row['verdict']}[/]" if style else row["verdict"], row["dataset"], row["method"],
+                          "" if row["k"] is None else str(row["k"]), row["what"], row["baseline"], row["run"],
+                          row["change"], row["allowed"], row["note"])
+        stdout.print(table)
+    missing = rows[rows["verdict"] == "missing"]
+    for (dataset, method), part in missing.groupby(["dataset", "method"], sort=True):
+        stdout.print(f"missing from the run: {dataset} {method} k={','.join(str(k) for k in sorted(set(part['k'])))}", highlight=False)
+    for note in outcome.notes:
+        stdout.print(f"note: {note}", highlight=False)
+    stdout.print(f"{outcome.compared} cells compared; checks: {outcome.count('regressed')} regressed, {outcome.count('improved')} "
+                 f"improved, {outcome.count('ok')} within tolerance; {len(missing)} cells missing from the run", highlight=False)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(rows.to_json(orient="records", indent=1) + "\n")
+    if outcome.regressed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     # Transparent huge pages in torch's CPU allocator: ~25 % more encoder throughput on CPU (measured on
     # EfficientNet-Lite0, batch 16, 2 cores); read when torch first allocates, so set before importing it.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
-        app()
+        code = app(standalone_mode=False)  # click's usage errors come here too, to be printed as one line
     except UserError as exc:
-        print(f"hica-bench: error: {exc}", file=sys.stderr)
+        print(f"hica-bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except ClickException as exc:  # unknown option or command, a value of the wrong type
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+            print(f"hica-bench: error: {' '.join(exc.format_message().split())}{where}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         print("hica-bench: interrupted; finished cells are kept in the results file", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

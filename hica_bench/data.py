@@ -34,14 +34,18 @@ def data_root(cli_value: str | None) -> str | None:
 def cache_root(cli_value: str | None) -> Path:
     """``--cache-dir`` > ``$HICA_BENCH_CACHE`` > ``~/.cache/hica-bench``."""
     value = cli_value or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hica-bench"
-    path = Path(value).expanduser()
+    return writable_dir(Path(value).expanduser(), "cache directory")
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """``path`` as a folder this process can write to (created if missing), else a UserError naming ``what``."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"cache directory {str(path)!r} is not writable ({exc.strerror or exc})") from None
+        raise UserError(f"{what} {str(path)!r} is not writable ({exc.strerror or exc})") from None
     return path
 
 

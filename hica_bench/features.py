@@ -64,6 +64,65 @@ def encode_images(
     return out
 
 
+def forward_seconds(encoder: ImageEncoder, batch, device: str, amp: bool, iterations: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``iterations`` timed ``encoder.encode(batch)`` calls after ``warmup`` untimed ones
+    (timm's benchmark loop): ``batch`` is already preprocessed on ``device``; same precision as
+    :func:`encode_images`; on CUDA the device is synchronised before and after every timed call."""
+    import contextlib
+
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(device, amp))
+    cuda = device.startswith("cuda")
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    times = []
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        for step in range(warmup + iterations):
+            sync()
+            start = time.perf_counter()
+            encoder.encode(batch)
+            sync()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+class ReferenceProbe:
+    """A per-batch hook (``on_batch``) for :func:`split_features` that measures the encoder's raw-forward speed
+    during the extraction it is compared with, so both see the same machine load.
+
+    After every ``every``-th extraction batch it times one ``encoder.encode`` of a fixed batch, preprocessed
+    beforehand (at most ``passes`` times). ``paused_s`` is the time the hook took: take it out of the
+    extraction's seconds. ``images_per_s`` is the median raw rate (None until a pass ran, e.g. on a cache hit).
+    """
+
+    def __init__(self, encoder: ImageEncoder, batch, device: str, amp: bool, every: int = 1, passes: int = 3) -> None:
+        self.encoder, self.batch, self.device, self.amp = encoder, batch, device, amp
+        self.every, self.passes = max(1, every), passes
+        self.times: list[float] = []
+        self.paused_s = 0.0
+        self._batches = 0
+
+    @classmethod
+    def for_split(cls, encoder: ImageEncoder, images: np.ndarray, device: str, batch_size: int, amp: bool = True,
+                  passes: int = 3) -> "ReferenceProbe":
+        """Passes spread evenly over the extraction of ``images``; the fixed batch is their first ``batch_size``."""
+        n_batches = -(-len(images) // batch_size)
+        batch = preprocess(images[:batch_size], encoder.input_spec, device)
+        return cls(encoder, batch, device, amp, every=n_batches // passes, passes=passes)
+
+    def __call__(self, count: int) -> None:
+        start = time.perf_counter()
+        self._batches += 1
+        if self._batches % self.every == 0 and len(self.times) < self.passes:
+            self.times += forward_seconds(self.encoder, self.batch, self.device, self.amp, iterations=1)
+        self.paused_s += time.perf_counter() - start
+
+    @property
+    def images_per_s(self) -> float | None:
+        return len(self.batch) / float(np.median(self.times)) if self.times else None
+
+
 def split_features(
     cache: FeatureCache,
     dataset: FewShotDataset,

@@ -14,11 +14,17 @@ from hica_bench.metrics import METRICS, aggregate
 from hica_bench.results import CellResult
 
 
+#: per-cell timings of the encoder pass: harness images/s and the run's raw-forward reference (``hica-bench check``)
+THROUGHPUT = ("encoder_images_per_s", "reference_images_per_s")
+
+
 def results_frame(results: list[CellResult]) -> pd.DataFrame:
     rows = []
     for r in results:
         row = {**r.key.__dict__, "status": r.status, "reason": r.reason, **(r.metrics or {})}
         row["fit_s"] = r.timings.get("fit_s")
+        for timing in THROUGHPUT:
+            row[timing] = r.timings.get(timing, float("nan"))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -37,6 +43,8 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
             row[f"{metric}_mean"], row[f"{metric}_std"], row["n"] = stats["mean"], stats["std"], stats["n"]
         row["seeds"] = ",".join(str(s) for s in sorted(part["seed"]))
         row["fit_s_mean"] = part["fit_s"].mean()
+        for timing in THROUGHPUT:
+            row[f"{timing}_mean"] = pd.to_numeric(part[timing], errors="coerce").mean()
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -47,6 +55,16 @@ def _cell(mean: float, std: float, n: int) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f} ({n})"
 
 
+def _cost(part: pd.DataFrame) -> str:
+    """One line: encoder images/s (and its share of the raw forward) and each method's mean fit seconds."""
+    ips, ref = part["encoder_images_per_s_mean"].mean(), part["reference_images_per_s_mean"].mean()
+    encoder = "encoder features from the cache (no images/s measured)" if ips != ips else f"encoder {ips:.1f} images/s"
+    if ips == ips and ref == ref:
+        encoder += f" (harness/raw forward {ips / ref:.2f})"
+    fits = part.groupby("method", sort=True)["fit_s_mean"].mean()
+    return f"Cost: {encoder}; fit seconds per cell (mean): " + ", ".join(f"{m} {s:.3g}" for m, s in fits.items())
+
+
 def markdown(results: list[CellResult]) -> str:
     summary = summary_table(results)
     lines = ["# hica-bench leaderboard", "", "Percent, mean ± sample std over seeds (n seeds). AUC follows medmnist's convention.", ""]
@@ -55,7 +73,7 @@ def markdown(results: list[CellResult]) -> str:
     blocks = summary.groupby(["dataset", "size", "encoder", "max_test"], dropna=False, sort=True) if not summary.empty else []
     for (dataset, size, encoder, max_test), part in blocks:
         test = "full test split" if pd.isna(max_test) else f"first {int(max_test)} test images"
-        lines += [f"## {dataset} ({size} px) — encoder `{encoder}`, {test}", ""]
+        lines += [f"## {dataset} ({size} px) — encoder `{encoder}`, {test}", "", _cost(part), ""]
         for metric in ("acc", "auc"):
             table = part.pivot(index="method", columns="k", values=f"{metric}_mean")
             text = table.copy().astype(object)

@@ -1,7 +1,9 @@
 """Plugin discovery: entry points -> pluggy -> one name -> spec map per kind.
 
 Plugins come from the ``hica_bench`` entry-point group (unless ``HICA_BENCH_DISABLE_PLUGIN_AUTOLOAD``
-is set) and from modules named explicitly (``hica-bench -p module``). A name offered twice within a
+is set; only the distributions named in ``HICA_BENCH_PLUGINS`` when that allow-list is set) and from
+modules named explicitly (``hica-bench -p module``). A plugin that fails to import, or whose hook raises,
+is left out and reported in ``load_errors``; the others still load. A name offered twice within a
 kind is an error naming both distributions; an unknown name is answered with close matches.
 """
 
@@ -23,6 +25,7 @@ from hica_bench.interfaces import KINDS, PluginSpec
 
 ENTRY_POINT_GROUP = "hica_bench"
 DISABLE_AUTOLOAD_ENV = "HICA_BENCH_DISABLE_PLUGIN_AUTOLOAD"
+ALLOW_ENV = "HICA_BENCH_PLUGINS"  #: comma list of distribution names: load only their entry points
 
 _HOOK_OF_KIND = {
     "dataset": "hica_bench_datasets",
@@ -76,22 +79,32 @@ class Registry:
         self._specs: dict[str, dict[str, Registered]] | None = None
 
     # -- loading
-    def load_entry_points(self) -> None:
+    def load_entry_points(self, only: Iterable[str] | None = None) -> None:
+        """Every entry point of the group, or only those of the distributions named in ``only``."""
+        allowed = None if only is None else {_normal(name) for name in only}
+        installed: set[str] = set()
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist else "?"
             version = ep.dist.version if ep.dist else "?"
+            installed.add(dist)
+            if allowed is not None and _normal(dist) not in allowed:
+                continue
             try:
                 plugin = ep.load()
             except Exception as exc:  # one broken plugin must not hide the others
-                self.load_errors.append(f"plugin {ep.name!r} from {dist} failed to import: {exc}")
+                self.load_errors.append(f"plugin {ep.name!r} from {dist} failed to import: {_one_line(exc)}")
                 continue
             self._add(plugin, ep.name, dist, version)
+        unknown = sorted((allowed or set()) - {_normal(d) for d in installed})
+        if unknown:
+            raise UserError(f"${ALLOW_ENV} / --plugins-only names {', '.join(unknown)}, which installs no hica_bench "
+                            f"plugin (installed: {', '.join(sorted(installed)) or 'none'})")
 
     def load_module(self, module_name: str) -> None:
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise UserError(f"-p {module_name}: cannot import it ({exc})") from None
+        except Exception as exc:  # ImportError, or whatever the module raises while importing
+            raise UserError(f"-p {module_name}: cannot import it ({_one_line(exc)})") from None
         self._add(module, module_name, f"-p {module_name}", getattr(module, "__version__", "?"))
 
     def _add(self, plugin: object, name: str, dist: str, version: str) -> None:
@@ -111,7 +124,12 @@ class Registry:
         found: dict[str, Registered] = {}
         for impl in getattr(self.pm.hook, _HOOK_OF_KIND[kind]).get_hookimpls():
             dist, version = self._origin.get(id(impl.plugin), (impl.plugin_name, "?"))
-            for spec in impl.function() or []:
+            try:
+                offered = list(impl.function() or [])
+            except Exception as exc:  # a broken hook leaves out its own specs only
+                self.load_errors.append(f"plugin from {dist}: {_HOOK_OF_KIND[kind]} failed: {_one_line(exc)}")
+                continue
+            for spec in offered:
                 if not isinstance(spec, PluginSpec) or spec.kind != kind:
                     raise UserError(f"plugin from {dist} returned a non-{kind} spec from {_HOOK_OF_KIND[kind]}")
                 if spec.name in found:
@@ -141,12 +159,28 @@ class Registry:
 
 
 def load_registry(modules: Iterable[str] = ()) -> Registry:
+    """Entry points (per the environment variables above), then ``modules``. ``load_errors`` is complete
+    once the specs have been collected (the first :meth:`Registry.specs` call)."""
     registry = Registry()
-    if not os.environ.get(DISABLE_AUTOLOAD_ENV):
-        registry.load_entry_points()
+    allowed = [name.strip() for name in os.environ.get(ALLOW_ENV, "").split(",") if name.strip()] or None
+    if os.environ.get(DISABLE_AUTOLOAD_ENV):
+        if allowed:
+            raise UserError(f"{DISABLE_AUTOLOAD_ENV} turns entry-point plugins off, yet ${ALLOW_ENV} / --plugins-only "
+                            "names some to load; unset one of them")
+    else:
+        registry.load_entry_points(allowed)
     for module in modules:
         registry.load_module(module)
     return registry
+
+
+def _normal(name: str) -> str:
+    """A distribution name in its normal form (PEP 503): ``Hica_Bench.Baselines`` -> ``hica-bench-baselines``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 _OPTION_START = re.compile(r":(?=[A-Za-z_][\w.-]*=)")

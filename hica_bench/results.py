@@ -1,8 +1,9 @@
 """The versioned result schema and the JSONL results store (append-only, resumable).
 
 One JSON object per line, one line per finished cell. A line is written with a single ``write`` on a
-file opened for appending and then fsync'ed, so a killed run leaves at most one truncated last line,
-which :meth:`ResultsStore.load` skips (and the next append starts on a fresh line).
+file opened for appending and then fsync'ed, so a killed run leaves at most one truncated last line:
+:meth:`ResultsStore.load` skips it and the next append cuts it off before writing (it was never a
+finished cell), so the file again holds only whole records.
 """
 
 from __future__ import annotations
@@ -78,11 +79,15 @@ class ResultsStore:
         self.path = Path(path)
 
     def load(self) -> dict[str, CellResult]:
-        """The newest result per cell id. Truncated lines (from a killed write) are skipped."""
+        """The newest result per cell id. Truncated lines (from a killed write) are skipped, and so is a
+        last line without its newline even when it parses: the next :meth:`append` cuts it off."""
         results: dict[str, CellResult] = {}
         if not self.path.exists():
             return results
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+        lines = self.path.read_text().split("\n")
+        if lines.pop().strip():  # the text after the last newline ("" when the file ends with one)
+            log.warning("%s:%d is truncated; ignoring it", self.path, len(lines) + 1)
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -112,15 +117,27 @@ class ResultsStore:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size
-            if size:
-                with self.path.open("rb") as handle:
-                    handle.seek(size - 1)
-                    if handle.read(1) != b"\n":  # a killed write left a partial line: start afresh
-                        line = "\n" + line
+            whole = _whole_lines_size(self.path, size)
+            if whole != size:  # a killed write left a partial last line (never a finished cell): cut it off
+                os.ftruncate(fd, whole)
             os.write(fd, line.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _whole_lines_size(path: Path, size: int) -> int:
+    """Bytes of ``path``'s first ``size`` bytes up to and including their last newline (0 if none)."""
+    with path.open("rb") as handle:
+        end = size
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            handle.seek(start)
+            cut = handle.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                return start + cut + 1
+            end = start
+    return 0
 
 
 def _git_hash() -> str | None:
@@ -131,6 +148,22 @@ def _git_hash() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name: ``/proc/cpuinfo`` (Linux), else py-cpuinfo when installed, else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    try:
+        import cpuinfo  # optional (py-cpuinfo); slow, so only where /proc/cpuinfo is missing
+
+        return str(cpuinfo.get_cpu_info().get("brand_raw") or "")
+    except Exception:
+        return platform.processor() or platform.machine()
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -146,7 +179,8 @@ def environment(device: str) -> dict[str, Any]:
     for dist in metadata.distributions():
         if dist.entry_points.select(group="hica_bench"):
             packages[dist.metadata["Name"]] = dist.version
-    device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.processor() or platform.machine()
+    cpu = cpu_model()
+    device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu
     return {
         "packages": dict(sorted(packages.items())),
         "python": platform.python_version(),
@@ -154,6 +188,7 @@ def environment(device: str) -> dict[str, Any]:
         "device": device,
         "device_name": device_name,
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
         "torch_threads": torch.get_num_threads(),
         "git": _git_hash(),
     }

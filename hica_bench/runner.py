@@ -3,12 +3,14 @@
 Order of work: validate everything that can be validated (names, options, data files, shots) before the
 first cell runs; skip cells already finished in the results file; per dataset, get train/test features
 from the cache or the encoder; per cell, sample the support set, fit, predict, score, append. A cell
-that raises or returns invalid probabilities is recorded as ``failed`` and the grid goes on.
+that raises, returns invalid probabilities or runs past ``--cell-timeout`` is recorded as ``failed`` and
+the grid goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import numpy as np
 from hica_bench import leaderboard, protocol
 from hica_bench.cache import FeatureCache
 from hica_bench.errors import NotApplicable, UserError
-from hica_bench.features import Extraction, split_features
+from hica_bench.features import Extraction, ReferenceProbe, split_features
 from hica_bench.interfaces import EncoderPair, FewShotDataset, FewShotTask
 from hica_bench.metrics import classification_metrics
 from hica_bench.registry import Choice
@@ -58,6 +60,7 @@ class Settings:
     cache_dir: Path = Path(".")
     out_dir: Path = Path("hica-bench-results")
     download: bool = True
+    cell_timeout: float | None = None  #: seconds for one cell's fit + predict; None = no limit
 
 
 @dataclass
@@ -96,6 +99,7 @@ def open_datasets(grid: Grid, settings: Settings) -> dict[str, FewShotDataset]:
             raise UserError(f"{choice.name} is a {dataset.task} dataset; hica-bench supports {' and '.join(SUPPORTED_TASKS)} tasks")
         labels = dataset.split("train").labels
         protocol.check_shots(grid.shots, labels, len(dataset.class_names), choice.name)
+        dataset.split("test")  # a malformed test split is reported now, not after other cells ran
         datasets[choice.label] = dataset
     return datasets
 
@@ -119,6 +123,7 @@ def run_cell(
     test: tuple[np.ndarray, np.ndarray],
     device: str,
     cache_dir: Path | None = None,
+    timeout: float | None = None,
 ) -> CellResult:
     import torch
 
@@ -161,12 +166,16 @@ def run_cell(
         )
         torch.manual_seed(key.seed)
         np.random.seed(key.seed % 2**32)
-        start = time.perf_counter()
-        model.fit(task)
-        fit_s = time.perf_counter() - start
-        start = time.perf_counter()
-        proba = model.predict_proba(test_features)
-        predict_s = time.perf_counter() - start
+
+        def fit_predict():
+            start = time.perf_counter()
+            model.fit(task)
+            fit_s = time.perf_counter() - start
+            start = time.perf_counter()
+            proba = model.predict_proba(test_features)
+            return proba, fit_s, time.perf_counter() - start
+
+        proba, fit_s, predict_s = _within(timeout, fit_predict)
         _check_proba(proba, len(test_labels), n_classes)
         result.metrics = classification_metrics(test_labels, np.asarray(proba, dtype=np.float64))
         result.timings = {"fit_s": fit_s, "predict_s": predict_s}
@@ -176,6 +185,29 @@ def run_cell(
         result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
         log.debug("cell %s failed:\n%s", key, traceback.format_exc())
     return result
+
+
+def _within(seconds: float | None, work):
+    """``work()``, or ``TimeoutError`` once it has run ``seconds``. Python cannot stop a thread: a timed-out
+    ``work`` goes on in a daemon thread (using CPU, never blocking exit) while the grid continues."""
+    if seconds is None:
+        return work()
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="hica-bench-cell", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"timed out after {seconds:g} s (--cell-timeout)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def run(grid: Grid, settings: Settings, progress=None) -> Summary:
@@ -194,6 +226,7 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
         encoders: EncoderPair = grid.encoder.build(device=settings.device)
         cache = FeatureCache(settings.cache_dir)
         env = environment(settings.device)
+        reference: float | None = None  # raw-forward images/s, measured once, during the first encoder pass
         cells_task = progress.add_task("cells", total=summary.total - summary.skipped) if progress else None
         for name, cells in pending.items():
             if not cells:
@@ -204,9 +237,17 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
                 n = len(dataset.split(split).labels)
                 bar = progress.add_task(f"{name} {split} features", total=n) if progress else None
                 advance = (lambda count, bar=bar: progress.advance(bar, count)) if progress else None
+                probe = None
+                if reference is None:  # raw passes run only if this split is encoded (not on a cache hit)
+                    probe = ReferenceProbe.for_split(encoders.image, dataset.split(split).images, settings.device,
+                                                     settings.batch_size, settings.amp)
+                    advance = _both(advance, probe)
                 features, extraction = split_features(
                     cache, dataset, split, encoders.image, settings.device, settings.batch_size, settings.amp, advance
                 )
+                if probe is not None and probe.images_per_s:
+                    extraction.seconds -= probe.paused_s
+                    reference = probe.images_per_s
                 if progress:
                     progress.update(bar, completed=n, visible=False)
                 labels = np.asarray(dataset.split(split).labels)
@@ -216,10 +257,10 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
                 summary.extractions.append(extraction)
             for method, key in cells:
                 result = run_cell(method, key, dataset, encoders, splits["train"], splits["test"], settings.device,
-                                  settings.cache_dir / "methods")
+                                  settings.cache_dir / "methods", settings.cell_timeout)
                 result.environment = env
                 result.options["encoder"] = grid.encoder.options
-                result.timings.update(_throughput(summary.extractions, dataset.name))
+                result.timings.update(_throughput(summary.extractions, dataset.name, reference))
                 store.append(result)
                 setattr(summary, result.status, getattr(summary, result.status) + 1)
                 if result.status == "failed":
@@ -233,8 +274,24 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
     return summary
 
 
-def _throughput(extractions: list[Extraction], dataset: str) -> dict[str, float]:
-    """Encoder images/s of this dataset's extractions in this run (absent when all came from the cache)."""
+def _both(first, second):
+    """One per-batch hook calling ``first`` (may be None) and then ``second``."""
+    def hook(count: int) -> None:
+        if first:
+            first(count)
+        second(count)
+
+    return hook
+
+
+def _throughput(extractions: list[Extraction], dataset: str, reference: float | None = None) -> dict[str, float]:
+    """Encoder images/s of this dataset's extractions in this run (absent when all came from the cache), with the
+    run's raw-forward ``reference_images_per_s`` beside it (``hica-bench check`` compares their ratio)."""
     computed = [e for e in extractions if e.dataset == dataset and not e.cached]
     seconds = sum(e.seconds for e in computed)
-    return {"encoder_images_per_s": sum(e.n_images for e in computed) / seconds} if seconds else {}
+    if not seconds:
+        return {}
+    timings = {"encoder_images_per_s": sum(e.n_images for e in computed) / seconds}
+    if reference:
+        timings["reference_images_per_s"] = reference
+    return timings

@@ -1,0 +1,246 @@
+"""``hica-bench check``: compare a fresh run with a committed baseline, cell by cell (a CI regression gate).
+
+Either side is a ``results.jsonl``, a ``leaderboard.csv`` or a folder holding one. A cell is
+(dataset, size, encoder, method, k, max_test); its scores are means over the seeds both results files hold
+(a leaderboard CSV gives its recorded means).
+
+- **ACC / AUC** regress when the run's mean is more than ``bound`` percentage points below the baseline's:
+  ``bound = tolerance``, or with ``noise_z`` > 0, ``max(tolerance, noise_z · std_baseline · √(1/n_b + 1/n_r))``
+  (the seed noise of a difference of means). A rise beyond the bound is reported as an improvement.
+  A cell that was ok and is now failed or not applicable, or that now fails, is a regression.
+- **Throughput** is compared per dataset as *harness efficiency* = encoder images/s ÷ the raw-forward
+  ``reference_images_per_s`` the same run measured on the same machine, so it does not depend on the machine.
+  It regresses when it falls by more than ``throughput_tolerance`` (relative).
+
+Cells only in the baseline are listed as missing (not a failure). Bad input (unreadable files, unknown
+schema, no overlapping cells) raises :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hica_bench.errors import UserError
+from hica_bench.results import ResultsStore
+
+CELL = ["dataset", "size", "encoder", "method", "k", "max_test"]
+METRICS = ("acc", "auc")
+#: environment facts whose difference makes raw speeds (device, cpu, threads) or scores (packages) incomparable
+SPEED_FACTS = ("device", "device_name", "cpu_model", "cpu_count", "torch_threads")
+DEFAULT_TOLERANCE = 1.0  #: percentage points
+DEFAULT_THROUGHPUT_TOLERANCE = 0.25  #: relative drop of harness efficiency
+
+
+Key = tuple  #: (dataset, size, encoder, method, k, max_test)
+
+
+@dataclass
+class Side:
+    """One input file. ``cells`` maps a cell key to its summary: status, reason, seeds (that ran), n (seeds ok),
+    ``{metric}_mean`` and ``{metric}_std``; ``per_seed`` (results files only) maps a cell key to one record per seed."""
+
+    path: Path
+    cells: dict[Key, dict[str, Any]]
+    per_seed: dict[Key, list[dict[str, Any]]] | None
+    efficiency: dict[tuple, float]  #: (dataset, size, encoder) -> median encoder images/s ÷ reference images/s
+    environment: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    rows: pd.DataFrame  #: verdict, dataset, size, encoder, method, k, max_test, what, baseline, run, change, allowed, note
+    compared: int
+    notes: list[str]
+
+    def count(self, verdict: str) -> int:
+        return int((self.rows["verdict"] == verdict).sum())
+
+    @property
+    def regressed(self) -> bool:
+        return self.count("regressed") > 0
+
+
+def _resolve(path: Path, role: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for name in ("results.jsonl", "leaderboard.csv"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"{role} folder {str(path)!r} holds neither results.jsonl nor leaderboard.csv")
+    if not path.is_file():
+        raise UserError(f"{role} file {str(path)!r} does not exist")
+    return path
+
+
+def load(path: Path, role: str = "results") -> Side:
+    """Read a results.jsonl or leaderboard.csv (or a folder with one) into a :class:`Side`."""
+    path = _resolve(path, role)
+    if path.suffix == ".jsonl":
+        return _load_results(path, role)
+    if path.suffix == ".csv":
+        return _load_leaderboard(path, role)
+    raise UserError(f"{role} {str(path)!r}: expected a results .jsonl or a leaderboard .csv")
+
+
+def _load_results(path: Path, role: str) -> Side:
+    results = list(ResultsStore(path).load().values())
+    if not results:
+        raise UserError(f"{role} {str(path)!r} holds no results")
+    per_seed: dict[Key, list[dict[str, Any]]] = {}
+    efficiencies: dict[tuple, list[float]] = {}
+    for r in results:
+        key = tuple(getattr(r.key, c) for c in CELL)
+        record = {"seed": r.key.seed, "status": r.status, "reason": r.reason,
+                  **{m: float((r.metrics or {}).get(m, math.nan)) for m in METRICS}}
+        per_seed.setdefault(key, []).append(record)
+        ips, ref = r.timings.get("encoder_images_per_s"), r.timings.get("reference_images_per_s")
+        if ips and ref:
+            efficiencies.setdefault(key[:3], []).append(ips / ref)
+    cells = {key: _summarise(records) for key, records in per_seed.items()}
+    newest = max(results, key=lambda r: r.finished_at)
+    return Side(path, cells, per_seed, {k: float(np.median(v)) for k, v in efficiencies.items()}, newest.environment)
+
+
+def _load_leaderboard(path: Path, role: str) -> Side:
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{role} {str(path)!r} is not a readable CSV ({str(exc).splitlines()[0]})") from None
+    stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    missing = [c for c in CELL + ["n"] + stats if c not in frame.columns]
+    if missing:
+        raise UserError(f"{role} {str(path)!r} is not a hica-bench leaderboard.csv (lacks columns {', '.join(missing)})")
+    if frame.empty:
+        raise UserError(f"{role} {str(path)!r} holds no results")
+    cells: dict[Key, dict[str, Any]] = {}
+    efficiencies: dict[tuple, list[float]] = {}
+    for row in frame.to_dict("records"):
+        try:
+            key = (str(row["dataset"]), int(row["size"]), str(row["encoder"]), str(row["method"]), int(row["k"]),
+                   None if pd.isna(row["max_test"]) else int(row["max_test"]))
+            seeds = frozenset(int(s) for s in str(row["seeds"]).split(",")) if "seeds" in row else None
+            cells[key] = {"status": "ok", "reason": None, "seeds": seeds, "n": int(row["n"]), **{s: float(row[s]) for s in stats}}
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{role} {str(path)!r}: malformed row {row.get('dataset')} {row.get('method')} ({exc})") from None
+        ips, ref = row.get("encoder_images_per_s_mean"), row.get("reference_images_per_s_mean")
+        if ips and ref and not (pd.isna(ips) or pd.isna(ref)):
+            efficiencies.setdefault(key[:3], []).append(float(ips) / float(ref))
+    return Side(path, cells, None, {k: float(np.median(v)) for k, v in efficiencies.items()})
+
+
+def _summarise(records: list[dict[str, Any]], seeds: frozenset | None = None) -> dict[str, Any]:
+    """A cell's summary over its seed records (only ``seeds`` when given): status ``failed`` if any seed failed,
+    else ``not_applicable`` if any was, else ``ok``; mean and sample std of each metric over the ok seeds."""
+    records = [r for r in records if seeds is None or r["seed"] in seeds]
+    statuses = {r["status"] for r in records}
+    status = "failed" if "failed" in statuses else "not_applicable" if "not_applicable" in statuses else "ok"
+    reason = next((r["reason"] for r in records if r["status"] == status and r["reason"]), None)
+    ok = [r for r in records if r["status"] == "ok"]
+    summary = {"status": status, "reason": reason, "seeds": frozenset(r["seed"] for r in records), "n": len(ok)}
+    for m in METRICS:
+        values = np.array([r[m] for r in ok if not math.isnan(r[m])])
+        summary[f"{m}_mean"] = float(values.mean()) if len(values) else math.nan
+        summary[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return summary
+
+
+def compare(baseline: Side, run: Side, tolerance: float = DEFAULT_TOLERANCE, noise_z: float = 0.0,
+            throughput_tolerance: float = DEFAULT_THROUGHPUT_TOLERANCE) -> Report:
+    """Compare ``run`` with ``baseline`` (see the module docstring); raises :class:`UserError` when no cell overlaps."""
+    if tolerance < 0 or noise_z < 0 or not 0 <= throughput_tolerance < 1:
+        raise UserError("--tolerance and --noise-z must be >= 0 and --throughput-tolerance in [0, 1)")
+    common = sorted((key for key in baseline.cells if key in run.cells), key=_sortable)
+    if not common:
+        raise UserError(f"no cell of {run.path} is in the baseline {baseline.path} "
+                        f"(baseline: {_describe(baseline.cells)}; run: {_describe(run.cells)})")
+    rows: list[dict[str, Any]] = []
+    for key in common:
+        rows += _compare_cell(key, baseline, run, tolerance, noise_z)
+    for key in sorted(set(baseline.cells) - set(run.cells), key=_sortable):
+        rows.append(_row("missing", key, "cell", note="in the baseline, not in the run"))
+    notes = []
+    for pass_key in sorted({key[:3] for key in common}, key=_sortable):
+        base_eff, run_eff = baseline.efficiency.get(pass_key), run.efficiency.get(pass_key)
+        if base_eff is None or run_eff is None:
+            side = "baseline" if base_eff is None else "run"
+            notes.append(f"throughput of {pass_key[0]} not compared: the {side} has no encoder images/s with a reference "
+                         "(its features came from the cache, or it predates reference timing)")
+            continue
+        change = run_eff / base_eff - 1
+        verdict = "regressed" if change < -throughput_tolerance else "improved" if change > throughput_tolerance else "ok"
+        rows.append(_row(verdict, pass_key + ("(encoder pass)", None, None), "harness/raw images/s", f"{base_eff:.3f}",
+                         f"{run_eff:.3f}", f"{100 * change:+.1f}%", f"-{100 * throughput_tolerance:.0f}%"))
+    notes += environment_differences(baseline.environment, run.environment)
+    frame = pd.DataFrame(rows, columns=["verdict", *CELL, "what", "baseline", "run", "change", "allowed", "note"])
+    return Report(frame, len(common), notes)
+
+
+def _compare_cell(key: Key, baseline: Side, run: Side, tolerance: float, noise_z: float) -> list[dict[str, Any]]:
+    base, new = baseline.cells[key], run.cells[key]
+    note = ""
+    if baseline.per_seed is not None and run.per_seed is not None and base["seeds"] != new["seeds"]:
+        seeds = base["seeds"] & new["seeds"]
+        if seeds:  # compare like with like: the seeds both sides ran
+            base, new = _summarise(baseline.per_seed[key], seeds), _summarise(run.per_seed[key], seeds)
+            note = f"common seeds {','.join(map(str, sorted(seeds)))}"
+    elif base["seeds"] is not None and new["seeds"] is not None and base["seeds"] != new["seeds"]:
+        note = "seeds differ"
+    if base["status"] != "ok" or new["status"] != "ok":
+        if base["status"] == new["status"]:
+            return []
+        verdict = ("regressed" if base["status"] == "ok" or new["status"] == "failed"
+                   else "improved" if new["status"] == "ok" else "changed")
+        return [_row(verdict, key, "status", base["status"], new["status"], note=new["reason"] or base["reason"] or "")]
+    rows = []
+    for m in METRICS:
+        b, r = base[f"{m}_mean"], new[f"{m}_mean"]
+        if math.isnan(b):
+            continue
+        bound = tolerance
+        if noise_z and base["n"] > 1 and new["n"] > 0:
+            bound = max(tolerance, 100 * noise_z * base[f"{m}_std"] * math.sqrt(1 / base["n"] + 1 / new["n"]))
+        change = 100 * (r - b)
+        verdict = "regressed" if math.isnan(r) or change < -bound else "improved" if change > bound else "ok"
+        rows.append(_row(verdict, key, m.upper(), f"{100 * b:.1f}", f"{100 * r:.1f}", f"{change:+.1f}", f"-{bound:.1f}", note))
+    return rows
+
+
+def _row(verdict: str, key: tuple, what: str, baseline="", run="", change="", allowed="", note="") -> dict[str, Any]:
+    return {"verdict": verdict, **dict(zip(CELL, key)), "what": what, "baseline": baseline, "run": run,
+            "change": change, "allowed": allowed, "note": note}
+
+
+def _sortable(key: tuple) -> tuple:
+    return tuple((v is None, v if v is not None else 0) for v in key)
+
+
+def _describe(cells: dict) -> str:
+    def values(i: int) -> str:
+        found = sorted({"full" if key[i] is None else str(key[i]) for key in cells})
+        return ",".join(found[:4]) + (",…" if len(found) > 4 else "")
+
+    return "; ".join(f"{name} {values(i)}" for i, name in enumerate(CELL) if name != "k")
+
+
+def environment_differences(baseline: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """Lines saying why two runs' raw speeds or scores may not be comparable (empty when they are, or unknown)."""
+    if not baseline or not run:
+        return []
+    notes = []
+    speed = [f"{fact} {baseline.get(fact)!r} vs {run.get(fact)!r}" for fact in SPEED_FACTS if baseline.get(fact) != run.get(fact)]
+    if speed:
+        notes.append("different machines (raw images/s not comparable; the harness/raw ratio is): " + "; ".join(speed))
+    base_packages, run_packages = baseline.get("packages", {}), run.get("packages", {})
+    changed = [f"{name} {base_packages.get(name, '-')} → {run_packages.get(name, '-')}"
+               for name in sorted(set(base_packages) | set(run_packages)) if base_packages.get(name) != run_packages.get(name)]
+    if changed:
+        notes.append("package versions differ (scores may differ numerically): " + "; ".join(changed))
+    if baseline.get("git") != run.get("git"):
+        notes.append(f"code differs: baseline git {str(baseline.get('git'))[:12]}, run git {str(run.get('git'))[:12]}")
+    return notes

@@ -1,0 +1,465 @@
+"""The plugin conformance kit: checks a plugin author runs in their own tests, as scikit-learn's
+``check_estimator``. Each ``check_*`` exercises one kind's contract (:mod:`hica_bench.interfaces`) and raises
+``AssertionError`` saying what broke it::
+
+    from hica_bench.testing import check_method
+    from my_plugin import MyMethod, hica_bench_methods
+
+    def test_conformance():
+        check_method(MyMethod)                   # a class or zero-argument factory ...
+        for spec in hica_bench_methods():        # ... or the specs your hook returns (default options)
+            check_method(spec)
+
+Methods are checked on small synthetic tasks built the way the runner builds them: images with a class-specific
+bright block, features from a tiny in-kit encoder pair (:func:`toy_pair`), support sets from
+:mod:`hica_bench.protocol`, and only what the method declared in ``needs``. Nothing here needs pytest, data
+files or a network; the kit's own parts run on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import re
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from hica_bench import protocol
+from hica_bench.data import preprocess
+from hica_bench.errors import NotApplicable
+from hica_bench.features import encode_images
+from hica_bench.interfaces import (
+    KINDS,
+    EncoderPair,
+    FewShotTask,
+    ImageEncoder,
+    InputSpec,
+    Need,
+    PluginSpec,
+    Split,
+    TextEncoder,
+)
+
+NEEDS = frozenset(typing.get_args(Need))
+TASKS = ("binary-class", "multi-class")  # what the runner accepts
+#: (description, classes, shots) of the tasks every method must handle; the first must not be NotApplicable.
+METHOD_TASKS = (("2 classes, 5 shots", 2, 5), ("2 classes, 1 shot", 2, 1), ("10 classes, 2 shots", 10, 2))
+#: Shapes of the keyword tensors :func:`check_loss` builds when not given ``inputs``: B images, C classes,
+#: D width, K regions per image, L local texts per class (the names hica-bench's own losses use).
+LOSS_INPUTS = {
+    "image_embeddings": ("B", "D"),
+    "text_embeddings": ("C", "D"),
+    "roi_embeddings": ("B", "K", "D"),
+    "local_text_embeddings": ("C", "L", "D"),
+    "logits": ("B", "C"),
+    "labels": ("B",),
+}
+_SIZES = {"B": 6, "C": 3, "D": 8, "K": 2, "L": 3}
+
+
+# --------------------------------------------------------------------------- the in-kit encoder pair
+
+
+class ToyImageEncoder(torch.nn.Module):
+    """A fixed random projection of 4x4-pooled pixels (implements :class:`~hica_bench.interfaces.ImageEncoder`,
+    with ``dense`` for ROI pooling). Deterministic: the same weights in every process."""
+
+    identity = "hica-bench-testing:toy-image:v1"
+    input_spec = InputSpec(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    embed_dim = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.project = torch.nn.Parameter(torch.randn(48, self.embed_dim, generator=generator) / 7, requires_grad=False)
+        self.channels = torch.nn.Parameter(torch.randn(3, self.embed_dim, generator=generator), requires_grad=False)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(images, 4).flatten(1) @ self.project
+
+    def dense(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(images, 4)  # (N, 3, 4, 4)
+        return torch.einsum("nchw,cd->ndhw", pooled, self.channels)
+
+
+class ToyTextEncoder:
+    """Each text -> a unit vector seeded by its sha256 (implements :class:`~hica_bench.interfaces.TextEncoder`)."""
+
+    identity = "hica-bench-testing:toy-text:v1"
+    embed_dim = ToyImageEncoder.embed_dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        rows = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:16], 16)).standard_normal(self.embed_dim)
+                for t in texts]
+        out = np.asarray(rows, dtype=np.float32).reshape(len(rows), self.embed_dim)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def toy_pair(text: bool = True, aligned: bool = True) -> EncoderPair:
+    """The in-kit pair: ``aligned`` claims one joint space (as CLIP does); ``text=False`` gives an image-only pair."""
+    image = ToyImageEncoder()
+    return EncoderPair(image, ToyTextEncoder() if text else None, aligned=aligned and text, modules={"image": image})
+
+
+# --------------------------------------------------------------------------- synthetic tasks
+
+
+def toy_images(labels: np.ndarray, size: int = 28, seed: int = 0, rgb: bool = False) -> np.ndarray:
+    """uint8 (N, size, size[, 3]): noise plus a bright block at the label's cell of a 4x4 grid (16 classes at most)."""
+    rng = np.random.default_rng(seed)
+    block = size // 4
+    shape = (len(labels), size, size, 3) if rgb else (len(labels), size, size)
+    images = rng.normal(90, 25, size=shape)
+    for i, c in enumerate(labels):
+        row, col = divmod(int(c) % 16, 4)
+        images[i, row * block:(row + 1) * block, col * block:(col + 1) * block] += 120
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def toy_task(n_classes: int, k: int, seed: int = 0, needs: frozenset[str] = frozenset(), n_test: int = 24,
+             cache_dir: Path | None = None, pair: EncoderPair | None = None) -> tuple[FewShotTask, np.ndarray, np.ndarray]:
+    """A task as the runner builds it, plus the test features and labels: (task, test_features, test_labels).
+
+    Features come from ``pair`` (default: :func:`toy_pair`). The pair and the optional fields follow ``needs``
+    exactly: aligned only for ``aligned_encoders``, a text encoder only for the text needs, ``train_features``
+    / ``train_images`` only when declared."""
+    rng = np.random.default_rng(seed)
+    train_labels = rng.permutation(np.arange(n_classes * (k + 3)) % n_classes).astype(np.int64)
+    test_labels = rng.permutation(np.arange(n_test) % n_classes).astype(np.int64)
+    text, aligned = bool(needs & {"text_encoder", "class_texts", "aligned_encoders"}), "aligned_encoders" in needs
+    if pair is None:
+        pair = toy_pair(text, aligned)
+    else:
+        assert pair.text is not None or not text, "this method needs a text encoder; the pair given has none"
+        assert pair.aligned or not aligned, "this method needs an aligned pair; the pair given is not aligned"
+        pair = EncoderPair(pair.image, pair.text if text else None, aligned, pair.device, pair.modules)
+    train_images = toy_images(train_labels, seed=seed)
+    train_images.setflags(write=False)  # the runner hands a read-only memory map
+    train_features = encode_images(train_images, pair.image, pair.device, batch_size=16)
+    test_features = encode_images(toy_images(test_labels, seed=seed + 1), pair.image, pair.device, batch_size=16)
+    dataset = f"hica-bench-testing-{n_classes}-classes"
+    indices = protocol.sample_support(train_labels, n_classes, k, seed, dataset)
+    names = ["benign", "malignant"] if n_classes == 2 else [f"cell type {chr(ord('a') + c)}" for c in range(n_classes)]
+    task = FewShotTask(
+        dataset=dataset, task=TASKS[n_classes > 2], class_names=names,
+        support_features=train_features[indices], support_labels=train_labels[indices], support_indices=indices,
+        k=k, seed=seed, encoders=pair, device=pair.device,
+        train_images=train_images if "encoders" in needs else None,
+        train_features=train_features if "train_features" in needs else None,
+        cache_dir=cache_dir,
+    )
+    return task, test_features, test_labels
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _failures(check: Callable) -> Callable:
+    """Whatever the plugin raises inside ``check`` becomes an AssertionError naming it."""
+    @functools.wraps(check)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return check(*args, **kwargs)
+        except AssertionError:
+            raise
+        except Exception as exc:
+            raise AssertionError(f"{check.__name__}: the plugin raised {type(exc).__name__}: {exc}") from exc
+    return wrapper
+
+
+def check_spec(spec: PluginSpec, kind: str | None = None) -> None:
+    """A :class:`PluginSpec` the registry and the CLI can use: a known kind, a name the ``NAME:key=value`` syntax
+    can spell, a description, and option defaults of the types the CLI converts to (bool, int, float, str)."""
+    assert isinstance(spec, PluginSpec), f"expected a PluginSpec, got {type(spec).__name__}"
+    assert spec.kind in KINDS and (kind is None or spec.kind == kind), f"{spec.name!r}: kind {spec.kind!r}, expected {kind or KINDS}"
+    assert re.fullmatch(r"[\w.+-]+", spec.name), f"{spec.name!r}: a name must match [A-Za-z0-9_.+-]+"
+    assert spec.description.strip(), f"{spec.name!r}: empty description"
+    assert callable(spec.factory), f"{spec.name!r}: factory is not callable"
+    for key, value in spec.options.items():
+        assert re.fullmatch(r"[A-Za-z_][\w.-]*", key), f"{spec.name!r}: option name {key!r} cannot be given on the command line"
+        assert isinstance(value, (bool, int, float, str)), (
+            f"{spec.name!r}: option {key}={value!r} has type {type(value).__name__}; defaults must be bool, int, float or str")
+
+
+def _builder(thing: Any, kind: str, options: dict[str, Any] | None) -> tuple[str, Callable[[], Any]]:
+    """(name, zero-argument builder) from a PluginSpec (default options updated with ``options``) or a factory."""
+    if isinstance(thing, PluginSpec):
+        check_spec(thing, kind)
+        unknown = set(options or {}) - set(thing.options)
+        assert not unknown, f"{thing.name!r} has no options {sorted(unknown)}"
+        merged = {**thing.options, **(options or {})}
+        return thing.name, lambda: thing.factory(**merged)
+    assert callable(thing), f"expected a PluginSpec, a class or a factory, got {thing!r}"
+    return getattr(thing, "__name__", repr(thing)), lambda: thing(**(options or {}))
+
+
+def _seed(seed: int) -> None:
+    """What the runner does before ``fit``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _snapshot(task: FewShotTask, test: np.ndarray) -> dict[str, Any]:
+    arrays = {"support_features": task.support_features, "support_labels": task.support_labels,
+              "support_indices": task.support_indices, "train_features": task.train_features, "test features": test}
+    return {"class_names": list(task.class_names), **{k: v.copy() for k, v in arrays.items() if v is not None}}
+
+
+def _assert_unmodified(name: str, label: str, before: dict[str, Any], task: FewShotTask, test: np.ndarray) -> None:
+    now = {"class_names": task.class_names, "support_features": task.support_features, "support_labels": task.support_labels,
+           "support_indices": task.support_indices, "train_features": task.train_features, "test features": test}
+    for key, value in before.items():
+        same = value == now[key] if key == "class_names" else np.array_equal(value, now[key])
+        assert same, f"{name} ({label}): modified its input {key}; methods must not change what they are handed"
+
+
+def _assert_proba(name: str, label: str, proba: Any, n: int, c: int) -> np.ndarray:
+    assert isinstance(proba, np.ndarray), f"{name} ({label}): predict_proba returned {type(proba).__name__}, not a numpy array"
+    assert proba.shape == (n, c), f"{name} ({label}): predict_proba returned shape {proba.shape}, expected {(n, c)}"
+    assert np.issubdtype(proba.dtype, np.floating), f"{name} ({label}): probabilities have dtype {proba.dtype}, not float"
+    assert np.isfinite(proba).all(), f"{name} ({label}): probabilities contain NaN or inf"
+    assert (proba >= -1e-6).all() and np.allclose(proba.sum(axis=1), 1.0, atol=1e-4), (
+        f"{name} ({label}): probability rows must be non-negative and sum to 1 (sums: {proba.sum(axis=1)[:4]}...)")
+    return proba
+
+
+def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTask, test: np.ndarray) -> np.ndarray:
+    _seed(task.seed)
+    model = make()
+    try:
+        fitted = model.fit(task)
+    except NotApplicable:
+        raise
+    except Exception as exc:
+        raise AssertionError(f"{name} ({label}): fit raised {type(exc).__name__}: {exc} (does it use something "
+                             f"it did not declare in needs={sorted(model.needs)}?)") from exc
+    assert fitted is model, f"{name} ({label}): fit must return self"
+    try:
+        proba = model.predict_proba(test)
+    except Exception as exc:
+        raise AssertionError(f"{name} ({label}): predict_proba raised {type(exc).__name__}: {exc}") from exc
+    proba = _assert_proba(name, label, proba, len(test), task.n_classes)
+    again = model.predict_proba(test)
+    assert np.array_equal(again, proba), f"{name} ({label}): predict_proba gave different results on a second call"
+    one = _assert_proba(name, label, model.predict_proba(test[:1]), 1, task.n_classes)
+    assert np.allclose(one, proba[:1], rtol=1e-5, atol=1e-6), (
+        f"{name} ({label}): an image's probabilities depend on the other images predicted with it (--max-test changes them)")
+    return proba
+
+
+@_failures
+def check_method(method: Any, options: dict[str, Any] | None = None, pair: EncoderPair | None = None) -> None:
+    """A :class:`~hica_bench.interfaces.Method` (a PluginSpec, a class or a zero-argument factory; ``options``
+    override defaults): ``needs`` is declared from :data:`NEEDS`; on 2 classes × 5 shots, 2 × 1 and 10 × 2 it
+    fits (``fit`` returns self; NotApplicable allowed except on the first task), predicts (N, C) float
+    probabilities that are finite, non-negative and sum to 1, row by row independently of the batch; it never
+    modifies its inputs; a fresh instance with the same seed gives bit-identical probabilities, and so does one
+    that reuses the first's ``cache_dir``. Features come from ``pair`` (default: the in-kit :func:`toy_pair`;
+    a method that needs a real encoder's internals declines it with NotApplicable, which the raised
+    AssertionError carries as ``__cause__``: check it with a real pair then)."""
+    name, make = _builder(method, "method", options)
+    needs = getattr(make(), "needs", None)
+    assert isinstance(needs, (set, frozenset)) and all(isinstance(n, str) for n in needs), (
+        f"{name}: needs must be a frozenset of strings, got {needs!r}")
+    assert needs <= NEEDS, f"{name}: unknown needs {sorted(needs - NEEDS)}; known: {sorted(NEEDS)}"
+    with tempfile.TemporaryDirectory() as scratch:
+        for number, (label, n_classes, k) in enumerate(METHOD_TASKS):
+            task, test, _ = toy_task(n_classes, k, needs=frozenset(needs), cache_dir=Path(scratch) / "first", pair=pair)
+            before = _snapshot(task, test)
+            try:
+                proba = _fit_predict(name, label, make, task, test)
+            except NotApplicable as exc:
+                if number == 0:
+                    raise AssertionError(f"{name} ({label}): NotApplicable on the basic task ({exc})") from exc
+                continue
+            _assert_unmodified(name, label, before, task, test)
+            if number == 0:  # determinism: a fresh cache folder, then the first one's artifacts
+                for cache in ("fresh", "first"):
+                    task.cache_dir = Path(scratch) / cache
+                    again = _fit_predict(name, label, make, task, test)
+                    assert np.array_equal(again, proba), (
+                        f"{name} ({label}): not deterministic: the same seed gave different probabilities "
+                        f"({'reusing its cache_dir' if cache == 'first' else 'fresh instance'}, max diff "
+                        f"{np.abs(again - proba).max():.3g})")
+
+
+@_failures
+def check_encoder(pair: Any) -> None:
+    """An :class:`~hica_bench.interfaces.EncoderPair` as a factory returns it: the image encoder has an identity,
+    an input spec and ``embed_dim``; on a grey and an RGB image preprocessed as the harness does it returns
+    finite (N, embed_dim) features, the same twice, independent of batch composition, without modifying its
+    input, and the harness's extraction agrees; ``dense`` (if offered) gives (N, D', h, w); the text encoder (if
+    any) gives finite float32 (len(texts), D) numpy arrays, also for an empty list; ``aligned`` pairs have a
+    text encoder of the image encoder's width."""
+    assert isinstance(pair, EncoderPair), f"expected an EncoderPair, got {type(pair).__name__}"
+    image = pair.image
+    assert isinstance(image, ImageEncoder), f"{type(image).__name__} lacks identity, input_spec, embed_dim or encode"
+    assert isinstance(image.identity, str) and image.identity, "image encoder identity must be a non-empty string"
+    spec = image.input_spec
+    assert isinstance(spec, InputSpec) and spec.size >= 1 and len(spec.mean) == 3 and len(spec.std) == 3 and min(spec.std) > 0, (
+        f"bad input_spec {spec!r}")
+    assert spec.interpolation in ("bicubic", "bilinear"), f"unknown interpolation {spec.interpolation!r}"
+    assert isinstance(image.embed_dim, int) and image.embed_dim >= 1, f"embed_dim must be a positive int, got {image.embed_dim!r}"
+    grey, rgb = toy_images(np.array([1])), toy_images(np.array([0]), rgb=True, seed=1)
+    x = torch.cat([preprocess(grey, spec, pair.device), preprocess(rgb, spec, pair.device)])  # as the harness prepares them
+    original = x.clone()
+    with torch.inference_mode():
+        features, single = image.encode(x), image.encode(x[:1])
+        dense = image.dense(x) if hasattr(image, "dense") else None
+    assert torch.equal(x, original), "image encoder modified its input batch"
+    assert torch.is_tensor(features) and features.shape == (2, image.embed_dim), (
+        f"encode returned {getattr(features, 'shape', type(features).__name__)}, expected (2, {image.embed_dim})")
+    assert features.is_floating_point() and torch.isfinite(features).all(), "image features must be finite floats"
+    assert torch.allclose(single.float(), features[:1].float(), rtol=1e-3, atol=1e-3 * float(features.abs().max()) + 1e-5), (
+        "an image's features depend on the other images in its batch (eval mode?)")
+    extracted = encode_images(grey, image, pair.device, batch_size=1, amp=False)  # the harness's path, same image
+    assert np.array_equal(extracted, single.float().cpu().numpy()) or pair.device != "cpu", (
+        "image encoder is not deterministic on CPU (or the harness's extraction disagrees with encode)")
+    if dense is not None:
+        assert torch.is_tensor(dense) and dense.ndim == 4 and dense.shape[0] == 2 and min(dense.shape[2:]) >= 1, (
+            f"dense returned {getattr(dense, 'shape', None)}, expected (N, D, h, w)")
+        assert torch.isfinite(dense).all(), "dense features contain NaN or inf"
+    if pair.text is not None:
+        text = pair.text
+        assert isinstance(text, TextEncoder), f"{type(text).__name__} lacks identity, embed_dim or encode"
+        assert isinstance(text.identity, str) and text.identity and isinstance(text.embed_dim, int) and text.embed_dim >= 1
+        texts = ["a chest x-ray with pneumonia.", "normal breast tissue.", "x"]
+        embedded = text.encode(texts)
+        assert isinstance(embedded, np.ndarray) and embedded.dtype == np.float32 and embedded.shape == (3, text.embed_dim), (
+            f"text encode returned {type(embedded).__name__} {getattr(embedded, 'dtype', '')} "
+            f"{getattr(embedded, 'shape', '')}, expected float32 (3, {text.embed_dim})")
+        assert np.isfinite(embedded).all(), "text embeddings contain NaN or inf"
+        assert np.array_equal(text.encode(texts), embedded) or pair.device != "cpu", "text encoder is not deterministic"
+        assert np.allclose(text.encode(texts[1:2]), embedded[1:2], rtol=1e-3, atol=1e-4), (
+            "a text's embedding depends on the other texts encoded with it (padding?)")
+        empty = text.encode([])
+        assert isinstance(empty, np.ndarray) and empty.shape == (0, text.embed_dim), f"encode([]) gave {getattr(empty, 'shape', empty)!r}"
+    if pair.aligned:
+        assert pair.text is not None and pair.text.embed_dim == image.embed_dim, (
+            "an aligned pair needs a text encoder of the image encoder's width")
+
+
+@_failures
+def check_dataset(dataset: Any) -> None:
+    """A :class:`~hica_bench.interfaces.FewShotDataset`: name, size, a task the runner supports, at least two
+    distinct class names (two for binary), an identity; train/val/test splits of uint8 images (N, S, S[, 3])
+    and int64 labels (N,) in [0, C) of the same length, sliceable, the same on every call; every class in train."""
+    for attribute in ("name", "identity"):
+        value = getattr(dataset, attribute, None)
+        assert isinstance(value, str) and value, f"dataset {attribute} must be a non-empty string, got {value!r}"
+    name, size = dataset.name, getattr(dataset, "size", None)
+    assert isinstance(size, int) and size >= 1, f"{name}: size must be a positive int, got {size!r}"
+    assert dataset.task in TASKS, f"{name}: task {dataset.task!r} is not one the runner supports {TASKS}"
+    names = dataset.class_names
+    assert isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names), (
+        f"{name}: class_names must be a list of at least two names")
+    assert len(set(names)) == len(names), f"{name}: class names repeat"
+    assert dataset.task != "binary-class" or len(names) == 2, f"{name}: binary-class with {len(names)} classes"
+    for split_name in ("train", "val", "test"):
+        where = f"{name} {split_name}"
+        split = dataset.split(split_name)
+        assert isinstance(split, Split), f"{where}: split() returned {type(split).__name__}, not a Split"
+        images, labels = split.images, split.labels
+        assert isinstance(images, np.ndarray) and images.dtype == np.uint8, f"{where}: images must be a uint8 array"
+        assert images.ndim in (3, 4) and images.shape[1:3] == (size, size) and (images.ndim == 3 or images.shape[3] == 3), (
+            f"{where}: images have shape {images.shape}, expected (N, {size}, {size}[, 3])")
+        assert isinstance(labels, np.ndarray) and labels.dtype == np.int64 and labels.ndim == 1, (
+            f"{where}: labels must be int64 (N,), got {labels.dtype} {labels.shape}")
+        assert len(labels) == len(images) >= 1, f"{where}: {len(images)} images but {len(labels)} labels"
+        assert labels.min() >= 0 and labels.max() < len(names), f"{where}: labels outside 0..{len(names) - 1}"
+        assert images[:2].shape[0] == min(2, len(images)), f"{where}: images cannot be sliced"
+        assert np.array_equal(dataset.split(split_name).labels, labels), f"{where}: labels differ between calls"
+        if split_name == "train":
+            missing = sorted(set(range(len(names))) - set(np.unique(labels).tolist()))
+            assert not missing, f"{where}: classes {missing} have no train images (no k-shot support possible)"
+
+
+@_failures
+def check_roi_extractor(extractor: Any, k: int = 3) -> None:
+    """A :class:`~hica_bench.interfaces.ROIExtractor`: for a normalised (N, 3, S, S) batch, with and without a
+    dense map, ``extract`` gives an int64 tensor (N, k, 4) of boxes with 0 <= x0 < x1 <= S and 0 <= y0 < y1 <= S,
+    the same boxes twice, without modifying its inputs; k = 1 works too."""
+    images = preprocess(toy_images(np.arange(2)), InputSpec(32, (0.5,) * 3, (0.5,) * 3, "bilinear"))
+    dense = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    for kk in (k, 1):
+        for given in (None, dense):
+            x, d = images.clone(), None if given is None else given.clone()
+            boxes = extractor.extract(x, kk) if d is None else extractor.extract(x, kk, dense=d)
+            where = f"extract(k={kk}, dense={'None' if d is None else 'given'})"
+            assert torch.is_tensor(boxes) and boxes.dtype == torch.int64 and tuple(boxes.shape) == (2, kk, 4), (
+                f"{where} returned {getattr(boxes, 'dtype', type(boxes).__name__)} {tuple(getattr(boxes, 'shape', ()))}, "
+                f"expected int64 (2, {kk}, 4)")
+            x0, y0, x1, y1 = boxes.unbind(-1)
+            size = images.shape[-1]
+            assert ((0 <= x0) & (x0 < x1) & (x1 <= size) & (0 <= y0) & (y0 < y1) & (y1 <= size)).all(), (
+                f"{where}: boxes outside 0 <= x0 < x1 <= {size}, 0 <= y0 < y1 <= {size}: {boxes.tolist()}")
+            assert torch.equal(x, images) and (d is None or torch.equal(d, dense)), f"{where} modified its inputs"
+            again = extractor.extract(x, kk) if d is None else extractor.extract(x, kk, dense=d)
+            assert torch.equal(again, boxes), f"{where} is not deterministic"
+
+
+@_failures
+def check_descriptor_generator(generator: Any, cases: Sequence[tuple[str, Sequence[str]]] = (
+        ("breastmnist", ("malignant", "normal, benign")),
+        ("hica-bench-testing-unknown", ("round cells", "spiky cells", "no cells")))) -> None:
+    """A :class:`~hica_bench.interfaces.DescriptorGenerator`: for each (dataset, class names) of ``cases`` (by
+    default a MedMNIST dataset and one it cannot know), one dict per class with at least one global text and a
+    list of local texts, all non-empty strings; the same on a second call; ``class_names`` left unmodified."""
+    for dataset, class_names in cases:
+        names = list(class_names)
+        described = generator.describe(dataset, names)
+        where = f"describe({dataset!r})"
+        assert names == list(class_names), f"{where} modified class_names"
+        assert isinstance(described, list) and len(described) == len(names), (
+            f"{where} must return one entry per class ({len(names)}), got {type(described).__name__} of {len(described)}")
+        for name, entry in zip(names, described):
+            assert isinstance(entry, dict) and set(entry) >= {"global", "local"}, f"{where}[{name!r}] lacks global/local"
+            for part in ("global", "local"):
+                texts = entry[part]
+                assert isinstance(texts, list) and all(isinstance(t, str) and t.strip() for t in texts), (
+                    f"{where}[{name!r}][{part!r}] must be a list of non-empty strings")
+            assert entry["global"], f"{where}[{name!r}] has no global text"
+        assert generator.describe(dataset, list(class_names)) == described, f"{where} is not deterministic"
+
+
+def loss_inputs(loss: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tensors for ``loss``'s required keyword parameters, by name (see :data:`LOSS_INPUTS`)."""
+    call = loss.forward if isinstance(loss, torch.nn.Module) else loss.__call__
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for name, parameter in inspect.signature(call).parameters.items():
+        if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) or parameter.default is not parameter.empty:
+            continue
+        assert name in LOSS_INPUTS, f"check_loss cannot build a tensor for {name!r}; pass inputs={{...}}"
+        shape = tuple(_SIZES[d] for d in LOSS_INPUTS[name])
+        inputs[name] = (torch.arange(shape[0]) % _SIZES["C"] if name == "labels"
+                        else torch.randn(shape, generator=generator))
+    return inputs
+
+
+@_failures
+def check_loss(loss: Any, inputs: dict[str, torch.Tensor] | None = None) -> None:
+    """A :class:`~hica_bench.interfaces.Loss`: called with keyword tensors (``inputs``, or built by
+    :func:`loss_inputs`) it returns a finite float scalar tensor, backpropagates finite gradients to its float
+    inputs, gives the same value twice, and leaves its inputs unmodified."""
+    inputs = loss_inputs(loss) if inputs is None else inputs
+    originals = {k: v.detach().clone() for k, v in inputs.items()}
+    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v.clone()) for k, v in inputs.items()}
+    value = loss(**leaves)
+    assert torch.is_tensor(value) and value.ndim == 0 and value.is_floating_point(), (
+        f"loss returned {type(value).__name__} {tuple(getattr(value, 'shape', ()))}, expected a float scalar tensor")
+    assert torch.isfinite(value), f"loss is {float(value)}"
+    assert value.requires_grad, "the loss is not differentiable with respect to any input"
+    value.backward()
+    grads = [v.grad for v in leaves.values() if v.is_floating_point()]
+    assert any(g is not None for g in grads), "the loss is not differentiable with respect to any input"
+    assert all(torch.isfinite(g).all() for g in grads if g is not None), "gradients contain NaN or inf"
+    assert all(torch.equal(leaves[k].detach(), originals[k]) for k in inputs), "the loss modified its inputs"
+    again = loss(**{k: v.detach() for k, v in leaves.items()})
+    assert torch.equal(again.detach(), value.detach()), "the loss gives different values for the same inputs"
