@@ -310,7 +310,7 @@ def check_(
         stdout.print(table)
     missing = rows[rows["verdict"] == "missing"]
     for (dataset, method), part in missing.groupby(["dataset", "method"], sort=True):
-        stdout.print(f"missing from the run: {dataset} {method} k={','.join(str(k) for k in sorted(set(part['k'])))}", highlight=False)
+        stdout.print(f"missing from the run: {dataset} {method} k={','.join(str(int(k)) for k in sorted(set(part['k'])))}", highlight=False)
     for note in outcome.notes:
         stdout.print(f"note: {note}", highlight=False)
     stdout.print(f"{outcome.compared} cells compared; checks: {outcome.count('regressed')} regressed, {outcome.count('improved')} "
