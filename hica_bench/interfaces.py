@@ -168,6 +168,8 @@ class Method(Protocol):
     needing ``aligned_encoders`` gets an aligned pair, and records ``not_applicable`` otherwise.
     ``fit(task)`` returns self and may raise :class:`hica_bench.errors.NotApplicable`.
     ``predict_proba(features)`` maps (N, D) test features to (N, C) float probabilities, rows summing to 1.
+    After ``fit`` a method may set ``fit_info_``, a JSON-able dict of what it chose on the support set (a
+    regularisation strength, how it validated); the runner records it in the result as ``options["fit"]``.
     """
 
     needs: frozenset[str]

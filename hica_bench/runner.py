@@ -179,6 +179,8 @@ def run_cell(
         _check_proba(proba, len(test_labels), n_classes)
         result.metrics = classification_metrics(test_labels, np.asarray(proba, dtype=np.float64))
         result.timings = {"fit_s": fit_s, "predict_s": predict_s}
+        if isinstance(getattr(model, "fit_info_", None), dict):
+            result.options["fit"] = model.fit_info_
     except NotApplicable as exc:
         result.status, result.reason = "not_applicable", str(exc)
     except Exception as exc:  # fault isolation: one cell's failure never stops the grid

@@ -125,3 +125,14 @@ def test_zero_shot_runs_with_an_aligned_open_clip_pair(medmnist_root, tmp_path):
     records = {r["key"]["method"]: r for r in _results(tmp_path / "out")}
     assert records["zero-shot"]["status"] == "ok" and records["zero-shot"]["key"]["encoder"] == "open-clip:model=ViT-S-32-alt"
     assert 0.0 <= records["zero-shot"]["metrics"]["auc"] <= 1.0 and records["zero-shot"]["n_test"] == 32
+
+
+def test_what_fit_chose_is_recorded(medmnist_root, tmp_path):
+    result = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+                        "--methods", "linear-probe,knn", "--shots", "1,5", "--seeds", "0", "--data-root", str(medmnist_root),
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    fit = {(r["key"]["method"], r["key"]["k"]): r["options"]["fit"] for r in _results(tmp_path / "out")}
+    assert fit[("linear-probe", 1)]["validation"].startswith("none") and fit[("linear-probe", 1)]["C"] == 10.0
+    assert "5-fold CV" in fit[("linear-probe", 5)]["validation"] and fit[("linear-probe", 5)]["C"] in (0.1, 1.0, 10.0, 100.0, 1000.0)
+    assert fit[("knn", 5)]["neighbours"] >= 1

@@ -52,6 +52,9 @@ class TipAdapter:
         self.alpha_, self.beta_ = self.alpha, self.beta
         if self.search and task.k >= 2:
             self.alpha_, self.beta_ = self._leave_one_out(task.support_labels)
+        searched = self.search and task.k >= 2
+        self.fit_info_ = {"alpha": float(self.alpha_), "beta": float(self.beta_),
+                          "validation": "leave-one-out search on the support set" if searched else "none: paper defaults"}
         return self
 
     def _leave_one_out(self, labels: np.ndarray) -> tuple[float, float]:

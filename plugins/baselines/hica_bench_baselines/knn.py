@@ -40,6 +40,7 @@ class KNN:
                                            weights=self._weights)
         self.model_.fit(l2_normalise(task.support_features), task.support_labels)
         self.n_classes_ = task.n_classes
+        self.fit_info_ = {"neighbours": int(self.neighbours_)}
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:

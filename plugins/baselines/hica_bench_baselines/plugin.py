@@ -65,12 +65,14 @@ class LinearProbe:
         if self.C > 0 or task.k < 2:
             self.C_ = self.C if self.C > 0 else self.C_one_shot
             self.model_ = LogisticRegression(C=self.C_, max_iter=self.max_iter).fit(x, y)
+            self.fit_info_ = {"C": self.C_, "validation": "none: C fixed" if self.C > 0 else "none: 1 shot, C_one_shot"}
         else:
             folds = StratifiedKFold(n_splits=min(task.k, 5), shuffle=True, random_state=task.seed)
             search = GridSearchCV(
                 LogisticRegression(max_iter=self.max_iter), {"C": list(self.Cs)}, cv=folds, scoring="neg_log_loss"
             ).fit(x, y)
             self.model_, self.C_ = search.best_estimator_, float(search.best_params_["C"])
+            self.fit_info_ = {"C": self.C_, "validation": f"stratified {folds.n_splits}-fold CV on the support set (log-loss)"}
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
