@@ -42,14 +42,27 @@ DEFAULT_ENCODER = "effnet-lite0-minilm"
 ENCODER_OPTION = typer.Option(DEFAULT_ENCODER, help="Encoder pair, NAME or NAME:opt=value (see `hica-bench list encoder`).")
 SIZE_OPTION = typer.Option(28, help="Image size of the dataset files (MedMNIST: 28, 64, 128, 224).")
 DEVICE_OPTION = typer.Option("auto", help="auto, cpu or cuda[:N].")
-BATCH_SIZE_OPTION = typer.Option(0, help="Encoder batch size; 0 = 16 on CPU, 128 on CUDA.")
+BACKEND_OPTION = typer.Option("auto", help="Encoder backend: eager (PyTorch), onnxruntime (needs hica-bench[onnx]; CPU), "
+                                                 "or auto = the faster of those that can run this encoder, by measurement.")
+BATCH_SIZE_OPTION = typer.Option(0, help="Encoder batch size; 0 = choose by measurement (remembered per encoder and device).")
+CHANNELS_LAST_OPTION = typer.Option(None, "--channels-last/--no-channels-last", show_default=False,
+                                    help="Eager backend: image model and input in channels-last memory format [default: by measurement].")
+THREADS_OPTION = typer.Option(0, help="CPU threads for the encoder; 0 = choose by measurement.")
+COMPILE_OPTION = typer.Option(False, help="Eager backend: run the encoder through torch.compile (compiles once per run).")
 AMP_OPTION = typer.Option(True, help="Mixed precision (bf16/fp16) for the encoder on CUDA; ignored on CPU.")
 DOWNLOAD_OPTION = typer.Option(True, help="Download missing dataset files.")
 
 
-def encoder_batch_size(requested: int, device: str) -> int:
-    """``--batch-size``, where 0 means 16 on CPU (measured fastest for EfficientNet-Lite0 on 2 cores), 128 on CUDA."""
-    return requested or (128 if device.startswith("cuda") else 16)
+def requested_extraction(backend: str, batch_size: int, channels_last: Optional[bool], threads: int, amp: bool,
+                         compile: bool):
+    """The extraction knobs the user fixed (0 / None = choose by measurement), validated."""
+    from hica_bench.tuning import Requested
+
+    for name, value in (("--batch-size", batch_size), ("--threads", threads)):
+        if value < 0:
+            raise UserError(f"{name} must be >= 0 (0 = choose by measurement), got {value}")
+    return Requested(backend=backend, batch_size=batch_size or None, channels_last=channels_last,
+                     threads=threads or None, amp=amp, compile=compile)
 
 
 def _registry(ctx: typer.Context):
@@ -119,7 +132,11 @@ def run(
     seeds: str = typer.Option("0,1,2", help="Comma list of seeds."),
     size: int = SIZE_OPTION,
     device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
+    channels_last: Optional[bool] = CHANNELS_LAST_OPTION,
+    threads: int = THREADS_OPTION,
+    compile: bool = COMPILE_OPTION,
     amp: bool = AMP_OPTION,
     data_root: Optional[str] = typer.Option(None, help="Folder with the dataset files [default: $HICA_BENCH_DATA, else the dataset's own default]."),
     cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder [default: $HICA_BENCH_CACHE, else ~/.cache/hica-bench]."),
@@ -133,8 +150,7 @@ def run(
     from hica_bench import data, runner
 
     shot_list, seed_list = int_list(shots, "--shots"), int_list(seeds, "--seeds")
-    if batch_size < 0:
-        raise UserError(f"--batch-size must be >= 0, got {batch_size}")
+    extraction = requested_extraction(backend, batch_size, channels_last, threads, amp, compile)
     if size < 1:
         raise UserError(f"--size must be positive, got {size}")
     if max_test is not None and max_test < 1:
@@ -161,8 +177,7 @@ def run(
     resolved = runner.resolve_device(device)
     settings = runner.Settings(
         device=resolved,
-        batch_size=encoder_batch_size(batch_size, resolved),
-        amp=amp,
+        extraction=extraction,
         data_root=data.data_root(data_root),
         cache_dir=data.cache_root(cache_dir),
         out_dir=data.writable_dir(out, "--out folder"),
@@ -188,6 +203,8 @@ def _print_summary(summary, settings) -> None:
             table.add_row(e.dataset, e.split, str(e.n_images), "cache" if e.cached else f"encoder ({settings.device})",
                           f"{e.seconds:.1f}", f"{rate:.1f}" if rate else "—")
         out.print(table)
+    if summary.tuning:
+        out.print(f"extraction: {summary.tuning.describe()}", highlight=False)
     out.print(
         f"cells: {summary.total} in grid, {summary.skipped} already finished, {summary.ok} ran ok, "
         f"{summary.not_applicable} not applicable, {summary.failed} failed"

@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from hica_bench.backends import Forward, eager_forward
 from hica_bench.cache import FeatureCache
 from hica_bench.data import preprocess, preprocessing_id
 from hica_bench.interfaces import FewShotDataset, ImageEncoder
@@ -44,20 +45,18 @@ def encode_images(
     batch_size: int,
     amp: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    forward: Forward | None = None,
 ) -> np.ndarray:
-    """(N, H, W[, 3]) uint8, possibly memory-mapped -> (N, D) float32, reading ``batch_size`` images at a time."""
+    """(N, H, W[, 3]) uint8, possibly memory-mapped -> (N, D) float32, reading ``batch_size`` images at a time.
+    ``forward`` runs the encoder (see :mod:`hica_bench.backends`); default: eager ``encoder.encode``."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(device, amp))
+    forward = forward or eager_forward(encoder, device, precision(device, amp))
     out = np.empty((len(images), encoder.embed_dim), dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = preprocess(images[start : start + batch_size], encoder.input_spec, device)
-            if dtype is not None:
-                with torch.autocast("cuda", dtype=dtype):
-                    features = encoder.encode(batch)
-            else:
-                features = encoder.encode(batch)
+            features = forward(batch)
             out[start : start + len(batch)] = features.float().cpu().numpy()
             if on_batch:
                 on_batch(len(batch))
@@ -132,14 +131,19 @@ def split_features(
     batch_size: int,
     amp: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    backend: str = "eager",
+    forward: Forward | None = None,
 ) -> tuple[np.ndarray, Extraction]:
-    """Features of ``dataset.split(split)``: from the cache when a valid entry exists, else computed and stored."""
+    """Features of ``dataset.split(split)``: from the cache when a valid entry exists, else computed (with
+    ``forward``, which must run ``backend``) and stored. The backend is part of the cache key: backends agree
+    only within a tolerance, and a cached result must not depend on which one filled the cache."""
     parts = {
         "encoder": encoder.identity,
         "dataset": dataset.identity,
         "split": split,
         "preprocessing": preprocessing_id(encoder.input_spec),
         "precision": precision(device, amp),
+        "backend": backend,
     }
     key = cache.key(parts)
     cached = cache.get(key)
@@ -147,7 +151,7 @@ def split_features(
         return cached, Extraction(dataset.name, split, len(cached), True, 0.0)
     images = dataset.split(split).images
     start = time.perf_counter()
-    features = encode_images(images, encoder, device, batch_size, amp, on_batch)
+    features = encode_images(images, encoder, device, batch_size, amp, on_batch, forward)
     seconds = time.perf_counter() - start
     cache.put(key, features, parts)
     return features, Extraction(dataset.name, split, len(features), False, seconds)

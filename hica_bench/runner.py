@@ -13,12 +13,12 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hica_bench import leaderboard, protocol
+from hica_bench import leaderboard, protocol, tuning
 from hica_bench.cache import FeatureCache
 from hica_bench.errors import NotApplicable, UserError
 from hica_bench.features import Extraction, ReferenceProbe, split_features
@@ -54,8 +54,7 @@ class Grid:
 @dataclass
 class Settings:
     device: str = "cpu"
-    batch_size: int = 16
-    amp: bool = True
+    extraction: tuning.Requested = field(default_factory=tuning.Requested)  #: knobs the user fixed; others are probed
     data_root: str | None = None
     cache_dir: Path = Path(".")
     out_dir: Path = Path("hica-bench-results")
@@ -71,6 +70,7 @@ class Summary:
     not_applicable: int = 0
     failed: int = 0
     extractions: list[Extraction] = field(default_factory=list)
+    tuning: tuning.Tuning | None = None  #: the extraction settings (None when nothing was pending)
     cache_hits: int = 0
     cache_misses: int = 0
     wall_s: float = 0.0
@@ -227,7 +227,10 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
         datasets = open_datasets(grid, settings)
         encoders: EncoderPair = grid.encoder.build(device=settings.device)
         cache = FeatureCache(settings.cache_dir)
-        env = environment(settings.device)
+        summary.tuning = tuned = tuning.choose(encoders, settings.extraction, settings.cache_dir, log.info)
+        extraction_settings = tuned.settings
+        forward = _lazy(lambda: tuning.build_forward(encoders, extraction_settings, settings.cache_dir))
+        env = environment(settings.device) | {"extraction": asdict(extraction_settings)}
         reference: float | None = None  # raw-forward images/s, measured once, during the first encoder pass
         cells_task = progress.add_task("cells", total=summary.total - summary.skipped) if progress else None
         for name, cells in pending.items():
@@ -242,10 +245,11 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
                 probe = None
                 if reference is None:  # raw passes run only if this split is encoded (not on a cache hit)
                     probe = ReferenceProbe.for_split(encoders.image, dataset.split(split).images, settings.device,
-                                                     settings.batch_size, settings.amp)
+                                                     extraction_settings.batch_size, settings.extraction.amp)
                     advance = _both(advance, probe)
                 features, extraction = split_features(
-                    cache, dataset, split, encoders.image, settings.device, settings.batch_size, settings.amp, advance
+                    cache, dataset, split, encoders.image, settings.device, extraction_settings.batch_size,
+                    settings.extraction.amp, advance, extraction_settings.backend, forward,
                 )
                 if probe is not None and probe.images_per_s:
                     extraction.seconds -= probe.paused_s
@@ -274,6 +278,18 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
     summary.leaderboard = leaderboard.write(list(store.load().values()), settings.out_dir)
     summary.wall_s = time.perf_counter() - started
     return summary
+
+
+def _lazy(build):
+    """A forward that is built on its first call (only a cache miss needs one)."""
+    built = []
+
+    def forward(batch):
+        if not built:
+            built.append(build())
+        return built[0](batch)
+
+    return forward
 
 
 def _both(first, second):

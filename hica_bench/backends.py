@@ -1,0 +1,209 @@
+"""How an image encoder's forward pass runs: eager PyTorch, or an ONNX Runtime session of its exported graph.
+
+A *forward* is a callable ``batch -> (N, D) tensor`` for a preprocessed float32 batch (N, 3, S, S) on the
+device. :func:`build_forward` makes one for a chosen :class:`~hica_bench.tuning.ExtractionSettings`:
+
+- ``eager``: ``encoder.encode`` under ``torch.inference_mode`` (the runner's caller), optionally with the image
+  module and its input in channels-last memory format, AMP autocast on CUDA, or ``torch.compile``.
+- ``onnxruntime``: the encoder's ``encode`` exported once with ``torch.onnx.export`` (dynamic batch axis) into
+  ``<cache>/onnx/``, checked against eager on a fixed batch (:data:`ONNX_TOLERANCE`) and run on ONNX Runtime's
+  CPU execution provider. Needs the optional ``onnxruntime``, ``onnx`` and ``onnxscript`` packages
+  (``pip install hica-bench[onnx]``) and an encoder whose ``modules["image"]`` holds its weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from hica_bench.interfaces import EncoderPair, ImageEncoder
+
+BACKENDS = ("eager", "onnxruntime")
+#: ONNX Runtime features must match eager ones on the check batch: max |ort - eager| <= this × max |eager|
+ONNX_TOLERANCE = 1e-4
+#: bump when the export recipe changes (part of the exported model's cache key)
+EXPORT_VERSION = 1
+
+Forward = Callable[[Any], Any]
+
+
+class BackendUnavailable(Exception):
+    """This backend cannot run this encoder here; the message says why in one line."""
+
+
+def onnxruntime_version() -> str | None:
+    """The installed ONNX Runtime version, or None when it (or the exporter's ``onnx``/``onnxscript``) is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
+def _autocast(device: str, precision: str):
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None and device.startswith("cuda") else contextlib.nullcontext()
+
+
+def set_channels_last(pair: EncoderPair, on: bool) -> None:
+    """Put the image module's weights in channels-last (or back in contiguous) memory format."""
+    import torch
+
+    module = pair.modules.get("image")
+    if module is None:
+        raise BackendUnavailable("channels-last needs an encoder that exposes its image module (modules['image'])")
+    with torch.no_grad():
+        module.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+
+def eager_forward(encoder: ImageEncoder, device: str, precision: str = "fp32", channels_last: bool = False,
+                  compile: bool = False) -> Forward:
+    """``encoder.encode`` as is (the image module must already be in the matching memory format)."""
+    import torch
+
+    encode = encoder.encode
+    if compile:
+        encode = torch.compile(encode, dynamic=False)
+    if channels_last:
+        def forward(batch):
+            with _autocast(device, precision):
+                return encode(batch.contiguous(memory_format=torch.channels_last))
+    else:
+        def forward(batch):
+            with _autocast(device, precision):
+                return encode(batch)
+    return forward
+
+
+def _onnx_dir(cache_dir: Path, encoder: ImageEncoder) -> Path:
+    import torch
+
+    parts = f"{encoder.identity}|{encoder.input_spec}|torch={torch.__version__}|export-v{EXPORT_VERSION}"
+    return Path(cache_dir) / "onnx" / hashlib.sha256(parts.encode()).hexdigest()[:20]
+
+
+def _check_batch(encoder: ImageEncoder, n: int = 3):
+    """A fixed, seeded batch in the encoder's normalised input range (odd size: exercises the dynamic axis)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    size = encoder.input_spec.size
+    return torch.rand(n, 3, size, size, generator=generator) * 2 - 1
+
+
+def export_onnx(pair: EncoderPair, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The encoder's ``encode`` as an ONNX file under ``cache_dir`` (exported once, then reused) and its record:
+    export seconds and the check against eager. Raises BackendUnavailable when it cannot be exported or the
+    check fails (the failure is remembered too, so it is not retried every run)."""
+    import torch
+
+    encoder, module = pair.image, pair.modules.get("image")
+    if module is None:
+        raise BackendUnavailable("the encoder does not expose its image module (modules['image']), so it cannot be exported")
+    folder = _onnx_dir(cache_dir, encoder)
+    record_path = folder / "export.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if not record["ok"]:
+            raise BackendUnavailable(record["reason"])
+        return folder / "model.onnx", record
+
+    class Encode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = module  # registers the weights, so they are exported as initialisers
+
+        def forward(self, x):
+            return encoder.encode(x)
+
+    example = _check_batch(encoder, 2)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    start = time.perf_counter()
+    record: dict[str, Any] = {"identity": encoder.identity, "torch": torch.__version__, "tolerance": ONNX_TOLERANCE}
+    try:
+        with _quiet():
+            torch.onnx.export(Encode().eval(), (example,), partial / "model.onnx", dynamo=True,
+                              input_names=["images"], output_names=["features"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        record.update(ok=True, export_s=time.perf_counter() - start)
+        record.update(_compare(encoder, partial / "model.onnx"))
+        if record["max_abs_diff"] > ONNX_TOLERANCE * record["max_abs_eager"]:
+            record.update(ok=False, reason=f"ONNX Runtime features differ from eager by {record['max_abs_diff']:.2e} "
+                                           f"(> {ONNX_TOLERANCE:g} × max |feature| {record['max_abs_eager']:.3g})")
+    except BackendUnavailable:
+        raise
+    except Exception as exc:  # any exporter failure means: this encoder does not export cleanly
+        record.update(ok=False, reason=f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+    if not record["ok"]:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    (partial / "export.json").write_text(json.dumps(record, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    if not record["ok"]:
+        raise BackendUnavailable(record["reason"])
+    return folder / "model.onnx", record
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress lines to stdout; keep them out of the run's output."""
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _compare(encoder: ImageEncoder, path: Path) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    batch = _check_batch(encoder)
+    with torch.inference_mode():
+        eager = encoder.encode(batch).float().numpy()
+    got = _session(path, None).run(None, {"images": batch.numpy()})[0]
+    if got.shape != eager.shape:
+        raise BackendUnavailable(f"the exported model returns shape {got.shape}, eager {eager.shape}")
+    return {"max_abs_diff": float(np.abs(got - eager).max()), "max_abs_eager": float(np.abs(eager).max())}
+
+
+def onnx_forward(pair: EncoderPair, device: str, cache_dir: Path, threads: int | None) -> Forward:
+    """An ONNX Runtime forward of the encoder (exported and checked on first use); CPU only."""
+    if not device.startswith("cpu"):
+        raise BackendUnavailable(f"the onnxruntime backend runs on CPU only (device {device!r}); use eager there")
+    if onnxruntime_version() is None:
+        raise BackendUnavailable("onnxruntime, onnx or onnxscript is not installed (pip install 'hica-bench[onnx]')")
+    import torch
+
+    path, _ = export_onnx(pair, cache_dir)
+    session = _session(path, threads)
+
+    def forward(batch):
+        return torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
+
+    return forward

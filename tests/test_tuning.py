@@ -1,0 +1,155 @@
+"""Extraction settings chosen by measurement (hica_bench.tuning) and the ONNX Runtime backend (hica_bench.backends)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hica_bench, write_medmnist_npz
+from hica_bench import backends, tuning
+from hica_bench.data import LazyNpz, preprocess
+from hica_bench.errors import UserError
+from hica_bench.features import encode_images
+from hica_bench.interfaces import EncoderPair, InputSpec
+
+SPEC = InputSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+
+
+class ConvEncoder:
+    """A small real CNN (random init, seed 0) that exposes its module, so every backend and layout applies."""
+
+    identity = "test-conv-32px-v1"
+    input_spec = SPEC
+    embed_dim = 8
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+
+    def encode(self, images):
+        return self.model(images)
+
+
+class NumpyInsideEncoder(ConvEncoder):
+    """Branches in Python on a pixel value, which a traced graph cannot express, so it cannot be exported."""
+
+    identity = "test-branch-on-data-v1"
+
+    def encode(self, images):
+        features = self.model(images)
+        return features * 2 if float(images.flatten()[0]) > 10 else features
+
+
+def pair(encoder) -> EncoderPair:
+    return EncoderPair(encoder, None, aligned=False, device="cpu", modules={"image": encoder.model})
+
+
+def test_probe_keeps_fixed_knobs_and_is_remembered(tmp_path):
+    lines: list[str] = []
+    first = tuning.choose(pair(ConvEncoder()), tuning.Requested(batch_size=8, threads=1), tmp_path, lines.append)
+    assert first.source == "measured" and first.path.is_file()
+    assert first.settings.batch_size == 8 and first.settings.threads == 1
+    assert {p["batch_size"] for p in first.probe} == {8}
+    tried = {(p["backend"], p["channels_last"]) for p in first.probe}
+    assert ("eager", False) in tried and ("eager", True) in tried
+    assert ("onnxruntime", False) in tried  # installed with the test extra
+    assert len(lines) == len(first.probe)
+    best = max(first.probe, key=lambda p: p["images_per_s"])
+    chosen = next(p for p in first.probe if (p["backend"], p["channels_last"]) == (first.settings.backend, first.settings.channels_last))
+    assert chosen["images_per_s"] * tuning.MARGIN >= best["images_per_s"]  # the winner, up to the probe's noise margin
+
+    again = tuning.choose(pair(ConvEncoder()), tuning.Requested(batch_size=8, threads=1), tmp_path)
+    assert again.source == "remembered" and again.settings == first.settings and again.probe == first.probe
+    other = tuning.choose(pair(ConvEncoder()), tuning.Requested(batch_size=4, threads=1), tmp_path)
+    assert other.source == "measured" and other.path != first.path  # a different fixed knob is a different question
+
+
+def test_everything_fixed_needs_no_probe(tmp_path):
+    choice = tuning.choose(pair(ConvEncoder()), tuning.Requested(backend="eager", batch_size=4, channels_last=True, threads=1), tmp_path)
+    assert choice.source == "given" and choice.probe == [] and not (tmp_path / "tuning").exists()
+    assert (choice.settings.backend, choice.settings.batch_size, choice.settings.channels_last) == ("eager", 4, True)
+
+
+def test_batch_size_search_walks_from_the_middle(tmp_path):
+    choice = tuning.choose(pair(ConvEncoder()), tuning.Requested(backend="eager", channels_last=False, threads=1), tmp_path)
+    sizes = [p["batch_size"] for p in choice.probe]
+    assert sizes[0] == 16 and set(sizes) <= set(tuning.CPU_BATCHES) and len(sizes) == len(set(sizes))
+    assert choice.settings.batch_size in sizes
+
+
+def test_unexportable_encoder_falls_back_to_eager_with_the_reason_remembered(tmp_path):
+    choice = tuning.choose(pair(NumpyInsideEncoder()), tuning.Requested(batch_size=4, threads=1), tmp_path)
+    assert choice.settings.backend == "eager"
+    assert choice.unavailable["onnxruntime"].startswith("torch.onnx.export failed")
+    record = json.loads(next((tmp_path / "onnx").glob("*/export.json")).read_text())
+    assert record["ok"] is False  # not retried on the next run
+    with pytest.raises(backends.BackendUnavailable, match="export failed"):
+        backends.export_onnx(pair(NumpyInsideEncoder()), tmp_path)
+    with pytest.raises(UserError, match="--backend onnxruntime"):
+        tuning.choose(pair(NumpyInsideEncoder()), tuning.Requested(backend="onnxruntime", batch_size=4), tmp_path)
+
+
+def test_encoder_without_module_is_eager_only(tmp_path):
+    plain = EncoderPair(ConvEncoder(), None, aligned=False, device="cpu")  # modules not exposed
+    choice = tuning.choose(plain, tuning.Requested(batch_size=4, threads=1), tmp_path)
+    assert choice.source == "given" and choice.settings.backend == "eager" and not choice.settings.channels_last
+    assert "image module" in choice.unavailable["onnxruntime"]
+
+
+@pytest.mark.parametrize("bad", [dict(backend="tensorrt"), dict(batch_size=0), dict(threads=-1)])
+def test_requested_rejects_bad_values(bad):
+    with pytest.raises(UserError):
+        tuning.Requested(**bad)
+
+
+def test_onnx_export_of_the_default_encoder_matches_eager_on_real_images(medmnist_root, default_encoder_cache):
+    from hica_bench_encoders.timm_encoders import effnet_lite0_minilm
+
+    encoders = effnet_lite0_minilm("cpu")
+    path, record = backends.export_onnx(encoders, default_encoder_cache)
+    assert record["ok"] and record["max_abs_diff"] <= backends.ONNX_TOLERANCE * record["max_abs_eager"]
+    images = LazyNpz(medmnist_root / "breastmnist.npz", default_encoder_cache).memmap("test_images")[:24]
+    forward = backends.onnx_forward(encoders, "cpu", default_encoder_cache, threads=None)
+    ort = encode_images(images, encoders.image, "cpu", batch_size=10, forward=forward)  # 10 + 10 + 4: dynamic batch
+    eager = encode_images(images, encoders.image, "cpu", batch_size=10)
+    assert np.abs(ort - eager).max() <= backends.ONNX_TOLERANCE * np.abs(eager).max()
+    cosine = (ort * eager).sum(1) / np.linalg.norm(ort, axis=1) / np.linalg.norm(eager, axis=1)
+    assert cosine.min() > 0.99999
+    # the exported model is cached: a second call reuses the file and its record
+    mtime = path.stat().st_mtime_ns
+    assert backends.export_onnx(encoders, default_encoder_cache) == (path, record) and path.stat().st_mtime_ns == mtime
+    with torch.inference_mode():  # channels-last eager (a probe candidate) agrees too
+        backends.set_channels_last(encoders, True)
+        try:
+            cl = backends.eager_forward(encoders.image, "cpu", channels_last=True)(preprocess(images[:4], encoders.image.input_spec))
+        finally:
+            backends.set_channels_last(encoders, False)
+    assert np.abs(cl.numpy() - eager[:4]).max() <= backends.ONNX_TOLERANCE * np.abs(eager).max()
+
+
+def test_run_records_the_chosen_settings_and_keys_the_cache_by_backend(tmp_path):
+    data = tmp_path / "data"
+    write_medmnist_npz(data / "breastmnist.npz", 2)
+    common = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
+              "--shots", "1", "--seeds", "0", "--data-root", str(data), "--cache-dir", str(tmp_path / "cache")]
+    first = hica_bench(*common, "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    assert "extraction: eager, batch" in first.stdout and "chosen by a" in first.stdout
+    assert "onnxruntime not used: the encoder does not expose its image module" in " ".join(first.stdout.split())
+    record = json.loads((tmp_path / "a" / "results.jsonl").read_text().splitlines()[0])
+    assert record["environment"]["extraction"]["backend"] == "eager"
+    assert record["environment"]["extraction"]["batch_size"] in tuning.CPU_BATCHES
+
+    second = hica_bench(*common, "--batch-size", "5", "--threads", "2", "--out", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr
+    assert "(as given)" in second.stdout and "2 hits, 0 misses" in second.stdout  # batch size is not in the cache key
+    record = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[0])
+    assert record["environment"]["extraction"]["batch_size"] == 5
+
+    refused = hica_bench(*common, "--backend", "onnxruntime", "--out", str(tmp_path / "c"))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--backend onnxruntime cannot run" in refused.stderr and not (tmp_path / "c" / "results.jsonl").exists()
