@@ -8,8 +8,9 @@ Either side is a ``results.jsonl``, a ``leaderboard.csv`` or a folder holding on
   ``bound = tolerance``, or with ``noise_z`` > 0, ``max(tolerance, noise_z · std_baseline · √(1/n_b + 1/n_r))``
   (the seed noise of a difference of means). A rise beyond the bound is reported as an improvement.
   A cell that was ok and is now failed or not applicable, or that now fails, is a regression.
-- **Throughput** is compared per dataset as *harness efficiency* = encoder images/s ÷ the raw-forward
-  ``reference_images_per_s`` the same run measured on the same machine, so it does not depend on the machine.
+- **Throughput** is compared per dataset as *harness efficiency* = encoder images/s ÷ the plain eager forward's
+  ``reference_images_per_s`` the same run measured on the same machine (``encoder.encode`` on a preprocessed batch,
+  no tuning), so it does not depend on the machine but does catch a slower backend, batch size or data path.
   It regresses when it falls by more than ``throughput_tolerance`` (relative).
 
 Cells only in the baseline are listed as missing (not a failure). Bad input (unreadable files, unknown
@@ -174,7 +175,7 @@ def compare(baseline: Side, run: Side, tolerance: float = DEFAULT_TOLERANCE, noi
             continue
         change = run_eff / base_eff - 1
         verdict = "regressed" if change < -throughput_tolerance else "improved" if change > throughput_tolerance else "ok"
-        rows.append(_row(verdict, pass_key + ("(encoder pass)", None, None), "harness/raw images/s", f"{base_eff:.3f}",
+        rows.append(_row(verdict, pass_key + ("(encoder pass)", None, None), "harness / plain eager images/s", f"{base_eff:.3f}",
                          f"{run_eff:.3f}", f"{100 * change:+.1f}%", f"-{100 * throughput_tolerance:.0f}%"))
     notes += environment_differences(baseline.environment, run.environment)
     frame = pd.DataFrame(rows, columns=["verdict", *CELL, "what", "baseline", "run", "change", "allowed", "note"])
@@ -235,7 +236,7 @@ def environment_differences(baseline: dict[str, Any], run: dict[str, Any]) -> li
     notes = []
     speed = [f"{fact} {baseline.get(fact)!r} vs {run.get(fact)!r}" for fact in SPEED_FACTS if baseline.get(fact) != run.get(fact)]
     if speed:
-        notes.append("different machines (raw images/s not comparable; the harness/raw ratio is): " + "; ".join(speed))
+        notes.append("different machines (raw images/s not comparable; harness / plain eager is): " + "; ".join(speed))
     base_packages, run_packages = baseline.get("packages", {}), run.get("packages", {})
     changed = [f"{name} {base_packages.get(name, '-')} → {run_packages.get(name, '-')}"
                for name in sorted(set(base_packages) | set(run_packages)) if base_packages.get(name) != run_packages.get(name)]

@@ -87,8 +87,9 @@ def forward_seconds(encoder: ImageEncoder, batch, device: str, amp: bool, iterat
 
 
 class ReferenceProbe:
-    """A per-batch hook (``on_batch``) for :func:`split_features` that measures the encoder's raw-forward speed
-    during the extraction it is compared with, so both see the same machine load.
+    """A per-batch hook (``on_batch``) for :func:`split_features` that measures the plain eager forward
+    (``encoder.encode`` on a preprocessed batch, whatever backend the extraction uses) during the extraction it
+    is compared with, so both see the same machine load: the run's machine-independent yardstick.
 
     After every ``every``-th extraction batch it times one ``encoder.encode`` of a fixed batch, preprocessed
     beforehand (at most ``passes`` times). ``paused_s`` is the time the hook took: take it out of the

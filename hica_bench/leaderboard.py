@@ -14,7 +14,8 @@ from hica_bench.metrics import METRICS, aggregate
 from hica_bench.results import CellResult
 
 
-#: per-cell timings of the encoder pass: harness images/s and the run's raw-forward reference (``hica-bench check``)
+#: per-cell timings of the encoder pass: the harness's images/s and the plain eager forward's, measured in the same
+#: run (``hica-bench check`` compares their ratio)
 THROUGHPUT = ("encoder_images_per_s", "reference_images_per_s")
 
 
@@ -55,14 +56,23 @@ def _cell(mean: float, std: float, n: int) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f} ({n})"
 
 
-def _cost(part: pd.DataFrame) -> str:
-    """One line: encoder images/s (and its share of the raw forward) and each method's mean fit seconds."""
+def _cost(part: pd.DataFrame, extraction: str | None) -> str:
+    """One line: encoder images/s (with how it ran, and × the plain eager forward) and each method's mean fit seconds."""
     ips, ref = part["encoder_images_per_s_mean"].mean(), part["reference_images_per_s_mean"].mean()
     encoder = "encoder features from the cache (no images/s measured)" if ips != ips else f"encoder {ips:.1f} images/s"
+    if ips == ips and extraction:
+        encoder += f" ({extraction})"
     if ips == ips and ref == ref:
-        encoder += f" (harness/raw forward {ips / ref:.2f})"
+        encoder += f", {ips / ref:.2f}× the plain eager forward"
     fits = part.groupby("method", sort=True)["fit_s_mean"].mean()
     return f"Cost: {encoder}; fit seconds per cell (mean): " + ", ".join(f"{m} {s:.3g}" for m, s in fits.items())
+
+
+def _extraction(settings: dict | None) -> str | None:
+    if not settings:
+        return None
+    layout = ", channels-last" if settings.get("channels_last") else ""
+    return f"{settings['backend']}, batch {settings['batch_size']}{layout}, {settings['threads']} threads, {settings['precision']}"
 
 
 def markdown(results: list[CellResult]) -> str:
@@ -70,10 +80,12 @@ def markdown(results: list[CellResult]) -> str:
     lines = ["# hica-bench leaderboard", "", "Percent, mean ± sample std over seeds (n seeds). AUC follows medmnist's convention.", ""]
     not_applicable = {(r.key.dataset, r.key.encoder, r.key.method): r.reason for r in results if r.status == "not_applicable"}
     failed = sum(r.status == "failed" for r in results)
+    extraction = {(r.key.dataset, r.key.encoder): _extraction(r.environment.get("extraction"))
+                  for r in sorted(results, key=lambda r: r.finished_at or "") if "encoder_images_per_s" in r.timings}
     blocks = summary.groupby(["dataset", "size", "encoder", "max_test"], dropna=False, sort=True) if not summary.empty else []
     for (dataset, size, encoder, max_test), part in blocks:
         test = "full test split" if pd.isna(max_test) else f"first {int(max_test)} test images"
-        lines += [f"## {dataset} ({size} px) — encoder `{encoder}`, {test}", "", _cost(part), ""]
+        lines += [f"## {dataset} ({size} px) — encoder `{encoder}`, {test}", "", _cost(part, extraction.get((dataset, encoder))), ""]
         for metric in ("acc", "auc"):
             table = part.pivot(index="method", columns="k", values=f"{metric}_mean")
             text = table.copy().astype(object)

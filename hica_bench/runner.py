@@ -231,7 +231,7 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
         extraction_settings = tuned.settings
         forward = _lazy(lambda: tuning.build_forward(encoders, extraction_settings, settings.cache_dir))
         env = environment(settings.device) | {"extraction": asdict(extraction_settings)}
-        reference: float | None = None  # raw-forward images/s, measured once, during the first encoder pass
+        reference: float | None = None  # plain eager images/s, measured once, during the first encoder pass
         cells_task = progress.add_task("cells", total=summary.total - summary.skipped) if progress else None
         for name, cells in pending.items():
             if not cells:
@@ -304,7 +304,7 @@ def _both(first, second):
 
 def _throughput(extractions: list[Extraction], dataset: str, reference: float | None = None) -> dict[str, float]:
     """Encoder images/s of this dataset's extractions in this run (absent when all came from the cache), with the
-    run's raw-forward ``reference_images_per_s`` beside it (``hica-bench check`` compares their ratio)."""
+    run's plain eager ``reference_images_per_s`` beside it (``hica-bench check`` compares their ratio)."""
     computed = [e for e in extractions if e.dataset == dataset and not e.cached]
     seconds = sum(e.seconds for e in computed)
     if not seconds:

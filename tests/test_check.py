@@ -116,7 +116,7 @@ def test_baseline_with_better_throughput_is_a_regression(run, tmp_path, check):
 
     result = check(doctor(run, tmp_path, faster), run)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "harness/raw" in result.stdout and "-50.0%" in result.stdout
+    assert "harness / plain eager" in result.stdout and "-50.0%" in result.stdout
     # within a generous tolerance it passes
     assert check(tmp_path / "baseline.jsonl", run, "--throughput-tolerance", "0.6").returncode == 0
 
