@@ -10,7 +10,7 @@ import numpy as np
 
 from hica_bench.backends import Forward, eager_forward
 from hica_bench.cache import FeatureCache
-from hica_bench.data import preprocess, preprocessing_id
+from hica_bench.data import preprocess, preprocessing_id, release_pages
 from hica_bench.interfaces import FewShotDataset, ImageEncoder
 
 
@@ -56,6 +56,7 @@ def encode_images(
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = preprocess(images[start : start + batch_size], encoder.input_spec, device)
+            release_pages(images)  # the batch is copied: unmap the pages read, so RSS does not grow with N
             features = forward(batch)
             out[start : start + len(batch)] = features.float().cpu().numpy()
             if on_batch:
