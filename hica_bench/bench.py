@@ -1,48 +1,373 @@
-"""``hica-bench bench``: encoder throughput of the raw forward loop versus the harness's feature-extraction path.
+"""``hica-bench bench`` (report version 2): encoder throughput of four variants, measured in one run.
 
-Both paths see the same images of one dataset split, the same batch size and the same precision:
+Variants, each as images/s with its ratio to naive eager:
 
-- **raw** (timm's benchmark loop): ``encoder.encode`` on one batch that is already preprocessed on the device,
-  ``warmup`` untimed passes first; then timed passes, synchronised on CUDA.
-- **harness**: :func:`hica_bench.features.split_features` on ``batches × batch_size`` images, exactly as a run
-  calls it: memory-mapped reads, preprocessing, forward, copy to host, feature-cache write (a fresh cache each
-  repeat, so every repeat is a miss).
+- **naive**: naive eager, what a user writes without tuning: ``encoder.encode`` exactly as the encoder plugin
+  builds it, fp32, on an NCHW-contiguous batch that is already preprocessed on the device (no data loading),
+  under ``torch.inference_mode``, with torch's default thread count and its default CPU allocator
+  (``THP_MEM_ALLOC_ENABLE`` unset), batch ``--naive-batch-size`` (default 64, CLIP_benchmark's default).
+- **eager-tuned**: the eager backend with the settings :func:`hica_bench.tuning.choose` picks for it (batch
+  size, memory layout, threads; THP allocator), the raw forward on a preprocessed batch.
+- **onnxruntime**: the same for the ONNX Runtime backend; where it cannot run (not installed, not on CPU, the
+  encoder is not exportable) the report gives the one-line reason instead of numbers.
+- **harness**: what ``hica-bench run`` does: the settings ``choose`` picks for the user's options (backend auto
+  by default), then :func:`hica_bench.features.split_features` over the images with a fresh, throw-away feature
+  cache each repeat: memory-mapped read, preprocessing, forward, copy to host, cache write. Its report also
+  has the seconds per stage and its overhead ratio: harness images/s ÷ raw forward images/s of the same
+  forward, measured in the same worker right after each extraction.
 
-The two interleave batch by batch: after each harness batch (through ``split_features``' per-batch hook) comes
-one timed raw pass, whose time is taken out of the harness's. So load from other processes hits both alike,
-which matters on a shared machine. Each repeat gives one images/s per path and their ratio; the report has
-medians over repeats with min and max as the spread, ``ratio`` = the median of the per-repeat ratios
-harness / raw, and a per-stage breakdown of the harness (preprocessing, forward, cache write, other).
+Every variant runs in a long-lived worker process of its own (``python -m hica_bench.bench --worker``, JSON
+lines on stdin/stdout), so the allocator can differ (naive: without THP; the others with
+``THP_MEM_ALLOC_ENABLE=1``) and one variant's memory does not disturb another's. Workers build the encoder and
+dataset through the plugin registry exactly as the CLI does (all workers at once); the set-up that follows
+(tuning probe, ONNX export, warm-up) is untimed and runs one worker at a time, so a probe or export happens
+once, undisturbed, and is remembered under the cache folder for the others and later runs. Then the
+workers measure *in turns*: each repeat, each variant once, one at a time, so load from other processes hits
+all alike; ratios to naive are taken per repeat (pairwise) and the report has their medians with min and max.
+All variants see the same ``--images`` N images of the split; the raw variants time ceil(N / batch) forward
+passes of a batch made of those images.
+
+Each repeat also times a **matmul ceiling** (``torch.mm`` of square matrices, best of a few, in the harness's
+worker: THP allocator, its thread count, its precision on CUDA) as GFLOP/s. **FLOPs per image** are counted
+with ``torch.utils.flop_counter.FlopCounterMode`` over one ``encoder.encode`` of a single preprocessed image
+(convolutions and matrix products, multiply-add = 2 FLOPs); each variant's achieved GFLOP/s is its images/s ×
+GFLOP/image, shown as a fraction of the ceiling. The **feature check** compares every variant's features of
+the first images (the harness: its extraction's output) with naive eager's: max |difference| must be at most
+:data:`hica_bench.backends.ONNX_TOLERANCE` × max |eager feature|.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from hica_bench.cache import FeatureCache
-from hica_bench.data import preprocess
 from hica_bench.errors import UserError
-from hica_bench.features import ReferenceProbe, forward_seconds, precision, split_features
-from hica_bench.interfaces import EncoderPair, FewShotDataset, Split
-from hica_bench.results import environment
 
-BENCH_VERSION = 1
+BENCH_VERSION = 2
+VARIANTS = ("naive", "eager-tuned", "onnxruntime", "harness")
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+#: images whose features every variant compares with naive eager's
+CHECK_IMAGES = 16
+#: side of the square matrices of the matmul ceiling, and the timed products (the best counts)
+CEILING_SIZE = {"cpu": 2048, "cuda": 8192}
+CEILING_PASSES = 3
+NAIVE_DEFINITION = (
+    "naive eager: encoder.encode exactly as the encoder plugin builds it, fp32, NCHW-contiguous input already "
+    "preprocessed on the device (no data loading), under torch.inference_mode, torch's default thread count and "
+    "default CPU allocator (THP_MEM_ALLOC_ENABLE unset), batch --naive-batch-size")
+
+
+class WorkerFailed(Exception):
+    """A bench worker crashed or died; the message names the variant and says why in one line."""
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+@dataclass(frozen=True)
+class Job:
+    """What each worker needs to build the encoder and the images exactly as the CLI does."""
+
+    plugins: list[str]  #: ``-p`` modules of the parent (the allow-list travels in the environment)
+    encoder: str  #: the ``--encoder`` text, NAME or NAME:opt=value
+    dataset: str
+    split: str
+    size: int
+    images: int
+    device: str
+    data_root: str | None
+    cache_dir: str
+    requested: dict[str, Any]  #: the user's fixed extraction knobs (``tuning.Requested`` as a dict)
+    naive_batch_size: int
+    warmup: int
+    scratch: str  #: this run's temporary folder (throw-away caches, feature files)
+    sys_path: list[str]  #: the parent's import path, so ``-p`` modules import in the workers too
+
+
+class _Worker:
+    """One variant's worker process, spoken to with one JSON line per command and per answer."""
+
+    def __init__(self, variant: str, job: Job, log: Callable[[str], None]) -> None:
+        self.variant, self.log = variant, log
+        env = dict(os.environ)
+        if variant == "naive":
+            env.pop(THP_ENV, None)
+        else:
+            env[THP_ENV] = "1"
+        self.stderr_path = Path(job.scratch) / f"{variant}.stderr"
+        with self.stderr_path.open("w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-m", "hica_bench.bench", "--worker", variant], env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._died() from None
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.send(message)
+        return self.answer()
+
+    def answer(self) -> dict[str, Any]:
+        """The next answer (log lines on the way go to the log)."""
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise self._died()
+            answer = json.loads(line)
+            if "log" in answer:
+                self.log(f"{self.variant}: {answer['log']}")
+            elif "user_error" in answer:
+                raise UserError(answer["user_error"])
+            elif "error" in answer:
+                raise WorkerFailed(f"bench worker {self.variant!r} failed: {answer['error']}")
+            else:
+                return answer
+
+    def _died(self) -> WorkerFailed:
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        lines = [line.strip() for line in self.stderr_path.read_text(errors="replace").splitlines() if line.strip()]
+        last = lines[-1] if lines else "nothing on stderr"
+        return WorkerFailed(f"bench worker {self.variant!r} died (exit code {code}): {last}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
+            "per_repeat": [float(v) for v in values]}
+
+
+def bench(
+    plugins: list[str],
+    encoder: str,
+    encoder_label: str,
+    dataset: str,
+    dataset_label: str,
+    split: str,
+    size: int,
+    images: int,
+    device: str,
+    data_root: str | None,
+    cache_dir: Path,
+    requested: Any,
+    naive_batch_size: int = 64,
+    warmup: int = 1,
+    repeats: int = 5,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Set up one worker per variant, measure them in turns ``repeats`` times; return the JSON-ready report
+    (see the module docstring). ``requested`` is the user's :class:`hica_bench.tuning.Requested`."""
+    from hica_bench.backends import ONNX_TOLERANCE
+    from hica_bench.results import environment
+
+    if min(images, repeats, naive_batch_size) < 1 or warmup < 0:
+        raise UserError("--images, --repeats and --naive-batch-size must be >= 1 and --warmup >= 0")
+    log = log or (lambda line: None)
+    started = time.perf_counter()
+    workers: dict[str, _Worker] = {}
+    with tempfile.TemporaryDirectory(prefix="hica-bench-bench-", dir=cache_dir) as scratch:
+        job = Job(list(plugins), encoder, dataset, split, size, images, device, data_root, str(cache_dir),
+                  asdict(requested), naive_batch_size, warmup, scratch, [p for p in sys.path if p])
+        try:
+            ready: dict[str, dict[str, Any]] = {}
+            log(f"starting {len(VARIANTS)} worker processes ({', '.join(VARIANTS)}); each builds the encoder and dataset")
+            for variant in VARIANTS:  # they import torch and build the encoder at the same time
+                workers[variant] = _Worker(variant, job, log)
+                workers[variant].send(asdict(job))
+            for variant in VARIANTS:
+                workers[variant].answer()
+            for variant in VARIANTS:  # one after another: a probe or export happens once, then is remembered
+                log(f"setting up {variant}")
+                setup_start = time.perf_counter()
+                ready[variant] = workers[variant].ask({"cmd": "setup"})
+                ready[variant]["setup_s"] = time.perf_counter() - setup_start
+                if not ready[variant]["available"]:
+                    log(f"{variant}: not available: {ready[variant]['reason']}")
+                    workers.pop(variant).close()
+            measured = [v for v in VARIANTS if v in workers]
+            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in measured}
+            ceiling: list[dict[str, Any]] = []
+            for repeat in range(repeats):
+                for variant in measured:  # in turns: one measures while the others wait
+                    runs[variant].append(workers[variant].ask({"cmd": "measure", "repeat": repeat}))
+                ceiling.append(workers["harness"].ask({"cmd": "ceiling"}))
+                log(f"repeat {repeat + 1}/{repeats}: " + ", ".join(
+                    f"{v} {runs[v][-1]['images_per_s']:.1f}" for v in measured) + f" img/s; matmul "
+                    f"{ceiling[-1]['gflops_per_s']:.0f} GFLOP/s")
+            peaks = {v: workers[v].ask({"cmd": "peak"}) for v in measured}
+        finally:
+            for worker in workers.values():
+                worker.close()
+        features = {v: np.load(Path(scratch) / f"{v}-features.npy") for v in measured}
+
+    gflop = ready["naive"]["gflop_per_image"]
+    ceiling_gflops = _spread([c["gflops_per_s"] for c in ceiling])
+    naive_ips = [r["images_per_s"] for r in runs["naive"]]
+    eager = features["naive"]
+    max_eager = float(np.abs(eager).max())
+    variants: dict[str, Any] = {}
+    for variant in VARIANTS:
+        info = ready[variant]
+        entry: dict[str, Any] = {"available": info["available"]}
+        if not info["available"]:
+            variants[variant] = {**entry, "reason": info["reason"]}
+            continue
+        ips = [r["images_per_s"] for r in runs[variant]]
+        ratios = [v / n for v, n in zip(ips, naive_ips)]
+        achieved = float(np.median(ips)) * gflop
+        diff = float(np.abs(features[variant] - eager).max())
+        entry.update({
+            "settings": info["settings"],
+            "describe": info["describe"],
+            "tuning": info.get("tuning"),
+            "worker": info["worker"],
+            "images_timed": runs[variant][0]["images"],
+            "images_per_s": _spread(ips),
+            "ratio_to_naive": _spread(ratios),
+            "gflops_per_s": achieved,
+            "fraction_of_ceiling": achieved / ceiling_gflops["median"] if ceiling_gflops["median"] > 0 else None,
+            "peak_rss_mb": peaks[variant]["peak_rss_mb"],
+            "peak_rss_scope": peaks[variant]["peak_rss_scope"],  #: measurement: since its set-up ended
+            "peak_gpu_mb": peaks[variant]["peak_gpu_mb"],  #: CUDA only
+            "setup_s": info["setup_s"],
+            "features_max_abs_diff": diff,
+            "features_within_tolerance": diff <= ONNX_TOLERANCE * max_eager,
+        })
+        if info.get("export"):
+            entry["onnx_export"] = info["export"]
+        if variant == "harness":
+            raw = [r["raw_images_per_s"] for r in runs[variant]]
+            overhead = [h / r for h, r in zip(ips, raw)]
+            stages = {name: float(np.median([r["stages"][name] for r in runs[variant]]))
+                      for name in ("total", "preprocess", "forward", "cache_write")}
+            stages["other"] = stages["total"] - stages["preprocess"] - stages["forward"] - stages["cache_write"]
+            entry.update({
+                "raw_images_per_s": _spread(raw),  #: its own forward on a preprocessed batch, same worker
+                "overhead_ratio": _spread(overhead),  #: harness ÷ raw, per repeat
+                "recorded_images_per_s": float(np.median([r["recorded_images_per_s"] for r in runs[variant]])),
+                "stage_seconds": stages,
+            })
+        variants[variant] = entry
+    harness = variants["harness"]
+    return {
+        "bench_version": BENCH_VERSION,
+        "encoder": encoder_label,
+        "encoder_identity": ready["naive"]["encoder_identity"],
+        "dataset": dataset_label,
+        "split": split,
+        "size": size,
+        "input_size": ready["naive"]["input_size"],
+        "images": images,
+        "device": device,
+        "repeats": repeats,
+        "warmup": warmup,
+        "naive_batch_size": naive_batch_size,
+        "naive_definition": NAIVE_DEFINITION,
+        "requested": asdict(requested),
+        "variants": variants,
+        "ceiling": {"gflops_per_s": ceiling_gflops, "matrix_size": ceiling[0]["size"], "dtype": ceiling[0]["dtype"],
+                    "threads": ceiling[0]["threads"], "allocator": ceiling[0]["allocator"],
+                    "what": "torch.mm of two square matrices, best of a few products, in the harness's worker"},
+        "flops_per_image": {"gflop": gflop, "counted_with": "torch.utils.flop_counter.FlopCounterMode, one encoder.encode "
+                                                            "of a single preprocessed image (conv and matmul ops)"},
+        "feature_check": {
+            "images": int(len(eager)), "reference": "naive eager", "tolerance": ONNX_TOLERANCE,
+            "max_abs_eager": max_eager, "allowed_abs_diff": ONNX_TOLERANCE * max_eager,
+            "harness_backend": harness["settings"]["backend"],
+            "harness_max_abs_diff": harness["features_max_abs_diff"],
+            "harness_within_tolerance": harness["features_within_tolerance"],
+        },
+        "wall_s": time.perf_counter() - started,
+        "environment": environment(device),
+    }
+
+
+def print_report(report: dict[str, Any], console: Any) -> None:
+    """The report as a rich table and a few lines (what ``hica-bench bench`` prints on stdout)."""
+    from rich.table import Table
+
+    variants = report["variants"]
+    ceiling = report["ceiling"]["gflops_per_s"]["median"]
+    table = Table(title=f"{report['encoder']} on {report['dataset']} {report['split']} ({report['size']} → "
+                        f"{report['input_size']} px), {report['images']} images, {report['device']}, "
+                        f"median of {report['repeats']} repeats in turns")
+    for column, justify in (("variant", "left"), ("settings", "left"), ("img/s (min – max)", "right"),
+                            ("× naive", "right"), ("GFLOP/s", "right"), ("% of matmul ceiling", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for name, entry in variants.items():
+        if not entry["available"]:
+            table.add_row(name, f"not available: {entry['reason']}", "—", "—", "—", "—")
+            continue
+        ips, ratio = entry["images_per_s"], entry["ratio_to_naive"]
+        fraction = entry["fraction_of_ceiling"]
+        table.add_row(name, entry["describe"], f"{ips['median']:.1f} ({ips['min']:.1f} – {ips['max']:.1f})",
+                      f"{ratio['median']:.2f} ({ratio['min']:.2f} – {ratio['max']:.2f})", f"{entry['gflops_per_s']:.1f}",
+                      "—" if fraction is None else f"{100 * fraction:.1f} %")
+    console.print(table)
+    c = report["ceiling"]
+    console.print(f"matmul ceiling: {ceiling:.1f} GFLOP/s (median; {c['gflops_per_s']['min']:.1f} – "
+                  f"{c['gflops_per_s']['max']:.1f}), torch.mm {c['matrix_size']}² {c['dtype']}, {c['threads']} threads; "
+                  f"encoder {report['flops_per_image']['gflop']:.3f} GFLOP/image", highlight=False)
+    check = report["feature_check"]
+    diffs = ", ".join(f"{name} {entry['features_max_abs_diff']:.1e}" for name, entry in variants.items()
+                      if entry["available"] and name != "naive")
+    console.print(f"features vs naive eager on the first {check['images']} images: max |diff| {diffs}; allowed "
+                  f"{check['allowed_abs_diff']:.1e} ({check['tolerance']:g} × max |feature| {check['max_abs_eager']:.3g}); "
+                  f"harness ({check['harness_backend']}) "
+                  f"{'within' if check['harness_within_tolerance'] else 'NOT within'} tolerance", highlight=False)
+    export = variants["onnxruntime"].get("onnx_export")
+    if export:
+        console.print(f"ONNX export check ({export.get('identity', '')}): max |ort - eager| {export['max_abs_diff']:.1e} "
+                      f"≤ {export['tolerance']:g} × {export['max_abs_eager']:.3g}", highlight=False)
+    harness = variants["harness"]
+    overhead, stages = harness["overhead_ratio"], harness["stage_seconds"]
+    console.print(f"harness overhead: harness / raw forward of the same settings {overhead['median']:.3f} "
+                  f"({overhead['min']:.3f} – {overhead['max']:.3f}); seconds per repeat (median): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), highlight=False)
+    console.print("peak RSS per worker: " + ", ".join(f"{name} {entry['peak_rss_mb']:.0f} MiB" for name, entry in variants.items()
+                                                      if entry["available"]), highlight=False)
+    console.print(f"wall time: {report['wall_s']:.1f} s", highlight=False)
+
+
+# --------------------------------------------------------------------------- worker side
 
 
 @dataclass(frozen=True)
 class _Subset:
     """The first ``n`` images of one split of ``dataset``, as a dataset of its own (for ``split_features``)."""
 
-    dataset: FewShotDataset
+    dataset: Any
     split_name: str
     n: int
 
@@ -54,129 +379,284 @@ class _Subset:
     def identity(self) -> str:
         return f"{self.dataset.identity}|{self.split_name}[:{self.n}]"
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str):
+        from hica_bench.interfaces import Split
+
         full = self.dataset.split(self.split_name)
         return Split(full.images[: self.n], full.labels[: self.n])
 
 
-def _spread(values: list[float]) -> dict[str, Any]:
-    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
-            "per_repeat": [float(v) for v in values]}
+def _reset_peak_rss() -> str:
+    """Start the peak-RSS count afresh (Linux: ``/proc/self/clear_refs``); returns what the peak will cover."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return "measurement"
+    except OSError:
+        return "process"
 
 
 def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def bench(
-    encoders: EncoderPair,
-    encoder_label: str,
-    dataset: FewShotDataset,
-    split: str,
-    device: str,
-    batch_size: int,
-    amp: bool = True,
-    channels_last: bool = False,
-    warmup: int = 2,
-    batches: int = 10,
-    repeats: int = 5,
-    scratch_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Measure both paths and return the JSON-ready report (see the module docstring).
+class _Variant:
+    """One variant inside its worker: built (in parallel with the other workers), set up (one worker at a time:
+    tuning, forward, warm-up), then measured on command."""
 
-    ``scratch_dir`` holds the throw-away feature caches of the harness repeats (default: the system temp folder).
-    """
-    import torch
+    def __init__(self, variant: str, job: dict[str, Any]) -> None:
+        from hica_bench.registry import load_registry
 
-    if min(batch_size, batches, repeats) < 1 or warmup < 0:
-        raise UserError("--batch-size, --batches and --repeats must be >= 1 and --warmup >= 0")
-    n = batches * batch_size
-    available = len(dataset.split(split).labels)
-    if available < n:
-        raise UserError(f"{dataset.name} {split} has {available} images, fewer than --batches × --batch-size = {n}; "
-                        "lower one of them")
-    encoder = encoders.image
-    if channels_last:
-        module = encoders.modules.get("image")
-        if module is None:
-            raise UserError("--channels-last needs an encoder that exposes its image module (EncoderPair.modules['image'])")
-        module.to(memory_format=torch.channels_last)
-    cuda = device.startswith("cuda")
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    subset = _Subset(dataset, split, n)
-    images = subset.split(split).images
+        for path in job["sys_path"]:
+            if path not in sys.path:
+                sys.path.append(path)
+        self.variant, self.job = variant, job
+        self.device = device = job["device"]
+        self.cuda = device.startswith("cuda")
+        self.cache_dir = Path(job["cache_dir"])
+        registry = load_registry(job["plugins"])
+        pair = registry.choose("encoder", job["encoder"]).build(device=device)
+        dataset = registry.choose("dataset", job["dataset"]).build(root=job["data_root"], size=job["size"], download=False,
+                                                                   cache_dir=self.cache_dir)
+        self.subset = _Subset(dataset, job["split"], job["images"])
+        self.images = self.subset.split(job["split"]).images
+        self.pair, self.encoder = pair, pair.image
 
-    raw_batch = preprocess(images[:batch_size], encoder.input_spec, device)
-    if channels_last:
-        raw_batch = raw_batch.contiguous(memory_format=torch.channels_last)
-    forward_seconds(encoder, raw_batch, device, amp, iterations=0, warmup=warmup)
+    def setup(self, log: Callable[[str], None]) -> dict[str, Any]:
+        """Choose the settings and build the forward (untimed), save the check features, warm up; the ``ready``
+        answer: settings, worker facts, and what the parent needs from this variant."""
+        import torch
 
-    def repeat() -> dict[str, Any]:
-        """One harness extraction of the n images with one timed raw pass after each of its batches."""
-        probe = ReferenceProbe(encoder, raw_batch, device, amp, every=1, passes=batches)
-        if cuda:
+        from hica_bench.backends import BackendUnavailable, export_onnx
+        from hica_bench.data import preprocess
+        from hica_bench.tuning import ExtractionSettings, Requested, allocator, build_forward, choose
+
+        variant, job, device, pair = self.variant, self.job, self.device, self.pair
+        requested = Requested(**job["requested"])
+        self.ready: dict[str, Any] = {"available": True, "encoder_identity": self.encoder.identity,
+                                      "input_size": self.encoder.input_spec.size}
+        check_images = self.images[:CHECK_IMAGES]
+        if variant == "naive":
+            self.settings = ExtractionSettings("eager", job["naive_batch_size"], False, torch.get_num_threads(), "fp32",
+                                               False, allocator(), False)
+            encode = self.encoder.encode
+            self.forward = lambda batch: encode(batch)
+            self.ready["gflop_per_image"] = self._gflop_per_image(preprocess(self.images[:1], self.encoder.input_spec, device))
+        else:
+            if variant == "eager-tuned":
+                requested = replace(requested, backend="eager")
+            elif variant == "onnxruntime":
+                requested = replace(requested, backend="onnxruntime")
+            try:
+                tuned = choose(pair, requested, self.cache_dir, log)
+                self.settings = tuned.settings
+                self.forward = build_forward(pair, tuned.settings, self.cache_dir)
+            except (UserError, BackendUnavailable) as exc:
+                if variant != "onnxruntime":
+                    raise UserError(f"{variant}: {exc}") from None
+                self.ready.update(available=False, reason=" ".join(str(exc).split()))
+                return self.ready
+            self.ready["tuning"] = {"source": tuned.source, "probe_s": tuned.probe_s, "unavailable": tuned.unavailable,
+                                    "path": str(tuned.path) if tuned.path else None}
+            if self.settings.backend == "onnxruntime":
+                self.ready["export"] = export_onnx(pair, self.cache_dir)[1]
+        self.ready.update(settings=asdict(self.settings), describe=self.settings.describe())
+        self.ready["worker"] = {"pid": os.getpid(), THP_ENV: os.environ.get(THP_ENV), "allocator": allocator(),
+                                "torch_threads": torch.get_num_threads()}
+        # the raw batch: the bench's images, cycled to a full batch, preprocessed on the device (NCHW contiguous)
+        batch_size = self.settings.batch_size
+        self.batch = preprocess(np.take(self.images, np.arange(batch_size) % len(self.images), axis=0),
+                                self.encoder.input_spec, device)
+        self.passes = math.ceil(len(self.images) / batch_size)
+        if variant != "harness":  # the harness's features come from its first extraction
+            with torch.inference_mode():
+                check = self.forward(preprocess(check_images, self.encoder.input_spec, device))
+            self._save_features(check)
+        self._raw(self.job["warmup"])
+        self.peak_scope = _reset_peak_rss()
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        with tempfile.TemporaryDirectory(prefix="hica-bench-bench-", dir=scratch_dir) as tmp:
-            cache = FeatureCache(Path(tmp))
-            sync()
+        return self.ready
+
+    def _save_features(self, features: Any) -> None:
+        import torch
+
+        array = features.float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float32)
+        np.save(Path(self.job["scratch"]) / f"{self.variant}-features.npy", array[:CHECK_IMAGES])
+
+    def _gflop_per_image(self, image: Any) -> float:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            self.encoder.encode(image)
+        return counter.get_total_flops() / 1e9
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _raw(self, passes: int) -> float:
+        """Seconds of ``passes`` timed forward passes of the preprocessed batch (each synchronised on CUDA)."""
+        import torch
+
+        seconds = 0.0
+        with torch.inference_mode():
+            for _ in range(passes):
+                self._sync()
+                start = time.perf_counter()
+                self.forward(self.batch)
+                self._sync()
+                seconds += time.perf_counter() - start
+        return seconds
+
+    def measure(self, repeat: int) -> dict[str, Any]:
+        if self.variant != "harness":
+            seconds = self._raw(self.passes)
+            images = self.passes * len(self.batch)
+            return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+        return self._harness(repeat)
+
+    def _harness(self, repeat: int) -> dict[str, Any]:
+        """One ``split_features`` of the images into a fresh cache, then its stages and the raw forward alone."""
+        import torch
+
+        from hica_bench.cache import FeatureCache
+        from hica_bench.data import preprocess
+        from hica_bench.features import split_features
+
+        forward_s = 0.0
+        forward = self.forward
+
+        def timed(batch):
+            nonlocal forward_s
             start = time.perf_counter()
-            features, extraction = split_features(cache, subset, split, encoder, device, batch_size, amp, probe)
-            sync()
-            seconds = time.perf_counter() - start - probe.paused_s
-            stages = _stages(features, images, encoder, device, batch_size, cache, sync)
-        return {"raw_ips": n / sum(probe.times), "step_s": float(np.median(probe.times)), "forward": float(sum(probe.times)),
-                "harness_ips": n / seconds, "recorded_ips": n / (extraction.seconds - probe.paused_s),
-                "harness_total": seconds, "peak": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None, **stages}
+            out = forward(batch)
+            self._sync()
+            forward_s += time.perf_counter() - start
+            return out
 
-    runs = [repeat() for _ in range(repeats)]
-    raw_ips, harness_ips = [r["raw_ips"] for r in runs], [r["harness_ips"] for r in runs]
-    ratios = [h / r for h, r in zip(harness_ips, raw_ips)]
-    stage_s = {name: float(np.median([r[name] for r in runs])) for name in ("preprocess", "cache_write", "forward", "harness_total")}
-    stage_s["other"] = stage_s["harness_total"] - stage_s["forward"] - stage_s["preprocess"] - stage_s["cache_write"]
-    return {
-        "bench_version": BENCH_VERSION,
-        "encoder": encoder_label,
-        "encoder_identity": encoder.identity,
-        "dataset": dataset.name,
-        "split": split,
-        "size": getattr(dataset, "size", None),
-        "input_size": encoder.input_spec.size,
-        "images": n,
-        "device": device,
-        "batch_size": batch_size,
-        "amp": amp,
-        "precision": precision(device, amp),
-        "channels_last": channels_last,
-        "warmup": warmup,
-        "batches": batches,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "raw": {"images_per_s": _spread(raw_ips), "step_ms_median": 1000 * float(np.median([r["step_s"] for r in runs]))},
-        # recorded_images_per_s: as results record it (extraction time without the cache write)
-        "harness": {"images_per_s": _spread(harness_ips), "recorded_images_per_s": float(np.median([r["recorded_ips"] for r in runs]))},
-        "peak_memory_mb": max(r["peak"] for r in runs) if cuda else None,  #: CUDA, both paths (they interleave)
-        "ratio": float(np.median(ratios)),  #: median of the paired per-repeat ratios
-        "ratio_per_repeat": ratios,
-        "stage_seconds": stage_s,
-        "peak_rss_mb": _peak_rss_mb(),
-        "environment": environment(device),
-    }
+        s = self.settings
+        n = len(self.images)
+        with tempfile.TemporaryDirectory(prefix=f"harness-{repeat}-", dir=self.job["scratch"]) as tmp:
+            cache = FeatureCache(Path(tmp))
+            self._sync()
+            start = time.perf_counter()
+            features, extraction = split_features(cache, self.subset, self.job["split"], self.encoder, self.device,
+                                                  s.batch_size, self.job["requested"]["amp"], None,
+                                                  s.backend, timed)
+            self._sync()
+            total = time.perf_counter() - start
+            if repeat == 0:
+                self._save_features(features)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for begin in range(0, n, s.batch_size):
+                    preprocess(self.images[begin : begin + s.batch_size], self.encoder.input_spec, self.device)
+            self._sync()
+            preprocess_s = time.perf_counter() - start
+            start = time.perf_counter()
+            cache.put("stage-timing", features, {"bench": "cache-write"})
+            cache_write_s = time.perf_counter() - start
+        raw_s = self._raw(self.passes)
+        return {"images": n, "seconds": total, "images_per_s": n / total,
+                "recorded_images_per_s": n / extraction.seconds,  # as results record it: without the cache write
+                "raw_images_per_s": self.passes * len(self.batch) / raw_s,
+                "stages": {"total": total, "preprocess": preprocess_s, "forward": forward_s, "cache_write": cache_write_s}}
+
+    def peak(self) -> dict[str, Any]:
+        """Peak memory since the set-up ended: process RSS (and on CUDA the device memory torch allocated)."""
+        import torch
+
+        gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None
+        return {"peak_rss_mb": _peak_rss_mb(), "peak_rss_scope": self.peak_scope, "peak_gpu_mb": gpu}
+
+    def ceiling(self) -> dict[str, Any]:
+        """GFLOP/s of the best of a few ``torch.mm`` of square matrices (this worker's threads and allocator)."""
+        import torch
+
+        from hica_bench.tuning import allocator
+
+        n = CEILING_SIZE["cuda" if self.cuda else "cpu"]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.precision, torch.float32) if self.cuda \
+            else torch.float32
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=generator).to(self.device, dtype)
+        b = torch.randn(n, n, generator=generator).to(self.device, dtype)
+        out = torch.empty(n, n, device=self.device, dtype=dtype)
+        best = float("inf")
+        with torch.inference_mode():
+            for step in range(CEILING_PASSES + 1):
+                self._sync()
+                start = time.perf_counter()
+                torch.mm(a, b, out=out)
+                self._sync()
+                if step:  # the first product is a warm-up
+                    best = min(best, time.perf_counter() - start)
+        return {"gflops_per_s": 2 * n**3 / best / 1e9, "size": n, "dtype": str(dtype).replace("torch.", ""),
+                "threads": torch.get_num_threads(), "allocator": allocator()}
 
 
-def _stages(features, images, encoder, device, batch_size, cache, sync) -> dict[str, float]:
-    """Seconds of the harness's non-forward stages over the same images: preprocessing (memory-mapped read,
-    copy, resize, normalise; to the device) and the cache write."""
-    import torch
+def _worker(variant: str) -> int:
+    """A worker's main loop: the job on the first stdin line, then one command per line until ``exit``."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints of libraries must not break the protocol
 
-    sync()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for begin in range(0, len(images), batch_size):
-            preprocess(images[begin : begin + batch_size], encoder.input_spec, device)
-    sync()
-    preprocess_s = time.perf_counter() - start
-    start = time.perf_counter()
-    cache.put("stage-timing", features, {"bench": "cache-write"})
-    return {"preprocess": preprocess_s, "cache_write": time.perf_counter() - start}
+    def send(message: dict[str, Any]) -> None:
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
+
+    def fail(exc: BaseException) -> None:
+        traceback.print_exc()
+        sys.stderr.flush()
+        send({"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"})
+
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    try:
+        state = _Variant(variant, json.loads(line))
+    except UserError as exc:
+        send({"user_error": " ".join(str(exc).split())})
+        return 2
+    except Exception as exc:  # reported to the parent in one line; the traceback goes to stderr
+        fail(exc)
+        return 1
+    send({"built": os.getpid()})
+    for line in sys.stdin:
+        command = json.loads(line)
+        try:
+            if command["cmd"] == "exit":
+                break
+            if command["cmd"] == "setup":
+                send(state.setup(lambda text: send({"log": text})))
+            elif command["cmd"] == "measure":
+                send(state.measure(command["repeat"]))
+            elif command["cmd"] == "ceiling":
+                send(state.ceiling())
+            elif command["cmd"] == "peak":
+                send(state.peak())
+            else:
+                raise ValueError(f"unknown command {command['cmd']!r}")
+        except UserError as exc:
+            send({"user_error": " ".join(str(exc).split())})
+            return 2
+        except Exception as exc:
+            fail(exc)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker" and sys.argv[2] in VARIANTS:
+        sys.exit(_worker(sys.argv[2]))
+    sys.exit("usage: python -m hica_bench.bench --worker {" + ",".join(VARIANTS) + "} (started by `hica-bench bench`)")

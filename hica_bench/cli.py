@@ -267,49 +267,56 @@ def bench_(
     split: str = typer.Option("train", help="Split to take the images from (train, val or test)."),
     size: int = SIZE_OPTION,
     device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
+    channels_last: Optional[bool] = CHANNELS_LAST_OPTION,
+    threads: int = THREADS_OPTION,
+    compile: bool = COMPILE_OPTION,
     amp: bool = AMP_OPTION,
-    channels_last: bool = typer.Option(False, help="Put the image model (and the raw input) in channels-last memory format."),
-    warmup: int = typer.Option(2, help="Untimed raw forward passes before timing."),
-    batches: int = typer.Option(10, help="Batches per repeat: the harness encodes batches × batch-size images, with one raw pass after each batch."),
-    repeats: int = typer.Option(5, help="Repeats; medians over them are reported."),
+    naive_batch_size: int = typer.Option(64, help="Batch size of naive eager (CLIP_benchmark's default)."),
+    images: int = typer.Option(128, help="Images every variant encodes per repeat (the first N of the split)."),
+    warmup: int = typer.Option(1, help="Untimed forward passes per variant before timing."),
+    repeats: int = typer.Option(5, help="Repeats (each variant once per repeat, in turns); medians over them are reported."),
     data_root: Optional[str] = typer.Option(None, help="Folder with the dataset files [default: $HICA_BENCH_DATA]."),
-    cache_dir: Optional[str] = typer.Option(None, help="Scratch folder (memory-mapped arrays, throw-away feature caches) [default: $HICA_BENCH_CACHE]."),
+    cache_dir: Optional[str] = typer.Option(None, help="Tuning, ONNX exports and scratch (throw-away feature caches) [default: $HICA_BENCH_CACHE]."),
     download: bool = DOWNLOAD_OPTION,
     out: Path = typer.Option(Path("hica-bench-bench.json"), help="JSON file for the report."),
 ) -> None:
-    """Encoder throughput: raw forward loop vs the harness's feature-extraction path; prints and writes their ratio."""
+    """Encoder throughput: naive eager, tuned eager, ONNX Runtime and the harness's extraction, as img/s, × naive
+    and GFLOP/s against a matmul ceiling, measured in one run (one worker process per variant, in turns)."""
     import json
 
     from hica_bench import bench, data, runner
 
-    registry = _registry(ctx)
-    dataset_choice, encoder_choice = registry.choose("dataset", dataset), registry.choose("encoder", encoder)
+    extraction = requested_extraction(backend, batch_size, channels_last, threads, amp, compile)
     if split not in ("train", "val", "test"):
         raise UserError(f"--split must be train, val or test, got {split!r}")
+    if size < 1:
+        raise UserError(f"--size must be positive, got {size}")
+    if min(images, repeats, naive_batch_size) < 1 or warmup < 0:
+        raise UserError("--images, --repeats and --naive-batch-size must be >= 1 and --warmup >= 0")
+    registry = _registry(ctx)
+    dataset_choice, encoder_choice = registry.choose("dataset", dataset), registry.choose("encoder", encoder)
     resolved = runner.resolve_device(device)
     scratch = data.cache_root(cache_dir)
-    built = dataset_choice.build(root=data.data_root(data_root), size=size, download=download, cache_dir=scratch)
-    report = bench.bench(encoder_choice.build(device=resolved), encoder_choice.label, built, split, resolved,
-                         encoder_batch_size(batch_size, resolved), amp, channels_last,
-                         warmup, batches, repeats, scratch)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    root = data.data_root(data_root)
+    built = dataset_choice.build(root=root, size=size, download=download, cache_dir=scratch)  # downloads once, here
+    available = len(built.split(split).labels)
+    if images > available:
+        raise UserError(f"{dataset_choice.label} {split} has {available} images, fewer than --images {images}; lower it")
+    out = data.writable_dir(out.parent, "--out folder") / out.name
+    try:
+        report = bench.bench(ctx.find_root().params.get("plugin") or [], encoder, encoder_choice.label, dataset,
+                             dataset_choice.label, split, size, images, resolved, root, scratch, extraction,
+                             naive_batch_size, warmup, repeats,
+                             log=lambda line: console.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True))
+    except bench.WorkerFailed as exc:  # a crash, not bad input: one line, exit 1
+        print(f"hica-bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise typer.Exit(1) from None
     out.write_text(json.dumps(report, indent=1) + "\n")
-    table = Table(title=f"{report['encoder']} on {report['dataset']} {split} ({report['size']} → {report['input_size']} px), "
-                        f"batch {report['batch_size']}, {report['precision']}, {report['device']}, {report['threads']} threads")
-    for column in ("path", "images/s (median)", "min – max"):
-        table.add_column(column)
-    for path in ("raw", "harness"):
-        ips = report[path]["images_per_s"]
-        table.add_row(path, f"{ips['median']:.1f}", f"{ips['min']:.1f} – {ips['max']:.1f}")
-    stdout = Console(width=120)
-    stdout.print(table)
-    gpu = f"peak GPU memory {report['peak_memory_mb']:.0f} MiB, " if report["peak_memory_mb"] is not None else ""
-    stdout.print(f"{gpu}peak process RSS {report['peak_rss_mb']:.0f} MiB")
-    stages = report["stage_seconds"]
-    stdout.print(f"harness/raw ratio: {report['ratio']:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in report['ratio_per_repeat'])})")
-    stdout.print("harness seconds per repeat (median): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
-    stdout.print(f"written: {out}")
+    stdout = Console(width=160)
+    bench.print_report(report, stdout)
+    stdout.print(f"written: {out}", highlight=False)
 
 
 @app.command("check")

@@ -1,65 +1,156 @@
-"""`hica-bench bench` end to end on real BreastMNIST with tiny encoders: the report's fields and their consistency."""
+"""`hica-bench bench` end to end on real BreastMNIST: one worker process per variant, measured in turns.
+
+The tiny ``pixels`` test encoder keeps most runs fast; one test runs the real default encoder at a small size to
+show that the ratios, FLOP counts and the matmul ceiling are real numbers. No speed targets here: those live in
+the bench report itself.
+"""
 
 import json
+import math
 import statistics
 
 import pytest
 
+from conftest import hica_bench
 from test_check import cli
 
-
-@pytest.fixture
-def bench(capsys, medmnist_root, tmp_path):
-    """``hica-bench bench`` in this process on real BreastMNIST: (CompletedProcess, JSON report or None)."""
-    def run(*extra):
-        out = tmp_path / "bench.json"
-        out.unlink(missing_ok=True)
-        result = cli(capsys, "-p", "pixel_encoder", "bench", "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache",
-                     "--out", out, *extra)
-        return result, (json.loads(out.read_text()) if result.returncode == 0 else None)
-
-    return run
+from hica_bench.backends import ONNX_TOLERANCE, onnxruntime_version
+from hica_bench.bench import BENCH_VERSION, CHECK_IMAGES, VARIANTS
 
 
-def test_pixels_report(bench, tmp_path):
-    result, report = bench("--encoder", "pixels", "--batch-size", "8",
-                           "--batches", "3", "--repeats", "3", "--warmup", "1")
+def run_bench(tmp_path, medmnist_root, *extra, plugins=("pixel_encoder",), env=None):
+    """``hica-bench [-p ...] bench ...`` as a user runs it: (CompletedProcess, JSON report or None)."""
+    out = tmp_path / "bench.json"
+    out.unlink(missing_ok=True)
+    plugin_args = [arg for name in plugins for arg in ("-p", name)]
+    result = hica_bench(*plugin_args, "bench", "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"),
+                        "--out", str(out), *extra, env=env)
+    return result, (json.loads(out.read_text()) if result.returncode == 0 else None)
+
+
+def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
+    result, report = run_bench(tmp_path, medmnist_root, "--encoder", "pixels", "--images", "40", "--repeats", "2",
+                               "--warmup", "0", "--naive-batch-size", "16")
     assert result.returncode == 0, result.stderr
-    assert report["images"] == 24 and report["batch_size"] == 8 and report["device"] == "cpu"
-    assert (report["size"], report["input_size"], report["precision"]) == (28, 16, "fp32")
-    for path in ("raw", "harness"):
-        ips = report[path]["images_per_s"]
-        assert len(ips["per_repeat"]) == 3 and all(v > 0 for v in ips["per_repeat"])
+    assert report["bench_version"] == BENCH_VERSION == 2
+    assert (report["images"], report["repeats"], report["naive_batch_size"], report["device"]) == (40, 2, 16, "cpu")
+    assert (report["size"], report["input_size"], report["encoder_identity"]) == (28, 16, "test-pixels-16px-v1")
+    assert list(report["variants"]) == list(VARIANTS)
+    variants = report["variants"]
+
+    # isolation: each measured variant in its own process; only naive runs without the THP allocator
+    naive, tuned, harness = variants["naive"], variants["eager-tuned"], variants["harness"]
+    assert naive["worker"]["THP_MEM_ALLOC_ENABLE"] is None and naive["worker"]["allocator"] == "default"
+    assert naive["settings"] == {"backend": "eager", "batch_size": 16, "channels_last": False,
+                                 "threads": naive["worker"]["torch_threads"], "precision": "fp32", "compile": False,
+                                 "allocator": "default", "pin_memory": False}
+    for entry in (tuned, harness):
+        assert entry["worker"]["THP_MEM_ALLOC_ENABLE"] == "1" and entry["settings"]["allocator"] == "thp"
+        assert entry["tuning"]["source"] == "measured" and entry["tuning"]["path"]  # probed, and remembered
+    assert len({naive["worker"]["pid"], tuned["worker"]["pid"], harness["worker"]["pid"]}) == 3
+    assert tuned["settings"]["backend"] == harness["settings"]["backend"] == "eager"
+
+    # no image module: ONNX Runtime is reported as unavailable with its reason, the bench goes on
+    assert variants["onnxruntime"]["available"] is False and "image module" in variants["onnxruntime"]["reason"]
+    assert harness["tuning"]["unavailable"]["onnxruntime"]
+
+    naive_ips = naive["images_per_s"]["per_repeat"]
+    for name in ("naive", "eager-tuned", "harness"):
+        entry = variants[name]
+        ips, ratio = entry["images_per_s"], entry["ratio_to_naive"]
+        assert len(ips["per_repeat"]) == 2 and all(v > 0 for v in ips["per_repeat"])
         assert ips["min"] <= ips["median"] <= ips["max"] and ips["median"] == statistics.median(ips["per_repeat"])
-    ratios = report["ratio_per_repeat"]
-    assert ratios == [h / r for h, r in zip(report["harness"]["images_per_s"]["per_repeat"], report["raw"]["images_per_s"]["per_repeat"])]
-    assert report["ratio"] == statistics.median(ratios) and report["ratio"] > 0
-    stages = report["stage_seconds"]
-    assert stages["preprocess"] > 0 and stages["cache_write"] > 0 and stages["harness_total"] > 0
-    assert report["peak_memory_mb"] is None and report["peak_rss_mb"] > 0  # CPU: process peak only
-    assert report["harness"]["recorded_images_per_s"] >= report["harness"]["images_per_s"]["min"]  # no cache write in it
-    assert report["threads"] >= 1 and report["environment"]["cpu_model"]
-    assert f"harness/raw ratio: {report['ratio']:.3f}" in result.stdout
-    assert not list((tmp_path / "cache").glob("hica-bench-bench-*"))  # throw-away caches are removed
+        assert ratio["per_repeat"] == [v / n for v, n in zip(ips["per_repeat"], naive_ips)]  # pairwise, per repeat
+        assert ratio["median"] == statistics.median(ratio["per_repeat"])
+        assert entry["gflops_per_s"] == 0 and entry["fraction_of_ceiling"] == 0  # mean pooling has no matmul FLOPs
+        assert entry["peak_rss_mb"] > 0 and entry["features_within_tolerance"] and entry["features_max_abs_diff"] == 0
+    assert naive["ratio_to_naive"]["per_repeat"] == [1.0, 1.0]
+    # raw variants time ceil(N / batch) full batches; the harness encodes exactly the N images
+    assert naive["images_timed"] == math.ceil(40 / 16) * 16 and harness["images_timed"] == 40
+    assert tuned["images_timed"] == math.ceil(40 / tuned["settings"]["batch_size"]) * tuned["settings"]["batch_size"]
+
+    overhead = harness["overhead_ratio"]["per_repeat"]
+    assert overhead == [h / r for h, r in zip(harness["images_per_s"]["per_repeat"], harness["raw_images_per_s"]["per_repeat"])]
+    stages = harness["stage_seconds"]
+    assert stages["total"] > 0 and stages["preprocess"] > 0 and stages["cache_write"] > 0 and stages["forward"] > 0
+    assert harness["recorded_images_per_s"] > 0
+
+    ceiling = report["ceiling"]
+    assert ceiling["gflops_per_s"]["median"] > 0 and len(ceiling["gflops_per_s"]["per_repeat"]) == 2
+    assert ceiling["allocator"] == "thp" and ceiling["dtype"] == "float32" and ceiling["threads"] >= 1
+    assert report["flops_per_image"]["gflop"] == 0
+    check = report["feature_check"]
+    assert check["images"] == CHECK_IMAGES and check["tolerance"] == ONNX_TOLERANCE and check["harness_within_tolerance"]
+    assert report["environment"]["cpu_model"] and report["wall_s"] > 0 and "naive eager" in report["naive_definition"]
+
+    for text in ("naive", "eager-tuned", "not available", "matmul ceiling", "harness overhead", "within tolerance",
+                 "wall time"):
+        assert text in result.stdout, text
+    assert not list((tmp_path / "cache").glob("hica-bench-bench-*"))  # the scratch folder is removed
 
 
-def test_conv_model_channels_last(bench):
-    result, report = bench("--encoder", "timm:model=test_efficientnet:text=", "--batch-size", "4",
-                           "--batches", "2", "--repeats", "1", "--warmup", "1", "--channels-last", "--split", "test")
+@pytest.mark.skipif(onnxruntime_version() is None, reason="needs hica-bench[onnx]")
+def test_default_encoder_gives_real_ratios_flops_and_ceiling(medmnist_root, default_encoder_cache, tmp_path):
+    """The real default encoder at a small size: every number is real, achieved FLOP/s stay under the ceiling, and
+    the ONNX Runtime and harness features match eager within the stated tolerance."""
+    out = tmp_path / "bench.json"
+    result = hica_bench("bench", "--data-root", str(medmnist_root), "--cache-dir", str(default_encoder_cache),
+                        "--out", str(out), "--images", "32", "--repeats", "1", "--warmup", "0",
+                        "--naive-batch-size", "16", "--batch-size", "16", "--channels-last")
     assert result.returncode == 0, result.stderr
-    assert report["channels_last"] and report["input_size"] == 160 and report["split"] == "test"
-    assert report["raw"]["step_ms_median"] > 0 and 0 < report["ratio"] < 10
-    assert report["encoder_identity"].startswith("timm:test_efficientnet:")
+    report = json.loads(out.read_text())
+    assert report["encoder"] == "effnet-lite0-minilm" and report["input_size"] == 224
+    assert 0.6 < report["flops_per_image"]["gflop"] < 0.9  # EfficientNet-Lite0 at 224 px: ~0.77 GFLOP
+    ceiling = report["ceiling"]["gflops_per_s"]["median"]
+    for name, entry in report["variants"].items():
+        assert entry["available"], (name, entry.get("reason"))
+        assert entry["images_per_s"]["median"] > 0 and entry["ratio_to_naive"]["median"] > 0
+        assert 0 < entry["gflops_per_s"] < ceiling and 0 < entry["fraction_of_ceiling"] < 1, name
+        assert entry["features_within_tolerance"], (name, entry["features_max_abs_diff"])
+    assert report["variants"]["eager-tuned"]["settings"]["channels_last"]  # the user's fixed knobs are kept
+    assert report["variants"]["onnxruntime"]["settings"]["backend"] == "onnxruntime"
+    export = report["variants"]["onnxruntime"]["onnx_export"]
+    assert export["ok"] and export["tolerance"] == ONNX_TOLERANCE
+    assert export["max_abs_diff"] <= ONNX_TOLERANCE * export["max_abs_eager"]
+    assert report["feature_check"]["harness_within_tolerance"]
+    assert 0 < report["variants"]["harness"]["overhead_ratio"]["median"]
 
 
-def test_bad_input_exits_2(bench):
-    too_many, _ = bench("--encoder", "pixels", "--split", "test", "--batches", "100")
-    assert too_many.returncode == 2 and "fewer than --batches" in too_many.stderr
-    no_module, _ = bench("--encoder", "pixels", "--channels-last")
-    assert no_module.returncode == 2 and "--channels-last needs" in no_module.stderr
-    bad_split, _ = bench("--encoder", "pixels", "--split", "dev")
-    assert bad_split.returncode == 2 and "--split" in bad_split.stderr
+def test_a_worker_that_dies_is_one_line_naming_it(tmp_path, medmnist_root):
+    # crash_points SIGKILLs a process at its 3rd pixels encode: naive's first timed pass (after the FLOP count
+    # and the check features); every knob is fixed, so the other workers do not probe
+    result, _ = run_bench(tmp_path, medmnist_root, "--encoder", "pixels", "--images", "16", "--repeats", "1",
+                          "--warmup", "0", "--batch-size", "8", "--threads", "1",
+                          plugins=("pixel_encoder", "crash_points"), env={"HICA_TEST_KILL_AT": "encode:3"})
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("hica-bench: error: bench worker 'naive' died (exit code -9)"), result.stderr
+    assert "Traceback" not in result.stderr
 
+
+def test_bad_input_exits_2_with_one_line(capsys, medmnist_root, tmp_path):
+    def bench(*extra):
+        return cli(capsys, "-p", "pixel_encoder", "bench", "--encoder", "pixels", "--data-root", medmnist_root,
+                   "--cache-dir", tmp_path / "cache", "--out", tmp_path / "bench.json", *extra)
+
+    for extra, message in ((("--split", "test", "--images", "100000"), "fewer than --images 100000"),
+                           (("--split", "dev"), "--split"),
+                           (("--naive-batch-size", "0"), "--naive-batch-size"),
+                           (("--repeats", "0"), "--repeats"),
+                           (("--threads", "-1"), "--threads"),
+                           (("--backend", "tpu"), "--backend")):
+        result = bench(*extra)
+        assert result.returncode == 2 and message in result.stderr, (extra, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("hica-bench: error:")
+
+
+def test_bad_input_found_in_a_worker_exits_2(tmp_path, medmnist_root):
+    # the workers build the encoder; an unknown timm model is the user's error, reported as such
+    result, _ = run_bench(tmp_path, medmnist_root, "--encoder", "timm:model=no_such_model:text=", "--images", "16",
+                          "--repeats", "1")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hica-bench: error:") and "no_such_model" in last and "Traceback" not in result.stderr
 
 class CountingEncoder:
     """A tiny real image encoder (mean colour) that records the batch size of every call."""
@@ -79,6 +170,7 @@ class CountingEncoder:
 
 
 def test_reference_probe_spreads_its_passes_over_the_extraction():
+    """The run's plain-eager yardstick (``features.ReferenceProbe``, used by ``hica-bench run``)."""
     import numpy as np
 
     from hica_bench.features import ReferenceProbe, encode_images
