@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,18 +49,33 @@ def encode_images(
     forward: Forward | None = None,
 ) -> np.ndarray:
     """(N, H, W[, 3]) uint8, possibly memory-mapped -> (N, D) float32, reading ``batch_size`` images at a time.
-    ``forward`` runs the encoder (see :mod:`hica_bench.backends`); default: eager ``encoder.encode``."""
+    ``forward`` runs the encoder (see :mod:`hica_bench.backends`); default: eager ``encoder.encode``.
+
+    One background thread reads and preprocesses the next batch while ``forward`` runs on the current one
+    (measured on 2 cores with ONNX Runtime: ~0.9 → ~0.97 of the raw forward's images/s). ``on_batch`` is called
+    after each batch, in this thread, once that prefetch has finished, so it never overlaps with it."""
     import torch
 
     forward = forward or eager_forward(encoder, device, precision(device, amp))
     out = np.empty((len(images), encoder.embed_dim), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
+
+    def load(start: int):
+        with torch.inference_mode():
             batch = preprocess(images[start : start + batch_size], encoder.input_spec, device)
-            release_pages(images)  # the batch is copied: unmap the pages read, so RSS does not grow with N
+        release_pages(images)  # the batch is copied: unmap the pages read, so RSS does not grow with N
+        return batch
+
+    with torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="hica-bench-preprocess") as pool:
+        pending = pool.submit(load, 0) if len(images) else None
+        for start in range(0, len(images), batch_size):
+            batch = pending.result()
+            following = start + batch_size
+            pending = pool.submit(load, following) if following < len(images) else None
             features = forward(batch)
             out[start : start + len(batch)] = features.float().cpu().numpy()
             if on_batch:
+                if pending is not None:
+                    wait([pending])
                 on_batch(len(batch))
     return out
 
