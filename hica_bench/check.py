@@ -242,6 +242,11 @@ def environment_differences(baseline: dict[str, Any], run: dict[str, Any]) -> li
                for name in sorted(set(base_packages) | set(run_packages)) if base_packages.get(name) != run_packages.get(name)]
     if changed:
         notes.append("package versions differ (scores may differ numerically): " + "; ".join(changed))
+    base_backend, run_backend = (side.get("extraction", {}).get("backend") for side in (baseline, run))
+    if base_backend and run_backend and base_backend != run_backend:
+        notes.append(f"encoder backend differs ({base_backend} vs {run_backend}): features agree only within the backends' "
+                     "tolerance, and methods that cluster or train on features (e.g. HiCA's stage 1) can move by "
+                     "points on that; pass the baseline's --backend to compare like with like")
     if baseline.get("git") != run.get("git"):
         notes.append(f"code differs: baseline git {str(baseline.get('git'))[:12]}, run git {str(run.get('git'))[:12]}")
     return notes

@@ -143,6 +143,7 @@ def test_missing_cells_and_machine_notes(run, tmp_path, check):
     def elsewhere(record):
         record["environment"]["device_name"] = "Some Other CPU"
         record["environment"]["packages"]["torch"] = "0.0.1"
+        record["environment"]["extraction"]["backend"] = "onnxruntime"  # the run is eager (pixels export nothing)
 
     records = _records(run)
     partial = _write(tmp_path / "partial.jsonl", [r for r in records if r["key"]["k"] == 1])
@@ -151,6 +152,7 @@ def test_missing_cells_and_machine_notes(run, tmp_path, check):
     assert "missing from the run: breastmnist linear-probe k=5" in result.stdout
     assert "different machines" in result.stdout and "Some Other CPU" in result.stdout
     assert "torch 0.0.1" in result.stdout
+    assert "encoder backend differs (onnxruntime vs eager)" in " ".join(result.stdout.split())
 
 
 def test_cached_run_has_no_throughput_to_compare(run, medmnist_root, tmp_path, capsys, check):
