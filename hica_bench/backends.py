@@ -142,10 +142,11 @@ def export_onnx(pair: EncoderPair, cache_dir: Path) -> tuple[Path, dict[str, Any
         if record["max_abs_diff"] > ONNX_TOLERANCE * record["max_abs_eager"]:
             record.update(ok=False, reason=f"ONNX Runtime features differ from eager by {record['max_abs_diff']:.2e} "
                                            f"(> {ONNX_TOLERANCE:g} × max |feature| {record['max_abs_eager']:.3g})")
-    except BackendUnavailable:
-        raise
+    except BackendUnavailable as exc:
+        record.update(ok=False, reason=str(exc))
     except Exception as exc:  # any exporter failure means: this encoder does not export cleanly
-        record.update(ok=False, reason=f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        record.update(ok=False, reason=f"torch.onnx.export failed: {type(exc).__name__}: {first_line}")
     if not record["ok"]:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

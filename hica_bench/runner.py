@@ -227,7 +227,10 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
         datasets = open_datasets(grid, settings)
         encoders: EncoderPair = grid.encoder.build(device=settings.device)
         cache = FeatureCache(settings.cache_dir)
+        probing = progress.add_task("encoder settings (probed once, then remembered)", total=None) if progress else None
         summary.tuning = tuned = tuning.choose(encoders, settings.extraction, settings.cache_dir, log.info)
+        if progress:
+            progress.remove_task(probing)
         extraction_settings = tuned.settings
         forward = _lazy(lambda: tuning.build_forward(encoders, extraction_settings, settings.cache_dir))
         env = environment(settings.device) | {"extraction": asdict(extraction_settings)}

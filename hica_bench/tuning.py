@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hica_bench.backends import (BACKENDS, BackendUnavailable, Forward, eager_forward, onnx_forward,
+from hica_bench.backends import (BACKENDS, BackendUnavailable, Forward, eager_forward, export_onnx, onnx_forward,
                                  onnxruntime_version, set_channels_last)
 from hica_bench.errors import UserError
 from hica_bench.features import precision as compute_precision
@@ -183,7 +183,12 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None) -
     threads = [default_threads] if requested.threads or cuda else sorted({default_threads, cpus})
 
     if len(candidates) == 1 and len(batches) == 1 and len(threads) == 1:
-        return Tuning(candidates[0], "given", unavailable=unavailable)
+        if candidates[0].backend == "onnxruntime":
+            try:  # nothing to measure, but the export must work (it is cached for the run's forward)
+                export_onnx(pair, cache_dir)
+            except BackendUnavailable as exc:
+                raise UserError(f"--backend onnxruntime: {exc}") from None
+        return Tuning(replace(candidates[0], batch_size=batches[0]), "given", unavailable=unavailable)
 
     key = {
         "version": TUNING_VERSION, "encoder": pair.image.identity, "input_spec": repr(pair.image.input_spec),

@@ -91,6 +91,8 @@ def test_unexportable_encoder_falls_back_to_eager_with_the_reason_remembered(tmp
         backends.export_onnx(pair(NumpyInsideEncoder()), tmp_path)
     with pytest.raises(UserError, match="--backend onnxruntime"):
         tuning.choose(pair(NumpyInsideEncoder()), tuning.Requested(backend="onnxruntime", batch_size=4), tmp_path)
+    with pytest.raises(UserError, match="--backend onnxruntime"):  # every knob fixed: nothing probed, still refused
+        tuning.choose(pair(NumpyInsideEncoder()), tuning.Requested(backend="onnxruntime", batch_size=4, threads=1), tmp_path)
 
 
 def test_encoder_without_module_is_eager_only(tmp_path):
