@@ -138,6 +138,12 @@ CASES = [
     Case("encoder-option-unknown", ["--encoder", "pixels:size=32"], "encoder 'pixels' has no option 'size' (options: none)"),
     # other options
     Case("device", ["--device", "tpu"], "--device must be auto, cpu or cuda"),
+    # encoder execution (issue 8)
+    Case("backend-unknown", ["--backend", "tensorrt"], "--backend must be one of auto, eager, onnxruntime; got 'tensorrt'"),
+    Case("batch-size-negative", ["--batch-size", "-1"], "--batch-size must be >= 0 (0 = choose by measurement), got -1"),
+    Case("threads-negative", ["--threads", "-2"], "--threads must be >= 0 (0 = choose by measurement), got -2"),
+    Case("backend-onnxruntime-cannot-run", ["--backend", "onnxruntime"],
+         "--backend onnxruntime cannot run encoder 'test-pixels-16px-v1': the encoder does not expose its image module"),
     Case("size-not-a-number", ["--size", "big"], "Invalid value for '--size'"),
     Case("size-not-offered", ["--size", "32"], "breastmnist comes in sizes 28, 64, 128, 224; got --size 32"),
     Case("max-test-zero", ["--max-test", "0"], "--max-test must be >= 1"),
