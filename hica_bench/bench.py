@@ -511,17 +511,9 @@ class _Variant:
 
     def _raw(self, passes: int) -> float:
         """Seconds of ``passes`` timed forward passes of the preprocessed batch (each synchronised on CUDA)."""
-        import torch
+        from hica_bench.features import forward_seconds
 
-        seconds = 0.0
-        with torch.inference_mode():
-            for _ in range(passes):
-                self._sync()
-                start = time.perf_counter()
-                self.forward(self.batch)
-                self._sync()
-                seconds += time.perf_counter() - start
-        return seconds
+        return sum(forward_seconds(self.forward, self.batch, self.device, iterations=passes))
 
     def measure(self, repeat: int) -> dict[str, Any]:
         if self.variant != "harness":

@@ -80,23 +80,19 @@ def encode_images(
     return out
 
 
-def forward_seconds(encoder: ImageEncoder, batch, device: str, amp: bool, iterations: int, warmup: int = 0) -> list[float]:
-    """Seconds of each of ``iterations`` timed ``encoder.encode(batch)`` calls after ``warmup`` untimed ones
-    (timm's benchmark loop): ``batch`` is already preprocessed on ``device``; same precision as
-    :func:`encode_images`; on CUDA the device is synchronised before and after every timed call."""
-    import contextlib
-
+def forward_seconds(forward: Forward, batch, device: str, iterations: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``iterations`` timed ``forward(batch)`` calls after ``warmup`` untimed ones (timm's
+    benchmark loop): ``batch`` is already preprocessed on ``device``; on CUDA the device is synchronised before
+    and after every timed call."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(device, amp))
-    cuda = device.startswith("cuda")
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     times = []
-    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext():
+    with torch.inference_mode():
         for step in range(warmup + iterations):
             sync()
             start = time.perf_counter()
-            encoder.encode(batch)
+            forward(batch)
             sync()
             if step >= warmup:
                 times.append(time.perf_counter() - start)
@@ -115,6 +111,7 @@ class ReferenceProbe:
 
     def __init__(self, encoder: ImageEncoder, batch, device: str, amp: bool, every: int = 1, passes: int = 3) -> None:
         self.encoder, self.batch, self.device, self.amp = encoder, batch, device, amp
+        self.forward = eager_forward(encoder, device, precision(device, amp))
         self.every, self.passes = max(1, every), passes
         self.times: list[float] = []
         self.paused_s = 0.0
@@ -132,7 +129,7 @@ class ReferenceProbe:
         start = time.perf_counter()
         self._batches += 1
         if self._batches % self.every == 0 and len(self.times) < self.passes:
-            self.times += forward_seconds(self.encoder, self.batch, self.device, self.amp, iterations=1)
+            self.times += forward_seconds(self.forward, self.batch, self.device, iterations=1)
         self.paused_s += time.perf_counter() - start
 
     @property

@@ -31,6 +31,7 @@ from typing import Any
 from hica_bench.backends import (BACKENDS, BackendUnavailable, Forward, eager_forward, export_onnx, onnx_forward,
                                  onnxruntime_version, set_channels_last)
 from hica_bench.errors import UserError
+from hica_bench.features import forward_seconds
 from hica_bench.features import precision as compute_precision
 from hica_bench.interfaces import EncoderPair
 
@@ -125,19 +126,7 @@ def build_forward(pair: EncoderPair, settings: ExtractionSettings, cache_dir: Pa
 
 def _rate(forward: Forward, batch: Any, device: str, repeats: int = 2) -> float:
     """Images/s of ``forward(batch)``: one untimed pass, then the fastest of ``repeats`` timed ones."""
-    import torch
-
-    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
-    best = float("inf")
-    with torch.inference_mode():
-        for step in range(repeats + 1):
-            sync()
-            start = time.perf_counter()
-            forward(batch)
-            sync()
-            if step:
-                best = min(best, time.perf_counter() - start)
-    return len(batch) / best
+    return len(batch) / min(forward_seconds(forward, batch, device, iterations=repeats, warmup=1))
 
 
 def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None) -> Tuning:
