@@ -64,7 +64,7 @@ class Requested:
 
 @dataclass(frozen=True)
 class ExtractionSettings:
-    """How features are extracted; recorded in every result (``options.extraction``) and the run summary."""
+    """How features are extracted; recorded in every result (``environment.extraction``) and the run summary."""
 
     backend: str
     batch_size: int
