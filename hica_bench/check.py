@@ -35,7 +35,7 @@ METRICS = ("acc", "auc")
 #: environment facts whose difference makes raw speeds (device, cpu, threads) or scores (packages) incomparable
 SPEED_FACTS = ("device", "device_name", "cpu_model", "cpu_count", "torch_threads")
 DEFAULT_TOLERANCE = 1.0  #: percentage points
-DEFAULT_THROUGHPUT_TOLERANCE = 0.25  #: relative drop of harness efficiency
+DEFAULT_THROUGHPUT_TOLERANCE = 0.4  #: relative drop of harness efficiency (its run-to-run spread on a shared 2-core VM: ±18 %)
 
 
 Key = tuple  #: (dataset, size, encoder, method, k, max_test)

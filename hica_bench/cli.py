@@ -325,7 +325,7 @@ def check_(
     results: Path = typer.Option(..., help="The fresh run: a results.jsonl, a leaderboard.csv, or a folder with one."),
     tolerance: float = typer.Option(1.0, help="Allowed ACC/AUC drop per cell, in percentage points."),
     noise_z: float = typer.Option(0.0, help="If > 0, allow max(tolerance, Z × seed noise from the baseline's std) instead."),
-    throughput_tolerance: float = typer.Option(0.25, help="Allowed relative drop of harness/raw throughput (0.25 = 25 %)."),
+    throughput_tolerance: float = typer.Option(0.4, help="Allowed relative drop of harness efficiency (0.4 = 40 %)."),
     report: Optional[Path] = typer.Option(None, help="Also write the comparison as JSON here."),
 ) -> None:
     """Compare a fresh run with a baseline cell by cell; exit 1 on a regression, 0 when clean, 2 on bad input."""

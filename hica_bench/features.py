@@ -99,37 +99,48 @@ def forward_seconds(forward: Forward, batch, device: str, iterations: int, warmu
     return times
 
 
+REFERENCE_BATCH = 8  #: images in the plain eager yardstick's fixed batch, whatever the extraction's batch size
+
+
 class ReferenceProbe:
     """A per-batch hook (``on_batch``) for :func:`split_features` that measures the plain eager forward
-    (``encoder.encode`` on a preprocessed batch, whatever backend the extraction uses) during the extraction it
-    is compared with, so both see the same machine load: the run's machine-independent yardstick.
+    (``encoder.encode`` on a fixed preprocessed batch of :data:`REFERENCE_BATCH` images, whatever backend and
+    batch size the extraction uses) during the extraction it is compared with, so both see the same machine
+    load: the run's machine-independent yardstick.
 
-    After every ``every``-th extraction batch it times one ``encoder.encode`` of a fixed batch, preprocessed
-    beforehand (at most ``passes`` times). ``paused_s`` is the time the hook took: take it out of the
+    After every ``every``-th extraction batch it times one pass (at most ``passes`` times); the first time it
+    also runs ``warmup`` untimed passes, because the first eager calls are slow (measured on 2 cores: pass 1 at
+    ~50 %, pass 2 at ~80 % of the later rate). The spacing is fixed, not spread over the split: an eager pass
+    after many batches of another backend runs partly cold (~35 against ~48 images/s), so a spacing that grew
+    with the split would make the yardstick depend on the dataset's size. Single passes scatter by 20-30 % on a
+    shared 2-core machine, hence the median of 7. ``paused_s`` is the time the hook took: take it out of the
     extraction's seconds. ``images_per_s`` is the median raw rate (None until a pass ran, e.g. on a cache hit).
     """
 
-    def __init__(self, encoder: ImageEncoder, batch, device: str, amp: bool, every: int = 1, passes: int = 3) -> None:
+    def __init__(self, encoder: ImageEncoder, batch, device: str, amp: bool, every: int = 1, passes: int = 7,
+                 warmup: int = 2) -> None:
         self.encoder, self.batch, self.device, self.amp = encoder, batch, device, amp
         self.forward = eager_forward(encoder, device, precision(device, amp))
-        self.every, self.passes = max(1, every), passes
+        self.every, self.passes, self.warmup = max(1, every), passes, warmup
         self.times: list[float] = []
         self.paused_s = 0.0
         self._batches = 0
 
     @classmethod
     def for_split(cls, encoder: ImageEncoder, images: np.ndarray, device: str, batch_size: int, amp: bool = True,
-                  passes: int = 3) -> "ReferenceProbe":
-        """Passes spread evenly over the extraction of ``images``; the fixed batch is their first ``batch_size``."""
+                  passes: int = 7, warmup: int = 2) -> "ReferenceProbe":
+        """A pass after every 4th batch of the extraction of ``images`` in batches of ``batch_size`` (more often
+        when the split has fewer than ``4 * passes`` batches); the fixed batch is their first :data:`REFERENCE_BATCH`."""
         n_batches = -(-len(images) // batch_size)
-        batch = preprocess(images[:batch_size], encoder.input_spec, device)
-        return cls(encoder, batch, device, amp, every=n_batches // passes, passes=passes)
+        batch = preprocess(images[:REFERENCE_BATCH], encoder.input_spec, device)
+        return cls(encoder, batch, device, amp, every=min(4, n_batches // passes), passes=passes, warmup=warmup)
 
     def __call__(self, count: int) -> None:
         start = time.perf_counter()
         self._batches += 1
         if self._batches % self.every == 0 and len(self.times) < self.passes:
-            self.times += forward_seconds(self.forward, self.batch, self.device, iterations=1)
+            warmup, self.warmup = self.warmup, 0
+            self.times += forward_seconds(self.forward, self.batch, self.device, iterations=1, warmup=warmup)
         self.paused_s += time.perf_counter() - start
 
     @property

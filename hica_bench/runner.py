@@ -234,13 +234,13 @@ def run(grid: Grid, settings: Settings, progress=None) -> Summary:
         extraction_settings = tuned.settings
         forward = _lazy(lambda: tuning.build_forward(encoders, extraction_settings, settings.cache_dir))
         env = environment(settings.device) | {"extraction": asdict(extraction_settings)}
-        reference: float | None = None  # plain eager images/s, measured once, during the first encoder pass
         cells_task = progress.add_task("cells", total=summary.total - summary.skipped) if progress else None
         for name, cells in pending.items():
             if not cells:
                 continue
             dataset = datasets[name]
             splits = {}
+            reference: float | None = None  # plain eager images/s, measured during this dataset's first encoder pass
             for split in ("train", "test"):
                 n = len(dataset.split(split).labels)
                 bar = progress.add_task(f"{name} {split} features", total=n) if progress else None

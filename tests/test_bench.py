@@ -173,15 +173,17 @@ def test_reference_probe_spreads_its_passes_over_the_extraction():
     """The run's plain-eager yardstick (``features.ReferenceProbe``, used by ``hica-bench run``)."""
     import numpy as np
 
-    from hica_bench.features import ReferenceProbe, encode_images
+    from hica_bench.features import REFERENCE_BATCH, ReferenceProbe, encode_images
 
     encoder = CountingEncoder()
     images = np.random.default_rng(0).integers(0, 255, (100, 28, 28), dtype=np.uint8)
-    probe = ReferenceProbe.for_split(encoder, images, "cpu", batch_size=10, passes=3)
+    probe = ReferenceProbe.for_split(encoder, images, "cpu", batch_size=10, passes=3, warmup=2)
     assert probe.images_per_s is None  # nothing timed before the extraction
     features = encode_images(images, encoder, "cpu", 10, on_batch=probe)
     assert features.shape == (100, 3)
-    # 10 extraction batches; a raw pass after batches 3, 6 and 9 (every 10 // 3), none after that
-    assert encoder.calls == [10] * 13 and len(probe.times) == 3
+    # 10 extraction batches; a timed raw pass of the fixed 8 images after batches 3, 6 and 9 (every 10 // 3), the
+    # 2 untimed warm-up passes before the first of them, none after that
+    raw = [REFERENCE_BATCH] * 3
+    assert encoder.calls == [10] * 3 + raw + [10] * 3 + raw[:1] + [10] * 3 + raw[:1] + [10] and len(probe.times) == 3
     assert probe.paused_s >= sum(probe.times) > 0
-    assert probe.images_per_s == 10 / statistics.median(probe.times)
+    assert probe.images_per_s == REFERENCE_BATCH / statistics.median(probe.times)

@@ -64,7 +64,7 @@ def doctor(run, tmp_path, change, name="baseline.jsonl"):
 def test_run_records_throughput_reference_and_environment(run):
     ok = [r for r in _records(run) if r["status"] == "ok"]
     assert ok and all(r["timings"]["encoder_images_per_s"] > 0 and r["timings"]["reference_images_per_s"] > 0 for r in ok)
-    assert len({r["timings"]["reference_images_per_s"] for r in ok}) == 1  # measured once per run
+    assert len({r["timings"]["reference_images_per_s"] for r in ok}) == 1  # measured once per dataset
     env = ok[0]["environment"]
     assert env["cpu_model"] and env["device_name"] and env["torch_threads"] >= 1 and env["cpu_count"] >= 1
     csv_header = (run.parent / "leaderboard.csv").read_text().splitlines()[0]
