@@ -111,7 +111,7 @@ class ReferenceProbe:
     After every ``every``-th extraction batch it times one pass (at most ``passes`` times); the first time it
     also runs ``warmup`` untimed passes, because the first eager calls are slow (measured on 2 cores: pass 1 at
     ~50 %, pass 2 at ~80 % of the later rate). The spacing is fixed, not spread over the split: an eager pass
-    after many batches of another backend runs partly cold (~35 against ~48 images/s), so a spacing that grew
+    after many batches of another backend runs partly cold (~33 against ~48 images/s), so a spacing that grew
     with the split would make the yardstick depend on the dataset's size. Single passes scatter by 20-30 % on a
     shared 2-core machine, hence the median of 7. ``paused_s`` is the time the hook took: take it out of the
     extraction's seconds. ``images_per_s`` is the median raw rate (None until a pass ran, e.g. on a cache hit).

@@ -169,7 +169,7 @@ class CountingEncoder:
         return images.mean(dim=(2, 3))
 
 
-def test_reference_probe_spreads_its_passes_over_the_extraction():
+def test_reference_probe_times_warm_passes_at_a_fixed_spacing():
     """The run's plain-eager yardstick (``features.ReferenceProbe``, used by ``hica-bench run``)."""
     import numpy as np
 
@@ -187,3 +187,9 @@ def test_reference_probe_spreads_its_passes_over_the_extraction():
     assert encoder.calls == [10] * 3 + raw + [10] * 3 + raw[:1] + [10] * 3 + raw[:1] + [10] and len(probe.times) == 3
     assert probe.paused_s >= sum(probe.times) > 0
     assert probe.images_per_s == REFERENCE_BATCH / statistics.median(probe.times)
+
+    # a longer split: the spacing stays at every 4th batch (not 30 // 3), so the yardstick does not depend on its size
+    encoder.calls.clear()
+    long = ReferenceProbe.for_split(encoder, np.tile(images, (3, 1, 1)), "cpu", batch_size=10, passes=3, warmup=0)
+    encode_images(np.tile(images, (3, 1, 1)), encoder, "cpu", 10, on_batch=long)
+    assert encoder.calls == ([10] * 4 + raw[:1]) * 3 + [10] * 18 and len(long.times) == 3
