@@ -119,7 +119,7 @@ class ReferenceProbe:
 
     def __init__(self, encoder: ImageEncoder, batch, device: str, amp: bool, every: int = 1, passes: int = 7,
                  warmup: int = 2) -> None:
-        self.encoder, self.batch, self.device, self.amp = encoder, batch, device, amp
+        self.batch, self.device = batch, device
         self.forward = eager_forward(encoder, device, precision(device, amp))
         self.every, self.passes, self.warmup = max(1, every), passes, warmup
         self.times: list[float] = []
