@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from hica_bench import protocol
-from hica_bench.cache import FeatureCache
+from hica_bench.extraction.cache import FeatureCache
 from hica_bench.data import preprocess
-from hica_bench.features import encode_images
+from hica_bench.extraction.encode import encode_images
 from hica_bench.metrics import classification_metrics
 
 BATCH = 16

@@ -2,7 +2,9 @@
 
 Either side is a ``results.jsonl``, a ``leaderboard.csv`` or a folder holding one. A cell is
 (dataset, size, encoder, method, k, max_test); its scores are means over the seeds both results files hold
-(a leaderboard CSV gives its recorded means).
+(a leaderboard CSV gives its recorded means). Where one side holds results of several origins for a cell (see
+:class:`hica_bench.results.Origin`), the newest origin is compared and a note says so; where the two sides'
+origins differ (another backend, checkpoint, plugin version or option default), a note says what differs.
 
 - **ACC / AUC** regress when the run's mean is more than ``bound`` percentage points below the baseline's:
   ``bound = tolerance``, or with ``noise_z`` > 0, ``max(tolerance, noise_z · std_baseline · √(1/n_b + 1/n_r))``
@@ -20,7 +22,7 @@ schema, no overlapping cells) raises :class:`UserError`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,11 @@ import numpy as np
 import pandas as pd
 
 from hica_bench.errors import UserError
-from hica_bench.results import ResultsStore
+from hica_bench.metrics import HEADLINE as METRICS
+from hica_bench.metrics import aggregate
+from hica_bench.results import LEGACY, Origin, ResultsStore, Status, origin_differences
 
 CELL = ["dataset", "size", "encoder", "method", "k", "max_test"]
-METRICS = ("acc", "auc")
 #: environment facts whose difference makes raw speeds (device, cpu, threads) or scores (packages) incomparable
 SPEED_FACTS = ("device", "device_name", "cpu_model", "cpu_count", "torch_threads")
 DEFAULT_TOLERANCE = 1.0  #: percentage points
@@ -51,6 +54,9 @@ class Side:
     per_seed: dict[Key, list[dict[str, Any]]] | None
     efficiency: dict[tuple, float]  #: (dataset, size, encoder) -> median encoder images/s ÷ reference images/s
     environment: dict[str, Any] = field(default_factory=dict)
+    origins: dict[Key, str] = field(default_factory=dict)  #: the origin compared per cell (results files: origin_id)
+    origin_of: dict[str, Origin] = field(default_factory=dict)  #: origin_id -> Origin (results files)
+    notes: list[str] = field(default_factory=list)  #: what reading this side found worth saying
 
 
 @dataclass
@@ -93,19 +99,35 @@ def _load_results(path: Path, role: str) -> Side:
     results = list(ResultsStore(path).load().values())
     if not results:
         raise UserError(f"{role} {str(path)!r} holds no results")
+    newest_origin: dict[Key, tuple[str, str]] = {}  # cell -> (finished_at, origin_id) of its newest result
+    all_origins: dict[Key, set[str]] = {}
+    for r in results:
+        key = tuple(getattr(r.key, c) for c in CELL)
+        all_origins.setdefault(key, set()).add(r.origin_id)
+        newest_origin[key] = max(newest_origin.get(key, ("", "")), (r.finished_at, r.origin_id))
     per_seed: dict[Key, list[dict[str, Any]]] = {}
     efficiencies: dict[tuple, list[float]] = {}
     for r in results:
         key = tuple(getattr(r.key, c) for c in CELL)
-        record = {"seed": r.key.seed, "status": r.status, "reason": r.reason,
-                  **{m: float((r.metrics or {}).get(m, math.nan)) for m in METRICS}}
+        if r.origin_id != newest_origin[key][1]:
+            continue  # an older origin of this cell: never mixed with the newest
+        record = {"seed": r.key.seed, "status": r.status.value, "reason": r.reason,
+                  **{m: float(getattr(r.metrics, m)) if r.metrics else math.nan for m in METRICS}}
         per_seed.setdefault(key, []).append(record)
-        ips, ref = r.timings.get("encoder_images_per_s"), r.timings.get("reference_images_per_s")
-        if ips and ref:
-            efficiencies.setdefault(key[:3], []).append(ips / ref)
+        if r.timings.efficiency:
+            efficiencies.setdefault(key[:3], []).append(r.timings.efficiency)
     cells = {key: _summarise(records) for key, records in per_seed.items()}
+    shared = sorted(key for key, found in all_origins.items() if len(found) > 1)
+    notes = [f"{role} holds results of several origins for {len(shared)} cells (e.g. {_name(shared[0])}); the newest "
+             "origin of each is compared"] if shared else []
     newest = max(results, key=lambda r: r.finished_at)
-    return Side(path, cells, per_seed, {k: float(np.median(v)) for k, v in efficiencies.items()}, newest.environment)
+    return Side(path, cells, per_seed, {k: float(np.median(v)) for k, v in efficiencies.items()},
+                asdict(newest.environment), {key: origin for key, (_, origin) in newest_origin.items()},
+                {r.origin_id: r.identity.origin for r in results if r.identity is not None}, notes)
+
+
+def _name(key: Key) -> str:
+    return f"{key[0]} {key[3]} k={key[4]}"
 
 
 def _load_leaderboard(path: Path, role: str) -> Side:
@@ -119,20 +141,25 @@ def _load_leaderboard(path: Path, role: str) -> Side:
         raise UserError(f"{role} {str(path)!r} is not a hica-bench leaderboard.csv (lacks columns {', '.join(missing)})")
     if frame.empty:
         raise UserError(f"{role} {str(path)!r} holds no results")
+    if "origin" in frame.columns and "finished" in frame.columns:  # several origins of a cell: keep the newest
+        frame = frame.sort_values("finished", kind="stable").drop_duplicates(CELL, keep="last")
     cells: dict[Key, dict[str, Any]] = {}
     efficiencies: dict[tuple, list[float]] = {}
+    origins: dict[Key, str] = {}
     for row in frame.to_dict("records"):
         try:
             key = (str(row["dataset"]), int(row["size"]), str(row["encoder"]), str(row["method"]), int(row["k"]),
                    None if pd.isna(row["max_test"]) else int(row["max_test"]))
             seeds = frozenset(int(s) for s in str(row["seeds"]).split(",")) if "seeds" in row else None
             cells[key] = {"status": "ok", "reason": None, "seeds": seeds, "n": int(row["n"]), **{s: float(row[s]) for s in stats}}
+            if "origin" in row:
+                origins[key] = str(row["origin"])
         except (TypeError, ValueError) as exc:
             raise UserError(f"{role} {str(path)!r}: malformed row {row.get('dataset')} {row.get('method')} ({exc})") from None
         ips, ref = row.get("encoder_images_per_s_mean"), row.get("reference_images_per_s_mean")
         if ips and ref and not (pd.isna(ips) or pd.isna(ref)):
             efficiencies.setdefault(key[:3], []).append(float(ips) / float(ref))
-    return Side(path, cells, None, {k: float(np.median(v)) for k, v in efficiencies.items()})
+    return Side(path, cells, None, {k: float(np.median(v)) for k, v in efficiencies.items()}, origins=origins)
 
 
 def _summarise(records: list[dict[str, Any]], seeds: frozenset | None = None) -> dict[str, Any]:
@@ -140,14 +167,13 @@ def _summarise(records: list[dict[str, Any]], seeds: frozenset | None = None) ->
     else ``not_applicable`` if any was, else ``ok``; mean and sample std of each metric over the ok seeds."""
     records = [r for r in records if seeds is None or r["seed"] in seeds]
     statuses = {r["status"] for r in records}
-    status = "failed" if "failed" in statuses else "not_applicable" if "not_applicable" in statuses else "ok"
+    status = next(s.value for s in (Status.FAILED, Status.NOT_APPLICABLE, Status.OK) if s.value in statuses)
     reason = next((r["reason"] for r in records if r["status"] == status and r["reason"]), None)
-    ok = [r for r in records if r["status"] == "ok"]
+    ok = [r for r in records if r["status"] == Status.OK.value]
     summary = {"status": status, "reason": reason, "seeds": frozenset(r["seed"] for r in records), "n": len(ok)}
     for m in METRICS:
-        values = np.array([r[m] for r in ok if not math.isnan(r[m])])
-        summary[f"{m}_mean"] = float(values.mean()) if len(values) else math.nan
-        summary[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        stats = aggregate(r[m] for r in ok)
+        summary[f"{m}_mean"], summary[f"{m}_std"] = stats["mean"], stats["std"]
     return summary
 
 
@@ -177,6 +203,7 @@ def compare(baseline: Side, run: Side, tolerance: float = DEFAULT_TOLERANCE, noi
         verdict = "regressed" if change < -throughput_tolerance else "improved" if change > throughput_tolerance else "ok"
         rows.append(_row(verdict, pass_key + ("(encoder pass)", None, None), "harness / plain eager images/s", f"{base_eff:.3f}",
                          f"{run_eff:.3f}", f"{100 * change:+.1f}%", f"-{100 * throughput_tolerance:.0f}%"))
+    notes += baseline.notes + run.notes + _origin_differences(baseline, run, common)
     notes += environment_differences(baseline.environment, run.environment)
     frame = pd.DataFrame(rows, columns=["verdict", *CELL, "what", "baseline", "run", "change", "allowed", "note"])
     return Report(frame, len(common), notes)
@@ -210,6 +237,23 @@ def _compare_cell(key: Key, baseline: Side, run: Side, tolerance: float, noise_z
         verdict = "regressed" if math.isnan(r) or change < -bound else "improved" if change > bound else "ok"
         rows.append(_row(verdict, key, m.upper(), f"{100 * b:.1f}", f"{100 * r:.1f}", f"{change:+.1f}", f"-{bound:.1f}", note))
     return rows
+
+
+def _origin_differences(baseline: Side, run: Side, common: list[Key]) -> list[str]:
+    """One note per distinct way the compared cells' origins differ between the two sides."""
+    differing: dict[str, list[Key]] = {}
+    for key in common:
+        base, new = baseline.origins.get(key), run.origins.get(key)
+        if base is None or new is None or base == new:
+            continue
+        if LEGACY in (base, new) or base not in baseline.origin_of or new not in run.origin_of:
+            what = ("one side has legacy results (schema 1, origin not recorded)" if LEGACY in (base, new)
+                    else f"origin ⟨{base}⟩ vs ⟨{new}⟩")
+        else:
+            what = "; ".join(origin_differences(baseline.origin_of[base], run.origin_of[new])) or "origin ids differ"
+        differing.setdefault(what, []).append(key)
+    return [f"{len(keys)} compared cells differ in origin from the baseline (e.g. {_name(keys[0])}): {what}"
+            for what, keys in differing.items()]
 
 
 def _row(verdict: str, key: tuple, what: str, baseline="", run="", change="", allowed="", note="") -> dict[str, Any]:

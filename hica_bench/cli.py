@@ -1,6 +1,8 @@
 """The ``hica-bench`` command line: thin typer commands over the core modules.
 
 Exit codes: 0 all cells finished, 1 some cells failed, 2 bad input (one line on stderr, no traceback).
+Text that comes from users or plugins (names, options, reasons, paths) is printed without rich markup, so
+``[brackets]`` in it are shown as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -23,23 +26,22 @@ except ImportError:  # pragma: no cover - older typer
 
 from hica_bench import __version__
 from hica_bench.errors import UserError
+from hica_bench.files import atomic_write
 from hica_bench.interfaces import KINDS
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are shown as written: "[default: $HICA_BENCH_DATA]" keeps its brackets
     help="Benchmark few-shot medical image classification methods built on vision-language models.",
 )
 console = Console(stderr=True)
 
-DEFAULT_DATASETS = "breastmnist,pneumoniamnist"
-DEFAULT_METHODS = "zero-shot,linear-probe,prototype,knn,tip-adapter,tip-adapter-f,clip-adapter,lp++,coop"
-DEFAULT_ENCODER = "effnet-lite0-minilm"
-
 
 # Options `run` and `bench` share, defined once so both commands mean the same thing by them.
-ENCODER_OPTION = typer.Option(DEFAULT_ENCODER, help="Encoder pair, NAME or NAME:opt=value (see `hica-bench list encoder`).")
+ENCODER_OPTION = typer.Option(None, help="Encoder pair, NAME or NAME:opt=value (see `hica-bench list encoder`) "
+                                         "[default: the one the installed plugins declare as default].")
 SIZE_OPTION = typer.Option(28, help="Image size of the dataset files (MedMNIST: 28, 64, 128, 224).")
 DEVICE_OPTION = typer.Option("auto", help="auto, cpu or cuda[:N].")
 BACKEND_OPTION = typer.Option("auto", help="Encoder backend: eager (PyTorch), onnxruntime (needs hica-bench[onnx]; CPU), "
@@ -55,14 +57,23 @@ DOWNLOAD_OPTION = typer.Option(True, help="Download missing dataset files.")
 
 def requested_extraction(backend: str, batch_size: int, channels_last: Optional[bool], threads: int, amp: bool,
                          compile: bool):
-    """The extraction knobs the user fixed (0 / None = choose by measurement), validated."""
-    from hica_bench.tuning import Requested
+    """The extraction knobs the user fixed (0 / None = choose by measurement), validated by ``Requested`` itself."""
+    from hica_bench.extraction import Requested
 
-    for name, value in (("--batch-size", batch_size), ("--threads", threads)):
-        if value < 0:
-            raise UserError(f"{name} must be >= 0 (0 = choose by measurement), got {value}")
-    return Requested(backend=backend, batch_size=batch_size or None, channels_last=channels_last,
-                     threads=threads or None, amp=amp, compile=compile)
+    return Requested(backend=backend, batch_size=batch_size, channels_last=channels_last, threads=threads, amp=amp,
+                     compile=compile)
+
+
+def default_suite(registry, kind: str, option: str) -> str:
+    """The names of ``kind`` the installed plugins declare as the default suite (comma list), for an option left out."""
+    from hica_bench.registry import plural
+
+    names = registry.default_suite(kind)
+    if not names:
+        raise UserError(f"no installed plugin declares a default {kind}; name {plural(kind)} with {option}")
+    if kind == "encoder" and len(names) > 1:
+        raise UserError(f"installed plugins declare {len(names)} default encoders ({', '.join(names)}); choose one with --encoder")
+    return ",".join(names)
 
 
 def _registry(ctx: typer.Context):
@@ -72,7 +83,7 @@ def _registry(ctx: typer.Context):
         ctx.obj = load_registry(ctx.find_root().params.get("plugin") or [])
         ctx.obj.specs("method")  # calls every plugin's hooks, so load_errors is complete
         for problem in ctx.obj.load_errors:
-            console.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     return ctx.obj
 
 
@@ -125,9 +136,11 @@ def name_list(text: str, option: str) -> list[str]:
 @app.command()
 def run(
     ctx: typer.Context,
-    datasets: str = typer.Option(DEFAULT_DATASETS, help="Comma list of datasets (see `hica-bench list dataset`)."),
-    methods: str = typer.Option(DEFAULT_METHODS, help="Comma list of methods, each NAME or NAME:opt=value:opt=value."),
-    encoder: str = ENCODER_OPTION,
+    datasets: Optional[str] = typer.Option(None, help="Comma list of datasets (see `hica-bench list dataset`) "
+                                                      "[default: the installed plugins' default suite]."),
+    methods: Optional[str] = typer.Option(None, help="Comma list of methods, each NAME or NAME:opt=value:opt=value "
+                                                     "[default: the installed plugins' default suite]."),
+    encoder: Optional[str] = ENCODER_OPTION,
     shots: str = typer.Option("1,5,20", help="Comma list of shots per class."),
     seeds: str = typer.Option("0,1,2", help="Comma list of seeds."),
     size: int = SIZE_OPTION,
@@ -151,18 +164,12 @@ def run(
 
     shot_list, seed_list = int_list(shots, "--shots"), int_list(seeds, "--seeds")
     extraction = requested_extraction(backend, batch_size, channels_last, threads, amp, compile)
-    if size < 1:
-        raise UserError(f"--size must be positive, got {size}")
-    if max_test is not None and max_test < 1:
-        raise UserError(f"--max-test must be >= 1, got {max_test}")
     if cell_timeout is not None and not 0 < cell_timeout < float("inf"):
         raise UserError(f"--cell-timeout must be a positive number of seconds, got {cell_timeout}")
-    for k in shot_list:
-        if k < 1:
-            raise UserError(f"--shots must be >= 1, got {k}")
-    if any(s < 0 for s in seed_list):
-        raise UserError(f"--seeds must be >= 0, got {seeds!r}")
     registry = _registry(ctx)
+    datasets = datasets if datasets is not None else default_suite(registry, "dataset", "--datasets")
+    methods = methods if methods is not None else default_suite(registry, "method", "--methods")
+    encoder = encoder if encoder is not None else default_suite(registry, "encoder", "--encoder")
     grid = runner.Grid(
         datasets=[registry.choose("dataset", n) for n in name_list(datasets, "--datasets")],
         methods=[registry.choose("method", n) for n in name_list(methods, "--methods")],
@@ -186,7 +193,7 @@ def run(
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        summary = runner.run(grid, settings, progress)
+        summary = runner.run(grid, settings, registry, progress)
     _print_summary(summary, settings)
     if summary.failed:
         raise typer.Exit(1)
@@ -199,12 +206,12 @@ def _print_summary(summary, settings) -> None:
         for column in ("dataset", "split", "images", "source", "seconds", "images/s"):
             table.add_column(column)
         for e in summary.extractions:
-            rate = e.images_per_second
-            table.add_row(e.dataset, e.split, str(e.n_images), "cache" if e.cached else f"encoder ({settings.device})",
+            rate = e.images_per_s
+            table.add_row(escape(e.dataset), e.split, str(e.n_images), "cache" if e.cached else f"encoder ({settings.device})",
                           f"{e.seconds:.1f}", f"{rate:.1f}" if rate else "—")
         out.print(table)
     if summary.tuning:
-        out.print(f"extraction: {summary.tuning.describe()}", highlight=False)
+        out.print(f"extraction: {summary.tuning.describe()}", markup=False, highlight=False)
     out.print(
         f"cells: {summary.total} in grid, {summary.skipped} already finished, {summary.ok} ran ok, "
         f"{summary.not_applicable} not applicable, {summary.failed} failed"
@@ -212,31 +219,29 @@ def _print_summary(summary, settings) -> None:
     out.print(f"feature cache: {summary.cache_hits} hits, {summary.cache_misses} misses "
               f"(encoder seconds: {sum(e.seconds for e in summary.extractions):.1f})")
     for failure in summary.failures:
-        out.print(f"[red]failed:[/] {failure}", highlight=False)
+        out.print(f"[red]failed:[/] {escape(failure)}", highlight=False)
     out.print(f"wall time: {summary.wall_s:.1f} s")
     if summary.leaderboard:
         md_path, csv_path = summary.leaderboard
-        out.print(f"results: {settings.out_dir / 'results.jsonl'}\nleaderboard: {md_path}, {csv_path}")
+        out.print(f"results: {settings.out_dir / 'results.jsonl'}\nleaderboard: {md_path}, {csv_path}", markup=False)
 
 
 @app.command("list")
 def list_(ctx: typer.Context, kind: Optional[str] = typer.Argument(None, help=f"One of: {', '.join(KINDS)}.")) -> None:
     """Show the installed plugins: name, kind, distribution, version, options, description."""
+    from hica_bench.registry import kind_named
+
+    kinds = [kind_named(kind)] if kind is not None else list(KINDS)
     registry = _registry(ctx)
-    if kind is not None:
-        normal = kind.rstrip("s") if kind.rstrip("s") in KINDS else kind
-        if normal not in KINDS:
-            raise UserError(f"unknown kind {kind!r}; kinds are: {', '.join(KINDS)}")
-        kinds = [normal]
-    else:
-        kinds = list(KINDS)
-    table = Table()
+    table = Table(caption="* in the default suite (what `hica-bench run` runs when none is named)")
     for column in ("name", "kind", "distribution", "version", "options", "description"):
         table.add_column(column, overflow="fold")
     for k in kinds:
         for name, reg in sorted(registry.specs(k).items()):
             options = " ".join(f"{key}={value}" for key, value in reg.spec.options.items())
-            table.add_row(name, k, reg.distribution, reg.version, options, reg.spec.description.split("\n")[0])
+            shown = name + (" *" if reg.spec.in_default_suite else "")
+            table.add_row(*(escape(text) for text in (shown, k, reg.distribution, reg.version, options,
+                                                      reg.spec.description.split("\n")[0])))
     Console(width=200).print(table)
 
 
@@ -286,16 +291,17 @@ def bench_(
     and GFLOP/s against a matmul ceiling, measured in one run (one worker process per variant, in turns)."""
     import json
 
-    from hica_bench import bench, data, runner
+    from hica_bench import data, runner
+    from hica_bench.extraction import bench
 
     extraction = requested_extraction(backend, batch_size, channels_last, threads, amp, compile)
     if split not in ("train", "val", "test"):
         raise UserError(f"--split must be train, val or test, got {split!r}")
-    if size < 1:
-        raise UserError(f"--size must be positive, got {size}")
+    data.check_size(size)
     if min(images, repeats, naive_batch_size) < 1 or warmup < 0:
         raise UserError("--images, --repeats and --naive-batch-size must be >= 1 and --warmup >= 0")
     registry = _registry(ctx)
+    encoder = encoder if encoder is not None else default_suite(registry, "encoder", "--encoder")
     dataset_choice, encoder_choice = registry.choose("dataset", dataset), registry.choose("encoder", encoder)
     resolved = runner.resolve_device(device)
     scratch = data.cache_root(cache_dir)
@@ -309,14 +315,14 @@ def bench_(
         report = bench.bench(ctx.find_root().params.get("plugin") or [], encoder, encoder_choice.label, dataset,
                              dataset_choice.label, split, size, images, resolved, root, scratch, extraction,
                              naive_batch_size, warmup, repeats,
-                             log=lambda line: console.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True))
+                             log=lambda line: console.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True))
     except bench.WorkerFailed as exc:  # a crash, not bad input: one line, exit 1
         print(f"hica-bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise typer.Exit(1) from None
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write(out, json.dumps(report, indent=1) + "\n")
     stdout = Console(width=160)
     bench.print_report(report, stdout)
-    stdout.print(f"written: {out}", highlight=False)
+    stdout.print(f"written: {out}", markup=False, highlight=False)
 
 
 @app.command("check")
@@ -337,25 +343,25 @@ def check_(
     stdout = Console(width=200)  # CI logs: never fold the table
     shown = rows[rows["verdict"].isin(["regressed", "improved", "changed"])]
     if len(shown):
-        table = Table(title=f"{results} vs baseline {baseline}")
+        table = Table(title=escape(f"{results} vs baseline {baseline}"))
         for column in ("verdict", "dataset", "method", "k", "what", "baseline", "run", "change", "allowed", "note"):
             table.add_column(column, overflow="fold")
         for row in shown.to_dict("records"):
             style = "red" if row["verdict"] == "regressed" else "green" if row["verdict"] == "improved" else ""
-            table.add_row(f"[{style}]{row['verdict']}[/]" if style else row["verdict"], row["dataset"], row["method"],
-                          "" if row["k"] is None else str(row["k"]), row["what"], row["baseline"], row["run"],
-                          row["change"], row["allowed"], row["note"])
+            cells = [row["dataset"], row["method"], "" if row["k"] is None else str(row["k"]), row["what"],
+                     row["baseline"], row["run"], row["change"], row["allowed"], row["note"]]
+            table.add_row(f"[{style}]{row['verdict']}[/]" if style else row["verdict"], *(escape(str(c)) for c in cells))
         stdout.print(table)
     missing = rows[rows["verdict"] == "missing"]
     for (dataset, method), part in missing.groupby(["dataset", "method"], sort=True):
-        stdout.print(f"missing from the run: {dataset} {method} k={','.join(str(int(k)) for k in sorted(set(part['k'])))}", highlight=False)
+        stdout.print(f"missing from the run: {dataset} {method} k={','.join(str(int(k)) for k in sorted(set(part['k'])))}",
+                     markup=False, highlight=False)
     for note in outcome.notes:
-        stdout.print(f"note: {note}", highlight=False)
+        stdout.print(f"note: {note}", markup=False, highlight=False)
     stdout.print(f"{outcome.compared} cells compared; checks: {outcome.count('regressed')} regressed, {outcome.count('improved')} "
                  f"improved, {outcome.count('ok')} within tolerance; {len(missing)} cells missing from the run", highlight=False)
     if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(rows.to_json(orient="records", indent=1) + "\n")
+        atomic_write(report, rows.to_json(orient="records", indent=1) + "\n")
     if outcome.regressed:
         raise typer.Exit(1)
 

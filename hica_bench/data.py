@@ -7,7 +7,6 @@ feature cache and memory-mapped from there; a stored (uncompressed) member is me
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hica_bench.errors import UserError
+from hica_bench.files import atomic_path, digest
 from hica_bench.interfaces import InputSpec
 
 DATA_ENV = "HICA_BENCH_DATA"
@@ -38,6 +38,14 @@ def cache_root(cli_value: str | None) -> Path:
     return writable_dir(Path(value).expanduser(), "cache directory")
 
 
+def check_size(size: int) -> int:
+    """``--size``: the image side of the dataset files, a positive number of pixels (each dataset plugin says which
+    sizes it has)."""
+    if size < 1:
+        raise UserError(f"--size must be positive, got {size}")
+    return size
+
+
 def writable_dir(path: Path, what: str) -> Path:
     """``path`` as a folder this process can write to (created if missing), else a UserError naming ``what``."""
     try:
@@ -51,7 +59,8 @@ def writable_dir(path: Path, what: str) -> Path:
 
 
 def file_fingerprint(path: Path) -> str:
-    """Cheap identity of a file's content version: name, byte size and modification time."""
+    """Cheap identity of a file's version on this machine: name, byte size and modification time (names scratch
+    copies; a dataset's identity uses :func:`hica_bench.files.file_sha256`, which is the same on every machine)."""
     stat = path.stat()
     return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -66,8 +75,7 @@ class LazyNpz:
             self.keys = {name[:-4] for name in self._zip.namelist() if name.endswith(".npy")}
         except (zipfile.BadZipFile, OSError) as exc:
             raise UserError(f"{self.path} is not a readable .npz file ({exc}); delete it and download it again") from None
-        digest = hashlib.sha256(file_fingerprint(self.path).encode()).hexdigest()[:16]
-        self._scratch = Path(scratch_dir) / "arrays" / f"{self.path.stem}-{digest}"
+        self._scratch = Path(scratch_dir) / "arrays" / f"{self.path.stem}-{digest(file_fingerprint(self.path), 16)}"
 
     def require(self, keys: list[str]) -> None:
         missing = [k for k in keys if k not in self.keys]
@@ -98,15 +106,11 @@ class LazyNpz:
                     return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
         target = self._scratch / f"{key}.npy"
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(f".partial-{os.getpid()}")
             try:
-                with self._zip.open(info) as source, partial.open("wb") as sink:
+                with atomic_path(target) as partial, self._zip.open(info) as source, partial.open("wb") as sink:
                     shutil.copyfileobj(source, sink, length=1 << 22)
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                partial.unlink(missing_ok=True)
                 raise UserError(f"{self.path}: array {key!r} is truncated or corrupt ({exc}); download it again") from None
-            os.replace(partial, target)
         try:
             return np.load(target, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:

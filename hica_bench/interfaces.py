@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence, get_args, runtime_checkable
 
 import numpy as np
 
-KINDS = ("dataset", "encoder", "method", "roi-extractor", "descriptor-generator", "loss")
+#: The kinds of plugin, each offered by one hook of :mod:`hica_bench.hookspecs` (``hica_bench_<kind>s``).
 Kind = Literal["dataset", "encoder", "method", "roi-extractor", "descriptor-generator", "loss"]
+KINDS: tuple[str, ...] = get_args(Kind)
+#: Kinds that other plugins build while they run, through :class:`Components` (not named on the command line).
+COMPONENT_KINDS = ("roi-extractor", "descriptor-generator", "loss")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,14 @@ class PluginSpec:
     ``name:key=value:key2=value`` is validated and type-converted against these defaults before
     anything runs. ``factory`` receives the converted options as keyword arguments (plus the
     kind's fixed arguments documented on its hook).
+
+    ``components`` names the options whose value is the name of another plugin, with its kind, e.g. HiCA's
+    ``{"roi": "roi-extractor", "loss_global": "loss"}``: the registry checks those names before anything runs,
+    and each result records the plugin (distribution and version) in its identity. A component built through
+    :class:`Components` gets such options as built objects, not names.
+
+    ``in_default_suite``: this dataset, method or encoder belongs to what ``hica-bench run`` runs when the user names
+    none (the core names no plugin; at most one encoder may claim it).
     """
 
     kind: Kind
@@ -31,6 +42,8 @@ class PluginSpec:
     description: str
     factory: Callable[..., Any]
     options: dict[str, Any] = field(default_factory=dict)
+    components: dict[str, str] = field(default_factory=dict)
+    in_default_suite: bool = False
 
 
 # --------------------------------------------------------------------------- datasets
@@ -121,11 +134,27 @@ class EncoderPair:
 # --------------------------------------------------------------------------- methods
 
 
+class Components(Protocol):
+    """What a method (or a component) may build while it runs: ROI extractors, descriptor generators and losses,
+    resolved in the run's own registry (entry points, ``-p`` modules and the allow-list alike), never a global one.
+
+    ``build(kind, name, **options)`` builds the plugin ``name`` of ``kind`` (one of :data:`COMPONENT_KINDS`) with its
+    default options updated by ``options`` (which must be options it declares); a name it does not know, or an
+    option it does not declare, raises :class:`hica_bench.errors.UserError`. ``options(kind, name)`` gives the
+    declared options and their defaults (e.g. to pass ``temperature`` only to a loss that takes one). What was built
+    is recorded in the cell's result (``components_used``)."""
+
+    def build(self, kind: str, name: str, **options: Any) -> Any: ...
+
+    def options(self, kind: str, name: str) -> dict[str, Any]: ...
+
+
 #: What a method may declare in ``needs``: ``image_features`` (frozen support/test features, always given),
 #: ``class_texts`` / ``text_encoder`` (a text encoder must exist), ``aligned_encoders`` (an aligned pair),
 #: ``train_features`` (frozen features of the whole, unlabeled train split), ``encoders`` (raw train images
 #: plus the encoder modules, for methods that fine-tune).
 Need = Literal["image_features", "class_texts", "text_encoder", "aligned_encoders", "train_features", "encoders"]
+NEEDS: frozenset[str] = frozenset(get_args(Need))
 
 
 @dataclass
@@ -139,6 +168,8 @@ class FewShotTask:
     ``train_features`` (N_train, D) frozen features of the whole train split for methods that declared
     ``train_features`` (labels are never handed over beyond the support set). ``cache_dir`` is a folder
     where a method may keep artifacts it can reuse across cells (key them by everything they depend on).
+    ``components`` builds the ROI extractors, descriptor generators and losses the method uses (see
+    :class:`Components`); name them in options the method's spec declares in ``PluginSpec.components``.
     Methods must not modify any array they are handed. Randomness comes only from ``seed``.
     """
 
@@ -155,6 +186,7 @@ class FewShotTask:
     train_images: np.ndarray | None = None
     train_features: np.ndarray | None = None
     cache_dir: Path | None = None
+    components: Components | None = None
 
     @property
     def n_classes(self) -> int:
@@ -169,7 +201,7 @@ class Method(Protocol):
     ``fit(task)`` returns self and may raise :class:`hica_bench.errors.NotApplicable`.
     ``predict_proba(features)`` maps (N, D) test features to (N, C) float probabilities, rows summing to 1.
     After ``fit`` a method may set ``fit_info_``, a JSON-able dict of what it chose on the support set (a
-    regularisation strength, how it validated); the runner records it in the result as ``options["fit"]``.
+    regularisation strength, how it validated); the runner records it in the result as ``fit_info``.
     """
 
     needs: frozenset[str]

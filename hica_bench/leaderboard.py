@@ -1,7 +1,10 @@
 """Results -> pandas -> leaderboard tables (Markdown for people, CSV for tools).
 
-Per dataset and encoder: one row per method, one column per shot count, cells ``mean ± std (n)``
-over seeds, in percent, for ACC and AUC. Methods that do not apply are listed with their reason.
+Per dataset and encoder: one row per method *and origin*, one column per shot count, cells ``mean ± std (n)``
+over seeds, in percent, for ACC and AUC. Results of different origins (:class:`hica_bench.results.Origin`: another
+checkpoint, backend, plugin version, option default, dataset file...) are never averaged together: when two
+origins share a method label, each gets its own row, marked with its ``origin_id``, and a note says what differs.
+Methods that do not apply are listed with their reason.
 """
 
 from __future__ import annotations
@@ -10,42 +13,47 @@ from pathlib import Path
 
 import pandas as pd
 
-from hica_bench.metrics import METRICS, aggregate
-from hica_bench.results import CellResult
-
+from hica_bench.files import atomic_write
+from hica_bench.metrics import HEADLINE, METRICS, aggregate
+from hica_bench.results import LEGACY, CellResult, Origin, Status, origin_differences
 
 #: per-cell timings of the encoder pass: the harness's images/s and the plain eager forward's, measured in the same
 #: run (``hica-bench check`` compares their ratio)
 THROUGHPUT = ("encoder_images_per_s", "reference_images_per_s")
+#: what a leaderboard row is: a label, and the origin of its results
+ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "origin"]
 
 
 def results_frame(results: list[CellResult]) -> pd.DataFrame:
     rows = []
     for r in results:
-        row = {**r.key.__dict__, "status": r.status, "reason": r.reason, **(r.metrics or {})}
-        row["fit_s"] = r.timings.get("fit_s")
+        row = {**r.key.__dict__, "origin": r.origin_id, "status": r.status.value, "reason": r.reason,
+               "finished_at": r.finished_at, "fit_s": r.timings.fit_s}
+        row.update({m: getattr(r.metrics, m) if r.metrics else float("nan") for m in METRICS})
         for timing in THROUGHPUT:
-            row[timing] = r.timings.get(timing, float("nan"))
+            value = getattr(r.timings, timing)
+            row[timing] = float("nan") if value is None else value
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def summary_table(results: list[CellResult]) -> pd.DataFrame:
-    """One row per (dataset, size, encoder, method, k, max_test): mean/std/n of every metric over seeds."""
-    frame = results_frame([r for r in results if r.status == "ok"])
+    """One row per (dataset, size, encoder, method, k, max_test, origin): mean/std/n of every metric over seeds."""
+    frame = results_frame([r for r in results if r.status is Status.OK])
     if frame.empty:
         return frame
-    group = ["dataset", "size", "encoder", "method", "k", "max_test"]
     rows = []
-    for keys, part in frame.groupby(group, dropna=False, sort=True):
-        row = dict(zip(group, keys))
+    for keys, part in frame.groupby(ROW, dropna=False, sort=True):
+        row = dict(zip(ROW, keys))
         for metric in METRICS:
             stats = aggregate(part[metric])
-            row[f"{metric}_mean"], row[f"{metric}_std"], row["n"] = stats["mean"], stats["std"], stats["n"]
+            row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"] = stats["mean"], stats["std"], stats["n"]
+        row["n"] = len(part)
         row["seeds"] = ",".join(str(s) for s in sorted(part["seed"]))
-        row["fit_s_mean"] = part["fit_s"].mean()
+        row["fit_s_mean"] = pd.to_numeric(part["fit_s"], errors="coerce").mean()
         for timing in THROUGHPUT:
             row[f"{timing}_mean"] = pd.to_numeric(part[timing], errors="coerce").mean()
+        row["finished"] = part["finished_at"].max()
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -53,7 +61,7 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
 def _cell(mean: float, std: float, n: int) -> str:
     if mean != mean:
         return "n/a"
-    return f"{100 * mean:.1f} ± {100 * std:.1f} ({n})"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f} ({n})" if n > 1 else " (1)")
 
 
 def _cost(part: pd.DataFrame, extraction: str | None) -> str:
@@ -64,36 +72,75 @@ def _cost(part: pd.DataFrame, extraction: str | None) -> str:
         encoder += f" ({extraction})"
     if ips == ips and ref == ref:
         encoder += f", {ips / ref:.2f}× the plain eager forward"
-    fits = part.groupby("method", sort=True)["fit_s_mean"].mean()
+    fits = part.groupby("shown", sort=True)["fit_s_mean"].mean()
     return f"Cost: {encoder}; fit seconds per cell (mean): " + ", ".join(f"{m} {s:.3g}" for m, s in fits.items())
 
 
 def _extraction(settings: dict | None) -> str | None:
     if not settings:
         return None
-    layout = ", channels-last" if settings.get("channels_last") else ""
-    return f"{settings['backend']}, batch {settings['batch_size']}{layout}, {settings['threads']} threads, {settings['precision']}"
+    from hica_bench.extraction.tuning import ExtractionSettings
+
+    try:
+        return ExtractionSettings(**settings).describe()
+    except TypeError:  # settings of another version
+        return None
+
+
+def _shown(part: pd.DataFrame) -> pd.Series:
+    """The row label: the method, with ``⟨origin⟩`` where one method label has results of several origins."""
+    origins = part.groupby("method")["origin"].nunique()
+    return part.apply(lambda row: row["method"] if origins[row["method"]] == 1 else f"{row['method']} ⟨{row['origin']}⟩",
+                      axis=1)
+
+
+def _shared_labels(part: pd.DataFrame, origins: dict[str, Origin]) -> list[str]:
+    """A note per method label that has several origins in this block: what differs from the newest origin."""
+    lines = []
+    for method, rows in part.groupby("method", sort=True):
+        found = rows.groupby("origin")["finished"].max().sort_values(ascending=False)
+        if len(found) < 2:
+            continue
+        newest = found.index[0]
+        described = []
+        for origin in found.index[1:]:
+            if LEGACY in (origin, newest) or origin not in origins or newest not in origins:
+                described.append(f"⟨{origin}⟩" + (" (legacy: schema-1 results, origin not recorded)" if origin == LEGACY else ""))
+                continue
+            changes = origin_differences(origins[origin], origins[newest])
+            described.append(f"⟨{origin}⟩ differs in " + "; ".join(changes[:6]) + ("; …" if len(changes) > 6 else ""))
+        lines.append(f"- `{method}` has results of {len(found)} origins, never averaged together: ⟨{newest}⟩ is the "
+                     "newest; " + "; ".join(described) + ".")
+    return lines
 
 
 def markdown(results: list[CellResult]) -> str:
     summary = summary_table(results)
-    lines = ["# hica-bench leaderboard", "", "Percent, mean ± sample std over seeds (n seeds). AUC follows medmnist's convention.", ""]
-    not_applicable = {(r.key.dataset, r.key.encoder, r.key.method): r.reason for r in results if r.status == "not_applicable"}
-    failed = sum(r.status == "failed" for r in results)
-    extraction = {(r.key.dataset, r.key.encoder): _extraction(r.environment.get("extraction"))
-                  for r in sorted(results, key=lambda r: r.finished_at or "") if "encoder_images_per_s" in r.timings}
+    lines = ["# hica-bench leaderboard", "",
+             "Percent, mean ± sample std over seeds (n seeds). AUC follows medmnist's convention. Results of different "
+             "origins (encoder weights, backend, plugin versions, options, dataset files) are never averaged together.", ""]
+    origins = {r.origin_id: r.identity.origin for r in results if r.identity is not None}
+    not_applicable = {(r.key.dataset, r.key.encoder, r.key.method): r.reason for r in results if r.status is Status.NOT_APPLICABLE}
+    failed = sum(r.status is Status.FAILED for r in results)
+    extraction = {(r.key.dataset, r.key.encoder): _extraction(r.environment.extraction)
+                  for r in sorted(results, key=lambda r: r.finished_at or "") if r.timings.encoder_images_per_s}
     blocks = summary.groupby(["dataset", "size", "encoder", "max_test"], dropna=False, sort=True) if not summary.empty else []
     for (dataset, size, encoder, max_test), part in blocks:
+        part = part.assign(shown=_shown(part))
         test = "full test split" if pd.isna(max_test) else f"first {int(max_test)} test images"
         lines += [f"## {dataset} ({size} px) — encoder `{encoder}`, {test}", "", _cost(part, extraction.get((dataset, encoder))), ""]
-        for metric in ("acc", "auc"):
-            table = part.pivot(index="method", columns="k", values=f"{metric}_mean")
+        for metric in HEADLINE:
+            table = part.pivot(index="shown", columns="k", values=f"{metric}_mean")
             text = table.copy().astype(object)
-            for (_, row) in part.iterrows():
-                text.loc[row["method"], row["k"]] = _cell(row[f"{metric}_mean"], row[f"{metric}_std"], int(row["n"]))
+            for _, row in part.iterrows():
+                text.loc[row["shown"], row["k"]] = _cell(row[f"{metric}_mean"], row[f"{metric}_std"], int(row[f"{metric}_n"]))
             text = text.fillna("—")
             text.columns = [f"{k}-shot" for k in text.columns]
+            text.index.name = "method"
             lines += [f"**{metric.upper()}**", "", text.reset_index().to_markdown(index=False), ""]
+        shared = _shared_labels(part, origins)
+        if shared:
+            lines += [*shared, ""]
         skipped = [(m, why) for (d, e, m), why in not_applicable.items() if d == dataset and e == encoder]
         for method, why in sorted(skipped):
             lines.append(f"- `{method}`: not applicable — {why}")
@@ -109,8 +156,7 @@ def markdown(results: list[CellResult]) -> str:
 
 def write(results: list[CellResult], out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / "leaderboard.md", out_dir / "leaderboard.csv"
-    md_path.write_text(markdown(results))
-    summary_table(results).to_csv(csv_path, index=False, float_format="%.6f")
+    atomic_write(md_path, markdown(results))
+    atomic_write(csv_path, summary_table(results).to_csv(index=False, float_format="%.6f"))
     return md_path, csv_path

@@ -21,13 +21,32 @@ def _key(dataset: str, seed: int, index: int) -> bytes:
     return hashlib.sha256(f"{dataset}|{seed}|{index}".encode()).digest()
 
 
+#: Seeds must fit the random generators they seed (numpy's legacy seed and scikit-learn's random_state: < 2**32).
+MAX_SEED = 2**32 - 1
+
+
+def check_shots_and_seeds(shots: list[int], seeds: list[int]) -> None:
+    """The grid's shots and seeds, before any dataset is opened: at least one of each, k >= 1, 0 <= seed <= MAX_SEED."""
+    if not shots or not seeds:
+        raise UserError("the grid needs at least one shot count (--shots) and one seed (--seeds)")
+    _at_least_one_shot(shots)
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"--seeds must be between 0 and {MAX_SEED}, got {seed}")
+
+
+def _at_least_one_shot(shots: list[int]) -> None:
+    for k in shots:
+        if k < 1:
+            raise UserError(f"--shots must be >= 1, got {k}")
+
+
 def check_shots(shots: list[int], labels: np.ndarray, n_classes: int, dataset: str) -> None:
     """Raise a :class:`UserError` for k < 1 or k larger than the smallest train class."""
+    _at_least_one_shot(shots)
     counts = np.bincount(labels, minlength=n_classes)
     smallest = int(counts.min())
     for k in shots:
-        if k < 1:
-            raise UserError(f"shots must be >= 1, got {k}")
         if k > smallest:
             raise UserError(
                 f"{k} shots is more than {dataset}'s smallest train class has "

@@ -5,6 +5,10 @@ is set; only the distributions named in ``HICA_BENCH_PLUGINS`` when that allow-l
 modules named explicitly (``hica-bench -p module``). A plugin that fails to import, or whose hook raises,
 is left out and reported in ``load_errors``; the others still load. A name offered twice within a
 kind is an error naming both distributions; an unknown name is answered with close matches.
+
+A run resolves everything through one :class:`Registry`: what the user names (:meth:`Registry.choose`), what
+the installed plugins declare as the default suite (:meth:`Registry.default_suite`), and what plugins build while
+they run (:class:`RunComponents`, handed to methods as ``FewShotTask.components``).
 """
 
 from __future__ import annotations
@@ -21,20 +25,30 @@ import pluggy
 
 from hica_bench import hookspecs
 from hica_bench.errors import UserError
-from hica_bench.interfaces import KINDS, PluginSpec
+from hica_bench.interfaces import COMPONENT_KINDS, KINDS, PluginSpec
+from hica_bench.results import Component
 
 ENTRY_POINT_GROUP = "hica_bench"
 DISABLE_AUTOLOAD_ENV = "HICA_BENCH_DISABLE_PLUGIN_AUTOLOAD"
 ALLOW_ENV = "HICA_BENCH_PLUGINS"  #: comma list of distribution names: load only their entry points
 
-_HOOK_OF_KIND = {
-    "dataset": "hica_bench_datasets",
-    "encoder": "hica_bench_encoders",
-    "method": "hica_bench_methods",
-    "roi-extractor": "hica_bench_roi_extractors",
-    "descriptor-generator": "hica_bench_descriptor_generators",
-    "loss": "hica_bench_losses",
-}
+
+def plural(kind: str) -> str:
+    """``dataset`` -> ``datasets``, ``loss`` -> ``losses``."""
+    return kind + ("es" if kind.endswith("s") else "s")
+
+
+def hook_name(kind: str) -> str:
+    """The hook of :mod:`hica_bench.hookspecs` that offers ``kind``: ``roi-extractor`` -> ``hica_bench_roi_extractors``."""
+    return "hica_bench_" + plural(kind).replace("-", "_")
+
+
+def kind_named(text: str) -> str:
+    """A kind from its singular or plural spelling, else a UserError listing the kinds."""
+    for kind in KINDS:
+        if text in (kind, plural(kind)):
+            return kind
+    raise UserError(f"unknown kind {text!r}; kinds are: {', '.join(KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,12 @@ class Choice:
         defaults = self.registered.spec.options
         changed = {k: v for k, v in sorted(self.options.items()) if defaults.get(k) != v}
         return ":".join([self.name] + [f"{k}={v}" for k, v in changed.items()])
+
+    @property
+    def ref(self) -> Component:
+        """This plugin as a result records it: kind, name, full options, distribution and version."""
+        spec = self.registered.spec
+        return Component(spec.kind, spec.name, dict(self.options), self.registered.distribution, self.registered.version)
 
     def build(self, **fixed: Any) -> Any:
         return self.registered.spec.factory(**fixed, **self.options)
@@ -122,16 +142,16 @@ class Registry:
 
     def _collect(self, kind: str) -> dict[str, Registered]:
         found: dict[str, Registered] = {}
-        for impl in getattr(self.pm.hook, _HOOK_OF_KIND[kind]).get_hookimpls():
+        for impl in getattr(self.pm.hook, hook_name(kind)).get_hookimpls():
             dist, version = self._origin.get(id(impl.plugin), (impl.plugin_name, "?"))
             try:
                 offered = list(impl.function() or [])
             except Exception as exc:  # a broken hook leaves out its own specs only
-                self.load_errors.append(f"plugin from {dist}: {_HOOK_OF_KIND[kind]} failed: {_one_line(exc)}")
+                self.load_errors.append(f"plugin from {dist}: {hook_name(kind)} failed: {_one_line(exc)}")
                 continue
             for spec in offered:
                 if not isinstance(spec, PluginSpec) or spec.kind != kind:
-                    raise UserError(f"plugin from {dist} returned a non-{kind} spec from {_HOOK_OF_KIND[kind]}")
+                    raise UserError(f"plugin from {dist} returned a non-{kind} spec from {hook_name(kind)}")
                 if spec.name in found:
                     other = found[spec.name].distribution
                     raise UserError(f"{kind} {spec.name!r} is registered twice: by {other} and by {dist}")
@@ -148,14 +168,72 @@ class Registry:
         raise UserError(f"unknown {kind} {name!r}{hint}{known if not close else ''}")
 
     def choose(self, kind: str, text: str) -> Choice:
-        """Parse ``name:key=value:key2=value`` against the named spec's declared options."""
+        """Parse ``name:key=value:key2=value`` against the named spec's declared options; options that name another
+        plugin (``PluginSpec.components``) must name one that is installed."""
         name, options = parse_choice(text)
         registered = self.get(kind, name)
-        return Choice(registered, convert_options(registered.spec, options))
+        choice = Choice(registered, convert_options(registered.spec, options))
+        self.components_of(choice)
+        return choice
+
+    def components_of(self, choice: Choice) -> tuple[Component, ...]:
+        """The plugins ``choice``'s options name (``PluginSpec.components``), and those theirs name, in option order;
+        a name that is not installed is a UserError naming the option."""
+        found: list[Component] = []
+        for option, kind in choice.registered.spec.components.items():
+            value = choice.options.get(option)
+            if not value:
+                continue
+            try:
+                named = Choice(self.get(kind, str(value)), dict(self.get(kind, str(value)).spec.options))
+            except UserError as exc:
+                raise UserError(f"{choice.registered.spec.kind} {choice.name!r} option {option}={value}: {exc}") from None
+            found += [named.ref, *self.components_of(named)]
+        return tuple(found)
+
+    def default_suite(self, kind: str) -> list[str]:
+        """The names of ``kind`` the installed plugins declare as the default suite (``PluginSpec.in_default_suite``),
+        in registration order."""
+        return [name for name, registered in self.specs(kind).items() if registered.spec.in_default_suite]
 
     def all(self) -> Iterable[Registered]:
         for kind in KINDS:
             yield from self.specs(kind).values()
+
+
+class RunComponents:
+    """The run's :class:`hica_bench.interfaces.Components`: builds ROI extractors, descriptor generators and losses
+    from ``registry`` and records each one built in :attr:`used` (the runner makes one per cell, so ``used`` is what
+    that cell's method built). A component's declared component options (``PluginSpec.components``) are built too,
+    through this same object, and handed to its factory as objects."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.used: list[Component] = []
+
+    def _registered(self, kind: str, name: str) -> Registered:
+        if kind not in COMPONENT_KINDS:
+            raise ValueError(f"components are {', '.join(COMPONENT_KINDS)}; {kind!r} is not one of them")
+        return self.registry.get(kind, name)
+
+    def options(self, kind: str, name: str) -> dict[str, Any]:
+        return dict(self._registered(kind, name).spec.options)
+
+    def build(self, kind: str, name: str, **options: Any) -> Any:
+        registered = self._registered(kind, name)
+        spec = registered.spec
+        unknown = sorted(set(options) - set(spec.options))
+        if unknown:
+            raise UserError(f"{kind} {name!r} has no option {', '.join(unknown)} "
+                            f"(options: {', '.join(sorted(spec.options)) or 'none'})")
+        resolved = {**spec.options, **options}
+        self.used.append(Choice(registered, resolved).ref)
+        arguments = dict(resolved)
+        for option, component_kind in spec.components.items():
+            value = arguments.get(option)
+            if isinstance(value, str) and value:
+                arguments[option] = self.build(component_kind, value)
+        return spec.factory(**arguments)
 
 
 def load_registry(modules: Iterable[str] = ()) -> Registry:

@@ -1,37 +1,114 @@
-"""The versioned result schema and the JSONL results store (append-only, resumable).
+"""The versioned, typed result schema and the JSONL results store (append-only, resumable).
 
-One JSON object per line, one line per finished cell. A line is written with a single ``write`` on a
-file opened for appending and then fsync'ed, so a killed run leaves at most one truncated last line:
-:meth:`ResultsStore.load` skips it and the next append cuts it off before writing (it was never a
-finished cell), so the file again holds only whole records.
+A result (:class:`CellResult`) says which cell it is in two ways:
+
+- :class:`CellKey`, the *label* the tables show: dataset, size, method and encoder (with their non-default
+  options), k, seed, ``max_test``;
+- :class:`Identity`, *everything that determines its numbers*: the :class:`Origin` (hica-bench's version; the
+  dataset plugin, its options and its files' digest; the encoder plugin, its options, the image encoder's identity
+  with its weights digest, preprocessing, precision, backend and device; the text encoder's identity; the method
+  plugin with its distribution, version, full resolved options and the components those options name; the device
+  the method ran on; size and ``max_test``) plus k, seed and the support set's digest.
+
+``cell_id`` (a digest of the identity) is what resume compares: a rerun skips a cell only when a finished result
+with the same identity exists, so a new checkpoint, backend, plugin version, option default or dataset file reruns
+exactly the cells it affects. Old results stay in the file. Tables group by ``origin_id`` and never average
+results of different origins (see :mod:`hica_bench.leaderboard`).
+
+Schema history: 1 had the label and no identity; such records are read as *legacy* (``identity`` None): shown, never
+averaged with identified results, never used to skip a cell. 2 adds the identity and typed records.
+
+One JSON object per line, one line per finished cell. A line is written with a single ``write`` on a file opened
+for appending and then fsync'ed, so a killed run leaves at most one truncated last line: :meth:`ResultsStore.load`
+skips it and the next append cuts it off before writing (it was never a finished cell).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import enum
 import json
 import logging
 import os
 import platform
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from hica_bench.errors import UserError
+from hica_bench.files import digest
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "not_applicable")
+SCHEMA_VERSION = 2
+LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not_applicable"
+
+    @property
+    def finished(self) -> bool:
+        """A rerun keeps ok and not-applicable results; failed cells are retried."""
+        return self is not Status.FAILED
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Scores of one cell on its test images, as fractions in [0, 1] (AUC may be NaN: one class evaluated)."""
+
+    acc: float
+    auc: float
+    f1_macro: float
+    balanced_acc: float
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass
+class Timings:
+    fit_s: float | None = None  #: the method's ``fit``
+    predict_s: float | None = None  #: its ``predict_proba`` on the test features
+    encoder_images_per_s: float | None = None  #: this run's extraction rate of the dataset (absent: features cached)
+    reference_images_per_s: float | None = None  #: the plain eager forward, measured during that extraction
+
+    @property
+    def efficiency(self) -> float | None:
+        """Harness images/s ÷ plain eager images/s (what ``hica-bench check`` gates)."""
+        if self.encoder_images_per_s and self.reference_images_per_s:
+            return self.encoder_images_per_s / self.reference_images_per_s
+        return None
+
+
+@dataclass
+class Environment:
+    """Versions and machine facts that decide whether two runs' speeds are comparable (not part of the identity)."""
+
+    packages: dict[str, str] = field(default_factory=dict)
+    python: str = ""
+    platform: str = ""
+    device: str = ""
+    device_name: str = ""
+    cpu_count: int | None = None
+    cpu_model: str = ""
+    torch_threads: int | None = None
+    git: str | None = None
+    extraction: dict[str, Any] | None = None  #: the extraction settings (backend, batch size, threads, ...)
 
 
 @dataclass(frozen=True)
 class CellKey:
-    """What identifies a cell; a rerun skips a cell whose key already has an ``ok`` or ``not_applicable`` result."""
+    """The label of a cell, as tables show it."""
 
     dataset: str
     size: int
@@ -41,37 +118,182 @@ class CellKey:
     seed: int
     max_test: int | None = None
 
+
+@dataclass(frozen=True)
+class Component:
+    """A plugin as a run used it: kind, name, full resolved options, and the distribution (and version) it came from
+    (``-p MODULE`` for modules loaded explicitly)."""
+
+    kind: str
+    name: str
+    options: dict[str, Any]
+    distribution: str
+    version: str
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.distribution} {self.version})"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Everything that determines a cell's numbers except which cell it is (k, seed, support)."""
+
+    harness: str  #: hica-bench's version
+    dataset: Component
+    dataset_identity: str  #: the dataset plugin's identity of its files (a content digest)
+    size: int
+    max_test: int | None
+    encoder: Component
+    features: dict[str, str]  #: :class:`hica_bench.extraction.FeatureIdentity`: image encoder, preprocessing, precision, backend, device
+    text_encoder: str | None  #: the text encoder's identity (None: an image-only pair)
+    method: Component
+    method_components: tuple[Component, ...]  #: plugins the method's options name (e.g. HiCA's ROI extractor, losses)
+    device: str  #: where the method ran: cpu or cuda
+
     @property
     def id(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+        return digest(asdict(self), 12)
+
+
+@dataclass(frozen=True)
+class Identity:
+    origin: Origin
+    k: int
+    seed: int
+    support: str  #: sha256 of the sorted support indices (:func:`hica_bench.protocol.support_hash`)
+
+    @property
+    def id(self) -> str:
+        return digest(asdict(self), 20)
 
 
 @dataclass
 class CellResult:
     key: CellKey
-    status: str
-    metrics: dict[str, float] | None = None
+    identity: Identity | None  #: None for a legacy (schema 1) record
+    status: Status
+    metrics: Metrics | None = None
     reason: str | None = None  #: the error (failed) or why the method does not apply (not_applicable)
-    support_hash: str | None = None
     n_support: int | None = None
     n_test: int | None = None
-    timings: dict[str, float] = field(default_factory=dict)  #: fit_s, predict_s, encoder throughput
-    options: dict[str, Any] = field(default_factory=dict)  #: full method and encoder options
-    environment: dict[str, Any] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+    fit_info: dict[str, Any] | None = None  #: what the method chose on the support set (its ``fit_info_``)
+    components_used: list[Component] = field(default_factory=list)  #: what it built through ``task.components``
+    environment: Environment = field(default_factory=Environment)
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION
 
+    @property
+    def cell_id(self) -> str:
+        """The identity's digest (what resume compares); legacy records get one from their label."""
+        return self.identity.id if self.identity else "v1-" + digest(asdict(self.key), 17)
+
+    @property
+    def origin_id(self) -> str:
+        return self.identity.origin.id if self.identity else LEGACY
+
+    @property
+    def support_hash(self) -> str | None:
+        return self.identity.support if self.identity else self._legacy_support
+
+    _legacy_support: str | None = field(default=None, repr=False)
+
     def to_json(self) -> str:
-        record = dataclasses.asdict(self)
-        record["cell_id"] = self.key.id
+        record = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        record = json.loads(json.dumps(record, default=_plain))  # dataclasses and enums to plain JSON values
+        record["cell_id"] = self.cell_id
+        record["origin_id"] = self.origin_id
         return json.dumps(record, sort_keys=True, allow_nan=True)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "CellResult":
-        record = dict(record)
-        record.pop("cell_id", None)
-        record["key"] = CellKey(**record["key"])
-        return cls(**record)
+        """A result from one parsed JSON line of schema 1 or 2; raises ValueError/TypeError/KeyError when it does not
+        match the schema it claims."""
+        if record["schema_version"] == 1:
+            return _from_v1(record)
+        unknown = sorted(set(record) - {f.name for f in fields(cls) if not f.name.startswith("_")} - {"cell_id", "origin_id"})
+        if unknown:
+            raise ValueError(f"unknown fields {unknown}")
+        identity = record["identity"]
+        origin = dict(identity["origin"])
+        for name in ("dataset", "encoder", "method"):
+            origin[name] = Component(**origin[name])
+        origin["method_components"] = tuple(Component(**c) for c in origin["method_components"])
+        return cls(
+            key=CellKey(**record["key"]),
+            identity=Identity(Origin(**origin), identity["k"], identity["seed"], identity["support"]),
+            status=Status(record["status"]),
+            metrics=None if record["metrics"] is None else Metrics(**record["metrics"]),
+            reason=record["reason"],
+            n_support=record["n_support"],
+            n_test=record["n_test"],
+            timings=Timings(**record["timings"]),
+            fit_info=record["fit_info"],
+            components_used=[Component(**c) for c in record["components_used"]],
+            environment=Environment(**record["environment"]),
+            finished_at=record["finished_at"],
+            schema_version=record["schema_version"],
+        )
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: getattr(value, f.name) for f in fields(value) if not f.name.startswith("_")}
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _known(cls: type, values: dict[str, Any] | None) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in (values or {}).items() if k in names}
+
+
+def _from_v1(record: dict[str, Any]) -> CellResult:
+    """A schema-1 record as a legacy result: its label, status, metrics and timings; no identity."""
+    metrics = record.get("metrics")
+    return CellResult(
+        key=CellKey(**record["key"]),
+        identity=None,
+        status=Status(record["status"]),
+        metrics=None if metrics is None else Metrics(**metrics),
+        reason=record.get("reason"),
+        n_support=record.get("n_support"),
+        n_test=record.get("n_test"),
+        timings=Timings(**_known(Timings, record.get("timings"))),
+        fit_info=(record.get("options") or {}).get("fit"),
+        environment=Environment(**_known(Environment, record.get("environment"))),
+        finished_at=record.get("finished_at", ""),
+        schema_version=1,
+        _legacy_support=record.get("support_hash"),
+    )
+
+
+def origin_differences(a: Origin, b: Origin) -> list[str]:
+    """What differs between two origins, one ``path: a → b`` item per differing leaf (e.g.
+    ``features.backend: onnxruntime → eager``)."""
+    left, right = _flatten(asdict(a)), _flatten(asdict(b))
+    return [f"{path}: {_short(left.get(path))} → {_short(right.get(path))}"
+            for path in sorted(set(left) | set(right)) if left.get(path) != right.get(path)]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, (list, tuple)):
+        out = {}
+        for index, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{index}]"))
+        return out or {prefix: "[]"}
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = "—" if value is None else str(value)
+    return text if len(text) <= 48 else text[:36] + "…" + text[-8:]
 
 
 class ResultsStore:
@@ -79,8 +301,8 @@ class ResultsStore:
         self.path = Path(path)
 
     def load(self) -> dict[str, CellResult]:
-        """The newest result per cell id. Truncated lines (from a killed write) are skipped, and so is a
-        last line without its newline even when it parses: the next :meth:`append` cuts it off."""
+        """The newest result per ``cell_id``, in file order. Truncated lines (from a killed write) are skipped, and so
+        is a last line without its newline even when it parses: the next :meth:`append` cuts it off."""
         results: dict[str, CellResult] = {}
         if not self.path.exists():
             return results
@@ -96,7 +318,7 @@ class ResultsStore:
                 log.warning("%s:%d is truncated; ignoring it", self.path, number)
                 continue
             version = record.get("schema_version") if isinstance(record, dict) else None
-            if not isinstance(version, int):
+            if not isinstance(version, int) or version < 1:
                 raise UserError(f"{self.path}:{number} is not a hica-bench result record")
             if version > SCHEMA_VERSION:
                 raise UserError(
@@ -105,9 +327,11 @@ class ResultsStore:
                 )
             try:
                 result = CellResult.from_record(record)
-            except TypeError as exc:
-                raise UserError(f"{self.path}:{number} does not match result schema {version} ({exc})") from None
-            results[result.key.id] = result
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                raise UserError(f"{self.path}:{number} does not match result schema {version} "
+                                f"({type(exc).__name__}: {exc})") from None
+            results.pop(result.cell_id, None)  # the newest record of a cell counts, at its place in the file
+            results[result.cell_id] = result
         return results
 
     def append(self, result: CellResult) -> None:
@@ -166,7 +390,16 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def environment(device: str) -> dict[str, Any]:
+def device_name(device: str) -> str:
+    """The GPU's name for a CUDA device, else the CPU's model."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_model()
+
+
+def environment(device: str, extraction: dict[str, Any] | None = None) -> Environment:
     """Versions and machine facts that decide whether two runs are comparable."""
     import torch
 
@@ -180,15 +413,15 @@ def environment(device: str) -> dict[str, Any]:
         if dist.entry_points.select(group="hica_bench"):
             packages[dist.metadata["Name"]] = dist.version
     cpu = cpu_model()
-    device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu
-    return {
-        "packages": dict(sorted(packages.items())),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "device_name": device_name,
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "torch_threads": torch.get_num_threads(),
-        "git": _git_hash(),
-    }
+    return Environment(
+        packages=dict(sorted(packages.items())),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        device=device,
+        device_name=device_name(device) if device.startswith("cuda") else cpu,
+        cpu_count=os.cpu_count(),
+        cpu_model=cpu,
+        torch_threads=torch.get_num_threads(),
+        git=_git_hash(),
+        extraction=extraction,
+    )

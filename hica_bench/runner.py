@@ -1,10 +1,13 @@
-"""Runs a grid (datasets × methods × shots × seeds): features once per split, then every pending cell.
+"""Runs a grid (datasets × methods × shots × seeds): the grid loop, cell execution and fault isolation.
 
-Order of work: validate everything that can be validated (names, options, data files, shots) before the
-first cell runs; skip cells already finished in the results file; per dataset, get train/test features
-from the cache or the encoder; per cell, sample the support set, fit, predict, score, append. A cell
-that raises, returns invalid probabilities or runs past ``--cell-timeout`` is recorded as ``failed`` and
-the grid goes on.
+Order of work: validate everything that can be validated (names, options, data files, shots) before the first
+cell runs; work out each cell's :class:`~hica_bench.results.Identity` and skip those already finished with that
+identity; per dataset with pending cells, get train/test features from the extraction service; per cell, fit,
+predict, score, append. A cell that raises, returns invalid probabilities or runs past ``--cell-timeout`` is
+recorded as ``failed`` and the grid goes on.
+
+The rules a method's inputs and outputs obey live here once (:func:`build_task`, :func:`check_needs`,
+:func:`check_proba`); the conformance kit (:mod:`hica_bench.testing`) calls the same functions.
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from hica_bench import leaderboard, protocol, tuning
-from hica_bench.cache import FeatureCache
+from hica_bench import __version__, data, leaderboard, protocol
 from hica_bench.errors import NotApplicable, UserError
-from hica_bench.features import Extraction, ReferenceProbe, split_features
-from hica_bench.interfaces import EncoderPair, FewShotDataset, FewShotTask
+from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning
+from hica_bench.files import digest
+from hica_bench.interfaces import NEEDS, Components, EncoderPair, FewShotDataset, FewShotTask
 from hica_bench.metrics import classification_metrics
-from hica_bench.registry import Choice
-from hica_bench.results import CellKey, CellResult, ResultsStore, environment
+from hica_bench.registry import Choice, Registry, RunComponents
+from hica_bench.results import CellKey, CellResult, Identity, Origin, ResultsStore, Status, Timings, environment
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +46,21 @@ class Grid:
     size: int = 28
     max_test: int | None = None
 
-    def keys(self, dataset: str) -> list[tuple[Choice, CellKey]]:
-        return [
-            (method, CellKey(dataset, self.size, method.label, self.encoder.label, k, seed, self.max_test))
-            for method in self.methods
-            for k in self.shots
-            for seed in self.seeds
-        ]
+    def __post_init__(self) -> None:
+        protocol.check_shots_and_seeds(self.shots, self.seeds)
+        data.check_size(self.size)
+        if self.max_test is not None and self.max_test < 1:
+            raise UserError(f"--max-test must be >= 1, got {self.max_test}")
+
+    @property
+    def cells(self) -> int:
+        return len(self.datasets) * len(self.methods) * len(self.shots) * len(self.seeds)
 
 
 @dataclass
 class Settings:
     device: str = "cpu"
-    extraction: tuning.Requested = field(default_factory=tuning.Requested)  #: knobs the user fixed; others are probed
+    extraction: Requested = field(default_factory=Requested)  #: knobs the user fixed; others are probed
     data_root: str | None = None
     cache_dir: Path = Path(".")
     out_dir: Path = Path("hica-bench-results")
@@ -65,17 +71,25 @@ class Settings:
 @dataclass
 class Summary:
     total: int = 0
-    skipped: int = 0  #: already finished in the results file
+    skipped: int = 0  #: already finished with the same identity
     ok: int = 0
     not_applicable: int = 0
     failed: int = 0
-    extractions: list[Extraction] = field(default_factory=list)
-    tuning: tuning.Tuning | None = None  #: the extraction settings (None when nothing was pending)
+    extractions: list[ExtractionRecord] = field(default_factory=list)
+    tuning: Tuning | None = None  #: the extraction settings (None when nothing was pending)
     cache_hits: int = 0
     cache_misses: int = 0
     wall_s: float = 0.0
     failures: list[str] = field(default_factory=list)
     leaderboard: tuple[Path, Path] | None = None
+
+
+@dataclass
+class _Cell:
+    method: Choice
+    key: CellKey
+    identity: Identity
+    support: np.ndarray
 
 
 def resolve_device(requested: str) -> str:
@@ -104,68 +118,83 @@ def open_datasets(grid: Grid, settings: Settings) -> dict[str, FewShotDataset]:
     return datasets
 
 
-def _check_proba(proba: np.ndarray, n: int, c: int) -> None:
-    proba = np.asarray(proba)
+# --------------------------------------------------------------------------- the rules of a method's inputs and outputs
+
+
+def check_needs(needs: Any, pair: EncoderPair, encoder_label: str) -> frozenset[str]:
+    """``needs`` as a frozenset of known needs; NotApplicable when ``pair`` cannot serve them (ValueError when they
+    are not a set of known needs)."""
+    if not isinstance(needs, (set, frozenset)) or not all(isinstance(n, str) for n in needs):
+        raise ValueError(f"needs must be a frozenset of strings, got {needs!r}")
+    unknown = sorted(set(needs) - NEEDS)
+    if unknown:
+        raise ValueError(f"unknown needs {unknown}; known: {sorted(NEEDS)}")
+    if "aligned_encoders" in needs and not pair.aligned:
+        raise NotApplicable(f"needs an aligned image-text encoder pair; {encoder_label} is not aligned "
+                            "(its image and text embeddings are separately trained spaces)")
+    if needs & {"text_encoder", "class_texts", "aligned_encoders"} and pair.text is None:
+        raise NotApplicable(f"needs a text encoder; {encoder_label} has none")
+    return frozenset(needs)
+
+
+def build_task(*, dataset: str, task: str, class_names: list[str], train_features: np.ndarray, train_labels: np.ndarray,
+               support: np.ndarray, k: int, seed: int, pair: EncoderPair, needs: frozenset[str],
+               train_images: Callable[[], np.ndarray] | None = None, cache_dir: Path | None = None,
+               components: Components | None = None) -> FewShotTask:
+    """The :class:`FewShotTask` of one cell: the support set's features and labels, and only what ``needs`` declares
+    (the whole train split's features, its images: ``train_images`` is called only then)."""
+    return FewShotTask(
+        dataset=dataset, task=task, class_names=list(class_names),
+        support_features=train_features[support], support_labels=train_labels[support], support_indices=support,
+        k=k, seed=seed, encoders=pair, device=pair.device,
+        train_images=train_images() if "encoders" in needs and train_images is not None else None,
+        train_features=train_features if "train_features" in needs else None,
+        cache_dir=cache_dir, components=components,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """What every cell does before ``fit``: torch's and numpy's global generators from the cell's seed."""
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def check_proba(proba: Any, n: int, c: int) -> np.ndarray:
+    """``predict_proba``'s answer as an (n, c) float array of probabilities, else a ValueError saying what is wrong."""
+    if not isinstance(proba, np.ndarray):
+        raise ValueError(f"predict_proba returned {type(proba).__name__}, not a numpy array")
     if proba.shape != (n, c):
         raise ValueError(f"predict_proba returned shape {proba.shape}, expected {(n, c)}")
+    if not np.issubdtype(proba.dtype, np.floating):
+        raise ValueError(f"predict_proba returned dtype {proba.dtype}, not float")
     if not np.isfinite(proba).all():
         raise ValueError("predict_proba returned NaN or inf")
     if not np.allclose(proba.sum(axis=1), 1.0, atol=1e-4) or (proba < -1e-6).any():
-        raise ValueError("predict_proba rows are not probabilities (non-negative, summing to 1)")
+        raise ValueError("predict_proba rows are not probabilities: they must be non-negative and sum to 1 "
+                         f"(sums: {np.round(proba.sum(axis=1)[:4], 4).tolist()}...)")
+    return proba
 
 
-def run_cell(
-    method: Choice,
-    key: CellKey,
-    dataset: FewShotDataset,
-    encoders: EncoderPair,
-    train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
-    device: str,
-    cache_dir: Path | None = None,
-    timeout: float | None = None,
-) -> CellResult:
-    import torch
+# --------------------------------------------------------------------------- one cell
 
+
+def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray, np.ndarray],
+             test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
+             timeout: float | None = None) -> CellResult:
     train_features, train_labels = train
     test_features, test_labels = test
-    n_classes = len(dataset.class_names)
-    indices = protocol.sample_support(train_labels, n_classes, key.k, key.seed, key.dataset)
-    result = CellResult(
-        key,
-        status="ok",
-        support_hash=protocol.support_hash(indices),
-        n_support=len(indices),
-        n_test=len(test_labels),
-        options={"method": method.options},
-    )
+    key = cell.key
+    result = CellResult(key, cell.identity, Status.OK, n_support=len(cell.support), n_test=len(test_labels))
     try:
-        model = method.build()
-        needs = set(getattr(model, "needs", ()))
-        if "aligned_encoders" in needs and not encoders.aligned:
-            raise NotApplicable(
-                f"needs an aligned image-text encoder pair; {key.encoder} is not aligned "
-                "(its image and text embeddings are separately trained spaces)"
-            )
-        if needs & {"text_encoder", "class_texts", "aligned_encoders"} and encoders.text is None:
-            raise NotApplicable(f"needs a text encoder; {key.encoder} has none")
-        task = FewShotTask(
-            dataset=key.dataset,
-            task=dataset.task,
-            class_names=list(dataset.class_names),
-            support_features=train_features[indices],
-            support_labels=train_labels[indices],
-            support_indices=indices,
-            k=key.k,
-            seed=key.seed,
-            encoders=encoders,
-            device=device,
-            train_images=dataset.split("train").images if "encoders" in needs else None,
-            train_features=train_features if "train_features" in needs else None,
-            cache_dir=cache_dir,
-        )
-        torch.manual_seed(key.seed)
-        np.random.seed(key.seed % 2**32)
+        model = cell.method.build()
+        needs = check_needs(getattr(model, "needs", None), pair, key.encoder)
+        task = build_task(dataset=key.dataset, task=dataset.task, class_names=dataset.class_names,
+                          train_features=train_features, train_labels=train_labels, support=cell.support, k=key.k,
+                          seed=key.seed, pair=pair, needs=needs, train_images=lambda: dataset.split("train").images,
+                          cache_dir=cache_dir, components=components)
+        seed_everything(key.seed)
 
         def fit_predict():
             start = time.perf_counter()
@@ -176,16 +205,17 @@ def run_cell(
             return proba, fit_s, time.perf_counter() - start
 
         proba, fit_s, predict_s = _within(timeout, fit_predict)
-        _check_proba(proba, len(test_labels), n_classes)
-        result.metrics = classification_metrics(test_labels, np.asarray(proba, dtype=np.float64))
-        result.timings = {"fit_s": fit_s, "predict_s": predict_s}
+        proba = check_proba(proba, len(test_labels), len(dataset.class_names))
+        result.metrics = classification_metrics(test_labels, proba.astype(np.float64))
+        result.timings = Timings(fit_s=fit_s, predict_s=predict_s)
         if isinstance(getattr(model, "fit_info_", None), dict):
-            result.options["fit"] = model.fit_info_
+            result.fit_info = model.fit_info_
     except NotApplicable as exc:
-        result.status, result.reason = "not_applicable", str(exc)
+        result.status, result.reason = Status.NOT_APPLICABLE, str(exc)
     except Exception as exc:  # fault isolation: one cell's failure never stops the grid
-        result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
+        result.status, result.reason = Status.FAILED, f"{type(exc).__name__}: {exc}"
         log.debug("cell %s failed:\n%s", key, traceback.format_exc())
+    result.components_used = list({digest(asdict(c)): c for c in components.used}.values())  # each once, first built first
     return result
 
 
@@ -212,107 +242,87 @@ def _within(seconds: float | None, work):
     return outcome["value"]
 
 
-def run(grid: Grid, settings: Settings, progress=None) -> Summary:
-    """Run every pending cell of ``grid``; ``progress`` is an optional :class:`rich.progress.Progress`."""
+# --------------------------------------------------------------------------- the grid
+
+
+def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: FewShotDataset, pair: EncoderPair,
+             extractor: FeatureExtractor, device: str, finished: set[str]) -> tuple[list[_Cell], int]:
+    """This dataset's cells whose identity has no finished result yet, and how many were skipped."""
+    labels = dataset.split("train").labels
+    n_classes = len(dataset.class_names)
+    supports = {(k, seed): protocol.sample_support(labels, n_classes, k, seed, dataset_choice.label)
+                for k in grid.shots for seed in grid.seeds}
+    pending, skipped = [], 0
+    for method in grid.methods:
+        origin = Origin(
+            harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
+            max_test=grid.max_test, encoder=grid.encoder.ref, features=asdict(extractor.identity),
+            text_encoder=pair.text.identity if pair.text is not None else None, method=method.ref,
+            method_components=registry.components_of(method), device=device.split(":")[0])
+        for k in grid.shots:
+            for seed in grid.seeds:
+                identity = Identity(origin, k, seed, protocol.support_hash(supports[k, seed]))
+                if identity.id in finished:
+                    skipped += 1
+                    continue
+                key = CellKey(dataset_choice.label, grid.size, method.label, grid.encoder.label, k, seed, grid.max_test)
+                pending.append(_Cell(method, key, identity, supports[k, seed]))
+    return pending, skipped
+
+
+def run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> Summary:
+    """Run every pending cell of ``grid``; ``progress`` is an optional :class:`rich.progress.Progress`. Everything the
+    cells' methods build while they run comes from ``registry`` (the run's own, with its ``-p`` modules)."""
     started = time.perf_counter()
-    summary = Summary()
+    summary = Summary(total=grid.cells)
     store = ResultsStore(settings.out_dir / "results.jsonl")
-    done = store.load()
-    finished = {rid for rid, r in done.items() if r.status in ("ok", "not_applicable")}
-    pending = {d.label: [(m, k) for m, k in grid.keys(d.label) if k.id not in finished] for d in grid.datasets}
-    summary.total = sum(len(grid.keys(d.label)) for d in grid.datasets)
-    summary.skipped = summary.total - sum(len(p) for p in pending.values())
-
-    if any(pending.values()):
-        datasets = open_datasets(grid, settings)
-        encoders: EncoderPair = grid.encoder.build(device=settings.device)
-        cache = FeatureCache(settings.cache_dir)
-        probing = progress.add_task("encoder settings (probed once, then remembered)", total=None) if progress else None
-        summary.tuning = tuned = tuning.choose(encoders, settings.extraction, settings.cache_dir, log.info)
-        if progress:
-            progress.remove_task(probing)
-        extraction_settings = tuned.settings
-        forward = _lazy(lambda: tuning.build_forward(encoders, extraction_settings, settings.cache_dir))
-        env = environment(settings.device) | {"extraction": asdict(extraction_settings)}
-        cells_task = progress.add_task("cells", total=summary.total - summary.skipped) if progress else None
-        for name, cells in pending.items():
-            if not cells:
-                continue
-            dataset = datasets[name]
-            splits = {}
-            reference: float | None = None  # plain eager images/s, measured during this dataset's first encoder pass
-            for split in ("train", "test"):
-                n = len(dataset.split(split).labels)
-                bar = progress.add_task(f"{name} {split} features", total=n) if progress else None
-                advance = (lambda count, bar=bar: progress.advance(bar, count)) if progress else None
-                probe = None
-                if reference is None:  # raw passes run only if this split is encoded (not on a cache hit)
-                    probe = ReferenceProbe.for_split(encoders.image, dataset.split(split).images, settings.device,
-                                                     extraction_settings.batch_size, settings.extraction.amp)
-                    advance = _both(advance, probe)
-                features, extraction = split_features(
-                    cache, dataset, split, encoders.image, settings.device, extraction_settings.batch_size,
-                    settings.extraction.amp, advance, extraction_settings.backend, forward,
-                )
-                if probe is not None and probe.images_per_s:
-                    extraction.seconds -= probe.paused_s
-                    reference = probe.images_per_s
-                if progress:
-                    progress.update(bar, completed=n, visible=False)
-                labels = np.asarray(dataset.split(split).labels)
-                if split == "test" and grid.max_test is not None:
-                    features, labels = features[: grid.max_test], labels[: grid.max_test]
-                splits[split] = (features, labels)
-                summary.extractions.append(extraction)
-            for method, key in cells:
-                result = run_cell(method, key, dataset, encoders, splits["train"], splits["test"], settings.device,
-                                  settings.cache_dir / "methods", settings.cell_timeout)
-                result.environment = env
-                result.options["encoder"] = grid.encoder.options
-                result.timings.update(_throughput(summary.extractions, dataset.name, reference))
-                store.append(result)
-                setattr(summary, result.status, getattr(summary, result.status) + 1)
-                if result.status == "failed":
-                    summary.failures.append(f"{key.dataset} {key.method} k={key.k} seed={key.seed}: {result.reason}")
-                if progress:
-                    progress.advance(cells_task)
-        summary.cache_hits, summary.cache_misses = cache.hits, cache.misses
-
+    finished = {cell_id for cell_id, r in store.load().items() if r.status.finished}
+    datasets = open_datasets(grid, settings)
+    pair: EncoderPair = grid.encoder.build(device=settings.device)
+    extractor = FeatureExtractor(pair, settings.cache_dir, settings.extraction, log=log.info)
+    probing = progress.add_task("encoder settings (probed once, then remembered)", total=None) if progress else None
+    summary.tuning = extractor.tuning
+    if progress:
+        progress.remove_task(probing)
+    env = environment(settings.device, extractor.describe())
+    work = []
+    for choice in grid.datasets:
+        dataset = datasets[choice.label]
+        cells, skipped = _pending(grid, registry, choice, dataset, pair, extractor, settings.device, finished)
+        summary.skipped += skipped
+        work.append((dataset, cells))
+    cells_task = progress.add_task("cells", total=summary.total - summary.skipped) if progress else None
+    for dataset, cells in work:
+        if not cells:
+            continue
+        splits = {}
+        for split in ("train", "test"):
+            n = len(dataset.split(split).labels)
+            bar = progress.add_task(f"{cells[0].key.dataset} {split} features", total=n) if progress else None
+            advance = (lambda count, bar=bar: progress.advance(bar, count)) if progress else None
+            features, _ = extractor.features(dataset, split, advance)
+            if progress:
+                progress.update(bar, completed=n, visible=False)
+            labels = np.asarray(dataset.split(split).labels)
+            if split == "test" and grid.max_test is not None:
+                features, labels = features[: grid.max_test], labels[: grid.max_test]
+            splits[split] = (features, labels)
+        throughput = extractor.throughput(dataset.identity)
+        for cell in cells:
+            result = run_cell(cell, dataset, pair, splits["train"], splits["test"], RunComponents(registry),
+                              settings.cache_dir / "methods", settings.cell_timeout)
+            result.environment = env
+            for name, value in throughput.items():
+                setattr(result.timings, name, value)
+            store.append(result)
+            setattr(summary, result.status.value, getattr(summary, result.status.value) + 1)
+            if result.status is Status.FAILED:
+                summary.failures.append(f"{cell.key.dataset} {cell.key.method} k={cell.key.k} seed={cell.key.seed}: {result.reason}")
+            if progress:
+                progress.advance(cells_task)
+    summary.extractions = extractor.records
+    if extractor.cache is not None:
+        summary.cache_hits, summary.cache_misses = extractor.cache.hits, extractor.cache.misses
     summary.leaderboard = leaderboard.write(list(store.load().values()), settings.out_dir)
     summary.wall_s = time.perf_counter() - started
     return summary
-
-
-def _lazy(build):
-    """A forward that is built on its first call (only a cache miss needs one)."""
-    built = []
-
-    def forward(batch):
-        if not built:
-            built.append(build())
-        return built[0](batch)
-
-    return forward
-
-
-def _both(first, second):
-    """One per-batch hook calling ``first`` (may be None) and then ``second``."""
-    def hook(count: int) -> None:
-        if first:
-            first(count)
-        second(count)
-
-    return hook
-
-
-def _throughput(extractions: list[Extraction], dataset: str, reference: float | None = None) -> dict[str, float]:
-    """Encoder images/s of this dataset's extractions in this run (absent when all came from the cache), with the
-    run's plain eager ``reference_images_per_s`` beside it (``hica-bench check`` compares their ratio)."""
-    computed = [e for e in extractions if e.dataset == dataset and not e.cached]
-    seconds = sum(e.seconds for e in computed)
-    if not seconds:
-        return {}
-    timings = {"encoder_images_per_s": sum(e.n_images for e in computed) / seconds}
-    if reference:
-        timings["reference_images_per_s"] = reference
-    return timings

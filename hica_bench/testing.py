@@ -10,10 +10,11 @@
         for spec in hica_bench_methods():        # ... or the specs your hook returns (default options)
             check_method(spec)
 
-Methods are checked on small synthetic tasks built the way the runner builds them: images with a class-specific
-bright block, features from a tiny in-kit encoder pair (:func:`toy_pair`), support sets from
-:mod:`hica_bench.protocol`, and only what the method declared in ``needs``. Nothing here needs pytest, data
-files or a network; the kit's own parts run on CPU in seconds.
+Methods are checked on small synthetic tasks built by the runner's own code (:func:`hica_bench.runner.build_task`,
+with its checks of ``needs`` and of the probabilities): images with a class-specific bright block, features from a
+tiny in-kit encoder pair (:func:`toy_pair`) through the extraction service, support sets from
+:mod:`hica_bench.protocol`, components from the installed plugins, and only what the method declared in
+``needs``. Nothing here needs pytest, data files or a network; the kit's own parts run on CPU in seconds.
 """
 
 from __future__ import annotations
@@ -23,31 +24,30 @@ import hashlib
 import inspect
 import re
 import tempfile
-import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from hica_bench import protocol
+from hica_bench import protocol, runner
 from hica_bench.data import preprocess
 from hica_bench.errors import NotApplicable
-from hica_bench.features import encode_images
+from hica_bench.extraction import FeatureExtractor
 from hica_bench.interfaces import (
     KINDS,
+    NEEDS,
+    Components,
     EncoderPair,
     FewShotTask,
     ImageEncoder,
     InputSpec,
-    Need,
     PluginSpec,
     Split,
     TextEncoder,
 )
 
-NEEDS = frozenset(typing.get_args(Need))
-TASKS = ("binary-class", "multi-class")  # what the runner accepts
+TASKS = runner.SUPPORTED_TASKS
 #: (description, classes, shots) of the tasks every method must handle; the first must not be NotApplicable.
 METHOD_TASKS = (("2 classes, 5 shots", 2, 5), ("2 classes, 1 shot", 2, 1), ("10 classes, 2 shots", 10, 2))
 #: Shapes of the keyword tensors :func:`check_loss` builds when not given ``inputs``: B images, C classes,
@@ -122,13 +122,22 @@ def toy_images(labels: np.ndarray, size: int = 28, seed: int = 0, rgb: bool = Fa
     return np.clip(images, 0, 255).astype(np.uint8)
 
 
-def toy_task(n_classes: int, k: int, seed: int = 0, needs: frozenset[str] = frozenset(), n_test: int = 24,
-             cache_dir: Path | None = None, pair: EncoderPair | None = None) -> tuple[FewShotTask, np.ndarray, np.ndarray]:
-    """A task as the runner builds it, plus the test features and labels: (task, test_features, test_labels).
+def installed_components() -> Components:
+    """The components (ROI extractors, descriptor generators, losses) of the installed plugins, as a run resolves them."""
+    from hica_bench.registry import RunComponents, load_registry
 
-    Features come from ``pair`` (default: :func:`toy_pair`). The pair and the optional fields follow ``needs``
-    exactly: aligned only for ``aligned_encoders``, a text encoder only for the text needs, ``train_features``
-    / ``train_images`` only when declared."""
+    return RunComponents(load_registry())
+
+
+def toy_task(n_classes: int, k: int, seed: int = 0, needs: frozenset[str] = frozenset(), n_test: int = 24,
+             cache_dir: Path | None = None, pair: EncoderPair | None = None,
+             components: Components | None = None) -> tuple[FewShotTask, np.ndarray, np.ndarray]:
+    """A task as the runner builds it (:func:`hica_bench.runner.build_task`), plus the test features and labels:
+    (task, test_features, test_labels).
+
+    Features come from ``pair`` (default: :func:`toy_pair`) through the extraction service. The pair and the optional
+    fields follow ``needs`` exactly: aligned only for ``aligned_encoders``, a text encoder only for the text needs,
+    ``train_features`` / ``train_images`` only when declared."""
     rng = np.random.default_rng(seed)
     train_labels = rng.permutation(np.arange(n_classes * (k + 3)) % n_classes).astype(np.int64)
     test_labels = rng.permutation(np.arange(n_test) % n_classes).astype(np.int64)
@@ -141,19 +150,16 @@ def toy_task(n_classes: int, k: int, seed: int = 0, needs: frozenset[str] = froz
         pair = EncoderPair(pair.image, pair.text if text else None, aligned, pair.device, pair.modules)
     train_images = toy_images(train_labels, seed=seed)
     train_images.setflags(write=False)  # the runner hands a read-only memory map
-    train_features = encode_images(train_images, pair.image, pair.device, batch_size=16)
-    test_features = encode_images(toy_images(test_labels, seed=seed + 1), pair.image, pair.device, batch_size=16)
+    extractor = FeatureExtractor.plain(pair)
+    train_features = extractor.encode(train_images)
+    test_features = extractor.encode(toy_images(test_labels, seed=seed + 1))
     dataset = f"hica-bench-testing-{n_classes}-classes"
     indices = protocol.sample_support(train_labels, n_classes, k, seed, dataset)
     names = ["benign", "malignant"] if n_classes == 2 else [f"cell type {chr(ord('a') + c)}" for c in range(n_classes)]
-    task = FewShotTask(
-        dataset=dataset, task=TASKS[n_classes > 2], class_names=names,
-        support_features=train_features[indices], support_labels=train_labels[indices], support_indices=indices,
-        k=k, seed=seed, encoders=pair, device=pair.device,
-        train_images=train_images if "encoders" in needs else None,
-        train_features=train_features if "train_features" in needs else None,
-        cache_dir=cache_dir,
-    )
+    task = runner.build_task(dataset=dataset, task=TASKS[n_classes > 2], class_names=names, train_features=train_features,
+                             train_labels=train_labels, support=indices, k=k, seed=seed, pair=pair,
+                             needs=frozenset(needs), train_images=lambda: train_images, cache_dir=cache_dir,
+                             components=components)
     return task, test_features, test_labels
 
 
@@ -199,12 +205,6 @@ def _builder(thing: Any, kind: str, options: dict[str, Any] | None) -> tuple[str
     return getattr(thing, "__name__", repr(thing)), lambda: thing(**(options or {}))
 
 
-def _seed(seed: int) -> None:
-    """What the runner does before ``fit``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def _snapshot(task: FewShotTask, test: np.ndarray) -> dict[str, Any]:
     arrays = {"support_features": task.support_features, "support_labels": task.support_labels,
               "support_indices": task.support_indices, "train_features": task.train_features, "test features": test}
@@ -220,17 +220,15 @@ def _assert_unmodified(name: str, label: str, before: dict[str, Any], task: FewS
 
 
 def _assert_proba(name: str, label: str, proba: Any, n: int, c: int) -> np.ndarray:
-    assert isinstance(proba, np.ndarray), f"{name} ({label}): predict_proba returned {type(proba).__name__}, not a numpy array"
-    assert proba.shape == (n, c), f"{name} ({label}): predict_proba returned shape {proba.shape}, expected {(n, c)}"
-    assert np.issubdtype(proba.dtype, np.floating), f"{name} ({label}): probabilities have dtype {proba.dtype}, not float"
-    assert np.isfinite(proba).all(), f"{name} ({label}): probabilities contain NaN or inf"
-    assert (proba >= -1e-6).all() and np.allclose(proba.sum(axis=1), 1.0, atol=1e-4), (
-        f"{name} ({label}): probability rows must be non-negative and sum to 1 (sums: {proba.sum(axis=1)[:4]}...)")
-    return proba
+    """The runner's own check of ``predict_proba``'s answer, as an AssertionError."""
+    try:
+        return runner.check_proba(proba, n, c)
+    except ValueError as exc:
+        raise AssertionError(f"{name} ({label}): {exc}") from None
 
 
 def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTask, test: np.ndarray) -> np.ndarray:
-    _seed(task.seed)
+    runner.seed_everything(task.seed)
     model = make()
     try:
         fitted = model.fit(task)
@@ -254,7 +252,8 @@ def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTa
 
 
 @_failures
-def check_method(method: Any, options: dict[str, Any] | None = None, pair: EncoderPair | None = None) -> None:
+def check_method(method: Any, options: dict[str, Any] | None = None, pair: EncoderPair | None = None,
+                 components: Components | None = None) -> None:
     """A :class:`~hica_bench.interfaces.Method` (a PluginSpec, a class or a zero-argument factory; ``options``
     override defaults): ``needs`` is declared from :data:`NEEDS`; on 2 classes × 5 shots, 2 × 1 and 10 × 2 it
     fits (``fit`` returns self; NotApplicable allowed except on the first task), predicts (N, C) float
@@ -262,15 +261,18 @@ def check_method(method: Any, options: dict[str, Any] | None = None, pair: Encod
     modifies its inputs; a fresh instance with the same seed gives bit-identical probabilities, and so does one
     that reuses the first's ``cache_dir``. Features come from ``pair`` (default: the in-kit :func:`toy_pair`;
     a method that needs a real encoder's internals declines it with NotApplicable, which the raised
-    AssertionError carries as ``__cause__``: check it with a real pair then)."""
+    AssertionError carries as ``__cause__``: check it with a real pair then). ``components``: what the tasks'
+    ``components`` build from (default: the installed plugins, :func:`installed_components`)."""
     name, make = _builder(method, "method", options)
-    needs = getattr(make(), "needs", None)
-    assert isinstance(needs, (set, frozenset)) and all(isinstance(n, str) for n in needs), (
-        f"{name}: needs must be a frozenset of strings, got {needs!r}")
-    assert needs <= NEEDS, f"{name}: unknown needs {sorted(needs - NEEDS)}; known: {sorted(NEEDS)}"
+    try:
+        needs = runner.check_needs(getattr(make(), "needs", None), toy_pair(), "the in-kit toy pair")
+    except ValueError as exc:
+        raise AssertionError(f"{name}: {exc}") from None
+    components = components if components is not None else installed_components()
     with tempfile.TemporaryDirectory() as scratch:
         for number, (label, n_classes, k) in enumerate(METHOD_TASKS):
-            task, test, _ = toy_task(n_classes, k, needs=frozenset(needs), cache_dir=Path(scratch) / "first", pair=pair)
+            task, test, _ = toy_task(n_classes, k, needs=needs, cache_dir=Path(scratch) / "first", pair=pair,
+                                     components=components)
             before = _snapshot(task, test)
             try:
                 proba = _fit_predict(name, label, make, task, test)
@@ -318,7 +320,7 @@ def check_encoder(pair: Any) -> None:
     assert features.is_floating_point() and torch.isfinite(features).all(), "image features must be finite floats"
     assert torch.allclose(single.float(), features[:1].float(), rtol=1e-3, atol=1e-3 * float(features.abs().max()) + 1e-5), (
         "an image's features depend on the other images in its batch (eval mode?)")
-    extracted = encode_images(grey, image, pair.device, batch_size=1, amp=False)  # the harness's path, same image
+    extracted = FeatureExtractor.plain(pair, batch_size=1).encode(grey)  # the harness's path, same image
     assert np.array_equal(extracted, single.float().cpu().numpy()) or pair.device != "cpu", (
         "image encoder is not deterministic on CPU (or the harness's extraction disagrees with encode)")
     if dense is not None:

@@ -125,7 +125,8 @@ CASES = [
     Case("shots-empty", ["--shots", ""], "--shots takes comma-separated whole numbers"),
     Case("shots-above-smallest-class", ["--shots", "1,500"], "500 shots is more than breastmnist's smallest train class"),
     Case("seeds-empty-item", ["--seeds", "0,,1"], "--seeds takes comma-separated whole numbers"),
-    Case("seeds-negative", ["--seeds", "-1"], "--seeds must be >= 0"),
+    Case("seeds-negative", ["--seeds", "-1"], "--seeds must be between 0 and 4294967295, got -1"),
+    Case("seeds-too-large", ["--seeds", "4294967296"], "--seeds must be between 0 and 4294967295, got 4294967296"),
     Case("empty-grid", ["--methods", ""], "--methods takes a comma-separated list of names; got ''"),
     Case("method-twice", ["--methods", "prototype,prototype"], "--methods names something twice"),
     # method options
@@ -166,7 +167,7 @@ CASES = [
     # folders and files
     Case("cache-dir-not-writable", ["--cache-dir", "{tmp}/a-file/cache"], "cache directory", setup=_plain_file("a-file")),
     Case("out-not-writable", ["--out", "{tmp}/a-file"], "--out folder", setup=_plain_file("a-file")),
-    Case("results-newer-schema", [], "was written by a newer hica-bench (schema 2 > 1)", setup=_newer_schema),
+    Case("results-newer-schema", [], "was written by a newer hica-bench (schema 3 > 2)", setup=_newer_schema),
     Case("results-not-a-results-file", [], ":2 is not a hica-bench result record", setup=_not_results),
     Case("leaderboard-missing-file", ["leaderboard", "{tmp}/none.jsonl"], "does not exist", command=True),
     # plugins
@@ -179,6 +180,10 @@ CASES = [
          root=["--plugins-only", "hica-bench-medmnist,hica-bench-baselinez"]),
     Case("allow-list-and-autoload-off", [], "HICA_BENCH_DISABLE_PLUGIN_AUTOLOAD turns entry-point plugins off",
          root=["--plugins-only", "hica-bench-medmnist"], env={DISABLE_AUTOLOAD_ENV: "1"}),
+    Case("no-default-methods", ["--plugins-only", "hica-bench-medmnist,hica-bench-encoders", "run", "--out", "{tmp}/out"],
+         "no installed plugin declares a default method; name methods with --methods", command=True),
+    Case("hica-option-names-unknown-component", ["--methods", "hica:loss_local=nope"],
+         "method 'hica' option loss_local=nope: unknown loss 'nope'"),
 ]
 
 

@@ -241,6 +241,7 @@ def test_coop_without_a_text_tower_is_not_applicable():
 # --------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_registered_and_run_by_the_cli_knn_ok_aligned_methods_not_applicable(medmnist_root, tmp_path):
     specs = load_registry().specs("method")
     assert all(specs[name].distribution == "hica-bench-baselines" for name in NEW_METHODS)
@@ -256,6 +257,6 @@ def test_registered_and_run_by_the_cli_knn_ok_aligned_methods_not_applicable(med
             assert records[(name, k)]["status"] == "ok" and 0.0 <= records[(name, k)]["metrics"]["auc"] <= 1.0
         for name in ("tip-adapter:alpha=0.5:beta=3.0", "tip-adapter-f", "clip-adapter", "lp++", "coop"):
             assert records[(name, k)]["status"] == "not_applicable" and "aligned" in records[(name, k)]["reason"]
-    assert records[("tip-adapter:alpha=0.5:beta=3.0", 5)]["options"]["method"] == {
+    assert records[("tip-adapter:alpha=0.5:beta=3.0", 5)]["identity"]["origin"]["method"]["options"] == {
         "alpha": 0.5, "beta": 3.0, "logit_scale": 100.0, "search": False}
     assert records[("knn", 1)]["metrics"] == records[("knn:neighbours=1", 1)]["metrics"]  # auto: 1 neighbour at 1 shot

@@ -14,8 +14,8 @@ import pytest
 from conftest import hica_bench
 from test_check import cli
 
-from hica_bench.backends import ONNX_TOLERANCE, onnxruntime_version
-from hica_bench.bench import BENCH_VERSION, CHECK_IMAGES, VARIANTS
+from hica_bench.extraction.backends import ONNX_TOLERANCE, onnxruntime_version
+from hica_bench.extraction.bench import BENCH_VERSION, CHECK_IMAGES, VARIANTS
 
 
 def run_bench(tmp_path, medmnist_root, *extra, plugins=("pixel_encoder",), env=None):
@@ -28,6 +28,7 @@ def run_bench(tmp_path, medmnist_root, *extra, plugins=("pixel_encoder",), env=N
     return result, (json.loads(out.read_text()) if result.returncode == 0 else None)
 
 
+@pytest.mark.slow
 def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
     result, report = run_bench(tmp_path, medmnist_root, "--encoder", "pixels", "--images", "40", "--repeats", "2",
                                "--warmup", "0", "--naive-batch-size", "16")
@@ -89,6 +90,7 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
     assert not list((tmp_path / "cache").glob("hica-bench-bench-*"))  # the scratch folder is removed
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(onnxruntime_version() is None, reason="needs hica-bench[onnx]")
 def test_default_encoder_gives_real_ratios_flops_and_ceiling(medmnist_root, default_encoder_cache, tmp_path):
     """The real default encoder at a small size: every number is real, achieved FLOP/s stay under the ceiling, and
@@ -116,6 +118,7 @@ def test_default_encoder_gives_real_ratios_flops_and_ceiling(medmnist_root, defa
     assert 0 < report["variants"]["harness"]["overhead_ratio"]["median"]
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_one_line_naming_it(tmp_path, medmnist_root):
     # crash_points SIGKILLs a process at its 3rd pixels encode: naive's first timed pass (after the FLOP count
     # and the check features); every knob is fixed, so the other workers do not probe
@@ -144,6 +147,7 @@ def test_bad_input_exits_2_with_one_line(capsys, medmnist_root, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("hica-bench: error:")
 
 
+@pytest.mark.slow
 def test_bad_input_found_in_a_worker_exits_2(tmp_path, medmnist_root):
     # the workers build the encoder; an unknown timm model is the user's error, reported as such
     result, _ = run_bench(tmp_path, medmnist_root, "--encoder", "timm:model=no_such_model:text=", "--images", "16",
@@ -173,7 +177,7 @@ def test_reference_probe_times_warm_passes_at_a_fixed_spacing():
     """The run's plain-eager yardstick (``features.ReferenceProbe``, used by ``hica-bench run``)."""
     import numpy as np
 
-    from hica_bench.features import REFERENCE_BATCH, ReferenceProbe, encode_images
+    from hica_bench.extraction.encode import REFERENCE_BATCH, ReferenceProbe, encode_images
 
     encoder = CountingEncoder()
     images = np.random.default_rng(0).integers(0, 255, (100, 28, 28), dtype=np.uint8)

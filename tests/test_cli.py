@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import hica_bench, write_medmnist_npz
 
 
@@ -9,6 +11,7 @@ def _results(out):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_run_resume_and_leaderboard(medmnist_root, tmp_path):
     args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--methods", "zero-shot,linear-probe,prototype",
             "--shots", "1,5", "--seeds", "0,1",
@@ -20,7 +23,7 @@ def test_run_resume_and_leaderboard(medmnist_root, tmp_path):
     ok = [r for r in records if r["status"] == "ok"]
     assert {r["key"]["method"] for r in ok} == {"linear-probe", "prototype"}
     assert all(r["status"] == "not_applicable" and "aligned" in r["reason"] for r in records if r["key"]["method"] == "zero-shot")
-    assert all(len(r["support_hash"]) == 64 and r["environment"]["packages"]["hica-bench"] for r in ok)
+    assert all(len(r["identity"]["support"]) == 64 and r["environment"]["packages"]["hica-bench"] for r in ok)
     assert "0 hits, 4 misses" in first.stdout  # one encoder pass per dataset and split
 
     second = hica_bench(*args)
@@ -41,6 +44,7 @@ def test_run_resume_and_leaderboard(medmnist_root, tmp_path):
     assert [r["metrics"] for r in _results(tmp_path / "out")] == [r["metrics"] for r in records]
 
 
+@pytest.mark.slow
 def test_multiclass_rgb_dataset_in_medmnist_format(tmp_path):
     write_medmnist_npz(tmp_path / "data" / "bloodmnist_64.npz", n_classes=8, size=64, rgb=True, counts=(80, 8, 40))
     result = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "bloodmnist", "--size", "64",
@@ -62,6 +66,7 @@ def _error(result):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_missing_data_offline(tmp_path):
     (tmp_path / "empty").mkdir()
     line = _error(hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
@@ -71,6 +76,7 @@ def test_missing_data_offline(tmp_path):
     assert "does not exist" in line
 
 
+@pytest.mark.slow
 def test_bad_input_keeps_finished_results(medmnist_root, tmp_path):
     args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
             "--shots", "1", "--seeds", "0", "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"),
@@ -81,15 +87,22 @@ def test_bad_input_keeps_finished_results(medmnist_root, tmp_path):
     assert (tmp_path / "out" / "results.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_list_and_help():
-    listed = hica_bench("list", "method")
-    assert listed.returncode == 0 and "linear-probe" in listed.stdout and "hica-bench-baselines" in listed.stdout
+    listed = hica_bench("-p", "faulty_methods", "list", "method")
+    assert listed.returncode == 0 and "linear-probe *" in listed.stdout and "hica-bench-baselines" in listed.stdout
+    assert "raises with [square brackets] in its message" in " ".join(listed.stdout.split())  # no markup eaten
     assert "unknown kind" in _error(hica_bench("list", "widgets"))
     for command in ([], ["run"], ["list"], ["leaderboard"]):
         shown = hica_bench(*command, "--help")
         assert shown.returncode == 0 and "Usage" in shown.stdout
+        if command == ["run"]:
+            help_text = " ".join(shown.stdout.split())
+            assert "[default: $HICA_BENCH_DATA, else the dataset's own default]" in help_text
+            assert "[default: the installed plugins' default suite]" in help_text
 
 
+@pytest.mark.slow
 def test_real_default_encoder_learns_breastmnist(medmnist_root, default_encoder_cache, tmp_path):
     """The offline default pair end to end: real ImageNet EfficientNet-Lite0 features of the real test split."""
     result = hica_bench("run", "--datasets", "breastmnist", "--methods", "linear-probe,zero-shot", "--shots", "20",
@@ -103,19 +116,23 @@ def test_real_default_encoder_learns_breastmnist(medmnist_root, default_encoder_
     assert records["zero-shot"]["status"] == "not_applicable"
 
 
+@pytest.mark.slow
 def test_failing_cells_are_recorded_and_the_grid_goes_on(medmnist_root, tmp_path):
     result = hica_bench("-p", "pixel_encoder", "-p", "faulty_methods", "run", "--encoder", "pixels", "--datasets", "breastmnist",
-                        "--methods", "raises,nans,prototype", "--shots", "1", "--seeds", "0,1", "--data-root", str(medmnist_root),
-                        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
-    assert result.returncode == 1
+                        "--methods", "raises,nans,brackets,prototype", "--shots", "1", "--seeds", "0,1",
+                        "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and result.stderr.strip() == "", result.stderr
     records = {(r["key"]["method"], r["key"]["seed"]): r for r in _results(tmp_path / "out")}
-    assert len(records) == 6
+    assert len(records) == 8
     assert records[("raises", 0)]["status"] == "failed" and "deliberate failure in fit" in records[("raises", 0)]["reason"]
     assert records[("nans", 1)]["status"] == "failed" and "NaN" in records[("nans", 1)]["reason"]
     assert all(records[("prototype", s)]["status"] == "ok" for s in (0, 1))
-    assert "2 ran ok, 0 not applicable, 4 failed" in result.stdout and "deliberate failure" in result.stdout
+    summary = " ".join(result.stdout.split())
+    assert "2 ran ok, 0 not applicable, 6 failed" in summary and "deliberate failure" in summary
+    assert "option [lr] of [stage 2] is out of range [0, 1]" in summary  # a reason's brackets are shown as written
 
 
+@pytest.mark.slow
 def test_zero_shot_runs_with_an_aligned_open_clip_pair(medmnist_root, tmp_path):
     """With an aligned pair zero-shot really runs (random-init ViT-S-32-alt: the code path, not the accuracy).
     The backend is probed (batch size fixed to keep it short): an open_clip ViT exports to ONNX cleanly."""
@@ -130,12 +147,14 @@ def test_zero_shot_runs_with_an_aligned_open_clip_pair(medmnist_root, tmp_path):
     assert 0.0 <= records["zero-shot"]["metrics"]["auc"] <= 1.0 and records["zero-shot"]["n_test"] == 32
 
 
+@pytest.mark.slow
 def test_what_fit_chose_is_recorded(medmnist_root, tmp_path):
     result = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
                         "--methods", "linear-probe,knn", "--shots", "1,5", "--seeds", "0", "--data-root", str(medmnist_root),
                         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    fit = {(r["key"]["method"], r["key"]["k"]): r["options"]["fit"] for r in _results(tmp_path / "out")}
+    fit = {(r["key"]["method"], r["key"]["k"]): r["fit_info"] for r in _results(tmp_path / "out")}
     assert fit[("linear-probe", 1)]["validation"].startswith("none") and fit[("linear-probe", 1)]["C"] == 10.0
     assert "5-fold CV" in fit[("linear-probe", 5)]["validation"] and fit[("linear-probe", 5)]["C"] in (0.1, 1.0, 10.0, 100.0, 1000.0)
     assert fit[("knn", 5)]["neighbours"] >= 1
+

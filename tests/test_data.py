@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import write_medmnist_npz
-from hica_bench.cache import FeatureCache
+from hica_bench.extraction.cache import FeatureCache
 from hica_bench.data import LazyNpz, preprocess
 from hica_bench.errors import UserError
 from hica_bench.interfaces import InputSpec

@@ -135,6 +135,7 @@ def test_identity_stable_across_loads(registry, default_pair):
     assert again.image.identity != again.text.identity
 
 
+@pytest.mark.slow
 def test_random_init_identity_stable_across_processes(registry):
     choice = "timm:model=resnet18:text="
     here = build(registry, choice).image.identity
@@ -177,6 +178,7 @@ def test_open_clip_local_checkpoint(registry, images, tmp_path):
     np.testing.assert_allclose(pair.text.encode(["a chest x-ray", "a skin lesion"]), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_biomedclip_offline_from_local_config_and_checkpoint(registry, images, tiny_bert, tmp_path):
     """BiomedCLIP's architecture (timm ViT-B/16 image tower, HF BERT text tower with MLP projection, 512-d,
     context 256) with its text tower pointed at a local BERT folder, saved, and loaded through the plugin."""

@@ -4,7 +4,9 @@ learning on a constructed task."""
 import json
 
 import numpy as np
+import pytest
 from conftest import hica_bench
+from hica_bench import testing
 from hica_bench.interfaces import FewShotTask
 from hica_bench.registry import load_registry
 
@@ -25,6 +27,7 @@ def _run(medmnist_root, cache, out, methods="hica", seeds="0"):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_full_hica_cell_is_deterministic_and_stage1_is_cached(medmnist_root, default_encoder_cache, tmp_path):
     shared_cache = default_encoder_cache
     first = _run(medmnist_root, shared_cache, tmp_path / "a")
@@ -35,7 +38,7 @@ def test_a_full_hica_cell_is_deterministic_and_stage1_is_cached(medmnist_root, d
     assert stage1[0].stat().st_mtime_ns == written
     assert first[0]["status"] == "ok", first[0]["reason"]
     assert first[0]["metrics"] == second[0]["metrics"]
-    assert first[0]["support_hash"] == second[0]["support_hash"]
+    assert first[0]["identity"] == second[0]["identity"]
 
 
 def test_hica_learns_a_constructed_task():
@@ -49,7 +52,7 @@ def test_hica_learns_a_constructed_task():
     test_labels = np.arange(100) % 2
     test = (centres[test_labels] + rng.normal(size=(100, 64))).astype(np.float32)
     task = FewShotTask("breastmnist", "binary-class", ["malignant", "normal, benign"], train[support], train_labels[support],
-                       support, 5, 0, pair, train_features=train)
+                       support, 5, 0, pair, train_features=train, components=testing.installed_components())
     method = load_registry().choose("method", "hica-no-local:epochs=100").build()
     before = (task.support_features.copy(), task.train_features.copy())
     proba = method.fit(task).predict_proba(test)
@@ -57,3 +60,33 @@ def test_hica_learns_a_constructed_task():
     assert (proba.argmax(1) == test_labels).mean() > 0.95
     assert method.loss_history_[-1] < method.loss_history_[0]
     assert np.array_equal(before[0], task.support_features) and np.array_equal(before[1], task.train_features)
+
+
+@pytest.mark.slow
+def test_a_users_roi_extractor_and_loss_from_p_modules_are_used_by_hica(medmnist_root, default_encoder_cache, tmp_path):
+    """HiCA builds its parts through ``task.components``, from the run's own registry: an ROI extractor and a loss
+    from a ``-p`` module replace the built-in ones by name, are really called, and are recorded in the result."""
+    calls = tmp_path / "calls.txt"
+    result = hica_bench("-p", "hica_components", "run", "--datasets", "breastmnist", "--methods",
+                        "hica:roi=corners:loss_global=cosine-ce", "--shots", "5", "--seeds", "0", "--max-test", "48",
+                        "--data-root", str(medmnist_root), "--cache-dir", str(default_encoder_cache),
+                        "--out", str(tmp_path / "out"), env={"HICA_TEST_COMPONENT_CALLS": str(calls)})
+    assert result.returncode == 0, result.stderr + result.stdout
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok", record["reason"]
+    assert record["key"]["method"] == "hica:loss_global=cosine-ce:roi=corners"
+    used = {(c["kind"], c["name"]): c for c in record["components_used"]}
+    assert used[("roi-extractor", "corners")]["distribution"] == "-p hica_components"
+    assert used[("loss", "cosine-ce")]["distribution"] == "-p hica_components"
+    assert used[("loss", "cosine-ce")]["options"] == {"temperature": 0.07}  # HiCA's tau, as the loss declares temperature
+    assert {("loss", "local-infonce"), ("loss", "cross-margin"), ("descriptor-generator", "knowledge")} <= set(used)
+    assert ("loss", "global-infonce") not in used and ("roi-extractor", "saliency") not in used
+    named = {c["name"]: c["distribution"] for c in record["identity"]["origin"]["method_components"]}
+    assert named == {"corners": "-p hica_components", "knowledge": "hica-bench-hica", "cosine-ce": "-p hica_components",
+                     "local-infonce": "hica-bench-hica", "cross-margin": "hica-bench-hica"}
+    called = calls.read_text().split()
+    assert "corners" in called and called.count("cosine-ce") == 150  # one call per stage-2 epoch
+
+    unknown = hica_bench("run", "--methods", "hica:roi=nope", "--data-root", str(medmnist_root), "--out", str(tmp_path / "x"))
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+    assert "method 'hica' option roi=nope: unknown roi-extractor 'nope'" in unknown.stderr

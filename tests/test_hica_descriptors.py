@@ -17,6 +17,7 @@ except ImportError:  # the plugin is not pip-installed: import it from the sourc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "hica"))
 
 from hica_bench.errors import UserError
+from hica_bench.registry import RunComponents, load_registry
 from hica_bench_hica.descriptors import KnowledgeDescriptors, NoisyDescriptors, TemplateDescriptors
 
 FLAGS_2D = [flag for flag in medmnist.INFO if not flag.endswith("3d")]
@@ -125,7 +126,10 @@ def _flat(descriptors, names):
 def test_noisy_corrupts_exactly_the_fraction(base, fraction):
     names = class_names("dermamnist")
     clean = _flat((KnowledgeDescriptors() if base == "knowledge" else TemplateDescriptors()).describe("dermamnist", names), names)
-    gen = NoisyDescriptors(fraction=fraction, base=base, seed=3)
+    components = RunComponents(load_registry())  # as HiCA builds it: the base named, resolved in the run's registry
+    gen = components.build("descriptor-generator", "noisy", fraction=fraction, base=base, seed=3)
+    assert [c.name for c in components.used] == ["noisy", base]
+    assert isinstance(gen, NoisyDescriptors) and isinstance(gen.base, KnowledgeDescriptors if base == "knowledge" else TemplateDescriptors)
     noisy = _flat(gen.describe("dermamnist", names), names)
     assert noisy.keys() == clean.keys()  # same number of texts per class and part
     changed = {k for k in clean if noisy[k] != clean[k]}
@@ -180,3 +184,7 @@ def test_noisy_rejects_bad_options():
         NoisyDescriptors(fraction=1.5)
     with pytest.raises(UserError, match="base"):
         NoisyDescriptors(base="gpt")
+    with pytest.raises(UserError, match="unknown descriptor-generator 'gpt'"):
+        RunComponents(load_registry()).build("descriptor-generator", "noisy", base="gpt")
+    with pytest.raises(UserError, match="option 'base'|option base"):
+        load_registry().choose("descriptor-generator", "noisy:base=gpt")

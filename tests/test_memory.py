@@ -81,6 +81,7 @@ def peak_rss_of_run(tmp_path: Path, n_train: int) -> int:
     return int(peak.group(1)) * (1 if sys.platform == "darwin" else 1024)  # ru_maxrss: bytes on macOS, KiB elsewhere
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="measures peak RSS with the resource module (POSIX)")
 def test_peak_rss_of_a_224px_extraction_does_not_grow_with_the_number_of_images(tmp_path):
     small = peak_rss_of_run(tmp_path, SMALL)

@@ -74,3 +74,47 @@ def test_parse_choice_keeps_colons_inside_values():
 def test_unimportable_plugin_module_is_a_user_error():
     with pytest.raises(UserError, match="cannot import"):
         Registry().load_module("no_such_module_anywhere")
+
+
+def test_every_kind_has_its_hook_and_nothing_else_does():
+    import inspect
+
+    from hica_bench import hookspecs
+    from hica_bench.interfaces import KINDS
+    from hica_bench.registry import hook_name, kind_named
+
+    hooks = {name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("hica_bench_")}
+    assert hooks == {hook_name(kind) for kind in KINDS}
+    assert kind_named("losses") == "loss" and kind_named("roi-extractor") == "roi-extractor"
+    with pytest.raises(UserError, match="unknown kind 'widgets'"):
+        kind_named("widgets")
+
+
+def test_the_default_suite_comes_from_the_plugins(monkeypatch):
+    registry = load_registry()
+    assert registry.default_suite("method") == ["zero-shot", "linear-probe", "prototype", "knn", "tip-adapter",
+                                                "tip-adapter-f", "clip-adapter", "lp++", "coop"]
+    assert set(registry.default_suite("dataset")) == {"breastmnist", "pneumoniamnist"}
+    assert registry.default_suite("encoder") == ["effnet-lite0-minilm"]
+    monkeypatch.setenv("HICA_BENCH_PLUGINS", "hica-bench-medmnist,hica-bench-encoders,hica-bench-hica")
+    assert load_registry().default_suite("method") == []  # without the baselines nothing is a default method
+
+
+def test_options_that_name_components_are_checked_and_resolved():
+    from hica_bench.registry import RunComponents
+
+    registry = load_registry()
+    hica = registry.choose("method", "hica:roi=grid")
+    assert [(c.kind, c.name, c.distribution) for c in registry.components_of(hica)] == [
+        ("roi-extractor", "grid", "hica-bench-hica"), ("descriptor-generator", "knowledge", "hica-bench-hica"),
+        ("loss", "global-infonce", "hica-bench-hica"), ("loss", "local-infonce", "hica-bench-hica"),
+        ("loss", "cross-margin", "hica-bench-hica")]
+    with pytest.raises(UserError, match="option loss_cross=nope: unknown loss 'nope'"):
+        registry.choose("method", "hica:loss_cross=nope")
+    components = RunComponents(registry)
+    with pytest.raises(UserError, match="loss 'cross-margin' has no option temperature"):
+        components.build("loss", "cross-margin", temperature=0.1)
+    with pytest.raises(ValueError, match="components are"):
+        components.build("method", "linear-probe")
+    assert components.build("loss", "cross-margin", margin=0.3).margin == 0.3
+    assert [(c.name, c.options) for c in components.used] == [("cross-margin", {"margin": 0.3})]

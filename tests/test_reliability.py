@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_PLUGINS
-from hica_bench.cache import FeatureCache
+from hica_bench.extraction.cache import FeatureCache
 
 GRID = ["--encoder", "pixels", "--datasets", "breastmnist", "--methods", "linear-probe,prototype", "--shots", "1,3",
         "--seeds", "0,1", "--max-test", "60",
@@ -151,6 +151,7 @@ def reference(medmnist_root, tmp_path_factory, warm) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_same_arguments_give_the_same_results_file(reference, medmnist_root, tmp_path):
     """Bit-identical apart from the timing fields: the installed executable, in a fresh interpreter (its own
     hash seed), with fresh cache and results folders, against the forked reference run."""
@@ -169,6 +170,7 @@ def test_same_arguments_give_the_same_results_file(reference, medmnist_root, tmp
         assert (reference / "cache" / "features" / name).read_bytes() == (tmp_path / "cache" / "features" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_runs_lose_nothing(reference, medmnist_root, tmp_path, warm):
     stderr = []
 
@@ -237,6 +239,7 @@ def _broken_distribution(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_broken_plugins_fail_only_their_own_cells(medmnist_root, tmp_path):
     site = _broken_distribution(tmp_path / "site")
     env = {"PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), str(site), os.environ.get("PYTHONPATH", "")])}

@@ -1,13 +1,26 @@
+import dataclasses
 import json
 
 import pytest
 
+from hica_bench import leaderboard
 from hica_bench.errors import UserError
-from hica_bench.results import SCHEMA_VERSION, CellKey, CellResult, ResultsStore
+from hica_bench.results import (SCHEMA_VERSION, CellKey, CellResult, Component, Identity, Metrics, Origin, ResultsStore,
+                                Status, Timings, origin_differences)
+
+FEATURES = {"encoder": "test-pixels-16px-v1", "preprocessing": "p", "precision": "fp32", "backend": "eager", "device": "cpu"}
+ORIGIN = Origin(
+    harness="0.1.0", dataset=Component("dataset", "breastmnist", {}, "hica-bench-medmnist", "0.1.0"),
+    dataset_identity="medmnist/breastmnist@28/sha256:abc", size=28, max_test=None,
+    encoder=Component("encoder", "pixels", {}, "-p pixel_encoder", "?"), features=FEATURES, text_encoder=None,
+    method=Component("method", "prototype", {"temperature": 0.05}, "hica-bench-baselines", "0.1.0"),
+    method_components=(), device="cpu")
 
 
-def _result(seed, acc=0.5):
-    return CellResult(CellKey("breastmnist", 28, "prototype", "pixels", 5, seed), "ok", metrics={"acc": acc})
+def _result(seed, acc=0.5, origin=ORIGIN):
+    key = CellKey("breastmnist", 28, "prototype", "pixels", 5, seed)
+    return CellResult(key, Identity(origin, 5, seed, f"support-{seed}"), Status.OK,
+                      metrics=Metrics(acc=acc, auc=0.5, f1_macro=0.5, balanced_acc=0.5), timings=Timings(fit_s=0.1))
 
 
 def test_truncated_last_line_is_skipped_and_the_next_append_starts_afresh(tmp_path):
@@ -16,11 +29,24 @@ def test_truncated_last_line_is_skipped_and_the_next_append_starts_afresh(tmp_pa
     line = _result(1).to_json()
     with store.path.open("a") as handle:  # a write killed half-way
         handle.write(line[: len(line) // 2])
-    assert set(store.load()) == {_result(0).key.id}
+    assert set(store.load()) == {_result(0).cell_id}
     store.append(_result(2))
     loaded = store.load()
-    assert set(loaded) == {_result(0).key.id, _result(2).key.id}
-    assert loaded[_result(2).key.id].metrics == {"acc": 0.5}
+    assert set(loaded) == {_result(0).cell_id, _result(2).cell_id}
+    assert loaded[_result(2).cell_id].metrics.acc == 0.5
+
+
+def test_a_record_round_trips_typed(tmp_path):
+    store = ResultsStore(tmp_path / "results.jsonl")
+    original = _result(3, acc=0.75)
+    store.append(original)
+    (loaded,) = store.load().values()
+    assert loaded.status is Status.OK and isinstance(loaded.metrics, Metrics) and loaded.metrics.acc == 0.75
+    assert loaded.identity == original.identity and loaded.cell_id == original.cell_id
+    assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
+    record = json.loads(store.path.read_text())
+    assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 2
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -32,7 +58,70 @@ def test_newer_schema_is_refused(tmp_path):
         store.load()
 
 
-def test_cell_id_depends_on_every_key_field():
-    ids = {CellKey("d", 28, "m", "e", 5, 0).id, CellKey("d", 28, "m", "e", 5, 1).id, CellKey("d", 28, "m", "e", 1, 0).id,
-           CellKey("d", 64, "m", "e", 5, 0).id, CellKey("d", 28, "m", "e", 5, 0, max_test=10).id}
-    assert len(ids) == 5
+def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
+    store = ResultsStore(tmp_path / "results.jsonl")
+    store.append(_result(0))
+    record = json.loads(_result(1).to_json())
+    del record["identity"]
+    with store.path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 2"):
+        store.load()
+
+
+def test_every_part_of_the_identity_changes_the_cell_id():
+    base = _result(0).identity
+    changed = [
+        dataclasses.replace(base, seed=1), dataclasses.replace(base, k=1), dataclasses.replace(base, support="other"),
+        dataclasses.replace(base, origin=dataclasses.replace(ORIGIN, dataset_identity="medmnist/breastmnist@28/sha256:def")),
+        dataclasses.replace(base, origin=dataclasses.replace(ORIGIN, features={**FEATURES, "backend": "onnxruntime"})),
+        dataclasses.replace(base, origin=dataclasses.replace(ORIGIN, features={**FEATURES, "encoder": "sha256=new"})),
+        dataclasses.replace(base, origin=dataclasses.replace(ORIGIN, method=dataclasses.replace(ORIGIN.method, version="0.2.0"))),
+        dataclasses.replace(base, origin=dataclasses.replace(ORIGIN, method=dataclasses.replace(
+            ORIGIN.method, options={"temperature": 0.1}))),
+        dataclasses.replace(base, origin=dataclasses.replace(ORIGIN, device="cuda")),
+        dataclasses.replace(base, origin=dataclasses.replace(ORIGIN, harness="0.2.0")),
+    ]
+    assert len({base.id} | {identity.id for identity in changed}) == len(changed) + 1
+    origins = [identity.origin.id for identity in changed[3:]]
+    assert len(set(origins)) == len(origins) and ORIGIN.id not in origins
+    assert {identity.origin.id for identity in changed[:3]} == {ORIGIN.id}  # k, seed and support are not the origin
+
+
+def test_origin_differences_name_what_changed():
+    other = dataclasses.replace(ORIGIN, features={**FEATURES, "backend": "onnxruntime"},
+                                method=dataclasses.replace(ORIGIN.method, version="0.2.0"))
+    assert origin_differences(ORIGIN, other) == ["features.backend: eager → onnxruntime", "method.version: 0.1.0 → 0.2.0"]
+    assert origin_differences(ORIGIN, ORIGIN) == []
+
+
+V1_RECORD = {
+    "cell_id": "62b83678d0c8daba3431", "finished_at": "2026-11-24T00:09:38+00:00",
+    "environment": {"cpu_count": 2, "cpu_model": "AMD EPYC", "device": "cpu", "device_name": "AMD EPYC",
+                    "extraction": {"backend": "onnxruntime", "batch_size": 8}, "git": "8ce57ad", "packages": {}, "platform": "x",
+                    "python": "3.11.7", "torch_threads": 2},
+    "key": {"dataset": "breastmnist", "encoder": "pixels", "k": 5, "max_test": None, "method": "prototype", "seed": 0, "size": 28},
+    "metrics": {"acc": 0.6, "auc": 0.7, "balanced_acc": 0.55, "f1_macro": 0.5}, "n_support": 10, "n_test": 156,
+    "options": {"encoder": {}, "method": {"temperature": 0.05}, "fit": {"C": 1.0}}, "reason": None, "schema_version": 1,
+    "status": "ok", "support_hash": "4057a2bc", "timings": {"encoder_images_per_s": 150.0, "fit_s": 0.01},
+}
+
+
+def test_a_version_1_file_opens_as_legacy_and_is_never_mixed(tmp_path):
+    """A schema-1 results file (as every committed leaderboard before schema 2) still opens: its records are legacy,
+    with their label, metrics and timings; a schema-2 result of the same label is another origin, never averaged."""
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(V1_RECORD) + "\n" + json.dumps({**V1_RECORD, "key": {**V1_RECORD["key"], "seed": 1}}) + "\n")
+    store = ResultsStore(path)
+    legacy = list(store.load().values())
+    assert len(legacy) == 2 and all(r.identity is None and r.origin_id == "legacy" for r in legacy)
+    assert legacy[0].metrics.acc == 0.6 and legacy[0].fit_info == {"C": 1.0} and legacy[0].support_hash == "4057a2bc"
+    assert legacy[0].timings.encoder_images_per_s == 150.0 and legacy[0].environment.extraction["backend"] == "onnxruntime"
+    assert legacy[0].cell_id != legacy[1].cell_id and legacy[0].schema_version == 1
+
+    store.append(_result(0, acc=0.9))  # a new result of the same label, appended to the old file
+    board = leaderboard.markdown(list(store.load().values()))
+    assert "| prototype ⟨legacy⟩" in board and f"| prototype ⟨{ORIGIN.id}⟩" in board
+    assert "60.0 ± 0.0 (2)" in board and "90.0 (1)" in board  # each origin on its own row
+    assert "legacy: schema-1 results, origin not recorded" in board
+    assert path.read_text().splitlines()[0] == json.dumps(V1_RECORD)  # the old records are kept as they were

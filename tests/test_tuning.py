@@ -1,4 +1,4 @@
-"""Extraction settings chosen by measurement (hica_bench.tuning) and the ONNX Runtime backend (hica_bench.backends)."""
+"""Extraction settings chosen by measurement (hica_bench.extraction.tuning) and the ONNX Runtime backend (hica_bench.extraction.backends)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import hica_bench, write_medmnist_npz
-from hica_bench import backends, tuning
+from hica_bench.extraction import backends, tuning
 from hica_bench.data import LazyNpz, preprocess
 from hica_bench.errors import UserError
-from hica_bench.features import encode_images
+from hica_bench.extraction.encode import encode_images
 from hica_bench.interfaces import EncoderPair, InputSpec
 
 SPEC = InputSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
@@ -102,7 +102,7 @@ def test_encoder_without_module_is_eager_only(tmp_path):
     assert "image module" in choice.unavailable["onnxruntime"]
 
 
-@pytest.mark.parametrize("bad", [dict(backend="tensorrt"), dict(batch_size=0), dict(threads=-1)])
+@pytest.mark.parametrize("bad", [dict(backend="tensorrt"), dict(batch_size=-1), dict(threads=-1)])
 def test_requested_rejects_bad_values(bad):
     with pytest.raises(UserError):
         tuning.Requested(**bad)
@@ -133,6 +133,7 @@ def test_onnx_export_of_the_default_encoder_matches_eager_on_real_images(medmnis
     assert np.abs(cl.numpy() - eager[:4]).max() <= backends.ONNX_TOLERANCE * np.abs(eager).max()
 
 
+@pytest.mark.slow
 def test_run_records_the_chosen_settings_and_keys_the_cache_by_backend(tmp_path):
     data = tmp_path / "data"
     write_medmnist_npz(data / "breastmnist.npz", 2)

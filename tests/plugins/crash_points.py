@@ -54,7 +54,7 @@ def write(fd, data):
 
 
 def fsync(fd):
-    match = re.search(r"/features/\.[0-9a-f]{64}\.(npy|json)\.\d+\.tmp$", _path(fd))
+    match = re.search(r"/features/\.[0-9a-f]{64}\.(npy|json)\.\d+\.\w+\.tmp$", _path(fd))
     if match and _reached(f"cache-{match.group(1)}"):
         os.ftruncate(fd, os.fstat(fd).st_size // 2)
         _die()

@@ -27,9 +27,15 @@ class NaNs:
         return np.full((len(features), self.n_classes), np.nan)
 
 
+class Brackets(Raises):
+    def fit(self, task):
+        raise ValueError("option [lr] of [stage 2] is out of range [0, 1]")
+
+
 @hookimpl
 def hica_bench_methods():
     return [
         PluginSpec("method", "raises", "always raises in fit (tests)", Raises),
         PluginSpec("method", "nans", "returns NaN probabilities (tests)", NaNs),
+        PluginSpec("method", "brackets", "raises with [square brackets] in its message (tests)", Brackets),
     ]

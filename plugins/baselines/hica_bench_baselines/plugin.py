@@ -7,6 +7,8 @@ frozen image features handed over by the runner, L2-normalised first as CLIP-sty
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from scipy.special import softmax
 
@@ -100,6 +102,11 @@ class Prototype:
 
 @hookimpl
 def hica_bench_methods() -> list[PluginSpec]:
+    """Every baseline, all in the default suite (``hica-bench run`` without ``--methods``)."""
+    return [replace(spec, in_default_suite=True) for spec in _specs()]
+
+
+def _specs() -> list[PluginSpec]:
     return [
         PluginSpec("method", "zero-shot", "Zero-shot: cosine similarity to prompt-ensemble class text embeddings (aligned pairs only)",
                    ZeroShot, {"logit_scale": 100.0}),

@@ -42,7 +42,7 @@ def hica_bench_encoders() -> list[PluginSpec]:
             "encoder", "effnet-lite0-minilm",
             "Offline default: EfficientNet-Lite0 ImageNet features (1280-d) + all-MiniLM-L6-v2 text (384-d), "
             "both shipped as PyPI wheels; not an aligned pair.",
-            _effnet_lite0_minilm, {},
+            _effnet_lite0_minilm, {}, in_default_suite=True,
         ),
         PluginSpec(
             "encoder", "open-clip",

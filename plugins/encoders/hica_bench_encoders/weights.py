@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from hica_bench.errors import UserError
-
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+from hica_bench.files import file_sha256  # noqa: F401  (re-exported: the encoders' weights digests)
 
 
 def local_file(path: str, option: str) -> Path:
@@ -24,20 +22,6 @@ def local_file(path: str, option: str) -> Path:
     if not resolved.is_file():
         raise UserError(f"{option}={path!r}: no such file")
     return resolved.resolve()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, computed once per process per file version."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        _FILE_DIGESTS[key] = digest.hexdigest()
-    return _FILE_DIGESTS[key]
 
 
 def state_dict_sha256(module: Any) -> str:

@@ -151,6 +151,9 @@ CORRUPTIONS = ("word_drop", "word_swap", "unrelated_class")
 class NoisyDescriptors:
     """A base generator's descriptors with exactly ``round(fraction * total)`` of them corrupted.
 
+    ``base`` is any descriptor generator: through the registry (``noisy:base=NAME``, or HiCA's ``descriptors``
+    option with ``noise`` > 0) it is the plugin of that name, resolved in the run's registry and built for it.
+
     ``total`` counts every global and local text of the call. Which texts are corrupted comes from
     ``numpy.random.default_rng(seed)``; how each one is corrupted comes from ``default_rng([seed, i])`` with
     ``i`` its position in class order (globals then locals per class), so the same (fraction, seed, base
@@ -161,15 +164,15 @@ class NoisyDescriptors:
     call, in descriptor order; ``corruption_types_`` maps each of those tuples to its corruption.
     """
 
-    def __init__(self, fraction: float = 0.3, base: str = "knowledge", seed: int = 0, path: str = "") -> None:
+    def __init__(self, fraction: float = 0.3, base: Any = None, seed: int = 0) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise UserError(f"noisy descriptors: fraction must be between 0 and 1, got {fraction}")
-        if base == "knowledge":
-            self.base: Any = KnowledgeDescriptors(path)
-        elif base == "templates":
-            self.base = TemplateDescriptors()
-        else:
-            raise UserError(f"noisy descriptors: base must be 'knowledge' or 'templates', got {base!r}")
+        if base is None:  # constructed directly without one: the bundled knowledge file
+            base = KnowledgeDescriptors()
+        if not callable(getattr(base, "describe", None)):
+            raise UserError(f"noisy descriptors: base must be a descriptor generator (the registry builds it from the "
+                            f"name in the 'base' option), got {base!r}")
+        self.base = base
         self.fraction, self.seed = float(fraction), int(seed)
         self.corrupted_: list[tuple[str, str, int]] = []
         self.corruption_types_: dict[tuple[str, str, int], str] = {}

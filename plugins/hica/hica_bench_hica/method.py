@@ -20,19 +20,25 @@ and ``g_t`` (text) into a shared space, trained with
     boxes of an ROI extractor, one encoder pass per image) and the fine-grained local descriptors;
   * L_cross: hinge pushing mismatched image/text similarities at least δ below the matched one.
 Prediction: softmax over cosine(g_v(a(f)), g_t(b(t_c))) / τ.
+
+Its building blocks are plugins, built through ``task.components`` from the run's own registry, so a user's plugin
+(installed, or loaded with ``-p``) can replace any of them by name: the descriptor generator (``descriptors``; with
+``noise`` > 0 wrapped in ``noisy``), the ROI extractor (``roi``) and the three losses (``loss_global``,
+``loss_local``, ``loss_cross``). A loss gets ``temperature`` (from ``tau``) or ``margin`` (from ``delta``) when it
+declares that option, and is called with the keyword tensors of the loss it replaces (see :mod:`.losses`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from hica_bench.errors import NotApplicable, UserError
-from hica_bench.interfaces import FewShotTask
+from hica_bench.files import atomic_path, digest
+from hica_bench.interfaces import Components, FewShotTask
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ DEFAULTS = {
     "roi": "saliency",  # ROI extractor (see `hica-bench list roi-extractor`)
     "descriptors": "knowledge",  # descriptor generator (templates, knowledge, noisy)
     "noise": 0.0,  # fraction of descriptors corrupted by the `noisy` generator (0 = clean)
+    "loss_global": "global-infonce",  # image ↔ class-text loss (see `hica-bench list loss`)
+    "loss_local": "local-infonce",  # ROI ↔ fine-grained descriptor loss
+    "loss_cross": "cross-margin",  # cross-category margin loss
     "dim": 256,  # shared embedding width of the projection heads
     "epochs": 150,  # stage-2 full-batch steps
     "lr": 1e-3,
@@ -55,10 +64,6 @@ DEFAULTS = {
     "stage1_recluster": 5,
     "stage1_lr": 1e-3,
 }
-
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _adapter(width: int, hidden: int):
@@ -98,20 +103,32 @@ class HiCA:
             needs.add("encoders")  # raw support images + the image encoder, for ROI features
         self.needs = frozenset(needs)
 
-    # ------------------------------------------------------------------ descriptors
-    def _descriptors(self, task: FewShotTask) -> list[dict[str, list[str]]]:
-        from hica_bench.registry import load_registry
+    # ------------------------------------------------------------------ components
+    @staticmethod
+    def _components(task: FewShotTask) -> Components:
+        if task.components is None:
+            raise ValueError("HiCA builds its descriptor generator, ROI extractor and losses through task.components; "
+                             "this task has none (the runner and hica_bench.testing.toy_task provide them)")
+        return task.components
 
+    def _loss(self, components: Components, option: str, **settings):
+        """The loss named by ``option``, given those of ``settings`` it declares (temperature, margin)."""
+        name = self.options[option]
+        accepted = components.options("loss", name)
+        return components.build("loss", name, **{k: v for k, v in settings.items() if k in accepted})
+
+    def _descriptors(self, task: FewShotTask) -> list[dict[str, list[str]]]:
         o = self.options
+        components = self._components(task)
         if o["noise"] > 0:
-            text = f"noisy:fraction={o['noise']}:base={o['descriptors']}:seed=0"
+            generator = components.build("descriptor-generator", "noisy", fraction=o["noise"], base=o["descriptors"], seed=0)
+            label = f"noisy:fraction={o['noise']}:base={o['descriptors']}:seed=0"
         else:
-            text = o["descriptors"]
-        generator = load_registry().choose("descriptor-generator", text).build()
+            generator, label = components.build("descriptor-generator", o["descriptors"]), o["descriptors"]
         described = generator.describe(task.dataset, list(task.class_names))
         if len(described) != task.n_classes or any(not d.get("global") for d in described):
-            raise ValueError(f"descriptor generator {text!r} gave no global text for some class")
-        self.descriptor_label_ = text
+            raise ValueError(f"descriptor generator {label!r} gave no global text for some class")
+        self.descriptor_label_ = label
         return described
 
     # ------------------------------------------------------------------ stage 1
@@ -127,11 +144,11 @@ class HiCA:
         if not o["stage1"]:
             return visual.eval(), textual.eval()  # identity adapters (zero-initialised residuals)
         train = task.train_features
-        key = _digest(
+        key = digest([
             "hica-stage1-v1", task.encoders.image.identity, task.encoders.text.identity, task.dataset,
             hashlib.sha256(np.ascontiguousarray(train).tobytes()).hexdigest(), texts_by_class,
             {k: o[k] for k in ("stage1_epochs", "stage1_clusters", "stage1_recluster", "stage1_lr")},
-        )
+        ], 24)
         path = Path(task.cache_dir) / "hica-stage1" / f"{key}.safetensors" if task.cache_dir else None
         if path is not None and path.exists():
             try:
@@ -149,12 +166,10 @@ class HiCA:
         self._train_text(textual, torch.from_numpy(_normalise(text_features)).float(), torch.from_numpy(class_of), torch)
         if path is None:  # no cache folder given: nothing is kept
             return visual.eval(), textual.eval()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         state = {f"v.{k}": v.contiguous() for k, v in visual.state_dict().items()}
         state |= {f"t.{k}": v.contiguous() for k, v in textual.state_dict().items()}
-        save_file(state, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp))
         return visual.eval(), textual.eval()
 
     def _train_visual(self, visual, features, generator, torch) -> None:
@@ -208,11 +223,10 @@ class HiCA:
     def _roi_features(self, task: FewShotTask, torch) -> np.ndarray:
         """(N_support, K, D) frozen features pooled inside K ROIs per support image (one encoder pass)."""
         from hica_bench.data import preprocess
-        from hica_bench.registry import load_registry
         from hica_bench_hica.rois import roi_pool
 
         o = self.options
-        extractor = load_registry().choose("roi-extractor", o["roi"]).build()
+        extractor = self._components(task).build("roi-extractor", o["roi"])
         encoder = task.encoders.image
         images = np.asarray(task.train_images[np.sort(task.support_indices)])
         order = np.argsort(np.argsort(task.support_indices))  # back to support order
@@ -239,8 +253,6 @@ class HiCA:
     # ------------------------------------------------------------------ fit / predict
     def fit(self, task: FewShotTask) -> "HiCA":
         import torch
-
-        from hica_bench_hica.losses import CrossMargin, GlobalInfoNCE, LocalInfoNCE
 
         if task.encoders.text is None:
             raise NotApplicable("HiCA needs a text encoder for the class descriptors")
@@ -283,7 +295,10 @@ class HiCA:
             text_head = torch.nn.Linear(class_text.shape[1], o["dim"])
         params = list(image_head.parameters()) + list(text_head.parameters())
         optimiser = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        global_loss, local_loss, cross_loss = GlobalInfoNCE(o["tau"]), LocalInfoNCE(o["tau"]), CrossMargin(o["delta"])
+        components = self._components(task)
+        global_loss = self._loss(components, "loss_global", temperature=o["tau"])
+        local_loss = self._loss(components, "loss_local", temperature=o["tau"]) if rois is not None else None
+        cross_loss = self._loss(components, "loss_cross", margin=o["delta"]) if o["lambda2"] > 0 else None
         self.loss_history_ = []
         for _ in range(o["epochs"]):
             image_embeddings = image_head(support)
@@ -293,7 +308,7 @@ class HiCA:
                 loss = loss + o["lambda1"] * local_loss(
                     roi_embeddings=image_head(rois), local_text_embeddings=text_head(local), labels=labels, local_mask=mask
                 )
-            if o["lambda2"] > 0:
+            if cross_loss is not None:
                 loss = loss + o["lambda2"] * cross_loss(image_embeddings=image_embeddings, text_embeddings=text_embeddings, labels=labels)
             optimiser.zero_grad()
             loss.backward()

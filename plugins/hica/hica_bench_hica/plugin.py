@@ -27,10 +27,15 @@ def _defaults() -> dict:
     return dict(DEFAULTS)
 
 
+#: HiCA's options that name other plugins (checked before a run starts; recorded in each result's identity)
+COMPONENTS = {"roi": "roi-extractor", "descriptors": "descriptor-generator", "loss_global": "loss",
+              "loss_local": "loss", "loss_cross": "loss"}
+
+
 @hookimpl
 def hica_bench_methods() -> list[PluginSpec]:
     defaults = _defaults()
-    return [PluginSpec("method", name, description, _hica, {**defaults, **overrides})
+    return [PluginSpec("method", name, description, _hica, {**defaults, **overrides}, components=COMPONENTS)
             for name, (overrides, description) in VARIANTS.items()]
 
 
@@ -73,6 +78,7 @@ def hica_bench_descriptor_generators() -> list[PluginSpec]:
                    _lazy("descriptors", "TemplateDescriptors")),
         PluginSpec("descriptor-generator", "knowledge", "Curated global + fine-grained descriptors for every MedMNIST 2D class",
                    _lazy("descriptors", "KnowledgeDescriptors"), {"path": ""}),
-        PluginSpec("descriptor-generator", "noisy", "Corrupts a fraction of another generator's descriptors (robustness)",
-                   _lazy("descriptors", "NoisyDescriptors"), {"fraction": 0.3, "base": "knowledge", "seed": 0, "path": ""}),
+        PluginSpec("descriptor-generator", "noisy", "Corrupts a fraction of another generator's descriptors (robustness); "
+                   "base: any descriptor generator", _lazy("descriptors", "NoisyDescriptors"),
+                   {"fraction": 0.3, "base": "knowledge", "seed": 0}, components={"base": "descriptor-generator"}),
     ]

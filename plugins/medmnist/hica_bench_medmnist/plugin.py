@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from hica_bench import hookimpl
-from hica_bench.data import LazyNpz, file_fingerprint
+from hica_bench.data import LazyNpz
 from hica_bench.errors import UserError
+from hica_bench.files import file_sha256
 from hica_bench.interfaces import PluginSpec, Split
 
 SIZES = (28, 64, 128, 224)
@@ -94,7 +95,9 @@ class MedMNIST:
         self.path = path
         self._npz = LazyNpz(path, Path(cache_dir))
         self._npz.require([f"{s}_{part}" for s in SPLITS for part in ("images", "labels")])
-        self.identity = f"medmnist/{flag}@{size}/{file_fingerprint(path)}"
+        # the file's content digest: the same on every machine and for every copy, changed by any edit (it keys the
+        # feature cache and is part of every result's identity); remembered per file version under the cache folder
+        self.identity = f"medmnist/{flag}@{size}/sha256:{file_sha256(path, Path(cache_dir))}"
         self._splits: dict[str, Split] = {}
 
     def split(self, name: str) -> Split:
@@ -131,9 +134,14 @@ def _factory(flag: str):
     return build
 
 
+#: what ``hica-bench run`` runs when no --datasets are named
+DEFAULT_SUITE = ("breastmnist", "pneumoniamnist")
+
+
 def _specs() -> list[PluginSpec]:
     return [
-        PluginSpec("dataset", flag, f"MedMNIST v2 {flag}: {modality}; sizes 28/64/128/224", _factory(flag))
+        PluginSpec("dataset", flag, f"MedMNIST v2 {flag}: {modality}; sizes 28/64/128/224", _factory(flag),
+                   in_default_suite=flag in DEFAULT_SUITE)
         for flag, modality in FLAGS.items()
     ]
 

@@ -1,33 +1,20 @@
-"""Frozen-encoder features of a whole split, computed once and served from the feature cache."""
+"""The encoder loop and its timing: images -> features in batches (with the next batch prepared in the background),
+the timed forward every measurement uses, and the plain eager yardstick measured during an extraction.
+
+Only :class:`hica_bench.extraction.FeatureExtractor` calls :func:`encode_images`; everything else asks the service.
+"""
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from hica_bench.backends import Forward, eager_forward
-from hica_bench.cache import FeatureCache
-from hica_bench.data import preprocess, preprocessing_id, release_pages
-from hica_bench.interfaces import FewShotDataset, ImageEncoder
-
-
-@dataclass
-class Extraction:
-    """How one split's features were obtained (reported in the run summary)."""
-
-    dataset: str
-    split: str
-    n_images: int
-    cached: bool
-    seconds: float
-
-    @property
-    def images_per_second(self) -> float | None:
-        return None if self.cached or self.seconds <= 0 else self.n_images / self.seconds
+from hica_bench.data import preprocess, release_pages
+from hica_bench.extraction.backends import Forward, eager_forward
+from hica_bench.interfaces import ImageEncoder
 
 
 def precision(device: str, amp: bool) -> str:
@@ -103,7 +90,7 @@ REFERENCE_BATCH = 8  #: images in the plain eager yardstick's fixed batch, whate
 
 
 class ReferenceProbe:
-    """A per-batch hook (``on_batch``) for :func:`split_features` that measures the plain eager forward
+    """A per-batch hook (``on_batch``) for :func:`encode_images` that measures the plain eager forward
     (``encoder.encode`` on a fixed preprocessed batch of :data:`REFERENCE_BATCH` images, whatever backend and
     batch size the extraction uses) during the extraction it is compared with, so both see the same machine
     load: the run's machine-independent yardstick.
@@ -146,38 +133,3 @@ class ReferenceProbe:
     @property
     def images_per_s(self) -> float | None:
         return len(self.batch) / float(np.median(self.times)) if self.times else None
-
-
-def split_features(
-    cache: FeatureCache,
-    dataset: FewShotDataset,
-    split: str,
-    encoder: ImageEncoder,
-    device: str,
-    batch_size: int,
-    amp: bool = True,
-    on_batch: Callable[[int], None] | None = None,
-    backend: str = "eager",
-    forward: Forward | None = None,
-) -> tuple[np.ndarray, Extraction]:
-    """Features of ``dataset.split(split)``: from the cache when a valid entry exists, else computed (with
-    ``forward``, which must run ``backend``) and stored. The backend is part of the cache key: backends agree
-    only within a tolerance, and a cached result must not depend on which one filled the cache."""
-    parts = {
-        "encoder": encoder.identity,
-        "dataset": dataset.identity,
-        "split": split,
-        "preprocessing": preprocessing_id(encoder.input_spec),
-        "precision": precision(device, amp),
-        "backend": backend,
-    }
-    key = cache.key(parts)
-    cached = cache.get(key)
-    if cached is not None:
-        return cached, Extraction(dataset.name, split, len(cached), True, 0.0)
-    images = dataset.split(split).images
-    start = time.perf_counter()
-    features = encode_images(images, encoder, device, batch_size, amp, on_batch, forward)
-    seconds = time.perf_counter() - start
-    cache.put(key, features, parts)
-    return features, Extraction(dataset.name, split, len(features), False, seconds)

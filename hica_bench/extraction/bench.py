@@ -6,17 +6,17 @@ Variants, each as images/s with its ratio to naive eager:
   builds it, fp32, on an NCHW-contiguous batch that is already preprocessed on the device (no data loading),
   under ``torch.inference_mode``, with torch's default thread count and its default CPU allocator
   (``THP_MEM_ALLOC_ENABLE`` unset), batch ``--naive-batch-size`` (default 64, CLIP_benchmark's default).
-- **eager-tuned**: the eager backend with the settings :func:`hica_bench.tuning.choose` picks for it (batch
+- **eager-tuned**: the eager backend with the settings :func:`hica_bench.extraction.tuning.choose` picks for it (batch
   size, memory layout, threads; THP allocator), the raw forward on a preprocessed batch.
 - **onnxruntime**: the same for the ONNX Runtime backend; where it cannot run (not installed, not on CPU, the
   encoder is not exportable) the report gives the one-line reason instead of numbers.
 - **harness**: what ``hica-bench run`` does: the settings ``choose`` picks for the user's options (backend auto
-  by default), then :func:`hica_bench.features.split_features` over the images with a fresh, throw-away feature
-  cache each repeat: memory-mapped read, preprocessing, forward, copy to host, cache write. Its report also
+  by default), then :meth:`hica_bench.extraction.FeatureExtractor.features` over the images with a fresh, throw-away
+  feature cache each repeat: memory-mapped read, preprocessing, forward, copy to host, cache write. Its report also
   has the seconds per stage and its overhead ratio: harness images/s ÷ raw forward images/s of the same
   forward, measured in the same worker right after each extraction.
 
-Every variant runs in a long-lived worker process of its own (``python -m hica_bench.bench --worker``, JSON
+Every variant runs in a long-lived worker process of its own (``python -m hica_bench.extraction.bench --worker``, JSON
 lines on stdin/stdout), so the allocator can differ (naive: without THP; the others with
 ``THP_MEM_ALLOC_ENABLE=1``) and one variant's memory does not disturb another's. Workers build the encoder and
 dataset through the plugin registry exactly as the CLI does (all workers at once); the set-up that follows
@@ -33,7 +33,7 @@ with ``torch.utils.flop_counter.FlopCounterMode`` over one ``encoder.encode`` of
 (convolutions and matrix products, multiply-add = 2 FLOPs); each variant's achieved GFLOP/s is its images/s ×
 GFLOP/image, shown as a fraction of the ceiling. The **feature check** compares every variant's features of
 the first images (the harness: its extraction's output) with naive eager's: max |difference| must be at most
-:data:`hica_bench.backends.ONNX_TOLERANCE` × max |eager feature|.
+:data:`hica_bench.extraction.backends.ONNX_TOLERANCE` × max |eager feature|.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class _Worker:
             env[THP_ENV] = "1"
         self.stderr_path = Path(job.scratch) / f"{variant}.stderr"
         with self.stderr_path.open("w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hica_bench.bench", "--worker", variant], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "hica_bench.extraction.bench", "--worker", variant], env=env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
     def send(self, message: dict[str, Any]) -> None:
@@ -187,8 +187,8 @@ def bench(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Set up one worker per variant, measure them in turns ``repeats`` times; return the JSON-ready report
-    (see the module docstring). ``requested`` is the user's :class:`hica_bench.tuning.Requested`."""
-    from hica_bench.backends import ONNX_TOLERANCE
+    (see the module docstring). ``requested`` is the user's :class:`hica_bench.extraction.tuning.Requested`."""
+    from hica_bench.extraction.backends import ONNX_TOLERANCE
     from hica_bench.results import environment
 
     if min(images, repeats, naive_batch_size) < 1 or warmup < 0:
@@ -271,7 +271,7 @@ def bench(
             overhead = [h / r for h, r in zip(ips, raw)]
             stages = {name: float(np.median([r["stages"][name] for r in runs[variant]]))
                       for name in ("total", "preprocess", "forward", "cache_write")}
-            # preprocessing runs in a background thread, overlapped with the forward (features.encode_images), so
+            # preprocessing runs in a background thread, overlapped with the forward (encode.encode_images), so
             # it is timed on its own after the extraction and is not subtracted from the total
             stages["other"] = stages["total"] - stages["forward"] - stages["cache_write"]
             entry.update({
@@ -311,7 +311,7 @@ def bench(
             "harness_within_tolerance": harness["features_within_tolerance"],
         },
         "wall_s": time.perf_counter() - started,
-        "environment": environment(device),
+        "environment": asdict(environment(device)),
     }
 
 
@@ -369,7 +369,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
 
 @dataclass(frozen=True)
 class _Subset:
-    """The first ``n`` images of one split of ``dataset``, as a dataset of its own (for ``split_features``)."""
+    """The first ``n`` images of one split of ``dataset``, as a dataset of its own (for the extraction service)."""
 
     dataset: Any
     split_name: str
@@ -438,9 +438,10 @@ class _Variant:
         answer: settings, worker facts, and what the parent needs from this variant."""
         import torch
 
-        from hica_bench.backends import BackendUnavailable, export_onnx
         from hica_bench.data import preprocess
-        from hica_bench.tuning import ExtractionSettings, Requested, allocator, build_forward, choose
+        from hica_bench.extraction import FeatureExtractor
+        from hica_bench.extraction.backends import BackendUnavailable, export_onnx
+        from hica_bench.extraction.tuning import ExtractionSettings, Requested, allocator
 
         variant, job, device, pair = self.variant, self.job, self.device, self.pair
         requested = Requested(**job["requested"])
@@ -452,6 +453,7 @@ class _Variant:
                                                False, allocator(), False)
             encode = self.encoder.encode
             self.forward = lambda batch: encode(batch)
+            self.extractor = FeatureExtractor(pair, settings=self.settings, forward=self.forward, reference=False)
             self.ready["gflop_per_image"] = self._gflop_per_image(preprocess(self.images[:1], self.encoder.input_spec, device))
         else:
             if variant == "eager-tuned":
@@ -459,9 +461,10 @@ class _Variant:
             elif variant == "onnxruntime":
                 requested = replace(requested, backend="onnxruntime")
             try:
-                tuned = choose(pair, requested, self.cache_dir, log)
+                self.extractor = FeatureExtractor(pair, self.cache_dir, requested, reference=False, log=log)
+                tuned = self.extractor.tuning
                 self.settings = tuned.settings
-                self.forward = build_forward(pair, tuned.settings, self.cache_dir)
+                self.forward = self.extractor.forward()
             except (UserError, BackendUnavailable) as exc:
                 if variant != "onnxruntime":
                     raise UserError(f"{variant}: {exc}") from None
@@ -480,20 +483,15 @@ class _Variant:
                                 self.encoder.input_spec, device)
         self.passes = math.ceil(len(self.images) / batch_size)
         if variant != "harness":  # the harness's features come from its first extraction
-            with torch.inference_mode():
-                check = self.forward(preprocess(check_images, self.encoder.input_spec, device))
-            self._save_features(check)
+            self._save_features(self.extractor.encode(check_images))
         self._raw(self.job["warmup"])
         self.peak_scope = _reset_peak_rss()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
         return self.ready
 
-    def _save_features(self, features: Any) -> None:
-        import torch
-
-        array = features.float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float32)
-        np.save(Path(self.job["scratch"]) / f"{self.variant}-features.npy", array[:CHECK_IMAGES])
+    def _save_features(self, features: np.ndarray) -> None:
+        np.save(Path(self.job["scratch"]) / f"{self.variant}-features.npy", features[:CHECK_IMAGES])
 
     def _gflop_per_image(self, image: Any) -> float:
         import torch
@@ -511,7 +509,7 @@ class _Variant:
 
     def _raw(self, passes: int) -> float:
         """Seconds of ``passes`` timed forward passes of the preprocessed batch (each synchronised on CUDA)."""
-        from hica_bench.features import forward_seconds
+        from hica_bench.extraction.encode import forward_seconds
 
         return sum(forward_seconds(self.forward, self.batch, self.device, iterations=passes))
 
@@ -523,12 +521,13 @@ class _Variant:
         return self._harness(repeat)
 
     def _harness(self, repeat: int) -> dict[str, Any]:
-        """One ``split_features`` of the images into a fresh cache, then its stages and the raw forward alone."""
+        """One extraction of the images into a fresh feature cache through the service, as ``run`` does, then its
+        stages and the raw forward alone."""
         import torch
 
-        from hica_bench.cache import FeatureCache
         from hica_bench.data import preprocess
-        from hica_bench.features import split_features
+        from hica_bench.extraction import FeatureExtractor
+        from hica_bench.extraction.cache import FeatureCache
 
         forward_s = 0.0
         forward = self.forward
@@ -544,12 +543,10 @@ class _Variant:
         s = self.settings
         n = len(self.images)
         with tempfile.TemporaryDirectory(prefix=f"harness-{repeat}-", dir=self.job["scratch"]) as tmp:
-            cache = FeatureCache(Path(tmp))
+            extractor = FeatureExtractor(self.pair, Path(tmp), settings=s, forward=timed, reference=False)
             self._sync()
             start = time.perf_counter()
-            features, extraction = split_features(cache, self.subset, self.job["split"], self.encoder, self.device,
-                                                  s.batch_size, self.job["requested"]["amp"], None,
-                                                  s.backend, timed)
+            features, extraction = extractor.features(self.subset, self.job["split"])
             self._sync()
             total = time.perf_counter() - start
             if repeat == 0:
@@ -561,7 +558,7 @@ class _Variant:
             self._sync()
             preprocess_s = time.perf_counter() - start
             start = time.perf_counter()
-            cache.put("stage-timing", features, {"bench": "cache-write"})
+            FeatureCache(Path(tmp)).put("stage-timing", features, {"bench": "cache-write"})
             cache_write_s = time.perf_counter() - start
         raw_s = self._raw(self.passes)
         return {"images": n, "seconds": total, "images_per_s": n / total,
@@ -580,7 +577,7 @@ class _Variant:
         """GFLOP/s of the best of a few ``torch.mm`` of square matrices (this worker's threads and allocator)."""
         import torch
 
-        from hica_bench.tuning import allocator
+        from hica_bench.extraction.tuning import allocator
 
         n = CEILING_SIZE["cuda" if self.cuda else "cpu"]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.precision, torch.float32) if self.cuda \
@@ -655,4 +652,4 @@ def _worker(variant: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker" and sys.argv[2] in VARIANTS:
         sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m hica_bench.bench --worker {" + ",".join(VARIANTS) + "} (started by `hica-bench bench`)")
+    sys.exit("usage: python -m hica_bench.extraction.bench --worker {" + ",".join(VARIANTS) + "} (started by `hica-bench bench`)")

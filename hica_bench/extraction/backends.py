@@ -14,14 +14,12 @@ device. :func:`build_forward` makes one for a chosen :class:`~hica_bench.tuning.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from hica_bench.files import atomic_dir, digest, remove_orphans
 from hica_bench.interfaces import EncoderPair, ImageEncoder
 
 BACKENDS = ("eager", "onnxruntime")
@@ -88,8 +86,9 @@ def eager_forward(encoder: ImageEncoder, device: str, precision: str = "fp32", c
 def _onnx_dir(cache_dir: Path, encoder: ImageEncoder) -> Path:
     import torch
 
-    parts = f"{encoder.identity}|{encoder.input_spec}|torch={torch.__version__}|export-v{EXPORT_VERSION}"
-    return Path(cache_dir) / "onnx" / hashlib.sha256(parts.encode()).hexdigest()[:20]
+    parts = {"encoder": encoder.identity, "input_spec": repr(encoder.input_spec), "torch": torch.__version__,
+             "export": EXPORT_VERSION}
+    return Path(cache_dir) / "onnx" / digest(parts, 20)
 
 
 def _check_batch(encoder: ImageEncoder, n: int = 3):
@@ -127,32 +126,30 @@ def export_onnx(pair: EncoderPair, cache_dir: Path) -> tuple[Path, dict[str, Any
             return encoder.encode(x)
 
     example = _check_batch(encoder, 2)
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    remove_orphans(folder.parent, folder.name)
     start = time.perf_counter()
     record: dict[str, Any] = {"identity": encoder.identity, "torch": torch.__version__, "tolerance": ONNX_TOLERANCE}
-    try:
-        with _quiet():
-            torch.onnx.export(Encode().eval(), (example,), partial / "model.onnx", dynamo=True,
-                              input_names=["images"], output_names=["features"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        record.update(ok=True, export_s=time.perf_counter() - start)
-        record.update(_compare(encoder, partial / "model.onnx"))
-        if record["max_abs_diff"] > ONNX_TOLERANCE * record["max_abs_eager"]:
-            record.update(ok=False, reason=f"ONNX Runtime features differ from eager by {record['max_abs_diff']:.2e} "
-                                           f"(> {ONNX_TOLERANCE:g} × max |feature| {record['max_abs_eager']:.3g})")
-    except BackendUnavailable as exc:
-        record.update(ok=False, reason=str(exc))
-    except Exception as exc:  # any exporter failure means: this encoder does not export cleanly
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        record.update(ok=False, reason=f"torch.onnx.export failed: {type(exc).__name__}: {first_line}")
-    if not record["ok"]:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    (partial / "export.json").write_text(json.dumps(record, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    with atomic_dir(folder) as partial:  # published whole (model and record) or not at all
+        try:
+            with _quiet():
+                torch.onnx.export(Encode().eval(), (example,), partial / "model.onnx", dynamo=True,
+                                  input_names=["images"], output_names=["features"],
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            record.update(ok=True, export_s=time.perf_counter() - start)
+            record.update(_compare(encoder, partial / "model.onnx"))
+            if record["max_abs_diff"] > ONNX_TOLERANCE * record["max_abs_eager"]:
+                record.update(ok=False, reason=f"ONNX Runtime features differ from eager by {record['max_abs_diff']:.2e} "
+                                               f"(> {ONNX_TOLERANCE:g} × max |feature| {record['max_abs_eager']:.3g})")
+        except BackendUnavailable as exc:
+            record.update(ok=False, reason=str(exc))
+        except Exception as exc:  # any exporter failure means: this encoder does not export cleanly
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            record.update(ok=False, reason=f"torch.onnx.export failed: {type(exc).__name__}: {first_line}")
+        if not record["ok"]:  # remember the failure, not a model that failed its check
+            for leftover in partial.iterdir():
+                leftover.unlink()
+        (partial / "export.json").write_text(json.dumps(record, indent=1))
+    record = json.loads(record_path.read_text())  # ours, or that of a process that published first
     if not record["ok"]:
         raise BackendUnavailable(record["reason"])
     return folder / "model.onnx", record

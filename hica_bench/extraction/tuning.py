@@ -19,7 +19,6 @@ CLI sets it (``hica-bench bench`` measures its effect against naive eager in a s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -28,12 +27,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hica_bench.backends import (BACKENDS, BackendUnavailable, Forward, eager_forward, export_onnx, onnx_forward,
-                                 onnxruntime_version, set_channels_last)
 from hica_bench.errors import UserError
-from hica_bench.features import forward_seconds
-from hica_bench.features import precision as compute_precision
+from hica_bench.extraction.backends import (BACKENDS, BackendUnavailable, Forward, eager_forward, export_onnx,
+                                            onnx_forward, onnxruntime_version, set_channels_last)
+from hica_bench.extraction.encode import forward_seconds
+from hica_bench.extraction.encode import precision as compute_precision
+from hica_bench.files import atomic_write, digest
 from hica_bench.interfaces import EncoderPair
+from hica_bench.results import device_name
 
 TUNING_VERSION = 1
 CPU_BATCHES = (8, 16, 32, 64)
@@ -44,22 +45,22 @@ MARGIN = 1.03
 
 @dataclass(frozen=True)
 class Requested:
-    """What the user fixed; ``None`` (and ``backend="auto"``) means: choose by measurement."""
+    """What the user fixed: ``backend="auto"``, ``batch_size=0``, ``channels_last=None`` and ``threads=0`` mean
+    "choose by measurement". The one place these knobs are validated (``run`` and ``bench`` both build one)."""
 
     backend: str = "auto"
-    batch_size: int | None = None
+    batch_size: int = 0
     channels_last: bool | None = None
-    threads: int | None = None
+    threads: int = 0
     amp: bool = True
     compile: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", *BACKENDS):
             raise UserError(f"--backend must be one of auto, {', '.join(BACKENDS)}; got {self.backend!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        for option, value in (("--batch-size", self.batch_size), ("--threads", self.threads)):
+            if not isinstance(value, int) or value < 0:
+                raise UserError(f"{option} must be >= 0 (0 = choose by measurement), got {value}")
 
 
 @dataclass(frozen=True)
@@ -100,14 +101,6 @@ class Tuning:
 
 def allocator() -> str:
     return "thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "default"
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    from hica_bench.results import cpu_model
-
-    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_model()
 
 
 def build_forward(pair: EncoderPair, settings: ExtractionSettings, cache_dir: Path) -> Forward:
@@ -181,11 +174,11 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None) -
 
     key = {
         "version": TUNING_VERSION, "encoder": pair.image.identity, "input_spec": repr(pair.image.input_spec),
-        "device": device, "device_name": _device_name(device), "torch": torch.__version__,
+        "device": device, "device_name": device_name(device), "torch": torch.__version__,
         "onnxruntime": onnxruntime_version(), "cpus": cpus, "allocator": allocator(),
         "requested": asdict(requested), "default_threads": default_threads,
     }
-    path = Path(cache_dir) / "tuning" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+    path = Path(cache_dir) / "tuning" / f"{digest(key, 20)}.json"
     if path.exists():
         try:
             stored = json.loads(path.read_text())
@@ -256,10 +249,7 @@ def _knobs(settings: ExtractionSettings) -> dict[str, Any]:
 
 
 def _remember(path: Path, key: dict[str, Any], choice: Tuning) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial-{os.getpid()}")
-    partial.write_text(json.dumps({
+    atomic_write(path, json.dumps({
         "key": key, "settings": asdict(choice.settings), "probe": choice.probe, "probe_s": choice.probe_s,
         "unavailable": choice.unavailable, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }, indent=1))
-    os.replace(partial, path)

@@ -1,0 +1,198 @@
+"""The one feature-extraction service: images of a dataset split -> features, with a record of what produced them.
+
+``hica-bench run``, ``hica-bench bench`` and the conformance kit all get features from a :class:`FeatureExtractor`;
+nothing else runs an encoder over a split. It owns, in this package:
+
+- :mod:`.tuning`: the extraction settings (backend, batch size, layout, threads), chosen by measurement once per
+  encoder and machine and remembered in the cache folder, or fixed by the user;
+- :mod:`.backends`: how the encoder's forward runs (eager PyTorch, or ONNX Runtime on an exported graph);
+- :mod:`.encode`: the batch loop, and the plain eager yardstick (:class:`~.encode.ReferenceProbe`) measured during
+  each dataset's first encoder pass, for the throughput gate;
+- :mod:`.cache`: the content-addressed feature cache;
+- :mod:`.bench`: ``hica-bench bench``, the throughput report.
+
+A feature's value is determined by its :class:`FeatureIdentity` (encoder identity with the weights digest,
+preprocessing, precision, backend, device type) and the dataset's identity and split: that is the feature-cache
+key, and the :class:`FeatureIdentity` is part of every result's cell identity. Batch size, thread count and memory
+layout are how fast it runs, not what it computes (they are recorded in :class:`ExtractionRecord` and each
+result's ``environment.extraction``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hica_bench.data import preprocessing_id
+from hica_bench.extraction.backends import Forward
+from hica_bench.extraction.cache import FeatureCache
+from hica_bench.extraction.encode import ReferenceProbe, encode_images, precision
+from hica_bench.extraction.tuning import ExtractionSettings, Requested, Tuning, allocator, build_forward, choose
+from hica_bench.interfaces import EncoderPair, FewShotDataset
+
+__all__ = ["FeatureExtractor", "FeatureIdentity", "ExtractionRecord", "ExtractionSettings", "Requested", "Tuning"]
+
+
+@dataclass(frozen=True)
+class FeatureIdentity:
+    """Everything that determines a feature's value besides the image itself."""
+
+    encoder: str  #: the image encoder's identity (includes a digest of its weights)
+    preprocessing: str  #: :func:`hica_bench.data.preprocessing_id` of its input spec
+    precision: str  #: fp32, or bf16 / fp16 (CUDA autocast)
+    backend: str  #: eager or onnxruntime (they agree within a tolerance, not bit for bit)
+    device: str  #: cpu or cuda (fp32 features of the two differ in the last bits)
+
+
+@dataclass
+class ExtractionRecord:
+    """How one split's features were obtained: from the cache, or computed (with the settings and the speed)."""
+
+    dataset: str  #: the dataset's name
+    dataset_identity: str
+    split: str
+    n_images: int
+    features: FeatureIdentity
+    cache_key: str
+    cached: bool
+    seconds: float = 0.0  #: encoding time, without the reference probe's passes
+    settings: ExtractionSettings | None = None  #: how it ran (None: from the cache)
+    reference_images_per_s: float | None = None  #: the plain eager yardstick, when measured during this pass
+
+    @property
+    def images_per_s(self) -> float | None:
+        return None if self.cached or self.seconds <= 0 else self.n_images / self.seconds
+
+
+class FeatureExtractor:
+    """Features of ``pair``'s image encoder on its device.
+
+    ``requested``: the knobs the user fixed (the rest are chosen by :func:`.tuning.choose` the first time
+    :attr:`settings` is needed). ``settings`` instead fixes every knob (nothing is probed). ``cache_dir``: the
+    feature cache, tuning verdicts and ONNX exports (None: no cache; then ``settings`` must be given).
+    ``forward``: a forward to use instead of the one the settings build (``hica-bench bench`` passes a timed one).
+    ``reference``: measure the plain eager yardstick during each dataset's first computed split.
+    """
+
+    def __init__(self, pair: EncoderPair, cache_dir: Path | None = None, requested: Requested | None = None, *,
+                 settings: ExtractionSettings | None = None, forward: Forward | None = None, reference: bool = True,
+                 log: Callable[[str], None] | None = None) -> None:
+        if cache_dir is None and settings is None:
+            raise ValueError("a FeatureExtractor without a cache folder needs fixed settings")
+        self.pair = pair
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.cache = None if cache_dir is None else FeatureCache(self.cache_dir)
+        self.requested = requested or Requested()
+        self._tuning = None if settings is None else Tuning(settings, "given")
+        self._forward = forward
+        self.reference = reference
+        self.log = log
+        self.records: list[ExtractionRecord] = []  #: every split served, in order
+
+    @classmethod
+    def plain(cls, pair: EncoderPair, batch_size: int = 16, amp: bool = False) -> "FeatureExtractor":
+        """Eager ``encode`` at ``batch_size`` with torch's current threads, no cache, no probe, no yardstick."""
+        import torch
+
+        device = pair.device
+        settings = ExtractionSettings("eager", batch_size, False, torch.get_num_threads(), precision(device, amp), False,
+                                      allocator(), device.startswith("cuda"))
+        return cls(pair, settings=settings, reference=False)
+
+    # -- settings and identity
+    @property
+    def tuning(self) -> Tuning:
+        """The extraction settings and how they were chosen (probed on first use, then remembered)."""
+        if self._tuning is None:
+            self._tuning = choose(self.pair, self.requested, self.cache_dir, self.log)
+        return self._tuning
+
+    @property
+    def settings(self) -> ExtractionSettings:
+        return self.tuning.settings
+
+    @property
+    def identity(self) -> FeatureIdentity:
+        settings = self.settings
+        return FeatureIdentity(self.pair.image.identity, preprocessing_id(self.pair.image.input_spec), settings.precision,
+                               settings.backend, self.pair.device.split(":")[0])
+
+    def forward(self) -> Forward:
+        """The forward of the chosen settings (built once, on first use: a run served from the cache never builds it)."""
+        if self._forward is None:
+            self._forward = build_forward(self.pair, self.settings, self.cache_dir)
+        return self._forward
+
+    # -- features
+    def encode(self, images: np.ndarray, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """(N, H, W[, 3]) uint8 images (may be memory-mapped) -> (N, D) float32 features; not cached."""
+        settings = self.settings
+        return encode_images(images, self.pair.image, self.pair.device, settings.batch_size,
+                             amp=settings.precision != "fp32", on_batch=on_batch, forward=self.forward())
+
+    def features(self, dataset: FewShotDataset, split: str,
+                 on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, ExtractionRecord]:
+        """Features of ``dataset.split(split)``: from the cache when a valid entry exists, else computed and stored.
+        ``on_batch(n)`` is called after each computed batch (progress)."""
+        identity = self.identity
+        parts = {"features": asdict(identity), "dataset": dataset.identity, "split": split}
+        key = FeatureCache.key(parts)
+        cached = self.cache.get(key) if self.cache is not None else None
+        record = ExtractionRecord(dataset.name, dataset.identity, split, 0, identity, key, cached is not None)
+        if cached is not None:
+            record.n_images = len(cached)
+            self.records.append(record)
+            return cached, record
+        images = dataset.split(split).images
+        probe = None
+        if self.reference and self.reference_for(dataset.identity) is None:  # each dataset's first encoder pass
+            probe = ReferenceProbe.for_split(self.pair.image, images, self.pair.device, self.settings.batch_size,
+                                             self.settings.precision != "fp32")
+            on_batch = _both(on_batch, probe)
+        start = time.perf_counter()
+        features = self.encode(images, on_batch)
+        record.seconds = time.perf_counter() - start
+        if probe is not None and probe.images_per_s:
+            record.seconds -= probe.paused_s
+            record.reference_images_per_s = probe.images_per_s
+        record.n_images, record.settings = len(features), self.settings
+        if self.cache is not None:
+            self.cache.put(key, features, parts)
+        self.records.append(record)
+        return features, record
+
+    def reference_for(self, dataset_identity: str) -> float | None:
+        """The plain eager images/s measured during this dataset's first computed split (None if none was computed)."""
+        return next((r.reference_images_per_s for r in self.records
+                     if r.dataset_identity == dataset_identity and r.reference_images_per_s), None)
+
+    def throughput(self, dataset_identity: str) -> dict[str, float]:
+        """This run's encoder images/s over the splits of this dataset it computed (empty when all came from the
+        cache), with the plain eager yardstick beside it (``hica-bench check`` compares their ratio)."""
+        computed = [r for r in self.records if r.dataset_identity == dataset_identity and not r.cached]
+        seconds = sum(r.seconds for r in computed)
+        if seconds <= 0:
+            return {}
+        out = {"encoder_images_per_s": sum(r.n_images for r in computed) / seconds}
+        reference = self.reference_for(dataset_identity)
+        if reference:
+            out["reference_images_per_s"] = reference
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as recorded in each result's ``environment.extraction``."""
+        return asdict(self.settings)
+
+
+def _both(first, second):
+    """One per-batch hook calling ``first`` (may be None) and then ``second``."""
+    def hook(count: int) -> None:
+        if first:
+            first(count)
+        second(count)
+
+    return hook

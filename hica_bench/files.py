@@ -1,0 +1,171 @@
+"""How hica-bench writes and names files: the one atomic-write recipe and the one digest recipe.
+
+- :func:`atomic_write` / :func:`atomic_path`: write to a temporary file with a unique name in the target's own
+  folder, flush and fsync it, rename it over the target, then fsync the folder. A reader sees the old file or the
+  new one, never a torn one, and two processes writing the same path never share a temporary file. A failed or
+  killed write leaves the previous file as it was (a killed one may leave its temporary ``.NAME.*.tmp`` file, which
+  :func:`remove_orphans` clears once its writer is gone).
+- :func:`atomic_dir`: the same for a folder of files that belong together (an exported model and its record): it is
+  filled under a unique temporary name and renamed into place; when another process published it first, that one is
+  kept and ours discarded, so a reader never finds the folder missing or half-replaced.
+- :func:`digest`: sha256 over canonical JSON, the key of every cache entry and every identity.
+- :func:`file_sha256`: a file's content digest, remembered per (path, size, mtime, inode) under a cache folder, so
+  a large dataset file is hashed once, not every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def digest(value: Any, length: int | None = None) -> str:
+    """sha256 (hex) of ``value`` as canonical JSON (sorted keys, no whitespace; other objects via ``str``);
+    the first ``length`` characters when given."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, allow_nan=True)
+    full = hashlib.sha256(text.encode()).hexdigest()
+    return full[:length] if length else full
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: Path) -> Path:
+    """A new, unique, empty file beside ``path``: ``.NAME.PID.RANDOM.tmp``."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` to write to (by any means: a library that takes a file name); when the
+    block ends without an exception the file is fsync'ed and renamed over ``path`` and the folder fsync'ed; on an
+    exception it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[Any], None]) -> Path:
+    """Replace ``path`` atomically with ``data``: bytes, text (UTF-8), or a callable that writes to a binary handle."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        if callable(data):
+            data(handle)
+        else:
+            handle.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yields a new temporary folder beside ``path`` to fill; afterwards it is renamed to ``path``. If ``path``
+    already exists (another process published it meanwhile) it is kept and the temporary folder removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, path)  # fails when ``path`` exists: the first publisher wins
+        except OSError:
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
+
+
+def remove_orphans(folder: Path, name: str) -> None:
+    """Remove the temporary files (and folders) :func:`atomic_path` / :func:`atomic_dir` left beside ``folder / name``
+    when their writer was killed: those whose writer process no longer runs."""
+    for orphan in Path(folder).glob(f".{name}.*.tmp"):
+        pid = orphan.name[len(name) + 2:].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            if orphan.is_dir():
+                shutil.rmtree(orphan, ignore_errors=True)
+            else:
+                orphan.unlink(missing_ok=True)
+
+
+_DIGESTS: dict[tuple, str] = {}  #: this process's file digests, per file version
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """sha256 (hex) of a file's bytes, remembered per (absolute path, size, modification time, inode): in this process,
+    and with ``memo_dir`` on disk there too, so an unchanged file is read once; any change to it is a new question."""
+    path = Path(path)
+    stat = path.stat()
+    fact = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    version = tuple(fact.values())
+    if version in _DIGESTS:
+        return _DIGESTS[version]
+    memo = None
+    if memo_dir is not None:
+        memo = Path(memo_dir) / "digests" / f"{digest(fact, 32)}.json"
+        try:
+            remembered = json.loads(memo.read_text())
+            if remembered.get("fact") == fact and isinstance(remembered.get("sha256"), str):
+                _DIGESTS[version] = remembered["sha256"]
+                return remembered["sha256"]
+        except (OSError, ValueError):
+            pass
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            hasher.update(block)
+    value = _DIGESTS[version] = hasher.hexdigest()
+    if memo is not None:
+        try:
+            atomic_write(memo, json.dumps({"fact": fact, "sha256": value}))
+        except OSError:  # a read-only cache still works, it just hashes again next time
+            pass
+    return value

@@ -1,0 +1,73 @@
+"""The one feature-extraction service (hica_bench.extraction.FeatureExtractor): what run, bench and the kit all use."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from conftest import REPO, TEST_PLUGINS
+from hica_bench.extraction import FeatureExtractor, Requested
+from hica_bench.registry import load_registry
+
+
+def _pixels_pair():
+    import sys
+
+    sys.path.insert(0, str(TEST_PLUGINS))
+    try:
+        return load_registry(["pixel_encoder"]).choose("encoder", "pixels").build(device="cpu")
+    finally:
+        sys.path.remove(str(TEST_PLUGINS))
+
+
+def test_features_are_cached_keyed_by_their_identity_and_recorded(medmnist_root, tmp_path):
+    registry = load_registry()
+    dataset = registry.choose("dataset", "breastmnist").build(root=str(medmnist_root), size=28, download=False,
+                                                              cache_dir=tmp_path)
+    pair = _pixels_pair()
+    fixed = Requested(backend="eager", batch_size=32, channels_last=False, threads=2)
+    extractor = FeatureExtractor(pair, tmp_path, fixed)
+    assert extractor.tuning.source == "given"
+    features, record = extractor.features(dataset, "test")
+    assert features.shape == (156, pair.image.embed_dim) and features.dtype == np.float32
+    assert not record.cached and record.n_images == 156 and record.settings.batch_size == 32
+    assert record.features == extractor.identity and record.features.backend == "eager" and record.features.device == "cpu"
+    assert record.dataset_identity == dataset.identity and dataset.identity.startswith("medmnist/breastmnist@28/sha256:")
+    assert record.reference_images_per_s > 0  # the plain eager yardstick, measured during this first pass
+    assert set(extractor.throughput(dataset.identity)) == {"encoder_images_per_s", "reference_images_per_s"}
+
+    again = FeatureExtractor(pair, tmp_path, Requested(backend="eager", batch_size=8, threads=1))  # how fast is not what
+    cached, record2 = again.features(dataset, "test")
+    assert record2.cached and record2.cache_key == record.cache_key and np.array_equal(cached, features)
+    assert again.throughput(dataset.identity) == {}  # nothing computed: no speed to report
+
+    plain = FeatureExtractor.plain(pair, batch_size=7).encode(dataset.split("test").images)
+    assert np.array_equal(plain, features)  # batch size does not change the pixels encoder's features
+
+
+def test_no_other_code_path_produces_features():
+    """Only the service runs the encoder over images: ``encode_images`` and the feature cache are used in
+    hica_bench/extraction/ alone (run, bench and the kit call the service)."""
+    users = {}
+    for path in sorted((REPO / "hica_bench").rglob("*.py")):
+        text = path.read_text()
+        for name in ("encode_images(", "FeatureCache(", "split_features("):
+            if name in text:
+                users.setdefault(name, set()).add(path.relative_to(REPO).as_posix())
+    assert users["encode_images("] == {"hica_bench/extraction/__init__.py", "hica_bench/extraction/encode.py"}
+    assert users["FeatureCache("] == {"hica_bench/extraction/__init__.py", "hica_bench/extraction/bench.py"}
+    assert "split_features(" not in users
+    for consumer in ("runner.py", "testing.py", "extraction/bench.py"):
+        assert re.search(r"FeatureExtractor[.(]", (REPO / "hica_bench" / consumer).read_text()), consumer
+    bench = (REPO / "hica_bench" / "extraction" / "bench.py").read_text()
+    assert "FeatureCache(Path(tmp)).put(" in bench  # bench only times a cache write of features it already has
+
+
+def test_the_kit_gets_its_features_from_the_service():
+    from hica_bench import testing
+
+    task, test, labels = testing.toy_task(2, 3)
+    pair = testing.toy_pair(text=False, aligned=False)
+    again = FeatureExtractor.plain(pair).encode(testing.toy_images(labels, seed=1))
+    assert np.array_equal(again, test) and task.components is None
