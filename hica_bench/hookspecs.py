@@ -8,7 +8,12 @@ A plugin is a module (or object) registered under the ``hica_bench`` entry-point
 
 and implementing any of the hooks below with :data:`hica_bench.hookimpl`. Every hook takes no
 arguments and returns a list of :class:`hica_bench.interfaces.PluginSpec` of its kind; what each
-spec's ``factory`` must build is the interface documented in :mod:`hica_bench.interfaces`.
+spec's ``factory`` must build is the interface documented in :mod:`hica_bench.interfaces`. There is one
+hook per kind (:data:`hica_bench.interfaces.KINDS`), named ``hica_bench_<kind>s``.
+
+A spec declares its options with their defaults, which of them name other plugins (``components``), and
+whether it belongs to the default suite (``in_default_suite``). Every result records the plugin's
+distribution, version and resolved options in its identity: bump your version when a change moves numbers.
 First-party plugins (``plugins/``) use exactly this contract; the core has no built-in names.
 """
 
@@ -35,20 +40,23 @@ def hica_bench_encoders() -> list[PluginSpec]:
 
 @hookspec
 def hica_bench_methods() -> list[PluginSpec]:
-    """Few-shot methods. ``factory(**options)`` returns a :class:`~hica_bench.interfaces.Method`."""
+    """Few-shot methods. ``factory(**options)`` returns a :class:`~hica_bench.interfaces.Method`; the components it
+    uses it builds in ``fit`` through ``task.components`` (:class:`~hica_bench.interfaces.Components`)."""
 
 
 @hookspec
 def hica_bench_roi_extractors() -> list[PluginSpec]:
-    """ROI extractors. ``factory(**options)`` returns a :class:`~hica_bench.interfaces.ROIExtractor`."""
+    """ROI extractors (a component). ``factory(**options)`` returns a
+    :class:`~hica_bench.interfaces.ROIExtractor`; options declared in ``components`` arrive as built objects."""
 
 
 @hookspec
 def hica_bench_descriptor_generators() -> list[PluginSpec]:
-    """Class-text descriptor generators. ``factory(**options)`` returns a
-    :class:`~hica_bench.interfaces.DescriptorGenerator`."""
+    """Class-text descriptor generators (a component). ``factory(**options)`` returns a
+    :class:`~hica_bench.interfaces.DescriptorGenerator`; options declared in ``components`` arrive as built objects
+    (``noisy``'s ``base``)."""
 
 
 @hookspec
 def hica_bench_losses() -> list[PluginSpec]:
-    """Training losses. ``factory(**options)`` returns a :class:`~hica_bench.interfaces.Loss`."""
+    """Training losses (a component). ``factory(**options)`` returns a :class:`~hica_bench.interfaces.Loss`."""

@@ -176,19 +176,23 @@ class Registry:
         self.components_of(choice)
         return choice
 
-    def components_of(self, choice: Choice) -> tuple[Component, ...]:
+    def components_of(self, choice: Choice, _outer: tuple[str, ...] = ()) -> tuple[Component, ...]:
         """The plugins ``choice``'s options name (``PluginSpec.components``), and those theirs name, in option order;
-        a name that is not installed is a UserError naming the option."""
+        a name that is not installed, or a plugin that names itself through others, is a UserError naming the option."""
         found: list[Component] = []
         for option, kind in choice.registered.spec.components.items():
             value = choice.options.get(option)
             if not value:
                 continue
+            where = f"{choice.registered.spec.kind} {choice.name!r} option {option}={value}"
             try:
-                named = Choice(self.get(kind, str(value)), dict(self.get(kind, str(value)).spec.options))
+                registered = self.get(kind, str(value))
             except UserError as exc:
-                raise UserError(f"{choice.registered.spec.kind} {choice.name!r} option {option}={value}: {exc}") from None
-            found += [named.ref, *self.components_of(named)]
+                raise UserError(f"{where}: {exc}") from None
+            if f"{kind}:{value}" in _outer:
+                raise UserError(f"{where}: names itself through {' -> '.join(_outer)}")
+            named = Choice(registered, dict(registered.spec.options))
+            found += [named.ref, *self.components_of(named, (*_outer, f"{kind}:{value}"))]
         return tuple(found)
 
     def default_suite(self, kind: str) -> list[str]:
