@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,31 @@ def hica_bench(*args: str, env: dict | None = None, cwd: Path | None = None, tim
     full_env.update(env or {})
     exe = Path(sys.executable).parent / "hica-bench"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+def majority_plugin(alpha: float = 1.0) -> str:
+    """The source of the README's worked example (a third party's method plugin), with the default ``alpha``."""
+    return textwrap.dedent('''
+        import numpy as np
+        from hica_bench import hookimpl
+        from hica_bench.interfaces import PluginSpec
+
+        class Majority:
+            """Predicts the support set's class frequencies, smoothed by ``alpha``."""
+            needs = frozenset({"image_features"})
+
+            def __init__(self, alpha=ALPHA):
+                self.alpha = alpha
+
+            def fit(self, task):
+                counts = np.bincount(task.support_labels, minlength=task.n_classes) + self.alpha
+                self.prior_ = counts / counts.sum()
+                return self
+
+            def predict_proba(self, features):
+                return np.tile(self.prior_, (len(features), 1))
+
+        @hookimpl
+        def hica_bench_methods():
+            return [PluginSpec("method", "majority", "class prior of the support set", Majority, {"alpha": ALPHA})]
+    ''').replace("ALPHA", repr(alpha))

@@ -11,51 +11,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TEST_PLUGINS, hica_bench, write_medmnist_npz
+from conftest import TEST_PLUGINS, hica_bench, majority_plugin, write_medmnist_npz
 from test_check import cli
-
-PLUGIN = textwrap.dedent('''
-    import numpy as np
-    from hica_bench import hookimpl
-    from hica_bench.interfaces import PluginSpec
-
-    class Majority:
-        """The support set's class frequencies, smoothed by ``alpha``."""
-        needs = frozenset({"image_features"})
-
-        def __init__(self, alpha=ALPHA):
-            self.alpha = alpha
-
-        def fit(self, task):
-            counts = np.bincount(task.support_labels, minlength=task.n_classes) + self.alpha
-            self.prior_ = counts / counts.sum()
-            return self
-
-        def predict_proba(self, features):
-            return np.tile(self.prior_, (len(features), 1))
-
-    @hookimpl
-    def hica_bench_methods():
-        return [PluginSpec("method", "majority", "smoothed class prior (tests)", Majority, {"alpha": ALPHA})]
-''')
 
 
 def install_plugin(site: Path, version: str, alpha: float) -> None:
-    """The plugin as an installed distribution ``hica-bench-idmajority`` (module and dist-info on the path), replacing
-    any earlier version, as ``pip install -U`` would."""
+    """The README's example method plugin as an installed distribution ``hica-bench-idmajority`` (module and dist-info
+    on the path), replacing any earlier version, as ``pip install -U`` would."""
     for old in site.glob("hica_bench_idmajority-*.dist-info"):
         shutil.rmtree(old)
     info = site / f"hica_bench_idmajority-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: hica-bench-idmajority\nVersion: {version}\n")
     (info / "entry_points.txt").write_text("[hica_bench]\nmajority = idmajority\n")
-    (site / "idmajority.py").write_text(PLUGIN.replace("ALPHA", repr(alpha)))
+    (site / "idmajority.py").write_text(majority_plugin(alpha))
 
 
 def records(out: Path) -> list[dict]:

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from conftest import hica_bench
+from conftest import hica_bench, majority_plugin
 
 
 @pytest.mark.slow
@@ -26,30 +26,7 @@ def test_installed_plugin_package_is_listed_and_runs(medmnist_root, tmp_path):
         [project.entry-points.hica_bench]
         majority = "hica_bench_majority"
     """))
-    (package / "hica_bench_majority" / "__init__.py").write_text(textwrap.dedent('''
-        import numpy as np
-        from hica_bench import hookimpl
-        from hica_bench.interfaces import PluginSpec
-
-        class Majority:
-            """Predicts the support set's class frequencies, smoothed by ``alpha``."""
-            needs = frozenset({"image_features"})
-
-            def __init__(self, alpha=1.0):
-                self.alpha = alpha
-
-            def fit(self, task):
-                counts = np.bincount(task.support_labels, minlength=task.n_classes) + self.alpha
-                self.prior_ = counts / counts.sum()
-                return self
-
-            def predict_proba(self, features):
-                return np.tile(self.prior_, (len(features), 1))
-
-        @hookimpl
-        def hica_bench_methods():
-            return [PluginSpec("method", "majority", "class prior of the support set", Majority, {"alpha": 1.0})]
-    '''))
+    (package / "hica_bench_majority" / "__init__.py").write_text(majority_plugin())
     target = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)],
