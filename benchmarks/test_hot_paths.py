@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from hica_bench import protocol
-from hica_bench.extraction.cache import FeatureCache
 from hica_bench.data import preprocess
-from hica_bench.extraction.encode import encode_images
+from hica_bench.extraction import FeatureExtractor
+from hica_bench.extraction.cache import FeatureCache
 from hica_bench.metrics import classification_metrics
 
 BATCH = 16
@@ -39,10 +39,10 @@ def test_encoder_forward_batch(benchmark, breastmnist, encoders):
 
 
 def test_feature_extraction(benchmark, breastmnist, encoders):
-    """The harness's extraction loop over 4 batches: memory-mapped reads, preprocessing, forward, copy out."""
+    """The extraction service's loop over 4 batches (eager): memory-mapped reads, preprocessing, forward, copy out."""
     images = breastmnist.split("train").images[: 4 * BATCH]
-    features = benchmark.pedantic(encode_images, args=(images, encoders.image, "cpu", BATCH, True), rounds=3,
-                                  iterations=1, warmup_rounds=1)
+    extractor = FeatureExtractor.plain(encoders, BATCH)
+    features = benchmark.pedantic(extractor.encode, args=(images,), rounds=3, iterations=1, warmup_rounds=1)
     assert features.shape == (4 * BATCH, encoders.image.embed_dim) and np.isfinite(features).all()
 
 
@@ -71,7 +71,7 @@ def test_metrics(benchmark):
     labels = rng.integers(0, 2, 624)
     proba = rng.dirichlet([1, 1], 624)
     scores = benchmark(classification_metrics, labels, proba)
-    assert 0 <= scores["acc"] <= 1 and 0 <= scores["auc"] <= 1
+    assert 0 <= scores.acc <= 1 and 0 <= scores.auc <= 1
 
 
 def test_small_grid(benchmark, registry, medmnist_root, cache_dir, tmp_path):
@@ -87,7 +87,7 @@ def test_small_grid(benchmark, registry, medmnist_root, cache_dir, tmp_path):
     def run_grid():  # a fresh --out each round, so every cell runs
         out = tmp_path / f"out{next(rounds)}"
         return runner.run(grid, runner.Settings(device="cpu", data_root=str(medmnist_root), cache_dir=cache_dir,
-                                                out_dir=out, download=False))
+                                                out_dir=out, download=False), registry)
 
     summary = benchmark.pedantic(run_grid, rounds=3, iterations=1, warmup_rounds=1)  # the warm-up fills the cache
     assert summary.ok == 4 and summary.failed == 0 and summary.cache_hits == 2

@@ -30,8 +30,7 @@ import numpy as np
 import pandas as pd
 
 from hica_bench.errors import UserError
-from hica_bench.metrics import HEADLINE as METRICS
-from hica_bench.metrics import aggregate
+from hica_bench.metrics import HEADLINE, aggregate
 from hica_bench.results import LEGACY, Origin, ResultsStore, Status, origin_differences
 
 CELL = ["dataset", "size", "encoder", "method", "k", "max_test"]
@@ -112,7 +111,7 @@ def _load_results(path: Path, role: str) -> Side:
         if r.origin_id != newest_origin[key][1]:
             continue  # an older origin of this cell: never mixed with the newest
         record = {"seed": r.key.seed, "status": r.status.value, "reason": r.reason,
-                  **{m: float(getattr(r.metrics, m)) if r.metrics else math.nan for m in METRICS}}
+                  **{m: float(getattr(r.metrics, m)) if r.metrics else math.nan for m in HEADLINE}}
         per_seed.setdefault(key, []).append(record)
         if r.timings.efficiency:
             efficiencies.setdefault(key[:3], []).append(r.timings.efficiency)
@@ -135,7 +134,7 @@ def _load_leaderboard(path: Path, role: str) -> Side:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise UserError(f"{role} {str(path)!r} is not a readable CSV ({str(exc).splitlines()[0]})") from None
-    stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    stats = [f"{m}_{s}" for m in HEADLINE for s in ("mean", "std")]
     missing = [c for c in CELL + ["n"] + stats if c not in frame.columns]
     if missing:
         raise UserError(f"{role} {str(path)!r} is not a hica-bench leaderboard.csv (lacks columns {', '.join(missing)})")
@@ -171,7 +170,7 @@ def _summarise(records: list[dict[str, Any]], seeds: frozenset | None = None) ->
     reason = next((r["reason"] for r in records if r["status"] == status and r["reason"]), None)
     ok = [r for r in records if r["status"] == Status.OK.value]
     summary = {"status": status, "reason": reason, "seeds": frozenset(r["seed"] for r in records), "n": len(ok)}
-    for m in METRICS:
+    for m in HEADLINE:
         stats = aggregate(r[m] for r in ok)
         summary[f"{m}_mean"], summary[f"{m}_std"] = stats["mean"], stats["std"]
     return summary
@@ -226,7 +225,7 @@ def _compare_cell(key: Key, baseline: Side, run: Side, tolerance: float, noise_z
                    else "improved" if new["status"] == "ok" else "changed")
         return [_row(verdict, key, "status", base["status"], new["status"], note=new["reason"] or base["reason"] or "")]
     rows = []
-    for m in METRICS:
+    for m in HEADLINE:
         b, r = base[f"{m}_mean"], new[f"{m}_mean"]
         if math.isnan(b):
             continue

@@ -107,7 +107,7 @@ def root(
         from hica_bench.registry import ALLOW_ENV
 
         name_list(plugins_only, "--plugins-only")  # checks it names something, nothing twice
-        os.environ[ALLOW_ENV] = plugins_only  # plugins that build a registry themselves see the same allow-list
+        os.environ[ALLOW_ENV] = plugins_only  # bench's worker processes build their registries with the same allow-list
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -179,8 +179,11 @@ def run(
         size=size,
         max_test=max_test,
     )
-    for method in grid.methods:  # option values a method's constructor rejects are bad input, not failed cells
-        method.build()
+    for method in grid.methods:  # what a method's constructor rejects, or needs it cannot declare, is bad input
+        try:
+            runner.validate_needs(getattr(method.build(), "needs", None))
+        except ValueError as exc:
+            raise UserError(f"method {method.label}: {exc}") from None
     resolved = runner.resolve_device(device)
     settings = runner.Settings(
         device=resolved,
@@ -268,7 +271,8 @@ def leaderboard_(
 def bench_(
     ctx: typer.Context,
     encoder: str = ENCODER_OPTION,
-    dataset: str = typer.Option("breastmnist", help="Dataset whose images are encoded."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset whose images are encoded [default: the first of the "
+                                                     "installed plugins' default suite]."),
     split: str = typer.Option("train", help="Split to take the images from (train, val or test)."),
     size: int = SIZE_OPTION,
     device: str = DEVICE_OPTION,
@@ -298,10 +302,10 @@ def bench_(
     if split not in ("train", "val", "test"):
         raise UserError(f"--split must be train, val or test, got {split!r}")
     data.check_size(size)
-    if min(images, repeats, naive_batch_size) < 1 or warmup < 0:
-        raise UserError("--images, --repeats and --naive-batch-size must be >= 1 and --warmup >= 0")
+    bench.check_counts(images, repeats, naive_batch_size, warmup)
     registry = _registry(ctx)
     encoder = encoder if encoder is not None else default_suite(registry, "encoder", "--encoder")
+    dataset = dataset if dataset is not None else default_suite(registry, "dataset", "--dataset").split(",")[0]
     dataset_choice, encoder_choice = registry.choose("dataset", dataset), registry.choose("encoder", encoder)
     resolved = runner.resolve_device(device)
     scratch = data.cache_root(cache_dir)

@@ -68,7 +68,7 @@ class FewShotDataset(Protocol):
     size: int  #: image side in pixels
     task: str  #: ``binary-class`` or ``multi-class``
     class_names: list[str]  #: C human-readable names, index = label
-    identity: str  #: changes whenever the underlying files change (used in cache keys)
+    identity: str  #: a digest of the content, the same on every machine and for every copy (feature-cache key, cell identity)
 
     def split(self, name: Literal["train", "val", "test"]) -> Split: ...
 

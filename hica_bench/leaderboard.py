@@ -9,17 +9,19 @@ Methods that do not apply are listed with their reason.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 
 from hica_bench.files import atomic_write
 from hica_bench.metrics import HEADLINE, METRICS, aggregate
-from hica_bench.results import LEGACY, CellResult, Origin, Status, origin_differences
+from hica_bench.results import LEGACY, CellResult, Origin, Status, Timings, origin_differences
 
 #: per-cell timings of the encoder pass: the harness's images/s and the plain eager forward's, measured in the same
 #: run (``hica-bench check`` compares their ratio)
-THROUGHPUT = ("encoder_images_per_s", "reference_images_per_s")
+THROUGHPUT = tuple(f.name for f in fields(Timings) if f.name.endswith("_images_per_s"))
+BLOCK = ["dataset", "size", "encoder", "max_test"]  #: one section of the leaderboard
 #: what a leaderboard row is: a label, and the origin of its results
 ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "origin"]
 
@@ -87,11 +89,10 @@ def _extraction(settings: dict | None) -> str | None:
         return None
 
 
-def _shown(part: pd.DataFrame) -> pd.Series:
-    """The row label: the method, with ``⟨origin⟩`` where one method label has results of several origins."""
-    origins = part.groupby("method")["origin"].nunique()
-    return part.apply(lambda row: row["method"] if origins[row["method"]] == 1 else f"{row['method']} ⟨{row['origin']}⟩",
-                      axis=1)
+def _label(method: str, origin: str, origins: dict[str, set[str]]) -> str:
+    """A row's label: the method, with ``⟨origin⟩`` where the method has results of several origins in the section
+    (``origins``: method -> its origins there, whatever their status)."""
+    return method if len(origins.get(method, ())) <= 1 else f"{method} ⟨{origin}⟩"
 
 
 def _shared_labels(part: pd.DataFrame, origins: dict[str, Origin]) -> list[str]:
@@ -120,13 +121,23 @@ def markdown(results: list[CellResult]) -> str:
              "Percent, mean ± sample std over seeds (n seeds). AUC follows medmnist's convention. Results of different "
              "origins (encoder weights, backend, plugin versions, options, dataset files) are never averaged together.", ""]
     origins = {r.origin_id: r.identity.origin for r in results if r.identity is not None}
-    not_applicable = {(r.key.dataset, r.key.encoder, r.key.method): r.reason for r in results if r.status is Status.NOT_APPLICABLE}
+    sections: dict[tuple, dict[str, set[str]]] = {}  # section -> method -> its origins (any status)
+    not_applicable: dict[tuple, dict[tuple[str, str], str]] = {}  # section -> (method, origin) -> reason
+    for r in results:
+        section = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test)
+        sections.setdefault(section, {}).setdefault(r.key.method, set()).add(r.origin_id)
+        if r.status is Status.NOT_APPLICABLE:
+            not_applicable.setdefault(section, {})[(r.key.method, r.origin_id)] = r.reason
     failed = sum(r.status is Status.FAILED for r in results)
     extraction = {(r.key.dataset, r.key.encoder): _extraction(r.environment.extraction)
                   for r in sorted(results, key=lambda r: r.finished_at or "") if r.timings.encoder_images_per_s}
-    blocks = summary.groupby(["dataset", "size", "encoder", "max_test"], dropna=False, sort=True) if not summary.empty else []
+    blocks = summary.groupby(BLOCK, dropna=False, sort=True) if not summary.empty else []
+    shown_sections = set()
     for (dataset, size, encoder, max_test), part in blocks:
-        part = part.assign(shown=_shown(part))
+        section = (dataset, int(size), encoder, None if pd.isna(max_test) else int(max_test))
+        shown_sections.add(section)
+        labels = sections.get(section, {})
+        part = part.assign(shown=[_label(m, o, labels) for m, o in zip(part["method"], part["origin"])])
         test = "full test split" if pd.isna(max_test) else f"first {int(max_test)} test images"
         lines += [f"## {dataset} ({size} px) — encoder `{encoder}`, {test}", "", _cost(part, extraction.get((dataset, encoder))), ""]
         for metric in HEADLINE:
@@ -141,14 +152,16 @@ def markdown(results: list[CellResult]) -> str:
         shared = _shared_labels(part, origins)
         if shared:
             lines += [*shared, ""]
-        skipped = [(m, why) for (d, e, m), why in not_applicable.items() if d == dataset and e == encoder]
-        for method, why in sorted(skipped):
+        skipped = sorted((_label(m, o, labels), why) for (m, o), why in not_applicable.get(section, {}).items())
+        for method, why in skipped:
             lines.append(f"- `{method}`: not applicable — {why}")
         if skipped:
             lines.append("")
-    for (dataset, encoder, method), why in sorted(not_applicable.items()):
-        if summary.empty or not ((summary["dataset"] == dataset) & (summary["encoder"] == encoder)).any():
-            lines.append(f"- {dataset} / `{encoder}` / `{method}`: not applicable — {why}")
+    for section, reasons in sorted(not_applicable.items(), key=lambda item: str(item[0])):
+        if section not in shown_sections:  # nothing of this section ran ok: its not-applicable cells still show
+            for (method, origin), why in sorted(reasons.items()):
+                lines.append(f"- {section[0]} / `{section[2]}` / `{_label(method, origin, sections[section])}`: "
+                             f"not applicable — {why}")
     if failed:
         lines += ["", f"{failed} cell(s) failed; see the results file for their errors."]
     return "\n".join(lines).rstrip() + "\n"

@@ -5,7 +5,7 @@ every train index ``i`` of class ``c`` gets the key ``sha256(f"{dataset}|{seed}|
 of class ``c`` is its ``k`` indices with the smallest keys. Consequences: the same seed gives the same
 indices on every machine and numpy version, and supports are nested (the 1-shot support of a seed is
 inside its 5-shot support, which is inside its 20-shot support), so shot curves are not confounded by
-resampling. The result's ``support_hash`` is sha256 over the sorted indices.
+resampling. :func:`support_hash` (sha256 over the sorted indices) is part of each result's identity.
 """
 
 from __future__ import annotations

@@ -19,12 +19,14 @@ import os
 import re
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Iterable
 
 import pluggy
 
 from hica_bench import hookspecs
 from hica_bench.errors import UserError
+from hica_bench.files import digest, file_sha256
 from hica_bench.interfaces import COMPONENT_KINDS, KINDS, PluginSpec
 from hica_bench.results import Component
 
@@ -125,7 +127,7 @@ class Registry:
             module = importlib.import_module(module_name)
         except Exception as exc:  # ImportError, or whatever the module raises while importing
             raise UserError(f"-p {module_name}: cannot import it ({_one_line(exc)})") from None
-        self._add(module, module_name, f"-p {module_name}", getattr(module, "__version__", "?"))
+        self._add(module, module_name, f"-p {module_name}", _module_version(module))
 
     def _add(self, plugin: object, name: str, dist: str, version: str) -> None:
         if self.pm.is_registered(plugin):
@@ -155,6 +157,10 @@ class Registry:
                 if spec.name in found:
                     other = found[spec.name].distribution
                     raise UserError(f"{kind} {spec.name!r} is registered twice: by {other} and by {dist}")
+                problem = spec_problem(spec)
+                if problem:
+                    self.load_errors.append(f"plugin from {dist}: {kind} {spec.name!r} left out: {problem}")
+                    continue
                 found[spec.name] = Registered(spec, dist, version)
         return found
 
@@ -240,6 +246,19 @@ class RunComponents:
         return spec.factory(**arguments)
 
 
+def spec_problem(spec: PluginSpec) -> str | None:
+    """What is wrong with a spec's declarations, or None: ``components`` must map declared options to component
+    kinds; only datasets, methods and encoders can be in the default suite."""
+    for option, kind in spec.components.items():
+        if option not in spec.options:
+            return f"components names {option!r}, which is not one of its options ({', '.join(spec.options) or 'none'})"
+        if kind not in COMPONENT_KINDS:
+            return f"components maps {option!r} to {kind!r}; it must be one of {', '.join(COMPONENT_KINDS)}"
+    if spec.in_default_suite and spec.kind in COMPONENT_KINDS:
+        return f"a {spec.kind} cannot be in the default suite (components are built by methods, not run)"
+    return None
+
+
 def load_registry(modules: Iterable[str] = ()) -> Registry:
     """Entry points (per the environment variables above), then ``modules``. ``load_errors`` is complete
     once the specs have been collected (the first :meth:`Registry.specs` call)."""
@@ -254,6 +273,19 @@ def load_registry(modules: Iterable[str] = ()) -> Registry:
     for module in modules:
         registry.load_module(module)
     return registry
+
+
+def _module_version(module: Any) -> str:
+    """A ``-p`` module's ``__version__``, else a digest of its source (every ``.py`` file of a package), so that
+    editing a module loaded with ``-p`` changes the identity of the results it produces."""
+    declared = getattr(module, "__version__", None)
+    if declared:
+        return str(declared)
+    path = Path(getattr(module, "__file__", "") or "")
+    if not path.is_file():
+        return "?"
+    sources = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    return "source-sha256:" + digest([[str(p.relative_to(path.parent)), file_sha256(p)] for p in sources], 16)
 
 
 def _normal(name: str) -> str:

@@ -200,7 +200,7 @@ class CellResult:
 
     def to_json(self) -> str:
         record = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        record = json.loads(json.dumps(record, default=_plain))  # dataclasses and enums to plain JSON values
+        record = json.loads(json.dumps(record, default=_plain, allow_nan=True))  # records, enums, plugin values -> JSON
         record["cell_id"] = self.cell_id
         record["origin_id"] = self.origin_id
         return json.dumps(record, sort_keys=True, allow_nan=True)
@@ -237,11 +237,19 @@ class CellResult:
 
 
 def _plain(value: Any) -> Any:
+    """JSON for what ``json`` cannot write: records as objects, enums as their value; values a plugin handed over
+    (``fit_info_``, options of components it built) as numbers or lists when they are numpy ones, else as their
+    ``repr``, so a finished result is always written."""
     if dataclasses.is_dataclass(value):
         return {f.name: getattr(value, f.name) for f in fields(value) if not f.name.startswith("_")}
     if isinstance(value, enum.Enum):
         return value.value
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays, torch tensors
+        try:
+            return value.tolist()
+        except Exception:
+            pass
+    return repr(value)
 
 
 def _known(cls: type, values: dict[str, Any] | None) -> dict[str, Any]:

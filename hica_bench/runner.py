@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,7 +76,7 @@ class Summary:
     not_applicable: int = 0
     failed: int = 0
     extractions: list[ExtractionRecord] = field(default_factory=list)
-    tuning: Tuning | None = None  #: the extraction settings (None when nothing was pending)
+    tuning: Tuning | None = None  #: the extraction settings (chosen before any cell: they are part of the identity)
     cache_hits: int = 0
     cache_misses: int = 0
     wall_s: float = 0.0
@@ -121,14 +121,19 @@ def open_datasets(grid: Grid, settings: Settings) -> dict[str, FewShotDataset]:
 # --------------------------------------------------------------------------- the rules of a method's inputs and outputs
 
 
-def check_needs(needs: Any, pair: EncoderPair, encoder_label: str) -> frozenset[str]:
-    """``needs`` as a frozenset of known needs; NotApplicable when ``pair`` cannot serve them (ValueError when they
-    are not a set of known needs)."""
+def validate_needs(needs: Any) -> frozenset[str]:
+    """A method's ``needs`` as a frozenset of known needs, else a ValueError saying what is wrong."""
     if not isinstance(needs, (set, frozenset)) or not all(isinstance(n, str) for n in needs):
         raise ValueError(f"needs must be a frozenset of strings, got {needs!r}")
     unknown = sorted(set(needs) - NEEDS)
     if unknown:
         raise ValueError(f"unknown needs {unknown}; known: {sorted(NEEDS)}")
+    return frozenset(needs)
+
+
+def check_needs(needs: Any, pair: EncoderPair, encoder_label: str) -> frozenset[str]:
+    """``needs`` validated (:func:`validate_needs`); NotApplicable when ``pair`` cannot serve them."""
+    needs = validate_needs(needs)
     if "aligned_encoders" in needs and not pair.aligned:
         raise NotApplicable(f"needs an aligned image-text encoder pair; {encoder_label} is not aligned "
                             "(its image and text embeddings are separately trained spaces)")
@@ -215,7 +220,8 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
     except Exception as exc:  # fault isolation: one cell's failure never stops the grid
         result.status, result.reason = Status.FAILED, f"{type(exc).__name__}: {exc}"
         log.debug("cell %s failed:\n%s", key, traceback.format_exc())
-    result.components_used = list({digest(asdict(c)): c for c in components.used}.values())  # each once, first built first
+    result.components_used = list({digest([c.kind, c.name, c.options, c.distribution]): c
+                                   for c in components.used}.values())  # each once, in the order first built
     return result
 
 
@@ -256,7 +262,7 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
     for method in grid.methods:
         origin = Origin(
             harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
-            max_test=grid.max_test, encoder=grid.encoder.ref, features=asdict(extractor.identity),
+            max_test=grid.max_test, encoder=grid.encoder.ref, features=extractor.identity.as_dict(),
             text_encoder=pair.text.identity if pair.text is not None else None, method=method.ref,
             method_components=registry.components_of(method), device=device.split(":")[0])
         for k in grid.shots:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -181,12 +182,17 @@ def _failures(check: Callable) -> Callable:
 
 def check_spec(spec: PluginSpec, kind: str | None = None) -> None:
     """A :class:`PluginSpec` the registry and the CLI can use: a known kind, a name the ``NAME:key=value`` syntax
-    can spell, a description, and option defaults of the types the CLI converts to (bool, int, float, str)."""
+    can spell, a description, option defaults of the types the CLI converts to (bool, int, float, str), and
+    ``components`` / ``in_default_suite`` declarations the registry accepts."""
     assert isinstance(spec, PluginSpec), f"expected a PluginSpec, got {type(spec).__name__}"
     assert spec.kind in KINDS and (kind is None or spec.kind == kind), f"{spec.name!r}: kind {spec.kind!r}, expected {kind or KINDS}"
     assert re.fullmatch(r"[\w.+-]+", spec.name), f"{spec.name!r}: a name must match [A-Za-z0-9_.+-]+"
     assert spec.description.strip(), f"{spec.name!r}: empty description"
     assert callable(spec.factory), f"{spec.name!r}: factory is not callable"
+    from hica_bench.registry import spec_problem
+
+    problem = spec_problem(spec)
+    assert problem is None, f"{spec.name!r}: {problem}"
     for key, value in spec.options.items():
         assert re.fullmatch(r"[A-Za-z_][\w.-]*", key), f"{spec.name!r}: option name {key!r} cannot be given on the command line"
         assert isinstance(value, (bool, int, float, str)), (
@@ -238,6 +244,13 @@ def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTa
         raise AssertionError(f"{name} ({label}): fit raised {type(exc).__name__}: {exc} (does it use something "
                              f"it did not declare in needs={sorted(model.needs)}?)") from exc
     assert fitted is model, f"{name} ({label}): fit must return self"
+    info = getattr(model, "fit_info_", None)
+    if info is not None:
+        assert isinstance(info, dict), f"{name} ({label}): fit_info_ must be a dict, got {type(info).__name__}"
+        try:
+            json.dumps(info, allow_nan=True)
+        except TypeError as exc:
+            raise AssertionError(f"{name} ({label}): fit_info_ is not JSON ({exc}); results record it as JSON") from None
     try:
         proba = model.predict_proba(test)
     except Exception as exc:

@@ -37,10 +37,18 @@ def test_features_are_cached_keyed_by_their_identity_and_recorded(medmnist_root,
     assert record.reference_images_per_s > 0  # the plain eager yardstick, measured during this first pass
     assert set(extractor.throughput(dataset.identity)) == {"encoder_images_per_s", "reference_images_per_s"}
 
-    again = FeatureExtractor(pair, tmp_path, Requested(backend="eager", batch_size=8, threads=1))  # how fast is not what
+    again = FeatureExtractor(pair, tmp_path, fixed)
     cached, record2 = again.features(dataset, "test")
     assert record2.cached and record2.cache_key == record.cache_key and np.array_equal(cached, features)
     assert again.throughput(dataset.identity) == {}  # nothing computed: no speed to report
+
+    # eager kernels depend on batch size and threads: another feature identity, computed anew (here bit-equal: the
+    # pixels encoder only reshapes)
+    other = FeatureExtractor(pair, tmp_path, Requested(backend="eager", batch_size=8, channels_last=False, threads=1))
+    recomputed, record3 = other.features(dataset, "test")
+    assert not record3.cached and record3.cache_key != record.cache_key
+    assert (other.identity.batch_size, other.identity.threads, extractor.identity.batch_size) == (8, 1, 32)
+    assert np.array_equal(recomputed, features)
 
     plain = FeatureExtractor.plain(pair, batch_size=7).encode(dataset.split("test").images)
     assert np.array_equal(plain, features)  # batch size does not change the pixels encoder's features

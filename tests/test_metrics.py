@@ -37,5 +37,5 @@ def test_metric_names_live_in_one_place():
     from hica_bench.results import Metrics
 
     assert METRICS == Metrics.names() == ("acc", "auc", "f1_macro", "balanced_acc")
-    assert check.METRICS is HEADLINE and set(HEADLINE) <= set(METRICS)
+    assert check.HEADLINE is HEADLINE and set(HEADLINE) <= set(METRICS)
     assert leaderboard.HEADLINE is HEADLINE

@@ -147,11 +147,17 @@ def test_run_records_the_chosen_settings_and_keys_the_cache_by_backend(tmp_path)
     assert record["environment"]["extraction"]["backend"] == "eager"
     assert record["environment"]["extraction"]["batch_size"] in tuning.CPU_BATCHES
 
+    chosen = record["environment"]["extraction"]
     second = hica_bench(*common, "--batch-size", "5", "--threads", "2", "--out", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr
-    assert "(as given)" in second.stdout and "2 hits, 0 misses" in second.stdout  # batch size is not in the cache key
+    # eager features depend on the batch size (PyTorch picks other kernels): another feature identity, other entries
+    assert "(as given)" in second.stdout and "0 hits, 2 misses" in second.stdout
     record = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[0])
-    assert record["environment"]["extraction"]["batch_size"] == 5
+    assert record["environment"]["extraction"]["batch_size"] == 5 and record["identity"]["origin"]["features"]["batch_size"] == 5
+    same = hica_bench(*common, "--batch-size", str(chosen["batch_size"]), "--threads", str(chosen["threads"]),
+                      "--no-channels-last" if not chosen["channels_last"] else "--channels-last", "--out", str(tmp_path / "a"))
+    # what the probe chose, given explicitly: the same identity, so the finished cell is kept and nothing is encoded
+    assert "1 already finished" in same.stdout and "0 hits, 0 misses" in same.stdout
 
     refused = hica_bench(*common, "--backend", "onnxruntime", "--out", str(tmp_path / "c"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1

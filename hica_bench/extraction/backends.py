@@ -1,7 +1,7 @@
 """How an image encoder's forward pass runs: eager PyTorch, or an ONNX Runtime session of its exported graph.
 
 A *forward* is a callable ``batch -> (N, D) tensor`` for a preprocessed float32 batch (N, 3, S, S) on the
-device. :func:`build_forward` makes one for a chosen :class:`~hica_bench.tuning.ExtractionSettings`:
+device. :func:`build_forward` makes one for a chosen :class:`~hica_bench.extraction.tuning.ExtractionSettings`:
 
 - ``eager``: ``encoder.encode`` under ``torch.inference_mode`` (the runner's caller), optionally with the image
   module and its input in channels-last memory format, AMP autocast on CUDA, or ``torch.compile``.

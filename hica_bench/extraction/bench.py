@@ -168,6 +168,11 @@ def _spread(values: list[float]) -> dict[str, Any]:
             "per_repeat": [float(v) for v in values]}
 
 
+def check_counts(images: int, repeats: int, naive_batch_size: int, warmup: int) -> None:
+    if min(images, repeats, naive_batch_size) < 1 or warmup < 0:
+        raise UserError("--images, --repeats and --naive-batch-size must be >= 1 and --warmup >= 0")
+
+
 def bench(
     plugins: list[str],
     encoder: str,
@@ -191,8 +196,7 @@ def bench(
     from hica_bench.extraction.backends import ONNX_TOLERANCE
     from hica_bench.results import environment
 
-    if min(images, repeats, naive_batch_size) < 1 or warmup < 0:
-        raise UserError("--images, --repeats and --naive-batch-size must be >= 1 and --warmup >= 0")
+    check_counts(images, repeats, naive_batch_size, warmup)
     log = log or (lambda line: None)
     started = time.perf_counter()
     workers: dict[str, _Worker] = {}
@@ -317,50 +321,51 @@ def bench(
 
 def print_report(report: dict[str, Any], console: Any) -> None:
     """The report as a rich table and a few lines (what ``hica-bench bench`` prints on stdout)."""
+    from rich.markup import escape
     from rich.table import Table
 
     variants = report["variants"]
     ceiling = report["ceiling"]["gflops_per_s"]["median"]
-    table = Table(title=f"{report['encoder']} on {report['dataset']} {report['split']} ({report['size']} → "
-                        f"{report['input_size']} px), {report['images']} images, {report['device']}, "
-                        f"median of {report['repeats']} repeats in turns")
+    table = Table(title=escape(f"{report['encoder']} on {report['dataset']} {report['split']} ({report['size']} → "
+                               f"{report['input_size']} px), {report['images']} images, {report['device']}, "
+                               f"median of {report['repeats']} repeats in turns"))
     for column, justify in (("variant", "left"), ("settings", "left"), ("img/s (min – max)", "right"),
                             ("× naive", "right"), ("GFLOP/s", "right"), ("% of matmul ceiling", "right")):
         table.add_column(column, justify=justify, overflow="fold")
     for name, entry in variants.items():
         if not entry["available"]:
-            table.add_row(name, f"not available: {entry['reason']}", "—", "—", "—", "—")
+            table.add_row(name, escape(f"not available: {entry['reason']}"), "—", "—", "—", "—")
             continue
         ips, ratio = entry["images_per_s"], entry["ratio_to_naive"]
         fraction = entry["fraction_of_ceiling"]
-        table.add_row(name, entry["describe"], f"{ips['median']:.1f} ({ips['min']:.1f} – {ips['max']:.1f})",
+        table.add_row(name, escape(entry["describe"]), f"{ips['median']:.1f} ({ips['min']:.1f} – {ips['max']:.1f})",
                       f"{ratio['median']:.2f} ({ratio['min']:.2f} – {ratio['max']:.2f})", f"{entry['gflops_per_s']:.1f}",
                       "—" if fraction is None else f"{100 * fraction:.1f} %")
     console.print(table)
     c = report["ceiling"]
     console.print(f"matmul ceiling: {ceiling:.1f} GFLOP/s (median; {c['gflops_per_s']['min']:.1f} – "
                   f"{c['gflops_per_s']['max']:.1f}), torch.mm {c['matrix_size']}² {c['dtype']}, {c['threads']} threads; "
-                  f"encoder {report['flops_per_image']['gflop']:.3f} GFLOP/image", highlight=False)
+                  f"encoder {report['flops_per_image']['gflop']:.3f} GFLOP/image", markup=False, highlight=False)
     check = report["feature_check"]
     diffs = ", ".join(f"{name} {entry['features_max_abs_diff']:.1e}" for name, entry in variants.items()
                       if entry["available"] and name != "naive")
     console.print(f"features vs naive eager on the first {check['images']} images: max |diff| {diffs}; allowed "
                   f"{check['allowed_abs_diff']:.1e} ({check['tolerance']:g} × max |feature| {check['max_abs_eager']:.3g}); "
                   f"harness ({check['harness_backend']}) "
-                  f"{'within' if check['harness_within_tolerance'] else 'NOT within'} tolerance", highlight=False)
+                  f"{'within' if check['harness_within_tolerance'] else 'NOT within'} tolerance", markup=False, highlight=False)
     export = variants["onnxruntime"].get("onnx_export")
     if export:
         console.print(f"ONNX export check ({export.get('identity', '')}): max |ort - eager| {export['max_abs_diff']:.1e} "
-                      f"≤ {export['tolerance']:g} × {export['max_abs_eager']:.3g}", highlight=False)
+                      f"≤ {export['tolerance']:g} × {export['max_abs_eager']:.3g}", markup=False, highlight=False)
     harness = variants["harness"]
     overhead, stages = harness["overhead_ratio"], harness["stage_seconds"]
     console.print(f"harness overhead: harness / raw forward of the same settings {overhead['median']:.3f} "
                   f"({overhead['min']:.3f} – {overhead['max']:.3f}); seconds per repeat (median): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "preprocess")
                   + f"; preprocessing {stages['preprocess']:.2f} s alone, overlapped with the forward in the harness",
-                  highlight=False)
+                  markup=False, highlight=False)
     console.print("peak RSS per worker: " + ", ".join(f"{name} {entry['peak_rss_mb']:.0f} MiB" for name, entry in variants.items()
-                                                      if entry["available"]), highlight=False)
+                                                      if entry["available"]), markup=False, highlight=False)
     console.print(f"wall time: {report['wall_s']:.1f} s", highlight=False)
 
 

@@ -36,7 +36,7 @@ def encode_images(
     forward: Forward | None = None,
 ) -> np.ndarray:
     """(N, H, W[, 3]) uint8, possibly memory-mapped -> (N, D) float32, reading ``batch_size`` images at a time.
-    ``forward`` runs the encoder (see :mod:`hica_bench.backends`); default: eager ``encoder.encode``.
+    ``forward`` runs the encoder (see :mod:`hica_bench.extraction.backends`); default: eager ``encoder.encode``.
 
     One background thread reads and preprocesses the next batch while ``forward`` runs on the current one
     (measured on 2 cores with ONNX Runtime: ~0.9 → ~0.97 of the raw forward's images/s). ``on_batch`` is called

@@ -11,7 +11,6 @@ checkpoint, so a local config + checkpoint builds with no network (see :func:`fr
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import tempfile
@@ -22,7 +21,8 @@ import numpy as np
 
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderPair, InputSpec
-from hica_bench_encoders.weights import file_sha256, first_line, hub_file, local_file, seeded, state_dict_sha256
+from hica_bench.files import digest, file_sha256
+from hica_bench_encoders.weights import first_line, hub_file, local_file, seeded, state_dict_sha256
 
 BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -184,7 +184,7 @@ def from_config(device: str, label: str, repo: str, config: str, checkpoint: str
     full_config = _read_config(config_path)
     weights = local_file(checkpoint, "checkpoint") if checkpoint else Path(
         hub_file(repo, list(CHECKPOINT_NAMES), f"{label} weights", hint))
-    config_digest = hashlib.sha256(json.dumps(full_config, sort_keys=True).encode()).hexdigest()[:16]
+    config_digest = digest(full_config, 16)
     identity = f"{label}:sha256={file_sha256(weights)}:config={config_digest}"
 
     with tempfile.TemporaryDirectory(prefix="hica-open-clip-") as scratch:

@@ -17,7 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from hica_bench.errors import UserError
-from hica_bench_encoders.weights import file_sha256, first_line, state_dict_sha256
+from hica_bench.files import file_sha256
+from hica_bench_encoders.weights import first_line, state_dict_sha256
 
 BATCH = 64
 

