@@ -94,6 +94,13 @@ def _plain_file(name):
     return setup
 
 
+def _list_needs_plugin(paths):
+    (paths["tmp"] / "list_needs.py").write_text(
+        "from hica_bench import hookimpl\nfrom hica_bench.interfaces import PluginSpec\n\n"
+        "class ListNeeds:\n    needs = ['image_features']\n\n"
+        "@hookimpl\ndef hica_bench_methods():\n    return [PluginSpec('method', 'list-needs', 'needs as a list', ListNeeds)]\n")
+
+
 def _duplicate_plugin(paths):
     (paths["tmp"] / "dup_prototype.py").write_text(
         "from hica_bench import hookimpl\nfrom hica_bench.interfaces import PluginSpec\n\n"
@@ -180,6 +187,8 @@ CASES = [
          root=["--plugins-only", "hica-bench-medmnist,hica-bench-baselinez"]),
     Case("allow-list-and-autoload-off", [], "HICA_BENCH_DISABLE_PLUGIN_AUTOLOAD turns entry-point plugins off",
          root=["--plugins-only", "hica-bench-medmnist"], env={DISABLE_AUTOLOAD_ENV: "1"}),
+    Case("method-needs-not-a-set", ["--methods", "list-needs"], "method list-needs: needs must be a frozenset of strings",
+         root=["-p", "list_needs"], setup=_list_needs_plugin),
     Case("no-default-methods", ["--plugins-only", "hica-bench-medmnist,hica-bench-encoders", "run", "--out", "{tmp}/out"],
          "no installed plugin declares a default method; name methods with --methods", command=True),
     Case("hica-option-names-unknown-component", ["--methods", "hica:loss_local=nope"],

@@ -198,6 +198,12 @@ class UnknownNeed(Prototype):
     needs = frozenset({"image_features", "gpu"})
 
 
+class ObjectInFitInfo(Prototype):
+    def fit(self, task):
+        self.fit_info_ = {"scaler": object()}
+        return super().fit(task)
+
+
 class BatchCentred:
     """Centres features on the batch mean (as batch norm in training mode does)."""
 
@@ -251,6 +257,7 @@ class Detached(torch.nn.Module):
     (testing.check_method, ReturnsNone, "fit must return self"),
     (testing.check_method, ReturnsList, "not a numpy array"),
     (testing.check_method, UnknownNeed, "unknown needs ['gpu']"),
+    (testing.check_method, ObjectInFitInfo, "fit_info_ is not JSON"),
     (testing.check_method, PluginSpec("method", "p", "options must be CLI-typed", Prototype, {"sizes": [1]}), "defaults must be"),
     (testing.check_encoder, EncoderPair(BatchCentred(), None, False), "depend on the other images in its batch"),
     (testing.check_encoder, EncoderPair(testing.ToyImageEncoder(), None, True), "aligned pair needs a text encoder"),

@@ -118,3 +118,42 @@ def test_options_that_name_components_are_checked_and_resolved():
         components.build("method", "linear-probe")
     assert components.build("loss", "cross-margin", margin=0.3).margin == 0.3
     assert [(c.name, c.options) for c in components.used] == [("cross-margin", {"margin": 0.3})]
+
+
+def test_a_p_module_without_a_version_is_identified_by_its_source(tmp_path, monkeypatch):
+    from hica_bench.registry import _module_version
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_plugin(tmp_path, "versionless_plugin", "versionless")
+    registry = load_registry(["versionless_plugin"])
+    registered = registry.get("method", "versionless")
+    assert registered.distribution == "-p versionless_plugin" and registered.version.startswith("source-sha256:")
+    import versionless_plugin
+
+    (tmp_path / "versionless_plugin.py").write_text((tmp_path / "versionless_plugin.py").read_text() + "# edited\n")
+    assert _module_version(versionless_plugin) != registered.version  # an edit is a new version of the plugin
+
+
+def test_a_spec_with_bad_declarations_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "bad_declarations.py").write_text(textwrap.dedent("""
+        from hica_bench import hookimpl
+        from hica_bench.interfaces import PluginSpec
+
+        @hookimpl
+        def hica_bench_methods():
+            return [PluginSpec("method", "typo", "names an option it lacks", dict, {"roi": "grid"}, components={"rio": "roi-extractor"}),
+                    PluginSpec("method", "wrong-kind", "a method option naming a method", dict, {"m": "x"}, components={"m": "method"}),
+                    PluginSpec("method", "fine", "a good one", dict, {})]
+
+        @hookimpl
+        def hica_bench_losses():
+            return [PluginSpec("loss", "default-loss", "a component in the default suite", dict, in_default_suite=True)]
+    """))
+    registry = load_registry(["bad_declarations"])
+    assert "fine" in registry.specs("method") and not {"typo", "wrong-kind"} & set(registry.specs("method"))
+    assert "default-loss" not in registry.specs("loss")
+    problems = " ".join(registry.load_errors)
+    assert "'typo' left out: components names 'rio', which is not one of its options" in problems
+    assert "'wrong-kind' left out: components maps 'm' to 'method'" in problems
+    assert "a loss cannot be in the default suite" in problems

@@ -125,3 +125,20 @@ def test_a_version_1_file_opens_as_legacy_and_is_never_mixed(tmp_path):
     assert "60.0 ± 0.0 (2)" in board and "90.0 (1)" in board  # each origin on its own row
     assert "legacy: schema-1 results, origin not recorded" in board
     assert path.read_text().splitlines()[0] == json.dumps(V1_RECORD)  # the old records are kept as they were
+
+
+def test_values_a_plugin_hands_over_are_written_not_crashed_on(tmp_path):
+    """fit_info_ and component options come from plugins: numpy numbers are written as numbers, anything else as its
+    repr, so a finished cell is always recorded (a TypeError here would end the run after the cell's work)."""
+    import numpy as np
+
+    result = _result(0)
+    result.fit_info = {"C": np.float32(0.5), "steps": np.int64(3), "curve": np.arange(3), "model": object()}
+    result.components_used = [Component("descriptor-generator", "noisy", {"base": object(), "fraction": np.float64(0.3)},
+                                        "hica-bench-hica", "0.1.0")]
+    store = ResultsStore(tmp_path / "results.jsonl")
+    store.append(result)
+    (loaded,) = store.load().values()
+    assert loaded.fit_info["C"] == 0.5 and loaded.fit_info["steps"] == 3 and loaded.fit_info["curve"] == [0, 1, 2]
+    assert loaded.fit_info["model"].startswith("<object object at")
+    assert loaded.components_used[0].options["fraction"] == 0.3 and loaded.cell_id == result.cell_id
