@@ -134,6 +134,8 @@ def _load_leaderboard(path: Path, role: str) -> Side:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise UserError(f"{role} {str(path)!r} is not a readable CSV ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     stats = [f"{m}_{s}" for m in HEADLINE for s in ("mean", "std")]
     missing = [c for c in CELL + ["n"] + stats if c not in frame.columns]
     if missing:
@@ -179,8 +181,8 @@ def _summarise(records: list[dict[str, Any]], seeds: frozenset | None = None) ->
 def compare(baseline: Side, run: Side, tolerance: float = DEFAULT_TOLERANCE, noise_z: float = 0.0,
             throughput_tolerance: float = DEFAULT_THROUGHPUT_TOLERANCE) -> Report:
     """Compare ``run`` with ``baseline`` (see the module docstring); raises :class:`UserError` when no cell overlaps."""
-    if tolerance < 0 or noise_z < 0 or not 0 <= throughput_tolerance < 1:
-        raise UserError("--tolerance and --noise-z must be >= 0 and --throughput-tolerance in [0, 1)")
+    if not (0 <= tolerance < math.inf and 0 <= noise_z < math.inf and 0 <= throughput_tolerance < 1):  # NaN fails too
+        raise UserError("--tolerance and --noise-z must be finite numbers >= 0 and --throughput-tolerance in [0, 1)")
     common = sorted((key for key in baseline.cells if key in run.cells), key=_sortable)
     if not common:
         raise UserError(f"no cell of {run.path} is in the baseline {baseline.path} "

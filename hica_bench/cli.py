@@ -7,8 +7,10 @@ Text that comes from users or plugins (names, options, reasons, paths) is printe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -25,7 +27,7 @@ except ImportError:  # pragma: no cover - older typer
     from click.exceptions import ClickException
 
 from hica_bench import __version__
-from hica_bench.errors import UserError
+from hica_bench.errors import Interrupted, StdoutClosed, UserError
 from hica_bench.files import atomic_write
 from hica_bench.interfaces import KINDS
 
@@ -87,6 +89,13 @@ def _registry(ctx: typer.Context):
     return ctx.obj
 
 
+class _StderrHandler(logging.Handler):
+    """Log lines to whatever ``sys.stderr`` is when they are emitted (one line each)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(" ".join(self.format(record).split()), file=sys.stderr)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"hica-bench {__version__}")
@@ -102,7 +111,8 @@ def root(
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log debug details (e.g. tracebacks of failed cells)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s",
+                        handlers=[_StderrHandler()], force=True)
     if plugins_only is not None:
         from hica_bench.registry import ALLOW_ENV
 
@@ -171,17 +181,23 @@ def run(
     methods = methods if methods is not None else default_suite(registry, "method", "--methods")
     encoder = encoder if encoder is not None else default_suite(registry, "encoder", "--encoder")
     grid = runner.Grid(
-        datasets=[registry.choose("dataset", n) for n in name_list(datasets, "--datasets")],
-        methods=[registry.choose("method", n) for n in name_list(methods, "--methods")],
+        datasets=_choose_each(registry, "dataset", datasets, "--datasets"),
+        methods=_choose_each(registry, "method", methods, "--methods"),
         encoder=registry.choose("encoder", encoder),
         shots=shot_list,
         seeds=seed_list,
         size=size,
         max_test=max_test,
     )
-    for method in grid.methods:  # what a method's constructor rejects, or needs it cannot declare, is bad input
+    for method in grid.methods:  # option values its constructor rejects, or needs it cannot declare, are bad input
         try:
-            runner.validate_needs(getattr(method.build(), "needs", None))
+            built = method.build()
+        except UserError:
+            raise
+        except (Exception, SystemExit):  # a broken constructor is the plugin's fault: its cells record it and fail
+            continue
+        try:
+            runner.validate_needs(getattr(built, "needs", None))
         except ValueError as exc:
             raise UserError(f"method {method.label}: {exc}") from None
     resolved = runner.resolve_device(device)
@@ -195,8 +211,11 @@ def run(
         cell_timeout=cell_timeout,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        summary = runner.run(grid, settings, registry, progress)
+    if console.is_terminal:
+        with Progress(*columns, console=console, transient=True) as progress:
+            summary = runner.run(grid, settings, registry, progress)
+    else:  # no bar on a pipe or a log file (rich would leave a blank line there)
+        summary = runner.run(grid, settings, registry)
     _print_summary(summary, settings)
     if summary.failed:
         raise typer.Exit(1)
@@ -241,7 +260,8 @@ def list_(ctx: typer.Context, kind: Optional[str] = typer.Argument(None, help=f"
         table.add_column(column, overflow="fold")
     for k in kinds:
         for name, reg in sorted(registry.specs(k).items()):
-            options = " ".join(f"{key}={value}" for key, value in reg.spec.options.items())
+            options = " ".join(f"{key}={value}" + (f" ({reg.spec.constraints[key].describe()})" if key in reg.spec.constraints
+                                                    else "") for key, value in reg.spec.options.items())
             shown = name + (" *" if reg.spec.in_default_suite else "")
             table.add_row(*(escape(text) for text in (shown, k, reg.distribution, reg.version, options,
                                                       reg.spec.description.split("\n")[0])))
@@ -254,11 +274,12 @@ def leaderboard_(
     out: Optional[Path] = typer.Option(None, help="Folder for leaderboard.md/.csv [default: beside RESULTS]."),
 ) -> None:
     """Write Markdown and CSV leaderboards from a results file."""
-    from hica_bench import leaderboard
+    from hica_bench import data, leaderboard
     from hica_bench.results import ResultsStore
 
     if not results.is_file():
         raise UserError(f"results file {str(results)!r} does not exist")
+    data.writable_dir(out or results.parent, "--out folder")
     loaded = list(ResultsStore(results).load().values())
     if not loaded:
         raise UserError(f"{results} holds no results")
@@ -314,7 +335,7 @@ def bench_(
     available = len(built.split(split).labels)
     if images > available:
         raise UserError(f"{dataset_choice.label} {split} has {available} images, fewer than --images {images}; lower it")
-    out = data.writable_dir(out.parent, "--out folder") / out.name
+    out = data.writable_file(out, "--out")
     try:
         report = bench.bench(ctx.find_root().params.get("plugin") or [], encoder, encoder_choice.label, dataset,
                              dataset_choice.label, split, size, images, resolved, root, scratch, extraction,
@@ -339,8 +360,10 @@ def check_(
     report: Optional[Path] = typer.Option(None, help="Also write the comparison as JSON here."),
 ) -> None:
     """Compare a fresh run with a baseline cell by cell; exit 1 on a regression, 0 when clean, 2 on bad input."""
-    from hica_bench import check
+    from hica_bench import check, data
 
+    if report:
+        data.writable_file(report, "--report")
     outcome = check.compare(check.load(baseline, "baseline"), check.load(results, "results"),
                             tolerance, noise_z, throughput_tolerance)
     rows = outcome.rows
@@ -370,21 +393,92 @@ def check_(
         raise typer.Exit(1)
 
 
+def _choose_each(registry, kind: str, text: str, option: str) -> list:
+    """The comma list ``text`` of ``option`` as choices of ``kind``; two spellings of one thing (``prototype`` and
+    ``prototype:temperature=0.05``, its default) would run every cell twice, and are refused."""
+    chosen, spelled = [], {}
+    for name in name_list(text, option):
+        choice = registry.choose(kind, name)
+        if choice.label in spelled:
+            raise UserError(f"{option} names {choice.label} twice: {spelled[choice.label]!r} and {name!r} are the same "
+                            "(options at their defaults are left out)")
+        spelled[choice.label] = name
+        chosen.append(choice)
+    return chosen
+
+
+class _GuardedStdout:
+    """Standard output whose reader went away (BrokenPipeError) raises :class:`StdoutClosed`, which no command or
+    library catches, instead of an OSError that typer turns into exit code 1."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise StdoutClosed() from None
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except BrokenPipeError:
+            raise StdoutClosed() from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _signals_and_stdout():
+    """SIGINT and SIGTERM raise :class:`Interrupted` (before typer can turn Ctrl-C into a silent exit 130), and stdout
+    is guarded; both restored afterwards (``main`` also runs inside test processes)."""
+    def interrupted(signum, frame):
+        raise Interrupted(signum)
+
+    handlers = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[signum] = signal.signal(signum, interrupted)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _error(text: str) -> None:
+    print(f"hica-bench: {' '.join(text.split())}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     # Transparent huge pages in torch's CPU allocator: ~25 % more encoder throughput on CPU (measured on
     # EfficientNet-Lite0, batch 16, 2 cores); read when torch first allocates, so set before importing it.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
-        code = app(standalone_mode=False)  # click's usage errors come here too, to be printed as one line
+        with _signals_and_stdout():
+            code = app(standalone_mode=False)  # click's usage errors come here too, to be printed as one line
     except UserError as exc:
-        print(f"hica-bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        _error(f"error: {exc}")
         sys.exit(2)
     except ClickException as exc:  # unknown option or command, a value of the wrong type
         if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
             where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
-            print(f"hica-bench: error: {' '.join(exc.format_message().split())}{where}", file=sys.stderr)
+            _error(f"error: {exc.format_message()}{where}")
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, typer.Abort):
-        print("hica-bench: interrupted; finished cells are kept in the results file", file=sys.stderr)
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _error(f"interrupted by {signal.Signals(signum).name}; finished cells are kept in the results file "
+               "(rerun the same command to resume)")
+        sys.exit(128 + signum)
+    except StdoutClosed:
+        with contextlib.suppress(OSError):  # nothing more can reach the reader; keep the exit quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     sys.exit(code if isinstance(code, int) else 0)

@@ -7,17 +7,22 @@ feature cache and memory-mapped from there; a stored (uncompressed) member is me
 
 from __future__ import annotations
 
+import json
+import logging
 import mmap
 import os
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from hica_bench.errors import UserError
-from hica_bench.files import atomic_path, digest
+from hica_bench.files import atomic_path, atomic_write, digest
 from hica_bench.interfaces import InputSpec
+
+log = logging.getLogger(__name__)
 
 DATA_ENV = "HICA_BENCH_DATA"
 CACHE_ENV = "HICA_BENCH_CACHE"
@@ -44,6 +49,18 @@ def check_size(size: int) -> int:
     if size < 1:
         raise UserError(f"--size must be positive, got {size}")
     return size
+
+
+def writable_file(path: Path, what: str) -> Path:
+    """``path`` as a file this process can (re)write: not a folder, in a writable folder; checked before the work
+    whose result goes there, else a UserError naming ``what``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {str(path)!r} is not writable")
+    writable_dir(path.parent, f"{what}'s folder")
+    return path
 
 
 def writable_dir(path: Path, what: str) -> Path:
@@ -86,36 +103,85 @@ class LazyNpz:
         """The whole array in memory (for small arrays such as labels)."""
         try:
             with np.load(self.path, allow_pickle=False) as npz:
-                return npz[key]
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+                array = npz[key]
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as exc:
             raise UserError(f"{self.path}: array {key!r} is unreadable ({exc}); delete the file and download it again") from None
+        if not isinstance(array, np.ndarray):  # numpy hands back the raw bytes of a member that is not a .npy array
+            raise UserError(f"{self.path}: array {key!r} is not a valid .npy array; download the file again")
+        return array
 
     def memmap(self, key: str) -> np.ndarray:
-        """The array as a read-only memory map."""
+        """The array as a read-only memory map: in place for a stored (uncompressed) member, else from a scratch copy
+        under the cache folder. A member whose ``.npy`` header does not fit its bytes is the dataset file's fault (one
+        line naming it); a scratch copy that no longer matches its member's CRC-32 (damaged, edited) is the cache's,
+        and is made again."""
         info = self._zip.getinfo(f"{key}.npy")
         if info.compress_type == zipfile.ZIP_STORED:  # memory-map in place, right after the member's header
-            with self.path.open("rb") as handle:
-                handle.seek(info.header_offset + 26)
-                name_len, extra_len = np.frombuffer(handle.read(4), dtype="<u2")
-                handle.seek(info.header_offset + 30 + int(name_len) + int(extra_len))
-                version = np.lib.format.read_magic(handle)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-                if version in read_header:
-                    shape, fortran, dtype = read_header[version](handle)
-                    offset = handle.tell()
-                    return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+            try:
+                return self._memmap_stored(info)
+            except ValueError as exc:
+                raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({exc}); "
+                                "download the file again") from None
         target = self._scratch / f"{key}.npy"
-        if not target.exists():
+        if not self._scratch_matches(target, info):
             try:
                 with atomic_path(target) as partial, self._zip.open(info) as source, partial.open("wb") as sink:
-                    shutil.copyfileobj(source, sink, length=1 << 22)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                    shutil.copyfileobj(source, sink, length=1 << 22)  # zipfile checks the member's CRC-32 at its end
+            except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
                 raise UserError(f"{self.path}: array {key!r} is truncated or corrupt ({exc}); download it again") from None
+            stat = target.stat()
+            atomic_write(self._stamp(target), json.dumps({"crc32": info.CRC, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
         try:
             return np.load(target, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            target.unlink(missing_ok=True)
-            raise UserError(f"{self.path}: array {key!r} is not a valid array ({exc})") from None
+        except ValueError as exc:  # the copy matches its member, so the member itself is not a valid array
+            raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({exc}); download the file again") from None
+
+    def _memmap_stored(self, info: zipfile.ZipInfo) -> np.ndarray:
+        with self.path.open("rb") as handle:
+            handle.seek(info.header_offset + 26)
+            name_len, extra_len = np.frombuffer(handle.read(4), dtype="<u2")
+            start = info.header_offset + 30 + int(name_len) + int(extra_len)
+            handle.seek(start)
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0,
+                           (3, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f"unknown .npy format version {version}")
+            shape, fortran, dtype = read_header[version](handle)
+            offset = handle.tell()
+        needed = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        held = start + info.file_size - offset
+        if needed > held:  # a map past the member would read the next member's bytes (or fail past the file)
+            raise ValueError(f"its header promises shape {tuple(shape)} ({needed} bytes) but the member holds {held}")
+        return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+    @staticmethod
+    def _stamp(target: Path) -> Path:
+        return target.with_name(target.name + ".json")
+
+    def _scratch_matches(self, target: Path, info: zipfile.ZipInfo) -> bool:
+        """Whether the scratch copy is still the member's bytes: same size and modification time as when it was written
+        (cheap), else its CRC-32 is checked against the member's; a copy that fails is removed (with a warning)."""
+        if not target.exists():
+            return False
+        try:
+            stamp = json.loads(self._stamp(target).read_text())
+            stat = target.stat()
+            if stamp["crc32"] == info.CRC and (stamp["size"], stamp["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        crc = 0
+        with target.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                crc = zlib.crc32(block, crc)
+        if crc == info.CRC:
+            stat = target.stat()
+            atomic_write(self._stamp(target), json.dumps({"crc32": info.CRC, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+            return True
+        log.warning("scratch copy %s does not match %s (damaged or edited); making it again", target, self.path.name)
+        target.unlink(missing_ok=True)
+        return False
 
 
 def release_pages(images: np.ndarray | None) -> None:

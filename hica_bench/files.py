@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from hica_bench.errors import UserError
+
 
 def digest(value: Any, length: int | None = None) -> str:
     """sha256 (hex) of ``value`` as canonical JSON (sorted keys, no whitespace; other objects via ``str``);
@@ -61,20 +63,31 @@ def _temporary(path: Path) -> Path:
     return Path(name)
 
 
+def cannot_write(path: Path, exc: OSError) -> UserError:
+    """The one line for a write that failed: a full disk, no permission, a folder in the way."""
+    return UserError(f"cannot write {path}: {exc.strerror or exc}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` to write to (by any means: a library that takes a file name); when the
     block ends without an exception the file is fsync'ed and renamed over ``path`` and the folder fsync'ed; on an
-    exception it is removed and ``path`` is untouched."""
+    exception it is removed and ``path`` is untouched. An OSError (ENOSPC, EACCES, ...) becomes a
+    :class:`~hica_bench.errors.UserError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(path)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     try:
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise cannot_write(path, exc) from None
         raise
     _fsync_dir(path.parent)
 
@@ -94,8 +107,11 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yields a new temporary folder beside ``path`` to fill; afterwards it is renamed to ``path``. If ``path``
     already exists (another process published it meanwhile) it is kept and the temporary folder removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     try:
         yield tmp
         for file in tmp.rglob("*"):
@@ -108,8 +124,10 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             if not path.is_dir():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise cannot_write(path, exc) from None
         raise
     _fsync_dir(path.parent)
 
@@ -166,6 +184,6 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
     if memo is not None:
         try:
             atomic_write(memo, json.dumps({"fact": fact, "sha256": value}))
-        except OSError:  # a read-only cache still works, it just hashes again next time
+        except UserError:  # a read-only cache still works, it just hashes again next time
             pass
     return value

@@ -20,13 +20,48 @@ COMPONENT_KINDS = ("roi-extractor", "descriptor-generator", "loss")
 
 
 @dataclass(frozen=True)
+class Option:
+    """An option's default together with the values it accepts, e.g. ``Option(0.07, low=0, low_open=True)`` for a
+    temperature > 0 or ``Option("saliency", choices=(...))``. The registry checks every value given on the command line
+    (and every default) against it before anything runs."""
+
+    default: Any
+    low: float | None = None  #: smallest accepted value (inclusive unless ``low_open``)
+    high: float | None = None  #: largest accepted value (inclusive)
+    low_open: bool = False
+    choices: tuple | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not accepted, or None."""
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return f"must be {self.describe()}"
+        if self.high is not None and value > self.high:
+            return f"must be {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.low is not None and self.high is not None:
+            return f"within {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"<= {self.high:g}"
+        return "any value"
+
+
+@dataclass(frozen=True)
 class PluginSpec:
     """One named thing a plugin offers (returned by the hooks in :mod:`hica_bench.hookspecs`).
 
-    ``options`` maps every option the factory accepts to its default; the CLI syntax
-    ``name:key=value:key2=value`` is validated and type-converted against these defaults before
-    anything runs. ``factory`` receives the converted options as keyword arguments (plus the
-    kind's fixed arguments documented on its hook).
+    ``options`` maps every option the factory accepts to its default, or to an :class:`Option` that also says which
+    values it accepts (a range, choices); the CLI syntax ``name:key=value:key2=value`` is type-converted against the
+    defaults and checked against the ranges before anything runs. After construction ``options`` holds the plain
+    defaults and ``constraints`` the :class:`Option` of each option that declared one. ``factory`` receives the
+    converted options as keyword arguments (plus the kind's fixed arguments documented on its hook).
 
     ``components`` names the options whose value is the name of another plugin, with its kind, e.g. HiCA's
     ``{"roi": "roi-extractor", "loss_global": "loss"}``: the registry checks those names before anything runs,
@@ -44,6 +79,13 @@ class PluginSpec:
     options: dict[str, Any] = field(default_factory=dict)
     components: dict[str, str] = field(default_factory=dict)
     in_default_suite: bool = False
+    constraints: dict[str, Option] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        declared = {k: v for k, v in (self.options or {}).items() if isinstance(v, Option)}
+        if declared:
+            object.__setattr__(self, "options", {k: v.default if isinstance(v, Option) else v for k, v in self.options.items()})
+            object.__setattr__(self, "constraints", {**self.constraints, **declared})
 
 
 # --------------------------------------------------------------------------- datasets

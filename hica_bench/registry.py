@@ -249,6 +249,19 @@ class RunComponents:
 def spec_problem(spec: PluginSpec) -> str | None:
     """What is wrong with a spec's declarations, or None: ``components`` must map declared options to component
     kinds; only datasets, methods and encoders can be in the default suite."""
+    if not isinstance(spec.description, str) or not spec.description.strip():
+        return "it has no description"
+    if not re.fullmatch(r"[\w.+-]+", str(spec.name)):
+        return f"its name {spec.name!r} cannot be spelled on the command line ([A-Za-z0-9_.+-])"
+    if not callable(spec.factory):
+        return "its factory is not callable"
+    for key, value in spec.options.items():
+        if not isinstance(value, (bool, int, float, str)):
+            return f"option {key}={value!r} has type {type(value).__name__}; defaults must be bool, int, float or str"
+        constraint = spec.constraints.get(key)
+        problem = constraint.problem(value) if constraint else None
+        if problem:
+            return f"the default {key}={value!r} {problem}"
     for option, kind in spec.components.items():
         if option not in spec.options:
             return f"components names {option!r}, which is not one of its options ({', '.join(spec.options) or 'none'})"
@@ -320,13 +333,18 @@ def parse_choice(text: str) -> tuple[str, dict[str, str]]:
 
 
 def convert_options(spec: PluginSpec, raw: dict[str, str]) -> dict[str, Any]:
-    """Fill defaults and convert each given value to the type of its default."""
+    """Fill defaults, convert each given value to the type of its default, and check it against the option's declared
+    range or choices (:class:`hica_bench.interfaces.Option`)."""
     result = dict(spec.options)
     for key, value in raw.items():
         if key not in spec.options:
             allowed = ", ".join(sorted(spec.options)) or "none"
             raise UserError(f"{spec.kind} {spec.name!r} has no option {key!r} (options: {allowed})")
         result[key] = _convert(spec, key, value, spec.options[key])
+        constraint = spec.constraints.get(key)
+        problem = constraint.problem(result[key]) if constraint else None
+        if problem:
+            raise UserError(f"option {key}={value} of {spec.kind} {spec.name!r} {problem}")
     return result
 
 
@@ -343,11 +361,10 @@ def _convert(spec: PluginSpec, key: str, value: str, default: Any) -> Any:
             return int(value)
         if isinstance(default, float):
             number = float(value)
-            if number != number:  # NaN
+            if number != number or number in (float("inf"), float("-inf")):  # NaN, inf
                 raise ValueError
             return number
     except ValueError:
-        raise UserError(
-            f"option {key}={value!r} of {spec.kind} {spec.name!r} must be a {type(default).__name__}"
-        ) from None
+        kind = {"bool": "true or false", "int": "a whole number", "float": "a finite number"}[type(default).__name__]
+        raise UserError(f"option {key}={value!r} of {spec.kind} {spec.name!r} must be {kind}") from None
     return value

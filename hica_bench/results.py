@@ -25,13 +25,17 @@ skips it and the next append cuts it off before writing (it was never a finished
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import errno
 import json
 import logging
 import os
 import platform
 import subprocess
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
@@ -207,33 +211,84 @@ class CellResult:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "CellResult":
-        """A result from one parsed JSON line of schema 1 or 2; raises ValueError/TypeError/KeyError when it does not
-        match the schema it claims."""
-        if record["schema_version"] == 1:
+        """A result from one parsed JSON line of schema 1 or 2, every field checked against its type; a ValueError
+        says what does not match."""
+        if record.get("schema_version") == 1:
             return _from_v1(record)
-        unknown = sorted(set(record) - {f.name for f in fields(cls) if not f.name.startswith("_")} - {"cell_id", "origin_id"})
-        if unknown:
-            raise ValueError(f"unknown fields {unknown}")
-        identity = record["identity"]
-        origin = dict(identity["origin"])
-        for name in ("dataset", "encoder", "method"):
-            origin[name] = Component(**origin[name])
-        origin["method_components"] = tuple(Component(**c) for c in origin["method_components"])
-        return cls(
-            key=CellKey(**record["key"]),
-            identity=Identity(Origin(**origin), identity["k"], identity["seed"], identity["support"]),
-            status=Status(record["status"]),
-            metrics=None if record["metrics"] is None else Metrics(**record["metrics"]),
-            reason=record["reason"],
-            n_support=record["n_support"],
-            n_test=record["n_test"],
-            timings=Timings(**record["timings"]),
-            fit_info=record["fit_info"],
-            components_used=[Component(**c) for c in record["components_used"]],
-            environment=Environment(**record["environment"]),
-            finished_at=record["finished_at"],
-            schema_version=record["schema_version"],
-        )
+        record = {k: v for k, v in record.items() if k not in ("cell_id", "origin_id")}  # derived, recomputed
+        return _typed(cls, record, "")
+
+
+_NONE = type(None)
+
+
+def _typed(cls: type, values: Any, where: str) -> Any:
+    """``cls`` (a dataclass) from a JSON object, each field checked against its annotation (``int``, ``float``, ``str``,
+    ``bool``, ``X | None``, ``dict``/``list``/``tuple`` of them, enums, nested dataclasses); unknown or missing fields,
+    or a value of another type, raise a ValueError naming the field."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'the record'} must be an object, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    public = [f for f in fields(cls) if not f.name.startswith("_")]
+    unknown = sorted(set(values) - {f.name for f in public})
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}" + (f" in {where}" if where else ""))
+    arguments = {}
+    for f in public:
+        name = f"{where}.{f.name}" if where else f.name
+        if f.name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"missing field {name}")
+            continue
+        arguments[f.name] = _value(hints[f.name], values[f.name], name)
+    return cls(**arguments)
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and _NONE in args:
+            return None
+        options = [a for a in args if a is not _NONE]
+        errors = []
+        for option in options:
+            try:
+                return _value(option, value, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{where} must not be null")
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _typed(hint, value, where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ValueError(f"{where} must be one of {', '.join(repr(m.value) for m in hint)}, got {value!r}") from None
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {type(value).__name__}")
+        item = args[0] if args else Any
+        items = [_value(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be an object, got {type(value).__name__}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be a whole number, got {value!r}")
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise ValueError(f"{where} must be a {hint.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"no reader for {hint!r} ({where})")  # a schema field of a type this reader does not know
 
 
 def _plain(value: Any) -> Any:
@@ -261,14 +316,14 @@ def _from_v1(record: dict[str, Any]) -> CellResult:
     """A schema-1 record as a legacy result: its label, status, metrics and timings; no identity."""
     metrics = record.get("metrics")
     return CellResult(
-        key=CellKey(**record["key"]),
+        key=_typed(CellKey, record.get("key"), "key"),
         identity=None,
-        status=Status(record["status"]),
-        metrics=None if metrics is None else Metrics(**metrics),
+        status=_value(Status, record.get("status"), "status"),
+        metrics=None if metrics is None else _typed(Metrics, metrics, "metrics"),
         reason=record.get("reason"),
         n_support=record.get("n_support"),
         n_test=record.get("n_test"),
-        timings=Timings(**_known(Timings, record.get("timings"))),
+        timings=_typed(Timings, _known(Timings, record.get("timings")), "timings"),
         fit_info=(record.get("options") or {}).get("fit"),
         environment=Environment(**_known(Environment, record.get("environment"))),
         finished_at=record.get("finished_at", ""),
@@ -309,53 +364,110 @@ class ResultsStore:
         self.path = Path(path)
 
     def load(self) -> dict[str, CellResult]:
-        """The newest result per ``cell_id``, in file order. Truncated lines (from a killed write) are skipped, and so
-        is a last line without its newline even when it parses: the next :meth:`append` cuts it off."""
+        """The newest result per ``cell_id``, in file order. A last line without its newline is a write a kill cut
+        short and is ignored, unless it is a whole record (then it counts, and :meth:`append` keeps it). Any other line
+        that is not a result of a schema this version reads is a UserError naming the line: nothing is ever dropped
+        silently, and nothing is computed before the file has been read."""
         results: dict[str, CellResult] = {}
-        if not self.path.exists():
-            return results
-        lines = self.path.read_text().split("\n")
-        if lines.pop().strip():  # the text after the last newline ("" when the file ends with one)
-            log.warning("%s:%d is truncated; ignoring it", self.path, len(lines) + 1)
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s:%d is truncated; ignoring it", self.path, number)
-                continue
-            version = record.get("schema_version") if isinstance(record, dict) else None
-            if not isinstance(version, int) or version < 1:
-                raise UserError(f"{self.path}:{number} is not a hica-bench result record")
-            if version > SCHEMA_VERSION:
-                raise UserError(
-                    f"{self.path} was written by a newer hica-bench (schema {version} > {SCHEMA_VERSION}); "
-                    "upgrade hica-bench or use another --out"
-                )
-            try:
-                result = CellResult.from_record(record)
-            except (TypeError, ValueError, KeyError, AttributeError) as exc:
-                raise UserError(f"{self.path}:{number} does not match result schema {version} "
-                                f"({type(exc).__name__}: {exc})") from None
+        for number, record in self._records():
+            result = self._result(number, record)
             results.pop(result.cell_id, None)  # the newest record of a cell counts, at its place in the file
             results[result.cell_id] = result
         return results
 
-    def append(self, result: CellResult) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        result.finished_at = result.finished_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        line = result.to_json() + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def _read(self) -> bytes:
+        if self.path.is_dir():
+            raise UserError(f"results file {self.path} is a folder")
         try:
-            size = os.fstat(fd).st_size
-            whole = _whole_lines_size(self.path, size)
-            if whole != size:  # a killed write left a partial last line (never a finished cell): cut it off
-                os.ftruncate(fd, whole)
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            return self.path.read_bytes() if self.path.exists() else b""
+        except OSError as exc:
+            raise UserError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+
+    def _records(self) -> list[tuple[int, dict[str, Any]]]:
+        lines = self._read().split(b"\n")
+        last = lines.pop()  # the bytes after the last newline (b"" when the file ends with one)
+        found = []
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                found.append((number, self._parse(number, line)))
+        if last.strip():
+            record = _whole_record(last)
+            if record is None:
+                log.warning("%s:%d is a record a killed write cut short; ignoring it", self.path, len(lines) + 1)
+            else:
+                found.append((len(lines) + 1, record))
+        return found
+
+    def _parse(self, number: int, line: bytes) -> dict[str, Any]:
+        where = f"{self.path}:{number}"
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{where} is not UTF-8 text; repair or delete that line") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where} is not valid JSON ({exc.msg}, column {exc.colno}); repair or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("schema_version"), int) or record["schema_version"] < 1:
+            raise UserError(f"{where} is not a hica-bench result record")
+        return record
+
+    def _result(self, number: int, record: dict[str, Any]) -> CellResult:
+        version = record["schema_version"]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{self.path} was written by a newer hica-bench (schema {version} > {SCHEMA_VERSION}); "
+                            "upgrade hica-bench or use another --out")
+        try:
+            return CellResult.from_record(record)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UserError(f"{self.path}:{number} does not match result schema {version} ({exc})") from None
+
+    def check_writable(self) -> None:
+        """Before any work: the file can be appended to (not a folder, not read-only)."""
+        if self.path.is_dir():
+            raise UserError(f"results file {self.path} is a folder")
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise UserError(f"cannot write {self.path}: it is read-only")
+
+    def append(self, result: CellResult) -> None:
+        result.finished_at = result.finished_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        line = (result.to_json() + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                whole = _whole_lines_size(self.path, size)
+                if whole != size:  # the last line has no newline: a whole record keeps it, a cut-short write goes
+                    tail = os.pread(fd, size - whole, whole)
+                    if _whole_record(tail) is None:
+                        os.ftruncate(fd, whole)
+                        size = whole
+                    else:
+                        line = b"\n" + line
+                try:
+                    written = 0
+                    while written < len(line):  # a nearly full disk may take part of the line and refuse the rest
+                        count = os.write(fd, line[written:])
+                        if count <= 0:
+                            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                        written += count
+                    os.fsync(fd)
+                except OSError:  # a full disk may have taken part of the line: leave the file as it was
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise UserError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+
+def _whole_record(line: bytes) -> dict[str, Any] | None:
+    """``line`` as a result record when it is one whole (parses as a JSON object with a schema version), else None."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("schema_version"), int) else None
 
 
 def _whole_lines_size(path: Path, size: int) -> int:

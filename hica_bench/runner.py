@@ -12,7 +12,9 @@ The rules a method's inputs and outputs obey live here once (:func:`build_task`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 import traceback
@@ -90,6 +92,37 @@ class _Cell:
     key: CellKey
     identity: Identity
     support: np.ndarray
+
+
+@contextlib.contextmanager
+def out_lock(out_dir: Path):
+    """Holds ``out_dir``'s lock while a run writes there: a second run on the same ``--out`` would compute the same
+    pending cells again and append them twice, so it is refused with one line naming the run that holds the lock.
+    An advisory ``flock``: released by the kernel when the holder exits, however it exits (no stale lock after a kill).
+    Platforms without ``fcntl`` run unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(out_dir) / ".hica-bench.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"another hica-bench run (pid {holder}) is writing to {out_dir}; wait for it to finish "
+                            "(then rerun: finished cells are kept) or use another --out") from None
+        with contextlib.suppress(OSError):  # the pid is only for the message above (a full disk must not stop here)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def resolve_device(requested: str) -> str:
@@ -217,6 +250,8 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
             result.fit_info = model.fit_info_
     except NotApplicable as exc:
         result.status, result.reason = Status.NOT_APPLICABLE, str(exc)
+    except SystemExit as exc:  # a plugin calling sys.exit() must not end the run in silence
+        result.status, result.reason = Status.FAILED, f"SystemExit: the method called sys.exit({exc.code!r})"
     except Exception as exc:  # fault isolation: one cell's failure never stops the grid
         result.status, result.reason = Status.FAILED, f"{type(exc).__name__}: {exc}"
         log.debug("cell %s failed:\n%s", key, traceback.format_exc())
@@ -278,10 +313,17 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
 
 def run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> Summary:
     """Run every pending cell of ``grid``; ``progress`` is an optional :class:`rich.progress.Progress`. Everything the
-    cells' methods build while they run comes from ``registry`` (the run's own, with its ``-p`` modules)."""
+    cells' methods build while they run comes from ``registry`` (the run's own, with its ``-p`` modules). One run at a
+    time per ``out_dir`` (:func:`out_lock`)."""
+    with out_lock(settings.out_dir):
+        return _run(grid, settings, registry, progress)
+
+
+def _run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> Summary:
     started = time.perf_counter()
     summary = Summary(total=grid.cells)
     store = ResultsStore(settings.out_dir / "results.jsonl")
+    store.check_writable()
     finished = {cell_id for cell_id, r in store.load().items() if r.status.finished}
     datasets = open_datasets(grid, settings)
     pair: EncoderPair = grid.encoder.build(device=settings.device)

@@ -94,3 +94,23 @@ def majority_plugin(alpha: float = 1.0) -> str:
         def hica_bench_methods():
             return [PluginSpec("method", "majority", "class prior of the support set", Majority, {"alpha": ALPHA})]
     ''').replace("ALPHA", repr(alpha))
+
+
+def invoke(*args) -> tuple[int, str, str]:
+    """``hica-bench ARGS`` through the console script's entry point (``hica_bench.cli:main``) in this process: the
+    same code as the installed command minus interpreter start-up (an unexpected exception escapes ``main`` and fails
+    the test with its traceback). Returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from hica_bench import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["hica-bench", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+            cli.main()
+    finally:
+        sys.argv = argv
+    return exited.value.code, out.getvalue(), err.getvalue()

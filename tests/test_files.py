@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from hica_bench.errors import UserError
 from hica_bench.files import atomic_dir, atomic_write, digest, file_sha256, remove_orphans
 
 
@@ -25,7 +26,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         handle.write(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"cannot write {path}: No space left on device"):
         atomic_write(path, fails)
     assert path.read_text() == "good\n" and sorted(p.name for p in tmp_path.iterdir()) == ["leaderboard.md"]
 

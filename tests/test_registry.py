@@ -57,8 +57,8 @@ def test_explicit_plugin_and_typed_options(tmp_path, monkeypatch):
     assert choice.options == {"alpha": 0.25, "steps": 3, "flag": True, "tag": "x"}
     assert choice.label == "my-method:alpha=0.25:flag=True:steps=3"
     assert registry.choose("method", "my-method:alpha=0.5").label == "my-method"  # defaults are not in the label
-    for bad, message in [("my-method:steps=2.5", "must be a int"), ("my-method:beta=1", "has no option 'beta'"),
-                         ("my-method:alpha=nan", "must be a float"), ("my-method:flag=maybe", "must be a bool")]:
+    for bad, message in [("my-method:steps=2.5", "must be a whole number"), ("my-method:beta=1", "has no option 'beta'"),
+                         ("my-method:alpha=nan", "must be a finite number"), ("my-method:flag=maybe", "must be true or false")]:
         with pytest.raises(UserError, match=message):
             registry.choose("method", bad)
 

@@ -324,6 +324,6 @@ def test_untrusted_files_are_never_unpickled(tmp_path):
     np.savez_compressed(npz, train_labels=np.array([Payload(marker)], dtype=object))
     with pytest.raises(UserError, match="unreadable"):
         LazyNpz(npz, tmp_path / "scratch").load("train_labels")
-    with pytest.raises(UserError, match="not a valid array"):
+    with pytest.raises(UserError, match="not a valid .npy array"):
         LazyNpz(npz, tmp_path / "scratch").memmap("train_labels")
     assert not marker.exists()

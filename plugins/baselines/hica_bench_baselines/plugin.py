@@ -13,7 +13,7 @@ import numpy as np
 from scipy.special import softmax
 
 from hica_bench import hookimpl
-from hica_bench.interfaces import FewShotTask, PluginSpec
+from hica_bench.interfaces import FewShotTask, Option, PluginSpec
 from hica_bench_baselines.adapters import ClipAdapter, LPPlusPlus, TipAdapter, TipAdapterF
 from hica_bench_baselines.common import TEMPLATES, class_text_embeddings, l2_normalise, require_aligned
 from hica_bench_baselines.coop import CoOp
@@ -106,27 +106,34 @@ def hica_bench_methods() -> list[PluginSpec]:
     return [replace(spec, in_default_suite=True) for spec in _specs()]
 
 
+def _positive(default: float) -> Option:
+    return Option(default, low=0, low_open=True)
+
+
 def _specs() -> list[PluginSpec]:
     return [
         PluginSpec("method", "zero-shot", "Zero-shot: cosine similarity to prompt-ensemble class text embeddings (aligned pairs only)",
-                   ZeroShot, {"logit_scale": 100.0}),
+                   ZeroShot, {"logit_scale": _positive(100.0)}),
         PluginSpec("method", "linear-probe", "Linear probe: logistic regression on frozen features, C by support-set CV",
-                   LinearProbe, {"C": 0.0, "C_one_shot": 10.0, "max_iter": 2000}),
+                   LinearProbe, {"C": Option(0.0, low=0), "C_one_shot": _positive(10.0), "max_iter": Option(2000, low=1)}),
         PluginSpec("method", "prototype", "Nearest class mean (prototype) on frozen features, cosine similarity",
-                   Prototype, {"temperature": 0.05}),
+                   Prototype, {"temperature": _positive(0.05)}),
         PluginSpec("method", "knn", "Cosine kNN on frozen features, exp(cos/temperature)-weighted votes; neighbours=0: "
-                   "largest odd <= sqrt(support size), at most k", KNN, {"neighbours": 0, "temperature": 0.07}),
+                   "largest odd <= sqrt(support size), at most k", KNN, {"neighbours": Option(0, low=0), "temperature": _positive(0.07)}),
         PluginSpec("method", "tip-adapter", "Tip-Adapter (training-free cache model + zero-shot, aligned pairs only); "
                    "search=true: alpha/beta by leave-one-out on the support set", TipAdapter,
-                   {"alpha": 1.0, "beta": 5.5, "logit_scale": 100.0, "search": False}),
+                   {"alpha": Option(1.0, low=0), "beta": Option(5.5, low=0), "logit_scale": _positive(100.0), "search": False}),
         PluginSpec("method", "tip-adapter-f", "Tip-Adapter-F: cache keys fine-tuned on the support set (aligned pairs only)",
-                   TipAdapterF, {"alpha": 1.0, "beta": 5.5, "lr": 1e-3, "epochs": 20, "batch_size": 256, "logit_scale": 100.0}),
+                   TipAdapterF, {"alpha": Option(1.0, low=0), "beta": Option(5.5, low=0), "lr": _positive(1e-3),
+                                 "epochs": Option(20, low=1), "batch_size": Option(256, low=1), "logit_scale": _positive(100.0)}),
         PluginSpec("method", "clip-adapter", "CLIP-Adapter: residual bottleneck MLP on image features (aligned pairs only); "
                    "epochs=0: 50/100/200 by shots", ClipAdapter,
-                   {"ratio": 0.2, "reduction": 4, "lr": 0.01, "epochs": 0, "batch_size": 32, "logit_scale": 100.0}),
+                   {"ratio": Option(0.2, low=0, high=1), "reduction": Option(4, low=1), "lr": _positive(0.01),
+                    "epochs": Option(0, low=0), "batch_size": Option(32, low=1), "logit_scale": _positive(100.0)}),
         PluginSpec("method", "lp++", "LP++: linear probe blended class-wise with text embeddings, Lipschitz step sizes "
-                   "(aligned pairs only)", LPPlusPlus, {"epochs": 300, "alpha_every": 10}),
+                   "(aligned pairs only)", LPPlusPlus, {"epochs": Option(300, low=1), "alpha_every": Option(10, low=1)}),
         PluginSpec("method", "coop", "CoOp: learned prompt context through the frozen text tower (aligned pairs only); "
                    "epochs=0: 50/100/200 by shots", CoOp,
-                   {"n_ctx": 16, "lr": 0.002, "epochs": 0, "batch_size": 32, "init_std": 0.02, "logit_scale": 100.0}),
+                   {"n_ctx": Option(16, low=1), "lr": _positive(0.002), "epochs": Option(0, low=0), "batch_size": Option(32, low=1),
+                    "init_std": _positive(0.02), "logit_scale": _positive(100.0)}),
     ]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hica_bench.errors import NotApplicable, UserError
+from hica_bench.errors import NotApplicable
 from hica_bench.files import atomic_path, digest
 from hica_bench.interfaces import Components, FewShotTask
 
@@ -90,12 +90,8 @@ class HiCA:
         unknown = set(options) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown HiCA options: {sorted(unknown)}")
-        self.options = {**DEFAULTS, **options}
+        self.options = {**DEFAULTS, **options}  # their ranges are declared with the spec (plugin.RANGES), checked by the registry
         o = self.options
-        if not 0.0 <= o["noise"] <= 1.0:
-            raise UserError(f"hica: noise must be within [0, 1], got {o['noise']}")
-        if o["rois"] < 1 or o["epochs"] < 1 or o["dim"] < 1 or o["tau"] <= 0:
-            raise UserError("hica: rois, epochs and dim must be >= 1 and tau > 0")
         needs = {"image_features", "text_encoder", "class_texts"}
         if o["stage1"]:
             needs.add("train_features")

@@ -4,7 +4,15 @@ descriptor generators. Modules are imported only when something is built, so lis
 from __future__ import annotations
 
 from hica_bench import hookimpl
-from hica_bench.interfaces import PluginSpec
+from hica_bench.interfaces import Option, PluginSpec
+
+_POSITIVE = {"low": 0, "low_open": True}
+#: the values each HiCA option accepts (the registry checks them before a run starts)
+RANGES = {
+    "lambda1": {"low": 0}, "lambda2": {"low": 0}, "delta": {"low": 0}, "tau": _POSITIVE, "rois": {"low": 1},
+    "noise": {"low": 0, "high": 1}, "dim": {"low": 1}, "epochs": {"low": 1}, "lr": _POSITIVE, "weight_decay": {"low": 0},
+    "stage1_epochs": {"low": 1}, "stage1_clusters": {"low": 2}, "stage1_recluster": {"low": 1}, "stage1_lr": _POSITIVE,
+}
 
 #: variant name -> (option overrides, description)
 VARIANTS = {
@@ -24,7 +32,7 @@ def _hica(**options):
 def _defaults() -> dict:
     from hica_bench_hica.method import DEFAULTS
 
-    return dict(DEFAULTS)
+    return {k: Option(v, **RANGES[k]) if k in RANGES else v for k, v in DEFAULTS.items()}
 
 
 #: HiCA's options that name other plugins (checked before a run starts; recorded in each result's identity)
@@ -35,7 +43,9 @@ COMPONENTS = {"roi": "roi-extractor", "descriptors": "descriptor-generator", "lo
 @hookimpl
 def hica_bench_methods() -> list[PluginSpec]:
     defaults = _defaults()
-    return [PluginSpec("method", name, description, _hica, {**defaults, **overrides}, components=COMPONENTS)
+    return [PluginSpec("method", name, description, _hica,
+                       {**defaults, **{k: Option(v, **RANGES[k]) if k in RANGES else v for k, v in overrides.items()}},
+                       components=COMPONENTS)
             for name, (overrides, description) in VARIANTS.items()]
 
 
@@ -52,22 +62,25 @@ def _lazy(module: str, name: str):
 def hica_bench_losses() -> list[PluginSpec]:
     return [
         PluginSpec("loss", "global-infonce", "InfoNCE between image embeddings and class text embeddings (symmetric)",
-                   _lazy("losses", "GlobalInfoNCE"), {"temperature": 0.07, "symmetric": True}),
+                   _lazy("losses", "GlobalInfoNCE"), {"temperature": Option(0.07, **_POSITIVE), "symmetric": True}),
         PluginSpec("loss", "local-infonce", "Multi-positive InfoNCE between ROI embeddings and fine-grained descriptors",
-                   _lazy("losses", "LocalInfoNCE"), {"temperature": 0.07}),
+                   _lazy("losses", "LocalInfoNCE"), {"temperature": Option(0.07, **_POSITIVE)}),
         PluginSpec("loss", "cross-margin", "Hinge: mismatched image/text similarity at least δ below the matched one",
-                   _lazy("losses", "CrossMargin"), {"margin": 0.2}),
+                   _lazy("losses", "CrossMargin"), {"margin": Option(0.2, low=0)}),
     ]
 
 
 @hookimpl
 def hica_bench_roi_extractors() -> list[PluginSpec]:
     return [
-        PluginSpec("roi-extractor", "grid", "K fixed patches on a regular grid", _lazy("rois", "GridROI"), {"grid": 0}),
+        PluginSpec("roi-extractor", "grid", "K fixed patches on a regular grid", _lazy("rois", "GridROI"),
+                   {"grid": Option(0, low=0)}),
         PluginSpec("roi-extractor", "saliency", "Top-K peaks of the encoder's activation map (or image contrast), with NMS",
-                   _lazy("rois", "SaliencyROI"), {"box_fraction": 0.35, "sigma": 0.05}),
+                   _lazy("rois", "SaliencyROI"), {"box_fraction": Option(0.35, low=0, high=1, low_open=True),
+                                                 "sigma": Option(0.05, low=0)}),
         PluginSpec("roi-extractor", "monai", "Bounding boxes of the K largest foreground components (MONAI transforms)",
-                   _lazy("rois", "MonaiForegroundROI"), {"bright": True, "min_area": 0.005, "smooth": 0.01}),
+                   _lazy("rois", "MonaiForegroundROI"), {"bright": True, "min_area": Option(0.005, low=0, high=1),
+                                                        "smooth": Option(0.01, low=0)}),
     ]
 
 
@@ -80,5 +93,6 @@ def hica_bench_descriptor_generators() -> list[PluginSpec]:
                    _lazy("descriptors", "KnowledgeDescriptors"), {"path": ""}),
         PluginSpec("descriptor-generator", "noisy", "Corrupts a fraction of another generator's descriptors (robustness); "
                    "base: any descriptor generator", _lazy("descriptors", "NoisyDescriptors"),
-                   {"fraction": 0.3, "base": "knowledge", "seed": 0}, components={"base": "descriptor-generator"}),
+                   {"fraction": Option(0.3, low=0, high=1), "base": "knowledge", "seed": Option(0, low=0)},
+                   components={"base": "descriptor-generator"}),
     ]

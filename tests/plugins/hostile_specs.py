@@ -1,0 +1,21 @@
+"""Specs that cannot be used (``hica-bench -p hostile_specs``): each is left out with one warning line, and the
+listing and runs of every other plugin go on."""
+
+from hica_bench import hookimpl
+from hica_bench.interfaces import Option, PluginSpec
+
+
+class Prior:
+    needs = frozenset({"image_features"})
+
+
+@hookimpl
+def hica_bench_methods():
+    return [
+        PluginSpec("method", "no-description", None, Prior),  # type: ignore[arg-type]
+        PluginSpec("method", "bad name", "a name the command line cannot spell (tests)", Prior),
+        PluginSpec("method", "list-default", "an option default of a type the CLI cannot give (tests)", Prior, {"sizes": [1, 2]}),
+        PluginSpec("method", "out-of-its-range", "a default outside its own declared range (tests)", Prior,
+                   {"t": Option(-1.0, low=0)}),
+        PluginSpec("method", "usable", "the one good spec of this module (tests)", Prior),
+    ]
