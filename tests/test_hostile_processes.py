@@ -106,7 +106,8 @@ def _namespaces_work() -> str | None:
     return None if probe.returncode == 0 else f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}"
 
 
-FULL_DISK = pytest.mark.skipif(_namespaces_work() is not None, reason=str(_namespaces_work()))
+_WHY_NOT = _namespaces_work()
+FULL_DISK = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 
 def on_a_full_disk(tmp_path: Path, prepare: str, command: list[str]) -> tuple[int, str, Path]:
