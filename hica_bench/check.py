@@ -98,12 +98,12 @@ def _load_results(path: Path, role: str) -> Side:
     results = list(ResultsStore(path).load().values())
     if not results:
         raise UserError(f"{role} {str(path)!r} holds no results")
-    newest_origin: dict[Key, tuple[str, str]] = {}  # cell -> (finished_at, origin_id) of its newest result
+    newest_origin: dict[Key, tuple[int, str]] = {}  # cell -> (place in the file, origin_id) of its newest result
     all_origins: dict[Key, set[str]] = {}
-    for r in results:
+    for position, r in enumerate(results):  # in file order: a later record is newer (also within one second)
         key = tuple(getattr(r.key, c) for c in CELL)
         all_origins.setdefault(key, set()).add(r.origin_id)
-        newest_origin[key] = max(newest_origin.get(key, ("", "")), (r.finished_at, r.origin_id))
+        newest_origin[key] = (position, r.origin_id)
     per_seed: dict[Key, list[dict[str, Any]]] = {}
     efficiencies: dict[tuple, list[float]] = {}
     for r in results:
@@ -142,8 +142,10 @@ def _load_leaderboard(path: Path, role: str) -> Side:
         raise UserError(f"{role} {str(path)!r} is not a hica-bench leaderboard.csv (lacks columns {', '.join(missing)})")
     if frame.empty:
         raise UserError(f"{role} {str(path)!r} holds no results")
-    if "origin" in frame.columns and "finished" in frame.columns:  # several origins of a cell: keep the newest
-        frame = frame.sort_values("finished", kind="stable").drop_duplicates(CELL, keep="last")
+    if "origin" in frame.columns:  # several origins of a cell: keep the newest
+        newest = "last" if "last" in frame.columns else "finished" if "finished" in frame.columns else None
+        if newest:
+            frame = frame.sort_values(newest, kind="stable").drop_duplicates(CELL, keep="last")
     cells: dict[Key, dict[str, Any]] = {}
     efficiencies: dict[tuple, list[float]] = {}
     origins: dict[Key, str] = {}

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - older typer
     from click.exceptions import ClickException
 
 from hica_bench import __version__
-from hica_bench.errors import Interrupted, StdoutClosed, UserError
+from hica_bench.errors import Interrupted, UserError
 from hica_bench.files import atomic_write
 from hica_bench.interfaces import KINDS
 
@@ -90,10 +90,17 @@ def _registry(ctx: typer.Context):
 
 
 class _StderrHandler(logging.Handler):
-    """Log lines to whatever ``sys.stderr`` is when they are emitted (one line each)."""
+    """Log lines to whatever ``sys.stderr`` is when they are emitted: one line each (with ``-v`` as they are,
+    tracebacks of failed cells included)."""
+
+    def __init__(self, one_line: bool = True) -> None:
+        super().__init__()
+        self.one_line = one_line
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(" ".join(self.format(record).split()), file=sys.stderr)
+        text = self.format(record)
+        with contextlib.suppress(OSError):
+            print(" ".join(text.split()) if self.one_line else text, file=sys.stderr)
 
 
 def _version(value: bool) -> None:
@@ -112,7 +119,7 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s",
-                        handlers=[_StderrHandler()], force=True)
+                        handlers=[_StderrHandler(one_line=not verbose)], force=True)
     if plugins_only is not None:
         from hica_bench.registry import ALLOW_ENV
 
@@ -201,12 +208,15 @@ def run(
         except ValueError as exc:
             raise UserError(f"method {method.label}: {exc}") from None
     resolved = runner.resolve_device(device)
+    out_dir = data.writable_dir(out, "--out folder")
+    for name in ("leaderboard.md", "leaderboard.csv"):  # written after the grid: a folder in the way is found now
+        data.writable_file(out_dir / name, "leaderboard file")
     settings = runner.Settings(
         device=resolved,
         extraction=extraction,
         data_root=data.data_root(data_root),
         cache_dir=data.cache_root(cache_dir),
-        out_dir=data.writable_dir(out, "--out folder"),
+        out_dir=out_dir,
         download=download,
         cell_timeout=cell_timeout,
     )
@@ -408,23 +418,29 @@ def _choose_each(registry, kind: str, text: str, option: str) -> list:
 
 
 class _GuardedStdout:
-    """Standard output whose reader went away (BrokenPipeError) raises :class:`StdoutClosed`, which no command or
-    library catches, instead of an OSError that typer turns into exit code 1."""
+    """Standard output that goes on when its reader went away (``hica-bench list | head -1``, a closed log pipe):
+    from the first BrokenPipeError on, what is written goes to /dev/null, so the command (a run, the report
+    ``check`` writes) finishes its work and exits with its own code instead of a traceback or typer's exit 1."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
+
+    def _closed(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the stream's own fd now leads to /dev/null (its buffer too)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
 
     def write(self, text):
         try:
             return self._stream.write(text)
         except BrokenPipeError:
-            raise StdoutClosed() from None
+            self._closed()
+            return len(text)
 
     def flush(self):
         try:
             return self._stream.flush()
         except BrokenPipeError:
-            raise StdoutClosed() from None
+            self._closed()
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
@@ -432,9 +448,12 @@ class _GuardedStdout:
 
 @contextlib.contextmanager
 def _signals_and_stdout():
-    """SIGINT and SIGTERM raise :class:`Interrupted` (before typer can turn Ctrl-C into a silent exit 130), and stdout
-    is guarded; both restored afterwards (``main`` also runs inside test processes)."""
+    """SIGINT and SIGTERM raise :class:`Interrupted` (before typer can turn Ctrl-C into a silent exit 130), once: from
+    then on both are ignored, so a second Ctrl-C cannot break the one-line exit. Stdout is guarded. Both are restored
+    afterwards (``main`` also runs inside test processes)."""
     def interrupted(signum, frame):
+        for each in handlers:
+            signal.signal(each, signal.SIG_IGN)
         raise Interrupted(signum)
 
     handlers = {}
@@ -454,31 +473,34 @@ def _signals_and_stdout():
 
 
 def _error(text: str) -> None:
-    print(f"hica-bench: {' '.join(text.split())}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # stderr gone too: nothing left to tell
+        print(f"hica-bench: {' '.join(text.split())}", file=sys.stderr, flush=True)
+
+
+def _run_app() -> int:
+    """The command's exit code, with its one line on stderr for what ends it early."""
+    try:
+        code = app(standalone_mode=False)  # click's usage errors come here too, to be printed as one line
+    except UserError as exc:
+        _error(f"error: {exc}")
+        return 2
+    except ClickException as exc:  # unknown option or command, a value of the wrong type
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+            _error(f"error: {exc.format_message()}{where}")
+        return exc.exit_code
+    except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _error(f"interrupted by {signal.Signals(signum).name}; finished cells are kept in the results file "
+               "(rerun the same command to resume)")
+        return 128 + signum
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:
     # Transparent huge pages in torch's CPU allocator: ~25 % more encoder throughput on CPU (measured on
     # EfficientNet-Lite0, batch 16, 2 cores); read when torch first allocates, so set before importing it.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    try:
-        with _signals_and_stdout():
-            code = app(standalone_mode=False)  # click's usage errors come here too, to be printed as one line
-    except UserError as exc:
-        _error(f"error: {exc}")
-        sys.exit(2)
-    except ClickException as exc:  # unknown option or command, a value of the wrong type
-        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
-            where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
-            _error(f"error: {exc.format_message()}{where}")
-        sys.exit(exc.exit_code)
-    except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        _error(f"interrupted by {signal.Signals(signum).name}; finished cells are kept in the results file "
-               "(rerun the same command to resume)")
-        sys.exit(128 + signum)
-    except StdoutClosed:
-        with contextlib.suppress(OSError):  # nothing more can reach the reader; keep the exit quiet
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    sys.exit(code if isinstance(code, int) else 0)
+    with _signals_and_stdout():  # the exit line is printed while the handlers still hold (a second signal is ignored)
+        code = _run_app()
+    sys.exit(code)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
-import shutil
 import zipfile
 import zlib
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hica_bench.errors import UserError
-from hica_bench.files import atomic_path, atomic_write, digest
+from hica_bench.files import atomic_path, atomic_write, cannot_write, digest
 from hica_bench.interfaces import InputSpec
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ class LazyNpz:
         try:
             with np.load(self.path, allow_pickle=False) as npz:
                 array = npz[key]
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as exc:
-            raise UserError(f"{self.path}: array {key!r} is unreadable ({exc}); delete the file and download it again") from None
+        except Exception as exc:  # any reader of any member (zlib, bz2, lzma, a header promising terabytes...)
+            raise UserError(f"{self.path}: array {key!r} is unreadable ({type(exc).__name__}: {_first_line(exc)}); "
+                            "delete the file and download it again") from None
         if not isinstance(array, np.ndarray):  # numpy hands back the raw bytes of a member that is not a .npy array
             raise UserError(f"{self.path}: array {key!r} is not a valid .npy array; download the file again")
         return array
@@ -119,22 +120,48 @@ class LazyNpz:
         if info.compress_type == zipfile.ZIP_STORED:  # memory-map in place, right after the member's header
             try:
                 return self._memmap_stored(info)
-            except ValueError as exc:
-                raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({exc}); "
+            except Exception as exc:  # a header numpy cannot parse, promises the member cannot keep, objects
+                raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({_first_line(exc)}); "
                                 "download the file again") from None
         target = self._scratch / f"{key}.npy"
         if not self._scratch_matches(target, info):
-            try:
-                with atomic_path(target) as partial, self._zip.open(info) as source, partial.open("wb") as sink:
-                    shutil.copyfileobj(source, sink, length=1 << 22)  # zipfile checks the member's CRC-32 at its end
-            except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-                raise UserError(f"{self.path}: array {key!r} is truncated or corrupt ({exc}); download it again") from None
-            stat = target.stat()
-            atomic_write(self._stamp(target), json.dumps({"crc32": info.CRC, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+            self._copy_member(info, key, target)
         try:
-            return np.load(target, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:  # the copy matches its member, so the member itself is not a valid array
-            raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({exc}); download the file again") from None
+            array = np.load(target, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OverflowError) as exc:  # the copy is the member's bytes: the member is not a valid array
+            raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({_first_line(exc)}); "
+                            "download the file again") from None
+        return array
+
+    def _copy_member(self, info: zipfile.ZipInfo, key: str, target: Path) -> None:
+        """The member's bytes into ``target`` (atomically), with a stamp of its CRC-32. A read that fails is the dataset
+        file's fault; a write that fails is the cache folder's."""
+        with atomic_path(target) as partial:
+            try:
+                sink = partial.open("wb")
+            except OSError as exc:
+                raise cannot_write(target, exc) from None
+            with sink:
+                try:
+                    source = self._zip.open(info)
+                except Exception as exc:  # an unsupported method, an encrypted member, a damaged local header
+                    raise UserError(f"{self.path}: array {key!r} cannot be read ({type(exc).__name__}: "
+                                    f"{_first_line(exc)}); download it again") from None
+                with source:
+                    while True:
+                        try:  # zipfile checks the member's CRC-32 at its end
+                            block = source.read(1 << 22)
+                        except Exception as exc:  # zlib, bz2, lzma errors, a bad CRC, a truncated file
+                            raise UserError(f"{self.path}: array {key!r} is truncated or corrupt ({type(exc).__name__}: "
+                                            f"{_first_line(exc)}); download it again") from None
+                        if not block:
+                            break
+                        try:
+                            sink.write(block)
+                        except OSError as exc:
+                            raise cannot_write(target, exc) from None
+        stat = target.stat()
+        atomic_write(self._stamp(target), json.dumps({"crc32": info.CRC, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
 
     def _memmap_stored(self, info: zipfile.ZipInfo) -> np.ndarray:
         with self.path.open("rb") as handle:
@@ -149,7 +176,9 @@ class LazyNpz:
                 raise ValueError(f"unknown .npy format version {version}")
             shape, fortran, dtype = read_header[version](handle)
             offset = handle.tell()
-        needed = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if np.dtype(dtype).hasobject:  # Python objects cannot be mapped from a file (and are never loaded: no pickle)
+            raise ValueError(f"it holds Python objects (dtype {np.dtype(dtype)})")
+        needed = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize  # Python ints: no overflow warning
         held = start + info.file_size - offset
         if needed > held:  # a map past the member would read the next member's bytes (or fail past the file)
             raise ValueError(f"its header promises shape {tuple(shape)} ({needed} bytes) but the member holds {held}")
@@ -169,12 +198,15 @@ class LazyNpz:
             stat = target.stat()
             if stamp["crc32"] == info.CRC and (stamp["size"], stamp["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
                 return True
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             pass
         crc = 0
-        with target.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                crc = zlib.crc32(block, crc)
+        try:
+            with target.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    crc = zlib.crc32(block, crc)
+        except OSError:
+            crc = None
         if crc == info.CRC:
             stat = target.stat()
             atomic_write(self._stamp(target), json.dumps({"crc32": info.CRC, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
@@ -182,6 +214,10 @@ class LazyNpz:
         log.warning("scratch copy %s does not match %s (damaged or edited); making it again", target, self.path.name)
         target.unlink(missing_ok=True)
         return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def release_pages(images: np.ndarray | None) -> None:

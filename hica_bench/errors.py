@@ -19,8 +19,3 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-class StdoutClosed(BaseException):
-    """Standard output was closed by its reader (``hica-bench list | head -1``): stop quietly (exit 141, as a
-    process ended by SIGPIPE)."""

@@ -72,7 +72,8 @@ def cannot_write(path: Path, exc: OSError) -> UserError:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` to write to (by any means: a library that takes a file name); when the
     block ends without an exception the file is fsync'ed and renamed over ``path`` and the folder fsync'ed; on an
-    exception it is removed and ``path`` is untouched. An OSError (ENOSPC, EACCES, ...) becomes a
+    exception it is removed, ``path`` is untouched and the exception goes on as it is (the block knows whether it was
+    reading or writing). An OSError of this function's own steps (ENOSPC, EACCES, ...) becomes a
     :class:`~hica_bench.errors.UserError` naming ``path``."""
     path = Path(path)
     try:
@@ -82,23 +83,30 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise cannot_write(path, exc) from None
     try:
         yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException as exc:
+    except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise cannot_write(path, exc) from None
-        raise
+        raise cannot_write(path, exc) from None
     _fsync_dir(path.parent)
 
 
 def atomic_write(path: Path, data: bytes | str | Callable[[Any], None]) -> Path:
-    """Replace ``path`` atomically with ``data``: bytes, text (UTF-8), or a callable that writes to a binary handle."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        if callable(data):
-            data(handle)
-        else:
-            handle.write(data.encode() if isinstance(data, str) else data)
+    """Replace ``path`` atomically with ``data``: bytes, text (UTF-8), or a callable that writes to a binary handle; a
+    failed write (a full disk, no permission) is a :class:`~hica_bench.errors.UserError` naming ``path``."""
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as handle:
+                if callable(data):
+                    data(handle)
+                else:
+                    handle.write(data.encode() if isinstance(data, str) else data)
+        except OSError as exc:
+            raise cannot_write(path, exc) from None
     return Path(path)
 
 
@@ -114,6 +122,10 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise cannot_write(path, exc) from None
     try:
         yield tmp
+    except BaseException:  # the block's own error, as it is
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
         for file in tmp.rglob("*"):
             if file.is_file():
                 _fsync_file(file)
@@ -124,12 +136,42 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             if not path.is_dir():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException as exc:
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise cannot_write(path, exc) from None
-        raise
+        raise cannot_write(path, exc) from None
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[int | None]:
+    """Holds an advisory ``flock`` on ``path`` (created if missing): released by the kernel when the holder ends,
+    however it ends, so a killed process leaves no stale lock. ``wait=False`` raises BlockingIOError when another
+    process holds it. Yields the lock file's descriptor, or None where locks are not available (no ``fcntl``, or a
+    file system such as some NFS and Lustre mounts that refuses them): then the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield None
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ENOSYS: this file system keeps no locks
+            import logging
+
+            logging.getLogger(__name__).warning("%s cannot be locked here (%s); going on without the lock", path,
+                                                exc.strerror or exc)
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _running(pid: int) -> bool:
@@ -171,7 +213,7 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
         memo = Path(memo_dir) / "digests" / f"{digest(fact, 32)}.json"
         try:
             remembered = json.loads(memo.read_text())
-            if remembered.get("fact") == fact and isinstance(remembered.get("sha256"), str):
+            if isinstance(remembered, dict) and remembered.get("fact") == fact and isinstance(remembered.get("sha256"), str):
                 _DIGESTS[version] = remembered["sha256"]
                 return remembered["sha256"]
         except (OSError, ValueError):

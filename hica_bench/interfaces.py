@@ -35,6 +35,8 @@ class Option:
         """Why ``value`` is not accepted, or None."""
         if self.choices is not None and value not in self.choices:
             return f"must be one of {', '.join(map(str, self.choices))}"
+        if (self.low is not None or self.high is not None) and value != value:  # NaN compares false with any bound
+            return f"must be {self.describe()}, not NaN"
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return f"must be {self.describe()}"
         if self.high is not None and value > self.high:

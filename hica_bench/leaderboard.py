@@ -27,10 +27,11 @@ ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "origin"]
 
 
 def results_frame(results: list[CellResult]) -> pd.DataFrame:
+    """One row per result; ``position`` is its place in the results file (later is newer, also within one second)."""
     rows = []
-    for r in results:
+    for position, r in enumerate(results):
         row = {**r.key.__dict__, "origin": r.origin_id, "status": r.status.value, "reason": r.reason,
-               "finished_at": r.finished_at, "fit_s": r.timings.fit_s}
+               "finished_at": r.finished_at, "position": position, "fit_s": r.timings.fit_s}
         row.update({m: getattr(r.metrics, m) if r.metrics else float("nan") for m in METRICS})
         for timing in THROUGHPUT:
             value = getattr(r.timings, timing)
@@ -56,6 +57,7 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
         for timing in THROUGHPUT:
             row[f"{timing}_mean"] = pd.to_numeric(part[timing], errors="coerce").mean()
         row["finished"] = part["finished_at"].max()
+        row["last"] = int(part["position"].max())
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -99,7 +101,7 @@ def _shared_labels(part: pd.DataFrame, origins: dict[str, Origin]) -> list[str]:
     """A note per method label that has several origins in this block: what differs from the newest origin."""
     lines = []
     for method, rows in part.groupby("method", sort=True):
-        found = rows.groupby("origin")["finished"].max().sort_values(ascending=False)
+        found = rows.groupby("origin")["last"].max().sort_values(ascending=False)  # newest origin first
         if len(found) < 2:
             continue
         newest = found.index[0]

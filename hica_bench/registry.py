@@ -152,15 +152,18 @@ class Registry:
                 self.load_errors.append(f"plugin from {dist}: {hook_name(kind)} failed: {_one_line(exc)}")
                 continue
             for spec in offered:
-                if not isinstance(spec, PluginSpec) or spec.kind != kind:
-                    raise UserError(f"plugin from {dist} returned a non-{kind} spec from {hook_name(kind)}")
-                if spec.name in found:
-                    other = found[spec.name].distribution
-                    raise UserError(f"{kind} {spec.name!r} is registered twice: by {other} and by {dist}")
+                if not isinstance(spec, PluginSpec) or spec.kind != kind:  # leaves out that item only
+                    shown = " ".join(repr(spec).split())[:60]
+                    self.load_errors.append(f"plugin from {dist}: {hook_name(kind)} returned {shown} (a "
+                                            f"{type(spec).__name__}), not a {kind} spec; left out")
+                    continue
                 problem = spec_problem(spec)
                 if problem:
                     self.load_errors.append(f"plugin from {dist}: {kind} {spec.name!r} left out: {problem}")
                     continue
+                if spec.name in found:
+                    other = found[spec.name].distribution
+                    raise UserError(f"{kind} {spec.name!r} is registered twice: by {other} and by {dist}")
                 found[spec.name] = Registered(spec, dist, version)
         return found
 
@@ -249,17 +252,23 @@ class RunComponents:
 def spec_problem(spec: PluginSpec) -> str | None:
     """What is wrong with a spec's declarations, or None: ``components`` must map declared options to component
     kinds; only datasets, methods and encoders can be in the default suite."""
+    if not isinstance(spec.name, str) or not re.fullmatch(r"[\w.+-]+", spec.name):
+        return f"its name {spec.name!r} cannot be spelled on the command line ([A-Za-z0-9_.+-])"
     if not isinstance(spec.description, str) or not spec.description.strip():
         return "it has no description"
-    if not re.fullmatch(r"[\w.+-]+", str(spec.name)):
-        return f"its name {spec.name!r} cannot be spelled on the command line ([A-Za-z0-9_.+-])"
     if not callable(spec.factory):
         return "its factory is not callable"
+    for field_name in ("options", "components", "constraints"):
+        if not isinstance(getattr(spec, field_name), dict):
+            return f"its {field_name} must be a dict, got {type(getattr(spec, field_name)).__name__}"
     for key, value in spec.options.items():
         if not isinstance(value, (bool, int, float, str)):
             return f"option {key}={value!r} has type {type(value).__name__}; defaults must be bool, int, float or str"
         constraint = spec.constraints.get(key)
-        problem = constraint.problem(value) if constraint else None
+        try:
+            problem = constraint.problem(value) if constraint else None
+        except TypeError:  # e.g. a numeric range declared for a text option
+            problem = f"does not fit its declared range ({constraint.describe()})"
         if problem:
             return f"the default {key}={value!r} {problem}"
     for option, kind in spec.components.items():

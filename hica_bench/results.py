@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import json
 import logging
 import os
@@ -203,32 +204,40 @@ class CellResult:
     _legacy_support: str | None = field(default=None, repr=False)
 
     def to_json(self) -> str:
-        record = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        record = json.loads(json.dumps(record, default=_plain, allow_nan=True))  # records, enums, plugin values -> JSON
+        record = jsonable({f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")})
         record["cell_id"] = self.cell_id
         record["origin_id"] = self.origin_id
         return json.dumps(record, sort_keys=True, allow_nan=True)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "CellResult":
-        """A result from one parsed JSON line of schema 1 or 2, every field checked against its type; a ValueError
-        says what does not match."""
+        """A result from one parsed JSON line of schema 1 or 2, every field present and checked against its type; a
+        ValueError says what does not match."""
         if record.get("schema_version") == 1:
             return _from_v1(record)
         record = {k: v for k, v in record.items() if k not in ("cell_id", "origin_id")}  # derived, recomputed
-        return _typed(cls, record, "")
+        result = _typed(cls, record, "", strict=True)
+        if (result.status is Status.OK) != (result.metrics is not None):
+            raise ValueError(f"status {result.status.value!r} with metrics {'given' if result.metrics else 'missing'}")
+        return result
 
 
 _NONE = type(None)
 
 
-def _typed(cls: type, values: Any, where: str) -> Any:
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _typed(cls: type, values: Any, where: str, strict: bool = False) -> Any:
     """``cls`` (a dataclass) from a JSON object, each field checked against its annotation (``int``, ``float``, ``str``,
-    ``bool``, ``X | None``, ``dict``/``list``/``tuple`` of them, enums, nested dataclasses); unknown or missing fields,
-    or a value of another type, raise a ValueError naming the field."""
+    ``bool``, ``X | None``, ``dict``/``list``/``tuple`` of them, enums, nested dataclasses); unknown fields, missing
+    fields (``strict``: every field, as :meth:`CellResult.to_json` writes them all; else those without a default), or
+    a value of another type raise a ValueError naming the field."""
     if not isinstance(values, dict):
         raise ValueError(f"{where or 'the record'} must be an object, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     public = [f for f in fields(cls) if not f.name.startswith("_")]
     unknown = sorted(set(values) - {f.name for f in public})
     if unknown:
@@ -237,14 +246,14 @@ def _typed(cls: type, values: Any, where: str) -> Any:
     for f in public:
         name = f"{where}.{f.name}" if where else f.name
         if f.name not in values:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if strict or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
                 raise ValueError(f"missing field {name}")
             continue
-        arguments[f.name] = _value(hints[f.name], values[f.name], name)
+        arguments[f.name] = _value(hints[f.name], values[f.name], name, strict)
     return cls(**arguments)
 
 
-def _value(hint: Any, value: Any, where: str) -> Any:
+def _value(hint: Any, value: Any, where: str, strict: bool = False) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and _NONE in args:
@@ -253,14 +262,14 @@ def _value(hint: Any, value: Any, where: str) -> Any:
         errors = []
         for option in options:
             try:
-                return _value(option, value, where)
+                return _value(option, value, where, strict)
             except ValueError as exc:
                 errors.append(str(exc))
         raise ValueError(errors[0] if errors else f"{where} must not be null")
     if hint is Any:
         return value
     if dataclasses.is_dataclass(hint):
-        return _typed(hint, value, where)
+        return _typed(hint, value, where, strict)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         try:
             return hint(value)
@@ -270,7 +279,7 @@ def _value(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ValueError(f"{where} must be a list, got {type(value).__name__}")
         item = args[0] if args else Any
-        items = [_value(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [_value(item, v, f"{where}[{i}]", strict) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
@@ -291,20 +300,36 @@ def _value(hint: Any, value: Any, where: str) -> Any:
     raise TypeError(f"no reader for {hint!r} ({where})")  # a schema field of a type this reader does not know
 
 
-def _plain(value: Any) -> Any:
-    """JSON for what ``json`` cannot write: records as objects, enums as their value; values a plugin handed over
-    (``fit_info_``, options of components it built) as numbers or lists when they are numpy ones, else as their
-    ``repr``, so a finished result is always written."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: getattr(value, f.name) for f in fields(value) if not f.name.startswith("_")}
+def jsonable(value: Any, _seen: frozenset = frozenset()) -> Any:
+    """``value`` as plain JSON values: records as objects, enums as their value, and whatever a plugin hands over
+    (``fit_info_``, options of the components it built): numpy numbers and arrays as numbers and lists, tuples and sets
+    as lists, keys that are not text as their ``str``, text that is not valid Unicode with its bad characters replaced,
+    a container that contains itself as ``"<circular>"``, anything else as its ``repr``. It never raises, so a finished
+    result can always be written."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate cannot be written as UTF-8
     if isinstance(value, enum.Enum):
-        return value.value
+        return jsonable(value.value, _seen)
+    if id(value) in _seen:
+        return "<circular>"
+    seen = _seen | {id(value)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name), seen) for f in fields(value) if not f.name.startswith("_")}
+    if isinstance(value, dict):
+        return {(k if isinstance(k, str) else str(k)): jsonable(v, seen) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v, seen) for v in value]
     if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays, torch tensors
         try:
-            return value.tolist()
+            return jsonable(value.tolist(), seen)
         except Exception:
             pass
-    return repr(value)
+    try:
+        return jsonable(repr(value), seen)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 def _known(cls: type, values: dict[str, Any] | None) -> dict[str, Any]:
@@ -315,6 +340,9 @@ def _known(cls: type, values: dict[str, Any] | None) -> dict[str, Any]:
 def _from_v1(record: dict[str, Any]) -> CellResult:
     """A schema-1 record as a legacy result: its label, status, metrics and timings; no identity."""
     metrics = record.get("metrics")
+    for part in ("options", "timings", "environment"):
+        if not isinstance(record.get(part) or {}, dict):
+            raise ValueError(f"{part} must be an object, got {type(record[part]).__name__}")
     return CellResult(
         key=_typed(CellKey, record.get("key"), "key"),
         identity=None,
@@ -402,10 +430,14 @@ class ResultsStore:
         where = f"{self.path}:{number}"
         try:
             record = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")  # no text that cannot be written back (lone surrogates)
+        except UnicodeError:
             raise UserError(f"{where} is not UTF-8 text; repair or delete that line") from None
         except json.JSONDecodeError as exc:
             raise UserError(f"{where} is not valid JSON ({exc.msg}, column {exc.colno}); repair or delete that line") from None
+        except (ValueError, RecursionError) as exc:  # a number of thousands of digits, nesting thousands deep
+            raise UserError(f"{where} is not a result record JSON can read back ({type(exc).__name__}); repair or "
+                            "delete that line") from None
         if not isinstance(record, dict) or not isinstance(record.get("schema_version"), int) or record["schema_version"] < 1:
             raise UserError(f"{where} is not a hica-bench result record")
         return record
@@ -417,7 +449,7 @@ class ResultsStore:
                             "upgrade hica-bench or use another --out")
         try:
             return CellResult.from_record(record)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UserError(f"{self.path}:{number} does not match result schema {version} ({exc})") from None
 
     def check_writable(self) -> None:
@@ -465,7 +497,7 @@ def _whole_record(line: bytes) -> dict[str, Any] | None:
     """``line`` as a result record when it is one whole (parses as a JSON object with a schema version), else None."""
     try:
         record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
     return record if isinstance(record, dict) and isinstance(record.get("schema_version"), int) else None
 

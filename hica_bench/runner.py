@@ -27,11 +27,11 @@ import numpy as np
 from hica_bench import __version__, data, leaderboard, protocol
 from hica_bench.errors import NotApplicable, UserError
 from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning
-from hica_bench.files import digest
+from hica_bench.files import digest, file_lock
 from hica_bench.interfaces import NEEDS, Components, EncoderPair, FewShotDataset, FewShotTask
 from hica_bench.metrics import classification_metrics
 from hica_bench.registry import Choice, Registry, RunComponents
-from hica_bench.results import CellKey, CellResult, Identity, Origin, ResultsStore, Status, Timings, environment
+from hica_bench.results import CellKey, CellResult, Identity, Origin, ResultsStore, Status, Timings, environment, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -96,33 +96,21 @@ class _Cell:
 
 @contextlib.contextmanager
 def out_lock(out_dir: Path):
-    """Holds ``out_dir``'s lock while a run writes there: a second run on the same ``--out`` would compute the same
-    pending cells again and append them twice, so it is refused with one line naming the run that holds the lock.
-    An advisory ``flock``: released by the kernel when the holder exits, however it exits (no stale lock after a kill).
-    Platforms without ``fcntl`` run unlocked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
+    """Holds ``out_dir``'s lock (:func:`hica_bench.files.file_lock`) while a run writes there: a second run on the same
+    ``--out`` would compute the same pending cells again and append them twice, so it is refused with one line naming
+    the run that holds the lock."""
     path = Path(out_dir) / ".hica-bench.lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise UserError(f"another hica-bench run (pid {holder}) is writing to {out_dir}; wait for it to finish "
-                            "(then rerun: finished cells are kept) or use another --out") from None
-        with contextlib.suppress(OSError):  # the pid is only for the message above (a full disk must not stop here)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+        with file_lock(path, wait=False) as fd:
+            if fd is not None:
+                with contextlib.suppress(OSError):  # the pid is only for the message below (a full disk must not stop here)
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+    except BlockingIOError:
+        holder = path.read_text(errors="replace").strip() if path.is_file() else ""
+        raise UserError(f"another hica-bench run (pid {holder or '?'}) is writing to {out_dir}; wait for it to finish "
+                        "(then rerun: finished cells are kept) or use another --out") from None
 
 
 def resolve_device(requested: str) -> str:
@@ -247,7 +235,7 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
         result.metrics = classification_metrics(test_labels, proba.astype(np.float64))
         result.timings = Timings(fit_s=fit_s, predict_s=predict_s)
         if isinstance(getattr(model, "fit_info_", None), dict):
-            result.fit_info = model.fit_info_
+            result.fit_info = jsonable(model.fit_info_)  # whatever it holds (numpy values, objects), it can be written
     except NotApplicable as exc:
         result.status, result.reason = Status.NOT_APPLICABLE, str(exc)
     except SystemExit as exc:  # a plugin calling sys.exit() must not end the run in silence
@@ -255,7 +243,7 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
     except Exception as exc:  # fault isolation: one cell's failure never stops the grid
         result.status, result.reason = Status.FAILED, f"{type(exc).__name__}: {exc}"
         log.debug("cell %s failed:\n%s", key, traceback.format_exc())
-    result.components_used = list({digest([c.kind, c.name, c.options, c.distribution]): c
+    result.components_used = list({digest(jsonable([c.kind, c.name, c.options, c.distribution])): c
                                    for c in components.used}.values())  # each once, in the order first built
     return result
 

@@ -314,6 +314,59 @@ def _copy_work(finished: Path, root: Path) -> dict[str, Path]:
             "data": root / "data"}
 
 
+@settings(FAST, max_examples=25)
+@given(line=st.binary(min_size=1, max_size=300).filter(lambda b: b"\n" not in b and b.strip()), command=st.sampled_from(COMMANDS))
+def test_a_line_of_arbitrary_bytes_in_the_results_file(finished, medmnist_root, line, command):
+    with tempfile.TemporaryDirectory() as tmp:
+        work = _copy_work(finished, Path(tmp))
+        _prepare(work, medmnist_root)
+        _insert_line(work["results"], 1, line)
+        before = work["results"].read_bytes()
+        answered(invoke(*_results_case(work, command)), 2, work["results"], before, "results.jsonl:2")
+
+
+V1 = {"schema_version": 1, "key": {"dataset": "breastmnist", "size": 28, "method": "prototype", "encoder": "pixels", "k": 1,
+                                   "seed": 0, "max_test": None}, "status": "ok", "metrics": {"acc": 0.5, "auc": 0.5,
+                                   "f1_macro": 0.5, "balanced_acc": 0.5}}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("line, message", [
+    (b"[" * 100_000, "is not a result record JSON can read back"),
+    (b'{"schema_version": 2, "n_test": ' + b"9" * 5000 + b"}", "is not a result record JSON can read back"),
+    (json.dumps({**V1, "options": [1]}).encode(), "options must be an object"),
+    (json.dumps({**V1, "environment": "x"}).encode(), "environment must be an object"),
+    (json.dumps({**V1, "timings": "x"}).encode(), "timings must be an object"),
+    (json.dumps({**V1, "status": "done"}).encode(), "status must be one of"),
+    (b'{"schema_version": 1, "reason": "\\udc80"}'.replace(b"\\\\", b"\\"), "is not UTF-8 text"),
+])
+def test_pathological_lines_in_the_results_file(work, medmnist_root, command, line, message):
+    _prepare(work, medmnist_root)
+    _insert_line(work["results"], 0, line)
+    before = work["results"].read_bytes()
+    answered(invoke(*_results_case(work, command)), 2, work["results"], before, message)
+
+
+@pytest.mark.parametrize("field", ["metrics", "timings", "environment", "finished_at", "n_test", "fit_info",
+                                   "components_used", "reason"])
+def test_every_field_of_a_schema_2_record_is_required(work, medmnist_root, field):
+    """A finished record missing its metrics would count as done and never be computed again: refused."""
+    _prepare(work, medmnist_root)
+    records = [json.loads(line) for line in work["results"].read_text().splitlines()]
+    del records[0][field]
+    work["results"].write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = work["results"].read_bytes()
+    answered(invoke(*run_args(work, work["data"])), 2, work["results"], before, f"missing field {field}")
+
+
+def test_an_ok_record_without_metrics_is_refused(work, medmnist_root):
+    _prepare(work, medmnist_root)
+    records = [json.loads(line) for line in work["results"].read_text().splitlines()]
+    records[1]["metrics"] = None
+    work["results"].write_text("".join(json.dumps(r) + "\n" for r in records))
+    answered(invoke(*run_args(work, work["data"])), 2, message="status 'ok' with metrics missing")
+
+
 def test_a_whole_last_record_without_its_newline_is_kept(work, medmnist_root):
     """Before: the next append cut it off as if a kill had torn it, and a finished result was lost."""
     _prepare(work, medmnist_root)
@@ -423,14 +476,63 @@ def test_values_a_method_records_that_are_not_json_are_written_not_fatal(work, m
     assert info["n"] == 4 and info["prior"] == [0.5, 0.5] and info["model"].startswith("<object object")  # k=2, 2 classes
 
 
+@pytest.mark.parametrize("damage", ["meta-not-an-object", "features-is-a-file", "digest-memo-not-an-object",
+                                    "tuning-not-an-object"])
+def test_a_damaged_cache_is_recomputed_or_one_line(work, medmnist_root, damage):
+    """The cache is hica-bench's own: damage in it is repaired (recomputed) where it can be, else one line."""
+    before = work["results"].read_bytes()
+    expected = 0
+    if damage == "meta-not-an-object":
+        next((work["cache"] / "features").glob("*.json")).write_text("[]")  # one entry: one warning, recomputed
+    elif damage == "features-is-a-file":
+        shutil.rmtree(work["cache"] / "features")
+        (work["cache"] / "features").write_text("in the way")
+        expected = 2
+    elif damage == "digest-memo-not-an-object":
+        for memo in (work["cache"] / "digests").glob("*.json"):
+            memo.write_text('"x"')
+    else:
+        (work["cache"] / "tuning").mkdir(exist_ok=True)
+        for verdict in (work["cache"] / "tuning").glob("*.json"):
+            verdict.write_text("[1, 2]")
+    line = answered(invoke(*run_args(work, medmnist_root)), expected, work["results"], before)
+    if expected == 2:
+        assert line.startswith(f"hica-bench: error: cannot write {work['cache']}/features")
+
+
+@settings(FAST, max_examples=10)
+@given(info=st.recursive(st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=5)),
+                         lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(
+                             st.one_of(st.integers(), st.text(max_size=3), st.tuples(st.integers())), inner, max_size=3)),
+                         max_leaves=8))
+def test_whatever_a_method_records_in_fit_info_is_written(finished, medmnist_root, info):
+    """fit_info_ with keys that are not text, tuples, NaN, nested containers: the cell is written, the run goes on."""
+    import hostile_plugins
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = _copy_work(finished, Path(tmp))
+        hostile_plugins.OddFitInfo.extra = {"drawn": info}
+        before = work["results"].read_bytes()
+        args = run_args(work, medmnist_root)
+        args[args.index("--methods") + 1] = "odd-fit-info"
+        answered(invoke("-p", "hostile_plugins", *args), 0, work["results"], before)
+        assert len(work["results"].read_text().splitlines()) == 2 + 4  # its 4 cells (k 1, 2 × seeds 0, 1) appended
+
+
 def test_specs_that_cannot_be_used_are_left_out_and_the_listing_goes_on():
     code, out, err = invoke("-p", "hostile_specs", "list", "method")
     assert code == 0 and "Traceback" not in err
     problems = [line for line in err.splitlines() if line.strip()]
-    assert len(problems) == 4 and all(line.startswith("warning:") for line in problems), err
-    for name, why in [("no-description", "it has no description"), ("bad name", "its name 'bad name' cannot be spelled on the command line"),
-                      ("list-default", "option sizes=[1, 2] has type list; defaults must be bool, int, float or str"), ("out-of-its-range", "the default t=-1.0")]:
+    assert len(problems) == 8 and all(line.startswith("warning:") for line in problems), err
+    for name, why in [("no-description", "it has no description"),
+                      ("bad name", "its name 'bad name' cannot be spelled on the command line"),
+                      ("list-default", "option sizes=[1, 2] has type list; defaults must be bool, int, float or str"),
+                      ("out-of-its-range", "the default t=-1.0 must be >= 0"),
+                      ("nan-default", "the default t=nan must be >= 0, not NaN"),
+                      ("text-range", "the default mode='abc' does not fit its declared range (>= 0)"),
+                      ("options-none", "its options must be a dict, got NoneType")]:
         assert any(f"'{name}' left out: {why}" in line for line in problems), (name, err)
+    assert any("returned 'not a spec at all' (a str), not a method spec; left out" in line for line in problems), err
     listed = " ".join(out.split())
     assert "usable" in listed and "linear-probe" in listed and "no-description" not in listed
 

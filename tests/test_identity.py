@@ -8,15 +8,16 @@ changed between runs), and the real timm encoder family with a checkpoint file t
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TEST_PLUGINS, hica_bench, majority_plugin, write_medmnist_npz
+from conftest import TEST_PLUGINS, invoke, majority_plugin, write_medmnist_npz
 from test_check import cli
 
 
@@ -41,21 +42,27 @@ def summary_line(result) -> str:
 
 
 @pytest.mark.slow
-def test_resume_reruns_exactly_the_cells_whose_identity_changed(medmnist_root, tmp_path):
+def test_resume_reruns_exactly_the_cells_whose_identity_changed(medmnist_root, tmp_path, monkeypatch):
+    """Runs in this process (the console script's main): the plugin's module is forgotten before each run, so each
+    run imports the version then installed, as a new process would."""
     data, site, out = tmp_path / "data", tmp_path / "site", tmp_path / "out"
     data.mkdir()
     for name in ("breastmnist.npz", "pneumoniamnist.npz"):
         shutil.copy(medmnist_root / name, data / name)
     install_plugin(site, "1.0.0", 1.0)
-    env = {"PYTHONPATH": os.pathsep.join([str(site), str(TEST_PLUGINS)])}
+    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
+    monkeypatch.syspath_prepend(str(site))
     args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist,pneumoniamnist",
             "--methods", "majority,prototype", "--shots", "1,5", "--seeds", "0,1", "--data-root", str(data),
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
 
     def run(expected: str) -> list[dict]:
-        result = hica_bench(*args, env=env)
-        assert result.returncode == 0, result.stderr
-        assert summary_line(result) == f"cells: 16 in grid, {expected}", result.stdout
+        sys.modules.pop("idmajority", None)
+        importlib.invalidate_caches()
+        code, stdout, stderr = invoke(*args)
+        assert code == 0, stderr
+        summary = next(line for line in stdout.splitlines() if line.startswith("cells:"))
+        assert summary == f"cells: 16 in grid, {expected}", stdout
         return records(out)
 
     first = run("0 already finished, 16 ran ok, 0 not applicable, 0 failed")
@@ -96,9 +103,9 @@ def test_resume_reruns_exactly_the_cells_whose_identity_changed(medmnist_root, t
     assert sum(",majority," in line and line.startswith("pneumoniamnist") for line in csv) == 3 * 2  # 3 origins × 2 shots
 
     # check compares the newest origin of each cell and says so; against itself it is clean
-    result = hica_bench("check", "--baseline", str(out), "--results", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "holds results of several origins for 6 cells" in " ".join(result.stdout.split())
+    code, stdout, stderr = invoke("check", "--baseline", out, "--results", out)
+    assert code == 0, stdout + stderr
+    assert "holds results of several origins for 6 cells" in " ".join(stdout.split())
 
 
 @pytest.mark.slow

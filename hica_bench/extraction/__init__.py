@@ -159,11 +159,19 @@ class FeatureExtractor:
         parts = {"features": identity.as_dict(), "dataset": dataset.identity, "split": split}
         key = FeatureCache.key(parts)
         cached = self.cache.get(key) if self.cache is not None else None
-        record = ExtractionRecord(dataset.name, dataset.identity, split, 0, identity, key, cached is not None)
-        if cached is not None:
-            record.n_images = len(cached)
-            self.records.append(record)
-            return cached, record
+        if cached is None and self.cache is not None:
+            with self.cache.computing(key) as cached:  # another run sharing the cache may be computing them now
+                if cached is None:
+                    return self._compute(dataset, split, identity, key, parts, on_batch)
+        if cached is None:
+            return self._compute(dataset, split, identity, key, parts, on_batch)
+        record = ExtractionRecord(dataset.name, dataset.identity, split, len(cached), identity, key, True)
+        self.records.append(record)
+        return cached, record
+
+    def _compute(self, dataset: FewShotDataset, split: str, identity: FeatureIdentity, key: str, parts: dict[str, Any],
+                 on_batch: Callable[[int], None] | None) -> tuple[np.ndarray, ExtractionRecord]:
+        record = ExtractionRecord(dataset.name, dataset.identity, split, 0, identity, key, False)
         images = dataset.split(split).images
         probe = None
         if self.reference and self.reference_for(dataset.identity) is None:  # each dataset's first encoder pass

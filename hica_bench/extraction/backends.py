@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hica_bench.files import atomic_dir, digest, remove_orphans
+from hica_bench.files import atomic_dir, cannot_write, digest, remove_orphans
 from hica_bench.interfaces import EncoderPair, ImageEncoder
 
 BACKENDS = ("eager", "onnxruntime")
@@ -112,10 +113,15 @@ def export_onnx(pair: EncoderPair, cache_dir: Path) -> tuple[Path, dict[str, Any
     folder = _onnx_dir(cache_dir, encoder)
     record_path = folder / "export.json"
     if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if not record["ok"]:
-            raise BackendUnavailable(record["reason"])
-        return folder / "model.onnx", record
+        try:
+            record = json.loads(record_path.read_text())
+            ok, reason = bool(record["ok"]), str(record.get("reason", ""))
+        except (OSError, ValueError, KeyError, TypeError):  # damaged: export again, in a new folder
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            if not ok:
+                raise BackendUnavailable(reason)
+            return folder / "model.onnx", record
 
     class Encode(torch.nn.Module):
         def __init__(self) -> None:
@@ -142,13 +148,18 @@ def export_onnx(pair: EncoderPair, cache_dir: Path) -> tuple[Path, dict[str, Any
                                                f"(> {ONNX_TOLERANCE:g} × max |feature| {record['max_abs_eager']:.3g})")
         except BackendUnavailable as exc:
             record.update(ok=False, reason=str(exc))
+        except OSError as exc:  # a full disk or no permission says nothing about the encoder: not remembered
+            raise cannot_write(folder, exc) from None
         except Exception as exc:  # any exporter failure means: this encoder does not export cleanly
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
             record.update(ok=False, reason=f"torch.onnx.export failed: {type(exc).__name__}: {first_line}")
         if not record["ok"]:  # remember the failure, not a model that failed its check
             for leftover in partial.iterdir():
                 leftover.unlink()
-        (partial / "export.json").write_text(json.dumps(record, indent=1))
+        try:
+            (partial / "export.json").write_text(json.dumps(record, indent=1))
+        except OSError as exc:
+            raise cannot_write(folder, exc) from None
     record = json.loads(record_path.read_text())  # ours, or that of a process that published first
     if not record["ok"]:
         raise BackendUnavailable(record["reason"])

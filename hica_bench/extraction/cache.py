@@ -10,6 +10,7 @@ that are no longer running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hica_bench.files import atomic_write, digest, file_sha256, remove_orphans
+from hica_bench.files import atomic_write, cannot_write, digest, file_lock, file_sha256, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,10 @@ FORMAT_VERSION = 1
 class FeatureCache:
     def __init__(self, root: Path) -> None:
         self.dir = Path(root) / "features"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission, a full disk
+            raise cannot_write(self.dir, exc) from None
         self.hits = 0
         self.misses = 0
         self.rejected = 0  #: corrupt or stale entries found and discarded
@@ -44,6 +48,26 @@ class FeatureCache:
         if not meta_path.exists():
             self.misses += 1
             return None
+        return self._read(key, array_path, meta_path)
+
+    @contextlib.contextmanager
+    def computing(self, key: str):
+        """While computing ``key``'s entry: holds its lock, so a second process needing the same features (runs sharing
+        a ``--cache-dir``) waits and then reads them instead of computing them too. Yields the entry when another
+        process wrote it meanwhile (counted as a hit, not the miss :meth:`get` counted), else None."""
+        locks = self.dir.parent / "locks"
+        try:
+            locks.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise cannot_write(locks, exc) from None
+        with file_lock(locks / f"{key}.lock"):
+            array_path, meta_path = self._paths(key)
+            found = self._read(key, array_path, meta_path) if meta_path.exists() else None
+            if found is not None:
+                self.misses -= 1
+            yield found
+
+    def _read(self, key: str, array_path: Path, meta_path: Path) -> np.ndarray | None:
         try:
             meta = json.loads(meta_path.read_text())
             if file_sha256(array_path) != meta["sha256"]:
@@ -51,7 +75,7 @@ class FeatureCache:
             array = np.load(array_path, allow_pickle=False)
             if list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]:
                 raise ValueError("shape or dtype differs")
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: an entry that is not a JSON object
             log.warning("feature cache entry %s is corrupt (%s); recomputing", key[:12], exc)
             self.rejected += 1
             self.misses += 1

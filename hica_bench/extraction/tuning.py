@@ -32,7 +32,7 @@ from hica_bench.extraction.backends import (BACKENDS, BackendUnavailable, Forwar
                                             onnx_forward, onnxruntime_version, set_channels_last)
 from hica_bench.extraction.encode import forward_seconds
 from hica_bench.extraction.encode import precision as compute_precision
-from hica_bench.files import atomic_write, digest
+from hica_bench.files import atomic_write, cannot_write, digest, file_lock
 from hica_bench.interfaces import EncoderPair
 from hica_bench.results import device_name
 
@@ -179,13 +179,36 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None) -
         "requested": asdict(requested), "default_threads": default_threads,
     }
     path = Path(cache_dir) / "tuning" / f"{digest(key, 20)}.json"
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text())
-            settings = ExtractionSettings(**stored["settings"])
-            return Tuning(settings, "remembered", stored["probe"], stored["probe_s"], stored.get("unavailable", {}), path)
-        except (ValueError, KeyError, TypeError):
-            path.unlink(missing_ok=True)  # unreadable (e.g. from another version): probe again
+    remembered = _remembered(path)
+    if remembered is not None:
+        return remembered
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(path.parent, exc) from None
+    with file_lock(path.with_suffix(".lock")):  # a second run probing the same question waits, then reads the verdict
+        remembered = _remembered(path)
+        if remembered is not None:
+            return remembered
+        return _probe(pair, requested, cache_dir, log, device, cuda, candidates, batches, threads, unavailable, key, path)
+
+
+def _remembered(path: Path) -> Tuning | None:
+    """The verdict remembered at ``path``, or None (none yet, or unreadable, e.g. from another version: probe again)."""
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        settings = ExtractionSettings(**stored["settings"])
+        return Tuning(settings, "remembered", stored["probe"], stored["probe_s"], stored.get("unavailable", {}), path)
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _probe(pair, requested, cache_dir, log, device, cuda, candidates, batches, threads, unavailable, key, path) -> Tuning:
+    """Time each candidate (see the module docstring) and remember the fastest."""
+    import torch
 
     start = time.perf_counter()
     probe: list[dict[str, Any]] = []

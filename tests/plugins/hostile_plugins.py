@@ -37,11 +37,16 @@ class ExitsInFit(_Prior):
 
 
 class OddFitInfo(_Prior):
-    """Records what it chose as numpy numbers, an array and an object: not JSON as it stands."""
+    """Records what it chose as numpy numbers, an array, an object, a key that is not text and itself: not JSON as it
+    stands. ``extra`` (set by a test) is added as it is."""
+
+    extra: dict = {}
 
     def fit(self, task):
         super().fit(task)
-        self.fit_info_ = {"prior": self.prior_, "n": np.int64(len(task.support_labels)), "model": object()}
+        self.fit_info_ = {"prior": self.prior_, "n": np.int64(len(task.support_labels)), "model": object(),
+                          np.int64(1): "a numpy key", (0, 1): "a tuple key", **self.extra}
+        self.fit_info_["itself"] = self.fit_info_
         return self
 
 

@@ -17,5 +17,9 @@ def hica_bench_methods():
         PluginSpec("method", "list-default", "an option default of a type the CLI cannot give (tests)", Prior, {"sizes": [1, 2]}),
         PluginSpec("method", "out-of-its-range", "a default outside its own declared range (tests)", Prior,
                    {"t": Option(-1.0, low=0)}),
+        PluginSpec("method", "nan-default", "a NaN default for a ranged option (tests)", Prior, {"t": Option(float("nan"), low=0)}),
+        PluginSpec("method", "text-range", "a numeric range on a text option (tests)", Prior, {"mode": Option("abc", low=0)}),
+        PluginSpec("method", "options-none", "options that are not a dict (tests)", Prior, None),  # type: ignore[arg-type]
+        "not a spec at all",
         PluginSpec("method", "usable", "the one good spec of this module (tests)", Prior),
     ]
