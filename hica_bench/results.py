@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import types
 import typing
@@ -41,7 +42,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hica_bench.errors import UserError
 from hica_bench.files import digest
@@ -155,9 +156,9 @@ class Origin:
     method_components: tuple[Component, ...]  #: plugins the method's options name (e.g. HiCA's ROI extractor, losses)
     device: str  #: where the method ran: cpu or cuda
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
-        return digest(asdict(self), 12)
+        return digest(jsonable(self), 12)
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,9 @@ class Identity:
     seed: int
     support: str  #: sha256 of the sorted support indices (:func:`hica_bench.protocol.support_hash`)
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
-        return digest(asdict(self), 20)
+        return digest(jsonable(self), 20)
 
 
 @dataclass
@@ -223,11 +224,7 @@ class CellResult:
 
 
 _NONE = type(None)
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _typed(cls: type, values: Any, where: str, strict: bool = False) -> Any:
@@ -235,69 +232,106 @@ def _typed(cls: type, values: Any, where: str, strict: bool = False) -> Any:
     ``bool``, ``X | None``, ``dict``/``list``/``tuple`` of them, enums, nested dataclasses); unknown fields, missing
     fields (``strict``: every field, as :meth:`CellResult.to_json` writes them all; else those without a default), or
     a value of another type raise a ValueError naming the field."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{where or 'the record'} must be an object, got {type(values).__name__}")
-    hints = _hints(cls)
-    public = [f for f in fields(cls) if not f.name.startswith("_")]
-    unknown = sorted(set(values) - {f.name for f in public})
-    if unknown:
-        raise ValueError(f"unknown fields {unknown}" + (f" in {where}" if where else ""))
-    arguments = {}
-    for f in public:
-        name = f"{where}.{f.name}" if where else f.name
-        if f.name not in values:
-            if strict or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
-                raise ValueError(f"missing field {name}")
-            continue
-        arguments[f.name] = _value(hints[f.name], values[f.name], name, strict)
-    return cls(**arguments)
+    return _reader(cls, strict)(values, where)
 
 
-def _value(hint: Any, value: Any, where: str, strict: bool = False) -> Any:
+Reader = Callable[[Any, str], Any]
+
+
+def _fail(where: str, what: str, value: Any) -> ValueError:
+    return ValueError(f"{where} must be {what}, got {value!r}"[:300])
+
+
+@functools.cache
+def _reader(hint: Any, strict: bool) -> Reader:
+    """A reader for values of type ``hint``, built once per type (results files hold thousands of records)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and _NONE in args:
-            return None
-        options = [a for a in args if a is not _NONE]
-        errors = []
-        for option in options:
-            try:
-                return _value(option, value, where, strict)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{where} must not be null")
+        nullable = _NONE in args
+        options = [_reader(a, strict) for a in args if a is not _NONE]
+
+        def union(value, where):
+            if value is None:
+                if nullable:
+                    return None
+                raise ValueError(f"{where} must not be null")
+            errors = []
+            for option in options:
+                try:
+                    return option(value, where)
+                except ValueError as exc:
+                    errors.append(str(exc))
+            raise ValueError(errors[0])
+        return union
     if hint is Any:
-        return value
+        return lambda value, where: value
     if dataclasses.is_dataclass(hint):
-        return _typed(hint, value, where, strict)
+        hints = typing.get_type_hints(hint)
+        public = [f for f in fields(hint) if not f.name.startswith("_")]
+        names = {f.name for f in public}
+        readers = [(f.name, _reader(hints[f.name], strict),
+                    strict or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))
+                   for f in public]
+
+        def record(value, where):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where or 'the record'} must be an object, got {type(value).__name__}")
+            unknown = set(value) - names
+            if unknown:
+                raise ValueError(f"unknown fields {sorted(unknown)}" + (f" in {where}" if where else ""))
+            arguments = {}
+            for name, read, required in readers:
+                path = f"{where}.{name}" if where else name
+                if name not in value:
+                    if required:
+                        raise ValueError(f"missing field {path}")
+                    continue
+                arguments[name] = read(value[name], path)
+            return hint(**arguments)
+        return record
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            raise ValueError(f"{where} must be one of {', '.join(repr(m.value) for m in hint)}, got {value!r}") from None
+        allowed = ", ".join(repr(m.value) for m in hint)
+
+        def member(value, where):
+            try:
+                return hint(value)
+            except ValueError:
+                raise _fail(where, f"one of {allowed}", value) from None
+        return member
     if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ValueError(f"{where} must be a list, got {type(value).__name__}")
-        item = args[0] if args else Any
-        items = [_value(item, v, f"{where}[{i}]", strict) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        item = _reader(args[0] if args else Any, strict)
+
+        def sequence(value, where):
+            if not isinstance(value, list):
+                raise ValueError(f"{where} must be a list, got {type(value).__name__}")
+            items = [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+        return sequence
     if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be an object, got {type(value).__name__}")
-        return value
+        def mapping(value, where):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where} must be an object, got {type(value).__name__}")
+            return value
+        return mapping
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        def number(value, where):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _fail(where, "a number", value)
+            return float(value)
+        return number
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be a whole number, got {value!r}")
-        return value
+        def whole(value, where):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _fail(where, "a whole number", value)
+            return value
+        return whole
     if hint in (str, bool):
-        if not isinstance(value, hint):
-            raise ValueError(f"{where} must be a {hint.__name__}, got {value!r}")
-        return value
-    raise TypeError(f"no reader for {hint!r} ({where})")  # a schema field of a type this reader does not know
+        def plain(value, where):
+            if not isinstance(value, hint):
+                raise _fail(where, f"a {hint.__name__}", value)
+            return value
+        return plain
+    raise TypeError(f"no reader for {hint!r}")  # a schema field of a type this reader does not know
 
 
 def jsonable(value: Any, _seen: frozenset = frozenset()) -> Any:
@@ -346,7 +380,7 @@ def _from_v1(record: dict[str, Any]) -> CellResult:
     return CellResult(
         key=_typed(CellKey, record.get("key"), "key"),
         identity=None,
-        status=_value(Status, record.get("status"), "status"),
+        status=_reader(Status, False)(record.get("status"), "status"),
         metrics=None if metrics is None else _typed(Metrics, metrics, "metrics"),
         reason=record.get("reason"),
         n_support=record.get("n_support"),
@@ -430,7 +464,8 @@ class ResultsStore:
         where = f"{self.path}:{number}"
         try:
             record = json.loads(line.decode("utf-8"))
-            json.dumps(record, ensure_ascii=False).encode("utf-8")  # no text that cannot be written back (lone surrogates)
+            if _SURROGATE_ESCAPE.search(line):  # a \udXXX escape: text that may not be writable back as UTF-8
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
         except UnicodeError:
             raise UserError(f"{where} is not UTF-8 text; repair or delete that line") from None
         except json.JSONDecodeError as exc:
