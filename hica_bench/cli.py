@@ -244,6 +244,8 @@ def _print_summary(summary, settings) -> None:
         out.print(table)
     if summary.tuning:
         out.print(f"extraction: {summary.tuning.describe()}", markup=False, highlight=False)
+    if summary.random_init:
+        out.print("encoder: random init (asked for by name): these are not the numbers of trained weights", markup=False)
     out.print(
         f"cells: {summary.total} in grid, {summary.skipped} already finished, {summary.ok} ran ok, "
         f"{summary.not_applicable} not applicable, {summary.failed} failed"

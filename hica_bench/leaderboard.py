@@ -141,7 +141,10 @@ def markdown(results: list[CellResult]) -> str:
         labels = sections.get(section, {})
         part = part.assign(shown=[_label(m, o, labels) for m, o in zip(part["method"], part["origin"])])
         test = "full test split" if pd.isna(max_test) else f"first {int(max_test)} test images"
-        lines += [f"## {dataset} ({size} px) — encoder `{encoder}`, {test}", "", _cost(part, extraction.get((dataset, encoder))), ""]
+        random = any("random-init" in origins[o].features.get("encoder", "") for o in set(part["origin"]) if o in origins)
+        weights = " (random init: not trained weights)" if random else ""
+        lines += [f"## {dataset} ({size} px) — encoder `{encoder}`{weights}, {test}", "",
+                  _cost(part, extraction.get((dataset, encoder))), ""]
         for metric in HEADLINE:
             table = part.pivot(index="shown", columns="k", values=f"{metric}_mean")
             text = table.copy().astype(object)

@@ -79,6 +79,7 @@ class Summary:
     failed: int = 0
     extractions: list[ExtractionRecord] = field(default_factory=list)
     tuning: Tuning | None = None  #: the extraction settings (chosen before any cell: they are part of the identity)
+    random_init: bool = False  #: the encoder's weights are a random initialisation (its identity says so)
     cache_hits: int = 0
     cache_misses: int = 0
     wall_s: float = 0.0
@@ -315,6 +316,7 @@ def _run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> S
     finished = {cell_id for cell_id, r in store.load().items() if r.status.finished}
     datasets = open_datasets(grid, settings)
     pair: EncoderPair = grid.encoder.build(device=settings.device)
+    summary.random_init = "random-init" in pair.image.identity
     extractor = FeatureExtractor(pair, settings.cache_dir, settings.extraction, log=log.info)
     probing = progress.add_task("encoder settings (probed once, then remembered)", total=None) if progress else None
     summary.tuning = extractor.tuning

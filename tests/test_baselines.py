@@ -190,7 +190,7 @@ def orthogonal_clusters(tower, seed, per_class):
 def open_clip_pair():
     from hica_bench_encoders.openclip_encoders import open_clip_pair
 
-    return open_clip_pair("cpu", "ViT-S-32-alt", "")  # random init (seed 0), aligned by construction
+    return open_clip_pair("cpu", "ViT-S-32-alt", "random")  # random init (seed 0), aligned by construction
 
 
 def test_coop_learns_prompts_through_minilm():

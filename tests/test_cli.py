@@ -72,6 +72,7 @@ def test_missing_data_offline(tmp_path):
     line = _error(hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
                              "--data-root", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "cache")))
     assert "breastmnist.npz is missing from" in line and "could not be downloaded" in line and "put it at" in line
+    assert "--data-root" in line and "$HICA_BENCH_DATA" in line
     line = _error(hica_bench("run", "--data-root", str(tmp_path / "nowhere")))
     assert "does not exist" in line
 
@@ -137,13 +138,16 @@ def test_zero_shot_runs_with_an_aligned_open_clip_pair(medmnist_root, tmp_path):
     """With an aligned pair zero-shot really runs (random-init ViT-S-32-alt: the code path, not the accuracy).
     The backend is probed (batch size fixed to keep it short): an open_clip ViT exports to ONNX cleanly."""
     result = hica_bench("run", "--datasets", "breastmnist", "--methods", "zero-shot,prototype", "--shots", "1", "--seeds", "0",
-                        "--encoder", "open-clip:model=ViT-S-32-alt", "--max-test", "32", "--data-root", str(medmnist_root),
+                        "--encoder", "open-clip:model=ViT-S-32-alt:pretrained=random", "--max-test", "32", "--data-root", str(medmnist_root),
                         "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert "onnxruntime not used" not in " ".join(result.stdout.split())  # exported and checked against eager
     assert json.loads(next((tmp_path / "cache" / "onnx").glob("*/export.json")).read_text())["ok"]
     records = {r["key"]["method"]: r for r in _results(tmp_path / "out")}
-    assert records["zero-shot"]["status"] == "ok" and records["zero-shot"]["key"]["encoder"] == "open-clip:model=ViT-S-32-alt"
+    assert records["zero-shot"]["status"] == "ok" and records["zero-shot"]["key"]["encoder"] == "open-clip:model=ViT-S-32-alt:pretrained=random"
+    assert "random-init" in records["zero-shot"]["identity"]["origin"]["features"]["encoder"]
+    board = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "random init: not trained weights" in board and "random init" in " ".join(result.stdout.split())
     assert 0.0 <= records["zero-shot"]["metrics"]["auc"] <= 1.0 and records["zero-shot"]["n_test"] == 32
 
 

@@ -24,7 +24,7 @@ TINY_CLIP = {"model_cfg": {"embed_dim": 32,
                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},
              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}
 #: Options that make an encoder cheap or buildable offline; any other encoder is built with its defaults.
-ENCODER_OPTIONS = {"open-clip": "model=local-dir:{tiny_clip}", "timm": "model=resnet10t:text="}
+ENCODER_OPTIONS = {"open-clip": "model=local-dir:{tiny_clip}:pretrained=random", "timm": "model=resnet10t:text=:checkpoint=random"}
 
 
 def names(kind: str) -> list[str]:
@@ -47,7 +47,7 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_clip(tiny_clip_dir) -> EncoderPair:
     """A real aligned pair, for methods that decline the kit's toy pair (they need a real text tower)."""
-    return REGISTRY.choose("encoder", f"open-clip:model=local-dir:{tiny_clip_dir}").build(device="cpu")
+    return REGISTRY.choose("encoder", f"open-clip:model=local-dir:{tiny_clip_dir}:pretrained=random").build(device="cpu")
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ def test_identity_stable_across_loads(registry, default_pair):
 
 @pytest.mark.slow
 def test_random_init_identity_stable_across_processes(registry):
-    choice = "timm:model=resnet18:text="
+    choice = "timm:model=resnet18:text=:checkpoint=random"
     here = build(registry, choice).image.identity
     code = ("from hica_bench.registry import load_registry; "
             f"print(load_registry().choose('encoder', {choice!r}).build(device='cpu').image.identity)")
@@ -150,14 +150,29 @@ def test_random_init_identity_stable_across_processes(registry):
 
 
 def test_open_clip_random_init_is_aligned(registry, images):
-    pair = build(registry, f"open-clip:model={SMALL_CLIP}")
+    pair = build(registry, f"open-clip:model={SMALL_CLIP}:pretrained=random")
+    assert "random-init" in pair.image.identity
     assert pair.aligned is True and pair.image.embed_dim == pair.text.embed_dim == 256
     with torch.inference_mode():
         features = pair.image.encode(preprocess(images, pair.image.input_spec))
     texts = pair.text.encode(["a chest x-ray", "a skin lesion"])
     assert features.shape == (4, 256) and torch.isfinite(features).all()
     assert texts.shape == (2, 256) and texts.dtype == np.float32
-    assert build(registry, f"open-clip:model={SMALL_CLIP}").image.identity == pair.image.identity
+    assert build(registry, f"open-clip:model={SMALL_CLIP}:pretrained=random").image.identity == pair.image.identity
+
+
+def test_no_silent_random_weights(registry, tmp_path):
+    """An architecture without weights is an error naming the option; random weights only when asked for by name."""
+    with pytest.raises(UserError, match=f"open-clip model={SMALL_CLIP} needs weights: pretrained=.*pretrained=random"):
+        build(registry, f"open-clip:model={SMALL_CLIP}")
+    with pytest.raises(UserError, match="timm model=resnet18 needs weights: checkpoint=.*checkpoint=random"):
+        build(registry, "timm:model=resnet18:text=")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}}))
+    with pytest.raises(UserError, match="the folder holds no weights.*pretrained=random"):
+        build(registry, f"open-clip:model=local-dir:{tmp_path}")
+    assert "random-init" in build(registry, f"open-clip:model=local-dir:{tmp_path}:pretrained=random").image.identity
 
 
 def test_open_clip_local_checkpoint(registry, images, tmp_path):
@@ -255,13 +270,15 @@ def test_bad_options_are_user_errors(registry, tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read weights"):
         build(registry, f"timm:model=resnet18:text=:checkpoint={junk}")
+    with pytest.raises(UserError, match="needs weights"):
+        build(registry, "timm:model=resnet18:text=:checkpoint=")
 
 
 # --------------------------------------------------------------------------- timm
 
 
 def test_timm_random_init_and_dense(registry, images):
-    pair = build(registry, "timm:model=resnet18:text=")
+    pair = build(registry, "timm:model=resnet18:text=:checkpoint=random")
     assert pair.text is None and pair.aligned is False and pair.image.embed_dim == 512
     x = preprocess(images, pair.image.input_spec)
     with torch.inference_mode():

@@ -89,25 +89,40 @@ def _download_hint(repo: str, local: str) -> str:
     return f"pass {local} (e.g. from `huggingface-cli download {repo}` on a connected machine)"
 
 
+RANDOM = "random"  #: the one spelling that asks for random weights (never a default: results must never be faked)
+
+
 def open_clip_pair(device: str, model: str, pretrained: str) -> EncoderPair:
     """``model``: an open_clip architecture name, ``hf-hub:org/repo`` or ``local-dir:/folder``.
-    ``pretrained``: ""=random init (seed 0), a local checkpoint file, or an open_clip tag (ignored for schemas)."""
+    ``pretrained``: an open_clip tag, a local checkpoint file, or ``random`` for a random initialisation (seed 0),
+    which the identity, and so every result and leaderboard heading, then says. Left empty, an architecture name is an
+    error naming the option: no silent random weights."""
     import open_clip
 
     if model.startswith("hf-hub:"):
         return from_config(device, f"open-clip:{model}", model[len("hf-hub:"):], config="", checkpoint="",
                            local="model=local-dir:<folder with open_clip_config.json and the weights>")
     if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):]).expanduser()
+        has_weights = any((folder / name).is_file() for name in CHECKPOINT_NAMES)
+        if not has_weights and pretrained != RANDOM:
+            raise UserError(f"open-clip model={model}: the folder holds no weights ({', '.join(CHECKPOINT_NAMES)}); "
+                            f"put them there, or pass pretrained={RANDOM} for a random initialisation")
         with seeded(0):  # only matters when the folder holds no weights
             net = _build(model, open_clip.create_model, model, device="cpu", pretrained_text=False, weights_only=True)
         tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
-        return _pair(net, tokenizer, f"open-clip:{model}:sha256={state_dict_sha256(net)}", device)
+        kind = "sha256" if has_weights else "random-init-seed0:sha256"
+        return _pair(net, tokenizer, f"open-clip:{model}:{kind}={state_dict_sha256(net)}", device)
     if model not in open_clip.list_models():
         close = difflib.get_close_matches(model, open_clip.list_models(), n=3, cutoff=0.6)
         raise UserError(f"open_clip has no model {model!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
                         + " (or use hf-hub:org/repo or local-dir:/folder)")
     tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
     if not pretrained:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)[:4]) or "none published"
+        raise UserError(f"open-clip model={model} needs weights: pretrained=<an open_clip tag ({tags}) or a local "
+                        f"checkpoint file>, or pretrained={RANDOM} for a random initialisation")
+    if pretrained == RANDOM:
         with seeded(0):
             net = _build(model, open_clip.create_model, model, device="cpu", pretrained_text=False)
         return _pair(net, tokenizer, f"open-clip:{model}:random-init-seed0:sha256={state_dict_sha256(net)}", device)

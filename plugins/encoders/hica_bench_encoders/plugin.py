@@ -47,8 +47,8 @@ def hica_bench_encoders() -> list[PluginSpec]:
         PluginSpec(
             "encoder", "open-clip",
             "Any OpenCLIP model, aligned. model: architecture name (open_clip.list_models()), hf-hub:org/repo or "
-            "local-dir:/folder. pretrained: '' = random init (seed 0), a local checkpoint file, or an open_clip "
-            "tag such as laion2b_s34b_b79k (HF cache first, else downloaded).",
+            "local-dir:/folder. pretrained: an open_clip tag such as laion2b_s34b_b79k (HF cache first, else "
+            "downloaded), a local checkpoint file, or random (random init, seed 0, labelled as such); required.",
             _open_clip, {"model": "ViT-B-32", "pretrained": ""},
         ),
         PluginSpec(
@@ -60,9 +60,9 @@ def hica_bench_encoders() -> list[PluginSpec]:
         ),
         PluginSpec(
             "encoder", "timm",
-            "Any timm image model (pooled features; dense maps for ROI pooling). checkpoint: local weights file "
-            "('' = random init, seed 0). text: minilm (bundled), '' for none, or a local Hugging Face model "
-            "folder / Hub name (mean pooling). Not aligned.",
+            "Any timm image model (pooled features; dense maps for ROI pooling). checkpoint: local weights file, or "
+            "random (random init, seed 0, labelled as such); required. text: minilm (bundled), '' for none, or a "
+            "local Hugging Face model folder / Hub name (mean pooling). Not aligned.",
             _timm, {"model": "resnet18", "checkpoint": "", "text": "minilm"},
         ),
     ]

@@ -77,16 +77,21 @@ def _fit_checkpoint(model: Any, state: dict[str, Any], path: Path, name: str) ->
 
 
 def timm_pair(device: str, model: str, checkpoint: str, text: str) -> EncoderPair:
-    """Any timm model (random init with seed 0, or ``checkpoint``) + the ``text`` encoder (not aligned)."""
+    """Any timm model with the weights of ``checkpoint`` (a local file; ``random`` for a random initialisation with
+    seed 0, which its identity then says; empty is an error: no silent random weights) + the ``text`` encoder (not
+    aligned)."""
     import timm
 
     if not timm.is_model(model):
         close = difflib.get_close_matches(model, timm.list_models(), n=3, cutoff=0.6)
         raise UserError(f"timm has no model {model!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
                         + " (a timm architecture, optionally .tag; local weights go in checkpoint=)")
+    if not checkpoint:
+        raise UserError(f"timm model={model} needs weights: checkpoint=<a local weights file>, or checkpoint=random for "
+                        "a random initialisation")
     with seeded(0):
         net = timm.create_model(model, pretrained=False, num_classes=0)
-    if checkpoint:
+    if checkpoint != "random":
         path = local_file(checkpoint, "checkpoint")
         net.load_state_dict(_fit_checkpoint(net, load_state_dict(path), path, model), strict=True)
         identity = f"timm:{model}:sha256={file_sha256(path)}"

@@ -62,7 +62,8 @@ def _download(flag: str, size: int, root: Path) -> None:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"{file_name(flag, size)} is missing from {root} and could not be downloaded ({reason}); "
-            f"download {info[f'url{suffix}']} and put it at {root / file_name(flag, size)}"
+            f"download {info[f'url{suffix}']} and put it at {root / file_name(flag, size)}, or point --data-root "
+            f"(or $HICA_BENCH_DATA) at the folder that holds it"
         ) from None
     if not (root / file_name(flag, size)).exists():
         raise UserError(f"download of {file_name(flag, size)} into {root} failed; put the file there by hand")
@@ -89,7 +90,8 @@ class MedMNIST:
         path = self.root / file_name(flag, size)
         if not path.exists():
             if not download:
-                raise UserError(f"{path.name} is missing from {self.root}; put it there or drop --no-download")
+                raise UserError(f"{path.name} is missing from {self.root}; put it there, point --data-root (or "
+                                f"$HICA_BENCH_DATA) at the folder that holds it, or drop --no-download")
             self.root.mkdir(parents=True, exist_ok=True)
             _download(flag, size, self.root)
         self.path = path
