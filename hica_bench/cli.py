@@ -175,6 +175,10 @@ def run(
     download: bool = DOWNLOAD_OPTION,
     cell_timeout: Optional[float] = typer.Option(
         None, help="Seconds one cell's fit + predict may take; past it the cell fails and the grid goes on [default: no limit]."),
+    force: bool = typer.Option(False, "--force", help="Run every selected cell again, also those finished with the same "
+                                                      "identity (their records stay in the file; the newest counts)."),
+    save_predictions: bool = typer.Option(False, "--save-predictions", help="Keep each cell's test probabilities and "
+                                          "labels in --out/predictions/CELL_ID.npz (compressed numpy, no pickle)."),
 ) -> None:
     """Run the grid datasets × methods × shots × seeds and write results and leaderboards to --out."""
     from hica_bench import data, runner
@@ -219,6 +223,8 @@ def run(
         out_dir=out_dir,
         download=download,
         cell_timeout=cell_timeout,
+        force=force,
+        save_predictions=save_predictions,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     if console.is_terminal:
@@ -282,22 +288,51 @@ def list_(ctx: typer.Context, kind: Optional[str] = typer.Argument(None, help=f"
 
 @app.command("leaderboard")
 def leaderboard_(
-    results: Path = typer.Argument(..., help="A results.jsonl written by `hica-bench run`."),
-    out: Optional[Path] = typer.Option(None, help="Folder for leaderboard.md/.csv [default: beside RESULTS]."),
+    results: List[Path] = typer.Argument(..., help="Results files written by `hica-bench run`, or folders holding one; "
+                                                   "several are merged (a cell in two of them is refused)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for leaderboard.md/.csv [default: beside the one results file; "
+                                                  "required for several]."),
 ) -> None:
-    """Write Markdown and CSV leaderboards from a results file."""
+    """Write Markdown and CSV leaderboards from one or more results files."""
     from hica_bench import data, leaderboard
-    from hica_bench.results import ResultsStore
+    from hica_bench.results import read_many
 
-    if not results.is_file():
-        raise UserError(f"results file {str(results)!r} does not exist")
-    data.writable_dir(out or results.parent, "--out folder")
-    loaded = list(ResultsStore(results).load().values())
+    if out is None:
+        if len(results) > 1:
+            raise UserError("give --out: where should the leaderboard of several results files go?")
+        out = results[0] if results[0].is_dir() else results[0].parent
+    data.writable_dir(out, "--out folder")
+    loaded = read_many(results)
     if not loaded:
-        raise UserError(f"{results} holds no results")
-    md_path, csv_path = leaderboard.write(loaded, out or results.parent)
+        raise UserError(f"{', '.join(map(str, results))} hold no results")
+    md_path, csv_path = leaderboard.write(loaded, out)
     print(md_path.read_text())
     print(f"written: {md_path}, {csv_path}")
+
+
+@app.command("download")
+def download_(
+    ctx: typer.Context,
+    datasets: str = typer.Argument(..., help="Comma list of datasets (see `hica-bench list dataset`)."),
+    size: int = SIZE_OPTION,
+    data_root: Optional[str] = typer.Option(None, help="Folder to put the files in (created if missing) [default: "
+                                                       "$HICA_BENCH_DATA, else the dataset's own default]."),
+) -> None:
+    """Fetch dataset files before a run (each dataset plugin's own downloader; MedMNIST: the official record, with
+    its MD5 checked and a progress bar). Files already there are checked and kept."""
+    from hica_bench import data
+
+    data.check_size(size)
+    registry = _registry(ctx)
+    choices = _choose_each(registry, "dataset", datasets, "DATASETS")
+    given = data_root or os.environ.get(data.DATA_ENV)
+    if given:
+        data.writable_dir(Path(given).expanduser(), "--data-root")
+    root = data.data_root(data_root)
+    cache = data.cache_root(None)
+    for choice in choices:
+        dataset = choice.build(root=root, size=size, download=True, cache_dir=cache)
+        print(f"{choice.label} ({size} px): ready, {len(dataset.class_names)} classes, {dataset.identity}")
 
 
 @app.command("bench")

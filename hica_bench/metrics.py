@@ -12,9 +12,10 @@ import math
 from typing import Iterable
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                             precision_recall_fscore_support, roc_auc_score)
 
-from hica_bench.results import Metrics
+from hica_bench.results import Metrics, PerClass
 
 METRICS = Metrics.names()  #: every metric a result records
 HEADLINE = ("acc", "auc")  #: the ones leaderboards and ``hica-bench check`` compare
@@ -36,6 +37,16 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> Metrics:
         f1_macro=float(f1_score(labels, predicted, average="macro", labels=np.arange(n_classes), zero_division=0)),
         balanced_acc=float(balanced_accuracy_score(labels, predicted)),
     )
+
+
+def per_class(labels: np.ndarray, proba: np.ndarray) -> PerClass:
+    """Recall and precision of each class (0 where a class is never predicted or never present) and the confusion
+    matrix, rows = true class, columns = predicted class (scikit-learn)."""
+    classes = np.arange(proba.shape[1])
+    predicted = proba.argmax(axis=1)
+    precision, recall, _, _ = precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)
+    confusion = confusion_matrix(labels, predicted, labels=classes)
+    return PerClass([float(v) for v in recall], [float(v) for v in precision], confusion.astype(int).tolist())
 
 
 def aggregate(values: Iterable[float]) -> dict[str, float]:

@@ -16,7 +16,9 @@ exactly the cells it affects. Old results stay in the file. Tables group by ``or
 results of different origins (see :mod:`hica_bench.leaderboard`).
 
 Schema history: 1 had the label and no identity; such records are read as *legacy* (``identity`` None): shown, never
-averaged with identified results, never used to skip a cell. 2 adds the identity and typed records.
+averaged with identified results, never used to skip a cell. 2 adds the identity and typed records. 3 adds per-class
+recall and precision with the confusion matrix (:class:`PerClass`) and the file of saved predictions; schema-2
+records read with neither.
 
 One JSON object per line, one line per finished cell. A line is written with a single ``write`` on a file opened
 for appending and then fsync'ed, so a killed run leaves at most one truncated last line: :meth:`ResultsStore.load`
@@ -49,7 +51,7 @@ from hica_bench.files import digest
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -79,6 +81,16 @@ class Metrics:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class PerClass:
+    """Per-class scores on the test images, class index = position: recall (sensitivity) and precision of each class,
+    and the confusion matrix ``confusion[true][predicted]`` (counts)."""
+
+    recall: list[float]
+    precision: list[float]
+    confusion: list[list[int]]
 
 
 @dataclass
@@ -179,6 +191,8 @@ class CellResult:
     identity: Identity | None  #: None for a legacy (schema 1) record
     status: Status
     metrics: Metrics | None = None
+    per_class: PerClass | None = None  #: with ``metrics`` (schema 3 on)
+    predictions: str | None = None  #: the saved test probabilities (``--save-predictions``), relative to the results file
     reason: str | None = None  #: the error (failed) or why the method does not apply (not_applicable)
     n_support: int | None = None
     n_test: int | None = None
@@ -217,6 +231,8 @@ class CellResult:
         if record.get("schema_version") == 1:
             return _from_v1(record)
         record = {k: v for k, v in record.items() if k not in ("cell_id", "origin_id")}  # derived, recomputed
+        if record.get("schema_version") == 2:  # before per-class scores and saved predictions
+            record = {"per_class": None, "predictions": None, **record}
         result = _typed(cls, record, "", strict=True)
         if (result.status is Status.OK) != (result.metrics is not None):
             raise ValueError(f"status {result.status.value!r} with metrics {'given' if result.metrics else 'missing'}")
@@ -535,6 +551,28 @@ def _whole_record(line: bytes) -> dict[str, Any] | None:
     except (UnicodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
     return record if isinstance(record, dict) and isinstance(record.get("schema_version"), int) else None
+
+
+def read_many(paths: list[Path]) -> list[CellResult]:
+    """The results of several results files (or folders holding a ``results.jsonl``), in order. A cell (same identity)
+    found in two of them is refused with one line naming both: merging must never pick one of two results silently."""
+    found: dict[str, tuple[CellResult, Path]] = {}
+    seen_files: set[Path] = set()
+    for given in paths:
+        path = Path(given) / "results.jsonl" if Path(given).is_dir() else Path(given)
+        if not path.is_file():
+            raise UserError(f"results {str(given)!r} is neither a results file nor a folder holding results.jsonl")
+        if path.resolve() in seen_files:
+            raise UserError(f"{path} is given twice")
+        seen_files.add(path.resolve())
+        for cell_id, result in ResultsStore(path).load().items():
+            if cell_id in found:
+                other = found[cell_id][1]
+                k = result.key
+                raise UserError(f"{k.dataset} {k.method} k={k.k} seed={k.seed} ({k.encoder}) is in both {other} and "
+                                f"{path}; merge results files that hold different cells")
+            found[cell_id] = (result, path)
+    return [result for result, _ in found.values()]
 
 
 def _whole_lines_size(path: Path, size: int) -> int:

@@ -27,9 +27,9 @@ import numpy as np
 from hica_bench import __version__, data, leaderboard, protocol
 from hica_bench.errors import NotApplicable, UserError
 from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning
-from hica_bench.files import digest, file_lock
+from hica_bench.files import atomic_write, digest, file_lock
 from hica_bench.interfaces import NEEDS, Components, EncoderPair, FewShotDataset, FewShotTask
-from hica_bench.metrics import classification_metrics
+from hica_bench.metrics import classification_metrics, per_class
 from hica_bench.registry import Choice, Registry, RunComponents
 from hica_bench.results import CellKey, CellResult, Identity, Origin, ResultsStore, Status, Timings, environment, jsonable
 
@@ -68,6 +68,8 @@ class Settings:
     out_dir: Path = Path("hica-bench-results")
     download: bool = True
     cell_timeout: float | None = None  #: seconds for one cell's fit + predict; None = no limit
+    force: bool = False  #: run every selected cell again, even one finished with the same identity
+    save_predictions: bool = False  #: keep each cell's test probabilities under ``out_dir/predictions/``
 
 
 @dataclass
@@ -207,9 +209,18 @@ def check_proba(proba: Any, n: int, c: int) -> np.ndarray:
 # --------------------------------------------------------------------------- one cell
 
 
+def _save_predictions(folder: Path, cell_id: str, proba: np.ndarray, labels: np.ndarray) -> str:
+    """The cell's test probabilities and labels as ``predictions/<cell_id>.npz`` (compressed, no pickle) beside the
+    results file, so its metrics can be recomputed; returns the path relative to the results file's folder."""
+    path = folder / f"{cell_id}.npz"
+    atomic_write(path, lambda handle: np.savez_compressed(handle, proba=proba.astype(np.float32), labels=labels,
+                                                          test_index=np.arange(len(labels))))
+    return f"{folder.name}/{path.name}"
+
+
 def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray, np.ndarray],
              test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
-             timeout: float | None = None) -> CellResult:
+             timeout: float | None = None, predictions: Path | None = None) -> CellResult:
     train_features, train_labels = train
     test_features, test_labels = test
     key = cell.key
@@ -234,6 +245,9 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
         proba, fit_s, predict_s = _within(timeout, fit_predict)
         proba = check_proba(proba, len(test_labels), len(dataset.class_names))
         result.metrics = classification_metrics(test_labels, proba.astype(np.float64))
+        result.per_class = per_class(test_labels, proba)
+        if predictions is not None:
+            result.predictions = _save_predictions(predictions, cell.identity.id, proba, test_labels)
         result.timings = Timings(fit_s=fit_s, predict_s=predict_s)
         if isinstance(getattr(model, "fit_info_", None), dict):
             result.fit_info = jsonable(model.fit_info_)  # whatever it holds (numpy values, objects), it can be written
@@ -313,7 +327,7 @@ def _run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> S
     summary = Summary(total=grid.cells)
     store = ResultsStore(settings.out_dir / "results.jsonl")
     store.check_writable()
-    finished = {cell_id for cell_id, r in store.load().items() if r.status.finished}
+    finished = {cell_id for cell_id, r in store.load().items() if r.status.finished and not settings.force}
     datasets = open_datasets(grid, settings)
     pair: EncoderPair = grid.encoder.build(device=settings.device)
     summary.random_init = "random-init" in pair.image.identity
@@ -348,7 +362,8 @@ def _run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> S
         throughput = extractor.throughput(dataset.identity)
         for cell in cells:
             result = run_cell(cell, dataset, pair, splits["train"], splits["test"], RunComponents(registry),
-                              settings.cache_dir / "methods", settings.cell_timeout)
+                              settings.cache_dir / "methods", settings.cell_timeout,
+                              settings.out_dir / "predictions" if settings.save_predictions else None)
             result.environment = env
             for name, value in throughput.items():
                 setattr(result.timings, name, value)

@@ -284,7 +284,7 @@ def test_a_record_missing_a_field(finished, medmnist_root, field, command):
         work["results"].write_text("".join(json.dumps(r) + "\n" for r in records))
         before = work["results"].read_bytes()
         line = answered(invoke(*_results_case(work, command)), 2, work["results"], before)
-        assert "results.jsonl:2 does not match result schema 2" in line and last in line
+        assert "results.jsonl:2 does not match result schema 3" in line and last in line
 
 
 @settings(FAST, max_examples=20)
@@ -303,7 +303,7 @@ def test_a_record_with_a_value_of_the_wrong_type(finished, medmnist_root, data, 
         work["results"].write_text("".join(json.dumps(r) + "\n" for r in records))
         before = work["results"].read_bytes()
         line = answered(invoke(*_results_case(work, command)), 2, work["results"], before)
-        assert "results.jsonl:1 does not match result schema 2" in line and str(path[-1]) in line
+        assert "results.jsonl:1 does not match result schema 3" in line and str(path[-1]) in line
 
 
 def _copy_work(finished: Path, root: Path) -> dict[str, Path]:
@@ -347,9 +347,9 @@ def test_pathological_lines_in_the_results_file(work, medmnist_root, command, li
     answered(invoke(*_results_case(work, command)), 2, work["results"], before, message)
 
 
-@pytest.mark.parametrize("field", ["metrics", "timings", "environment", "finished_at", "n_test", "fit_info",
-                                   "components_used", "reason"])
-def test_every_field_of_a_schema_2_record_is_required(work, medmnist_root, field):
+@pytest.mark.parametrize("field", ["metrics", "per_class", "predictions", "timings", "environment", "finished_at", "n_test",
+                                   "fit_info", "components_used", "reason"])
+def test_every_field_of_a_schema_3_record_is_required(work, medmnist_root, field):
     """A finished record missing its metrics would count as done and never be computed again: refused."""
     _prepare(work, medmnist_root)
     records = [json.loads(line) for line in work["results"].read_text().splitlines()]

@@ -46,7 +46,7 @@ def test_a_record_round_trips_typed(tmp_path):
     assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
     record = json.loads(store.path.read_text())
     assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
-    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 2
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 3
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -65,7 +65,7 @@ def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
     del record["identity"]
     with store.path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 2"):
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 3"):
         store.load()
 
 
@@ -142,3 +142,15 @@ def test_values_a_plugin_hands_over_are_written_not_crashed_on(tmp_path):
     assert loaded.fit_info["C"] == 0.5 and loaded.fit_info["steps"] == 3 and loaded.fit_info["curve"] == [0, 1, 2]
     assert loaded.fit_info["model"].startswith("<object object at")
     assert loaded.components_used[0].options["fraction"] == 0.3 and loaded.cell_id == result.cell_id
+
+
+def test_a_schema_2_record_reads_without_per_class_scores(tmp_path):
+    """Schema 2 (the first with identities) had no per-class scores or saved predictions: read as None, same cell."""
+    record = json.loads(_result(0).to_json())
+    del record["per_class"], record["predictions"]
+    record["schema_version"] = 2
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (loaded,) = ResultsStore(path).load().values()
+    assert loaded.per_class is None and loaded.predictions is None and loaded.cell_id == _result(0).cell_id
+    assert loaded.schema_version == 2 and loaded.metrics.acc == 0.5
