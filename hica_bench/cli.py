@@ -18,7 +18,6 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 try:
@@ -179,6 +178,8 @@ def run(
                                                       "identity (their records stay in the file; the newest counts)."),
     save_predictions: bool = typer.Option(False, "--save-predictions", help="Keep each cell's test probabilities and "
                                           "labels in --out/predictions/CELL_ID.npz (compressed numpy, no pickle)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress: neither the live display on a terminal nor "
+                                                            "the log lines elsewhere (errors and the summary remain)."),
 ) -> None:
     """Run the grid datasets × methods × shots × seeds and write results and leaderboards to --out."""
     from hica_bench import data, runner
@@ -226,12 +227,13 @@ def run(
         force=force,
         save_predictions=save_predictions,
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    if console.is_terminal:
-        with Progress(*columns, console=console, transient=True) as progress:
-            summary = runner.run(grid, settings, registry, progress)
-    else:  # no bar on a pipe or a log file (rich would leave a blank line there)
+    from hica_bench.progress import LiveEvents, LogEvents
+
+    if quiet:
         summary = runner.run(grid, settings, registry)
+    else:  # a live display on a terminal; timestamped lines in a log (CI, Slurm), at least one a minute
+        with (LiveEvents(console) if console.is_terminal else LogEvents()) as events:
+            summary = runner.run(grid, settings, registry, events)
     _print_summary(summary, settings)
     if summary.failed:
         raise typer.Exit(1)

@@ -314,15 +314,39 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
     return pending, skipped
 
 
-def run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> Summary:
-    """Run every pending cell of ``grid``; ``progress`` is an optional :class:`rich.progress.Progress`. Everything the
-    cells' methods build while they run comes from ``registry`` (the run's own, with its ``-p`` modules). One run at a
-    time per ``out_dir`` (:func:`out_lock`)."""
+class Events:
+    """What a run reports while it works (the CLI shows it: a live display on a terminal, log lines elsewhere, nothing
+    with ``--quiet``). Every method is a no-op here."""
+
+    def stage(self, text: str) -> None:
+        """A step without a count (e.g. the encoder settings probe); the next call of any kind ends it."""
+
+    def cells(self, total: int, skipped: int) -> None:
+        """The grid is known: ``total`` cells, ``skipped`` of them already finished."""
+
+    def split(self, dataset: str, split: str, images: int) -> Callable[[int], None]:
+        """An encoder pass starts; the returned function is called with each batch's image count."""
+        return lambda count: None
+
+    def split_done(self, record: ExtractionRecord) -> None:
+        """An encoder pass (or cache read) finished."""
+
+    def cell(self, key: CellKey) -> None:
+        """A cell starts."""
+
+    def cell_done(self, result: CellResult) -> None:
+        """A cell finished and its record is in the results file."""
+
+
+def run(grid: Grid, settings: Settings, registry: Registry, events: Events | None = None) -> Summary:
+    """Run every pending cell of ``grid``, reporting to ``events``. Everything the cells' methods build while they run
+    comes from ``registry`` (the run's own, with its ``-p`` modules). One run at a time per ``out_dir``
+    (:func:`out_lock`)."""
     with out_lock(settings.out_dir):
-        return _run(grid, settings, registry, progress)
+        return _run(grid, settings, registry, events or Events())
 
 
-def _run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> Summary:
+def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> Summary:
     started = time.perf_counter()
     summary = Summary(total=grid.cells)
     store = ResultsStore(settings.out_dir / "results.jsonl")
@@ -332,10 +356,8 @@ def _run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> S
     pair: EncoderPair = grid.encoder.build(device=settings.device)
     summary.random_init = "random-init" in pair.image.identity
     extractor = FeatureExtractor(pair, settings.cache_dir, settings.extraction, log=log.info)
-    probing = progress.add_task("encoder settings (probed once, then remembered)", total=None) if progress else None
+    events.stage("encoder settings (probed once per encoder and machine, then remembered)")
     summary.tuning = extractor.tuning
-    if progress:
-        progress.remove_task(probing)
     env = environment(settings.device, extractor.describe())
     work = []
     for choice in grid.datasets:
@@ -343,24 +365,22 @@ def _run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> S
         cells, skipped = _pending(grid, registry, choice, dataset, pair, extractor, settings.device, finished)
         summary.skipped += skipped
         work.append((dataset, cells))
-    cells_task = progress.add_task("cells", total=summary.total - summary.skipped) if progress else None
+    events.cells(summary.total, summary.skipped)
     for dataset, cells in work:
         if not cells:
             continue
         splits = {}
         for split in ("train", "test"):
             n = len(dataset.split(split).labels)
-            bar = progress.add_task(f"{cells[0].key.dataset} {split} features", total=n) if progress else None
-            advance = (lambda count, bar=bar: progress.advance(bar, count)) if progress else None
-            features, _ = extractor.features(dataset, split, advance)
-            if progress:
-                progress.update(bar, completed=n, visible=False)
+            features, record = extractor.features(dataset, split, events.split(cells[0].key.dataset, split, n))
+            events.split_done(record)
             labels = np.asarray(dataset.split(split).labels)
             if split == "test" and grid.max_test is not None:
                 features, labels = features[: grid.max_test], labels[: grid.max_test]
             splits[split] = (features, labels)
         throughput = extractor.throughput(dataset.identity)
         for cell in cells:
+            events.cell(cell.key)
             result = run_cell(cell, dataset, pair, splits["train"], splits["test"], RunComponents(registry),
                               settings.cache_dir / "methods", settings.cell_timeout,
                               settings.out_dir / "predictions" if settings.save_predictions else None)
@@ -371,8 +391,7 @@ def _run(grid: Grid, settings: Settings, registry: Registry, progress=None) -> S
             setattr(summary, result.status.value, getattr(summary, result.status.value) + 1)
             if result.status is Status.FAILED:
                 summary.failures.append(f"{cell.key.dataset} {cell.key.method} k={cell.key.k} seed={cell.key.seed}: {result.reason}")
-            if progress:
-                progress.advance(cells_task)
+            events.cell_done(result)
     summary.extractions = extractor.records
     if extractor.cache is not None:
         summary.cache_hits, summary.cache_misses = extractor.cache.hits, extractor.cache.misses

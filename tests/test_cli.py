@@ -1,6 +1,7 @@
 """The CLI end to end on the real MedMNIST files, with the small pixel encoder from tests/plugins."""
 
 import json
+import re
 
 import pytest
 
@@ -122,7 +123,17 @@ def test_failing_cells_are_recorded_and_the_grid_goes_on(medmnist_root, tmp_path
     result = hica_bench("-p", "pixel_encoder", "-p", "faulty_methods", "run", "--encoder", "pixels", "--datasets", "breastmnist",
                         "--methods", "raises,nans,brackets,prototype", "--shots", "1", "--seeds", "0,1",
                         "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
-    assert result.returncode == 1 and result.stderr.strip() == "", result.stderr
+    assert result.returncode == 1, result.stderr
+    # on a pipe (a CI log, a Slurm file) the progress is plain timestamped lines on stderr, one per cell
+    log = result.stderr.splitlines()
+    assert log and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S", line) for line in log), result.stderr
+    assert "grid: 8 cells, 0 already finished, 8 to run" in log[0]
+    assert any(re.search(r"breastmnist (train|test) features: \d+ images encoded in [\d.]+ s \(\d+ img/s\)$", line) for line in log)
+    cells = [line[20:] for line in log if line[20:].startswith("cell ")]
+    assert len(cells) == 8 and cells[-1].endswith("[2 ok, 6 failed]")
+    assert any(re.fullmatch(r"cell \d/8 breastmnist prototype k=1 seed=0: ok \(ACC [\d.]+, AUC [\d.]+\) \[\d ok, \d failed\]", c)
+               for c in cells), cells
+    assert any("brackets k=1 seed=1: failed: " in c and "option [lr] of [stage 2] is out of range [0, 1]" in c for c in cells)
     records = {(r["key"]["method"], r["key"]["seed"]): r for r in _results(tmp_path / "out")}
     assert len(records) == 8
     assert records[("raises", 0)]["status"] == "failed" and "deliberate failure in fit" in records[("raises", 0)]["reason"]

@@ -42,7 +42,7 @@ def finished(medmnist_root, tmp_path_factory) -> Path:
         code, _, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods",
                               "prototype", "--shots", "1", "--seeds", "0,1", "--data-root", medmnist_root,
                               "--cache-dir", root / "cache", "--out", root / "out", "--backend", "eager", "--batch-size", "64",
-                              "--threads", "2", "--no-channels-last")
+                              "--threads", "2", "--no-channels-last", "--quiet")
     assert code == 0, err
     return root
 
@@ -61,7 +61,7 @@ def run_args(work: dict[str, Path], data: Path, *extra: str) -> list[str]:
     """A run whose 2-shot cells are pending (the 1-shot ones are finished in ``work``)."""
     return ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
             "--shots", "1,2", "--seeds", "0,1", "--data-root", str(data), "--cache-dir", str(work["cache"]),
-            "--out", str(work["out"]), "--backend", "eager", "--batch-size", "64", "--threads", "2", "--no-channels-last", *extra]
+            "--out", str(work["out"]), "--backend", "eager", "--batch-size", "64", "--threads", "2", "--no-channels-last", "--quiet", *extra]
 
 
 def answered(code_and_streams, expected: int | tuple[int, ...], results: Path | None = None, before: bytes | None = None,

@@ -1,0 +1,79 @@
+"""What a run shows while it works: a live display on a terminal (a real pseudo-terminal here), timestamped log lines
+with a heartbeat elsewhere, nothing with --quiet."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import re
+import subprocess
+import time
+
+from conftest import TEST_PLUGINS
+from hica_bench.progress import LogEvents
+from hica_bench.results import CellKey
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+
+
+def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """``hica-bench ARGS`` with stdout and stderr on a pseudo-terminal: (exit code, everything it wrote)."""
+    main, child = pty.openpty()
+    process = subprocess.Popen(["hica-bench", *args], stdin=subprocess.DEVNULL, stdout=child, stderr=child, env=env)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    return process.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_a_terminal_gets_a_live_display_and_a_pipe_gets_log_lines(medmnist_root, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "120"}
+    args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
+            "--shots", "1,2", "--seeds", "0,1", "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"),
+            "--backend", "eager", "--batch-size", "64", "--threads", "2", "--no-channels-last"]
+    code, shown = _on_a_terminal([*args, "--out", str(tmp_path / "tty")], env)
+    assert code == 0, shown
+    assert "\x1b[2K" in shown and "cells (0 already finished)" in shown  # redrawn in place, then cleared
+    assert re.search(r"4/4", shown) and "4 ran ok" in re.sub(r"\x1b\[[0-9;]*m", "", shown)
+    assert not re.search(STAMP, shown)  # no log lines on a terminal
+
+    piped = subprocess.run(["hica-bench", *args, "--out", str(tmp_path / "pipe")], env=env, capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr
+    assert "\x1b[" not in piped.stderr and "\x1b[" not in piped.stdout  # no control codes in a log
+    lines = piped.stderr.splitlines()
+    assert all(re.match(STAMP, line) for line in lines) and len([x for x in lines if " cell " in x]) == 4, lines
+
+    quiet = subprocess.run(["hica-bench", *args, "--out", str(tmp_path / "quiet"), "--quiet"], env=env,
+                           capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert "4 ran ok" in " ".join(quiet.stdout.split())
+
+
+def test_a_long_step_is_announced_by_the_heartbeat():
+    log = io.StringIO()
+    key = CellKey(dataset="breastmnist", size=28, method="slow [method]", encoder="pixels", k=1, seed=0, max_test=None)
+    with LogEvents(log, heartbeat=0.2) as events:
+        events.stage("encoder settings (probed once)")
+        deadline = time.monotonic() + 30
+        while "still encoder settings" not in log.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events.cells(3, 2)
+        events.cell(key)
+        while "still running" not in log.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = log.getvalue().splitlines()
+    assert all(re.match(STAMP, line) for line in lines), lines
+    texts = [line[20:] for line in lines]
+    assert texts[0].startswith("still encoder settings (probed once) (")  # before the grid: only the heartbeat speaks
+    assert "grid: 3 cells, 2 already finished, 1 to run" in texts
+    assert any(t.startswith("still running breastmnist slow [method] k=1 seed=0 (") for t in texts), texts
