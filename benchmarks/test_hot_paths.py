@@ -81,7 +81,7 @@ def test_small_grid(benchmark, registry, medmnist_root, cache_dir, tmp_path):
 
     grid = runner.Grid(datasets=[registry.choose("dataset", "breastmnist")],
                        methods=[registry.choose("method", m) for m in ("linear-probe", "prototype")],
-                       encoder=registry.choose("encoder", "effnet-lite0-minilm"), shots=[1, 5], seeds=[0])
+                       encoders=[registry.choose("encoder", "effnet-lite0-minilm")], shots=[1, 5], seeds=[0])
     rounds = iter(range(100))
 
     def run_grid():  # a fresh --out each round, so every cell runs

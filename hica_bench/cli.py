@@ -152,14 +152,19 @@ def name_list(text: str, option: str) -> list[str]:
 @app.command()
 def run(
     ctx: typer.Context,
+    suite: Optional[Path] = typer.Option(None, help="A suite file (.toml or .yaml) naming datasets, methods, encoders, "
+                                                    "shots, seeds, size, max_test and out; flags given here override it."),
     datasets: Optional[str] = typer.Option(None, help="Comma list of datasets (see `hica-bench list dataset`) "
-                                                      "[default: the installed plugins' default suite]."),
+                                                      "[default: the suite's, else the installed plugins' default suite]."),
     methods: Optional[str] = typer.Option(None, help="Comma list of methods, each NAME or NAME:opt=value:opt=value "
-                                                     "[default: the installed plugins' default suite]."),
-    encoder: Optional[str] = ENCODER_OPTION,
-    shots: str = typer.Option("1,5,20", help="Comma list of shots per class."),
-    seeds: str = typer.Option("0,1,2", help="Comma list of seeds."),
-    size: int = SIZE_OPTION,
+                                                     "[default: the suite's, else the installed plugins' default suite]."),
+    encoders: Optional[str] = typer.Option(None, "--encoders", "--encoder", help=(
+        "Comma list of encoder pairs, each NAME or NAME:opt=value (see `hica-bench list encoder`); the grid runs over "
+        "each [default: the suite's, else the one the installed plugins declare as default].")),
+    shots: Optional[str] = typer.Option(None, help="Comma list of shots per class [default: the suite's, else 1,5,20]."),
+    seeds: Optional[str] = typer.Option(None, help="Comma list of seeds [default: the suite's, else 0,1,2]."),
+    size: Optional[int] = typer.Option(None, help="Image size of the dataset files (MedMNIST: 28, 64, 128, 224) "
+                                                  "[default: the suite's, else 28]."),
     device: str = DEVICE_OPTION,
     backend: str = BACKEND_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
@@ -169,8 +174,10 @@ def run(
     amp: bool = AMP_OPTION,
     data_root: Optional[str] = typer.Option(None, help="Folder with the dataset files [default: $HICA_BENCH_DATA, else the dataset's own default]."),
     cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder [default: $HICA_BENCH_CACHE, else ~/.cache/hica-bench]."),
-    out: Path = typer.Option(Path("hica-bench-results"), help="Folder for results.jsonl and the leaderboards; reruns resume here."),
-    max_test: Optional[int] = typer.Option(None, help="Evaluate on the first N test images only (quick runs; recorded)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for results.jsonl and the leaderboards; reruns resume here "
+                                                  "[default: the suite's, else hica-bench-results]."),
+    max_test: Optional[int] = typer.Option(None, help="Evaluate on the first N test images only (quick runs; recorded) "
+                                                      "[default: the suite's, else the whole test split]."),
     download: bool = DOWNLOAD_OPTION,
     cell_timeout: Optional[float] = typer.Option(
         None, help="Seconds one cell's fit + predict may take; past it the cell fails and the grid goes on [default: no limit]."),
@@ -183,23 +190,30 @@ def run(
 ) -> None:
     """Run the grid datasets × methods × shots × seeds and write results and leaderboards to --out."""
     from hica_bench import data, runner
+    from hica_bench.suite import Suite, load
 
-    shot_list, seed_list = int_list(shots, "--shots"), int_list(seeds, "--seeds")
+    given = load(suite) if suite is not None else Suite()  # a flag given here overrides the suite's value
+    shot_list = int_list(shots, "--shots") if shots is not None else given.shots or [1, 5, 20]
+    seed_list = int_list(seeds, "--seeds") if seeds is not None else given.seeds or [0, 1, 2]
     extraction = requested_extraction(backend, batch_size, channels_last, threads, amp, compile)
     if cell_timeout is not None and not 0 < cell_timeout < float("inf"):
         raise UserError(f"--cell-timeout must be a positive number of seconds, got {cell_timeout}")
     registry = _registry(ctx)
-    datasets = datasets if datasets is not None else default_suite(registry, "dataset", "--datasets")
-    methods = methods if methods is not None else default_suite(registry, "method", "--methods")
-    encoder = encoder if encoder is not None else default_suite(registry, "encoder", "--encoder")
+
+    def each(kind: str, flag: Optional[str], from_suite: Optional[list[str]], option: str) -> list:
+        if flag is None and from_suite:
+            return _choose_each(registry, kind, from_suite, f"suite {suite} {option.lstrip('-')}")
+        return _choose_each(registry, kind, name_list(flag if flag is not None else default_suite(registry, kind, option),
+                                                      option), option)
+
     grid = runner.Grid(
-        datasets=_choose_each(registry, "dataset", datasets, "--datasets"),
-        methods=_choose_each(registry, "method", methods, "--methods"),
-        encoder=registry.choose("encoder", encoder),
+        datasets=each("dataset", datasets, given.datasets, "--datasets"),
+        methods=each("method", methods, given.methods, "--methods"),
+        encoders=each("encoder", encoders, given.encoders, "--encoders"),
         shots=shot_list,
         seeds=seed_list,
-        size=size,
-        max_test=max_test,
+        size=size if size is not None else given.size or 28,
+        max_test=max_test if max_test is not None else given.max_test,
     )
     for method in grid.methods:  # option values its constructor rejects, or needs it cannot declare, are bad input
         try:
@@ -213,7 +227,7 @@ def run(
         except ValueError as exc:
             raise UserError(f"method {method.label}: {exc}") from None
     resolved = runner.resolve_device(device)
-    out_dir = data.writable_dir(out, "--out folder")
+    out_dir = data.writable_dir(out if out is not None else Path(given.out or "hica-bench-results"), "--out folder")
     for name in ("leaderboard.md", "leaderboard.csv"):  # written after the grid: a folder in the way is found now
         data.writable_file(out_dir / name, "leaderboard file")
     settings = runner.Settings(
@@ -250,10 +264,12 @@ def _print_summary(summary, settings) -> None:
             table.add_row(escape(e.dataset), e.split, str(e.n_images), "cache" if e.cached else f"encoder ({settings.device})",
                           f"{e.seconds:.1f}", f"{rate:.1f}" if rate else "—")
         out.print(table)
-    if summary.tuning:
-        out.print(f"extraction: {summary.tuning.describe()}", markup=False, highlight=False)
-    if summary.random_init:
-        out.print("encoder: random init (asked for by name): these are not the numbers of trained weights", markup=False)
+    for label, tuning in summary.tuning.items():
+        prefix = f"extraction ({label})" if len(summary.tuning) > 1 else "extraction"
+        out.print(f"{prefix}: {tuning.describe()}", markup=False, highlight=False)
+    for label in summary.random_init:
+        out.print(f"encoder {label}: random init (asked for by name): these are not the numbers of trained weights",
+                  markup=False)
     out.print(
         f"cells: {summary.total} in grid, {summary.skipped} already finished, {summary.ok} ran ok, "
         f"{summary.not_applicable} not applicable, {summary.failed} failed"
@@ -326,7 +342,7 @@ def download_(
 
     data.check_size(size)
     registry = _registry(ctx)
-    choices = _choose_each(registry, "dataset", datasets, "DATASETS")
+    choices = _choose_each(registry, "dataset", name_list(datasets, "DATASETS"), "DATASETS")
     given = data_root or os.environ.get(data.DATA_ENV)
     if given:
         data.writable_dir(Path(given).expanduser(), "--data-root")
@@ -442,11 +458,11 @@ def check_(
         raise typer.Exit(1)
 
 
-def _choose_each(registry, kind: str, text: str, option: str) -> list:
-    """The comma list ``text`` of ``option`` as choices of ``kind``; two spellings of one thing (``prototype`` and
+def _choose_each(registry, kind: str, names: list[str], option: str) -> list:
+    """``names`` (of ``option`` or a suite) as choices of ``kind``; two spellings of one thing (``prototype`` and
     ``prototype:temperature=0.05``, its default) would run every cell twice, and are refused."""
     chosen, spelled = [], {}
-    for name in name_list(text, option):
+    for name in names:
         choice = registry.choose(kind, name)
         if choice.label in spelled:
             raise UserError(f"{option} names {choice.label} twice: {spelled[choice.label]!r} and {name!r} are the same "

@@ -70,10 +70,14 @@ class LiveEvents(Events):
         self._end_stage()
         self._stage = self.progress.add_task(escape(text), total=None, rate="")
 
-    def cells(self, total: int, skipped: int) -> None:
+    def cells(self, encoder: str, total: int, skipped: int) -> None:
         self._end_stage()
+        if self._cells is not None:  # the previous encoder's cells are done
+            self.progress.remove_task(self._cells)
+        self.counts = _Counts()
         self.counts.total = total - skipped
-        self._cells = self.progress.add_task(f"cells ({skipped} already finished)", total=total - skipped, rate="")
+        self._cells = self.progress.add_task(escape(f"{encoder}: cells ({skipped} already finished)"),
+                                             total=total - skipped, rate="")
 
     def split(self, dataset: str, split: str, images: int) -> Callable[[int], None]:
         self._end_stage()
@@ -94,7 +98,7 @@ class LiveEvents(Events):
     def cell(self, key: CellKey) -> None:
         c = self.counts
         if self._cells is not None:
-            self.progress.update(self._cells, description=escape(f"cells ({c.ok} ok, {c.failed} failed): {_cell(key)}"))
+            self.progress.update(self._cells, description=escape(f"{key.encoder}: cells ({c.ok} ok, {c.failed} failed): {_cell(key)}"))
 
     def cell_done(self, result: CellResult) -> None:
         self.counts.add(result)
@@ -147,10 +151,11 @@ class LogEvents(Events):
         if self._started:
             self._line(text)
 
-    def cells(self, total: int, skipped: int) -> None:
+    def cells(self, encoder: str, total: int, skipped: int) -> None:
+        self.counts = _Counts()
         self.counts.total = total - skipped
         self._started = True
-        self._line(f"grid: {total} cells, {skipped} already finished, {total - skipped} to run")
+        self._line(f"grid with {encoder}: {total} cells, {skipped} already finished, {total - skipped} to run")
 
     def split(self, dataset: str, split: str, images: int) -> Callable[[int], None]:
         name = f"{dataset} {split} features"

@@ -42,7 +42,7 @@ SUPPORTED_TASKS = ("binary-class", "multi-class")
 class Grid:
     datasets: list[Choice]
     methods: list[Choice]
-    encoder: Choice
+    encoders: list[Choice]  #: the grid runs over each (features computed once per encoder, dataset and split)
     shots: list[int]
     seeds: list[int]
     size: int = 28
@@ -56,7 +56,7 @@ class Grid:
 
     @property
     def cells(self) -> int:
-        return len(self.datasets) * len(self.methods) * len(self.shots) * len(self.seeds)
+        return len(self.datasets) * len(self.methods) * len(self.encoders) * len(self.shots) * len(self.seeds)
 
 
 @dataclass
@@ -80,8 +80,9 @@ class Summary:
     not_applicable: int = 0
     failed: int = 0
     extractions: list[ExtractionRecord] = field(default_factory=list)
-    tuning: Tuning | None = None  #: the extraction settings (chosen before any cell: they are part of the identity)
-    random_init: bool = False  #: the encoder's weights are a random initialisation (its identity says so)
+    #: per encoder label, the extraction settings (chosen before its cells: they are part of the identity)
+    tuning: dict[str, Tuning] = field(default_factory=dict)
+    random_init: list[str] = field(default_factory=list)  #: labels of encoders whose weights are a random initialisation
     cache_hits: int = 0
     cache_misses: int = 0
     wall_s: float = 0.0
@@ -289,9 +290,9 @@ def _within(seconds: float | None, work):
 # --------------------------------------------------------------------------- the grid
 
 
-def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: FewShotDataset, pair: EncoderPair,
-             extractor: FeatureExtractor, device: str, finished: set[str]) -> tuple[list[_Cell], int]:
-    """This dataset's cells whose identity has no finished result yet, and how many were skipped."""
+def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: FewShotDataset, encoder: Choice,
+             pair: EncoderPair, extractor: FeatureExtractor, device: str, finished: set[str]) -> tuple[list[_Cell], int]:
+    """This dataset's cells with ``encoder`` whose identity has no finished result yet, and how many were skipped."""
     labels = dataset.split("train").labels
     n_classes = len(dataset.class_names)
     supports = {(k, seed): protocol.sample_support(labels, n_classes, k, seed, dataset_choice.label)
@@ -300,7 +301,7 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
     for method in grid.methods:
         origin = Origin(
             harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
-            max_test=grid.max_test, encoder=grid.encoder.ref, features=extractor.identity.as_dict(),
+            max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity.as_dict(),
             text_encoder=pair.text.identity if pair.text is not None else None, method=method.ref,
             method_components=registry.components_of(method), device=device.split(":")[0])
         for k in grid.shots:
@@ -309,7 +310,7 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
                 if identity.id in finished:
                     skipped += 1
                     continue
-                key = CellKey(dataset_choice.label, grid.size, method.label, grid.encoder.label, k, seed, grid.max_test)
+                key = CellKey(dataset_choice.label, grid.size, method.label, encoder.label, k, seed, grid.max_test)
                 pending.append(_Cell(method, key, identity, supports[k, seed]))
     return pending, skipped
 
@@ -321,8 +322,8 @@ class Events:
     def stage(self, text: str) -> None:
         """A step without a count (e.g. the encoder settings probe); the next call of any kind ends it."""
 
-    def cells(self, total: int, skipped: int) -> None:
-        """The grid is known: ``total`` cells, ``skipped`` of them already finished."""
+    def cells(self, encoder: str, total: int, skipped: int) -> None:
+        """The grid's cells with ``encoder`` are known: ``total`` cells, ``skipped`` of them already finished."""
 
     def split(self, dataset: str, split: str, images: int) -> Callable[[int], None]:
         """An encoder pass starts; the returned function is called with each batch's image count."""
@@ -353,19 +354,31 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     store.check_writable()
     finished = {cell_id for cell_id, r in store.load().items() if r.status.finished and not settings.force}
     datasets = open_datasets(grid, settings)
-    pair: EncoderPair = grid.encoder.build(device=settings.device)
-    summary.random_init = "random-init" in pair.image.identity
+    for encoder in grid.encoders:  # one encoder in memory at a time
+        _run_encoder(grid, settings, registry, events, encoder, datasets, store, finished, summary)
+    summary.leaderboard = leaderboard.write(list(store.load().values()), settings.out_dir)
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Events, encoder: Choice,
+                 datasets: dict[str, FewShotDataset], store: ResultsStore, finished: set[str], summary: Summary) -> None:
+    """The grid's cells with ``encoder``."""
+    pair: EncoderPair = encoder.build(device=settings.device)
+    if "random-init" in pair.image.identity:
+        summary.random_init.append(encoder.label)
     extractor = FeatureExtractor(pair, settings.cache_dir, settings.extraction, log=log.info)
-    events.stage("encoder settings (probed once per encoder and machine, then remembered)")
-    summary.tuning = extractor.tuning
+    events.stage(f"{encoder.label}: encoder settings (probed once per encoder and machine, then remembered)")
+    summary.tuning[encoder.label] = extractor.tuning
     env = environment(settings.device, extractor.describe())
-    work = []
+    work, skipped_here = [], 0
     for choice in grid.datasets:
         dataset = datasets[choice.label]
-        cells, skipped = _pending(grid, registry, choice, dataset, pair, extractor, settings.device, finished)
-        summary.skipped += skipped
+        cells, skipped = _pending(grid, registry, choice, dataset, encoder, pair, extractor, settings.device, finished)
+        skipped_here += skipped
         work.append((dataset, cells))
-    events.cells(summary.total, summary.skipped)
+    summary.skipped += skipped_here
+    events.cells(encoder.label, summary.total // len(grid.encoders), skipped_here)
     for dataset, cells in work:
         if not cells:
             continue
@@ -390,11 +403,10 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
             store.append(result)
             setattr(summary, result.status.value, getattr(summary, result.status.value) + 1)
             if result.status is Status.FAILED:
-                summary.failures.append(f"{cell.key.dataset} {cell.key.method} k={cell.key.k} seed={cell.key.seed}: {result.reason}")
+                summary.failures.append(f"{cell.key.dataset} {cell.key.method} {cell.key.encoder} k={cell.key.k} "
+                                        f"seed={cell.key.seed}: {result.reason}")
             events.cell_done(result)
-    summary.extractions = extractor.records
+    summary.extractions += extractor.records
     if extractor.cache is not None:
-        summary.cache_hits, summary.cache_misses = extractor.cache.hits, extractor.cache.misses
-    summary.leaderboard = leaderboard.write(list(store.load().values()), settings.out_dir)
-    summary.wall_s = time.perf_counter() - started
-    return summary
+        summary.cache_hits += extractor.cache.hits
+        summary.cache_misses += extractor.cache.misses

@@ -126,7 +126,7 @@ CASES = [
     Case("option-unknown", ["--methods", "prototype:tau=1"], "has no option 'tau' (options: temperature)"),
     Case("option-twice", ["--methods", "prototype:temperature=1:temperature=2"], "option 'temperature' given twice"),
     Case("option-without-value", ["--methods", "prototype:temperature"], "malformed name 'prototype:temperature'"),
-    Case("encoder-option-unknown", ["--encoder", "pixels:size=32"], "encoder 'pixels' has no option 'size' (options: none)"),
+    Case("encoder-option-unknown", ["--encoder", "pixels:size=32"], "encoder 'pixels' has no option 'size' (options: side)"),
     # other options
     Case("device", ["--device", "tpu"], "--device must be auto, cpu or cuda"),
     # encoder execution (issue 8)

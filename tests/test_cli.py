@@ -127,7 +127,7 @@ def test_failing_cells_are_recorded_and_the_grid_goes_on(medmnist_root, tmp_path
     # on a pipe (a CI log, a Slurm file) the progress is plain timestamped lines on stderr, one per cell
     log = result.stderr.splitlines()
     assert log and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S", line) for line in log), result.stderr
-    assert "grid: 8 cells, 0 already finished, 8 to run" in log[0]
+    assert "grid with pixels: 8 cells, 0 already finished, 8 to run" in log[0]
     assert any(re.search(r"breastmnist (train|test) features: \d+ images encoded in [\d.]+ s \(\d+ img/s\)$", line) for line in log)
     cells = [line[20:] for line in log if line[20:].startswith("cell ")]
     assert len(cells) == 8 and cells[-1].endswith("[2 ok, 6 failed]")

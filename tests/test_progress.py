@@ -43,7 +43,7 @@ def test_a_terminal_gets_a_live_display_and_a_pipe_gets_log_lines(medmnist_root,
             "--backend", "eager", "--batch-size", "64", "--threads", "2", "--no-channels-last"]
     code, shown = _on_a_terminal([*args, "--out", str(tmp_path / "tty")], env)
     assert code == 0, shown
-    assert "\x1b[2K" in shown and "cells (0 already finished)" in shown  # redrawn in place, then cleared
+    assert "\x1b[2K" in shown and "pixels: cells (0 already finished)" in shown  # redrawn in place, then cleared
     assert re.search(r"4/4", shown) and "4 ran ok" in re.sub(r"\x1b\[[0-9;]*m", "", shown)
     assert not re.search(STAMP, shown)  # no log lines on a terminal
 
@@ -67,7 +67,7 @@ def test_a_long_step_is_announced_by_the_heartbeat():
         deadline = time.monotonic() + 30
         while "still encoder settings" not in log.getvalue() and time.monotonic() < deadline:
             time.sleep(0.05)
-        events.cells(3, 2)
+        events.cells("pixels", 3, 2)
         events.cell(key)
         while "still running" not in log.getvalue() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -75,5 +75,5 @@ def test_a_long_step_is_announced_by_the_heartbeat():
     assert all(re.match(STAMP, line) for line in lines), lines
     texts = [line[20:] for line in lines]
     assert texts[0].startswith("still encoder settings (probed once) (")  # before the grid: only the heartbeat speaks
-    assert "grid: 3 cells, 2 already finished, 1 to run" in texts
+    assert "grid with pixels: 3 cells, 2 already finished, 1 to run" in texts
     assert any(t.startswith("still running breastmnist slow [method] k=1 seed=0 (") for t in texts), texts

@@ -9,9 +9,10 @@ from hica_bench.interfaces import EncoderPair, InputSpec, PluginSpec
 
 
 class PixelEncoder:
-    identity = "test-pixels-16px-v1"
-    input_spec = InputSpec(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
-    embed_dim = 3 * 16 * 16
+    def __init__(self, side: int = 16) -> None:
+        self.identity = f"test-pixels-{side}px-v1"
+        self.input_spec = InputSpec(side, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+        self.embed_dim = 3 * side * side
 
     def encode(self, images):
         return images.reshape(len(images), -1)
@@ -19,4 +20,5 @@ class PixelEncoder:
 
 @hookimpl
 def hica_bench_encoders():
-    return [PluginSpec("encoder", "pixels", "raw 16x16 pixels (tests)", lambda device: EncoderPair(PixelEncoder(), None, False, device))]
+    return [PluginSpec("encoder", "pixels", "raw pixels, side x side (tests)",
+                       lambda device, side=16: EncoderPair(PixelEncoder(side), None, False, device), {"side": 16})]

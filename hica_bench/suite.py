@@ -1,0 +1,119 @@
+"""Suites as files: the exact grid of a paper kept under version control (as lm-eval keeps task configs).
+
+A suite is a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file with these keys, all optional::
+
+    datasets = ["breastmnist", "pneumoniamnist"]          # specs as on the command line, NAME:opt=value
+    methods  = ["linear-probe", "prototype:temperature=0.1"]
+    encoders = ["effnet-lite0-minilm"]                     # several: the grid runs over each
+    shots    = [1, 5, 20]
+    seeds    = [0, 1, 2]
+    size     = 28
+    max_test = 200
+    out      = "runs/default"                              # relative paths are taken from the working folder
+
+A list may also be written as one comma string (``shots = "1,5,20"``). ``hica-bench run --suite FILE`` reads it; a
+flag given on the command line overrides the suite's value. An unknown key or a value of the wrong type is one line
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from hica_bench.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class Suite:
+    datasets: list[str] | None = None
+    methods: list[str] | None = None
+    encoders: list[str] | None = None
+    shots: list[int] | None = None
+    seeds: list[int] | None = None
+    size: int | None = None
+    max_test: int | None = None
+    out: str | None = None
+
+
+KEYS = tuple(f.name for f in fields(Suite))
+_NAMES = ("datasets", "methods", "encoders")
+_NUMBERS = ("shots", "seeds")
+
+
+def load(path: str | Path) -> Suite:
+    """The suite in ``path``; :class:`UserError` (one line) for a missing or malformed file, an unknown key or a bad value."""
+    path = Path(path)
+    where = f"suite {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a folder, not a .toml or .yaml file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{where}: not valid TOML ({exc})") from None
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raw = {} if raw is None else raw
+    else:
+        raise UserError(f"{where}: unknown format {suffix or '(no suffix)'!r}; use .toml, .yaml or .yml")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: must hold keys and values at the top level, got a {type(raw).__name__}")
+    suite = Suite()
+    for key, value in raw.items():
+        if key not in KEYS:
+            raise UserError(f"{where}: unknown key {str(key)!r} (known: {', '.join(KEYS)})")
+        setattr(suite, key, _value(where, key, value))
+    return suite
+
+
+def _value(where: str, key: str, value: Any) -> Any:
+    def bad(expected: str) -> UserError:
+        return UserError(f"{where}: {key} must be {expected}, got {value!r}")
+
+    if key in _NAMES or key in _NUMBERS:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise bad("a non-empty list" + (" of names" if key in _NAMES else " of whole numbers"))
+        if key in _NAMES:
+            if not all(isinstance(i, str) and i.strip() for i in items):
+                raise bad("a non-empty list of names (NAME or NAME:opt=value)")
+            names = [i.strip() for i in items]
+            if len(set(names)) != len(names):
+                raise bad("a list without repeats")
+            return names
+        numbers = []
+        for item in items:
+            if isinstance(item, str) and item.strip().lstrip("-").isdigit():
+                item = int(item)
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise bad("a non-empty list of whole numbers")
+            if item not in numbers:
+                numbers.append(item)
+        return numbers
+    if key in ("size", "max_test"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad("a whole number >= 1")
+        return value
+    if not isinstance(value, str) or not value.strip():  # out
+        raise bad("a folder path")
+    return value
