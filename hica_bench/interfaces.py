@@ -193,7 +193,10 @@ class Components(Protocol):
     def options(self, kind: str, name: str) -> dict[str, Any]: ...
 
 
-#: What a method may declare in ``needs``: ``image_features`` (frozen support/test features, always given),
+#: What a method may declare in ``needs``: ``image_features`` (the support images' frozen features,
+#: ``task.support_features``; a method that declares neither it, ``train_features`` nor ``encoders`` gets None
+#: there, and a grid of such methods, e.g. zero-shot alone, never encodes the train split; the test features are
+#: always handed to ``predict_proba``),
 #: ``class_texts`` / ``text_encoder`` (a text encoder must exist), ``aligned_encoders`` (an aligned pair),
 #: ``train_features`` (frozen features of the whole, unlabeled train split), ``encoders`` (raw train images
 #: plus the encoder modules, for methods that fine-tune).
@@ -205,7 +208,8 @@ NEEDS: frozenset[str] = frozenset(get_args(Need))
 class FewShotTask:
     """Everything a method may use for one (dataset, k, seed) cell.
 
-    ``support_features`` (k*C, D) float32 are frozen image features of the support images,
+    ``support_features`` (k*C, D) float32 are frozen image features of the support images (for a method that
+    declares ``image_features``),
     ``support_labels`` (k*C,) int64, ``support_indices`` their indices in the train split.
     ``encoders`` gives access to the text encoder (and the image encoder for fine-tuning methods);
     ``train_images`` the lazy train split images for methods that declared the ``encoders`` need;
@@ -220,7 +224,7 @@ class FewShotTask:
     dataset: str
     task: str
     class_names: list[str]
-    support_features: np.ndarray
+    support_features: np.ndarray | None  #: None unless the method declares ``image_features`` (see :data:`NEEDS`)
     support_labels: np.ndarray
     support_indices: np.ndarray
     k: int

@@ -167,15 +167,32 @@ def check_needs(needs: Any, pair: EncoderPair, encoder_label: str) -> frozenset[
     return frozenset(needs)
 
 
-def build_task(*, dataset: str, task: str, class_names: list[str], train_features: np.ndarray, train_labels: np.ndarray,
+#: needs that take the support images' features (the train split is encoded only for a cell whose method has one)
+FEATURE_NEEDS = frozenset({"image_features", "train_features", "encoders"})
+
+
+def method_needs(method: Choice) -> frozenset[str]:
+    """What ``method`` declares in ``needs``; every need when its constructor or its ``needs`` is broken (its cells
+    then fail on their own, with the reason)."""
+    try:
+        return validate_needs(getattr(method.build(), "needs", None))
+    except (Exception, SystemExit):
+        return NEEDS
+
+
+def build_task(*, dataset: str, task: str, class_names: list[str], train_features: np.ndarray | None, train_labels: np.ndarray,
                support: np.ndarray, k: int, seed: int, pair: EncoderPair, needs: frozenset[str],
                train_images: Callable[[], np.ndarray] | None = None, cache_dir: Path | None = None,
                components: Components | None = None) -> FewShotTask:
-    """The :class:`FewShotTask` of one cell: the support set's features and labels, and only what ``needs`` declares
-    (the whole train split's features, its images: ``train_images`` is called only then)."""
+    """The :class:`FewShotTask` of one cell: the support set's labels, and only what ``needs`` declares (the support
+    features, the whole train split's features, its images: ``train_images`` is called only then)."""
+    features = bool(needs & FEATURE_NEEDS)
+    if features and train_features is None:
+        raise ValueError("the method needs image features but the train split was not encoded")
     return FewShotTask(
         dataset=dataset, task=task, class_names=list(class_names),
-        support_features=train_features[support], support_labels=train_labels[support], support_indices=support,
+        support_features=train_features[support] if features else None, support_labels=train_labels[support],
+        support_indices=support,
         k=k, seed=seed, encoders=pair, device=pair.device,
         train_images=train_images() if "encoders" in needs and train_images is not None else None,
         train_features=train_features if "train_features" in needs else None,
@@ -371,6 +388,7 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
     events.stage(f"{encoder.label}: encoder settings (probed once per encoder and machine, then remembered)")
     summary.tuning[encoder.label] = extractor.tuning
     env = environment(settings.device, extractor.describe())
+    needs = {method.label: method_needs(method) for method in grid.methods}
     work, skipped_here = [], 0
     for choice in grid.datasets:
         dataset = datasets[choice.label]
@@ -383,14 +401,15 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
         if not cells:
             continue
         splits = {}
-        for split in ("train", "test"):
-            n = len(dataset.split(split).labels)
-            features, record = extractor.features(dataset, split, events.split(cells[0].key.dataset, split, n))
-            events.split_done(record)
+        train_needed = any(needs[cell.method.label] & FEATURE_NEEDS for cell in cells)  # zero-shot alone: not at all
+        for split in ("train", "test") if train_needed else ("test",):
             labels = np.asarray(dataset.split(split).labels)
-            if split == "test" and grid.max_test is not None:
-                features, labels = features[: grid.max_test], labels[: grid.max_test]
-            splits[split] = (features, labels)
+            rows = min(grid.max_test, len(labels)) if split == "test" and grid.max_test is not None else len(labels)
+            features, record = extractor.features(dataset, split, events.split(cells[0].key.dataset, split, rows),
+                                                  rows=rows)  # --max-test N: only those N test images
+            events.split_done(record)
+            splits[split] = (features, labels[:rows])
+        splits.setdefault("train", (None, np.asarray(dataset.split("train").labels)))
         throughput = extractor.throughput(dataset.identity)
         for cell in cells:
             events.cell(cell.key)

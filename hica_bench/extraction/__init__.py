@@ -151,12 +151,19 @@ class FeatureExtractor:
         return encode_images(images, self.pair.image, self.pair.device, settings.batch_size,
                              amp=settings.precision != "fp32", on_batch=on_batch, forward=self.forward())
 
-    def features(self, dataset: FewShotDataset, split: str,
-                 on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, ExtractionRecord]:
-        """Features of ``dataset.split(split)``: from the cache when a valid entry exists, else computed and stored.
-        ``on_batch(n)`` is called after each computed batch (progress)."""
+    def features(self, dataset: FewShotDataset, split: str, on_batch: Callable[[int], None] | None = None,
+                 rows: int | None = None) -> tuple[np.ndarray, ExtractionRecord]:
+        """Features of ``dataset.split(split)`` (of its first ``rows`` images when given, e.g. ``--max-test``): from the
+        cache when a valid entry exists, else computed and stored. A prefix is its own cache entry (``rows`` is part of
+        its key, so it is never taken for the whole split); it is also sliced from a cached whole split. ``on_batch(n)``
+        is called after each computed batch (progress)."""
         identity = self.identity
         parts = {"features": identity.as_dict(), "dataset": dataset.identity, "split": split}
+        if rows is not None and rows < len(dataset.split(split).labels):
+            whole = self.cache.get(FeatureCache.key(parts), count_miss=False) if self.cache is not None else None
+            if whole is not None:
+                return self._served(dataset, split, whole[:rows], identity, FeatureCache.key(parts))
+            parts["rows"] = rows
         key = FeatureCache.key(parts)
         cached = self.cache.get(key) if self.cache is not None else None
         if cached is None and self.cache is not None:
@@ -165,14 +172,20 @@ class FeatureExtractor:
                     return self._compute(dataset, split, identity, key, parts, on_batch)
         if cached is None:
             return self._compute(dataset, split, identity, key, parts, on_batch)
-        record = ExtractionRecord(dataset.name, dataset.identity, split, len(cached), identity, key, True)
+        return self._served(dataset, split, cached, identity, key)
+
+    def _served(self, dataset: FewShotDataset, split: str, features: np.ndarray, identity: FeatureIdentity,
+                key: str) -> tuple[np.ndarray, ExtractionRecord]:
+        record = ExtractionRecord(dataset.name, dataset.identity, split, len(features), identity, key, True)
         self.records.append(record)
-        return cached, record
+        return features, record
 
     def _compute(self, dataset: FewShotDataset, split: str, identity: FeatureIdentity, key: str, parts: dict[str, Any],
                  on_batch: Callable[[int], None] | None) -> tuple[np.ndarray, ExtractionRecord]:
         record = ExtractionRecord(dataset.name, dataset.identity, split, 0, identity, key, False)
         images = dataset.split(split).images
+        if "rows" in parts:
+            images = images[: parts["rows"]]
         probe = None
         if self.reference and self.reference_for(dataset.identity) is None:  # each dataset's first encoder pass
             probe = ReferenceProbe.for_split(self.pair.image, images, self.pair.device, self.settings.batch_size,

@@ -43,10 +43,11 @@ class FeatureCache:
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.dir / f"{key}.npy", self.dir / f"{key}.json"
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str, count_miss: bool = True) -> np.ndarray | None:
+        """The entry of ``key``, or None (a miss, counted unless ``count_miss`` is false: a look that may fall back)."""
         array_path, meta_path = self._paths(key)
         if not meta_path.exists():
-            self.misses += 1
+            self.misses += count_miss
             return None
         return self._read(key, array_path, meta_path)
 

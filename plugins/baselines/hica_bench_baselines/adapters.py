@@ -22,7 +22,7 @@ from hica_bench_baselines.common import (
     softmax_numpy,
 )
 
-ALIGNED = frozenset({"aligned_encoders", "class_texts"})
+ALIGNED = frozenset({"aligned_encoders", "class_texts", "image_features"})
 
 
 class TipAdapter:

@@ -37,7 +37,7 @@ def class_text_embeddings(task: FewShotTask) -> np.ndarray:
     embedded = l2_normalise(task.encoders.text.encode(texts))
     per_class = embedded.reshape(task.n_classes, len(TEMPLATES), -1).mean(axis=1)
     text = l2_normalise(per_class)
-    if text.shape[1] != task.support_features.shape[1]:
+    if task.support_features is not None and text.shape[1] != task.support_features.shape[1]:
         raise ValueError(f"image features are {task.support_features.shape[1]}-d but text embeddings {text.shape[1]}-d")
     return text
 

@@ -105,7 +105,7 @@ class CoOp:
     fixed (CLIP's trained value, 100) rather than read from the model; no validation (CoOp uses none).
     """
 
-    needs = frozenset({"aligned_encoders", "class_texts", "text_encoder"})
+    needs = frozenset({"aligned_encoders", "class_texts", "text_encoder", "image_features"})
 
     def __init__(self, n_ctx: int = 16, lr: float = 0.002, epochs: int = 0, batch_size: int = 32,
                  init_std: float = 0.02, logit_scale: float = 100.0) -> None:
