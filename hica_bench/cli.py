@@ -433,7 +433,7 @@ def check_(
                             tolerance, noise_z, throughput_tolerance)
     rows = outcome.rows
     stdout = Console(width=200)  # CI logs: never fold the table
-    shown = rows[rows["verdict"].isin(["regressed", "improved", "changed"])]
+    shown = rows[rows["verdict"].isin(["regressed", "improved", "changed", "not comparable"])]
     if len(shown):
         table = Table(title=escape(f"{results} vs baseline {baseline}"))
         for column in ("verdict", "dataset", "method", "k", "what", "baseline", "run", "change", "allowed", "note"):
@@ -451,7 +451,8 @@ def check_(
     for note in outcome.notes:
         stdout.print(f"note: {note}", markup=False, highlight=False)
     stdout.print(f"{outcome.compared} cells compared; checks: {outcome.count('regressed')} regressed, {outcome.count('improved')} "
-                 f"improved, {outcome.count('ok')} within tolerance; {len(missing)} cells missing from the run", highlight=False)
+                 f"improved, {outcome.count('ok')} within tolerance, {outcome.count('not comparable')} not comparable; "
+                 f"{len(missing)} cells missing from the run", highlight=False)
     if report:
         atomic_write(report, rows.to_json(orient="records", indent=1) + "\n")
     if outcome.regressed:

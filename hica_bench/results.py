@@ -51,7 +51,7 @@ from hica_bench.files import digest
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -99,6 +99,10 @@ class Timings:
     predict_s: float | None = None  #: its ``predict_proba`` on the test features
     encoder_images_per_s: float | None = None  #: this run's extraction rate of the dataset (absent: features cached)
     reference_images_per_s: float | None = None  #: the plain eager forward, measured during that extraction
+    #: median of the interleaved (harness ÷ plain eager) pairs of that extraction (schema 4 on; see ReferenceProbe)
+    paired_efficiency: float | None = None
+    efficiency_spread: float | None = None  #: their relative interquartile range: the run's own noise
+    cpu_contention: float | None = None  #: share of the machine's CPU time other processes used during the extraction
 
     @property
     def efficiency(self) -> float | None:
@@ -233,6 +237,9 @@ class CellResult:
         record = {k: v for k, v in record.items() if k not in ("cell_id", "origin_id")}  # derived, recomputed
         if record.get("schema_version") == 2:  # before per-class scores and saved predictions
             record = {"per_class": None, "predictions": None, **record}
+        if record.get("schema_version") in (2, 3) and isinstance(record.get("timings"), dict):  # before paired timing
+            record["timings"] = {"paired_efficiency": None, "efficiency_spread": None, "cpu_contention": None,
+                                 **record["timings"]}
         result = _typed(cls, record, "", strict=True)
         if (result.status is Status.OK) != (result.metrics is not None):
             raise ValueError(f"status {result.status.value!r} with metrics {'given' if result.metrics else 'missing'}")

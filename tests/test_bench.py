@@ -8,6 +8,7 @@ the bench report itself.
 import json
 import math
 import statistics
+import time
 
 import pytest
 
@@ -197,3 +198,39 @@ def test_reference_probe_times_warm_passes_at_a_fixed_spacing():
     long = ReferenceProbe.for_split(encoder, np.tile(images, (3, 1, 1)), "cpu", batch_size=10, passes=3, warmup=0)
     encode_images(np.tile(images, (3, 1, 1)), encoder, "cpu", 10, on_batch=long)
     assert encoder.calls == ([10] * 4 + raw[:1]) * 3 + [10] * 18 and len(long.times) == 3
+
+
+class LoadedEncoder(CountingEncoder):
+    """Each call sleeps ``per_image`` seconds per image; ``per_image`` triples half-way, as if a neighbour started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_image = 0.002
+
+    def encode(self, images):
+        time.sleep(self.per_image * len(images))
+        return super().encode(images)
+
+
+def test_reference_probe_pairs_each_pass_with_the_extraction_just_before_it():
+    import numpy as np
+
+    from hica_bench.extraction.encode import ReferenceProbe, encode_images
+
+    encoder = LoadedEncoder()
+    images = np.random.default_rng(0).integers(0, 255, (120, 28, 28), dtype=np.uint8)
+    probe = ReferenceProbe.for_split(encoder, images, "cpu", batch_size=10, passes=4, warmup=0)
+
+    def on_batch(count):
+        probe(count)
+        if probe._batches == 6:  # the machine gets busy: everything is 3x slower from here on
+            encoder.per_image = 0.006
+
+    encode_images(images, encoder, "cpu", 10, on_batch=on_batch)
+    assert len(probe.pairs) == len(probe.times) == 4  # after batches 3, 6, 9, 12 (every 12 // 4); batch 1 not paired
+    ratios = probe.ratios
+    assert ratios == [harness * seconds / 8 for harness, seconds in probe.pairs]
+    assert probe.paired_efficiency == statistics.median(ratios)
+    rates = [harness for harness, _ in probe.pairs]
+    assert rates[-1] < rates[0] / 2  # the extraction did slow down ...
+    assert max(ratios) / min(ratios) < 1.5 and probe.spread < 0.3  # ... and each pass with it: the ratio held

@@ -109,16 +109,46 @@ def test_seed_noise_bound_from_the_baseline_std(run, tmp_path, check):
     assert within_noise.returncode == 0, within_noise.stdout
 
 
-def test_baseline_with_better_throughput_is_a_regression(run, tmp_path, check):
-    def faster(record):
-        if "encoder_images_per_s" in record["timings"]:
-            record["timings"]["encoder_images_per_s"] *= 2
+def measured(spread=0.05, contention=0.0, factor=1.0):
+    """A record change: this side's throughput measured with ``spread`` and ``contention``, ``factor`` times as fast."""
+    def change(record):
+        timings = record["timings"]
+        if timings["encoder_images_per_s"]:
+            timings["encoder_images_per_s"] *= factor
+            timings["paired_efficiency"] *= factor
+            timings["efficiency_spread"], timings["cpu_contention"] = spread, contention
+    return change
 
-    result = check(doctor(run, tmp_path, faster), run)
+
+def test_run_records_its_paired_efficiency_spread_and_contention(run):
+    ok = [r["timings"] for r in _records(run) if r["status"] == "ok"]
+    assert all(t["paired_efficiency"] > 0 and t["efficiency_spread"] >= 0 and 0 <= t["cpu_contention"] <= 1 for t in ok)
+
+
+def test_baseline_with_better_throughput_is_a_regression(run, tmp_path, check):
+    quiet_run = doctor(run, tmp_path, measured(), "run.jsonl")
+    result = check(doctor(run, tmp_path, measured(factor=2)), quiet_run)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "harness / plain eager" in result.stdout and "-50.0%" in result.stdout
+    assert "harness / plain eager images/s (paired)" in result.stdout and "-50.0%" in result.stdout
     # within a generous tolerance it passes
-    assert check(tmp_path / "baseline.jsonl", run, "--throughput-tolerance", "0.6").returncode == 0
+    assert check(tmp_path / "baseline.jsonl", quiet_run, "--throughput-tolerance", "0.6").returncode == 0
+
+
+@pytest.mark.parametrize("spread, contention, factor, verdict, why", [
+    (0.05, 0.55, 1.8, "not comparable", "other processes used 55 % of the CPUs during the run's encoder pass"),
+    (0.60, 0.0, 1.8, "not comparable", "the runs' own spread is 60 %"),
+    (0.05, 0.55, 3.5, "regressed", "other processes used 55 % of the CPUs during the run's encoder pass"),
+    (0.05, 0.05, 1.8, "regressed", ""),  # a little load is no excuse
+])
+def test_a_drop_within_the_runs_own_noise_is_not_comparable(run, tmp_path, check, spread, contention, factor, verdict, why):
+    baseline = doctor(run, tmp_path, measured(factor=factor))
+    result = check(baseline, doctor(run, tmp_path, measured(spread, contention), "run.jsonl"), "--report", tmp_path / "r.json")
+    assert result.returncode == (1 if verdict == "regressed" else 0), result.stdout
+    row = next(r for r in json.loads((tmp_path / "r.json").read_text()) if r["method"] == "(encoder pass)")
+    assert row["verdict"] == verdict and why in row["note"], row
+    if verdict == "not comparable":
+        assert row["note"].endswith("rerun on an idle machine to judge it") and "1 not comparable" in result.stdout
+    assert f"{1 if verdict == 'regressed' else 0} regressed" in result.stdout
 
 
 def test_failed_cell_and_doctored_leaderboard_csv(run, tmp_path, check):

@@ -35,7 +35,8 @@ def test_features_are_cached_keyed_by_their_identity_and_recorded(medmnist_root,
     assert record.features == extractor.identity and record.features.backend == "eager" and record.features.device == "cpu"
     assert record.dataset_identity == dataset.identity and dataset.identity.startswith("medmnist/breastmnist@28/sha256:")
     assert record.reference_images_per_s > 0  # the plain eager yardstick, measured during this first pass
-    assert set(extractor.throughput(dataset.identity)) == {"encoder_images_per_s", "reference_images_per_s"}
+    assert set(extractor.throughput(dataset.identity)) == {"encoder_images_per_s", "reference_images_per_s", "paired_efficiency",
+                                                       "efficiency_spread", "cpu_contention"}
 
     again = FeatureExtractor(pair, tmp_path, fixed)
     cached, record2 = again.features(dataset, "test")

@@ -46,7 +46,7 @@ def test_a_record_round_trips_typed(tmp_path):
     assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
     record = json.loads(store.path.read_text())
     assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
-    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 3
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 4
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -65,7 +65,7 @@ def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
     del record["identity"]
     with store.path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 3"):
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 4"):
         store.load()
 
 
@@ -148,9 +148,28 @@ def test_a_schema_2_record_reads_without_per_class_scores(tmp_path):
     """Schema 2 (the first with identities) had no per-class scores or saved predictions: read as None, same cell."""
     record = json.loads(_result(0).to_json())
     del record["per_class"], record["predictions"]
+    for name in ("paired_efficiency", "efficiency_spread", "cpu_contention"):
+        del record["timings"][name]
     record["schema_version"] = 2
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(record) + "\n")
     (loaded,) = ResultsStore(path).load().values()
     assert loaded.per_class is None and loaded.predictions is None and loaded.cell_id == _result(0).cell_id
     assert loaded.schema_version == 2 and loaded.metrics.acc == 0.5
+
+
+def test_a_schema_3_record_reads_without_the_paired_throughput(tmp_path):
+    """Schema 3 had per-class scores but not the paired efficiency, its spread or the CPU contention: read as None."""
+    record = json.loads(_result(0).to_json())
+    for name in ("paired_efficiency", "efficiency_spread", "cpu_contention"):
+        del record["timings"][name]
+    record["schema_version"] = 3
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (loaded,) = ResultsStore(path).load().values()
+    assert loaded.timings.paired_efficiency is None and loaded.timings.cpu_contention is None
+    assert loaded.cell_id == _result(0).cell_id and loaded.schema_version == 3
+    record["schema_version"] = 4  # the same record claiming schema 4 lacks fields it must have
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match="missing field timings.paired_efficiency"):
+        ResultsStore(path).load()

@@ -33,7 +33,7 @@ def test_per_class_scores_and_saved_predictions_recompute_the_metrics(medmnist_r
     code, out, err = invoke(*grid(tmp_path, medmnist_root, "--save-predictions"))
     assert code == 0, err
     for record in records(tmp_path / "out"):
-        assert record["schema_version"] == 3 and record["predictions"] == f"predictions/{record['cell_id']}.npz"
+        assert record["schema_version"] == 4 and record["predictions"] == f"predictions/{record['cell_id']}.npz"
         with np.load(tmp_path / "out" / record["predictions"], allow_pickle=False) as saved:
             proba, labels = saved["proba"], saved["labels"]
         assert proba.shape == (156, 2) and proba.dtype == np.float32 and len(labels) == 156

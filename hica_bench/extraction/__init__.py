@@ -34,7 +34,7 @@ import numpy as np
 from hica_bench.data import preprocessing_id
 from hica_bench.extraction.backends import Forward
 from hica_bench.extraction.cache import FeatureCache
-from hica_bench.extraction.encode import ReferenceProbe, encode_images, precision
+from hica_bench.extraction.encode import CpuContention, ReferenceProbe, encode_images, precision
 from hica_bench.extraction.tuning import ExtractionSettings, Requested, Tuning, allocator, build_forward, choose
 from hica_bench.interfaces import EncoderPair, FewShotDataset
 
@@ -75,6 +75,9 @@ class ExtractionRecord:
     seconds: float = 0.0  #: encoding time, without the reference probe's passes
     settings: ExtractionSettings | None = None  #: how it ran (None: from the cache)
     reference_images_per_s: float | None = None  #: the plain eager yardstick, when measured during this pass
+    paired_efficiency: float | None = None  #: median of its interleaved harness ÷ yardstick pairs (ReferenceProbe)
+    efficiency_spread: float | None = None  #: their relative interquartile range: the run's own noise
+    cpu_contention: float | None = None  #: share of the machine's CPU time other processes used during the pass
 
     @property
     def images_per_s(self) -> float | None:
@@ -191,12 +194,15 @@ class FeatureExtractor:
             probe = ReferenceProbe.for_split(self.pair.image, images, self.pair.device, self.settings.batch_size,
                                              self.settings.precision != "fp32")
             on_batch = _both(on_batch, probe)
+        contention = CpuContention().start()
         start = time.perf_counter()
         features = self.encode(images, on_batch)
         record.seconds = time.perf_counter() - start
+        record.cpu_contention = contention.stop()
         if probe is not None and probe.images_per_s:
             record.seconds -= probe.paused_s
             record.reference_images_per_s = probe.images_per_s
+            record.paired_efficiency, record.efficiency_spread = probe.paired_efficiency, probe.spread
         record.n_images, record.settings = len(features), self.settings
         if self.cache is not None:
             self.cache.put(key, features, parts)
@@ -216,9 +222,13 @@ class FeatureExtractor:
         if seconds <= 0:
             return {}
         out = {"encoder_images_per_s": sum(r.n_images for r in computed) / seconds}
-        reference = self.reference_for(dataset_identity)
-        if reference:
-            out["reference_images_per_s"] = reference
+        measured = next((r for r in computed if r.reference_images_per_s), None)
+        if measured is not None:
+            out.update(reference_images_per_s=measured.reference_images_per_s,
+                       paired_efficiency=measured.paired_efficiency, efficiency_spread=measured.efficiency_spread)
+        contentions = [(r.cpu_contention, r.seconds) for r in computed if r.cpu_contention is not None]
+        if contentions:
+            out["cpu_contention"] = sum(c * s for c, s in contentions) / max(sum(s for _, s in contentions), 1e-9)
         return out
 
     def describe(self) -> dict[str, Any]:

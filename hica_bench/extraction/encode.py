@@ -110,8 +110,10 @@ class ReferenceProbe:
         self.forward = eager_forward(encoder, device, precision(device, amp))
         self.every, self.passes, self.warmup = max(1, every), passes, warmup
         self.times: list[float] = []
+        self.pairs: list[tuple[float, float]] = []  #: (the extraction's images/s since the previous pass, this pass's s)
         self.paused_s = 0.0
         self._batches = 0
+        self._images, self._since = 0, time.perf_counter()
 
     @classmethod
     def for_split(cls, encoder: ImageEncoder, images: np.ndarray, device: str, batch_size: int, amp: bool = True,
@@ -125,11 +127,80 @@ class ReferenceProbe:
     def __call__(self, count: int) -> None:
         start = time.perf_counter()
         self._batches += 1
+        if self._batches == 1:  # the first batch pays the start-up (a session to build, cold caches): not paired
+            self._since = start
+        else:
+            self._images += count
         if self._batches % self.every == 0 and len(self.times) < self.passes:
+            harness = self._images / (start - self._since) if self._images and start > self._since else None
             warmup, self.warmup = self.warmup, 0
             self.times += forward_seconds(self.forward, self.batch, self.device, iterations=1, warmup=warmup)
+            if harness is not None:
+                self.pairs.append((harness, self.times[-1]))
+            self._images, self._since = 0, time.perf_counter()
         self.paused_s += time.perf_counter() - start
 
     @property
     def images_per_s(self) -> float | None:
         return len(self.batch) / float(np.median(self.times)) if self.times else None
+
+    @property
+    def ratios(self) -> list[float]:
+        """Each timed pass paired with the extraction's rate just before it: harness images/s ÷ plain eager images/s,
+        measured seconds apart, so both saw the same machine load."""
+        return [harness * seconds / len(self.batch) for harness, seconds in self.pairs]
+
+    @property
+    def paired_efficiency(self) -> float | None:
+        """The median of :attr:`ratios` (None without a pass)."""
+        return float(np.median(self.ratios)) if self.ratios else None
+
+    @property
+    def spread(self) -> float | None:
+        """The run's own noise on :attr:`paired_efficiency`: the interquartile range of :attr:`ratios` relative to their
+        median (None with fewer than 3 pairs)."""
+        ratios = self.ratios
+        if len(ratios) < 3:
+            return None
+        q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+        return float((q75 - q25) / q50)
+
+
+class CpuContention:
+    """The share of the machine's CPU time that *other* processes used between :meth:`start` and :meth:`stop`
+    (0: the machine was ours; 0.5 on 2 cores: a busy loop took one whole core), from psutil's system-wide and
+    per-process counters. A throughput measured under contention says less about the code than about the machine:
+    ``hica-bench check`` widens its bound by it. None where psutil cannot read the counters."""
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float, float] | None = None
+        self.share: float | None = None
+
+    @staticmethod
+    def _now() -> tuple[float, float, float] | None:
+        try:
+            import psutil
+
+            system = psutil.cpu_times()
+            busy = sum(system) - system.idle - getattr(system, "iowait", 0.0)
+            own = psutil.Process().cpu_times()
+            return time.perf_counter(), busy, own.user + own.system
+        except Exception:  # no psutil, or counters this platform does not give
+            return None
+
+    def start(self) -> "CpuContention":
+        self._start = self._now()
+        return self
+
+    def stop(self) -> float | None:
+        end = self._now()
+        if self._start is None or end is None:
+            return None
+        import os
+
+        wall, machine = end[0] - self._start[0], os.cpu_count() or 1  # the counters cover every CPU of the machine
+        if wall <= 0:
+            return None
+        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        self.share = float(min(1.0, max(0.0, others / (wall * machine))))
+        return self.share

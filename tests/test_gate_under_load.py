@@ -1,0 +1,55 @@
+"""The throughput gate on a deliberately loaded CPU (a busy loop beside the run), with the real pretrained encoder:
+clean code still passes, a real slowdown (ONNX Runtime off, so plain eager at a fixed batch) still fails."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import invoke
+
+pytest.importorskip("onnxruntime")
+
+SETTINGS = ["--batch-size", "16", "--threads", "2", "--no-channels-last"]  # fixed: no probe, the same as the baseline's
+
+
+def _run(medmnist_root: Path, root: Path, name: str, backend: str, busy: int, onnx_from: Path | None = None) -> Path:
+    cache = root / name / "cache"
+    if onnx_from is not None:  # the exported graph is reused (its export is not what is measured)
+        shutil.copytree(onnx_from / "onnx", cache / "onnx")
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        code, _, err = invoke("run", "--datasets", "breastmnist", "--methods", "prototype", "--shots", "1", "--seeds", "0",
+                              "--max-test", "40", "--data-root", medmnist_root, "--cache-dir", cache,
+                              "--out", root / name / "out", "--backend", backend, *SETTINGS, "--quiet")
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    assert code == 0, err
+    return root / name / "out"
+
+
+def _verdict(baseline: Path, run: Path, report: Path) -> tuple[int, dict]:
+    code, _, _ = invoke("check", "--baseline", baseline, "--results", run, "--report", report)
+    rows = json.loads(report.read_text())
+    return code, next(r for r in rows if r["method"] == "(encoder pass)")
+
+
+@pytest.mark.slow
+def test_the_gate_holds_on_a_loaded_cpu(medmnist_root, tmp_path):
+    baseline = _run(medmnist_root, tmp_path, "baseline", "onnxruntime", busy=0)
+    clean = _run(medmnist_root, tmp_path, "clean", "onnxruntime", busy=1, onnx_from=tmp_path / "baseline" / "cache")
+    slow = _run(medmnist_root, tmp_path, "slow", "eager", busy=1)
+    loaded = json.loads((clean / "results.jsonl").read_text().splitlines()[0])["timings"]
+    assert loaded["cpu_contention"] >= 0.2, loaded  # the busy loop was seen
+
+    code, row = _verdict(baseline, clean, tmp_path / "clean.json")
+    assert code == 0 and row["verdict"] in ("ok", "improved", "not comparable"), row
+    code, row = _verdict(baseline, slow, tmp_path / "slow.json")
+    assert code == 1 and row["verdict"] == "regressed", row
