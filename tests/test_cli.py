@@ -101,7 +101,7 @@ def test_list_and_help():
         if command == ["run"]:
             help_text = " ".join(shown.stdout.split())
             assert "[default: $HICA_BENCH_DATA, else the dataset's own default]" in help_text
-            assert "[default: the installed plugins' default suite]" in help_text
+            assert "[default: the suite's, else the installed plugins' default suite]" in help_text
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import re
 import subprocess
 import time
 
-from conftest import TEST_PLUGINS
+from conftest import TEST_PLUGINS, invoke
 from hica_bench.progress import LogEvents
 from hica_bench.results import CellKey
 
@@ -35,7 +35,7 @@ def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     return process.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
 
 
-def test_a_terminal_gets_a_live_display_and_a_pipe_gets_log_lines(medmnist_root, tmp_path):
+def test_a_terminal_gets_a_live_display(medmnist_root, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")]),
            "COLUMNS": "120"}
     args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
@@ -47,16 +47,21 @@ def test_a_terminal_gets_a_live_display_and_a_pipe_gets_log_lines(medmnist_root,
     assert re.search(r"4/4", shown) and "4 ran ok" in re.sub(r"\x1b\[[0-9;]*m", "", shown)
     assert not re.search(STAMP, shown)  # no log lines on a terminal
 
-    piped = subprocess.run(["hica-bench", *args, "--out", str(tmp_path / "pipe")], env=env, capture_output=True, text=True)
-    assert piped.returncode == 0, piped.stderr
-    assert "\x1b[" not in piped.stderr and "\x1b[" not in piped.stdout  # no control codes in a log
-    lines = piped.stderr.splitlines()
+
+def test_a_pipe_gets_log_lines_and_quiet_nothing(medmnist_root, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
+    args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
+            "--shots", "1,2", "--seeds", "0,1", "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache",
+            "--backend", "eager", "--batch-size", "64", "--threads", "2", "--no-channels-last"]
+    code, out, err = invoke(*args, "--out", tmp_path / "pipe")  # stdout and stderr are no terminal here
+    assert code == 0, err
+    assert "\x1b[" not in err and "\x1b[" not in out  # no control codes in a log
+    lines = err.splitlines()
     assert all(re.match(STAMP, line) for line in lines) and len([x for x in lines if " cell " in x]) == 4, lines
 
-    quiet = subprocess.run(["hica-bench", *args, "--out", str(tmp_path / "quiet"), "--quiet"], env=env,
-                           capture_output=True, text=True)
-    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
-    assert "4 ran ok" in " ".join(quiet.stdout.split())
+    code, out, err = invoke(*args, "--out", tmp_path / "quiet", "--quiet")
+    assert code == 0 and err == "", err
+    assert "4 ran ok" in " ".join(out.split())
 
 
 def test_a_long_step_is_announced_by_the_heartbeat():
