@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -144,15 +145,22 @@ def test_values_a_plugin_hands_over_are_written_not_crashed_on(tmp_path):
     assert loaded.components_used[0].options["fraction"] == 0.3 and loaded.cell_id == result.cell_id
 
 
-def test_a_schema_2_record_reads_without_per_class_scores(tmp_path):
-    """Schema 2 (the first with identities) had no per-class scores or saved predictions: read as None, same cell."""
+def _written_by_schema(version: int, tmp_path: Path) -> tuple[dict, Path]:
+    """A record as schema ``version`` (2 or 3) wrote it, in a results file of its own: (record, path)."""
     record = json.loads(_result(0).to_json())
-    del record["per_class"], record["predictions"]
-    for name in ("paired_efficiency", "efficiency_spread", "cpu_contention"):
+    if version == 2:  # before per-class scores and saved predictions
+        del record["per_class"], record["predictions"]
+    for name in ("paired_efficiency", "efficiency_spread", "cpu_contention"):  # before the paired throughput
         del record["timings"][name]
-    record["schema_version"] = 2
+    record["schema_version"] = version
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(record) + "\n")
+    return record, path
+
+
+def test_a_schema_2_record_reads_without_per_class_scores(tmp_path):
+    """Schema 2 (the first with identities) had no per-class scores or saved predictions: read as None, same cell."""
+    _, path = _written_by_schema(2, tmp_path)
     (loaded,) = ResultsStore(path).load().values()
     assert loaded.per_class is None and loaded.predictions is None and loaded.cell_id == _result(0).cell_id
     assert loaded.schema_version == 2 and loaded.metrics.acc == 0.5
@@ -160,12 +168,7 @@ def test_a_schema_2_record_reads_without_per_class_scores(tmp_path):
 
 def test_a_schema_3_record_reads_without_the_paired_throughput(tmp_path):
     """Schema 3 had per-class scores but not the paired efficiency, its spread or the CPU contention: read as None."""
-    record = json.loads(_result(0).to_json())
-    for name in ("paired_efficiency", "efficiency_spread", "cpu_contention"):
-        del record["timings"][name]
-    record["schema_version"] = 3
-    path = tmp_path / "results.jsonl"
-    path.write_text(json.dumps(record) + "\n")
+    record, path = _written_by_schema(3, tmp_path)
     (loaded,) = ResultsStore(path).load().values()
     assert loaded.timings.paired_efficiency is None and loaded.timings.cpu_contention is None
     assert loaded.cell_id == _result(0).cell_id and loaded.schema_version == 3
