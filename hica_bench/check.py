@@ -15,13 +15,14 @@ origins differ (another backend, checkpoint, plugin version or option default), 
   no tuning), so it does not depend on the machine but does catch a slower backend, batch size or data path.
   Where both sides recorded it (schema 4), the efficiency is the median of the extraction's interleaved pairs
   (the harness rate just before each yardstick pass ÷ that pass), so both halves of each ratio saw the same load.
-  It regresses when it falls by more than its bound: the largest of ``throughput_tolerance``, the runs' own noise
+  It regresses when it falls by more than its bound: the larger of ``throughput_tolerance`` and the runs' own noise
   (:func:`paired_noise`: two standard errors of the difference of the two medians, from each side's interquartile
   range of its pairs); when other processes used a share ``c`` >= :data:`BUSY` of the machine's CPUs during either
   side's extraction, it widens further to ``1 - (1 - bound)(1 - c)`` (a run that lost ``c`` of the machine may lose
   that share of its efficiency on top). A drop past ``throughput_tolerance`` but within that bound is *not
-  comparable* (the note says why; not a failure); past it, a regression even on a busy machine. Measured on 2 cores (see the README): with one or two busy loops beside it, clean code's paired efficiency
-  moved -12 % to +17 % (the unpaired ratio fell 25-45 %), ONNX Runtime off moved it -77 % to -80 %.
+  comparable* (the note says why; not a failure); past it, a regression even on a busy machine. Measured on 2 cores
+  (see the README): with one or two busy loops beside it, clean code's paired efficiency moved -12 % to +17 % (the
+  unpaired ratio fell 25-45 %); ONNX Runtime off moved it -77 % to -80 %.
 
 Cells only in the baseline are listed as missing (not a failure). Bad input (unreadable files, unknown
 schema, no overlapping cells) raises :class:`UserError`.
