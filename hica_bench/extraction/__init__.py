@@ -158,8 +158,9 @@ class FeatureExtractor:
                  rows: int | None = None) -> tuple[np.ndarray, ExtractionRecord]:
         """Features of ``dataset.split(split)`` (of its first ``rows`` images when given, e.g. ``--max-test``): from the
         cache when a valid entry exists, else computed and stored. A prefix is its own cache entry (``rows`` is part of
-        its key, so it is never taken for the whole split); it is also sliced from a cached whole split. ``on_batch(n)``
-        is called after each computed batch (progress)."""
+        its key, so it is never taken for the whole split); it is also sliced from a cached whole split. It is
+        encoded up to the next batch boundary, so each of its rows comes from the same batch as in the whole split and
+        both ways give the same bits. ``on_batch(n)`` is called after each computed batch (progress)."""
         identity = self.identity
         parts = {"features": identity.as_dict(), "dataset": dataset.identity, "split": split}
         if rows is not None and rows < len(dataset.split(split).labels):
@@ -187,8 +188,9 @@ class FeatureExtractor:
                  on_batch: Callable[[int], None] | None) -> tuple[np.ndarray, ExtractionRecord]:
         record = ExtractionRecord(dataset.name, dataset.identity, split, 0, identity, key, False)
         images = dataset.split(split).images
-        if "rows" in parts:
-            images = images[: parts["rows"]]
+        rows = parts.get("rows")
+        if rows is not None:  # up to the batch boundary: each row is computed in the very batch the whole split has
+            images = images[: -(-rows // self.settings.batch_size) * self.settings.batch_size]
         probe = None
         if self.reference and self.reference_for(dataset.identity) is None:  # each dataset's first encoder pass
             probe = ReferenceProbe.for_split(self.pair.image, images, self.pair.device, self.settings.batch_size,
@@ -196,7 +198,7 @@ class FeatureExtractor:
             on_batch = _both(on_batch, probe)
         contention = CpuContention().start()
         start = time.perf_counter()
-        features = self.encode(images, on_batch)
+        features = self.encode(images, on_batch)[:rows]
         record.seconds = time.perf_counter() - start
         record.cpu_contention = contention.stop()
         if probe is not None and probe.images_per_s:
