@@ -114,3 +114,14 @@ def invoke(*args) -> tuple[int, str, str]:
     finally:
         sys.argv = argv
     return exited.value.code, out.getvalue(), err.getvalue()
+
+
+def prototype_run(medmnist_root: Path, cache: Path, out: Path, seeds: str, *extra) -> None:
+    """``hica-bench -p pixel_encoder run`` of prototype at 1 shot on the real BreastMNIST, in this process (a module
+    fixture's finished results for the bad-input and hostile-input tests to start from)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(TEST_PLUGINS))
+        code, _, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods",
+                              "prototype", "--shots", "1", "--seeds", seeds, "--data-root", medmnist_root,
+                              "--cache-dir", cache, "--out", out, *extra)
+    assert code == 0, err

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import TEST_PLUGINS, invoke, write_medmnist_npz
+from conftest import TEST_PLUGINS, invoke, prototype_run, write_medmnist_npz
 from hica_bench.registry import ALLOW_ENV, DISABLE_AUTOLOAD_ENV
 
 
@@ -32,12 +32,7 @@ def _isolated(monkeypatch):
 def finished(medmnist_root, tmp_path_factory) -> Path:
     """A results folder holding one finished cell."""
     out = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(TEST_PLUGINS))
-        code, _, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods",
-                              "prototype", "--shots", "1", "--seeds", "0", "--data-root", str(medmnist_root),
-                              "--cache-dir", str(out / "cache"), "--out", str(out))
-    assert code == 0, err
+    prototype_run(medmnist_root, out / "cache", out, "0")
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
     return out / "results.jsonl"
 

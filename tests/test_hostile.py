@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TEST_PLUGINS, invoke
+from conftest import TEST_PLUGINS, invoke, prototype_run
 from hica_bench.registry import ALLOW_ENV, load_registry
 
 FAST = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -37,13 +37,8 @@ def _plugins(monkeypatch):
 def finished(medmnist_root, tmp_path_factory) -> Path:
     """A results folder with two finished cells (prototype, k=1, seeds 0 and 1), and its feature cache."""
     root = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(TEST_PLUGINS))
-        code, _, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods",
-                              "prototype", "--shots", "1", "--seeds", "0,1", "--data-root", medmnist_root,
-                              "--cache-dir", root / "cache", "--out", root / "out", "--backend", "eager", "--batch-size", "64",
-                              "--threads", "2", "--no-channels-last", "--quiet")
-    assert code == 0, err
+    prototype_run(medmnist_root, root / "cache", root / "out", "0,1", "--backend", "eager", "--batch-size", "64",
+                  "--threads", "2", "--no-channels-last", "--quiet")
     return root
 
 
