@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from hica_bench.errors import UserError
+from hica_bench.extraction.encode import REFERENCE_PASSES
 from hica_bench.metrics import HEADLINE, aggregate
 from hica_bench.results import LEGACY, Origin, ResultsStore, Status, origin_differences
 
@@ -47,7 +48,6 @@ CELL = ["dataset", "size", "encoder", "method", "k", "max_test"]
 SPEED_FACTS = ("device", "device_name", "cpu_model", "cpu_count", "torch_threads")
 DEFAULT_TOLERANCE = 1.0  #: percentage points
 DEFAULT_THROUGHPUT_TOLERANCE = 0.4  #: relative drop of harness efficiency (its run-to-run spread on a shared 2-core VM: ±18 %)
-PAIRS = 7  #: timed yardstick passes per extraction (:class:`hica_bench.extraction.encode.ReferenceProbe`'s default)
 BUSY = 0.1  #: share of the machine's CPU time used by other processes from which a throughput counts as measured under load
 
 
@@ -232,7 +232,7 @@ def compare(baseline: Side, run: Side, tolerance: float = DEFAULT_TOLERANCE, noi
     return Report(frame, len(common), notes)
 
 
-def paired_noise(spread_baseline: float, spread_run: float, pairs: int = PAIRS) -> float:
+def paired_noise(spread_baseline: float, spread_run: float, pairs: int = REFERENCE_PASSES) -> float:
     """Two standard errors of (run − baseline) of paired efficiency, relative: each side's median of ``pairs`` ratios
     has a standard error of about 1.2533 σ / √pairs, with σ ≈ its interquartile range / 1.349 (normal ratios)."""
     se = 1.2533 / 1.349 / math.sqrt(pairs)

@@ -371,16 +371,18 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     store.check_writable()
     finished = {cell_id for cell_id, r in store.load().items() if r.status.finished and not settings.force}
     datasets = open_datasets(grid, settings)
+    needs = {method.label: method_needs(method) for method in grid.methods}
     for encoder in grid.encoders:  # one encoder in memory at a time
-        _run_encoder(grid, settings, registry, events, encoder, datasets, store, finished, summary)
+        _run_encoder(grid, settings, registry, events, encoder, datasets, needs, store, finished, summary)
     summary.leaderboard = leaderboard.write(list(store.load().values()), settings.out_dir)
     summary.wall_s = time.perf_counter() - started
     return summary
 
 
 def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Events, encoder: Choice,
-                 datasets: dict[str, FewShotDataset], store: ResultsStore, finished: set[str], summary: Summary) -> None:
-    """The grid's cells with ``encoder``."""
+                 datasets: dict[str, FewShotDataset], needs: dict[str, frozenset[str]], store: ResultsStore,
+                 finished: set[str], summary: Summary) -> None:
+    """The grid's cells with ``encoder`` (``needs``: each method label's declared needs)."""
     pair: EncoderPair = encoder.build(device=settings.device)
     if "random-init" in pair.image.identity:
         summary.random_init.append(encoder.label)
@@ -388,7 +390,6 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
     events.stage(f"{encoder.label}: encoder settings (probed once per encoder and machine, then remembered)")
     summary.tuning[encoder.label] = extractor.tuning
     env = environment(settings.device, extractor.describe())
-    needs = {method.label: method_needs(method) for method in grid.methods}
     work, skipped_here = [], 0
     for choice in grid.datasets:
         dataset = datasets[choice.label]

@@ -87,6 +87,7 @@ def forward_seconds(forward: Forward, batch, device: str, iterations: int, warmu
 
 
 REFERENCE_BATCH = 8  #: images in the plain eager yardstick's fixed batch, whatever the extraction's batch size
+REFERENCE_PASSES = 7  #: timed yardstick passes per extraction (each paired with the extraction's rate before it)
 
 
 class ReferenceProbe:
@@ -104,8 +105,8 @@ class ReferenceProbe:
     extraction's seconds. ``images_per_s`` is the median raw rate (None until a pass ran, e.g. on a cache hit).
     """
 
-    def __init__(self, encoder: ImageEncoder, batch, device: str, amp: bool, every: int = 1, passes: int = 7,
-                 warmup: int = 2) -> None:
+    def __init__(self, encoder: ImageEncoder, batch, device: str, amp: bool, every: int = 1,
+                 passes: int = REFERENCE_PASSES, warmup: int = 2) -> None:
         self.batch, self.device = batch, device
         self.forward = eager_forward(encoder, device, precision(device, amp))
         self.every, self.passes, self.warmup = max(1, every), passes, warmup
@@ -117,7 +118,7 @@ class ReferenceProbe:
 
     @classmethod
     def for_split(cls, encoder: ImageEncoder, images: np.ndarray, device: str, batch_size: int, amp: bool = True,
-                  passes: int = 7, warmup: int = 2) -> "ReferenceProbe":
+                  passes: int = REFERENCE_PASSES, warmup: int = 2) -> "ReferenceProbe":
         """A pass after every 4th batch of the extraction of ``images`` in batches of ``batch_size`` (more often
         when the split has fewer than ``4 * passes`` batches); the fixed batch is their first :data:`REFERENCE_BATCH`."""
         n_batches = -(-len(images) // batch_size)
