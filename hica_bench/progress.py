@@ -82,12 +82,13 @@ class LiveEvents(Events):
     def split(self, dataset: str, split: str, images: int) -> Callable[[int], None]:
         self._end_stage()
         task = self._split = self.progress.add_task(escape(f"{dataset} {split} features"), total=images, rate="")
-        started = time.perf_counter()
+        started, done = time.perf_counter(), 0
 
         def advance(count: int) -> None:
-            done = self.progress.tasks[self.progress.task_ids.index(task)].completed + count
+            nonlocal done
+            done += count
             rate = done / max(time.perf_counter() - started, 1e-9)
-            self.progress.update(task, advance=count, rate=f"{rate:.0f} img/s")
+            self.progress.update(task, completed=done, rate=f"{rate:.0f} img/s")
         return advance
 
     def split_done(self, record: ExtractionRecord) -> None:
