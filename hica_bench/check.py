@@ -338,7 +338,8 @@ def environment_differences(baseline: dict[str, Any], run: dict[str, Any]) -> li
     if not baseline or not run:
         return []
     notes = []
-    speed = [f"{fact} {baseline.get(fact)!r} vs {run.get(fact)!r}" for fact in SPEED_FACTS if baseline.get(fact) != run.get(fact)]
+    speed = [f"{fact} {baseline.get(fact)!r} vs {run.get(fact)!r}" for fact in SPEED_FACTS  # None: not known to that run
+             if None not in (baseline.get(fact), run.get(fact)) and baseline.get(fact) != run.get(fact)]
     if speed:
         notes.append("different machines (raw images/s not comparable; harness / plain eager is): " + "; ".join(speed))
     base_packages, run_packages = baseline.get("packages", {}), run.get("packages", {})

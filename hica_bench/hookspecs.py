@@ -35,7 +35,10 @@ def hica_bench_datasets() -> list[PluginSpec]:
 @hookspec
 def hica_bench_encoders() -> list[PluginSpec]:
     """Image/text encoder pairs. ``factory(device, **options)`` returns an
-    :class:`~hica_bench.interfaces.EncoderPair` whose models already live on ``device``."""
+    :class:`~hica_bench.interfaces.EncoderPair` whose models already live on ``device``. Optional, and worth it for a
+    pair that is slow to build: ``describe(device, **options)`` returns its
+    :class:`~hica_bench.interfaces.EncoderCard` (identities, input spec, aligned) without building the models, so a
+    run whose features are all cached never builds them; it must agree with the built pair (the run checks)."""
 
 
 @hookspec

@@ -82,6 +82,9 @@ class PluginSpec:
     components: dict[str, str] = field(default_factory=dict)
     in_default_suite: bool = False
     constraints: dict[str, Option] = field(default_factory=dict)
+    #: encoders only, optional: ``describe(device, **options)`` -> :class:`EncoderCard` (or None) without building the
+    #: models, so a run whose features are all cached skips building them (see :class:`EncoderCard`)
+    describe: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         declared = {k: v for k, v in (self.options or {}).items() if isinstance(v, Option)}
@@ -159,6 +162,27 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class EncoderCard:
+    """What a run needs to know of an encoder pair before it needs the models: the identities (which key the feature
+    cache and every cell identity), the image input spec and whether the pair is aligned.
+
+    An encoder spec's ``describe(device, **options)`` returns one without building anything (reading weight files
+    for their digests at most), so a run whose features are all cached never builds the models; it may return None
+    when it cannot tell that cheaply. The card must equal the built pair's :attr:`EncoderPair.card` (the run checks
+    when it builds the pair, and so does :func:`hica_bench.testing.check_encoder_spec`)."""
+
+    image: str  #: the image encoder's ``identity``
+    input_spec: InputSpec
+    text: str | None  #: the text encoder's ``identity``, None for an image-only pair
+    aligned: bool
+
+    @property
+    def random_init(self) -> bool:
+        """The image weights are a random initialisation (the identity says so; results are labelled with it)."""
+        return "random-init" in self.image
+
+
 @dataclass
 class EncoderPair:
     """What an encoder plugin's factory returns.
@@ -173,6 +197,11 @@ class EncoderPair:
     aligned: bool
     device: str = "cpu"
     modules: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def card(self) -> EncoderCard:
+        return EncoderCard(self.image.identity, self.image.input_spec,
+                           None if self.text is None else self.text.identity, self.aligned)
 
 
 # --------------------------------------------------------------------------- methods

@@ -89,6 +89,12 @@ class Choice:
     def build(self, **fixed: Any) -> Any:
         return self.registered.spec.factory(**fixed, **self.options)
 
+    def describe(self, **fixed: Any) -> Any:
+        """An encoder's :class:`~hica_bench.interfaces.EncoderCard` from its spec's ``describe`` without building it;
+        None when the spec has no ``describe`` or it cannot tell cheaply."""
+        describe = self.registered.spec.describe
+        return None if describe is None else describe(**fixed, **self.options)
+
 
 class Registry:
     """All plugins of one process. Build with :func:`load_registry`."""

@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -632,9 +633,9 @@ def device_name(device: str) -> str:
 
 
 def environment(device: str, extraction: dict[str, Any] | None = None) -> Environment:
-    """Versions and machine facts that decide whether two runs are comparable."""
-    import torch
-
+    """Versions and machine facts that decide whether two runs are comparable (``torch_threads`` is None when the run
+    did not load torch: every feature came from the cache)."""
+    torch = sys.modules.get("torch")
     packages = {}
     for name in ("hica-bench", "torch", "torchvision", "numpy", "scikit-learn", "timm", "open_clip_torch", "transformers", "medmnist"):
         try:
@@ -653,7 +654,7 @@ def environment(device: str, extraction: dict[str, Any] | None = None) -> Enviro
         device_name=device_name(device) if device.startswith("cuda") else cpu,
         cpu_count=os.cpu_count(),
         cpu_model=cpu,
-        torch_threads=torch.get_num_threads(),
+        torch_threads=torch.get_num_threads() if hasattr(torch, "get_num_threads") else None,
         git=_git_hash(),
         extraction=extraction,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -26,9 +27,9 @@ import numpy as np
 
 from hica_bench import __version__, data, leaderboard, protocol
 from hica_bench.errors import NotApplicable, UserError
-from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning
+from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning, Work
 from hica_bench.files import atomic_write, digest, file_lock
-from hica_bench.interfaces import NEEDS, Components, EncoderPair, FewShotDataset, FewShotTask
+from hica_bench.interfaces import NEEDS, Components, EncoderCard, EncoderPair, FewShotDataset, FewShotTask
 from hica_bench.metrics import classification_metrics, per_class
 from hica_bench.registry import Choice, Registry, RunComponents
 from hica_bench.results import CellKey, CellResult, Identity, Origin, ResultsStore, Status, Timings, environment, jsonable
@@ -117,7 +118,85 @@ def out_lock(out_dir: Path):
                         "(then rerun: finished cells are kept) or use another --out") from None
 
 
+class EncoderBuildError(UserError):
+    """Building a described encoder pair failed when a run first needed its models: the run stops with this line."""
+
+
+class LazyEncoderPair:
+    """An encoder pair known by its :class:`~hica_bench.interfaces.EncoderCard` and built on first use of its models
+    (``image``, ``text`` or ``modules``). A run whose features are all cached, with methods that use only image
+    features, never builds it; ``aligned``, ``device`` and ``card`` never build it. The built pair must match the
+    card its spec's ``describe`` gave, else the run stops naming the plugin."""
+
+    def __init__(self, card: EncoderCard, build: Callable[[], EncoderPair], label: str, device: str) -> None:
+        self.card, self.aligned, self.device = card, card.aligned, device
+        self._build, self._label = build, label
+        self._pair: EncoderPair | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._pair is not None
+
+    def pair(self) -> EncoderPair:
+        """The built pair (built now on first call)."""
+        if self._pair is None:
+            try:
+                pair = self._build()
+            except UserError as exc:
+                raise EncoderBuildError(str(exc)) from None
+            if pair.card != self.card:
+                raise EncoderBuildError(f"encoder {self._label}: the plugin's describe() gave {self.card} but the built "
+                                        f"pair is {pair.card}; the plugin must make them agree")
+            self._pair = pair
+        return self._pair
+
+    @property
+    def image(self) -> Any:
+        return self.pair().image
+
+    @property
+    def text(self) -> Any:
+        return None if self.card.text is None else self.pair().text
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        return self.pair().modules
+
+
+def encoder_pair(encoder: Choice, device: str) -> EncoderPair | LazyEncoderPair:
+    """``encoder`` on ``device``: a :class:`LazyEncoderPair` when its spec can describe it, else built now."""
+    card = encoder.describe(device=device)
+    if card is None:
+        return encoder.build(device=device)
+    if not isinstance(card, EncoderCard):
+        raise TypeError(f"encoder {encoder.label}: describe() returned {type(card).__name__}, not an EncoderCard")
+    return LazyEncoderPair(card, lambda: encoder.build(device=device), encoder.label, device)
+
+
+def gpu_driver_present() -> bool:
+    """Whether a GPU driver is there for torch to use (NVIDIA's ``libcuda`` loads, or ROCm's ``/dev/kfd`` exists, and
+    ``CUDA_VISIBLE_DEVICES`` does not hide every device). Without one torch sees no GPU, so ``--device auto`` is the
+    CPU without importing torch (0.5 GB and 3 s for a CUDA wheel: a run served from the cache needs no torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    if os.path.exists("/dev/kfd"):
+        return True
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def resolve_device(requested: str) -> str:
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto" and not gpu_driver_present():
+        return "cpu"
     import torch
 
     if requested == "auto":
@@ -157,12 +236,13 @@ def validate_needs(needs: Any) -> frozenset[str]:
 
 
 def check_needs(needs: Any, pair: EncoderPair, encoder_label: str) -> frozenset[str]:
-    """``needs`` validated (:func:`validate_needs`); NotApplicable when ``pair`` cannot serve them."""
+    """``needs`` validated (:func:`validate_needs`); NotApplicable when ``pair`` cannot serve them (told by its card:
+    nothing is built here)."""
     needs = validate_needs(needs)
-    if "aligned_encoders" in needs and not pair.aligned:
+    if "aligned_encoders" in needs and not pair.card.aligned:
         raise NotApplicable(f"needs an aligned image-text encoder pair; {encoder_label} is not aligned "
                             "(its image and text embeddings are separately trained spaces)")
-    if needs & {"text_encoder", "class_texts", "aligned_encoders"} and pair.text is None:
+    if needs & {"text_encoder", "class_texts", "aligned_encoders"} and pair.card.text is None:
         raise NotApplicable(f"needs a text encoder; {encoder_label} has none")
     return frozenset(needs)
 
@@ -200,12 +280,24 @@ def build_task(*, dataset: str, task: str, class_names: list[str], train_feature
     )
 
 
-def seed_everything(seed: int) -> None:
-    """What every cell does before ``fit``: torch's and numpy's global generators from the cell's seed."""
-    import torch
+_TORCH_SEED: list[int] = []  #: the seed of the cell that runs now, for torch when a method imports it (wrapt's hook)
 
-    torch.manual_seed(seed)
+
+def seed_everything(seed: int) -> None:
+    """What every cell does before ``fit``: torch's and numpy's global generators from the cell's seed. When torch is
+    not imported yet (every feature came from the cache and the encoder was not built), it is seeded the moment the
+    method imports it, through a post-import hook, so a method drawing from torch's global generator gets the same
+    numbers whether or not the harness loaded torch first."""
     np.random.seed(seed % 2**32)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "manual_seed"):
+        torch.manual_seed(seed)
+        return
+    import wrapt
+
+    if not _TORCH_SEED:
+        wrapt.register_post_import_hook(lambda module: module.manual_seed(_TORCH_SEED[-1]), "torch")
+    _TORCH_SEED[:] = [seed]
 
 
 def check_proba(proba: Any, n: int, c: int) -> np.ndarray:
@@ -269,6 +361,8 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
         result.timings = Timings(fit_s=fit_s, predict_s=predict_s)
         if isinstance(getattr(model, "fit_info_", None), dict):
             result.fit_info = jsonable(model.fit_info_)  # whatever it holds (numpy values, objects), it can be written
+    except EncoderBuildError:
+        raise  # the encoder cannot be built (bad weights, a broken plugin): bad input for the whole run, not this cell
     except NotApplicable as exc:
         result.status, result.reason = Status.NOT_APPLICABLE, str(exc)
     except SystemExit as exc:  # a plugin calling sys.exit() must not end the run in silence
@@ -319,7 +413,7 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
         origin = Origin(
             harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
             max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity.as_dict(),
-            text_encoder=pair.text.identity if pair.text is not None else None, method=method.ref,
+            text_encoder=pair.card.text, method=method.ref,
             method_components=registry.components_of(method), device=device.split(":")[0])
         for k in grid.shots:
             for seed in grid.seeds:
@@ -379,17 +473,32 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     return summary
 
 
+def _rows(grid: Grid, split: str, n: int) -> int:
+    """How many of a split's ``n`` images the grid evaluates (``--max-test`` cuts the test split)."""
+    return min(grid.max_test, n) if split == "test" and grid.max_test is not None else n
+
+
+def _work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, frozenset[str]]) -> Work:
+    """The most the grid can encode with one encoder (every needed split of every dataset; finished cells and cached
+    features can only make it less): a settings probe is budgeted by it and times real batches of its first split."""
+    splits = ("train", "test") if any(n & FEATURE_NEEDS for n in needs.values()) else ("test",)
+    parts = [(dataset, split) for dataset in datasets.values() for split in splits]
+    count = sum(_rows(grid, split, len(dataset.split(split).labels)) for dataset, split in parts)
+    return Work(parts[0][0].split(parts[0][1]).images if parts else np.zeros((0, 1, 1), np.uint8), count)
+
+
 def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Events, encoder: Choice,
                  datasets: dict[str, FewShotDataset], needs: dict[str, frozenset[str]], store: ResultsStore,
                  finished: set[str], summary: Summary) -> None:
     """The grid's cells with ``encoder`` (``needs``: each method label's declared needs)."""
-    pair: EncoderPair = encoder.build(device=settings.device)
-    if "random-init" in pair.image.identity:
+    pair = encoder_pair(encoder, settings.device)
+    if pair.card.random_init:
         summary.random_init.append(encoder.label)
-    extractor = FeatureExtractor(pair, settings.cache_dir, settings.extraction, log=log.info)
+    extractor = FeatureExtractor(pair, settings.cache_dir, settings.extraction, log=log.info,
+                                 work=_work(grid, datasets, needs))
     events.stage(f"{encoder.label}: encoder settings (probed once per encoder and machine, then remembered)")
     summary.tuning[encoder.label] = extractor.tuning
-    env = environment(settings.device, extractor.describe())
+    env = None  # worked out after the first features are served: it records whether the run loaded torch
     work, skipped_here = [], 0
     for choice in grid.datasets:
         dataset = datasets[choice.label]
@@ -405,13 +514,14 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
         train_needed = any(needs[cell.method.label] & FEATURE_NEEDS for cell in cells)  # zero-shot alone: not at all
         for split in ("train", "test") if train_needed else ("test",):
             labels = np.asarray(dataset.split(split).labels)
-            rows = min(grid.max_test, len(labels)) if split == "test" and grid.max_test is not None else len(labels)
+            rows = _rows(grid, split, len(labels))
             features, record = extractor.features(dataset, split, events.split(cells[0].key.dataset, split, rows),
                                                   rows=rows)  # --max-test N: only those N test images
             events.split_done(record)
             splits[split] = (features, labels[:rows])
         splits.setdefault("train", (None, np.asarray(dataset.split("train").labels)))
         throughput = extractor.throughput(dataset.identity)
+        env = env or environment(settings.device, extractor.describe())
         for cell in cells:
             events.cell(cell.key)
             result = run_cell(cell, dataset, pair, splits["train"], splits["test"], RunComponents(registry),

@@ -305,6 +305,16 @@ def check_method(method: Any, options: dict[str, Any] | None = None, pair: Encod
 
 
 @_failures
+def check_encoder_card(card: Any, pair: EncoderPair) -> None:
+    """What an encoder spec's ``describe`` returned (``card``) matches the pair its factory built with the same
+    options: the same identities, input spec and ``aligned`` (a run trusts the card to find cached features)."""
+    from hica_bench.interfaces import EncoderCard
+
+    assert isinstance(card, EncoderCard), f"describe() returned {type(card).__name__}, not an EncoderCard"
+    assert card == pair.card, f"describe() gave {card}, but the built pair is {pair.card}"
+
+
+@_failures
 def check_encoder(pair: Any) -> None:
     """An :class:`~hica_bench.interfaces.EncoderPair` as a factory returns it: the image encoder has an identity,
     an input spec and ``embed_dim``; on a grey and an RGB image preprocessed as the harness does it returns

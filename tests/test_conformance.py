@@ -78,11 +78,15 @@ def test_method(name, request):
 def test_encoder(name, tiny_clip_dir, offline_hub):
     spec("encoder", name)
     text = f"{name}:{ENCODER_OPTIONS[name].format(tiny_clip=tiny_clip_dir)}" if name in ENCODER_OPTIONS else name
+    choice = REGISTRY.choose("encoder", text)
     try:
-        pair = REGISTRY.choose("encoder", text).build(device="cpu")
+        pair = choice.build(device="cpu")
     except UserError as exc:  # e.g. weights only on the Hugging Face Hub, which this machine cannot reach
         pytest.skip(f"{text} cannot be built offline: {exc}")
     testing.check_encoder(pair)
+    card = choice.describe(device="cpu")
+    if card is not None:  # a spec that describes itself must agree with what it builds
+        testing.check_encoder_card(card, pair)
 
 
 @pytest.mark.parametrize("name", names("dataset"))

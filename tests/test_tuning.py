@@ -57,9 +57,10 @@ def test_probe_keeps_fixed_knobs_and_is_remembered(tmp_path):
     tried = {(p["backend"], p["channels_last"]) for p in first.probe}
     assert ("eager", False) in tried and ("eager", True) in tried
     assert ("onnxruntime", False) in tried  # installed with the test extra
+    assert {p.get("exporter") for p in first.probe if p["backend"] == "onnxruntime"} == {"torchscript", "dynamo"}  # no work given: both
     assert len(lines) == len(first.probe)
     best = max(first.probe, key=lambda p: p["images_per_s"])
-    chosen = next(p for p in first.probe if (p["backend"], p["channels_last"]) == (first.settings.backend, first.settings.channels_last))
+    chosen = next(p for p in first.probe if {k: v for k, v in p.items() if k != "images_per_s"} == tuning._knobs(first.settings))
     assert chosen["images_per_s"] * tuning.MARGIN >= best["images_per_s"]  # the winner, up to the probe's noise margin
 
     again = tuning.choose(pair(ConvEncoder()), tuning.Requested(batch_size=8, threads=1), tmp_path)
@@ -162,3 +163,32 @@ def test_run_records_the_chosen_settings_and_keys_the_cache_by_backend(tmp_path)
     refused = hica_bench(*common, "--backend", "onnxruntime", "--out", str(tmp_path / "c"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "--backend onnxruntime cannot run" in refused.stderr and not (tmp_path / "c" / "results.jsonl").exists()
+
+
+def test_the_tracing_exporter_refuses_data_dependent_control_flow(tmp_path):
+    """Tracing would freeze the encoder's pixel-dependent branch into the graph (and its check batch would not see it):
+    the torchscript export is refused, with the reason remembered, instead of giving silently wrong features."""
+    with pytest.raises(backends.BackendUnavailable, match="freeze data-dependent control flow"):
+        backends.export_onnx(pair(NumpyInsideEncoder()), tmp_path, "torchscript")
+    assert not backends.onnx_exported(pair(NumpyInsideEncoder()), tmp_path, "torchscript")
+    path, record = backends.export_onnx(pair(ConvEncoder()), tmp_path, "torchscript")
+    assert record["ok"] and record["exporter"] == "torchscript" and path.is_file()
+    assert backends.onnx_exported(pair(ConvEncoder()), tmp_path, "torchscript")
+
+
+def test_the_probe_is_budgeted_by_the_work_ahead(tmp_path):
+    """A small run does not pay for a slow export or a long batch walk; the real images ahead are what is timed; the
+    budget and what it left out are remembered with the verdict."""
+    images = np.load(write_medmnist_npz(tmp_path / "tiny.npz", n_classes=2, counts=(40, 4, 8)))["train_images"]
+    small = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "a", work=tuning.Work(images, 40))
+    assert small.budget["work_images"] == 40 and small.budget["budget_s"] == tuning.MIN_PROBE_S
+    assert "would not pay for itself on this run's 40 images" in small.unavailable["onnxruntime (dynamo export)"]
+    assert all(p.get("exporter") != "dynamo" for p in small.probe)
+    assert small.probe_s < tuning.MIN_PROBE_S + 30  # bounded by the budget plus the steps that are never skipped
+    remembered = json.loads(small.path.read_text())
+    assert remembered["budget"] == small.budget
+
+    big = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "b", work=tuning.Work(images, 10**7))
+    assert {p.get("exporter") for p in big.probe if p["backend"] == "onnxruntime"} == {"torchscript", "dynamo"}
+    assert big.budget["skipped"] == []  # a long run affords the whole walk
+    assert len({p["batch_size"] for p in big.probe}) > 1

@@ -35,10 +35,10 @@ from hica_bench.data import preprocessing_id
 from hica_bench.extraction.backends import Forward
 from hica_bench.extraction.cache import FeatureCache
 from hica_bench.extraction.encode import CpuContention, ReferenceProbe, encode_images, precision
-from hica_bench.extraction.tuning import ExtractionSettings, Requested, Tuning, allocator, build_forward, choose
+from hica_bench.extraction.tuning import ExtractionSettings, Requested, Tuning, Work, allocator, build_forward, choose
 from hica_bench.interfaces import EncoderPair, FewShotDataset
 
-__all__ = ["FeatureExtractor", "FeatureIdentity", "ExtractionRecord", "ExtractionSettings", "Requested", "Tuning"]
+__all__ = ["FeatureExtractor", "FeatureIdentity", "ExtractionRecord", "ExtractionSettings", "Requested", "Tuning", "Work"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class FeatureIdentity:
     threads: int | None = None  #: eager only
     channels_last: bool | None = None  #: eager only
     compile: bool | None = None  #: eager only
+    exporter: str | None = None  #: onnxruntime only, when not the first exporter (``dynamo``): their graphs' bits differ
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that apply (the eager-only ones are left out for other backends): the cache key's and the cell
@@ -91,12 +92,15 @@ class FeatureExtractor:
     :attr:`settings` is needed). ``settings`` instead fixes every knob (nothing is probed). ``cache_dir``: the
     feature cache, tuning verdicts and ONNX exports (None: no cache; then ``settings`` must be given).
     ``forward``: a forward to use instead of the one the settings build (``hica-bench bench`` passes a timed one).
-    ``reference``: measure the plain eager yardstick during each dataset's first computed split.
+    ``reference``: measure the plain eager yardstick during each dataset's first computed split. ``work``: what
+    the run will encode, when known (a probe then times real batches of it, within a budget set by its size).
+    ``pair`` may be a :class:`hica_bench.runner.LazyEncoderPair`: its card gives the identity, and its models are
+    built only when a split has to be computed (or settings probed).
     """
 
     def __init__(self, pair: EncoderPair, cache_dir: Path | None = None, requested: Requested | None = None, *,
                  settings: ExtractionSettings | None = None, forward: Forward | None = None, reference: bool = True,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, work: Work | None = None) -> None:
         if cache_dir is None and settings is None:
             raise ValueError("a FeatureExtractor without a cache folder needs fixed settings")
         self.pair = pair
@@ -107,6 +111,7 @@ class FeatureExtractor:
         self._forward = forward
         self.reference = reference
         self.log = log
+        self.work = work
         self.records: list[ExtractionRecord] = []  #: every split served, in order
 
     @classmethod
@@ -124,7 +129,7 @@ class FeatureExtractor:
     def tuning(self) -> Tuning:
         """The extraction settings and how they were chosen (probed on first use, then remembered)."""
         if self._tuning is None:
-            self._tuning = choose(self.pair, self.requested, self.cache_dir, self.log)
+            self._tuning = choose(self.pair, self.requested, self.cache_dir, self.log, self.work)
         return self._tuning
 
     @property
@@ -138,13 +143,16 @@ class FeatureExtractor:
         if settings.backend == "eager":  # see the module docstring: these move eager features, not ONNX Runtime's
             kernels = {"batch_size": settings.batch_size, "threads": settings.threads,
                        "channels_last": settings.channels_last, "compile": settings.compile}
-        return FeatureIdentity(self.pair.image.identity, preprocessing_id(self.pair.image.input_spec), settings.precision,
+        elif settings.exporter != "dynamo":
+            kernels = {"exporter": settings.exporter}
+        card = self.pair.card  # a lazily built pair is not built for this
+        return FeatureIdentity(card.image, preprocessing_id(card.input_spec), settings.precision,
                                settings.backend, self.pair.device.split(":")[0], **kernels)
 
     def forward(self) -> Forward:
         """The forward of the chosen settings (built once, on first use: a run served from the cache never builds it)."""
-        if self._forward is None:
-            self._forward = build_forward(self.pair, self.settings, self.cache_dir)
+        if self._forward is None:  # the probe's own, when it just measured these settings
+            self._forward = self.tuning.forward or build_forward(self.pair, self.settings, self.cache_dir)
         return self._forward
 
     # -- features

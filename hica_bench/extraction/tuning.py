@@ -28,19 +28,30 @@ from pathlib import Path
 from typing import Any
 
 from hica_bench.errors import UserError
-from hica_bench.extraction.backends import (BACKENDS, BackendUnavailable, Forward, eager_forward, export_onnx,
-                                            onnx_forward, onnxruntime_version, set_channels_last)
+from hica_bench.extraction.backends import (BACKENDS, EXPORTERS, BackendUnavailable, Forward, eager_forward, export_onnx,
+                                            onnx_exported, onnx_forward, onnxruntime_version, set_channels_last)
 from hica_bench.extraction.encode import forward_seconds
 from hica_bench.extraction.encode import precision as compute_precision
 from hica_bench.files import atomic_write, cannot_write, digest, file_lock
-from hica_bench.interfaces import EncoderPair
+from hica_bench.interfaces import EncoderCard, EncoderPair
 from hica_bench.results import device_name
 
-TUNING_VERSION = 1
+TUNING_VERSION = 2  #: 2: the key is worked out without torch; the probe is budgeted
 CPU_BATCHES = (8, 16, 32, 64)
 CUDA_BATCHES = (32, 64, 128, 256)
 #: a candidate must beat the best so far by this factor to displace it (probe noise is a few percent)
 MARGIN = 1.03
+#: the probe spends at most this share of the estimated encoding time of the run's work ahead, and at least MIN_PROBE_S
+PROBE_SHARE = 0.1
+MIN_PROBE_S = 1.5
+#: ONNX exports' costs before they are known, measured on 2 cores: the torchscript export took EfficientNet-Lite0
+#: 1.0 s (~3 of its batches of 16) and open_clip ViT-B/32 5.9 s (~6 batches); the dynamo export 14.7 s and 11 s
+TORCHSCRIPT_EXPORT_BATCHES = 6
+DYNAMO_EXPORT_PRIOR_S = 15.0
+#: the gain each export is expected to bring over the best rate measured before it (Lite0: torchscript graph ~1.3x
+#: eager channels-last, dynamo graph ~1.5x the torchscript one; ViT-B/32: none); an export is tried when that gain
+#: on the work ahead would save more than the export costs, or when it is already cached
+ONNX_GAIN_PRIOR = {"torchscript": 1.3, "dynamo": 1.4}
 
 
 @dataclass(frozen=True)
@@ -75,11 +86,13 @@ class ExtractionSettings:
     compile: bool
     allocator: str  #: ``thp`` when torch's CPU allocator uses transparent huge pages, else ``default``
     pin_memory: bool  #: host batches are pinned and copied without blocking (CUDA)
+    exporter: str = "dynamo"  #: onnxruntime only: which ``torch.onnx.export`` made its graph (see backends.EXPORTERS)
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
         compiled = ", torch.compile" if self.compile else ""
-        return (f"{self.backend}, batch {self.batch_size}{layout}{compiled}, {self.threads} threads, {self.precision}"
+        exported = f" ({self.exporter} export)" if self.backend == "onnxruntime" else ""
+        return (f"{self.backend}{exported}, batch {self.batch_size}{layout}{compiled}, {self.threads} threads, {self.precision}"
                 f"{', THP allocator' if self.allocator == 'thp' else ''}{', pinned memory' if self.pin_memory else ''}")
 
 
@@ -91,6 +104,8 @@ class Tuning:
     probe_s: float = 0.0
     unavailable: dict[str, str] = field(default_factory=dict)  #: backend -> why it was not a candidate
     path: Path | None = None  #: where the verdict is remembered
+    budget: dict[str, Any] = field(default_factory=dict)  #: the probe's budget: work_images, budget_s, skipped steps
+    forward: Any = field(default=None, repr=False, compare=False)  #: the winner's forward as the probe built it (reused)
 
     def describe(self) -> str:
         how = {"measured": f"chosen by a {self.probe_s:.0f} s probe", "remembered": "remembered from an earlier probe",
@@ -111,7 +126,7 @@ def build_forward(pair: EncoderPair, settings: ExtractionSettings, cache_dir: Pa
     if settings.backend == "onnxruntime":
         if "image" in pair.modules:
             set_channels_last(pair, False)  # export the weights in their plain layout
-        return onnx_forward(pair, pair.device, cache_dir, settings.threads)
+        return onnx_forward(pair, pair.device, cache_dir, settings.threads, settings.exporter)
     if "image" in pair.modules:
         set_channels_last(pair, settings.channels_last)
     return eager_forward(pair.image, pair.device, settings.precision, settings.channels_last, settings.compile)
@@ -122,13 +137,63 @@ def _rate(forward: Forward, batch: Any, device: str, repeats: int = 2) -> float:
     return len(batch) / min(forward_seconds(forward, batch, device, iterations=repeats, warmup=1))
 
 
-def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None) -> Tuning:
-    """The extraction settings for ``pair`` on its device (see the module docstring). ``log`` gets one line per
-    probe step when given. Raises UserError when a backend the user asked for cannot run this encoder."""
-    import torch
+@dataclass(frozen=True)
+class Work:
+    """What the run will encode with these settings: ``images`` (uint8, a split it will encode: the probe times real
+    batches of them) and ``count``, how many images in all (the probe's budget is a share of their encoding time)."""
 
+    images: Any
+    count: int
+
+
+def _torch_build() -> dict[str, str]:
+    """torch's version and build (CUDA or CPU wheel) read from its ``version.py``, without importing torch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    folder = Path(spec.origin).parent if spec is not None and spec.origin else None
+    try:
+        text = (folder / "version.py").read_text() if folder is not None else ""
+    except OSError:
+        text = ""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        version = "?"
+    return {"version": version, "build": digest(text, 16)}
+
+
+def tuning_key(card: EncoderCard, device: str, requested: Requested) -> dict[str, Any]:
+    """Everything a probe's verdict depends on, worked out without importing torch or building the encoder (a run
+    whose features are all cached needs neither). torch's default thread count is a function of the thread
+    variables and the CPUs this process may use, so those stand for it."""
+    return {
+        "version": TUNING_VERSION, "encoder": card.image, "input_spec": repr(card.input_spec),
+        "device": device, "device_name": device_name(device), "torch": _torch_build(),
+        "onnxruntime": onnxruntime_version(), "cpus": os.cpu_count() or 1, "allocator": allocator(),
+        "requested": asdict(requested),
+        "threads_env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+
+
+def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, work: Work | None = None) -> Tuning:
+    """The extraction settings for ``pair`` on its device (see the module docstring): remembered ones when an
+    earlier probe answered the same question (looked up from ``pair.card``: nothing is built or imported for it),
+    else what the user fixed, else a probe on ``work``'s images budgeted by its size. ``log`` gets one line per
+    probe step when given. Raises UserError when a backend the user asked for cannot run this encoder."""
     device = pair.device
     cuda = device.startswith("cuda")
+    key = tuning_key(pair.card, device, requested)
+    path = Path(cache_dir) / "tuning" / f"{digest(key, 20)}.json"
+    remembered = _remembered(path)
+    if remembered is not None:
+        return remembered
+
+    import torch
+
     if requested.threads:
         torch.set_num_threads(requested.threads)
     default_threads = torch.get_num_threads()
@@ -152,14 +217,15 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None) -
             reason = "--compile is an eager option"
         if reason:
             if requested.backend == "onnxruntime":
-                raise UserError(f"--backend onnxruntime cannot run encoder {pair.image.identity.split(':')[0]!r}: {reason}")
+                raise UserError(f"--backend onnxruntime cannot run encoder {pair.card.image.split(':')[0]!r}: {reason}")
             backends.remove("onnxruntime")
             unavailable["onnxruntime"] = reason
     layouts = [requested.channels_last] if requested.channels_last is not None else (
         [False, True] if "image" in pair.modules else [False])
     candidates = [replace(base, backend="eager", channels_last=c) for c in layouts if "eager" in backends]
-    if "onnxruntime" in backends:
-        candidates.append(replace(base, backend="onnxruntime", channels_last=False))
+    if "onnxruntime" in backends:  # auto: the cheap export first; asked for by name: the faster graph
+        exporters = EXPORTERS[::-1] if requested.backend == "auto" else ("dynamo",)
+        candidates += [replace(base, backend="onnxruntime", channels_last=False, exporter=e) for e in exporters]
     batches = [requested.batch_size] if requested.batch_size else list(CUDA_BATCHES if cuda else CPU_BATCHES)
     cpus = os.cpu_count() or 1
     threads = [default_threads] if requested.threads or cuda else sorted({default_threads, cpus})
@@ -172,16 +238,6 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None) -
                 raise UserError(f"--backend onnxruntime: {exc}") from None
         return Tuning(replace(candidates[0], batch_size=batches[0]), "given", unavailable=unavailable)
 
-    key = {
-        "version": TUNING_VERSION, "encoder": pair.image.identity, "input_spec": repr(pair.image.input_spec),
-        "device": device, "device_name": device_name(device), "torch": torch.__version__,
-        "onnxruntime": onnxruntime_version(), "cpus": cpus, "allocator": allocator(),
-        "requested": asdict(requested), "default_threads": default_threads,
-    }
-    path = Path(cache_dir) / "tuning" / f"{digest(key, 20)}.json"
-    remembered = _remembered(path)
-    if remembered is not None:
-        return remembered
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -190,7 +246,8 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None) -
         remembered = _remembered(path)
         if remembered is not None:
             return remembered
-        return _probe(pair, requested, cache_dir, log, device, cuda, candidates, batches, threads, unavailable, key, path)
+        probe = _Probe(pair, requested, cache_dir, log, work)
+        return probe.run(candidates, batches, threads, unavailable, key, path)
 
 
 def _remembered(path: Path) -> Tuning | None:
@@ -200,79 +257,148 @@ def _remembered(path: Path) -> Tuning | None:
     try:
         stored = json.loads(path.read_text())
         settings = ExtractionSettings(**stored["settings"])
-        return Tuning(settings, "remembered", stored["probe"], stored["probe_s"], stored.get("unavailable", {}), path)
+        return Tuning(settings, "remembered", stored["probe"], stored["probe_s"], stored.get("unavailable", {}), path,
+                      stored.get("budget", {}))
     except (OSError, ValueError, KeyError, TypeError):
         path.unlink(missing_ok=True)
         return None
 
 
-def _probe(pair, requested, cache_dir, log, device, cuda, candidates, batches, threads, unavailable, key, path) -> Tuning:
-    """Time each candidate (see the module docstring) and remember the fastest."""
-    import torch
+class _Probe:
+    """Times candidate settings on real batches of the run's images (synthetic ones without ``work``) and keeps the
+    fastest, spending at most a share of the encoding ahead (:data:`PROBE_SHARE`, at least :data:`MIN_PROBE_S`):
+    a first run on a small dataset must not spend longer choosing than encoding. Order: backend × layout at the
+    middle batch size (ONNX Runtime only when its export pays for itself on the work ahead, or is already cached),
+    then the batch size walk, then the thread count; a step that would overrun the budget is skipped and recorded."""
 
-    start = time.perf_counter()
-    probe: list[dict[str, Any]] = []
-    size = pair.image.input_spec.size
-    forwards: dict[tuple, Forward] = {}
+    def __init__(self, pair: EncoderPair, requested: Requested, cache_dir: Path, log, work: Work | None) -> None:
+        self.pair, self.requested, self.cache_dir, self.log, self.work = pair, requested, cache_dir, log, work
+        self.device = pair.device
+        self.probe: list[dict[str, Any]] = []
+        self.forwards: dict[tuple, Forward] = {}
+        self.batches: dict[int, Any] = {}
+        self.skipped: list[str] = []
+        self.start = time.perf_counter()
+        self.budget_s = float("inf")
 
-    def measure(settings: ExtractionSettings) -> float:
+    def batch(self, size: int):
+        import torch
+
+        if size not in self.batches:
+            spec = self.pair.image.input_spec
+            if self.work is not None and len(self.work.images):
+                from hica_bench.data import preprocess
+
+                with torch.inference_mode():
+                    self.batches[size] = preprocess(self.work.images[:size], spec, self.device)
+            else:
+                generator = torch.Generator().manual_seed(0)
+                self.batches[size] = (torch.rand(size, 3, spec.size, spec.size, generator=generator) * 2 - 1).to(self.device)
+        return self.batches[size]
+
+    def measure(self, settings: ExtractionSettings) -> float:
+        import torch
+
         torch.set_num_threads(settings.threads)
-        layout_key = (settings.backend, settings.channels_last, settings.threads)
-        if layout_key not in forwards:
-            forwards[layout_key] = build_forward(pair, settings, cache_dir)
-        elif settings.backend == "eager" and "image" in pair.modules:
-            set_channels_last(pair, settings.channels_last)
-        generator = torch.Generator().manual_seed(0)
-        batch = (torch.rand(settings.batch_size, 3, size, size, generator=generator) * 2 - 1).to(device)
-        rate = _rate(forwards[layout_key], batch, device)
-        probe.append({**_knobs(settings), "images_per_s": round(rate, 2)})
-        if log:
-            log(f"probe {settings.describe()}: {rate:.1f} img/s")
+        layout_key = (settings.backend, settings.channels_last, settings.threads, settings.exporter)
+        if layout_key not in self.forwards:
+            self.forwards[layout_key] = build_forward(self.pair, settings, self.cache_dir)
+        elif settings.backend == "eager" and "image" in self.pair.modules:
+            set_channels_last(self.pair, settings.channels_last)
+        rate = _rate(self.forwards[layout_key], self.batch(settings.batch_size), self.device)
+        self.probe.append({**_knobs(settings), "images_per_s": round(rate, 2)})
+        if self.log:
+            self.log(f"probe {settings.describe()}: {rate:.1f} img/s")
         return rate
 
-    middle = 16 if not cuda else 128
-    middle = min(batches, key=lambda b: abs(b - middle))
-    best, best_rate = None, 0.0
-    for candidate in candidates:
-        candidate = replace(candidate, batch_size=middle)
-        try:
-            rate = measure(candidate)
-        except BackendUnavailable as exc:
-            if requested.backend == candidate.backend:
-                raise UserError(f"--backend {candidate.backend}: {exc}") from None
-            unavailable[candidate.backend] = str(exc)
-            continue
-        if best is None or rate > best_rate * MARGIN:
-            best, best_rate = candidate, rate
-    assert best is not None  # eager is always a candidate unless the user asked for onnxruntime alone
-    for direction in (1, -1):  # walk up, then down, from the middle while it keeps getting faster
-        others = [b for b in batches if (b - middle) * direction > 0]
-        for batch_size in sorted(others, reverse=direction < 0):
-            candidate = replace(best, batch_size=batch_size)
-            rate = measure(candidate)
-            if rate <= best_rate * MARGIN:
-                break
-            best, best_rate = candidate, rate
-    for count in threads:
-        if count != best.threads:
-            candidate = replace(best, threads=count)
-            rate = measure(candidate)
-            if rate > best_rate * MARGIN:
+    def export_not_worth_it(self, exporter: str, best_rate: float, first_rate: float) -> str | None:
+        """Why an ONNX export should not be tried for this run (None: try it). It is tried when already cached, or
+        when its expected saving on the work ahead (:data:`ONNX_GAIN_PRIOR` over the best rate so far) exceeds its
+        expected cost: :data:`TORCHSCRIPT_EXPORT_BATCHES` forward batches at the first rate for ``torchscript``,
+        :data:`DYNAMO_EXPORT_PRIOR_S` for ``dynamo``."""
+        if self.work is None or onnx_exported(self.pair, self.cache_dir, exporter):
+            return None
+        ahead_s = self.work.count / best_rate
+        saving = ahead_s * (1 - 1 / ONNX_GAIN_PRIOR[exporter])
+        cost = (TORCHSCRIPT_EXPORT_BATCHES * 16 / first_rate if exporter == "torchscript" else DYNAMO_EXPORT_PRIOR_S)
+        if saving > cost:
+            return None
+        return (f"not tried: its export (~{cost:.0f} s) would not pay for itself on this run's {self.work.count} "
+                f"images (~{ahead_s:.0f} s of encoding)")
+
+    def affordable(self, settings: ExtractionSettings, rate: float, what: str) -> bool:
+        """Whether timing ``settings`` (three batches at about ``rate``) fits in what is left of the budget."""
+        cost = 3 * settings.batch_size / max(rate, 1e-9)
+        if time.perf_counter() - self.start + cost <= self.budget_s:
+            return True
+        self.skipped.append(what)
+        return False
+
+    def run(self, candidates, batches, threads, unavailable, key, path) -> Tuning:
+        import torch
+
+        cuda = self.device.startswith("cuda")
+        middle = 16 if not cuda else 128
+        middle = min(batches, key=lambda b: abs(b - middle))
+        best, best_rate, first_rate = None, 0.0, 0.0
+        for candidate in candidates:
+            candidate = replace(candidate, batch_size=middle)
+            if candidate.backend == "onnxruntime" and best is not None and self.requested.backend == "auto":
+                why = self.export_not_worth_it(candidate.exporter, best_rate, first_rate)
+                if why:
+                    unavailable[f"onnxruntime ({candidate.exporter} export)"] = why
+                    continue
+            try:
+                rate = self.measure(candidate)
+            except BackendUnavailable as exc:
+                if self.requested.backend == candidate.backend:
+                    raise UserError(f"--backend {candidate.backend}: {exc}") from None
+                unavailable[candidate.backend] = str(exc)
+                continue
+            if best is None:  # the first rate prices the work ahead: the budget is a share of it
+                first_rate = rate
+                if self.work is not None:
+                    self.budget_s = max(MIN_PROBE_S, PROBE_SHARE * self.work.count / rate)
+            if best is None or rate > best_rate * MARGIN:
                 best, best_rate = candidate, rate
-    torch.set_num_threads(best.threads)
-    if best.backend == "eager" and "image" in pair.modules:
-        set_channels_last(pair, best.channels_last)
-    choice = Tuning(best, "measured", probe, time.perf_counter() - start, unavailable, path)
-    _remember(path, key, choice)
-    return choice
+        assert best is not None  # eager is always a candidate unless the user asked for onnxruntime alone
+        for direction in (1, -1):  # walk up, then down, from the middle while it keeps getting faster
+            others = [b for b in batches if (b - middle) * direction > 0]
+            for batch_size in sorted(others, reverse=direction < 0):
+                candidate = replace(best, batch_size=batch_size)
+                if not self.affordable(candidate, best_rate, f"batch {batch_size}"):
+                    break
+                rate = self.measure(candidate)
+                if rate <= best_rate * MARGIN:
+                    break
+                best, best_rate = candidate, rate
+        for count in threads:
+            if count != best.threads:
+                candidate = replace(best, threads=count)
+                if not self.affordable(candidate, best_rate, f"{count} threads"):
+                    continue
+                rate = self.measure(candidate)
+                if rate > best_rate * MARGIN:
+                    best, best_rate = candidate, rate
+        torch.set_num_threads(best.threads)
+        if best.backend == "eager" and "image" in self.pair.modules:
+            set_channels_last(self.pair, best.channels_last)
+        budget = {"work_images": self.work.count if self.work is not None else None,
+                  "budget_s": None if self.budget_s == float("inf") else round(self.budget_s, 2),
+                  "skipped": self.skipped}
+        choice = Tuning(best, "measured", self.probe, time.perf_counter() - self.start, unavailable, path, budget,
+                        self.forwards.get((best.backend, best.channels_last, best.threads, best.exporter)))
+        _remember(path, key, choice)
+        return choice
 
 
 def _knobs(settings: ExtractionSettings) -> dict[str, Any]:
-    return {k: v for k, v in asdict(settings).items() if k in ("backend", "batch_size", "channels_last", "threads")}
+    knobs = {k: v for k, v in asdict(settings).items() if k in ("backend", "batch_size", "channels_last", "threads")}
+    return knobs | ({"exporter": settings.exporter} if settings.backend == "onnxruntime" else {})
 
 
 def _remember(path: Path, key: dict[str, Any], choice: Tuning) -> None:
     atomic_write(path, json.dumps({
         "key": key, "settings": asdict(choice.settings), "probe": choice.probe, "probe_s": choice.probe_s,
-        "unavailable": choice.unavailable, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "unavailable": choice.unavailable, "budget": choice.budget, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }, indent=1))

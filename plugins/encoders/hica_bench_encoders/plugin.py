@@ -8,13 +8,19 @@ read from one file (random init with seed 0) the sha256 of the state dict.
 from __future__ import annotations
 
 from hica_bench import hookimpl
-from hica_bench.interfaces import EncoderPair, PluginSpec
+from hica_bench.interfaces import EncoderCard, EncoderPair, PluginSpec
 
 
 def _effnet_lite0_minilm(device: str) -> EncoderPair:
     from hica_bench_encoders.timm_encoders import effnet_lite0_minilm
 
     return effnet_lite0_minilm(device)
+
+
+def _effnet_lite0_minilm_card(device: str) -> EncoderCard:
+    from hica_bench_encoders.timm_encoders import effnet_lite0_minilm_card
+
+    return effnet_lite0_minilm_card()
 
 
 def _open_clip(device: str, model: str, pretrained: str) -> EncoderPair:
@@ -42,7 +48,7 @@ def hica_bench_encoders() -> list[PluginSpec]:
             "encoder", "effnet-lite0-minilm",
             "Offline default: EfficientNet-Lite0 ImageNet features (1280-d) + all-MiniLM-L6-v2 text (384-d), "
             "both shipped as PyPI wheels; not an aligned pair.",
-            _effnet_lite0_minilm, {}, in_default_suite=True,
+            _effnet_lite0_minilm, {}, in_default_suite=True, describe=_effnet_lite0_minilm_card,
         ),
         PluginSpec(
             "encoder", "open-clip",

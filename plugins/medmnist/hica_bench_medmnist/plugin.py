@@ -42,9 +42,23 @@ SPLITS = ("train", "val", "test")
 
 
 def _info(flag: str) -> dict:
-    import medmnist
+    """medmnist's own ``INFO[flag]``. Its ``medmnist/info.py`` imports only the standard library, but importing the
+    ``medmnist`` package imports torch (3 s and 0.5 GB with a CUDA wheel, which a run served from the feature cache
+    never needs), so that one file is loaded on its own unless medmnist is imported already."""
+    import sys
 
-    return medmnist.INFO[flag]
+    if "medmnist" in sys.modules:
+        return sys.modules["medmnist"].INFO[flag]
+    import importlib.util
+
+    package = importlib.util.find_spec("medmnist")
+    if package is None or not package.submodule_search_locations:
+        raise UserError("the medmnist package is not installed (pip install medmnist)")
+    spec = importlib.util.spec_from_file_location(
+        "hica_bench_medmnist._medmnist_info", Path(package.submodule_search_locations[0]) / "info.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.INFO[flag]
 
 
 def file_name(flag: str, size: int) -> str:
