@@ -96,21 +96,26 @@ def test_first_run_against_a_plain_eager_script(benchmark, run_env, medmnist_roo
            run_s=ours, plain_s=plain, speedup=ratios)
 
 
+#: CLIP_benchmark's zero-shot evaluation as its ``evaluate`` runs it (model and transform from its ``load_clip``, its
+#: ``zero_shot_classifier`` and ``run_classification``, batch 64 like its CLI, fp32), with the accuracy computed here:
+#: its own ``accuracy`` calls ``float()`` on a 1-element array, which NumPy 2 refuses (clip_benchmark 1.6.2).
 CLIP_BENCHMARK = """
-import sys, time
+import sys
 import torch
 from torchvision.datasets import ImageFolder
 from clip_benchmark.models import load_clip
-from clip_benchmark.metrics import zeroshot_classification
+from clip_benchmark.metrics import zeroshot_classification as zs
 
 checkpoint, folder = sys.argv[1], sys.argv[2]
 model, transform, tokenizer = load_clip(model_type="open_clip", model_name="ViT-B-32", pretrained=checkpoint,
                                         cache_dir=None, device="cpu")
-dataset = ImageFolder(folder, transform=transform)
-loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False, num_workers=0)
+loader = torch.utils.data.DataLoader(ImageFolder(folder, transform=transform), batch_size=64, shuffle=False,
+                                     num_workers=0)
 classnames = ["malignant", "normal, benign"]
 templates = ["a photo of a {c}.", "an ultrasound image of {c} breast tissue."]
-print(zeroshot_classification.evaluate(model, loader, tokenizer, classnames, templates, "cpu", amp=False))
+classifier = zs.zero_shot_classifier(model, tokenizer, classnames, templates, "cpu", amp=False)
+logits, target = zs.run_classification(model, classifier, loader, "cpu", amp=False)
+print("acc", (logits.argmax(1) == target).float().mean().item())
 """
 
 

@@ -223,7 +223,8 @@ def compare(baseline: Side, run: Side, tolerance: float = DEFAULT_TOLERANCE, noi
         if base_eff is None or run_eff is None:
             side = "baseline" if base_eff is None else "run"
             notes.append(f"throughput of {pass_key[0]} not compared: the {side} has no encoder images/s with a reference "
-                         "(its features came from the cache, or it predates reference timing)")
+                         "(its features came from the cache, its splits were too small for the yardstick, or it predates reference "
+                         "timing)")
             continue
         rows.append(_throughput_row(pass_key, baseline, run, throughput_tolerance))
     notes += baseline.notes + run.notes + _origin_differences(baseline, run, common)

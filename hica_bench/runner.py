@@ -484,7 +484,10 @@ def _work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, froz
     splits = ("train", "test") if any(n & FEATURE_NEEDS for n in needs.values()) else ("test",)
     parts = [(dataset, split) for dataset in datasets.values() for split in splits]
     count = sum(_rows(grid, split, len(dataset.split(split).labels)) for dataset, split in parts)
-    return Work(parts[0][0].split(parts[0][1]).images if parts else np.zeros((0, 1, 1), np.uint8), count)
+    if not parts:
+        return Work(np.zeros((0, 1, 1), np.uint8), 0)
+    dataset, split = parts[0]
+    return Work(dataset.split(split).images, count, (dataset.identity, split))
 
 
 def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Events, encoder: Choice,

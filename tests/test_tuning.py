@@ -180,9 +180,15 @@ def test_the_probe_is_budgeted_by_the_work_ahead(tmp_path):
     """A small run does not pay for a slow export or a long batch walk; the real images ahead are what is timed; the
     budget and what it left out are remembered with the verdict."""
     images = np.load(write_medmnist_npz(tmp_path / "tiny.npz", n_classes=2, counts=(40, 4, 8)))["train_images"]
-    small = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "a", work=tuning.Work(images, 40))
-    assert small.budget["work_images"] == 40 and small.budget["budget_s"] == tuning.MIN_PROBE_S
-    assert "would not pay for itself on this run's 40 images" in small.unavailable["onnxruntime (dynamo export)"]
+    tiny = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "a", work=tuning.Work(images, 40))
+    assert tiny.source == "default" and tiny.probe == [] and not (tmp_path / "a" / "tuning").exists()  # not remembered
+    assert (tiny.settings.backend, tiny.settings.batch_size, tiny.settings.channels_last) == ("eager", 16, False)
+    assert "fewer than a probe needs to pay for itself" in tiny.unavailable["probe"]
+
+    n = tuning.PROBE_MIN_IMAGES
+    small = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "a", work=tuning.Work(images, n))
+    assert small.budget["work_images"] == n and small.budget["budget_s"] == tuning.MIN_PROBE_S
+    assert f"would not pay for itself on this run's {n} images" in small.unavailable["onnxruntime (dynamo export)"]
     assert all(p.get("exporter") != "dynamo" for p in small.probe)
     assert small.probe_s < tuning.MIN_PROBE_S + 30  # bounded by the budget plus the steps that are never skipped
     remembered = json.loads(small.path.read_text())
@@ -192,3 +198,20 @@ def test_the_probe_is_budgeted_by_the_work_ahead(tmp_path):
     assert {p.get("exporter") for p in big.probe if p["backend"] == "onnxruntime"} == {"torchscript", "dynamo"}
     assert big.budget["skipped"] == []  # a long run affords the whole walk
     assert len({p["batch_size"] for p in big.probe}) > 1
+
+
+def test_the_probes_winner_hands_over_the_first_batch_it_encoded(tmp_path):
+    """The probe times real batches of the run's first split; the winner's features of the first batch are kept and
+    the extraction does not encode that batch again. They must be the very bits the extraction would compute."""
+    images = np.load(write_medmnist_npz(tmp_path / "tiny.npz", n_classes=2, counts=(40, 4, 8)))["train_images"]
+    choice = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path,
+                           work=tuning.Work(images, tuning.PROBE_MIN_IMAGES, ("tiny", "train")))
+    source, batch_size, kept = choice.first_batch
+    assert source == ("tiny", "train") and batch_size == choice.settings.batch_size
+    assert kept.shape == (min(batch_size, 40), ConvEncoder.embed_dim) and kept.dtype == np.float32
+    from hica_bench.extraction import FeatureExtractor
+
+    again = FeatureExtractor(pair(ConvEncoder()), tmp_path, settings=choice.settings, reference=False).encode(images)
+    np.testing.assert_array_equal(again[: len(kept)], kept)
+    handed = FeatureExtractor(pair(ConvEncoder()), tmp_path, settings=choice.settings, reference=False).encode(images, first=kept)
+    np.testing.assert_array_equal(handed, again)

@@ -34,7 +34,7 @@ import numpy as np
 from hica_bench.data import preprocessing_id
 from hica_bench.extraction.backends import Forward
 from hica_bench.extraction.cache import FeatureCache
-from hica_bench.extraction.encode import CpuContention, ReferenceProbe, encode_images, precision
+from hica_bench.extraction.encode import REFERENCE_MIN_IMAGES, CpuContention, ReferenceProbe, encode_images, precision
 from hica_bench.extraction.tuning import ExtractionSettings, Requested, Tuning, Work, allocator, build_forward, choose
 from hica_bench.interfaces import EncoderPair, FewShotDataset
 
@@ -92,7 +92,8 @@ class FeatureExtractor:
     :attr:`settings` is needed). ``settings`` instead fixes every knob (nothing is probed). ``cache_dir``: the
     feature cache, tuning verdicts and ONNX exports (None: no cache; then ``settings`` must be given).
     ``forward``: a forward to use instead of the one the settings build (``hica-bench bench`` passes a timed one).
-    ``reference``: measure the plain eager yardstick during each dataset's first computed split. ``work``: what
+    ``reference``: measure the plain eager yardstick during each dataset's first computed split of at least
+    :data:`~.encode.REFERENCE_MIN_IMAGES` images. ``work``: what
     the run will encode, when known (a probe then times real batches of it, within a budget set by its size).
     ``pair`` may be a :class:`hica_bench.runner.LazyEncoderPair`: its card gives the identity, and its models are
     built only when a split has to be computed (or settings probed).
@@ -156,11 +157,13 @@ class FeatureExtractor:
         return self._forward
 
     # -- features
-    def encode(self, images: np.ndarray, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """(N, H, W[, 3]) uint8 images (may be memory-mapped) -> (N, D) float32 features; not cached."""
+    def encode(self, images: np.ndarray, on_batch: Callable[[int], None] | None = None,
+               first: np.ndarray | None = None) -> np.ndarray:
+        """(N, H, W[, 3]) uint8 images (may be memory-mapped) -> (N, D) float32 features; not cached. ``first``: the
+        first batch's features, when already computed with these settings."""
         settings = self.settings
         return encode_images(images, self.pair.image, self.pair.device, settings.batch_size,
-                             amp=settings.precision != "fp32", on_batch=on_batch, forward=self.forward())
+                             amp=settings.precision != "fp32", on_batch=on_batch, forward=self.forward(), first=first)
 
     def features(self, dataset: FewShotDataset, split: str, on_batch: Callable[[int], None] | None = None,
                  rows: int | None = None) -> tuple[np.ndarray, ExtractionRecord]:
@@ -200,13 +203,17 @@ class FeatureExtractor:
         if rows is not None:  # up to the batch boundary: each row is computed in the very batch the whole split has
             images = images[: -(-rows // self.settings.batch_size) * self.settings.batch_size]
         probe = None
-        if self.reference and self.reference_for(dataset.identity) is None:  # each dataset's first encoder pass
+        if (self.reference and self.reference_for(dataset.identity) is None  # each dataset's first encoder pass ...
+                and len(images) >= REFERENCE_MIN_IMAGES):  # ... that is long enough for the yardstick to be worth it
             probe = ReferenceProbe.for_split(self.pair.image, images, self.pair.device, self.settings.batch_size,
                                              self.settings.precision != "fp32")
             on_batch = _both(on_batch, probe)
+        first, kept = None, self.tuning.first_batch
+        if kept is not None and kept[0] == (dataset.identity, split) and kept[1] == self.settings.batch_size:
+            first, self.tuning.first_batch = kept[2], None  # the probe's winner encoded this batch while being timed
         contention = CpuContention().start()
         start = time.perf_counter()
-        features = self.encode(images, on_batch)[:rows]
+        features = self.encode(images, on_batch, first)[:rows]
         record.seconds = time.perf_counter() - start
         record.cpu_contention = contention.stop()
         if probe is not None and probe.images_per_s:
