@@ -2,17 +2,23 @@
 
 :func:`choose` returns the :class:`ExtractionSettings` a run extracts with. Whatever the user fixed
 (:class:`Requested`: ``--backend``, ``--batch-size``, ``--channels-last``, ``--threads``, ``--amp``,
-``--compile``) is kept; every other knob is chosen by a short probe that times the encoder's forward on a
-synthetic batch for each candidate and keeps the fastest:
+``--compile``) is kept; every other knob is chosen by a short probe that times the encoder's forward on real
+batches of the run's images (:class:`Work`; synthetic ones without) for each candidate and keeps the fastest:
 
-1. backend × memory layout (eager NCHW, eager channels-last, ONNX Runtime when installed and exportable)
-   at a middle batch size;
+1. backend × memory layout (eager NCHW, eager channels-last, ONNX Runtime through the ``torchscript`` and the
+   ``dynamo`` exporter when installed and exportable) at a middle batch size;
 2. batch size for the winner, walking up and down from the middle while the rate improves;
 3. thread count, when the machine offers more than one sensible value (torch's default vs. logical CPUs).
 
+The probe must pay for itself on the run's work (:class:`_Probe`): the first rate prices the work ahead, steps 1-3
+stop at :data:`PROBE_SHARE` of it, an export is tried only when its expected saving exceeds its expected cost, the
+winner's features of the first batch are kept for the extraction, and a run with fewer than
+:data:`PROBE_MIN_IMAGES` images to encode does not probe at all (the defaults, not remembered).
+
 The probe's verdict is stored as JSON under ``<cache>/tuning/``, keyed by everything it depends on (encoder
-identity, input spec, device and its model, torch / ONNX Runtime versions, CPU count, allocator, the fixed
-knobs), so later runs reuse it without measuring. The allocator (transparent huge pages in torch's CPU
+identity, input spec, device and its model, torch's build and ONNX Runtime's version, CPU count and thread
+variables, allocator, the fixed knobs: :func:`tuning_key`, worked out without importing torch), so later runs reuse
+it without measuring. The allocator (transparent huge pages in torch's CPU
 allocator, ``THP_MEM_ALLOC_ENABLE=1``) must be set before torch starts, so it is not probed in-process: the
 CLI sets it (``hica-bench bench`` measures its effect against naive eager in a separate process).
 """
