@@ -45,7 +45,7 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
     assert naive["worker"]["THP_MEM_ALLOC_ENABLE"] is None and naive["worker"]["allocator"] == "default"
     assert naive["settings"] == {"backend": "eager", "batch_size": 16, "channels_last": False,
                                  "threads": naive["worker"]["torch_threads"], "precision": "fp32", "compile": False,
-                                 "allocator": "default", "pin_memory": False}
+                                 "allocator": "default", "pin_memory": False, "exporter": None}
     for entry in (tuned, harness):
         assert entry["worker"]["THP_MEM_ALLOC_ENABLE"] == "1" and entry["settings"]["allocator"] == "thp"
         assert entry["tuning"]["source"] == "measured" and entry["tuning"]["path"]  # probed, and remembered

@@ -144,7 +144,7 @@ class FeatureExtractor:
         if settings.backend == "eager":  # see the module docstring: these move eager features, not ONNX Runtime's
             kernels = {"batch_size": settings.batch_size, "threads": settings.threads,
                        "channels_last": settings.channels_last, "compile": settings.compile}
-        elif settings.exporter != "dynamo":
+        elif settings.onnx_exporter != "dynamo":
             kernels = {"exporter": settings.exporter}
         card = self.pair.card  # a lazily built pair is not built for this
         return FeatureIdentity(card.image, preprocessing_id(card.input_spec), settings.precision,

@@ -96,12 +96,18 @@ class ExtractionSettings:
     compile: bool
     allocator: str  #: ``thp`` when torch's CPU allocator uses transparent huge pages, else ``default``
     pin_memory: bool  #: host batches are pinned and copied without blocking (CUDA)
-    exporter: str = "dynamo"  #: onnxruntime only: which ``torch.onnx.export`` made its graph (see backends.EXPORTERS)
+    #: onnxruntime only: which ``torch.onnx.export`` made its graph (backends.EXPORTERS; None there, as in verdicts and
+    #: results from before there were two, means ``dynamo``); None for eager
+    exporter: str | None = None
+
+    @property
+    def onnx_exporter(self) -> str:
+        return self.exporter or "dynamo"
 
     def describe(self) -> str:
         layout = ", channels-last" if self.channels_last else ""
         compiled = ", torch.compile" if self.compile else ""
-        exported = f" ({self.exporter} export)" if self.backend == "onnxruntime" else ""
+        exported = f" ({self.onnx_exporter} export)" if self.backend == "onnxruntime" else ""
         return (f"{self.backend}{exported}, batch {self.batch_size}{layout}{compiled}, {self.threads} threads, {self.precision}"
                 f"{', THP allocator' if self.allocator == 'thp' else ''}{', pinned memory' if self.pin_memory else ''}")
 
@@ -140,7 +146,7 @@ def build_forward(pair: EncoderPair, settings: ExtractionSettings, cache_dir: Pa
     if settings.backend == "onnxruntime":
         if "image" in pair.modules:
             set_channels_last(pair, False)  # export the weights in their plain layout
-        return onnx_forward(pair, pair.device, cache_dir, settings.threads, settings.exporter)
+        return onnx_forward(pair, pair.device, cache_dir, settings.threads, settings.onnx_exporter)
     if "image" in pair.modules:
         set_channels_last(pair, settings.channels_last)
     return eager_forward(pair.image, pair.device, settings.precision, settings.channels_last, settings.compile)
@@ -397,7 +403,8 @@ class _Probe:
             except BackendUnavailable as exc:
                 if self.requested.backend == candidate.backend:
                     raise UserError(f"--backend {candidate.backend}: {exc}") from None
-                unavailable[candidate.backend] = str(exc)
+                unavailable[f"onnxruntime ({candidate.onnx_exporter} export)"
+                            if candidate.backend == "onnxruntime" else candidate.backend] = str(exc)
                 continue
             if best is None:  # the first rate prices the work ahead: the budget is a share of it
                 first_rate = rate
@@ -443,7 +450,7 @@ class _Probe:
 
 def _knobs(settings: ExtractionSettings) -> dict[str, Any]:
     knobs = {k: v for k, v in asdict(settings).items() if k in ("backend", "batch_size", "channels_last", "threads")}
-    return knobs | ({"exporter": settings.exporter} if settings.backend == "onnxruntime" else {})
+    return knobs | ({"exporter": settings.onnx_exporter} if settings.backend == "onnxruntime" else {})
 
 
 def _remember(path: Path, key: dict[str, Any], choice: Tuning) -> None:
