@@ -197,11 +197,25 @@ def remove_orphans(folder: Path, name: str) -> None:
 
 
 _DIGESTS: dict[tuple, str] = {}  #: this process's file digests, per file version
+_MEMO_DIR: list[Path] = []  #: the folder file_sha256 remembers digests in when not told (a run's cache folder)
 
 
-def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+@contextlib.contextmanager
+def digests_remembered_in(folder: Path):
+    """Inside, :func:`file_sha256` also remembers digests on disk under ``folder`` when its caller names no
+    ``memo_dir`` (a run sets its cache folder: encoder weights and dataset files are then read once, not every run)."""
+    _MEMO_DIR.append(Path(folder))
+    try:
+        yield
+    finally:
+        _MEMO_DIR.pop()
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None, *, on_disk: bool = True) -> str:
     """sha256 (hex) of a file's bytes, remembered per (absolute path, size, modification time, inode): in this process,
-    and with ``memo_dir`` on disk there too, so an unchanged file is read once; any change to it is a new question."""
+    and on disk under ``memo_dir`` (default: the folder of :func:`digests_remembered_in`, if any) too, so an unchanged
+    file is read once; any change to it is a new question. ``on_disk=False``: this process's memory only (a check
+    that must read the bytes once per process, e.g. the feature cache's integrity check)."""
     path = Path(path)
     stat = path.stat()
     fact = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
@@ -209,13 +223,14 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
     if version in _DIGESTS:
         return _DIGESTS[version]
     memo = None
-    if memo_dir is not None:
+    if memo_dir is None and on_disk and _MEMO_DIR:
+        memo_dir = _MEMO_DIR[-1]
+    if memo_dir is not None and on_disk:
         memo = Path(memo_dir) / "digests" / f"{digest(fact, 32)}.json"
         try:
             remembered = json.loads(memo.read_text())
             if isinstance(remembered, dict) and remembered.get("fact") == fact and isinstance(remembered.get("sha256"), str):
-                _DIGESTS[version] = remembered["sha256"]
-                return remembered["sha256"]
+                return remembered["sha256"]  # (not put in this process's memory, which holds only digests it read)
         except (OSError, ValueError):
             pass
     hasher = hashlib.sha256()

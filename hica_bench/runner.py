@@ -28,7 +28,7 @@ import numpy as np
 from hica_bench import __version__, data, leaderboard, protocol
 from hica_bench.errors import NotApplicable, UserError
 from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning, Work
-from hica_bench.files import atomic_write, digest, file_lock
+from hica_bench.files import atomic_write, digest, digests_remembered_in, file_lock
 from hica_bench.interfaces import NEEDS, Components, EncoderCard, EncoderPair, FewShotDataset, FewShotTask
 from hica_bench.metrics import classification_metrics, per_class
 from hica_bench.registry import Choice, Registry, RunComponents
@@ -454,7 +454,7 @@ def run(grid: Grid, settings: Settings, registry: Registry, events: Events | Non
     """Run every pending cell of ``grid``, reporting to ``events``. Everything the cells' methods build while they run
     comes from ``registry`` (the run's own, with its ``-p`` modules). One run at a time per ``out_dir``
     (:func:`out_lock`)."""
-    with out_lock(settings.out_dir):
+    with out_lock(settings.out_dir), digests_remembered_in(settings.cache_dir):
         return _run(grid, settings, registry, events or Events())
 
 

@@ -67,3 +67,25 @@ def test_digest_is_canonical_and_file_digests_are_remembered(tmp_path):
     assert json.loads(memo.read_text())["sha256"] == first
     data.write_bytes(b"01234")  # a new version of the file is a new question
     assert file_sha256(data, tmp_path / "memo") != first
+
+
+def test_a_run_remembers_file_digests_in_its_cache_folder(tmp_path, monkeypatch):
+    """Inside ``digests_remembered_in`` (a run: its cache folder) a file's digest is kept on disk, keyed by its path,
+    size, modification time and inode, so the next process reads a weights file once, not every run; the feature
+    cache's integrity check (``on_disk=False``) still reads the bytes."""
+    from hica_bench import files
+
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"a" * 1000)
+    with files.digests_remembered_in(tmp_path / "cache"):
+        first = files.file_sha256(weights)
+    assert len(list((tmp_path / "cache" / "digests").glob("*.json"))) == 1
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 1000)  # same size; the modification time put back: only the memo can tell the old digest
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    monkeypatch.setattr(files, "_DIGESTS", {})  # a new process
+    with files.digests_remembered_in(tmp_path / "cache"):
+        assert files.file_sha256(weights) == first  # from the memo: the file was not read
+        assert files.file_sha256(weights, on_disk=False) != first  # read
+    monkeypatch.setattr(files, "_DIGESTS", {})
+    assert files.file_sha256(weights) != first  # outside a run nothing on disk is consulted

@@ -71,7 +71,7 @@ class FeatureCache:
     def _read(self, key: str, array_path: Path, meta_path: Path) -> np.ndarray | None:
         try:
             meta = json.loads(meta_path.read_text())
-            if file_sha256(array_path) != meta["sha256"]:
+            if file_sha256(array_path, on_disk=False) != meta["sha256"]:
                 raise ValueError("content digest differs")
             array = np.load(array_path, allow_pickle=False)
             if list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]:
@@ -92,5 +92,5 @@ class FeatureCache:
             remove_orphans(self.dir, path.name)
         array = np.ascontiguousarray(array)
         atomic_write(array_path, lambda handle: np.save(handle, array, allow_pickle=False))
-        meta = {"sha256": file_sha256(array_path), "shape": list(array.shape), "dtype": str(array.dtype), "parts": parts}
+        meta = {"sha256": file_sha256(array_path, on_disk=False), "shape": list(array.shape), "dtype": str(array.dtype), "parts": parts}
         atomic_write(meta_path, json.dumps(meta, indent=1, default=str))
