@@ -93,8 +93,8 @@ class FeatureExtractor:
     feature cache, tuning verdicts and ONNX exports (None: no cache; then ``settings`` must be given).
     ``forward``: a forward to use instead of the one the settings build (``hica-bench bench`` passes a timed one).
     ``reference``: measure the plain eager yardstick during each dataset's first computed split of at least
-    :data:`~.encode.REFERENCE_MIN_IMAGES` images. ``work``: what
-    the run will encode, when known (a probe then times real batches of it, within a budget set by its size).
+    :data:`~.encode.REFERENCE_MIN_IMAGES` images. ``work``: what the run will encode, when known (a probe then times
+    real batches of it, within a budget set by its size, and hands over the first batch it encoded).
     ``pair`` may be a :class:`hica_bench.runner.LazyEncoderPair`: its card gives the identity, and its models are
     built only when a split has to be computed (or settings probed).
     """
