@@ -169,7 +169,8 @@ def encoder_pair(encoder: Choice, device: str) -> EncoderPair | LazyEncoderPair:
     if card is None:
         return encoder.build(device=device)
     if not isinstance(card, EncoderCard):
-        raise TypeError(f"encoder {encoder.label}: describe() returned {type(card).__name__}, not an EncoderCard")
+        raise EncoderBuildError(f"encoder {encoder.label}: the plugin's describe() returned {type(card).__name__}, "
+                                "not an EncoderCard")
     return LazyEncoderPair(card, lambda: encoder.build(device=device), encoder.label, device)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_PLUGINS, hica_bench, invoke
+from conftest import TEST_PLUGINS, hica_bench, invoke, write_medmnist_npz
 
 EXTRACTION = ["--backend", "eager", "--batch-size", "64", "--threads", "2", "--no-channels-last", "--quiet"]
 
@@ -118,3 +118,17 @@ def test_the_default_pair_served_from_the_cache_loads_no_torch(medmnist_root, de
     assert len(records) == 2 and records[0]["identity"] == records[1]["identity"]
     assert records[0]["metrics"] == records[1]["metrics"]
     assert records[1]["environment"]["torch_threads"] is None  # recorded as not loaded, not guessed
+
+
+
+def test_a_small_run_served_from_the_cache_builds_no_encoder(tmp_path, builds):
+    """Too few images to probe: the defaults, not remembered. A second such run finds its features under the same
+    default settings without building the encoder (nothing may ask for its modules first)."""
+    write_medmnist_npz(tmp_path / "data" / "breastmnist.npz", n_classes=2)  # 30 train, 20 test images
+    args = ["--backend", "auto", "--threads", "0", "--batch-size", "0"]  # overrides EXTRACTION: nothing fixed
+    code, stdout, err = _run(tmp_path, tmp_path / "data", "prototype", *args)
+    assert code == 0, err
+    assert "defaults, not probed" in " ".join(stdout.split()) and builds == ["cpu"]
+    code, _, err = _run(tmp_path, tmp_path / "data", "prototype", *args, "--force")
+    assert code == 0, err
+    assert builds == ["cpu"]  # served from the cache: not built

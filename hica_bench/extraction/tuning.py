@@ -76,6 +76,11 @@ class Requested:
     amp: bool = True
     compile: bool = False
 
+    @property
+    def fixes_everything(self) -> bool:
+        """Backend, batch size, layout and threads all fixed: nothing is left to choose."""
+        return self.backend != "auto" and bool(self.batch_size) and self.channels_last is not None and bool(self.threads)
+
     def __post_init__(self) -> None:
         if self.backend not in ("auto", *BACKENDS):
             raise UserError(f"--backend must be one of auto, {', '.join(BACKENDS)}; got {self.backend!r}")
@@ -226,6 +231,11 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
         channels_last=bool(requested.channels_last), threads=default_threads,
         precision=compute_precision(device, requested.amp), compile=requested.compile,
         allocator=allocator(), pin_memory=cuda)
+    if (work is not None and work.count < PROBE_MIN_IMAGES and requested.backend in ("auto", "eager")
+            and not requested.fixes_everything):
+        # before anything asks for the encoder's modules: features cached under these settings need no build
+        return Tuning(base, "default", unavailable={"probe": f"this run encodes {work.count} images, fewer than a probe "
+                                                              f"needs to pay for itself ({PROBE_MIN_IMAGES})"})
 
     unavailable: dict[str, str] = {}
     backends = list(BACKENDS) if requested.backend == "auto" else [requested.backend]
@@ -262,9 +272,6 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
                 raise UserError(f"--backend onnxruntime: {exc}") from None
         return Tuning(replace(candidates[0], batch_size=batches[0]), "given", unavailable=unavailable)
 
-    if work is not None and work.count < PROBE_MIN_IMAGES and requested.backend in ("auto", "eager"):
-        return Tuning(base, "default", unavailable={"probe": f"this run encodes {work.count} images, fewer than a probe "
-                                                              f"needs to pay for itself ({PROBE_MIN_IMAGES})"})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
