@@ -21,7 +21,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -132,10 +132,6 @@ class LazyEncoderPair:
         self.card, self.aligned, self.device = card, card.aligned, device
         self._build, self._label = build, label
         self._pair: EncoderPair | None = None
-
-    @property
-    def built(self) -> bool:
-        return self._pair is not None
 
     def pair(self) -> EncoderPair:
         """The built pair (built now on first call)."""
@@ -474,6 +470,11 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     return summary
 
 
+def _splits(needs: Iterable[frozenset[str]]) -> tuple[str, ...]:
+    """The splits to encode for methods with these needs: the train split only when one reads support features."""
+    return ("train", "test") if any(n & FEATURE_NEEDS for n in needs) else ("test",)
+
+
 def _rows(grid: Grid, split: str, n: int) -> int:
     """How many of a split's ``n`` images the grid evaluates (``--max-test`` cuts the test split)."""
     return min(grid.max_test, n) if split == "test" and grid.max_test is not None else n
@@ -482,8 +483,7 @@ def _rows(grid: Grid, split: str, n: int) -> int:
 def _work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, frozenset[str]]) -> Work:
     """The most the grid can encode with one encoder (every needed split of every dataset; finished cells and cached
     features can only make it less): a settings probe is budgeted by it and times real batches of its first split."""
-    splits = ("train", "test") if any(n & FEATURE_NEEDS for n in needs.values()) else ("test",)
-    parts = [(dataset, split) for dataset in datasets.values() for split in splits]
+    parts = [(dataset, split) for dataset in datasets.values() for split in _splits(needs.values())]
     count = sum(_rows(grid, split, len(dataset.split(split).labels)) for dataset, split in parts)
     if not parts:
         return Work(np.zeros((0, 1, 1), np.uint8), 0)
@@ -515,8 +515,7 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
         if not cells:
             continue
         splits = {}
-        train_needed = any(needs[cell.method.label] & FEATURE_NEEDS for cell in cells)  # zero-shot alone: not at all
-        for split in ("train", "test") if train_needed else ("test",):
+        for split in _splits(needs[cell.method.label] for cell in cells):  # zero-shot alone: no train split
             labels = np.asarray(dataset.split(split).labels)
             rows = _rows(grid, split, len(labels))
             features, record = extractor.features(dataset, split, events.split(cells[0].key.dataset, split, rows),

