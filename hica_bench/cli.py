@@ -8,6 +8,7 @@ Text that comes from users or plugins (names, options, reasons, paths) is printe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -187,6 +188,8 @@ def run(
                                           "labels in --out/predictions/CELL_ID.npz (compressed numpy, no pickle)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress: neither the live display on a terminal nor "
                                                             "the log lines elsewhere (errors and the summary remain)."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave out (and count) unreadable image files "
+                                         "of datasets that take the skip_bad_images option (folder) instead of stopping."),
 ) -> None:
     """Run the grid datasets × methods × shots × seeds and write results and leaderboards to --out."""
     from hica_bench import data, runner
@@ -206,8 +209,12 @@ def run(
         return _choose_each(registry, kind, name_list(flag if flag is not None else default_suite(registry, kind, option),
                                                       option), option)
 
+    dataset_choices = each("dataset", datasets, given.datasets, "--datasets")
+    if skip_bad_images:  # the option of every dataset that declares it
+        dataset_choices = [dataclasses.replace(c, options={**c.options, "skip_bad_images": True})
+                           if "skip_bad_images" in c.registered.spec.options else c for c in dataset_choices]
     grid = runner.Grid(
-        datasets=each("dataset", datasets, given.datasets, "--datasets"),
+        datasets=dataset_choices,
         methods=each("method", methods, given.methods, "--methods"),
         encoders=each("encoder", encoders, given.encoders, "--encoders"),
         shots=shot_list,
@@ -255,6 +262,8 @@ def run(
 
 def _print_summary(summary, settings) -> None:
     out = Console()
+    for line in summary.datasets:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
     if summary.extractions:
         table = Table(title="encoder passes (one per dataset and split)")
         for column in ("dataset", "split", "images", "source", "seconds", "images/s"):
@@ -338,7 +347,7 @@ def download_(
 ) -> None:
     """Fetch dataset files before a run (each dataset plugin's own downloader; MedMNIST: the official record, with
     its MD5 checked and a progress bar). Files already there are checked and kept."""
-    from hica_bench import data
+    from hica_bench import data, runner
 
     data.check_size(size)
     registry = _registry(ctx)
@@ -350,7 +359,8 @@ def download_(
     cache = data.cache_root(None)
     for choice in choices:
         dataset = choice.build(root=root, size=size, download=True, cache_dir=cache)
-        print(f"{choice.label} ({size} px): ready, {len(dataset.class_names)} classes, {dataset.identity}")
+        print(f"{choice.label} ({size} px): ready, {dataset.identity}")
+        print(runner.describe_dataset(choice.label, dataset))
 
 
 @app.command("bench")

@@ -7,6 +7,7 @@ feature cache and memory-mapped from there; a stored (uncompressed) member is me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -26,6 +28,27 @@ log = logging.getLogger(__name__)
 
 DATA_ENV = "HICA_BENCH_DATA"
 CACHE_ENV = "HICA_BENCH_CACHE"
+
+
+_PROGRESS: list[Callable[[str, int], Callable[[int], None]] | None] = []  #: where :func:`progress` reports
+
+
+@contextlib.contextmanager
+def progress_to(report: Callable[[str, int], Callable[[int], None]] | None) -> Iterator[None]:
+    """Inside, :func:`progress` reports to ``report(text, total) -> advance`` (a run's display); None: nowhere."""
+    _PROGRESS.append(report)
+    try:
+        yield
+    finally:
+        _PROGRESS.pop()
+
+
+def progress(text: str, total: int) -> Callable[[int], None]:
+    """For dataset plugins doing long work while they are built (decoding a folder of images): a counter the run shows
+    as it shows its own steps (a bar on a terminal, a line a minute in a log); call the returned function with each
+    step's count. Outside a run it does nothing."""
+    report = _PROGRESS[-1] if _PROGRESS else None
+    return report(text, total) if report is not None else (lambda count: None)
 
 
 def data_root(cli_value: str | None) -> str | None:

@@ -11,6 +11,8 @@
 - :func:`digest`: sha256 over canonical JSON, the key of every cache entry and every identity.
 - :func:`file_sha256`: a file's content digest, remembered per (path, size, mtime, inode) under a cache folder, so
   a large dataset file is hashed once, not every run.
+- :func:`read_config`: a user's TOML, YAML or JSON file (a suite, a prompt file) as plain values, or one line saying
+  why not.
 """
 
 from __future__ import annotations
@@ -244,3 +246,47 @@ def file_sha256(path: Path, memo_dir: Path | None = None, *, on_disk: bool = Tru
         except UserError:  # a read-only cache still works, it just hashes again next time
             pass
     return value
+
+
+_FORMATS = {".toml": ".toml", ".yaml": ".yaml", ".yml": ".yaml", ".json": ".json"}
+
+
+def read_config(path: Path, where: str, suffixes: tuple[str, ...]) -> Any:
+    """The TOML, YAML or JSON file ``path`` as plain Python values (by its suffix, one of ``suffixes``); a missing,
+    unreadable or malformed file is a one-line :class:`UserError` starting with ``where``. YAML is read with
+    ``safe_load`` (no Python objects)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a folder, not a {' or '.join(sorted({_FORMATS[s] for s in suffixes}))} file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        allowed = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+        raise UserError(f"{where}: unknown format {suffix or '(no suffix)'!r}; use {allowed}")
+    if suffix == ".toml":
+        import sys
+
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{where}: not valid TOML ({exc})") from None
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None

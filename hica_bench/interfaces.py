@@ -120,6 +120,24 @@ class FewShotDataset(Protocol):
     def split(self, name: Literal["train", "val", "test"]) -> Split: ...
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """A dataset's class names, prompt templates and descriptors from a user's prompt file (any dataset:
+    ``DATASET:prompts=FILE``; loaded and checked by :func:`hica_bench.prompts.load`). Its ``digest`` is part of every
+    cell identity, so two prompt files never share a leaderboard row.
+
+    Every method that puts class names into text uses ``classnames`` (a cell's ``task.class_names`` are these);
+    those that build a prompt ensemble use ``templates`` (``{}`` is the class name) when given, else their own;
+    those that use fine-grained descriptors (HiCA) use ``descriptors`` when given, else their generator's."""
+
+    classnames: tuple[str, ...]  #: one per class, in the dataset's class order
+    templates: tuple[str, ...] | None  #: None: the method's own templates
+    #: one ``{"global": [...], "local": [...]}`` per class in class order (a class the file leaves out: None), or None
+    descriptors: tuple[dict[str, tuple[str, ...]] | None, ...] | None
+    source: str  #: the file, as given
+    digest: str  #: sha256 of the content above (not of the file's bytes: comments and layout do not count)
+
+
 # --------------------------------------------------------------------------- encoders
 
 
@@ -247,6 +265,8 @@ class FewShotTask:
     where a method may keep artifacts it can reuse across cells (key them by everything they depend on).
     ``components`` builds the ROI extractors, descriptor generators and losses the method uses (see
     :class:`Components`); name them in options the method's spec declares in ``PluginSpec.components``.
+    ``prompts``: the user's prompt file for this dataset, or None (see :class:`Prompts`; ``class_names`` are then its
+    ``classnames``).
     Methods must not modify any array they are handed. Randomness comes only from ``seed``.
     """
 
@@ -264,6 +284,7 @@ class FewShotTask:
     train_features: np.ndarray | None = None
     cache_dir: Path | None = None
     components: Components | None = None
+    prompts: Prompts | None = None
 
     @property
     def n_classes(self) -> int:

@@ -96,6 +96,17 @@ class LiveEvents(Events):
             self.progress.remove_task(self._split)
             self._split = None
 
+    def task(self, text: str, total: int) -> Callable[[int], None]:
+        self._end_stage()
+        task = self._stage = self.progress.add_task(escape(text), total=total, rate="")
+        started, done = time.perf_counter(), 0
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            self.progress.update(task, completed=done, rate=f"{done / max(time.perf_counter() - started, 1e-9):.0f}/s")
+        return advance
+
     def cell(self, key: CellKey) -> None:
         c = self.counts
         if self._cells is not None:
@@ -173,6 +184,12 @@ class LogEvents(Events):
                 self._line(f"{name}: {done}/{images} images, {rate:.0f} img/s, about {(images - done) / rate:.0f} s left")
                 last = now
         return advance
+
+    def task(self, text: str, total: int) -> Callable[[int], None]:
+        self._now(f"{text} ({total})")
+        if self._started:
+            self._line(f"{text}: {total} to do")
+        return lambda count: None  # the heartbeat says it is still going
 
     def split_done(self, record: ExtractionRecord) -> None:
         where = f"{record.dataset} {record.split} features"

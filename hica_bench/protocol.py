@@ -41,16 +41,18 @@ def _at_least_one_shot(shots: list[int]) -> None:
             raise UserError(f"--shots must be >= 1, got {k}")
 
 
-def check_shots(shots: list[int], labels: np.ndarray, n_classes: int, dataset: str) -> None:
+def check_shots(shots: list[int], labels: np.ndarray, n_classes: int, dataset: str,
+                class_names: list[str] | None = None) -> None:
     """Raise a :class:`UserError` for k < 1 or k larger than the smallest train class."""
     _at_least_one_shot(shots)
     counts = np.bincount(labels, minlength=n_classes)
-    smallest = int(counts.min())
+    smallest, which = int(counts.min()), int(counts.argmin())
+    named = f" ({class_names[which]})" if class_names is not None else ""
     for k in shots:
         if k > smallest:
             raise UserError(
                 f"{k} shots is more than {dataset}'s smallest train class has "
-                f"({smallest} images of class {int(counts.argmin())}); use --shots up to {smallest}"
+                f"({smallest} images of class {which}{named}); use --shots up to {smallest}"
             )
 
 

@@ -62,12 +62,18 @@ class Registered:
     version: str
 
 
+#: An option every dataset takes, handled by the core (not passed to the plugin): a prompt file (:mod:`hica_bench.prompts`).
+PROMPTS_OPTION = "prompts"
+
+
 @dataclass(frozen=True)
 class Choice:
-    """A spec chosen on the command line with its converted options, e.g. ``hica:lambda1=0.5``."""
+    """A spec chosen on the command line with its converted options, e.g. ``hica:lambda1=0.5``. A dataset may also
+    carry a prompt file (``breastmnist:prompts=my.yaml``), which the core reads: ``prompts``."""
 
     registered: Registered
     options: dict[str, Any]
+    prompts: str | None = None
 
     @property
     def name(self) -> str:
@@ -77,8 +83,10 @@ class Choice:
     def label(self) -> str:
         """Canonical text: the name plus the options that differ from their defaults, sorted."""
         defaults = self.registered.spec.options
-        changed = {k: v for k, v in sorted(self.options.items()) if defaults.get(k) != v}
-        return ":".join([self.name] + [f"{k}={v}" for k, v in changed.items()])
+        changed = {k: v for k, v in self.options.items() if defaults.get(k) != v}
+        if self.prompts is not None:
+            changed[PROMPTS_OPTION] = self.prompts
+        return ":".join([self.name] + [f"{k}={v}" for k, v in sorted(changed.items())])
 
     @property
     def ref(self) -> Component:
@@ -87,7 +95,9 @@ class Choice:
         return Component(spec.kind, spec.name, dict(self.options), self.registered.distribution, self.registered.version)
 
     def build(self, **fixed: Any) -> Any:
-        return self.registered.spec.factory(**fixed, **self.options)
+        """The factory called with the kind's fixed arguments and the options; an option named like a fixed argument
+        replaces it (the ``folder`` dataset's own ``root=`` in place of the data root)."""
+        return self.registered.spec.factory(**{**fixed, **self.options})
 
     def describe(self, **fixed: Any) -> Any:
         """An encoder's :class:`~hica_bench.interfaces.EncoderCard` from its spec's ``describe`` without building it;
@@ -187,7 +197,12 @@ class Registry:
         plugin (``PluginSpec.components``) must name one that is installed."""
         name, options = parse_choice(text)
         registered = self.get(kind, name)
-        choice = Choice(registered, convert_options(registered.spec, options))
+        prompts = None
+        if kind == "dataset" and PROMPTS_OPTION not in registered.spec.options and PROMPTS_OPTION in options:
+            prompts = options.pop(PROMPTS_OPTION)
+            if not prompts:
+                raise UserError(f"{text!r}: prompts= needs a file (a .yaml or .json prompt file; see README)")
+        choice = Choice(registered, convert_options(registered.spec, options), prompts)
         self.components_of(choice)
         return choice
 

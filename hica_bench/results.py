@@ -18,7 +18,8 @@ results of different origins (see :mod:`hica_bench.leaderboard`).
 Schema history: 1 had the label and no identity; such records are read as *legacy* (``identity`` None): shown, never
 averaged with identified results, never used to skip a cell. 2 adds the identity and typed records. 3 adds per-class
 recall and precision with the confusion matrix (:class:`PerClass`) and the file of saved predictions; schema-2
-records read with neither.
+records read with neither. 4 adds the paired timing. 5 adds the prompt file's digest to the origin (``prompts``);
+older records read with none, and an origin without a prompt file keeps the id it had before.
 
 One JSON object per line, one line per finished cell. A line is written with a single ``write`` on a file opened
 for appending and then fsync'ed, so a killed run leaves at most one truncated last line: :meth:`ResultsStore.load`
@@ -52,7 +53,7 @@ from hica_bench.files import digest
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -172,10 +173,14 @@ class Origin:
     method: Component
     method_components: tuple[Component, ...]  #: plugins the method's options name (e.g. HiCA's ROI extractor, losses)
     device: str  #: where the method ran: cpu or cuda
+    prompts: str | None = None  #: the digest of the dataset's prompt file (:class:`hica_bench.interfaces.Prompts`), if any
 
     @functools.cached_property
     def id(self) -> str:
-        return digest(jsonable(self), 12)
+        fields_ = jsonable(self)
+        if fields_["prompts"] is None:  # no prompt file: the id origins had before prompt files existed
+            del fields_["prompts"]
+        return digest(fields_, 12)
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,9 @@ class CellResult:
         if record.get("schema_version") in (2, 3) and isinstance(record.get("timings"), dict):  # before paired timing
             record["timings"] = {"paired_efficiency": None, "efficiency_spread": None, "cpu_contention": None,
                                  **record["timings"]}
+        if (record.get("schema_version") in (2, 3, 4) and isinstance(record.get("identity"), dict)
+                and isinstance(record["identity"].get("origin"), dict)):  # before prompt files
+            record["identity"] = {**record["identity"], "origin": {"prompts": None, **record["identity"]["origin"]}}
         result = _typed(cls, record, "", strict=True)
         if (result.status is Status.OK) != (result.metrics is not None):
             raise ValueError(f"status {result.status.value!r} with metrics {'given' if result.metrics else 'missing'}")

@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from hica_bench import __version__, data, leaderboard, protocol
+from hica_bench import __version__, data, leaderboard, prompts, protocol
 from hica_bench.errors import NotApplicable, UserError
 from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning, Work
 from hica_bench.files import atomic_write, digest, digests_remembered_in, file_lock
-from hica_bench.interfaces import NEEDS, Components, EncoderCard, EncoderPair, FewShotDataset, FewShotTask
+from hica_bench.interfaces import NEEDS, Components, EncoderCard, EncoderPair, FewShotDataset, FewShotTask, Prompts
 from hica_bench.metrics import classification_metrics, per_class
 from hica_bench.registry import Choice, Registry, RunComponents
 from hica_bench.results import CellKey, CellResult, Identity, Origin, ResultsStore, Status, Timings, environment, jsonable
@@ -89,6 +89,7 @@ class Summary:
     wall_s: float = 0.0
     failures: list[str] = field(default_factory=list)
     leaderboard: tuple[Path, Path] | None = None
+    datasets: list[str] = field(default_factory=list)  #: one line per dataset: its classes and split sizes
 
 
 @dataclass
@@ -97,6 +98,7 @@ class _Cell:
     key: CellKey
     identity: Identity
     support: np.ndarray
+    prompts: Prompts | None = None
 
 
 @contextlib.contextmanager
@@ -205,18 +207,34 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def open_datasets(grid: Grid, settings: Settings) -> dict[str, FewShotDataset]:
-    """Build every dataset and check it can run the grid's shots (before any cell runs)."""
-    datasets = {}
-    for choice in grid.datasets:
-        dataset = choice.build(root=settings.data_root, size=grid.size, download=settings.download, cache_dir=settings.cache_dir)
-        if dataset.task not in SUPPORTED_TASKS:
-            raise UserError(f"{choice.name} is a {dataset.task} dataset; hica-bench supports {' and '.join(SUPPORTED_TASKS)} tasks")
-        labels = dataset.split("train").labels
-        protocol.check_shots(grid.shots, labels, len(dataset.class_names), choice.name)
-        dataset.split("test")  # a malformed test split is reported now, not after other cells ran
-        datasets[choice.label] = dataset
-    return datasets
+def open_datasets(grid: Grid, settings: Settings, events: "Events | None" = None
+                  ) -> tuple[dict[str, FewShotDataset], dict[str, Prompts]]:
+    """Build every dataset, read its prompt file (if any) and check it can run the grid's shots (before any cell
+    runs): (datasets, prompt files) by dataset label. A dataset plugin's :func:`hica_bench.data.progress` (decoding a
+    folder) is shown through ``events``."""
+    datasets, prompt_files = {}, {}
+    with data.progress_to(events.task if events is not None else None):
+        for choice in grid.datasets:
+            dataset = choice.build(root=settings.data_root, size=grid.size, download=settings.download,
+                                   cache_dir=settings.cache_dir)
+            if dataset.task not in SUPPORTED_TASKS:
+                raise UserError(f"{choice.name} is a {dataset.task} dataset; hica-bench supports "
+                                f"{' and '.join(SUPPORTED_TASKS)} tasks")
+            labels = dataset.split("train").labels
+            protocol.check_shots(grid.shots, labels, len(dataset.class_names), choice.label, list(dataset.class_names))
+            dataset.split("test")  # a malformed test split is reported now, not after other cells ran
+            if choice.prompts is not None:
+                prompt_files[choice.label] = prompts.load(choice.prompts, dataset.class_names, choice.label)
+            datasets[choice.label] = dataset
+    return datasets, prompt_files
+
+
+def describe_dataset(label: str, dataset: FewShotDataset, prompt_file: Prompts | None = None) -> str:
+    """One line: the dataset's classes in label order (with the prompt file's names), and its split sizes."""
+    names = [name if prompt_file is None or prompt_file.classnames[i] == name else f"{name} ({prompt_file.classnames[i]!r})"
+             for i, name in enumerate(dataset.class_names)]
+    sizes = ", ".join(f"{len(dataset.split(s).labels)} {s}" for s in ("train", "val", "test"))
+    return f"{label}: {len(names)} classes: {', '.join(f'{i}={n}' for i, n in enumerate(names))}; {sizes}"
 
 
 # --------------------------------------------------------------------------- the rules of a method's inputs and outputs
@@ -260,20 +278,21 @@ def method_needs(method: Choice) -> frozenset[str]:
 def build_task(*, dataset: str, task: str, class_names: list[str], train_features: np.ndarray | None, train_labels: np.ndarray,
                support: np.ndarray, k: int, seed: int, pair: EncoderPair, needs: frozenset[str],
                train_images: Callable[[], np.ndarray] | None = None, cache_dir: Path | None = None,
-               components: Components | None = None) -> FewShotTask:
+               components: Components | None = None, prompts: Prompts | None = None) -> FewShotTask:
     """The :class:`FewShotTask` of one cell: the support set's labels, and only what ``needs`` declares (the support
-    features, the whole train split's features, its images: ``train_images`` is called only then)."""
+    features, the whole train split's features, its images: ``train_images`` is called only then). With a prompt
+    file, the task's class names are its ``classnames``."""
     features = bool(needs & FEATURE_NEEDS)
     if features and train_features is None:
         raise ValueError("the method needs image features but the train split was not encoded")
     return FewShotTask(
-        dataset=dataset, task=task, class_names=list(class_names),
+        dataset=dataset, task=task, class_names=list(class_names if prompts is None else prompts.classnames),
         support_features=train_features[support] if features else None, support_labels=train_labels[support],
         support_indices=support,
         k=k, seed=seed, encoders=pair, device=pair.device,
         train_images=train_images() if "encoders" in needs and train_images is not None else None,
         train_features=train_features if "train_features" in needs else None,
-        cache_dir=cache_dir, components=components,
+        cache_dir=cache_dir, components=components, prompts=prompts,
     )
 
 
@@ -335,10 +354,11 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
     try:
         model = cell.method.build()
         needs = check_needs(getattr(model, "needs", None), pair, key.encoder)
-        task = build_task(dataset=key.dataset, task=dataset.task, class_names=dataset.class_names,
-                          train_features=train_features, train_labels=train_labels, support=cell.support, k=key.k,
-                          seed=key.seed, pair=pair, needs=needs, train_images=lambda: dataset.split("train").images,
-                          cache_dir=cache_dir, components=components)
+        task = build_task(dataset=getattr(dataset, "name", key.dataset), task=dataset.task,
+                          class_names=dataset.class_names, train_features=train_features, train_labels=train_labels,
+                          support=cell.support, k=key.k, seed=key.seed, pair=pair, needs=needs,
+                          train_images=lambda: dataset.split("train").images, cache_dir=cache_dir,
+                          components=components, prompts=cell.prompts)
         seed_everything(key.seed)
 
         def fit_predict():
@@ -399,11 +419,13 @@ def _within(seconds: float | None, work):
 
 
 def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: FewShotDataset, encoder: Choice,
-             pair: EncoderPair, extractor: FeatureExtractor, device: str, finished: set[str]) -> tuple[list[_Cell], int]:
+             pair: EncoderPair, extractor: FeatureExtractor, device: str, finished: set[str],
+             prompt_file: Prompts | None = None) -> tuple[list[_Cell], int]:
     """This dataset's cells with ``encoder`` whose identity has no finished result yet, and how many were skipped."""
     labels = dataset.split("train").labels
     n_classes = len(dataset.class_names)
-    supports = {(k, seed): protocol.sample_support(labels, n_classes, k, seed, dataset_choice.label)
+    name = getattr(dataset, "name", dataset_choice.label)  # supports are drawn by the dataset's name, not by the
+    supports = {(k, seed): protocol.sample_support(labels, n_classes, k, seed, name)  # options (paths, prompt files)
                 for k in grid.shots for seed in grid.seeds}
     pending, skipped = [], 0
     for method in grid.methods:
@@ -411,7 +433,8 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
             harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
             max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity.as_dict(),
             text_encoder=pair.card.text, method=method.ref,
-            method_components=registry.components_of(method), device=device.split(":")[0])
+            method_components=registry.components_of(method), device=device.split(":")[0],
+            prompts=None if prompt_file is None else prompt_file.digest)
         for k in grid.shots:
             for seed in grid.seeds:
                 identity = Identity(origin, k, seed, protocol.support_hash(supports[k, seed]))
@@ -419,7 +442,7 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
                     skipped += 1
                     continue
                 key = CellKey(dataset_choice.label, grid.size, method.label, encoder.label, k, seed, grid.max_test)
-                pending.append(_Cell(method, key, identity, supports[k, seed]))
+                pending.append(_Cell(method, key, identity, supports[k, seed], prompt_file))
     return pending, skipped
 
 
@@ -435,6 +458,11 @@ class Events:
 
     def split(self, dataset: str, split: str, images: int) -> Callable[[int], None]:
         """An encoder pass starts; the returned function is called with each batch's image count."""
+        return lambda count: None
+
+    def task(self, text: str, total: int) -> Callable[[int], None]:
+        """A counted step of a plugin (:func:`hica_bench.data.progress`, e.g. decoding a folder of images) starts; the
+        returned function is called with each step's count; the next call of any kind ends it."""
         return lambda count: None
 
     def split_done(self, record: ExtractionRecord) -> None:
@@ -461,10 +489,11 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     store = ResultsStore(settings.out_dir / "results.jsonl")
     store.check_writable()
     finished = {cell_id for cell_id, r in store.load().items() if r.status.finished and not settings.force}
-    datasets = open_datasets(grid, settings)
+    datasets, prompt_files = open_datasets(grid, settings, events)
+    summary.datasets = [describe_dataset(label, dataset, prompt_files.get(label)) for label, dataset in datasets.items()]
     needs = {method.label: method_needs(method) for method in grid.methods}
     for encoder in grid.encoders:  # one encoder in memory at a time
-        _run_encoder(grid, settings, registry, events, encoder, datasets, needs, store, finished, summary)
+        _run_encoder(grid, settings, registry, events, encoder, datasets, prompt_files, needs, store, finished, summary)
     summary.leaderboard = leaderboard.write(list(store.load().values()), settings.out_dir)
     summary.wall_s = time.perf_counter() - started
     return summary
@@ -492,7 +521,8 @@ def _work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, froz
 
 
 def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Events, encoder: Choice,
-                 datasets: dict[str, FewShotDataset], needs: dict[str, frozenset[str]], store: ResultsStore,
+                 datasets: dict[str, FewShotDataset], prompt_files: dict[str, Prompts],
+                 needs: dict[str, frozenset[str]], store: ResultsStore,
                  finished: set[str], summary: Summary) -> None:
     """The grid's cells with ``encoder`` (``needs``: each method label's declared needs)."""
     pair = encoder_pair(encoder, settings.device)
@@ -506,7 +536,8 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
     work, skipped_here = [], 0
     for choice in grid.datasets:
         dataset = datasets[choice.label]
-        cells, skipped = _pending(grid, registry, choice, dataset, encoder, pair, extractor, settings.device, finished)
+        cells, skipped = _pending(grid, registry, choice, dataset, encoder, pair, extractor, settings.device, finished,
+                                  prompt_files.get(choice.label))
         skipped_here += skipped
         work.append((dataset, cells))
     summary.skipped += skipped_here

@@ -18,17 +18,12 @@ naming the file and the key.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from hica_bench.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from hica_bench.files import read_config
 
 
 @dataclass
@@ -52,30 +47,8 @@ def load(path: str | Path) -> Suite:
     """The suite in ``path``; :class:`UserError` (one line) for a missing or malformed file, an unknown key or a bad value."""
     path = Path(path)
     where = f"suite {path}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{where}: is a folder, not a .toml or .yaml file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"{where}: not valid TOML ({exc})") from None
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise UserError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
-        raw = {} if raw is None else raw
-    else:
-        raise UserError(f"{where}: unknown format {suffix or '(no suffix)'!r}; use .toml, .yaml or .yml")
+    raw = read_config(path, where, (".toml", ".yaml", ".yml"))
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"{where}: must hold keys and values at the top level, got a {type(raw).__name__}")
     suite = Suite()

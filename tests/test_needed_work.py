@@ -73,7 +73,7 @@ def _key(tmp_path: Path, split: str) -> str:
 
 def test_a_zero_shot_grid_never_encodes_the_train_split(medmnist_root, tmp_path):
     summary = _run(tmp_path, medmnist_root, "zs", "--encoders", "toy-aligned", "--methods", "zero-shot")
-    assert "1 ran ok" in summary and "train" not in summary.split("extraction")[0]
+    assert "1 ran ok" in summary and "│ train" not in summary.split("extraction")[0]  # no train row in the passes
     assert sorted(_entries(tmp_path / "cache")) == ["test"]
     assert _records(tmp_path / "zs")[0]["status"] == "ok"
 

@@ -6,8 +6,9 @@ import pytest
 
 from hica_bench import leaderboard
 from hica_bench.errors import UserError
+from hica_bench.files import digest
 from hica_bench.results import (SCHEMA_VERSION, CellKey, CellResult, Component, Identity, Metrics, Origin, ResultsStore,
-                                Status, Timings, origin_differences)
+                                Status, Timings, jsonable, origin_differences)
 
 FEATURES = {"encoder": "test-pixels-16px-v1", "preprocessing": "p", "precision": "fp32", "backend": "eager", "device": "cpu"}
 ORIGIN = Origin(
@@ -47,7 +48,7 @@ def test_a_record_round_trips_typed(tmp_path):
     assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
     record = json.loads(store.path.read_text())
     assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
-    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 4
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 5
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -66,7 +67,7 @@ def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
     del record["identity"]
     with store.path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 4"):
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 5"):
         store.load()
 
 
@@ -146,12 +147,14 @@ def test_values_a_plugin_hands_over_are_written_not_crashed_on(tmp_path):
 
 
 def _written_by_schema(version: int, tmp_path: Path) -> tuple[dict, Path]:
-    """A record as schema ``version`` (2 or 3) wrote it, in a results file of its own: (record, path)."""
+    """A record as schema ``version`` (2, 3 or 4) wrote it, in a results file of its own: (record, path)."""
     record = json.loads(_result(0).to_json())
+    del record["identity"]["origin"]["prompts"]  # before prompt files
     if version == 2:  # before per-class scores and saved predictions
         del record["per_class"], record["predictions"]
     for name in ("paired_efficiency", "efficiency_spread", "cpu_contention"):  # before the paired throughput
-        del record["timings"][name]
+        if version < 4:
+            del record["timings"][name]
     record["schema_version"] = version
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(record) + "\n")
@@ -164,6 +167,18 @@ def test_a_schema_2_record_reads_without_per_class_scores(tmp_path):
     (loaded,) = ResultsStore(path).load().values()
     assert loaded.per_class is None and loaded.predictions is None and loaded.cell_id == _result(0).cell_id
     assert loaded.schema_version == 2 and loaded.metrics.acc == 0.5
+
+
+def test_a_schema_4_record_reads_without_a_prompt_file_and_keeps_its_cell_id(tmp_path):
+    """Schema 4 had no prompt files: read with ``prompts`` None, and an origin without one keeps its old id (so
+    committed baselines and resumable results stay valid); a prompt file's digest makes another origin."""
+    record, path = _written_by_schema(4, tmp_path)
+    (loaded,) = ResultsStore(path).load().values()
+    assert loaded.identity.origin.prompts is None and loaded.cell_id == _result(0).cell_id
+    origin = loaded.identity.origin
+    fields_ = {f.name: getattr(origin, f.name) for f in dataclasses.fields(origin)}
+    assert origin.id == digest({k: v for k, v in jsonable(fields_).items() if k != "prompts"}, 12)
+    assert dataclasses.replace(origin, prompts="ab" * 32).id != origin.id
 
 
 def test_a_schema_3_record_reads_without_the_paired_throughput(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import TEST_PLUGINS, invoke
 from hica_bench.metrics import classification_metrics
+from hica_bench.results import SCHEMA_VERSION
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +34,7 @@ def test_per_class_scores_and_saved_predictions_recompute_the_metrics(medmnist_r
     code, out, err = invoke(*grid(tmp_path, medmnist_root, "--save-predictions"))
     assert code == 0, err
     for record in records(tmp_path / "out"):
-        assert record["schema_version"] == 4 and record["predictions"] == f"predictions/{record['cell_id']}.npz"
+        assert record["schema_version"] == SCHEMA_VERSION and record["predictions"] == f"predictions/{record['cell_id']}.npz"
         with np.load(tmp_path / "out" / record["predictions"], allow_pickle=False) as saved:
             proba, labels = saved["proba"], saved["labels"]
         assert proba.shape == (156, 2) and proba.dtype == np.float32 and len(labels) == 156
@@ -77,6 +78,7 @@ def test_download_puts_the_files_in_place(medmnist_root, tmp_path):
     shutil.copy(medmnist_root / "breastmnist.npz", tmp_path / "breastmnist.npz")
     code, out, err = invoke("download", "breastmnist", "--data-root", tmp_path)
     assert code == 0, err
-    assert out.startswith("breastmnist (28 px): ready, 2 classes, medmnist/breastmnist@28/sha256:")
+    assert out.startswith("breastmnist (28 px): ready, medmnist/breastmnist@28/sha256:")
+    assert "breastmnist: 2 classes: 0=malignant, 1=normal, benign; 546 train, 78 val, 156 test" in out
     code, _, err = invoke("download", "breastmnst", "--data-root", tmp_path)
     assert code == 2 and "did you mean breastmnist" in err

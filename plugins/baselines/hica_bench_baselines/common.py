@@ -10,7 +10,8 @@ import numpy as np
 from hica_bench.errors import NotApplicable
 from hica_bench.interfaces import FewShotTask
 
-#: Prompt ensemble for zero-shot (CLIP-style); ``{}`` is the class name from the dataset.
+#: Prompt ensemble for zero-shot (CLIP-style); ``{}`` is the class name from the dataset. A dataset's prompt file
+#: (``DATASET:prompts=FILE``, ``task.prompts``) replaces it with its own ``templates``.
 TEMPLATES = (
     "a medical image of {}.",
     "a photo of {}.",
@@ -31,11 +32,18 @@ def require_aligned(task: FewShotTask, method: str) -> None:
         raise NotApplicable(f"{method} needs an aligned image-text encoder pair")
 
 
+def templates(task: FewShotTask) -> tuple[str, ...]:
+    """The prompt ensemble of ``task``: its prompt file's templates when it gives some, else :data:`TEMPLATES`."""
+    return task.prompts.templates if task.prompts is not None and task.prompts.templates else TEMPLATES
+
+
 def class_text_embeddings(task: FewShotTask) -> np.ndarray:
-    """The zero-shot classifier: (C, D) L2-normalised mean of each class's :data:`TEMPLATES` text embeddings."""
-    texts = [template.format(name) for name in task.class_names for template in TEMPLATES]
+    """The zero-shot classifier: (C, D) L2-normalised mean of each class's text embeddings over the prompt ensemble
+    (:func:`templates`) with the task's class names (a prompt file's ``classnames`` when it gives them)."""
+    ensemble = templates(task)
+    texts = [template.format(name) for name in task.class_names for template in ensemble]
     embedded = l2_normalise(task.encoders.text.encode(texts))
-    per_class = embedded.reshape(task.n_classes, len(TEMPLATES), -1).mean(axis=1)
+    per_class = embedded.reshape(task.n_classes, len(ensemble), -1).mean(axis=1)
     text = l2_normalise(per_class)
     if task.support_features is not None and text.shape[1] != task.support_features.shape[1]:
         raise ValueError(f"image features are {task.support_features.shape[1]}-d but text embeddings {text.shape[1]}-d")

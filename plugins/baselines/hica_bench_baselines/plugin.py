@@ -15,7 +15,7 @@ from scipy.special import softmax
 from hica_bench import hookimpl
 from hica_bench.interfaces import FewShotTask, Option, PluginSpec
 from hica_bench_baselines.adapters import ClipAdapter, LPPlusPlus, TipAdapter, TipAdapterF
-from hica_bench_baselines.common import TEMPLATES, class_text_embeddings, l2_normalise, require_aligned
+from hica_bench_baselines.common import TEMPLATES, class_text_embeddings, l2_normalise, require_aligned, templates
 from hica_bench_baselines.coop import CoOp
 from hica_bench_baselines.knn import KNN
 
@@ -37,6 +37,8 @@ class ZeroShot:
     def fit(self, task: FewShotTask) -> "ZeroShot":
         require_aligned(task, "zero-shot")
         self.class_embeddings_ = class_text_embeddings(task)
+        self.fit_info_ = {"templates": len(templates(task)), "class_names": list(task.class_names),
+                          "prompt_file": None if task.prompts is None else task.prompts.source}
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:

@@ -145,6 +145,19 @@ class KnowledgeDescriptors:
         return out
 
 
+class FixedDescriptors:
+    """Given descriptors, one ``{"global": [...], "local": [...]}`` per class in class order (a dataset's prompt file's,
+    for HiCA and as the ``base`` of :class:`NoisyDescriptors`); not a registered plugin."""
+
+    def __init__(self, described: Descriptors) -> None:
+        self.described = [{"global": list(d["global"]), "local": list(d.get("local", []))} for d in described]
+
+    def describe(self, dataset: str, class_names: Sequence[str]) -> Descriptors:
+        if len(class_names) != len(self.described):
+            raise ValueError(f"{len(self.described)} classes described, {len(class_names)} asked for")
+        return [{"global": list(d["global"]), "local": list(d["local"])} for d in self.described]
+
+
 CORRUPTIONS = ("word_drop", "word_swap", "unrelated_class")
 
 

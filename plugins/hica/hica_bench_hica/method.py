@@ -114,9 +114,22 @@ class HiCA:
         return components.build("loss", name, **{k: v for k, v in settings.items() if k in accepted})
 
     def _descriptors(self, task: FewShotTask) -> list[dict[str, list[str]]]:
+        """Each class's global and local texts: the dataset's prompt file's descriptors where it gives them (the
+        ``descriptors`` generator's for the classes it leaves out), else the generator's; with ``noise`` > 0 a
+        fraction of them corrupted (the ``noisy`` generator's rules)."""
         o = self.options
         components = self._components(task)
-        if o["noise"] > 0:
+        given = task.prompts.descriptors if task.prompts is not None else None
+        if given is not None:
+            from hica_bench_hica.descriptors import FixedDescriptors, NoisyDescriptors
+
+            own = components.build("descriptor-generator", o["descriptors"]).describe(task.dataset, list(task.class_names))
+            fixed = FixedDescriptors([{"global": list(d["global"]), "local": list(d["local"])} if d else own[c]
+                                      for c, d in enumerate(given)])
+            label = f"prompt file {task.prompts.source}" + (f" (others: {o['descriptors']})" if None in given else "")
+            generator = NoisyDescriptors(fraction=o["noise"], base=fixed, seed=0) if o["noise"] > 0 else fixed
+            label = f"noisy:fraction={o['noise']}:base={label}:seed=0" if o["noise"] > 0 else label
+        elif o["noise"] > 0:
             generator = components.build("descriptor-generator", "noisy", fraction=o["noise"], base=o["descriptors"], seed=0)
             label = f"noisy:fraction={o['noise']}:base={o['descriptors']}:seed=0"
         else:
@@ -313,6 +326,7 @@ class HiCA:
         self._visual, self._image_head = visual, image_head.eval()
         with torch.no_grad():
             self.class_embeddings_ = torch.nn.functional.normalize(text_head(class_text), dim=1)
+        self.fit_info_ = {"descriptors": self.descriptor_label_}
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:

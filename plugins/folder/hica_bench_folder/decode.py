@@ -1,0 +1,160 @@
+"""One image file -> a square uint8 array (grey (S, S) or RGB (S, S, 3)): the documented conversions.
+
+- **PNG, JPEG, TIFF, BMP** through Pillow. 8-bit grey stays grey; RGB whose three channels are equal everywhere
+  counts as grey; palette, CMYK and other colour modes become RGB; an alpha channel is dropped. **16-bit and 32-bit**
+  (and float) images are scaled to uint8 by their own minimum and maximum (``(x - min) / (max - min) * 255``,
+  rounded), since such files rarely use their whole range (12-bit X-rays in 16-bit PNGs). Multi-page TIFFs are refused.
+- **DICOM** through pydicom: the modality LUT (``RescaleSlope``/``RescaleIntercept`` or a Modality LUT) first; then
+  the VOI LUT or the first window (``WindowCenter``/``WindowWidth``, with its ``VOILUTFunction``) when the file has
+  one, whose output range is mapped linearly to 0..255; otherwise the image's own minimum and maximum are. MONOCHROME1
+  is inverted (``255 - x``) so that bright is dense on every image. Colour DICOM (``SamplesPerPixel`` 3) is read as
+  RGB (pydicom converts YBR). Compressed transfer syntaxes decode through the plugins pydicom uses (RLE natively,
+  JPEG baseline through Pillow, the others through pylibjpeg or GDCM: ``pip install hica-bench-folder[dicom-jpeg]``).
+  Multi-frame files are refused (volumes are another dataset kind).
+- **Resize** to the dataset's ``size`` when the image is not already ``size`` x ``size``: ``crop`` (default, as
+  MedMNIST did for its chest X-rays) takes the centred square on the shorter side; ``pad`` pads the shorter side with
+  black to a centred square; ``stretch`` ignores the aspect ratio. Then Pillow's bicubic filter (antialiased: its
+  support widens with the reduction). An image already at ``size`` is never resampled, so lossless files give back
+  their pixels bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hica_bench_folder.layout import PILLOW_SUFFIXES
+
+RESIZE = ("crop", "pad", "stretch")
+
+
+class BadImage(Exception):
+    """The file is not a readable image of a kind we take; the message says why (the caller names the file)."""
+
+
+def decode(path: Path, size: int, resize: str = "crop") -> np.ndarray:
+    """``path`` as uint8 (size, size) grey or (size, size, 3) RGB (see the module docstring)."""
+    pixels = _pillow(path) if path.suffix.lower() in PILLOW_SUFFIXES else _dicom(path)
+    if pixels.ndim == 3 and (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all():
+        pixels = pixels[..., 0]  # grey saved as RGB
+    return square(np.ascontiguousarray(pixels), size, resize)
+
+
+def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``values`` in [low, high] mapped linearly to 0..255, rounded to the nearest integer (all zero when flat)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not high > low:
+        return np.zeros(values.shape, np.uint8)
+    return np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    return to_uint8(values, float(values.min()), float(values.max()))
+
+
+def _pillow(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if getattr(image, "n_frames", 1) > 1:
+                raise BadImage(f"has {image.n_frames} pages or frames; give one image per file")
+            image.load()  # a truncated or damaged file fails here (Pillow does not load truncated images by default)
+            mode = image.mode
+            if mode in ("L", "RGB"):
+                return np.asarray(image)
+            if mode == "1":
+                return np.asarray(image.convert("L"))
+            if mode == "LA":
+                return np.asarray(image.getchannel("L"))
+            if mode.startswith("I") or mode == "F":  # 16-bit, 32-bit integer, float
+                return _min_max(np.asarray(image))
+            return np.asarray(image.convert("RGB"))  # palette, RGBA, CMYK, YCbCr, LAB, HSV
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("is not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated data, a broken chunk or header
+        raise BadImage(f"is truncated or corrupt ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"is too large to decode safely ({exc})") from None
+
+
+def _dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise BadImage("is neither an image Pillow reads (PNG, JPEG, TIFF, BMP) nor a DICOM file") from None
+    except Exception as exc:  # a truncated or malformed data set
+        raise BadImage(f"is a truncated or corrupt DICOM file ({type(exc).__name__}: {_short(exc)})") from None
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise BadImage("is a DICOM file without pixel data (no PixelData element)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise BadImage(f"is a multi-frame DICOM ({frames} frames); give one image per file")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # no decoder for its transfer syntax, or damaged pixel data
+        syntax = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
+        text = _short(exc)
+        if "plugin" in text.lower() or "decoder" in text.lower() or isinstance(exc, NotImplementedError):
+            raise BadImage(f"uses the transfer syntax {getattr(syntax, 'name', syntax)}, which needs a decoder pydicom "
+                           "does not have here: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or "
+                           "python-gdcm)") from None
+        raise BadImage(f"has unreadable pixel data ({type(exc).__name__}: {text})") from None
+    if int(ds.get("SamplesPerPixel", 1)) == 3:  # colour, already RGB (pydicom converts YBR)
+        return pixels if pixels.dtype == np.uint8 else _min_max(pixels)
+    values = apply_modality_lut(pixels, ds)
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        low, high = _voi_range(ds)
+        grey = to_uint8(apply_voi_lut(values, ds, index=0), low, high)
+    else:
+        grey = _min_max(values)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        grey = 255 - grey
+    return grey
+
+
+def _voi_range(ds) -> tuple[float, float]:
+    """The output range of the VOI transform pydicom's ``apply_voi_lut`` applies (PS3.3 C.11.2): a VOI LUT's
+    ``[0, 2**bits - 1]``; a window's range of the stored values after the modality transform."""
+    if "VOILUTSequence" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2**bits - 1)
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    low, high = (0, 2**bits - 1) if int(ds.get("PixelRepresentation", 0)) == 0 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope", None), ds.get("RescaleIntercept", None)
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return float(low), float(high)
+
+
+def square(pixels: np.ndarray, size: int, resize: str) -> np.ndarray:
+    """``pixels`` (H, W[, 3]) as (size, size[, 3]) per ``resize`` (see the module docstring)."""
+    height, width = pixels.shape[:2]
+    if (height, width) == (size, size):
+        return pixels
+    from PIL import Image
+
+    if resize == "crop" and height != width:
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        pixels = pixels[top:top + side, left:left + side]
+    elif resize == "pad" and height != width:
+        side = max(height, width)
+        padded = np.zeros((side, side, *pixels.shape[2:]), np.uint8)
+        top, left = (side - height) // 2, (side - width) // 2
+        padded[top:top + height, left:left + width] = pixels
+        pixels = padded
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
