@@ -29,7 +29,11 @@ hookspec = pluggy.HookspecMarker("hica_bench")
 @hookspec
 def hica_bench_datasets() -> list[PluginSpec]:
     """Datasets. ``factory(root, size, download, cache_dir, **options)`` returns a
-    :class:`~hica_bench.interfaces.FewShotDataset`."""
+    :class:`~hica_bench.interfaces.FewShotDataset`. ``root`` is the data root (``--data-root``, ``$HICA_BENCH_DATA``
+    or None); an option the spec declares under the name of a fixed argument replaces it (the ``folder`` dataset's
+    ``root=``). Every dataset also takes ``prompts=FILE``, which the core reads (:mod:`hica_bench.prompts`) and never
+    passes to the factory. Long work while building (decoding a folder) may report through
+    :func:`hica_bench.data.progress`."""
 
 
 @hookspec

@@ -111,7 +111,7 @@ class Split:
 class FewShotDataset(Protocol):
     """A single-label classification dataset with official train/val/test splits."""
 
-    name: str  #: registry name, e.g. ``breastmnist``
+    name: str  #: e.g. ``breastmnist``; the support sets are drawn by it (with k and seed), not by options or paths
     size: int  #: image side in pixels
     task: str  #: ``binary-class`` or ``multi-class``
     class_names: list[str]  #: C human-readable names, index = label

@@ -468,3 +468,50 @@ def test_the_shipped_prompt_files_fit_their_datasets_folders(name, classes):
     assert len(loaded.classnames) == len(classes) and loaded.templates and all(d for d in loaded.descriptors)
     with pytest.raises(UserError, match="classnames maps"):
         prompts.load(REPO / "prompts" / name, [c.upper() + "X" for c in classes], name)
+
+
+# --------------------------------------------------------------------------- the README's commands, as written
+
+
+def _readme_commands() -> list[str]:
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in section.split("```bash")[1:]:
+        for line in block.split("```", 1)[0].splitlines():
+            line = line.split("    #", 1)[0].strip()
+            if line.startswith(("hica-bench ", "python ")):
+                commands.append(line)
+    return commands
+
+
+@pytest.mark.slow
+def test_the_readmes_own_data_commands_work_as_written(medmnist_root, tmp_path):
+    """The "Your own data" section's commands, verbatim, in a folder holding the repository's prompts/ and examples/:
+    first the example folders (BUSI's and Kermany's layouts), then the two runs."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    commands = _readme_commands()
+    assert [c.split()[0:2] for c in commands] == [["hica-bench", "run"], ["hica-bench", "run"], ["python", "examples/make_example_folders.py"]]
+    for name in ("prompts", "examples"):
+        shutil.copytree(REPO / name, tmp_path / name)
+    env = {**os.environ, "HICA_BENCH_DATA": str(medmnist_root), "HICA_BENCH_CACHE": str(tmp_path / "cache"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    printed = {}
+    for command in [commands[2], *commands[:2]]:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        printed[command.split("--out ")[-1]] = done.stdout
+    for run, classes in (("busi", "3 classes: 0=benign ('benign breast lesion')"), ("kermany", "2 classes: 0=NORMAL")):
+        assert classes in printed[f"runs/{run}"]
+        records = [json.loads(line) for line in (tmp_path / "runs" / run / "results.jsonl").read_text().splitlines()]
+        ok = [r for r in records if r["status"] == "ok"]
+        assert len(records) == 81 and len(ok) == 27 and all(r["identity"]["origin"]["prompts"] for r in records)
+        assert (tmp_path / "runs" / run / "leaderboard.md").is_file()
+    kermany = [json.loads(line) for line in (tmp_path / "runs" / "kermany" / "results.jsonl").read_text().splitlines()]
+    assert {r["n_test"] for r in kermany} == {40}  # 20 real test X-rays per class, from PneumoniaMNIST's test split
