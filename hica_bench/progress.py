@@ -99,6 +99,7 @@ class LiveEvents(Events):
     def task(self, text: str, total: int) -> Callable[[int], None]:
         self._end_stage()
         task = self._stage = self.progress.add_task(escape(text), total=total, rate="")
+        self.progress.refresh()  # drawn now, however short the step
         started, done = time.perf_counter(), 0
 
         def advance(count: int) -> None:

@@ -82,3 +82,34 @@ def test_a_long_step_is_announced_by_the_heartbeat():
     assert texts[0].startswith("still encoder settings (probed once) (")  # before the grid: only the heartbeat speaks
     assert "grid with pixels: 3 cells, 2 already finished, 1 to run" in texts
     assert any(t.startswith("still running breastmnist slow [method] k=1 seed=0 (") for t in texts), texts
+
+
+def test_decoding_a_folder_is_shown_on_a_terminal_and_announced_in_a_log(medmnist_root, tmp_path):
+    """A folder dataset's decoding (a plugin's counted step, ``hica_bench.data.progress``) is a bar on a terminal and,
+    in a log, what the heartbeat names while it runs."""
+    import numpy as np
+    from PIL import Image
+
+    with np.load(medmnist_root / "breastmnist.npz") as npz:
+        for split in ("train", "test"):
+            for i, (x, y) in enumerate(zip(npz[f"{split}_images"][:30], npz[f"{split}_labels"][:30, 0])):
+                path = tmp_path / "data" / split / str(y) / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(x).save(path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "160"}
+    args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", f"folder:root={tmp_path / 'data'}",
+            "--methods", "prototype", "--shots", "1", "--seeds", "0", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "tty")]
+    code, shown = _on_a_terminal(args, env)
+    assert code == 0, shown
+    assert "data: decoding 60 images at 28 px" in re.sub(r"\x1b\[[0-9;]*m", "", shown)
+
+    log = io.StringIO()
+    with LogEvents(log, heartbeat=0.2) as events:
+        advance = events.task("data: decoding 60 images at 28 px", 60)
+        advance(10)
+        deadline = time.monotonic() + 30
+        while "still data: decoding 60 images" not in log.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "still data: decoding 60 images at 28 px (60)" in log.getvalue()
