@@ -424,8 +424,9 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
     """This dataset's cells with ``encoder`` whose identity has no finished result yet, and how many were skipped."""
     labels = dataset.split("train").labels
     n_classes = len(dataset.class_names)
-    name = getattr(dataset, "name", dataset_choice.label)  # supports are drawn by the dataset's name, not by the
-    supports = {(k, seed): protocol.sample_support(labels, n_classes, k, seed, name)  # options (paths, prompt files)
+    # supports are drawn by the dataset's name, not its label: options (a folder's path, a prompt file) change nothing
+    name = getattr(dataset, "name", dataset_choice.label)
+    supports = {(k, seed): protocol.sample_support(labels, n_classes, k, seed, name)
                 for k in grid.shots for seed in grid.seeds}
     pending, skipped = [], 0
     for method in grid.methods:
