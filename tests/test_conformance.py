@@ -94,11 +94,21 @@ def test_dataset_in_medmnist_format(name, tmp_path):
     """Each dataset built from a small file in the MedMNIST format (class count and channels from medmnist)."""
     medmnist = pytest.importorskip("medmnist")
     info = medmnist.INFO.get(name)
+    root = str(tmp_path)
     if info is not None:
         n = len(info["label"])
         write_medmnist_npz(tmp_path / f"{name}.npz", n_classes=n, rgb=info["n_channels"] == 3, counts=(3 * n, n, 2 * n))
+    elif name == "folder":  # the same kind of file's images as PNG files in split and class folders
+        from PIL import Image
+
+        with np.load(write_medmnist_npz(tmp_path / "toy.npz", n_classes=3, counts=(9, 3, 6))) as arrays:
+            for split in ("train", "val", "test"):
+                for i, (x, y) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0])):
+                    (tmp_path / "images" / split / f"class{y}").mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(x).save(tmp_path / "images" / split / f"class{y}" / f"{i}.png")
+        root = str(tmp_path / "images")
     try:
-        dataset = spec("dataset", name).factory(root=str(tmp_path), size=28, download=False, cache_dir=tmp_path / "cache")
+        dataset = spec("dataset", name).factory(root=root, size=28, download=False, cache_dir=tmp_path / "cache")
     except UserError as exc:
         if "multi-label" in str(exc):
             return  # refused by design (single-label protocol), with a clear message
