@@ -163,7 +163,7 @@ def run(
         "Comma list of encoder pairs, each NAME or NAME:opt=value (see `hica-bench list encoder`); the grid runs over "
         "each [default: the suite's, else the one the installed plugins declare as default].")),
     shots: Optional[str] = typer.Option(None, help="Comma list of shots per class [default: the suite's, else 1,5,20]."),
-    seeds: Optional[str] = typer.Option(None, help="Comma list of seeds [default: the suite's, else 0,1,2]."),
+    seeds: Optional[str] = typer.Option(None, help="Comma list of seeds [default: the suite's, else 0-9]."),
     size: Optional[int] = typer.Option(None, help="Image size of the dataset files (MedMNIST: 28, 64, 128, 224) "
                                                   "[default: the suite's, else 28]."),
     device: str = DEVICE_OPTION,
@@ -188,6 +188,8 @@ def run(
                                           "labels in --out/predictions/CELL_ID.npz (compressed numpy, no pickle)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress: neither the live display on a terminal nor "
                                                             "the log lines elsewhere (errors and the summary remain)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html (intervals, paired tests, curves, "
+                                "calibration, ranks) beside the leaderboards; see `hica-bench report`."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave out (and count) unreadable image files "
                                          "of datasets that take the skip_bad_images option (folder) instead of stopping."),
 ) -> None:
@@ -197,7 +199,7 @@ def run(
 
     given = load(suite) if suite is not None else Suite()  # a flag given here overrides the suite's value
     shot_list = int_list(shots, "--shots") if shots is not None else given.shots or [1, 5, 20]
-    seed_list = int_list(seeds, "--seeds") if seeds is not None else given.seeds or [0, 1, 2]
+    seed_list = int_list(seeds, "--seeds") if seeds is not None else given.seeds or list(range(10))
     extraction = requested_extraction(backend, batch_size, channels_last, threads, amp, compile)
     if cell_timeout is not None and not 0 < cell_timeout < float("inf"):
         raise UserError(f"--cell-timeout must be a positive number of seconds, got {cell_timeout}")
@@ -247,6 +249,7 @@ def run(
         cell_timeout=cell_timeout,
         force=force,
         save_predictions=save_predictions,
+        report=report,
     )
     from hica_bench.progress import LiveEvents, LogEvents
 
@@ -291,6 +294,8 @@ def _print_summary(summary, settings) -> None:
     if summary.leaderboard:
         md_path, csv_path = summary.leaderboard
         out.print(f"results: {settings.out_dir / 'results.jsonl'}\nleaderboard: {md_path}, {csv_path}", markup=False)
+    if summary.report:
+        out.print(f"report: {summary.report}", markup=False)
 
 
 @app.command("list")
@@ -335,6 +340,32 @@ def leaderboard_(
     md_path, csv_path = leaderboard.write(loaded, out)
     print(md_path.read_text())
     print(f"written: {md_path}, {csv_path}")
+
+
+@app.command("report")
+def report_(
+    results: List[Path] = typer.Argument(..., help="Results files written by `hica-bench run`, or folders holding one; "
+                                                   "several are merged (a cell in two of them is refused)."),
+    out: Path = typer.Option(..., help="Folder for report.html, its figures (PNG and SVG) and the CSVs of the tests."),
+    reference: Optional[str] = typer.Option(None, help="Method the paired tests compare every other method with "
+                                                       "[default: linear-probe, when it has results]."),
+    bootstrap: int = typer.Option(0, help="Also a test-set bootstrap interval of ACC per seed with this many resamples "
+                                          "(needs predictions saved with `run --save-predictions`) [default: none]."),
+) -> None:
+    """Write a report to publish from: tables with 95 % intervals and paired significance, few-shot curves,
+    calibration, average ranks with a Friedman test and a critical-difference diagram, as one HTML page."""
+    from hica_bench import data, report
+    from hica_bench.results import read_many_with_files
+
+    if bootstrap < 0:
+        raise UserError(f"--bootstrap must be 0 (none) or a number of resamples, got {bootstrap}")
+    data.writable_dir(out, "--out folder")
+    loaded = read_many_with_files(results)
+    if not loaded:
+        raise UserError(f"{', '.join(map(str, results))} hold no results")
+    page = report.write([r for r, _ in loaded], out, reference, bootstrap, {r.cell_id: f.parent for r, f in loaded},
+                        [str(p) for p in results])
+    print(f"written: {page}")
 
 
 @app.command("download")

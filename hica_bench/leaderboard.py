@@ -1,7 +1,8 @@
 """Results -> pandas -> leaderboard tables (Markdown for people, CSV for tools).
 
-Per dataset and encoder: one row per method *and origin*, one column per shot count, cells ``mean ± std (n)``
-over seeds, in percent, for ACC and AUC. Results of different origins (:class:`hica_bench.results.Origin`: another
+Per dataset and encoder: one row per method *and origin*, one column per shot count, cells ``mean ± h (n)`` over
+seeds, in percent, for ACC and AUC, where ``h`` is the half-width of the 95 % t-interval of the mean (the CSV also
+has the sample std, the standard error and the interval's ends). Results of different origins (:class:`hica_bench.results.Origin`: another
 checkpoint, backend, plugin version, option default, dataset file...) are never averaged together: when two
 origins share a method label, each gets its own row, marked with its ``origin_id``, and a note says what differs.
 Methods that do not apply are listed with their reason.
@@ -50,7 +51,8 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
         row = dict(zip(ROW, keys))
         for metric in METRICS:
             stats = aggregate(part[metric])
-            row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"] = stats["mean"], stats["std"], stats["n"]
+            for name in ("mean", "std", "n", "se", "ci_low", "ci_high"):
+                row[f"{metric}_{name}"] = stats[name]
         row["n"] = len(part)
         row["seeds"] = ",".join(str(s) for s in sorted(part["seed"]))
         row["fit_s_mean"] = pd.to_numeric(part["fit_s"], errors="coerce").mean()
@@ -62,10 +64,13 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell(mean: float, std: float, n: int) -> str:
+def _cell(mean: float, low: float | None, high: float | None, n: int) -> str:
+    """``mean ± half-width of the 95 % t-interval (n)``, in percent; one seed: ``mean (1)``, no interval."""
     if mean != mean:
         return "n/a"
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f} ({n})" if n > 1 else " (1)")
+    if n < 2 or low is None or low != low:
+        return f"{100 * mean:.1f} (1)" if n == 1 else f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * (high - low) / 2:.1f} ({n})"
 
 
 def _cost(part: pd.DataFrame, extraction: str | None) -> str:
@@ -120,8 +125,9 @@ def _shared_labels(part: pd.DataFrame, origins: dict[str, Origin]) -> list[str]:
 def markdown(results: list[CellResult]) -> str:
     summary = summary_table(results)
     lines = ["# hica-bench leaderboard", "",
-             "Percent, mean ± sample std over seeds (n seeds). AUC follows medmnist's convention. Results of different "
-             "origins (encoder weights, backend, plugin versions, options, dataset files) are never averaged together.", ""]
+             "Percent, mean ± half-width of its 95 % t-interval over seeds (n seeds; the standard error and the sample "
+             "std are in the CSV). AUC follows medmnist's convention. Results of different origins (encoder weights, "
+             "backend, plugin versions, options, dataset files) are never averaged together.", ""]
     origins = {r.origin_id: r.identity.origin for r in results if r.identity is not None}
     sections: dict[tuple, dict[str, set[str]]] = {}  # section -> method -> its origins (any status)
     not_applicable: dict[tuple, dict[tuple[str, str], str]] = {}  # section -> (method, origin) -> reason
@@ -149,7 +155,8 @@ def markdown(results: list[CellResult]) -> str:
             table = part.pivot(index="shown", columns="k", values=f"{metric}_mean")
             text = table.copy().astype(object)
             for _, row in part.iterrows():
-                text.loc[row["shown"], row["k"]] = _cell(row[f"{metric}_mean"], row[f"{metric}_std"], int(row[f"{metric}_n"]))
+                text.loc[row["shown"], row["k"]] = _cell(row[f"{metric}_mean"], row[f"{metric}_ci_low"],
+                                                         row[f"{metric}_ci_high"], int(row[f"{metric}_n"]))
             text = text.fillna("—")
             text.columns = [f"{k}-shot" for k in text.columns]
             text.index.name = "method"

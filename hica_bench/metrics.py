@@ -1,7 +1,8 @@
 """Classification metrics (scikit-learn) following medmnist's Evaluator convention, and seed aggregation.
 
 ACC is argmax accuracy. AUC: binary tasks use the positive-class probability; multi-class tasks the
-one-vs-rest macro AUC. Also macro-F1 and balanced accuracy. Values are fractions in [0, 1].
+one-vs-rest macro AUC. Also macro-F1, balanced accuracy and the expected calibration error (ECE, :func:`calibration`).
+Values are fractions in [0, 1].
 The names live in one place: :class:`hica_bench.results.Metrics`; :data:`HEADLINE` are those the tables and the
 regression gate show.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support, roc_auc_score)
 
-from hica_bench.results import Metrics, PerClass
+from hica_bench.results import Calibration, Metrics, PerClass
 
 METRICS = Metrics.names()  #: every metric a result records
 HEADLINE = ("acc", "auc")  #: the ones leaderboards and ``hica-bench check`` compare
@@ -36,7 +37,32 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> Metrics:
         auc=float(auc),
         f1_macro=float(f1_score(labels, predicted, average="macro", labels=np.arange(n_classes), zero_division=0)),
         balanced_acc=float(balanced_accuracy_score(labels, predicted)),
+        ece=expected_calibration_error(calibration(labels, proba)),
     )
+
+
+ECE_BINS = 15  #: Guo et al. (2017), "On Calibration of Modern Neural Networks", section 2
+
+
+def calibration(labels: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> Calibration:
+    """The reliability diagram of Guo et al. (2017): confidence = the predicted class's probability, binned into
+    ``bins`` equal-width intervals ((0, 1/B], (1/B, 2/B], ...; a confidence of exactly 0 goes to the first); per bin the
+    count, mean confidence and accuracy. Written here because neither scikit-learn (``calibration_curve`` is
+    binary and drops the counts) nor scipy computes the multi-class top-label version."""
+    confidence = proba.max(axis=1).astype(np.float64)
+    correct = (proba.argmax(axis=1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    conf_sum = np.bincount(index, weights=confidence, minlength=bins)
+    acc_sum = np.bincount(index, weights=correct, minlength=bins)
+    mean = lambda total: [float(t / c) if c else None for t, c in zip(total, count)]  # noqa: E731
+    return Calibration([int(c) for c in count], mean(conf_sum), mean(acc_sum))
+
+
+def expected_calibration_error(diagram: Calibration) -> float:
+    """ECE = sum over bins of (n_bin / n) * |accuracy_bin - confidence_bin| (Guo et al. 2017, eq. 3)."""
+    n = sum(diagram.count)
+    return float(sum(c / n * abs(a - f) for c, a, f in zip(diagram.count, diagram.accuracy, diagram.confidence) if c))
 
 
 def per_class(labels: np.ndarray, proba: np.ndarray) -> PerClass:
@@ -49,9 +75,16 @@ def per_class(labels: np.ndarray, proba: np.ndarray) -> PerClass:
     return PerClass([float(v) for v in recall], [float(v) for v in precision], confusion.astype(int).tolist())
 
 
-def aggregate(values: Iterable[float]) -> dict[str, float]:
-    """Mean, sample standard deviation (ddof=1; 0 for one value) and n over seeds; NaN values (e.g. an AUC that is
-    undefined for a seed) are left out. The one seed aggregation of the leaderboards and the regression gate."""
+def aggregate(values: Iterable[float]) -> dict[str, float | None]:
+    """Mean, sample standard deviation (ddof=1; 0 for one value), n, and the standard error and 95 % t-interval of
+    the mean (:func:`hica_bench.stats.t_interval`; None for one value) over seeds; NaN values (e.g. an AUC that is
+    undefined for a seed) are left out. The one seed aggregation of the leaderboards, the report and the gate."""
+    from hica_bench.stats import t_interval
+
+    values = list(values)
     array = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     n = len(array)
-    return {"mean": float(array.mean()) if n else float("nan"), "std": float(array.std(ddof=1)) if n > 1 else 0.0, "n": n}
+    interval = t_interval(array)
+    return {"mean": float(array.mean()) if n else float("nan"), "std": float(array.std(ddof=1)) if n > 1 else 0.0, "n": n,
+            "se": None if interval is None else interval.se, "ci_low": None if interval is None else interval.low,
+            "ci_high": None if interval is None else interval.high}

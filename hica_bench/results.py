@@ -18,8 +18,9 @@ results of different origins (see :mod:`hica_bench.leaderboard`).
 Schema history: 1 had the label and no identity; such records are read as *legacy* (``identity`` None): shown, never
 averaged with identified results, never used to skip a cell. 2 adds the identity and typed records. 3 adds per-class
 recall and precision with the confusion matrix (:class:`PerClass`) and the file of saved predictions; schema-2
-records read with neither. 4 adds the paired timing. 5 adds the prompt file's digest to the origin (``prompts``);
-older records read with none, and an origin without a prompt file keeps the id it had before.
+records read with neither. 4 adds the paired timing. 5 adds the prompt file's digest to the origin (``prompts``),
+the expected calibration error (``metrics.ece``) and the reliability diagram (:class:`Calibration`); older records
+read with none of them, and an origin without a prompt file keeps the id it had before.
 
 One JSON object per line, one line per finished cell. A line is written with a single ``write`` on a file opened
 for appending and then fsync'ed, so a killed run leaves at most one truncated last line: :meth:`ResultsStore.load`
@@ -79,6 +80,9 @@ class Metrics:
     auc: float
     f1_macro: float
     balanced_acc: float
+    #: expected calibration error of the predicted class's probability, 15 equal-width bins (Guo et al. 2017); None in
+    #: records before schema 5
+    ece: float | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -93,6 +97,17 @@ class PerClass:
     recall: list[float]
     precision: list[float]
     confusion: list[list[int]]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The reliability diagram of one cell (Guo et al. 2017): the test images binned by the predicted class's
+    probability into ``len(count)`` equal-width bins on [0, 1]; per bin the number of images, their mean confidence
+    and their accuracy (None for an empty bin). ``Metrics.ece`` is the count-weighted mean |accuracy - confidence|."""
+
+    count: list[int]
+    confidence: list[float | None]
+    accuracy: list[float | None]
 
 
 @dataclass
@@ -202,6 +217,7 @@ class CellResult:
     status: Status
     metrics: Metrics | None = None
     per_class: PerClass | None = None  #: with ``metrics`` (schema 3 on)
+    calibration: Calibration | None = None  #: with ``metrics`` (schema 5 on)
     predictions: str | None = None  #: the saved test probabilities (``--save-predictions``), relative to the results file
     reason: str | None = None  #: the error (failed) or why the method does not apply (not_applicable)
     n_support: int | None = None
@@ -246,9 +262,12 @@ class CellResult:
         if record.get("schema_version") in (2, 3) and isinstance(record.get("timings"), dict):  # before paired timing
             record["timings"] = {"paired_efficiency": None, "efficiency_spread": None, "cpu_contention": None,
                                  **record["timings"]}
-        if (record.get("schema_version") in (2, 3, 4) and isinstance(record.get("identity"), dict)
-                and isinstance(record["identity"].get("origin"), dict)):  # before prompt files
-            record["identity"] = {**record["identity"], "origin": {"prompts": None, **record["identity"]["origin"]}}
+        if record.get("schema_version") in (2, 3, 4):  # before prompt files and calibration
+            record = {"calibration": None, **record}
+            if isinstance(record.get("identity"), dict) and isinstance(record["identity"].get("origin"), dict):
+                record["identity"] = {**record["identity"], "origin": {"prompts": None, **record["identity"]["origin"]}}
+            if isinstance(record.get("metrics"), dict):
+                record["metrics"] = {"ece": None, **record["metrics"]}
         result = _typed(cls, record, "", strict=True)
         if (result.status is Status.OK) != (result.metrics is not None):
             raise ValueError(f"status {result.status.value!r} with metrics {'given' if result.metrics else 'missing'}")
@@ -572,6 +591,12 @@ def _whole_record(line: bytes) -> dict[str, Any] | None:
 def read_many(paths: list[Path]) -> list[CellResult]:
     """The results of several results files (or folders holding a ``results.jsonl``), in order. A cell (same identity)
     found in two of them is refused with one line naming both: merging must never pick one of two results silently."""
+    return [result for result, _ in read_many_with_files(paths)]
+
+
+def read_many_with_files(paths: list[Path]) -> list[tuple[CellResult, Path]]:
+    """:func:`read_many`, each result with the results file it came from (its saved predictions are relative to that
+    file's folder)."""
     found: dict[str, tuple[CellResult, Path]] = {}
     seen_files: set[Path] = set()
     for given in paths:
@@ -588,7 +613,7 @@ def read_many(paths: list[Path]) -> list[CellResult]:
                 raise UserError(f"{k.dataset} {k.method} k={k.k} seed={k.seed} ({k.encoder}) is in both {other} and "
                                 f"{path}; merge results files that hold different cells")
             found[cell_id] = (result, path)
-    return [result for result, _ in found.values()]
+    return list(found.values())
 
 
 def _whole_lines_size(path: Path, size: int) -> int:

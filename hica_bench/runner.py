@@ -30,7 +30,7 @@ from hica_bench.errors import NotApplicable, UserError
 from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning, Work
 from hica_bench.files import atomic_write, digest, digests_remembered_in, file_lock
 from hica_bench.interfaces import NEEDS, Components, EncoderCard, EncoderPair, FewShotDataset, FewShotTask, Prompts
-from hica_bench.metrics import classification_metrics, per_class
+from hica_bench.metrics import calibration, classification_metrics, per_class
 from hica_bench.registry import Choice, Registry, RunComponents
 from hica_bench.results import CellKey, CellResult, Identity, Origin, ResultsStore, Status, Timings, environment, jsonable
 
@@ -71,6 +71,7 @@ class Settings:
     cell_timeout: float | None = None  #: seconds for one cell's fit + predict; None = no limit
     force: bool = False  #: run every selected cell again, even one finished with the same identity
     save_predictions: bool = False  #: keep each cell's test probabilities under ``out_dir/predictions/``
+    report: bool = True  #: write ``report.html`` (:mod:`hica_bench.report`) beside the leaderboards
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Summary:
     wall_s: float = 0.0
     failures: list[str] = field(default_factory=list)
     leaderboard: tuple[Path, Path] | None = None
+    report: Path | None = None
     datasets: list[str] = field(default_factory=list)  #: one line per dataset: its classes and split sizes
 
 
@@ -373,6 +375,7 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
         proba = check_proba(proba, len(test_labels), len(dataset.class_names))
         result.metrics = classification_metrics(test_labels, proba.astype(np.float64))
         result.per_class = per_class(test_labels, proba)
+        result.calibration = calibration(test_labels, proba.astype(np.float64))
         if predictions is not None:
             result.predictions = _save_predictions(predictions, cell.identity.id, proba, test_labels)
         result.timings = Timings(fit_s=fit_s, predict_s=predict_s)
@@ -495,7 +498,13 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     needs = {method.label: method_needs(method) for method in grid.methods}
     for encoder in grid.encoders:  # one encoder in memory at a time
         _run_encoder(grid, settings, registry, events, encoder, datasets, prompt_files, needs, store, finished, summary)
-    summary.leaderboard = leaderboard.write(list(store.load().values()), settings.out_dir)
+    everything = list(store.load().values())
+    summary.leaderboard = leaderboard.write(everything, settings.out_dir)
+    if settings.report and any(r.status is Status.OK for r in everything):
+        from hica_bench import report
+
+        summary.report = report.write(everything, settings.out_dir, folders={r.cell_id: settings.out_dir for r in everything},
+                                      sources=[str(settings.out_dir / "results.jsonl")])
     summary.wall_s = time.perf_counter() - started
     return summary
 

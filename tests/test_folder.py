@@ -511,7 +511,7 @@ def test_the_readmes_own_data_commands_work_as_written(medmnist_root, tmp_path):
         assert classes in printed[f"runs/{run}"]
         records = [json.loads(line) for line in (tmp_path / "runs" / run / "results.jsonl").read_text().splitlines()]
         ok = [r for r in records if r["status"] == "ok"]
-        assert len(records) == 81 and len(ok) == 27 and all(r["identity"]["origin"]["prompts"] for r in records)
+        assert len(records) == 270 and len(ok) == 90 and all(r["identity"]["origin"]["prompts"] for r in records)
         assert (tmp_path / "runs" / run / "leaderboard.md").is_file()
     kermany = [json.loads(line) for line in (tmp_path / "runs" / "kermany" / "results.jsonl").read_text().splitlines()]
     assert {r["n_test"] for r in kermany} == {40}  # 20 real test X-rays per class, from PneumoniaMNIST's test split

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from medmnist.evaluator import getACC, getAUC
 
 from hica_bench.metrics import aggregate, classification_metrics
@@ -26,8 +27,10 @@ def test_multiclass_matches_medmnist_evaluator():
 
 
 def test_aggregate_uses_sample_std():
-    assert aggregate([0.5, 0.7]) == {"mean": 0.6, "std": np.std([0.5, 0.7], ddof=1), "n": 2}
-    assert aggregate([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1}
+    two = aggregate([0.5, 0.7])
+    assert (two["mean"], two["std"], two["n"]) == (0.6, np.std([0.5, 0.7], ddof=1), 2)
+    assert two["se"] == pytest.approx(0.1) and two["ci_high"] - two["ci_low"] == pytest.approx(2 * 12.706204736 * 0.1)
+    assert aggregate([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "se": None, "ci_low": None, "ci_high": None}
     assert aggregate([0.5, float("nan"), 0.7])["n"] == 2  # an undefined AUC of one seed is left out, not averaged in
 
 
@@ -36,6 +39,6 @@ def test_metric_names_live_in_one_place():
     from hica_bench.metrics import HEADLINE, METRICS
     from hica_bench.results import Metrics
 
-    assert METRICS == Metrics.names() == ("acc", "auc", "f1_macro", "balanced_acc")
+    assert METRICS == Metrics.names() == ("acc", "auc", "f1_macro", "balanced_acc", "ece")
     assert check.HEADLINE is HEADLINE and set(HEADLINE) <= set(METRICS)
     assert leaderboard.HEADLINE is HEADLINE

@@ -28,7 +28,7 @@ def test_the_committed_default_suite_is_what_run_runs_by_default():
     assert suite.datasets == registry.default_suite("dataset")
     assert suite.methods == registry.default_suite("method")
     assert suite.encoders == registry.default_suite("encoder")
-    assert (suite.shots, suite.seeds, suite.size, suite.out) == ([1, 5, 20], [0, 1, 2], 28, "hica-bench-results")
+    assert (suite.shots, suite.seeds, suite.size, suite.out) == ([1, 5, 20], list(range(10)), 28, "hica-bench-results")
 
 
 def test_the_leaderboard_suite_is_the_grid_of_the_committed_tables():

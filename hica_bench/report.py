@@ -1,0 +1,387 @@
+"""``hica-bench report``: results -> a folder to publish from (``run`` writes one beside its tables).
+
+``report.html`` is one self-contained page (figures embedded as PNG, no network, no script): per dataset and
+encoder, the ACC / AUC / ECE tables (mean ± 95 % t-interval half-width (n), paired-significance marks against the
+reference method), few-shot curves, reliability diagrams at the largest k and the cost; across datasets and shots, the
+average ranks, the Friedman test and the critical-difference diagram; the run's environment. Beside it:
+``figures/*.png`` and ``*.svg`` (matplotlib), ``paired_tests.csv`` and ``ranks.csv``. The statistics are those of
+:mod:`hica_bench.stats`; this module only lays them out.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hica_bench import stats
+from hica_bench.errors import UserError
+from hica_bench.files import atomic_write
+from hica_bench.results import CellResult, Status
+
+REFERENCE = "linear-probe"  #: the default reference method of the paired tests
+METRICS = ("acc", "auc", "ece")  #: the tables' metrics (ECE: lower is better)
+PACKAGES = ("hica-bench", "torch", "numpy", "scikit-learn", "scipy", "onnxruntime", "timm", "open_clip_torch")
+
+
+@dataclass
+class Row:
+    """One method (and origin) of one section: per k, per seed, the result."""
+
+    label: str
+    method: str
+    origin: str
+    cells: dict[int, dict[int, CellResult]] = field(default_factory=dict)  # k -> seed -> result
+
+    def values(self, metric: str, k: int) -> dict[int, float]:
+        return {seed: getattr(r.metrics, metric) for seed, r in self.cells.get(k, {}).items()
+                if getattr(r.metrics, metric, None) is not None}
+
+
+@dataclass
+class Section:
+    dataset: str
+    size: int
+    encoder: str
+    max_test: int | None
+    rows: list[Row]
+    shots: list[int]
+    tests: dict[tuple[str, str, int], stats.Paired] = field(default_factory=dict)  # (metric, row label, k) -> test
+    reference: Row | None = None
+    bootstrap: dict[tuple[str, int], tuple[float, float, int]] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        test = "full test split" if self.max_test is None else f"first {self.max_test} test images"
+        return f"{self.dataset} ({self.size} px) — encoder {self.encoder}, {test}"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "-", f"{self.dataset}-{self.size}-{self.encoder}-{self.max_test}").strip("-")[:80]
+
+
+def sections(results: list[CellResult]) -> list[Section]:
+    """The ok results grouped as the leaderboard groups them: per (dataset, size, encoder, max_test), one row per
+    method label and origin (a method with several origins gets ``⟨origin⟩`` in its label, never averaged)."""
+    grouped: dict[tuple, dict[tuple[str, str], Row]] = {}
+    origins: dict[tuple, dict[str, set[str]]] = {}
+    for r in results:
+        block = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test)
+        origins.setdefault(block, {}).setdefault(r.key.method, set()).add(r.origin_id)
+    for r in results:
+        if r.status is not Status.OK or r.metrics is None:
+            continue
+        block = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test)
+        several = len(origins[block][r.key.method]) > 1
+        label = f"{r.key.method} ⟨{r.origin_id}⟩" if several else r.key.method
+        row = grouped.setdefault(block, {}).setdefault((r.key.method, r.origin_id), Row(label, r.key.method, r.origin_id))
+        row.cells.setdefault(r.key.k, {})[r.key.seed] = r  # the newest record of a cell is the one kept
+    out = []
+    for block in sorted(grouped, key=lambda b: (b[0], b[1], b[2], -1 if b[3] is None else b[3])):
+        rows = sorted(grouped[block].values(), key=lambda row: row.label)
+        shots = sorted({k for row in rows for k in row.cells})
+        out.append(Section(*block, rows, shots))
+    return out
+
+
+def _newest(rows: list[Row]) -> Row:
+    return max(rows, key=lambda row: max((r.finished_at or "") for cells in row.cells.values() for r in cells.values()))
+
+
+def paired_tests(section: Section, reference: str) -> None:
+    """Every row against the reference method's row at each k, for ACC and AUC; Holm-corrected per metric."""
+    candidates = [row for row in section.rows if row.method == reference]
+    if not candidates:
+        return
+    section.reference = _newest(candidates)  # with several origins: the newest one
+    for metric in ("acc", "auc"):
+        family = []
+        for row in section.rows:
+            if row is section.reference:
+                continue
+            for k in section.shots:
+                if k not in row.cells or k not in section.reference.cells:
+                    continue
+                test = stats.paired_test(row.values(metric, k), section.reference.values(metric, k))
+                section.tests[(metric, row.label, k)] = test
+                family.append(test)
+        stats.holm(family)
+
+
+def bootstrap(section: Section, resamples: int, folders: dict[str, Path]) -> None:
+    """Per row and k: the mean over seeds of each seed's test-set bootstrap interval of ACC (from saved predictions)."""
+    from sklearn.metrics import accuracy_score
+
+    for row in section.rows:
+        for k, by_seed in row.cells.items():
+            intervals = []
+            for seed, r in by_seed.items():
+                folder = folders.get(r.cell_id)
+                if not r.predictions or folder is None or not (folder / r.predictions).is_file():
+                    continue
+                with np.load(folder / r.predictions, allow_pickle=False) as saved:
+                    labels, proba = saved["labels"], saved["proba"]
+                found = stats.bootstrap_interval(labels, proba, lambda y, p: accuracy_score(y, p.argmax(1)), resamples,
+                                                 seed=seed)
+                if found is not None:
+                    intervals.append(found)
+            if intervals:
+                section.bootstrap[(row.label, k)] = (float(np.mean([i[0] for i in intervals])),
+                                                     float(np.mean([i[1] for i in intervals])), len(intervals))
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None or value != value else f"{100 * value:.{digits}f}"
+
+
+def cell_text(row: Row, metric: str, k: int, test: stats.Paired | None = None) -> str:
+    values = list(row.values(metric, k).values())
+    if not values:
+        return "—"
+    mean = float(np.nanmean(values)) if any(v == v for v in values) else float("nan")
+    interval = stats.t_interval(values)
+    text = _number(mean) + (f" ± {100 * interval.half_width:.1f}" if interval is not None else "") + f" ({len(values)})"
+    return text + (f" {test.mark}" if test is not None and test.mark else "")
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **margins):
+    """A figure (no pyplot state) with its subplots placed by ``margins`` (``subplots_adjust``): a layout engine would
+    double the cost of every figure."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110)
+    axes = figure.subplots(nrows, ncols, squeeze=False)
+    if margins:
+        figure.subplots_adjust(**margins)
+    return figure, axes
+
+
+def _save(figure, folder: Path, name: str) -> str:
+    """``figure`` as ``folder/name.png`` and ``.svg``; returns the PNG as a data URI for the page."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write(folder / f"{name}.png", buffer.getvalue())
+    svg = io.StringIO()
+    figure.savefig(svg, format="svg")
+    atomic_write(folder / f"{name}.svg", svg.getvalue())
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def curves(section: Section, folder: Path) -> str:
+    """ACC and AUC against k (log axis), mean with its 95 % t-interval band, one line per method."""
+    figure, axes = _figure(10, 3.8, ncols=2, left=0.06, right=0.79, bottom=0.14, top=0.88, wspace=0.22)
+    for ax, metric in zip(axes[0], ("acc", "auc")):
+        for row in section.rows:
+            shots = [k for k in section.shots if row.values(metric, k)]
+            if not shots:
+                continue
+            means, lows, highs = [], [], []
+            for k in shots:
+                values = list(row.values(metric, k).values())
+                interval = stats.t_interval(values)
+                mean = float(np.nanmean(values)) if any(v == v for v in values) else float("nan")
+                means.append(100 * mean)
+                lows.append(100 * (interval.low if interval else mean))
+                highs.append(100 * (interval.high if interval else mean))
+            line, = ax.plot(shots, means, marker="o", label=row.label)
+            ax.fill_between(shots, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xticks(section.shots, [str(k) for k in section.shots])
+        ax.minorticks_off()
+        ax.set_xlabel("shots per class (k)")
+        ax.set_ylabel(f"{metric.upper()} (%)")
+        ax.set_ylim(0, 100)  # an interval reaching past 0 or 100 % is drawn to the edge
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.8, 0.88), fontsize=8, frameon=False)
+    figure.suptitle(f"{section.dataset} — {section.encoder}: mean and 95 % t-interval over seeds", fontsize=10)
+    return _save(figure, folder, f"curves-{section.slug}")
+
+
+def reliability(section: Section, folder: Path) -> str | None:
+    """Per method at the largest k: accuracy against confidence per bin, pooled over seeds (counts summed)."""
+    k = max(section.shots)
+    rows = [row for row in section.rows if any(r.calibration for r in row.cells.get(k, {}).values())]
+    if not rows:
+        return None
+    ncols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    figure, axes = _figure(2.6 * ncols, 2.7 * nrows + 0.4, ncols=ncols, nrows=nrows, left=0.09, right=0.97, bottom=0.1,
+                           top=1 - 0.95 / (2.7 * nrows + 0.4), wspace=0.4, hspace=0.75)
+    for ax in axes.flat[len(rows):]:
+        ax.set_axis_off()
+    for ax, row in zip(axes.flat, rows):
+        diagrams = [r.calibration for r in row.cells[k].values() if r.calibration]
+        bins = len(diagrams[0].count)
+        count = np.sum([d.count for d in diagrams], axis=0)
+        confidence = np.array([sum(d.count[b] * (d.confidence[b] or 0) for d in diagrams) for b in range(bins)])
+        accuracy = np.array([sum(d.count[b] * (d.accuracy[b] or 0) for d in diagrams) for b in range(bins)])
+        filled = count > 0
+        centres = (np.arange(bins) + 0.5) / bins
+        ax.bar(centres[filled], accuracy[filled] / count[filled], width=1 / bins, edgecolor="black", linewidth=0.4,
+               label="accuracy")
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+        ece = float(np.sum(np.abs(accuracy[filled] - confidence[filled])) / count.sum())
+        ax.set_title(f"{row.label}\nECE {100 * ece:.1f} (pooled, {len(diagrams)} seeds)", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.tick_params(labelsize=7)
+    figure.suptitle(f"{section.dataset} — {section.encoder}: reliability at k = {k} (15 bins)", fontsize=10)
+    return _save(figure, folder, f"reliability-{section.slug}")
+
+
+def cd_diagram(result: stats.Friedman, name: str, folder: Path) -> str | None:
+    if result.cd is None:
+        return None
+    import scikit_posthocs as sp
+
+    figure, axes = _figure(10, 0.35 * len(result.methods) + 1.6, left=0.2, right=0.8, bottom=0.02, top=0.85)
+    sp.critical_difference_diagram(result.average_ranks, result.nemenyi, ax=axes[0][0], cd=result.cd)
+    figure.suptitle(f"average ranks over {len(result.blocks)} (dataset, k) blocks; bars join methods Nemenyi does not "
+                    f"tell apart (α = {stats.ALPHA}); CD = {result.cd:.2f}", fontsize=9)
+    return _save(figure, folder, f"cd-{name}")
+
+
+# --------------------------------------------------------------------------- across datasets and shots
+
+
+@dataclass
+class Ranking:
+    encoder: str
+    size: int
+    max_test: int | None
+    result: stats.Friedman
+    left_out: list[str]
+    image: str | None = None
+
+
+def rankings(all_sections: list[Section]) -> list[Ranking]:
+    """Per (encoder, size, max_test): methods × (dataset, k) blocks of mean ACC; methods without a mean in every block
+    are left out (named)."""
+    import pandas as pd
+
+    grouped: dict[tuple, dict[str, dict[str, float]]] = {}
+    for section in all_sections:
+        table = grouped.setdefault((section.encoder, section.size, section.max_test), {})
+        for row in section.rows:
+            for k in section.shots:
+                values = [v for v in row.values("acc", k).values() if v == v]
+                if values:
+                    table.setdefault(row.label, {})[f"{section.dataset} k={k}"] = float(np.mean(values))
+    out = []
+    for (encoder, size, max_test), table in sorted(grouped.items(), key=lambda item: str(item[0])):
+        frame = pd.DataFrame(table)  # blocks × methods
+        complete = frame.dropna(axis=1)
+        left_out = sorted(set(frame.columns) - set(complete.columns))
+        out.append(Ranking(encoder, size, max_test, stats.friedman(complete), left_out))
+    return out
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _environment(results: list[CellResult]) -> dict[str, Any]:
+    newest = max(results, key=lambda r: r.finished_at or "")
+    env = newest.environment
+    packages = {name: env.packages[name] for name in PACKAGES if name in env.packages}
+    return {"python": env.python, "platform": env.platform, "device": env.device, "device name": env.device_name,
+            "CPU": f"{env.cpu_model} ({env.cpu_count} cores)" if env.cpu_count else env.cpu_model,
+            "torch threads": env.torch_threads, "git": env.git, "packages": ", ".join(f"{k} {v}" for k, v in packages.items()),
+            "newest result": newest.finished_at}
+
+
+def _cost(section: Section) -> list[tuple[str, str, str]]:
+    out = []
+    for row in section.rows:
+        results = [r for cells in row.cells.values() for r in cells.values()]
+        fits = [r.timings.fit_s for r in results if r.timings.fit_s is not None]
+        rates = [r.timings.encoder_images_per_s for r in results if r.timings.encoder_images_per_s]
+        out.append((row.label, f"{np.mean(rates):.1f}" if rates else "cached", f"{np.mean(fits):.3g}" if fits else "—"))
+    return out
+
+
+def write(results: list[CellResult], out_dir: Path, reference: str | None = None, resamples: int = 0,
+          folders: dict[str, Path] | None = None, sources: list[str] | None = None) -> Path:
+    """The report of ``results`` in ``out_dir`` (``report.html`` and beside it figures and CSVs); returns the page.
+    ``reference``: the paired tests' reference method (None: :data:`REFERENCE`, not required to be there; a name given
+    must be). ``resamples`` > 0 adds test-set bootstrap intervals from saved predictions (``folders``: cell id -> the
+    folder its ``predictions`` path is relative to)."""
+    import jinja2
+
+    if not results:
+        raise UserError("no results to report")
+    chosen = reference or REFERENCE
+    if reference is not None and not any(r.key.method == reference and r.status is Status.OK for r in results):
+        methods = sorted({r.key.method for r in results if r.status is Status.OK})
+        raise UserError(f"--reference {reference!r} has no finished results here (methods: {', '.join(methods) or 'none'})")
+    out_dir = Path(out_dir)
+    figures = out_dir / "figures"
+    found = sections(results)
+    for section in found:
+        paired_tests(section, chosen)
+        if resamples:
+            bootstrap(section, resamples, folders or {})
+    ranked = rankings(found)
+    for ranking in ranked:
+        name = re.sub(r"[^A-Za-z0-9]+", "-", f"{ranking.encoder}-{ranking.size}-{ranking.max_test}").strip("-")
+        ranking.image = cd_diagram(ranking.result, name, figures)
+    pages = []
+    lines = ["dataset,size,encoder,max_test,metric,method,k,n,mean_difference,p,p_holm,mark,note"]
+    for section in found:
+        tables = []
+        for metric in METRICS:
+            body = []
+            for row in section.rows:
+                cells = [cell_text(row, metric, k, section.tests.get((metric, row.label, k))) for k in section.shots]
+                body.append((row.label + (" (reference)" if row is section.reference else ""), cells))
+            tables.append((metric, body))
+        for (metric, label, k), test in section.tests.items():
+            lines.append(",".join(_csv(v) for v in (section.dataset, section.size, section.encoder, section.max_test, metric,
+                                                      label, k, test.n, test.difference, test.p, test.p_holm, test.mark,
+                                                      test.note)))
+        notes = sorted({t.note for t in section.tests.values() if t.note})
+        pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
+                      "curves": curves(section, figures), "reliability": reliability(section, figures),
+                      "cost": _cost(section), "reference": section.reference.label if section.reference else None,
+                      "notes": notes, "bootstrap": [(label, k, f"{100 * lo:.1f}–{100 * hi:.1f}", n)
+                                                    for (label, k), (lo, hi, n) in sorted(section.bootstrap.items())]})
+    atomic_write(out_dir / "paired_tests.csv", "\n".join(lines) + "\n")
+    rank_lines = ["encoder,size,max_test,method,average_rank,blocks"]
+    for ranking in ranked:
+        for method, rank in sorted(ranking.result.average_ranks.items(), key=lambda item: item[1]):
+            rank_lines.append(",".join(_csv(v) for v in (ranking.encoder, ranking.size, ranking.max_test, method, rank,
+                                                           len(ranking.result.blocks))))
+    atomic_write(out_dir / "ranks.csv", "\n".join(rank_lines) + "\n")
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("hica_bench", "templates"),
+                                     autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    page = environment.get_template("report.html.j2").render(
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), sources=sources or [],
+        sections=pages, rankings=ranked, reference=chosen, test=stats.TEST, alpha=stats.ALPHA, resamples=resamples,
+        environment=_environment(results), n_results=len(results),
+        n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
+    path = out_dir / "report.html"
+    atomic_write(path, page)
+    return path
+
+
+def _csv(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.6g}"
+    text = str(value)
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+

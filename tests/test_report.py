@@ -1,0 +1,126 @@
+"""``hica-bench report`` and the report ``run`` writes: files, content, bad input, and the page in a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_PLUGINS, invoke
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, medmnist_root):
+    """Three methods on the real BreastMNIST (pixel encoder), shots 1 and 5, six seeds, predictions saved."""
+    import sys
+
+    base = tmp_path_factory.mktemp("report")
+    sys.path.insert(0, str(TEST_PLUGINS))
+    try:
+        code, out, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+                                "--methods", "linear-probe,prototype,knn", "--shots", "1,5", "--seeds", "0,1,2,3,4,5",
+                                "--data-root", medmnist_root, "--cache-dir", base / "cache", "--out", base / "out",
+                                "--save-predictions", "-q")
+    finally:
+        sys.path.remove(str(TEST_PLUGINS))
+    assert code == 0, err
+    assert f"report: {base / 'out' / 'report.html'}" in out
+    return base
+
+
+def test_run_writes_a_self_contained_report(finished):
+    page = (finished / "out" / "report.html").read_text()
+    assert "breastmnist (28 px) — encoder pixels, full test split" in page
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 3  # curves, reliability, CD diagram
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from a network
+    assert re.search(r"<td>\d+\.\d ± \d+\.\d \(6\)", page)  # mean ± 95 % interval half-width (n seeds)
+    assert "linear-probe (reference)" in page and "Friedman" in page and "Environment" in page
+    figures = sorted(p.name for p in (finished / "out" / "figures").iterdir())
+    assert len(figures) == 6 and {Path(f).suffix for f in figures} == {".png", ".svg"}
+    tests = (finished / "out" / "paired_tests.csv").read_text().splitlines()
+    assert tests[0].startswith("dataset,size,encoder,max_test,metric,method,k,n,")
+    assert len(tests) == 1 + 2 * 2 * 2  # (prototype, knn) x (k = 1, 5) x (acc, auc)
+    assert all(",6," in line for line in tests[1:])  # six seeds paired in every test
+
+
+def test_report_command_with_a_bootstrap_and_another_reference(finished, tmp_path):
+    code, out, err = invoke("report", finished / "out", "--out", tmp_path / "rep", "--reference", "prototype",
+                            "--bootstrap", "200")
+    assert code == 0, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "prototype (reference)" in page and "test-set bootstrap 95 % interval" in page
+    assert re.search(r"<td>\d+\.\d–\d+\.\d</td><td>6</td>", page)  # an interval from each of the six seeds
+
+
+def test_one_seed_and_no_common_seeds_are_labelled_not_computed(finished, tmp_path):
+    records = [json.loads(line) for line in (finished / "out" / "results.jsonl").read_text().splitlines()]
+    keep = [r for r in records if (r["key"]["method"] == "linear-probe" and r["key"]["seed"] == 0)
+            or (r["key"]["method"] == "prototype" and r["key"]["seed"] == 1)
+            or (r["key"]["method"] == "knn" and r["key"]["seed"] == 0)]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    code, _, err = invoke("report", tmp_path / "few.jsonl", "--out", tmp_path / "rep")
+    assert code == 0, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    text = re.sub(r'src="data:[^"]*"', "", page)  # the page without its embedded figures
+    assert "n = 1, not computed" in text and "no seeds in common, not computed" in text and "nan" not in text.lower()
+    assert re.search(r"<td>\d+\.\d \(1\)</td>", page)  # one seed: a mean without an interval
+
+
+@pytest.mark.parametrize("case, message", [
+    ("reference", "--reference 'coop' has no finished results here"),
+    ("empty", "hold no results"),
+    ("bootstrap", "--bootstrap must be 0"),
+])
+def test_bad_report_input_is_one_line_exit_2(case, message, finished, tmp_path):
+    source = finished / "out"
+    extra = []
+    if case == "reference":
+        extra = ["--reference", "coop"]
+    elif case == "empty":
+        (tmp_path / "empty.jsonl").write_text("")
+        source = tmp_path / "empty.jsonl"
+    else:
+        extra = ["--bootstrap", "-3"]
+    code, _, err = invoke("report", source, "--out", tmp_path / "rep", *extra)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_the_page_renders_in_a_real_headless_browser(finished, tmp_path):
+    """Chromium (Debian's package; ``.ci/run`` installs it) through Playwright: the page loads from the file with no
+    console error and no failed request, and a laptop-sized screenshot is not blank."""
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium installed (apt-get install chromium; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    from PIL import Image
+    import numpy as np
+
+    errors, failed = [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: failed.append(r.url))
+        page.goto((finished / "out" / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        widths = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        page.screenshot(path=str(tmp_path / "shot.png"), full_page=True)
+        browser.close()
+    assert errors == [] and failed == []
+    assert len(widths) == 3 and min(widths) > 0  # every embedded figure decoded
+    assert overflow <= 0  # no horizontal scrolling of the page on a laptop screen (wide tables scroll in their box)
+    shot = np.asarray(Image.open(tmp_path / "shot.png").convert("L"))
+    assert shot.std() > 10 and (shot < 128).mean() > 0.005  # text and figures drawn, not a blank page
