@@ -68,7 +68,8 @@ def _classnames(value: Any, names: list[str], dataset: str, fail) -> list[str]:
             fail("classnames must be non-empty strings")
         return [v.strip() for v in value]
     if isinstance(value, dict):
-        keys = [str(k) for k in value]
+        value = {str(k): v for k, v in value.items()}  # YAML reads class 0 as the number 0
+        keys = list(value)
         missing = [n for n in names if n not in keys]
         extra = [k for k in keys if k not in names]
         if missing or extra:

@@ -23,7 +23,7 @@ import numpy as np
 
 from hica_bench import stats
 from hica_bench.errors import UserError
-from hica_bench.files import atomic_write
+from hica_bench.files import atomic_write, digest
 from hica_bench.results import CellResult, Status
 
 REFERENCE = "linear-probe"  #: the default reference method of the paired tests
@@ -40,9 +40,26 @@ class Row:
     origin: str
     cells: dict[int, dict[int, CellResult]] = field(default_factory=dict)  # k -> seed -> result
 
-    def values(self, metric: str, k: int) -> dict[int, float]:
-        return {seed: getattr(r.metrics, metric) for seed, r in self.cells.get(k, {}).items()
-                if getattr(r.metrics, metric, None) is not None}
+    def values(self, metric: str, k: int, same_as: "Row | None" = None) -> dict[int, float]:
+        """seed -> the metric at ``k``; with ``same_as``, only the seeds whose result drew the same support set from
+        the same dataset files as ``same_as``'s (so a pair compares methods, not data)."""
+        out = {}
+        for seed, r in self.cells.get(k, {}).items():
+            value = getattr(r.metrics, metric, None)
+            if value is None:
+                continue
+            if same_as is not None:
+                other = same_as.cells.get(k, {}).get(seed)
+                if other is None or _data(other) != _data(r):
+                    continue
+            out[seed] = value
+        return out
+
+
+def _data(result: CellResult) -> tuple | None:
+    """What a cell's numbers were drawn from: its dataset files and support set (None: a legacy record)."""
+    i = result.identity
+    return None if i is None else (i.origin.dataset_identity, i.origin.max_test, i.support)
 
 
 @dataclass
@@ -56,6 +73,7 @@ class Section:
     tests: dict[tuple[str, str, int], stats.Paired] = field(default_factory=dict)  # (metric, row label, k) -> test
     reference: Row | None = None
     bootstrap: dict[tuple[str, int], tuple[float, float, int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -64,7 +82,9 @@ class Section:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9]+", "-", f"{self.dataset}-{self.size}-{self.encoder}-{self.max_test}").strip("-")[:80]
+        """A file and anchor name: readable, and unique through a digest of the whole section key."""
+        readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.dataset}-{self.size}-{self.encoder}").strip("-")[:48]
+        return f"{readable}-{digest([self.dataset, self.size, self.encoder, self.max_test], 8)}"
 
 
 def sections(results: list[CellResult]) -> list[Section]:
@@ -109,10 +129,16 @@ def paired_tests(section: Section, reference: str) -> None:
             for k in section.shots:
                 if k not in row.cells or k not in section.reference.cells:
                     continue
-                test = stats.paired_test(row.values(metric, k), section.reference.values(metric, k))
+                test = stats.paired_test(row.values(metric, k, section.reference),
+                                         section.reference.values(metric, k, row))
+                if test.n == 0 and set(row.values(metric, k)) & set(section.reference.values(metric, k)):
+                    test.note = "no seeds on the same data (dataset files or support sets differ), not computed"
                 section.tests[(metric, row.label, k)] = test
                 family.append(test)
         stats.holm(family)
+        reachable = stats.holm_reachable(family)
+        if reachable is not None:
+            section.notes.append(reachable)
 
 
 def bootstrap(section: Section, resamples: int, folders: dict[str, Path]) -> None:
@@ -142,12 +168,12 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 
 def cell_text(row: Row, metric: str, k: int, test: stats.Paired | None = None) -> str:
-    values = list(row.values(metric, k).values())
+    values = [v for v in row.values(metric, k).values() if v == v]  # an undefined AUC of one seed is left out
     if not values:
         return "—"
-    mean = float(np.nanmean(values)) if any(v == v for v in values) else float("nan")
     interval = stats.t_interval(values)
-    text = _number(mean) + (f" ± {100 * interval.half_width:.1f}" if interval is not None else "") + f" ({len(values)})"
+    text = (_number(float(np.mean(values))) + (f" ± {100 * interval.half_width:.1f}" if interval is not None else "")
+            + f" ({len(values)})")
     return text + (f" {test.mark}" if test is not None and test.mark else "")
 
 
@@ -336,7 +362,8 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
             bootstrap(section, resamples, folders or {})
     ranked = rankings(found)
     for ranking in ranked:
-        name = re.sub(r"[^A-Za-z0-9]+", "-", f"{ranking.encoder}-{ranking.size}-{ranking.max_test}").strip("-")
+        name = (re.sub(r"[^A-Za-z0-9]+", "-", f"{ranking.encoder}-{ranking.size}").strip("-")[:48] + "-"
+                + digest([ranking.encoder, ranking.size, ranking.max_test], 8))
         ranking.image = cd_diagram(ranking.result, name, figures)
     pages = []
     lines = ["dataset,size,encoder,max_test,metric,method,k,n,mean_difference,p,p_holm,mark,note"]
@@ -352,7 +379,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
             lines.append(",".join(_csv(v) for v in (section.dataset, section.size, section.encoder, section.max_test, metric,
                                                       label, k, test.n, test.difference, test.p, test.p_holm, test.mark,
                                                       test.note)))
-        notes = sorted({t.note for t in section.tests.values() if t.note})
+        notes = sorted({t.note for t in section.tests.values() if t.note}) + section.notes
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
                       "curves": curves(section, figures), "reliability": reliability(section, figures),
                       "cost": _cost(section), "reference": section.reference.label if section.reference else None,

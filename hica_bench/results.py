@@ -192,10 +192,15 @@ class Origin:
 
     @functools.cached_property
     def id(self) -> str:
+        return digest(self.identifying(), 12)
+
+    def identifying(self) -> dict[str, Any]:
+        """The fields the ids are digests of: all of them, but ``prompts`` only when there is a prompt file, so an
+        origin without one (and every cell of it) keeps the id it had before prompt files existed."""
         fields_ = jsonable(self)
-        if fields_["prompts"] is None:  # no prompt file: the id origins had before prompt files existed
+        if fields_["prompts"] is None:
             del fields_["prompts"]
-        return digest(fields_, 12)
+        return fields_
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,7 @@ class Identity:
 
     @functools.cached_property
     def id(self) -> str:
-        return digest(jsonable(self), 20)
+        return digest({"origin": self.origin.identifying(), "k": self.k, "seed": self.seed, "support": self.support}, 20)
 
 
 @dataclass

@@ -120,6 +120,19 @@ def holm(tests: Sequence[Paired]) -> None:
         test.p_holm = float(p)
 
 
+def holm_reachable(tests: Sequence[Paired], alpha: float = ALPHA) -> str | None:
+    """A note when Holm's correction over ``tests`` leaves no test able to reach ``alpha``: the smallest two-sided
+    exact Wilcoxon p over n seeds is 2 / 2**n, and Holm multiplies the smallest p by the number of tests."""
+    computed = [t for t in tests if t.p is not None]
+    if not computed:
+        return None
+    n = max(t.n for t in computed)
+    if len(computed) * 2 / 2**n < alpha:
+        return None
+    return (f"with {len(computed)} tests in this table and {n} seeds, Holm's correction leaves no test able to reach "
+            f"p < {alpha} (the smallest Wilcoxon p is 2/2^{n}); run more seeds or compare fewer methods")
+
+
 @dataclass
 class Friedman:
     """Ranks of ``methods`` over ``blocks`` (rank 1 = best), the Friedman test and Nemenyi's critical difference."""
@@ -148,6 +161,9 @@ def friedman(table, alpha: float = ALPHA, higher_is_better: bool = True) -> Frie
         return Friedman(methods, blocks, average, None, None, None, None, None,
                         f"needs at least 3 methods and 2 blocks (has {k} and {n}), not computed")
     statistic, p = stats.friedmanchisquare(*[table[c].to_numpy(float) for c in table.columns])
+    if not (math.isfinite(statistic) and math.isfinite(p)):  # every block a tie: no ranking to test
+        return Friedman(methods, blocks, average, None, None, None, None, None,
+                        "every method tied in every block, not computed")
     q = float(stats.studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2))
     cd = q * math.sqrt(k * (k + 1) / (6 * n))
     import scikit_posthocs as sp

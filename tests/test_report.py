@@ -69,6 +69,20 @@ def test_one_seed_and_no_common_seeds_are_labelled_not_computed(finished, tmp_pa
     assert re.search(r"<td>\d+\.\d \(1\)</td>", page)  # one seed: a mean without an interval
 
 
+def test_results_from_other_data_are_never_paired(finished, tmp_path):
+    """The reference's results on edited dataset files (another dataset identity) are not paired with the other
+    methods' results on the old files."""
+    records = [json.loads(line) for line in (finished / "out" / "results.jsonl").read_text().splitlines()]
+    for r in records:
+        if r["key"]["method"] == "linear-probe":
+            r["identity"]["origin"]["dataset_identity"] += "-edited"
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, _, err = invoke("report", tmp_path / "mixed.jsonl", "--out", tmp_path / "rep")
+    assert code == 0, err
+    tests = (tmp_path / "rep" / "paired_tests.csv").read_text().splitlines()[1:]
+    assert tests and all(",0,,,,," in line and "no seeds on the same data" in line for line in tests)
+
+
 @pytest.mark.parametrize("case, message", [
     ("reference", "--reference 'coop' has no finished results here"),
     ("empty", "hold no results"),

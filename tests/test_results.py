@@ -191,3 +191,14 @@ def test_a_schema_3_record_reads_without_the_paired_throughput(tmp_path):
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(UserError, match="missing field timings.paired_efficiency"):
         ResultsStore(path).load()
+
+
+def test_without_a_prompt_file_ids_are_computed_as_before_prompt_files():
+    """Schema-4 files store ``cell_id`` and ``origin_id`` as digests of identities without ``prompts``: an identity
+    without a prompt file must give the same digests, so ids stored in older files and prediction file names stay valid."""
+    identity = _result(0).identity
+    old = jsonable(identity)
+    del old["origin"]["prompts"]
+    assert identity.id == digest(old, 20) and identity.origin.id == digest(old["origin"], 12)
+    with_file = Identity(dataclasses.replace(identity.origin, prompts="cd" * 32), identity.k, identity.seed, identity.support)
+    assert with_file.id != identity.id

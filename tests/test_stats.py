@@ -107,3 +107,12 @@ def test_bootstrap_interval_holds_the_observed_accuracy():
     accuracy = float((proba.argmax(1) == labels).mean())
     low, high = stats.bootstrap_interval(labels, proba, lambda y, p: float((p.argmax(1) == y).mean()), 500)
     assert low < accuracy < high and 0.05 < high - low < 0.2  # about ±1.96·√(0.8·0.2/200) ≈ ±0.055
+
+
+def test_a_table_too_large_for_holm_is_said_so():
+    reference = {seed: 0.5 + 0.01 * seed for seed in range(10)}
+    family = [stats.paired_test({s: v + 0.05 for s, v in reference.items()}, reference) for _ in range(30)]
+    stats.holm(family)
+    assert all(t.mark == "" for t in family)  # 30 x 2/1024 > 0.05: no mark possible
+    assert "30 tests in this table and 10 seeds" in stats.holm_reachable(family)
+    assert stats.holm_reachable(family[:20]) is None  # 20 x 2/1024 < 0.05: a mark is possible

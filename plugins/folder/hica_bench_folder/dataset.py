@@ -70,12 +70,20 @@ class FolderDataset:
                             f"{val_fraction:g} + {test_fraction:g}")
         self.size, self.resize = size, resize
         found = layout.find(self.root, exclude, val_fraction, test_fraction, split_seed)
-        self.name = name or (self.root.stem if self.root.is_file() else self.root.resolve().name) or "folder"
+        # a CSV's dataset is named after its folder (manifests are called labels.csv, split.csv...): the split.csv a
+        # seeded split records, put in the dataset's root, then has the folder's name, hence its support sets
+        self.name = name or (self.root.resolve().parent.name if self.root.is_file() else self.root.resolve().name) or "folder"
         self.class_names = found.classes
         self.task = "binary-class" if len(self.class_names) == 2 else "multi-class"
         self.layout, self.split_by = found.kind, found.split_by
         if len(self.class_names) < 2:
             raise UserError(f"{self.root} has one class ({self.class_names[0]}); a classification dataset needs two or more")
+        for split in ("train", "test"):  # every class in both, else its AUC (and the protocol) is undefined
+            missing = [c for c in self.class_names if not any(e.label == c and e.split == split for e in found.entries)]
+            if missing:
+                why = (f"with test_fraction={test_fraction:g} of its images rounding to none; add images or raise "
+                       "test_fraction" if split == "test" and found.split_by != "official" else f"in {self.root}")
+                raise UserError(f"{self.root}: class {', '.join(missing)} has no {split} images ({why})")
         order = {name: i for i, name in enumerate(layout.SPLITS)}
         entries = sorted(found.entries, key=lambda e: order[e.split])  # stable: train, val, test, each in its order
         cache_dir = Path(cache_dir)

@@ -34,8 +34,14 @@ class BadImage(Exception):
 
 
 def decode(path: Path, size: int, resize: str = "crop") -> np.ndarray:
-    """``path`` as uint8 (size, size) grey or (size, size, 3) RGB (see the module docstring)."""
-    pixels = _pillow(path) if path.suffix.lower() in PILLOW_SUFFIXES else _dicom(path)
+    """``path`` as uint8 (size, size) grey or (size, size, 3) RGB (see the module docstring); a file that cannot be
+    decoded, for whatever reason its decoder gives, is a :class:`BadImage`."""
+    try:
+        pixels = _pillow(path) if path.suffix.lower() in PILLOW_SUFFIXES else _dicom(path)
+    except BadImage:
+        raise
+    except Exception as exc:  # a decoder's own error (a DICOM window of width 0, an odd LUT, a codec bug)
+        raise BadImage(f"cannot be decoded ({type(exc).__name__}: {_short(exc)})") from None
     if pixels.ndim == 3 and (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all():
         pixels = pixels[..., 0]  # grey saved as RGB
     return square(np.ascontiguousarray(pixels), size, resize)

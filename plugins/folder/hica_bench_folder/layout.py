@@ -8,7 +8,8 @@
 
 In folders, files are found recursively below each class folder; names starting with ``.`` (``.DS_Store``, macOS
 ``._`` files) are skipped, as are files whose suffix is not an image's (listed in a warning); a file without a suffix
-counts when it is a DICOM file (``DICM`` at byte 128). Within a class, files are in natural order of their path below
+counts when it is a DICOM file (``DICM`` at byte 128); links to class folders are followed, links below them not.
+Within a class, files are in natural order of their path below
 the root (numbers compared as numbers: ``img2`` before ``img10``). Classes are sorted by name (Python's string order,
 i.e. by Unicode code point), numerically when every class name is a whole number; a class's label is its position.
 """
@@ -96,7 +97,7 @@ def _is_dicom_without_suffix(path: Path) -> bool:
 
 def _images_below(folder: Path, root: Path, exclude: list[str], ignored: list[str]) -> list[tuple[Path, str]]:
     found = []
-    for current, dirs, files in os.walk(folder, followlinks=True):
+    for current, dirs, files in os.walk(folder):  # a class folder may be a link; links below it are not followed
         dirs[:] = [d for d in dirs if _visible(d)]
         for name in files:
             if not _visible(name):
@@ -239,7 +240,8 @@ def seeded_split(entries: list[Entry], classes: list[str], val_fraction: float, 
     """Each class's files in test, val and train: ``round(n * test_fraction)`` to test and ``round(n * val_fraction)``
     to val (halves rounded up; at least one image stays in train), chosen in the order of ``sha256("SEED:NAME")``
     of each file's name. The split depends only on the seed and the names, so it is the same on every platform and
-    with every library version, and adding or removing a file moves no other file between splits."""
+    with every library version; adding or removing a file leaves the order of the others as it was, so at most the
+    few files of its class at a split's boundary move (as the counts change)."""
     by_class: dict[str, list[Entry]] = {c: [] for c in classes}
     for entry in entries:
         by_class[entry.label].append(entry)
