@@ -192,15 +192,21 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **margi
     return figure, axes
 
 
+#: also write each figure as SVG (vector, for a paper): ``hica-bench report`` does; ``run``'s report embeds PNGs only,
+#: which halves its cost
+SVG: list[bool] = [True]
+
+
 def _save(figure, folder: Path, name: str) -> str:
-    """``figure`` as ``folder/name.png`` and ``.svg``; returns the PNG as a data URI for the page."""
+    """``figure`` as ``folder/name.png`` (and ``.svg``, see :data:`SVG`); returns the PNG as a data URI for the page."""
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     atomic_write(folder / f"{name}.png", buffer.getvalue())
-    svg = io.StringIO()
-    figure.savefig(svg, format="svg")
-    atomic_write(folder / f"{name}.svg", svg.getvalue())
+    if SVG[-1]:
+        svg = io.StringIO()
+        figure.savefig(svg, format="svg")
+        atomic_write(folder / f"{name}.svg", svg.getvalue())
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -340,11 +346,19 @@ def _cost(section: Section) -> list[tuple[str, str, str]]:
 
 
 def write(results: list[CellResult], out_dir: Path, reference: str | None = None, resamples: int = 0,
-          folders: dict[str, Path] | None = None, sources: list[str] | None = None) -> Path:
+          folders: dict[str, Path] | None = None, sources: list[str] | None = None, svg: bool = True) -> Path:
     """The report of ``results`` in ``out_dir`` (``report.html`` and beside it figures and CSVs); returns the page.
     ``reference``: the paired tests' reference method (None: :data:`REFERENCE`, not required to be there; a name given
     must be). ``resamples`` > 0 adds test-set bootstrap intervals from saved predictions (``folders``: cell id -> the
-    folder its ``predictions`` path is relative to)."""
+    folder its ``predictions`` path is relative to). ``svg``: also write the figures as SVG."""
+    SVG.append(svg)
+    try:
+        return _write(results, out_dir, reference, resamples, folders, sources)
+    finally:
+        SVG.pop()
+
+
+def _write(results, out_dir, reference, resamples, folders, sources) -> Path:
     import jinja2
 
     if not results:

@@ -504,7 +504,7 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
         from hica_bench import report
 
         summary.report = report.write(everything, settings.out_dir, folders={r.cell_id: settings.out_dir for r in everything},
-                                      sources=[str(settings.out_dir / "results.jsonl")])
+                                      sources=[str(settings.out_dir / "results.jsonl")], svg=False)
     summary.wall_s = time.perf_counter() - started
     return summary
 

@@ -39,7 +39,7 @@ def test_run_writes_a_self_contained_report(finished):
     assert re.search(r"<td>\d+\.\d ± \d+\.\d \(6\)", page)  # mean ± 95 % interval half-width (n seeds)
     assert "linear-probe (reference)" in page and "Friedman" in page and "Environment" in page
     figures = sorted(p.name for p in (finished / "out" / "figures").iterdir())
-    assert len(figures) == 6 and {Path(f).suffix for f in figures} == {".png", ".svg"}
+    assert len(figures) == 3 and {Path(f).suffix for f in figures} == {".png"}  # run's report: PNGs only
     tests = (finished / "out" / "paired_tests.csv").read_text().splitlines()
     assert tests[0].startswith("dataset,size,encoder,max_test,metric,method,k,n,")
     assert len(tests) == 1 + 2 * 2 * 2  # (prototype, knn) x (k = 1, 5) x (acc, auc)
@@ -52,6 +52,8 @@ def test_report_command_with_a_bootstrap_and_another_reference(finished, tmp_pat
     assert code == 0, err
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "prototype (reference)" in page and "test-set bootstrap 95 % interval" in page
+    figures = sorted(p.name for p in (tmp_path / "rep" / "figures").iterdir())
+    assert len(figures) == 6 and {Path(f).suffix for f in figures} == {".png", ".svg"}  # the report command: and SVG
     assert re.search(r"<td>\d+\.\d–\d+\.\d</td><td>6</td>", page)  # an interval from each of the six seeds
 
 
