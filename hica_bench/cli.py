@@ -350,7 +350,7 @@ def report_(
     reference: Optional[str] = typer.Option(None, help="Method the paired tests compare every other method with "
                                                        "[default: linear-probe, when it has results]."),
     bootstrap: int = typer.Option(0, help="Also a test-set bootstrap interval of ACC per seed with this many resamples "
-                                          "(needs predictions saved with `run --save-predictions`) [default: none]."),
+                                          "(needs predictions saved with `run --save-predictions`); 0: none."),
 ) -> None:
     """Write a report to publish from: tables with 95 % intervals and paired significance, few-shot curves,
     calibration, average ranks with a Friedman test and a critical-difference diagram, as one HTML page."""

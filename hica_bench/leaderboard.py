@@ -96,7 +96,7 @@ def _extraction(settings: dict | None) -> str | None:
         return None
 
 
-def _label(method: str, origin: str, origins: dict[str, set[str]]) -> str:
+def row_label(method: str, origin: str, origins: dict[str, set[str]]) -> str:
     """A row's label: the method, with ``⟨origin⟩`` where the method has results of several origins in the section
     (``origins``: method -> its origins there, whatever their status)."""
     return method if len(origins.get(method, ())) <= 1 else f"{method} ⟨{origin}⟩"
@@ -145,7 +145,7 @@ def markdown(results: list[CellResult]) -> str:
         section = (dataset, int(size), encoder, None if pd.isna(max_test) else int(max_test))
         shown_sections.add(section)
         labels = sections.get(section, {})
-        part = part.assign(shown=[_label(m, o, labels) for m, o in zip(part["method"], part["origin"])])
+        part = part.assign(shown=[row_label(m, o, labels) for m, o in zip(part["method"], part["origin"])])
         test = "full test split" if pd.isna(max_test) else f"first {int(max_test)} test images"
         random = any("random-init" in origins[o].features.get("encoder", "") for o in set(part["origin"]) if o in origins)
         weights = " (random init: not trained weights)" if random else ""
@@ -164,7 +164,7 @@ def markdown(results: list[CellResult]) -> str:
         shared = _shared_labels(part, origins)
         if shared:
             lines += [*shared, ""]
-        skipped = sorted((_label(m, o, labels), why) for (m, o), why in not_applicable.get(section, {}).items())
+        skipped = sorted((row_label(m, o, labels), why) for (m, o), why in not_applicable.get(section, {}).items())
         for method, why in skipped:
             lines.append(f"- `{method}`: not applicable — {why}")
         if skipped:
@@ -172,7 +172,7 @@ def markdown(results: list[CellResult]) -> str:
     for section, reasons in sorted(not_applicable.items(), key=lambda item: str(item[0])):
         if section not in shown_sections:  # nothing of this section ran ok: its not-applicable cells still show
             for (method, origin), why in sorted(reasons.items()):
-                lines.append(f"- {section[0]} / `{section[2]}` / `{_label(method, origin, sections[section])}`: "
+                lines.append(f"- {section[0]} / `{section[2]}` / `{row_label(method, origin, sections[section])}`: "
                              f"not applicable — {why}")
     if failed:
         lines += ["", f"{failed} cell(s) failed; see the results file for their errors."]

@@ -22,7 +22,8 @@ METRICS = Metrics.names()  #: every metric a result records
 HEADLINE = ("acc", "auc")  #: the ones leaderboards and ``hica-bench check`` compare
 
 
-def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> Metrics:
+def classification_metrics(labels: np.ndarray, proba: np.ndarray, diagram: Calibration | None = None) -> Metrics:
+    """The metrics of ``proba`` against ``labels``; ``diagram``: their :func:`calibration`, when already computed."""
     n_classes = proba.shape[1]
     predicted = proba.argmax(axis=1)
     present = np.unique(labels)
@@ -37,7 +38,7 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> Metrics:
         auc=float(auc),
         f1_macro=float(f1_score(labels, predicted, average="macro", labels=np.arange(n_classes), zero_division=0)),
         balanced_acc=float(balanced_accuracy_score(labels, predicted)),
-        ece=expected_calibration_error(calibration(labels, proba)),
+        ece=expected_calibration_error(diagram if diagram is not None else calibration(labels, proba)),
     )
 
 

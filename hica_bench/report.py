@@ -24,6 +24,7 @@ import numpy as np
 from hica_bench import stats
 from hica_bench.errors import UserError
 from hica_bench.files import atomic_write, digest
+from hica_bench.leaderboard import row_label
 from hica_bench.results import CellResult, Status
 
 REFERENCE = "linear-probe"  #: the default reference method of the paired tests
@@ -99,8 +100,7 @@ def sections(results: list[CellResult]) -> list[Section]:
         if r.status is not Status.OK or r.metrics is None:
             continue
         block = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test)
-        several = len(origins[block][r.key.method]) > 1
-        label = f"{r.key.method} ⟨{r.origin_id}⟩" if several else r.key.method
+        label = row_label(r.key.method, r.origin_id, origins[block])
         row = grouped.setdefault(block, {}).setdefault((r.key.method, r.origin_id), Row(label, r.key.method, r.origin_id))
         row.cells.setdefault(r.key.k, {})[r.key.seed] = r  # the newest record of a cell is the one kept
     out = []
@@ -192,25 +192,21 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **margi
     return figure, axes
 
 
-#: also write each figure as SVG (vector, for a paper): ``hica-bench report`` does; ``run``'s report embeds PNGs only,
-#: which halves its cost
-SVG: list[bool] = [True]
-
-
-def _save(figure, folder: Path, name: str) -> str:
-    """``figure`` as ``folder/name.png`` (and ``.svg``, see :data:`SVG`); returns the PNG as a data URI for the page."""
+def _save(figure, folder: Path, name: str, svg: bool) -> str:
+    """``figure`` as ``folder/name.png`` (and ``.svg`` for a paper when ``svg``: ``hica-bench report`` asks for it,
+    ``run``'s report embeds PNGs only, which halves its cost); returns the PNG as a data URI for the page."""
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     atomic_write(folder / f"{name}.png", buffer.getvalue())
-    if SVG[-1]:
-        svg = io.StringIO()
-        figure.savefig(svg, format="svg")
-        atomic_write(folder / f"{name}.svg", svg.getvalue())
+    if svg:
+        vector = io.StringIO()
+        figure.savefig(vector, format="svg")
+        atomic_write(folder / f"{name}.svg", vector.getvalue())
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def curves(section: Section, folder: Path) -> str:
+def curves(section: Section, folder: Path, svg: bool = True) -> str:
     """ACC and AUC against k (log axis), mean with its 95 % t-interval band, one line per method."""
     figure, axes = _figure(10, 3.8, ncols=2, left=0.06, right=0.79, bottom=0.14, top=0.88, wspace=0.22)
     for ax, metric in zip(axes[0], ("acc", "auc")):
@@ -238,10 +234,10 @@ def curves(section: Section, folder: Path) -> str:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.8, 0.88), fontsize=8, frameon=False)
     figure.suptitle(f"{section.dataset} — {section.encoder}: mean and 95 % t-interval over seeds", fontsize=10)
-    return _save(figure, folder, f"curves-{section.slug}")
+    return _save(figure, folder, f"curves-{section.slug}", svg)
 
 
-def reliability(section: Section, folder: Path) -> str | None:
+def reliability(section: Section, folder: Path, svg: bool = True) -> str | None:
     """Per method at the largest k: accuracy against confidence per bin, pooled over seeds (counts summed)."""
     k = max(section.shots)
     rows = [row for row in section.rows if any(r.calibration for r in row.cells.get(k, {}).values())]
@@ -272,10 +268,10 @@ def reliability(section: Section, folder: Path) -> str | None:
         ax.set_ylabel("accuracy", fontsize=8)
         ax.tick_params(labelsize=7)
     figure.suptitle(f"{section.dataset} — {section.encoder}: reliability at k = {k} (15 bins)", fontsize=10)
-    return _save(figure, folder, f"reliability-{section.slug}")
+    return _save(figure, folder, f"reliability-{section.slug}", svg)
 
 
-def cd_diagram(result: stats.Friedman, name: str, folder: Path) -> str | None:
+def cd_diagram(result: stats.Friedman, name: str, folder: Path, svg: bool = True) -> str | None:
     if result.cd is None:
         return None
     import scikit_posthocs as sp
@@ -284,7 +280,7 @@ def cd_diagram(result: stats.Friedman, name: str, folder: Path) -> str | None:
     sp.critical_difference_diagram(result.average_ranks, result.nemenyi, ax=axes[0][0], cd=result.cd)
     figure.suptitle(f"average ranks over {len(result.blocks)} (dataset, k) blocks; bars join methods Nemenyi does not "
                     f"tell apart (α = {stats.ALPHA}); CD = {result.cd:.2f}", fontsize=9)
-    return _save(figure, folder, f"cd-{name}")
+    return _save(figure, folder, f"cd-{name}", svg)
 
 
 # --------------------------------------------------------------------------- across datasets and shots
@@ -351,14 +347,6 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     ``reference``: the paired tests' reference method (None: :data:`REFERENCE`, not required to be there; a name given
     must be). ``resamples`` > 0 adds test-set bootstrap intervals from saved predictions (``folders``: cell id -> the
     folder its ``predictions`` path is relative to). ``svg``: also write the figures as SVG."""
-    SVG.append(svg)
-    try:
-        return _write(results, out_dir, reference, resamples, folders, sources)
-    finally:
-        SVG.pop()
-
-
-def _write(results, out_dir, reference, resamples, folders, sources) -> Path:
     import jinja2
 
     if not results:
@@ -378,7 +366,7 @@ def _write(results, out_dir, reference, resamples, folders, sources) -> Path:
     for ranking in ranked:
         name = (re.sub(r"[^A-Za-z0-9]+", "-", f"{ranking.encoder}-{ranking.size}").strip("-")[:48] + "-"
                 + digest([ranking.encoder, ranking.size, ranking.max_test], 8))
-        ranking.image = cd_diagram(ranking.result, name, figures)
+        ranking.image = cd_diagram(ranking.result, name, figures, svg)
     pages = []
     lines = ["dataset,size,encoder,max_test,metric,method,k,n,mean_difference,p,p_holm,mark,note"]
     for section in found:
@@ -395,7 +383,7 @@ def _write(results, out_dir, reference, resamples, folders, sources) -> Path:
                                                       test.note)))
         notes = sorted({t.note for t in section.tests.values() if t.note}) + section.notes
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
-                      "curves": curves(section, figures), "reliability": reliability(section, figures),
+                      "curves": curves(section, figures, svg), "reliability": reliability(section, figures, svg),
                       "cost": _cost(section), "reference": section.reference.label if section.reference else None,
                       "notes": notes, "bootstrap": [(label, k, f"{100 * lo:.1f}–{100 * hi:.1f}", n)
                                                     for (label, k), (lo, hi, n) in sorted(section.bootstrap.items())]})

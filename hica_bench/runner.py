@@ -373,9 +373,9 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
 
         proba, fit_s, predict_s = _within(timeout, fit_predict)
         proba = check_proba(proba, len(test_labels), len(dataset.class_names))
-        result.metrics = classification_metrics(test_labels, proba.astype(np.float64))
-        result.per_class = per_class(test_labels, proba)
         result.calibration = calibration(test_labels, proba.astype(np.float64))
+        result.metrics = classification_metrics(test_labels, proba.astype(np.float64), result.calibration)
+        result.per_class = per_class(test_labels, proba)
         if predictions is not None:
             result.predictions = _save_predictions(predictions, cell.identity.id, proba, test_labels)
         result.timings = Timings(fit_s=fit_s, predict_s=predict_s)
