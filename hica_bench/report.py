@@ -206,8 +206,11 @@ def _save(figure, folder: Path, name: str, svg: bool) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def curves(section: Section, folder: Path, svg: bool = True) -> str:
-    """ACC and AUC against k (log axis), mean with its 95 % t-interval band, one line per method."""
+def curves(section: Section, folder: Path, svg: bool = True) -> str | None:
+    """ACC and AUC against k (log axis), mean with its 95 % t-interval band, one line per method; None for a single k
+    (no curve to draw: the table holds the same means and intervals)."""
+    if len(section.shots) < 2:
+        return None
     figure, axes = _figure(10, 3.8, ncols=2, left=0.06, right=0.79, bottom=0.14, top=0.88, wspace=0.22)
     for ax, metric in zip(axes[0], ("acc", "auc")):
         for row in section.rows:

@@ -71,6 +71,17 @@ def test_one_seed_and_no_common_seeds_are_labelled_not_computed(finished, tmp_pa
     assert re.search(r"<td>\d+\.\d \(1\)</td>", page)  # one seed: a mean without an interval
 
 
+def test_a_single_shot_count_gets_no_curve(finished, tmp_path):
+    records = [json.loads(line) for line in (finished / "out" / "results.jsonl").read_text().splitlines()]
+    (tmp_path / "k5.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["key"]["k"] == 5))
+    code, _, err = invoke("report", tmp_path / "k5.jsonl", "--out", tmp_path / "rep")
+    assert code == 0, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "One\nshot count only: a curve needs at least two" in page
+    assert not any(p.name.startswith("curves-") for p in (tmp_path / "rep" / "figures").iterdir())
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 1  # reliability (one block: no CD diagram)
+
+
 def test_results_from_other_data_are_never_paired(finished, tmp_path):
     """The reference's results on edited dataset files (another dataset identity) are not paired with the other
     methods' results on the old files."""
