@@ -142,6 +142,18 @@ def int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> (1, 4): shard 1 of 4, numbered from 0 (a Slurm array's ``$SLURM_ARRAY_TASK_ID`` with --array=0-3)."""
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise UserError(f"--shard takes I/N, e.g. 0/4 (shard I of N, from 0); got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard {text}: I must be 0 to N-1 and N >= 1")
+    return i, n
+
+
 def name_list(text: str, option: str) -> list[str]:
     names = [part.strip() for part in text.split(",")]
     if not text.strip() or any(not n for n in names):
@@ -193,6 +205,14 @@ def run(
                                 "calibration, ranks) beside the leaderboards; see `hica-bench report`."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave out (and count) unreadable image files "
                                          "of datasets that take the skip_bad_images option (folder) instead of stopping."),
+    executor: str = typer.Option("in-process", help="Where cells run: in-process, or ray (a local Ray runtime, or "
+                                 "the cluster named by --ray-address; pip install 'hica-bench[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="With --executor ray: join this Ray cluster (auto, or "
+                                              "HOST:PORT of `ray start --head`) [default: start a local runtime]."),
+    workers: Optional[int] = typer.Option(None, help="With --executor ray: cells in flight at once (a local runtime "
+                                          "gets this many CPUs) [default: every CPU of the runtime]."),
+    shard: Optional[str] = typer.Option(None, help="I/N: run only shard I (0 to N-1) of the grid's cells, into "
+                                        "--out/shard-I-of-N (Slurm arrays); combine them with `hica-bench merge`."),
 ) -> None:
     """Run the grid datasets × methods × shots × seeds and write results and leaderboards to --out."""
     from hica_bench import data, runner
@@ -204,6 +224,13 @@ def run(
     extraction = requested_extraction(backend, batch_size, channels_last, threads, amp, compile)
     if cell_timeout is not None and not 0 < cell_timeout < float("inf"):
         raise UserError(f"--cell-timeout must be a positive number of seconds, got {cell_timeout}")
+    if executor not in ("in-process", "ray"):
+        raise UserError(f"--executor must be in-process or ray, got {executor!r}")
+    if executor != "ray" and (ray_address is not None or workers is not None):
+        raise UserError(f"{'--ray-address' if ray_address is not None else '--workers'} needs --executor ray")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    shard_of = parse_shard(shard) if shard is not None else None
     registry = _registry(ctx)
 
     def each(kind: str, flag: Optional[str], from_suite: Optional[list[str]], option: str) -> list:
@@ -237,7 +264,10 @@ def run(
         except ValueError as exc:
             raise UserError(f"method {method.label}: {exc}") from None
     resolved = runner.resolve_device(device)
-    out_dir = data.writable_dir(out if out is not None else Path(given.out or "hica-bench-results"), "--out folder")
+    out_dir = out if out is not None else Path(given.out or "hica-bench-results")
+    if shard_of is not None:  # each shard its own results file (and lock): `hica-bench merge` combines them
+        out_dir = out_dir / f"shard-{shard_of[0]}-of-{shard_of[1]}"
+    out_dir = data.writable_dir(out_dir, "--out folder")
     for name in ("leaderboard.md", "leaderboard.csv"):  # written after the grid: a folder in the way is found now
         data.writable_file(out_dir / name, "leaderboard file")
     settings = runner.Settings(
@@ -251,6 +281,10 @@ def run(
         force=force,
         save_predictions=save_predictions,
         report=report,
+        executor=executor,
+        ray_address=ray_address,
+        workers=workers,
+        shard=shard_of,
     )
     from hica_bench.progress import LiveEvents, LogEvents
 
@@ -283,10 +317,14 @@ def _print_summary(summary, settings) -> None:
     for label in summary.random_init:
         out.print(f"encoder {label}: random init (asked for by name): these are not the numbers of trained weights",
                   markup=False)
+    shard = (f" (shard {settings.shard[0]}/{settings.shard[1]}; {summary.other_shards} in the other shards)"
+             if settings.shard else "")
     out.print(
-        f"cells: {summary.total} in grid, {summary.skipped} already finished, {summary.ok} ran ok, "
-        f"{summary.not_applicable} not applicable, {summary.failed} failed"
+        f"cells: {summary.total} in grid{shard}, {summary.skipped} already finished, {summary.ok} ran ok, "
+        f"{summary.not_applicable} not applicable, {summary.failed} failed", markup=False
     )
+    if summary.executor != "in-process":
+        out.print(f"executor: {summary.executor}", markup=False, highlight=False)
     out.print(f"feature cache: {summary.cache_hits} hits, {summary.cache_misses} misses "
               f"(encoder seconds: {sum(e.seconds for e in summary.extractions):.1f})")
     for failure in summary.failures:
@@ -341,6 +379,38 @@ def leaderboard_(
     md_path, csv_path = leaderboard.write(loaded, out)
     print(md_path.read_text())
     print(f"written: {md_path}, {csv_path}")
+
+
+@app.command("merge")
+def merge_(
+    results: List[Path] = typer.Argument(..., help="Results files, or folders holding one (e.g. the shard-I-of-N "
+                                                   "folders of `run --shard`)."),
+    out: Path = typer.Option(..., help="Folder for the merged results.jsonl, its leaderboards and report (a "
+                                       "results.jsonl already there is refused unless it is one of RESULTS)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Also write report.html (see `hica-bench report`)."),
+) -> None:
+    """Combine results files into one: a cell recorded twice with the same outcome is kept once, a finished record
+    beats a failed one, and two different outcomes for one cell are refused."""
+    from hica_bench import data, leaderboard
+    from hica_bench.results import merge_shards
+
+    out = data.writable_dir(out, "--out folder")
+    target = out / "results.jsonl"
+    given = {(p / "results.jsonl" if p.is_dir() else p).resolve() for p in results}
+    if target.exists() and target.resolve() not in given:
+        raise UserError(f"{target} exists and is not among the files to merge; add it to them or use another --out")
+    merged, dropped = merge_shards(results, out)
+    if not merged:
+        raise UserError(f"{', '.join(map(str, results))} hold no results")
+    atomic_write(target, "".join(r.to_json() + "\n" for r in merged))
+    md_path, csv_path = leaderboard.write(merged, out)
+    print(f"merged {len(results)} results files: {len(merged)} cells ({dropped} duplicate records dropped)")
+    print(f"written: {target}, {md_path}, {csv_path}")
+    if report and any(r.status.value == "ok" for r in merged):
+        from hica_bench import report as report_module
+
+        page = report_module.write(merged, out, folders={r.cell_id: out for r in merged}, sources=[str(target)], svg=False)
+        print(f"report: {page}")
 
 
 @app.command("report")

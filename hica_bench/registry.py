@@ -13,10 +13,12 @@ they run (:class:`RunComponents`, handed to methods as ``FewShotTask.components`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -115,11 +117,13 @@ class Registry:
         self._origin: dict[int, tuple[str, str]] = {}  # id(plugin) -> (distribution, version)
         self.load_errors: list[str] = []
         self._specs: dict[str, dict[str, Registered]] | None = None
+        self.recipe = Recipe()  #: how to load this registry again in another process (a Ray worker)
 
     # -- loading
     def load_entry_points(self, only: Iterable[str] | None = None) -> None:
         """Every entry point of the group, or only those of the distributions named in ``only``."""
         allowed = None if only is None else {_normal(name) for name in only}
+        self.recipe = dataclasses.replace(self.recipe, entry_points=True, only=None if only is None else tuple(only))
         installed: set[str] = set()
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist else "?"
@@ -144,6 +148,10 @@ class Registry:
         except Exception as exc:  # ImportError, or whatever the module raises while importing
             raise UserError(f"-p {module_name}: cannot import it ({_one_line(exc)})") from None
         self._add(module, module_name, f"-p {module_name}", _module_version(module))
+        file = Path(getattr(module, "__file__", "") or "")
+        top = file.parents[module_name.count(".") + (file.name == "__init__.py")] if file.is_file() else None
+        self.recipe = dataclasses.replace(self.recipe, modules=(*self.recipe.modules, module_name),
+                                          paths=(*self.recipe.paths, *([str(top)] if top else [])))
 
     def _add(self, plugin: object, name: str, dist: str, version: str) -> None:
         if self.pm.is_registered(plugin):
@@ -233,6 +241,29 @@ class Registry:
     def all(self) -> Iterable[Registered]:
         for kind in KINDS:
             yield from self.specs(kind).values()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a registry was loaded from (picklable): entry points (all, or those of the ``only`` distributions) and the
+    ``-p`` modules with the folders they were imported from. Another process on the same installation loads the same
+    plugins with :meth:`load` (a Ray worker: :mod:`hica_bench.executors`)."""
+
+    entry_points: bool = False
+    only: tuple[str, ...] | None = None
+    modules: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()  #: where the ``-p`` modules were found (put on ``sys.path`` first)
+
+    def load(self) -> "Registry":
+        for path in reversed(self.paths):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        registry = Registry()
+        if self.entry_points:
+            registry.load_entry_points(self.only)
+        for module in self.modules:
+            registry.load_module(module)
+        return registry
 
 
 class RunComponents:

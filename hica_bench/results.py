@@ -621,6 +621,48 @@ def read_many_with_files(paths: list[Path]) -> list[tuple[CellResult, Path]]:
     return list(found.values())
 
 
+#: What a cell computed (besides how long it took, where and when): two records of one cell that agree on these are
+#: the same result, recorded twice.
+OUTCOME = ("status", "metrics", "per_class", "calibration", "fit_info", "n_support", "n_test", "components_used")
+
+
+def _outcome(result: CellResult) -> str:
+    return json.dumps(jsonable({name: getattr(result, name) for name in OUTCOME}), sort_keys=True, allow_nan=True)
+
+
+def merge_shards(paths: list[Path], out_dir: Path) -> tuple[list[CellResult], int]:
+    """The results of several results files (``run --shard`` writes one per shard; or folders holding one) as one
+    list, and how many duplicate records were dropped. A cell recorded in more than one of them is kept once when the
+    records agree on what it computed (:data:`OUTCOME`; timings, machine and time may differ), and a finished record
+    beats a failed one; two finished records that disagree are refused with one line naming both files, so a merge
+    never picks one of two different numbers. Saved predictions are re-pointed to be relative to ``out_dir``."""
+    found: dict[str, tuple[CellResult, Path]] = {}
+    seen: set[Path] = set()
+    dropped = 0
+    for given in paths:
+        path = Path(given) / "results.jsonl" if Path(given).is_dir() else Path(given)
+        if not path.is_file():
+            raise UserError(f"results {str(given)!r} is neither a results file nor a folder holding results.jsonl")
+        if path.resolve() in seen:
+            raise UserError(f"{path} is given twice")
+        seen.add(path.resolve())
+        for cell_id, result in ResultsStore(path).load().items():
+            if result.predictions:
+                result.predictions = os.path.relpath(path.parent / result.predictions, out_dir)
+            if cell_id not in found:
+                found[cell_id] = (result, path)
+                continue
+            dropped += 1
+            kept, other = found[cell_id]
+            if kept.status.finished and result.status.finished and _outcome(kept) != _outcome(result):
+                k = result.key
+                raise UserError(f"{k.dataset} {k.method} k={k.k} seed={k.seed} ({k.encoder}) has different results in "
+                                f"{other} and {path} (same identity, different outcome); keep one of them")
+            if result.status.finished and not kept.status.finished:  # a retry that finished beats the failure
+                found[cell_id] = (result, path)
+    return [result for result, _ in found.values()], dropped
+
+
 def _whole_lines_size(path: Path, size: int) -> int:
     """Bytes of ``path``'s first ``size`` bytes up to and including their last newline (0 if none)."""
     with path.open("rb") as handle:

@@ -32,7 +32,8 @@ from hica_bench.files import atomic_write, digest, digests_remembered_in, file_l
 from hica_bench.interfaces import NEEDS, Components, EncoderCard, EncoderPair, FewShotDataset, FewShotTask, Prompts
 from hica_bench.metrics import calibration, classification_metrics, per_class
 from hica_bench.registry import Choice, Registry, RunComponents
-from hica_bench.results import CellKey, CellResult, Identity, Origin, ResultsStore, Status, Timings, environment, jsonable
+from hica_bench.results import (CellKey, CellResult, Environment, Identity, Origin, ResultsStore, Status, Timings,
+                                environment, jsonable)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ class Grid:
     def cells(self) -> int:
         return len(self.datasets) * len(self.methods) * len(self.encoders) * len(self.shots) * len(self.seeds)
 
+    def position(self, encoder: int, dataset: int, method: int, k: int, seed: int) -> int:
+        """A cell's place in the grid's order (encoders, datasets, methods, shots, seeds; indices into each list):
+        ``--shard I/N`` runs the cells whose place is I modulo N. It depends only on the command's lists, so every
+        shard of one command agrees on the partition, whatever machine it runs on or what has finished."""
+        return (((encoder * len(self.datasets) + dataset) * len(self.methods) + method) * len(self.shots) + k) \
+            * len(self.seeds) + seed
+
 
 @dataclass
 class Settings:
@@ -72,12 +80,18 @@ class Settings:
     force: bool = False  #: run every selected cell again, even one finished with the same identity
     save_predictions: bool = False  #: keep each cell's test probabilities under ``out_dir/predictions/``
     report: bool = True  #: write ``report.html`` (:mod:`hica_bench.report`) beside the leaderboards
+    executor: str = "in-process"  #: where cells run: ``in-process`` or ``ray`` (:mod:`hica_bench.executors`)
+    ray_address: str | None = None  #: a Ray cluster to join (``auto``, ``HOST:PORT``); None starts a local runtime
+    workers: int | None = None  #: Ray: cells in flight at once (a local runtime gets this many CPUs); None: all CPUs
+    shard: tuple[int, int] | None = None  #: (I, N): run only the cells whose grid position is I modulo N
 
 
 @dataclass
 class Summary:
     total: int = 0
     skipped: int = 0  #: already finished with the same identity
+    other_shards: int = 0  #: cells of the grid left to the other shards (``--shard``)
+    executor: str = "in-process"  #: how the cells ran (with Ray: the runtime's address and CPUs/GPUs)
     ok: int = 0
     not_applicable: int = 0
     failed: int = 0
@@ -346,13 +360,18 @@ def _save_predictions(folder: Path, cell_id: str, proba: np.ndarray, labels: np.
     return f"{folder.name}/{path.name}"
 
 
-def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray, np.ndarray],
-             test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
-             timeout: float | None = None, predictions: Path | None = None) -> CellResult:
+def fit_and_score(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
+                  test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
+                  timeout: float | None = None) -> tuple[CellResult, np.ndarray | None]:
+    """One cell: build the method, fit it on the support set, predict the test features, score. Returns the result
+    and the test probabilities (None unless it finished ok). Whatever the method does wrong is the cell's failure
+    (fault isolation); only an encoder that cannot be built stops the run. Runs wherever the executor puts it (this
+    process, or a Ray worker: :mod:`hica_bench.executors`)."""
     train_features, train_labels = train
     test_features, test_labels = test
     key = cell.key
     result = CellResult(key, cell.identity, Status.OK, n_support=len(cell.support), n_test=len(test_labels))
+    proba = None
     try:
         model = cell.method.build()
         needs = check_needs(getattr(model, "needs", None), pair, key.encoder)
@@ -376,23 +395,22 @@ def run_cell(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tup
         result.calibration = calibration(test_labels, proba.astype(np.float64))
         result.metrics = classification_metrics(test_labels, proba.astype(np.float64), result.calibration)
         result.per_class = per_class(test_labels, proba)
-        if predictions is not None:
-            result.predictions = _save_predictions(predictions, cell.identity.id, proba, test_labels)
         result.timings = Timings(fit_s=fit_s, predict_s=predict_s)
         if isinstance(getattr(model, "fit_info_", None), dict):
             result.fit_info = jsonable(model.fit_info_)  # whatever it holds (numpy values, objects), it can be written
     except EncoderBuildError:
         raise  # the encoder cannot be built (bad weights, a broken plugin): bad input for the whole run, not this cell
     except NotApplicable as exc:
-        result.status, result.reason = Status.NOT_APPLICABLE, str(exc)
+        result.status, result.reason, proba = Status.NOT_APPLICABLE, str(exc), None
     except SystemExit as exc:  # a plugin calling sys.exit() must not end the run in silence
-        result.status, result.reason = Status.FAILED, f"SystemExit: the method called sys.exit({exc.code!r})"
+        result.status, proba = Status.FAILED, None
+        result.reason = f"SystemExit: the method called sys.exit({exc.code!r})"
     except Exception as exc:  # fault isolation: one cell's failure never stops the grid
-        result.status, result.reason = Status.FAILED, f"{type(exc).__name__}: {exc}"
+        result.status, result.reason, proba = Status.FAILED, f"{type(exc).__name__}: {exc}", None
         log.debug("cell %s failed:\n%s", key, traceback.format_exc())
     result.components_used = list({digest(jsonable([c.kind, c.name, c.options, c.distribution])): c
                                    for c in components.used}.values())  # each once, in the order first built
-    return result
+    return result, proba
 
 
 def _within(seconds: float | None, work):
@@ -423,31 +441,36 @@ def _within(seconds: float | None, work):
 
 def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: FewShotDataset, encoder: Choice,
              pair: EncoderPair, extractor: FeatureExtractor, device: str, finished: set[str],
-             prompt_file: Prompts | None = None) -> tuple[list[_Cell], int]:
-    """This dataset's cells with ``encoder`` whose identity has no finished result yet, and how many were skipped."""
+             prompt_file: Prompts | None = None, in_shard: Callable[[int, int, int], bool] = lambda m, k, s: True
+             ) -> tuple[list[_Cell], int, int]:
+    """This dataset's cells with ``encoder`` whose identity has no finished result yet, how many were skipped, and how
+    many belong to other shards (``in_shard(method, k, seed)``: indices into the grid's lists)."""
     labels = dataset.split("train").labels
     n_classes = len(dataset.class_names)
     # supports are drawn by the dataset's name, not its label: options (a folder's path, a prompt file) change nothing
     name = getattr(dataset, "name", dataset_choice.label)
     supports = {(k, seed): protocol.sample_support(labels, n_classes, k, seed, name)
                 for k in grid.shots for seed in grid.seeds}
-    pending, skipped = [], 0
-    for method in grid.methods:
+    pending, skipped, elsewhere = [], 0, 0
+    for m, method in enumerate(grid.methods):
         origin = Origin(
             harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
             max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity.as_dict(),
             text_encoder=pair.card.text, method=method.ref,
             method_components=registry.components_of(method), device=device.split(":")[0],
             prompts=None if prompt_file is None else prompt_file.digest)
-        for k in grid.shots:
-            for seed in grid.seeds:
+        for k_index, k in enumerate(grid.shots):
+            for seed_index, seed in enumerate(grid.seeds):
+                if not in_shard(m, k_index, seed_index):
+                    elsewhere += 1
+                    continue
                 identity = Identity(origin, k, seed, protocol.support_hash(supports[k, seed]))
                 if identity.id in finished:
                     skipped += 1
                     continue
                 key = CellKey(dataset_choice.label, grid.size, method.label, encoder.label, k, seed, grid.max_test)
                 pending.append(_Cell(method, key, identity, supports[k, seed], prompt_file))
-    return pending, skipped
+    return pending, skipped, elsewhere
 
 
 class Events:
@@ -488,6 +511,8 @@ def run(grid: Grid, settings: Settings, registry: Registry, events: Events | Non
 
 
 def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> Summary:
+    from hica_bench import executors
+
     started = time.perf_counter()
     summary = Summary(total=grid.cells)
     store = ResultsStore(settings.out_dir / "results.jsonl")
@@ -496,8 +521,12 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     datasets, prompt_files = open_datasets(grid, settings, events)
     summary.datasets = [describe_dataset(label, dataset, prompt_files.get(label)) for label, dataset in datasets.items()]
     needs = {method.label: method_needs(method) for method in grid.methods}
-    for encoder in grid.encoders:  # one encoder in memory at a time
-        _run_encoder(grid, settings, registry, events, encoder, datasets, prompt_files, needs, store, finished, summary)
+    with executors.start(settings, registry, events) as executor:
+        summary.executor = executor.describe()
+        for index, encoder in enumerate(grid.encoders):  # one encoder in memory at a time
+            _run_encoder(grid, settings, registry, events, index, encoder, datasets, prompt_files, needs, store,
+                         finished, summary, executor)
+    summary.total -= summary.other_shards
     everything = list(store.load().values())
     summary.leaderboard = leaderboard.write(everything, settings.out_dir)
     if settings.report and any(r.status is Status.OK for r in everything):
@@ -530,11 +559,56 @@ def _work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, froz
     return Work(dataset.split(split).images, count, (dataset.identity, split))
 
 
-def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Events, encoder: Choice,
+@dataclass
+class EncoderJob:
+    """The pending cells of a grid with one encoder, as an executor (:mod:`hica_bench.executors`) receives them:
+    ``work`` holds (dataset label, dataset, its pending cells)."""
+
+    grid: Grid
+    settings: Settings
+    registry: Registry
+    events: Events
+    encoder: Choice
+    pair: EncoderPair
+    extractor: FeatureExtractor
+    needs: dict[str, frozenset[str]]
+    work: list[tuple[str, FewShotDataset, list[_Cell]]]
+
+    def splits(self, dataset: FewShotDataset, cells: list[_Cell]) -> list[tuple[str, np.ndarray]]:
+        """The splits these cells need encoded, each with the labels of the rows they use (zero-shot alone: no train
+        split; ``--max-test N``: the first N test images)."""
+        out = []
+        for split in _splits(self.needs[cell.method.label] for cell in cells):
+            labels = np.asarray(dataset.split(split).labels)
+            out.append((split, labels[:_rows(self.grid, split, len(labels))]))
+        return out
+
+    def features(self, label: str, dataset: FewShotDataset, cells: list[_Cell]
+                 ) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+        """split -> (features, labels) for these cells, from the extraction service in this process (the train split
+        without features when no method reads them)."""
+        splits = {}
+        for split, labels in self.splits(dataset, cells):
+            features, record = self.extractor.features(dataset, split, self.events.split(label, split, len(labels)),
+                                                       rows=len(labels))
+            self.events.split_done(record)
+            splits[split] = (features, labels)
+        splits.setdefault("train", (None, np.asarray(dataset.split("train").labels)))
+        return splits
+
+    def test_labels(self, cell: _Cell) -> np.ndarray:
+        """The labels of the test rows ``cell`` was scored on."""
+        dataset = next(d for label, d, _ in self.work if label == cell.key.dataset)
+        labels = np.asarray(dataset.split("test").labels)
+        return labels[:_rows(self.grid, "test", len(labels))]
+
+
+def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Events, index: int, encoder: Choice,
                  datasets: dict[str, FewShotDataset], prompt_files: dict[str, Prompts],
-                 needs: dict[str, frozenset[str]], store: ResultsStore,
-                 finished: set[str], summary: Summary) -> None:
-    """The grid's cells with ``encoder`` (``needs``: each method label's declared needs)."""
+                 needs: dict[str, frozenset[str]], store: ResultsStore, finished: set[str], summary: Summary,
+                 executor: Any) -> None:
+    """The grid's cells with ``encoder`` (``needs``: each method label's declared needs), run by ``executor``; this
+    process alone writes their results (one record per cell, appended as each arrives)."""
     pair = encoder_pair(encoder, settings.device)
     if pair.card.random_init:
         summary.random_init.append(encoder.label)
@@ -542,44 +616,37 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
                                  work=_work(grid, datasets, needs))
     events.stage(f"{encoder.label}: encoder settings (probed once per encoder and machine, then remembered)")
     summary.tuning[encoder.label] = extractor.tuning
-    env = None  # worked out after the first features are served: it records whether the run loaded torch
-    work, skipped_here = [], 0
-    for choice in grid.datasets:
+    work, skipped_here, elsewhere_here = [], 0, 0
+    for d, choice in enumerate(grid.datasets):
         dataset = datasets[choice.label]
-        cells, skipped = _pending(grid, registry, choice, dataset, encoder, pair, extractor, settings.device, finished,
-                                  prompt_files.get(choice.label))
+        in_shard = (lambda m, k, s, d=d: True) if settings.shard is None else (
+            lambda m, k, s, d=d: grid.position(index, d, m, k, s) % settings.shard[1] == settings.shard[0])
+        cells, skipped, elsewhere = _pending(grid, registry, choice, dataset, encoder, pair, extractor, settings.device,
+                                             finished, prompt_files.get(choice.label), in_shard)
         skipped_here += skipped
-        work.append((dataset, cells))
+        elsewhere_here += elsewhere
+        work.append((choice.label, dataset, cells))
     summary.skipped += skipped_here
-    events.cells(encoder.label, summary.total // len(grid.encoders), skipped_here)
-    for dataset, cells in work:
-        if not cells:
-            continue
-        splits = {}
-        for split in _splits(needs[cell.method.label] for cell in cells):  # zero-shot alone: no train split
-            labels = np.asarray(dataset.split(split).labels)
-            rows = _rows(grid, split, len(labels))
-            features, record = extractor.features(dataset, split, events.split(cells[0].key.dataset, split, rows),
-                                                  rows=rows)  # --max-test N: only those N test images
-            events.split_done(record)
-            splits[split] = (features, labels[:rows])
-        splits.setdefault("train", (None, np.asarray(dataset.split("train").labels)))
-        throughput = extractor.throughput(dataset.identity)
+    summary.other_shards += elsewhere_here
+    events.cells(encoder.label, summary.total // len(grid.encoders) - elsewhere_here, skipped_here)
+    job = EncoderJob(grid, settings, registry, events, encoder, pair, extractor, needs, work)
+    env = None  # worked out after the first features are served: it records whether the run loaded torch
+    identities = {label: dataset.identity for label, dataset, _ in work}
+    for cell, result, proba in executor.run(job):
         env = env or environment(settings.device, extractor.describe())
-        for cell in cells:
-            events.cell(cell.key)
-            result = run_cell(cell, dataset, pair, splits["train"], splits["test"], RunComponents(registry),
-                              settings.cache_dir / "methods", settings.cell_timeout,
-                              settings.out_dir / "predictions" if settings.save_predictions else None)
+        if result.environment == Environment():  # a worker records its own machine; this process's otherwise
             result.environment = env
-            for name, value in throughput.items():
-                setattr(result.timings, name, value)
-            store.append(result)
-            setattr(summary, result.status.value, getattr(summary, result.status.value) + 1)
-            if result.status is Status.FAILED:
-                summary.failures.append(f"{cell.key.dataset} {cell.key.method} {cell.key.encoder} k={cell.key.k} "
-                                        f"seed={cell.key.seed}: {result.reason}")
-            events.cell_done(result)
+        for name, value in extractor.throughput(identities[cell.key.dataset]).items():
+            setattr(result.timings, name, value)
+        if settings.save_predictions and proba is not None:
+            result.predictions = _save_predictions(settings.out_dir / "predictions", cell.identity.id, proba,
+                                                   job.test_labels(cell))
+        store.append(result)
+        setattr(summary, result.status.value, getattr(summary, result.status.value) + 1)
+        if result.status is Status.FAILED:
+            summary.failures.append(f"{cell.key.dataset} {cell.key.method} {cell.key.encoder} k={cell.key.k} "
+                                    f"seed={cell.key.seed}: {result.reason}")
+        events.cell_done(result)
     summary.extractions += extractor.records
     if extractor.cache is not None:
         summary.cache_hits += extractor.cache.hits

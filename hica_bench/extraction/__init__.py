@@ -166,12 +166,13 @@ class FeatureExtractor:
                              amp=settings.precision != "fp32", on_batch=on_batch, forward=self.forward(), first=first)
 
     def features(self, dataset: FewShotDataset, split: str, on_batch: Callable[[int], None] | None = None,
-                 rows: int | None = None) -> tuple[np.ndarray, ExtractionRecord]:
+                 rows: int | None = None, compute: bool = True) -> tuple[np.ndarray, ExtractionRecord]:
         """Features of ``dataset.split(split)`` (of its first ``rows`` images when given, e.g. ``--max-test``): from the
         cache when a valid entry exists, else computed and stored. A prefix is its own cache entry (``rows`` is part of
         its key, so it is never taken for the whole split); it is also sliced from a cached whole split. It is
         encoded up to the next batch boundary, so each of its rows comes from the same batch as in the whole split and
-        both ways give the same bits. ``on_batch(n)`` is called after each computed batch (progress)."""
+        both ways give the same bits. ``on_batch(n)`` is called after each computed batch (progress). ``compute=False``:
+        (None, None) instead of computing what the cache does not hold (an executor then computes it elsewhere)."""
         identity = self.identity
         parts = {"features": identity.as_dict(), "dataset": dataset.identity, "split": split}
         if rows is not None and rows < len(dataset.split(split).labels):
@@ -181,6 +182,8 @@ class FeatureExtractor:
             parts["rows"] = rows
         key = FeatureCache.key(parts)
         cached = self.cache.get(key) if self.cache is not None else None
+        if cached is None and not compute:
+            return None, None
         if cached is None and self.cache is not None:
             with self.cache.computing(key) as cached:  # another run sharing the cache may be computing them now
                 if cached is None:

@@ -1,0 +1,194 @@
+"""Scaling out: ``--executor ray`` on a real local Ray runtime (started in this process with ``ray.init``, by the CLI,
+and as a separate ``ray start --head`` joined with ``--ray-address``), a worker killed mid-cell, and ``--shard I/N``
+with ``hica-bench merge``. Every run is on the real BreastMNIST with the test pixel encoder; the in-process executor's
+results are the reference the others must equal cell for cell."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_PLUGINS, hica_bench, invoke
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'hica-bench[ray]')")
+
+GRID = ["--encoder", "pixels", "--datasets", "breastmnist", "--methods", "linear-probe,prototype,knn",
+        "--shots", "1,5", "--seeds", "0,1", "--no-report", "-q"]
+#: What a cell computed; its timings and the machine that ran it may differ between executors.
+COMPUTED = ("status", "metrics", "per_class", "n_support", "n_test", "fit_info", "identity")
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def computed(path: Path) -> dict[str, dict]:
+    return {r["cell_id"]: {name: r[name] for name in COMPUTED} for r in records(path)}
+
+
+def run_in_process(medmnist_root: Path, cache: Path, out: Path, *extra) -> tuple[int, str, str]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(TEST_PLUGINS))
+        return invoke("-p", "pixel_encoder", "run", *GRID, "--data-root", medmnist_root, "--cache-dir", cache,
+                      "--out", out, *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, medmnist_root) -> tuple[Path, dict[str, dict]]:
+    """The grid with the in-process executor (and the feature cache the other runs share)."""
+    base = tmp_path_factory.mktemp("executors")
+    code, _, err = run_in_process(medmnist_root, base / "cache", base / "in-process")
+    assert code == 0, err
+    return base, computed(base / "in-process" / "results.jsonl")
+
+
+def test_shards_partition_the_grid_and_merge_to_the_unsharded_run(reference, medmnist_root, tmp_path):
+    base, expected = reference
+    for index in (0, 1):
+        code, out, err = run_in_process(medmnist_root, base / "cache", tmp_path / "sharded", "--shard", f"{index}/2")
+        assert code == 0, err
+        assert f"(shard {index}/2; 6 in the other shards)" in " ".join(out.split())
+    shards = [computed(tmp_path / "sharded" / f"shard-{i}-of-2" / "results.jsonl") for i in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 6 and not set(shards[0]) & set(shards[1])  # each cell in one shard
+    code, out, err = invoke("merge", tmp_path / "sharded" / "shard-0-of-2", tmp_path / "sharded" / "shard-1-of-2",
+                            "--out", tmp_path / "sharded", "--no-report")
+    assert code == 0, err
+    assert "12 cells (0 duplicate records dropped)" in out
+    assert computed(tmp_path / "sharded" / "results.jsonl") == expected
+    assert (tmp_path / "sharded" / "leaderboard.md").is_file()
+    # a shard rerun finds its cells finished; the same records twice are one cell each
+    code, out, err = run_in_process(medmnist_root, base / "cache", tmp_path / "sharded", "--shard", "1/2")
+    assert code == 0 and "6 already finished" in " ".join(out.split()), err
+    shutil.copytree(tmp_path / "sharded" / "shard-0-of-2", tmp_path / "copy")
+    code, out, err = invoke("merge", tmp_path / "sharded" / "shard-0-of-2", tmp_path / "sharded" / "shard-1-of-2",
+                            tmp_path / "copy", "--out", tmp_path / "again", "--no-report")
+    assert code == 0 and "12 cells (6 duplicate records dropped)" in out, err
+    assert computed(tmp_path / "again" / "results.jsonl") == expected
+
+
+def test_merge_refuses_two_different_results_for_one_cell(reference, tmp_path):
+    base, _ = reference
+    lines = (base / "in-process" / "results.jsonl").read_text().splitlines()
+    changed = json.loads(lines[0])
+    changed["metrics"]["acc"] = 1.0
+    (tmp_path / "a.jsonl").write_text(lines[0] + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps(changed) + "\n")
+    code, out, err = invoke("merge", tmp_path / "a.jsonl", tmp_path / "b.jsonl", "--out", tmp_path / "m")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "has different results in" in err and "a.jsonl" in err and "b.jsonl" in err
+    assert not (tmp_path / "m" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "2/2"], "--shard 2/2: I must be 0 to N-1"),
+    (["--shard", "one/2"], "--shard takes I/N"),
+    (["--workers", "2"], "--workers needs --executor ray"),
+    (["--ray-address", "auto"], "--ray-address needs --executor ray"),
+    (["--executor", "dask"], "--executor must be in-process or ray"),
+    (["--executor", "ray", "--workers", "0"], "--workers must be >= 1"),
+])
+def test_bad_executor_flags_are_one_line(args, message, reference, medmnist_root, tmp_path):
+    base, _ = reference
+    code, _, err = run_in_process(medmnist_root, base / "cache", tmp_path / "out", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_address_nothing_listens_on_is_one_line(reference, medmnist_root, tmp_path):
+    base, _ = reference
+    start = time.perf_counter()
+    code, _, err = run_in_process(medmnist_root, base / "cache", tmp_path / "out", "--executor", "ray",
+                                  "--ray-address", f"127.0.0.1:{_free_port()}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "nothing answers there" in err, err
+    assert time.perf_counter() - start < 60  # Ray alone would retry for minutes
+
+
+@pytest.mark.slow
+def test_ray_started_in_this_process_gives_the_in_process_numbers(reference, medmnist_root, tmp_path):
+    """``ray.init(num_cpus=2)`` here; the run uses that runtime, its cells run in Ray worker processes."""
+    base, expected = reference
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        code, out, err = run_in_process(medmnist_root, base / "cache", tmp_path / "ray", "--executor", "ray",
+                                        "--save-predictions")
+        assert ray.is_initialized()  # a runtime the caller started is left running
+    finally:
+        ray.shutdown()
+    assert code == 0, err
+    assert "executor: ray (cluster already joined: 2 CPUs" in " ".join(out.split())
+    assert computed(tmp_path / "ray" / "results.jsonl") == expected
+    found = records(tmp_path / "ray" / "results.jsonl")
+    assert all((tmp_path / "ray" / r["predictions"]).is_file() for r in found)  # written by the driver
+    assert {r["environment"]["torch_threads"] for r in found} == {None}  # recorded by the workers (no torch there)
+
+
+@pytest.mark.slow
+def test_a_cluster_started_with_ray_start_joined_by_address(reference, medmnist_root, tmp_path):
+    base, expected = reference
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    started = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        done = hica_bench("-p", "pixel_encoder", "run", *GRID, "--data-root", str(medmnist_root), "--cache-dir",
+                          str(base / "cache"), "--out", str(tmp_path / "cluster"), "--executor", "ray",
+                          "--ray-address", f"127.0.0.1:{port}")
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"executor: ray (cluster 127.0.0.1:{port}: 2 CPUs" in " ".join(done.stdout.split())
+    assert computed(tmp_path / "cluster" / "results.jsonl") == expected
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_cell_fails_that_cell_and_a_rerun_completes_it(medmnist_root, reference, tmp_path):
+    """SIGKILL the Ray worker fitting one cell: that cell is recorded failed (the grid goes on); the rerun runs it
+    and every cell is in the results once."""
+    base, _ = reference
+    pids = tmp_path / "pids"
+    command = ["-p", "slow_methods", "-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+               "--methods", f"sleepy:seconds=4:pid_dir={pids},prototype", "--shots", "1", "--seeds", "0,1,2",
+               "--data-root", str(medmnist_root), "--cache-dir", str(base / "cache"), "--out", str(tmp_path / "out"),
+               "--executor", "ray", "--workers", "2", "--no-report", "-q"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([str(Path(sys.executable).with_name("hica-bench")), *command], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (pids.is_dir() and any(pids.iterdir())) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    victim = sorted(pids.iterdir())[0]
+    os.kill(int(victim.read_text()), signal.SIGKILL)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err[-2000:]  # a failed cell: exit 1, every other cell finished
+    first = records(tmp_path / "out" / "results.jsonl")
+    failed = [r for r in first if r["status"] == "failed"]
+    assert len(first) == 6 and len(failed) == 1, [r["reason"] for r in failed]
+    assert "the Ray worker running it died" in failed[0]["reason"]
+    assert failed[0]["key"]["method"].startswith("sleepy") and f"s{failed[0]['key']['seed']}" in victim.name
+    shutil.rmtree(pids)
+    again = hica_bench(*command, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "5 already finished, 1 ran ok" in " ".join(again.stdout.split())
+    final = records(tmp_path / "out" / "results.jsonl")
+    assert len(final) == 7 and final[:6] == first  # appended, nothing rewritten
+    newest = {}
+    for r in final:
+        newest[r["cell_id"]] = r
+    assert len(newest) == 6 and {r["status"] for r in newest.values()} == {"ok"}  # every cell once, finished
