@@ -243,7 +243,7 @@ class RayExecutor:
         self.registry = registry
         self.started = False
         passed = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
-        options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+        options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                        runtime_env={"env_vars": passed} if passed else None)
         if ray.is_initialized():  # a runtime this process already started or joined (e.g. a notebook, a test)
             pass
@@ -263,6 +263,10 @@ class RayExecutor:
                                 f"({' '.join(str(exc).split())[:300]}); start one with `ray start --head`") from None
         resources = ray.cluster_resources()
         self.cpus, self.gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0)
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        #: the most CPUs and GPUs one task can get (a task asking for more would wait forever)
+        self.node_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+        self.node_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
         if settings.device.startswith("cuda") and not self.gpus:
             self.close()
             raise UserError(f"--device {settings.device} with --executor ray: the Ray cluster has no GPUs")
@@ -304,7 +308,7 @@ class RayExecutor:
                     continue
                 progress = job.events.split(label, split, len(labels))
                 feature_ref, record_ref = self.extract.options(
-                    num_returns=2, num_cpus=max(1, settings.threads or 1), num_gpus=gpus).remote(
+                    num_returns=2, num_cpus=min(max(1, settings.threads or 1), self.node_cpus), num_gpus=gpus).remote(
                     context, encoder, choices[label], dataset.identity, split, len(labels), settings)
                 found[label, split] = (feature_ref, ray.put(labels))
                 computing.append((record_ref, progress, label, split))
@@ -325,9 +329,14 @@ class RayExecutor:
         context = self._context(job)
         encoder = ChoiceRef.of(job.encoder)
         choices = {choice.label: ChoiceRef.of(choice) for choice in job.grid.datasets}
+        resources = {method.label: method_resources(method, job.settings.device) for method in job.grid.methods}
+        for label, asked in resources.items():
+            if asked["num_cpus"] > self.node_cpus or asked.get("num_gpus", 0) > self.node_gpus:
+                raise UserError(f"method {label} asks for {asked['num_cpus']:g} CPUs and {asked.get('num_gpus', 0):g} "
+                                f"GPUs per cell; the largest node of the Ray cluster has {self.node_cpus:g} and "
+                                f"{self.node_gpus:g}")
         features = self._features(job, context, encoder, choices)
         identities = {label: dataset.identity for label, dataset, _ in job.work}
-        resources = {method.label: method_resources(method, job.settings.device) for method in job.grid.methods}
         extraction = job.extractor.describe()
         queue = [(label, cell) for label, _, cells in job.work for cell in cells]
         queue.reverse()

@@ -300,6 +300,9 @@ class Method(Protocol):
     ``predict_proba(features)`` maps (N, D) test features to (N, C) float probabilities, rows summing to 1.
     After ``fit`` a method may set ``fit_info_``, a JSON-able dict of what it chose on the support set (a
     regularisation strength, how it validated); the runner records it in the result as ``fit_info``.
+    A method may declare ``resources``, what one cell needs when cells run as Ray tasks (``--executor ray``): a dict
+    of ``num_cpus``, ``num_gpus`` and ``memory`` (bytes), e.g. ``{"num_cpus": 2, "num_gpus": 1}``; default one CPU
+    (and a quarter of a GPU on a CUDA run). The in-process executor ignores it.
     """
 
     needs: frozenset[str]

@@ -126,6 +126,12 @@ def test_ray_started_in_this_process_gives_the_in_process_numbers(reference, med
         code, out, err = run_in_process(medmnist_root, base / "cache", tmp_path / "ray", "--executor", "ray",
                                         "--save-predictions")
         assert ray.is_initialized()  # a runtime the caller started is left running
+        with pytest.MonkeyPatch.context() as patch:  # a method asking for more than any node has: one line, no wait
+            patch.syspath_prepend(str(TEST_PLUGINS))
+            greedy = invoke("-p", "slow_methods", "-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets",
+                            "breastmnist", "--methods", "sleepy:cpus=64", "--shots", "1", "--seeds", "0",
+                            "--data-root", medmnist_root, "--cache-dir", base / "cache", "--out", tmp_path / "greedy",
+                            "--executor", "ray", "-q")
     finally:
         ray.shutdown()
     assert code == 0, err
@@ -134,6 +140,9 @@ def test_ray_started_in_this_process_gives_the_in_process_numbers(reference, med
     found = records(tmp_path / "ray" / "results.jsonl")
     assert all((tmp_path / "ray" / r["predictions"]).is_file() for r in found)  # written by the driver
     assert {r["environment"]["torch_threads"] for r in found} == {None}  # recorded by the workers (no torch there)
+    code, _, err = greedy
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "asks for 64 CPUs and 0 GPUs per cell; the largest node of the Ray cluster has 2" in err
 
 
 @pytest.mark.slow

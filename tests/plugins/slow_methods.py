@@ -15,8 +15,10 @@ from hica_bench.interfaces import PluginSpec
 class Sleepy:
     needs = frozenset({"image_features"})
 
-    def __init__(self, seconds: float = 1.0, pid_dir: str = "") -> None:
+    def __init__(self, seconds: float = 1.0, pid_dir: str = "", cpus: float = 0.0) -> None:
         self.seconds, self.pid_dir = seconds, pid_dir
+        if cpus:
+            self.resources = {"num_cpus": cpus}  # what one cell needs under --executor ray
 
     def fit(self, task):
         if self.pid_dir:
@@ -62,5 +64,5 @@ class Spin:
 @hookimpl
 def hica_bench_methods():
     return [PluginSpec("method", "sleepy", "sleeps, then nearest class mean (executor tests)", Sleepy,
-                       {"seconds": 1.0, "pid_dir": ""}),
+                       {"seconds": 1.0, "pid_dir": "", "cpus": 0.0}),
             PluginSpec("method", "spin", "CPU-bound fit (executor benchmarks)", Spin, {"rounds": 200})]
