@@ -195,7 +195,7 @@ def cell_task(context: WorkerContext, encoder: ChoiceRef, dataset: ChoiceRef, id
 
     state = _state(context)
     method, key, cell_identity, support, prompts = cell
-    one = runner._Cell(method.resolve(state.registry), key, cell_identity, support, prompts)
+    one = runner.Cell(method.resolve(state.registry), key, cell_identity, support, prompts)
     result, proba = runner.fit_and_score(one, state.dataset(dataset, identity), state.pair(encoder),
                                          (train_features, train_labels), (test_features, test_labels),
                                          RunComponents(state.registry), Path(context.cache_dir) / "methods",

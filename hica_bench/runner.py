@@ -109,7 +109,9 @@ class Summary:
 
 
 @dataclass
-class _Cell:
+class Cell:
+    """A pending cell: the method, its key and identity, its support set (indices into the train split)."""
+
     method: Choice
     key: CellKey
     identity: Identity
@@ -360,7 +362,7 @@ def _save_predictions(folder: Path, cell_id: str, proba: np.ndarray, labels: np.
     return f"{folder.name}/{path.name}"
 
 
-def fit_and_score(cell: _Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
+def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
                   timeout: float | None = None) -> tuple[CellResult, np.ndarray | None]:
     """One cell: build the method, fit it on the support set, predict the test features, score. Returns the result
@@ -442,7 +444,7 @@ def _within(seconds: float | None, work):
 def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: FewShotDataset, encoder: Choice,
              pair: EncoderPair, extractor: FeatureExtractor, device: str, finished: set[str],
              prompt_file: Prompts | None = None, in_shard: Callable[[int, int, int], bool] = lambda m, k, s: True
-             ) -> tuple[list[_Cell], int, int]:
+             ) -> tuple[list[Cell], int, int]:
     """This dataset's cells with ``encoder`` whose identity has no finished result yet, how many were skipped, and how
     many belong to other shards (``in_shard(method, k, seed)``: indices into the grid's lists)."""
     labels = dataset.split("train").labels
@@ -469,7 +471,7 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
                     skipped += 1
                     continue
                 key = CellKey(dataset_choice.label, grid.size, method.label, encoder.label, k, seed, grid.max_test)
-                pending.append(_Cell(method, key, identity, supports[k, seed], prompt_file))
+                pending.append(Cell(method, key, identity, supports[k, seed], prompt_file))
     return pending, skipped, elsewhere
 
 
@@ -572,9 +574,9 @@ class EncoderJob:
     pair: EncoderPair
     extractor: FeatureExtractor
     needs: dict[str, frozenset[str]]
-    work: list[tuple[str, FewShotDataset, list[_Cell]]]
+    work: list[tuple[str, FewShotDataset, list[Cell]]]
 
-    def splits(self, dataset: FewShotDataset, cells: list[_Cell]) -> list[tuple[str, np.ndarray]]:
+    def splits(self, dataset: FewShotDataset, cells: list[Cell]) -> list[tuple[str, np.ndarray]]:
         """The splits these cells need encoded, each with the labels of the rows they use (zero-shot alone: no train
         split; ``--max-test N``: the first N test images)."""
         out = []
@@ -583,7 +585,7 @@ class EncoderJob:
             out.append((split, labels[:_rows(self.grid, split, len(labels))]))
         return out
 
-    def features(self, label: str, dataset: FewShotDataset, cells: list[_Cell]
+    def features(self, label: str, dataset: FewShotDataset, cells: list[Cell]
                  ) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
         """split -> (features, labels) for these cells, from the extraction service in this process (the train split
         without features when no method reads them)."""
@@ -596,7 +598,7 @@ class EncoderJob:
         splits.setdefault("train", (None, np.asarray(dataset.split("train").labels)))
         return splits
 
-    def test_labels(self, cell: _Cell) -> np.ndarray:
+    def test_labels(self, cell: Cell) -> np.ndarray:
         """The labels of the test rows ``cell`` was scored on."""
         dataset = next(d for label, d, _ in self.work if label == cell.key.dataset)
         labels = np.asarray(dataset.split("test").labels)
