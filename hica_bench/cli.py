@@ -392,12 +392,11 @@ def merge_(
     """Combine results files into one: a cell recorded twice with the same outcome is kept once, a finished record
     beats a failed one, and two different outcomes for one cell are refused."""
     from hica_bench import data, leaderboard
-    from hica_bench.results import merge_shards
+    from hica_bench.results import merge_shards, results_files
 
     out = data.writable_dir(out, "--out folder")
     target = out / "results.jsonl"
-    given = {(p / "results.jsonl" if p.is_dir() else p).resolve() for p in results}
-    if target.exists() and target.resolve() not in given:
+    if target.exists() and target.resolve() not in {p.resolve() for p in results_files(results)}:
         raise UserError(f"{target} exists and is not among the files to merge; add it to them or use another --out")
     merged, dropped = merge_shards(results, out)
     if not merged:

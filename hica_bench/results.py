@@ -599,18 +599,25 @@ def read_many(paths: list[Path]) -> list[CellResult]:
     return [result for result, _ in read_many_with_files(paths)]
 
 
-def read_many_with_files(paths: list[Path]) -> list[tuple[CellResult, Path]]:
-    """:func:`read_many`, each result with the results file it came from (its saved predictions are relative to that
-    file's folder)."""
-    found: dict[str, tuple[CellResult, Path]] = {}
-    seen_files: set[Path] = set()
+def results_files(paths: list[Path]) -> list[Path]:
+    """The results files ``paths`` name (a folder stands for its ``results.jsonl``); a missing one or one given twice is
+    a UserError."""
+    files: list[Path] = []
     for given in paths:
         path = Path(given) / "results.jsonl" if Path(given).is_dir() else Path(given)
         if not path.is_file():
             raise UserError(f"results {str(given)!r} is neither a results file nor a folder holding results.jsonl")
-        if path.resolve() in seen_files:
+        if path.resolve() in {f.resolve() for f in files}:
             raise UserError(f"{path} is given twice")
-        seen_files.add(path.resolve())
+        files.append(path)
+    return files
+
+
+def read_many_with_files(paths: list[Path]) -> list[tuple[CellResult, Path]]:
+    """:func:`read_many`, each result with the results file it came from (its saved predictions are relative to that
+    file's folder)."""
+    found: dict[str, tuple[CellResult, Path]] = {}
+    for path in results_files(paths):
         for cell_id, result in ResultsStore(path).load().items():
             if cell_id in found:
                 other = found[cell_id][1]
@@ -637,15 +644,8 @@ def merge_shards(paths: list[Path], out_dir: Path) -> tuple[list[CellResult], in
     beats a failed one; two finished records that disagree are refused with one line naming both files, so a merge
     never picks one of two different numbers. Saved predictions are re-pointed to be relative to ``out_dir``."""
     found: dict[str, tuple[CellResult, Path]] = {}
-    seen: set[Path] = set()
     dropped = 0
-    for given in paths:
-        path = Path(given) / "results.jsonl" if Path(given).is_dir() else Path(given)
-        if not path.is_file():
-            raise UserError(f"results {str(given)!r} is neither a results file nor a folder holding results.jsonl")
-        if path.resolve() in seen:
-            raise UserError(f"{path} is given twice")
-        seen.add(path.resolve())
+    for path in results_files(paths):
         for cell_id, result in ResultsStore(path).load().items():
             if result.predictions:
                 result.predictions = os.path.relpath(path.parent / result.predictions, out_dir)
