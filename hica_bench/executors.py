@@ -20,6 +20,7 @@ scheduling, resources, the object store and cluster membership, and nothing here
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -162,7 +163,9 @@ class _WorkerState:
         key = digest(extraction)
         if key not in self.environments:
             self.environments[key] = environment(self.context.device, extraction)
-        return self.environments[key]
+        torch = sys.modules.get("torch")  # a later cell of this worker may be the first to load torch
+        threads = torch.get_num_threads() if hasattr(torch, "get_num_threads") else None
+        return dataclasses.replace(self.environments[key], torch_threads=threads)
 
 
 _STATES: dict[WorkerContext, _WorkerState] = {}
