@@ -23,15 +23,17 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from hica_bench.errors import UserError
+from hica_bench.errors import Interrupted, UserError
 from hica_bench.registry import Choice, Recipe, Registry, RunComponents
 from hica_bench.results import CellResult, Status
 
@@ -248,22 +250,23 @@ class RayExecutor:
         passed = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
         options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                        runtime_env={"env_vars": passed} if passed else None)
-        if ray.is_initialized():  # a runtime this process already started or joined (e.g. a notebook, a test)
-            pass
-        elif settings.ray_address is None:
-            events.stage("starting a local Ray runtime")
-            ray.init(num_cpus=settings.workers or os.cpu_count() or 1, _node_ip_address="127.0.0.1", **options)
-            self.started = True
-        else:
-            events.stage(f"joining the Ray cluster at {settings.ray_address}")
-            loopback = _reachable(settings.ray_address)
-            if loopback:  # a cluster on this machine's loopback: this driver stays there too
-                options["_node_ip_address"] = "127.0.0.1"
-            try:
-                ray.init(address=settings.ray_address, **options)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise UserError(f"--ray-address {settings.ray_address}: cannot join a Ray cluster there "
-                                f"({' '.join(str(exc).split())[:300]}); start one with `ray start --head`") from None
+        with _signal_handlers_kept(), _interrupts_unwrapped():
+            if ray.is_initialized():  # a runtime this process already started or joined (e.g. a notebook, a test)
+                pass
+            elif settings.ray_address is None:
+                events.stage("starting a local Ray runtime")
+                ray.init(num_cpus=settings.workers or os.cpu_count() or 1, _node_ip_address="127.0.0.1", **options)
+                self.started = True
+            else:
+                events.stage(f"joining the Ray cluster at {settings.ray_address}")
+                loopback = _reachable(settings.ray_address)
+                if loopback:  # a cluster on this machine's loopback: this driver stays there too
+                    options["_node_ip_address"] = "127.0.0.1"
+                try:
+                    ray.init(address=settings.ray_address, **options)
+                except (ConnectionError, ValueError, RuntimeError) as exc:
+                    raise UserError(f"--ray-address {settings.ray_address}: cannot join a Ray cluster there "
+                                    f"({' '.join(str(exc).split())[:300]}); start one with `ray start --head`") from None
         resources = ray.cluster_resources()
         self.cpus, self.gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0)
         nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
@@ -296,6 +299,10 @@ class RayExecutor:
         """(dataset label, split) -> (features ObjectRef or None, labels ObjectRef): from the cache through this
         process, else computed by one Ray task per split; waits for all of them (an encoder pass that fails stops the
         run with one line, as in process)."""
+        with _interrupts_unwrapped():
+            return self._features_now(job, context, encoder, choices)
+
+    def _features_now(self, job: Any, context: WorkerContext, encoder: ChoiceRef, choices: dict[str, ChoiceRef]) -> dict:
         ray, extractor = self.ray, job.extractor
         found, computing = {}, []
         settings = extractor.settings
@@ -345,29 +352,30 @@ class RayExecutor:
         queue.reverse()
         flying: dict[Any, Any] = {}
         try:
-            while queue or flying:
-                while queue and len(flying) < self.limit:
-                    label, cell = queue.pop()
-                    (train, train_labels), (test, test_labels) = features[label, "train"], features[label, "test"]
-                    spec = (ChoiceRef.of(cell.method), cell.key, cell.identity, cell.support, cell.prompts)
-                    ref = self.cell.options(**resources[cell.method.label]).remote(
-                        context, encoder, choices[label], identities[label], spec, extraction, train, train_labels,
-                        test, test_labels)
-                    flying[ref] = cell
-                    job.events.cell(cell.key)
-                done, _ = ray.wait(list(flying), num_returns=1)
-                for ref in done:
-                    cell = flying.pop(ref)
-                    try:
-                        result, proba = ray.get(ref)
-                    except ray.exceptions.RayTaskError as exc:
-                        if isinstance(exc.cause, UserError):  # a worker's own bad input (versions, data, weights)
-                            raise UserError(str(exc.cause)) from None
-                        result, proba = _failed(cell, _reason(exc)), None
-                    except ray.exceptions.RayError as exc:  # the worker process or its node died
-                        result = _failed(cell, f"the Ray worker running it died ({_reason(exc)}); rerun to retry it")
-                        proba = None
-                    yield cell, result, proba
+            with _interrupts_unwrapped():
+                while queue or flying:
+                    while queue and len(flying) < self.limit:
+                        label, cell = queue.pop()
+                        (train, train_labels), (test, test_labels) = features[label, "train"], features[label, "test"]
+                        spec = (ChoiceRef.of(cell.method), cell.key, cell.identity, cell.support, cell.prompts)
+                        ref = self.cell.options(**resources[cell.method.label]).remote(
+                            context, encoder, choices[label], identities[label], spec, extraction, train, train_labels,
+                            test, test_labels)
+                        flying[ref] = cell
+                        job.events.cell(cell.key)
+                    done, _ = ray.wait(list(flying), num_returns=1)
+                    for ref in done:
+                        cell = flying.pop(ref)
+                        try:
+                            result, proba = ray.get(ref)
+                        except ray.exceptions.RayTaskError as exc:
+                            if isinstance(exc.cause, UserError):  # a worker's own bad input (versions, data, weights)
+                                raise UserError(str(exc.cause)) from None
+                            result, proba = _failed(cell, _reason(exc)), None
+                        except ray.exceptions.RayError as exc:  # the worker process or its node died
+                            result = _failed(cell, f"the Ray worker running it died ({_reason(exc)}); rerun to retry it")
+                            proba = None
+                        yield cell, result, proba
         finally:
             for ref in flying:  # interrupted: what is still running is not wanted any more
                 with contextlib.suppress(Exception):
@@ -376,6 +384,35 @@ class RayExecutor:
 
 def _failed(cell: Any, reason: str) -> CellResult:
     return CellResult(cell.key, cell.identity, Status.FAILED, reason=reason, n_support=len(cell.support))
+
+
+@contextlib.contextmanager
+def _interrupts_unwrapped():
+    """Lets the CLI's SIGINT/SIGTERM exception through Ray's calls: Ray runs Python's signal handlers while it waits or
+    submits and hands their exception back wrapped in a SystemError."""
+    try:
+        yield
+    except SystemError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, (Interrupted, KeyboardInterrupt)):
+            raise cause from None
+        raise
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Keeps this process's SIGINT and SIGTERM handlers across ``ray.init``, which installs a crash handler of its own
+    for SIGTERM (it would print a stack dump and exit 1 instead of the CLI's one line, exit 143, results kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def _reachable(address: str) -> bool:

@@ -201,3 +201,31 @@ def test_a_worker_killed_mid_cell_fails_that_cell_and_a_rerun_completes_it(medmn
     for r in final:
         newest[r["cell_id"]] = r
     assert len(newest) == 6 and {r["status"] for r in newest.values()} == {"ok"}  # every cell once, finished
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_ray_run_is_one_line_and_keeps_finished_cells(medmnist_root, reference, tmp_path):
+    """Ray installs a crash handler for SIGTERM of its own; the run keeps the CLI's: exit 143, one line, finished
+    cells kept (the local runtime it started is shut down)."""
+    base, _ = reference
+    command = ["-p", "slow_methods", "-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+               "--methods", "sleepy:seconds=2", "--shots", "1", "--seeds", ",".join(map(str, range(12))),
+               "--data-root", str(medmnist_root), "--cache-dir", str(base / "cache"), "--out", str(tmp_path / "out"),
+               "--executor", "ray", "--workers", "2", "--no-report", "-q"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([str(Path(sys.executable).with_name("hica-bench")), *command], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = tmp_path / "out" / "results.jsonl"
+    deadline = time.monotonic() + 180
+    while not (results.is_file() and results.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert err.strip().splitlines() == ["hica-bench: interrupted by SIGTERM; finished cells are kept in the results "
+                                        "file (rerun the same command to resume)"]
+    kept = records(results)
+    assert 2 <= len(kept) < 12 and {r["status"] for r in kept} == {"ok"}
+    again = hica_bench(*command, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{len(kept)} already finished, {12 - len(kept)} ran ok" in " ".join(again.stdout.split())
