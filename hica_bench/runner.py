@@ -3,7 +3,7 @@
 Order of work: validate everything that can be validated (names, options, data files, shots) before the first
 cell runs; work out each cell's :class:`~hica_bench.results.Identity` and skip those already finished with that
 identity; per dataset with pending cells, get train/test features from the extraction service; per cell, fit,
-predict, score, append. A cell that raises, returns invalid probabilities or runs past ``--cell-timeout`` is
+predict, score (in this process, or as Ray tasks: :mod:`hica_bench.executors`), append (here only). A cell that raises, returns invalid probabilities or runs past ``--cell-timeout`` is
 recorded as ``failed`` and the grid goes on.
 
 The rules a method's inputs and outputs obey live here once (:func:`build_task`, :func:`check_needs`,
