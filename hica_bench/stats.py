@@ -160,7 +160,8 @@ def friedman(table, alpha: float = ALPHA, higher_is_better: bool = True) -> Frie
     if k < 3 or n < 2:
         return Friedman(methods, blocks, average, None, None, None, None, None,
                         f"needs at least 3 methods and 2 blocks (has {k} and {n}), not computed")
-    statistic, p = stats.friedmanchisquare(*[table[c].to_numpy(float) for c in table.columns])
+    with np.errstate(invalid="ignore", divide="ignore"):  # every block a tie: 0/0, answered below, not warned
+        statistic, p = stats.friedmanchisquare(*[table[c].to_numpy(float) for c in table.columns])
     if not (math.isfinite(statistic) and math.isfinite(p)):  # every block a tie: no ranking to test
         return Friedman(methods, blocks, average, None, None, None, None, None,
                         "every method tied in every block, not computed")

@@ -117,3 +117,13 @@ def test_a_table_too_large_for_holm_is_said_so():
     assert all(t.mark == "" for t in family)  # 30 x 2/1024 > 0.05: no mark possible
     assert "30 tests in this table and 10 seeds" in stats.holm_reachable(family)
     assert stats.holm_reachable(family[:20]) is None  # 20 x 2/1024 < 0.05: a mark is possible
+
+
+def test_friedman_of_ties_in_every_block_is_not_computed_and_warns_nothing():
+    import warnings
+
+    table = pd.DataFrame({"a": [0.5, 0.7], "b": [0.5, 0.7], "c": [0.5, 0.7]}, index=["d1 k=1", "d2 k=1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's 0/0 would be a RuntimeWarning on stderr of every run and report
+        result = stats.friedman(table)
+    assert result.p is None and result.note == "every method tied in every block, not computed"
