@@ -299,10 +299,6 @@ class RayExecutor:
         """(dataset label, split) -> (features ObjectRef or None, labels ObjectRef): from the cache through this
         process, else computed by one Ray task per split; waits for all of them (an encoder pass that fails stops the
         run with one line, as in process)."""
-        with _interrupts_unwrapped():
-            return self._features_now(job, context, encoder, choices)
-
-    def _features_now(self, job: Any, context: WorkerContext, encoder: ChoiceRef, choices: dict[str, ChoiceRef]) -> dict:
         ray, extractor = self.ray, job.extractor
         found, computing = {}, []
         settings = extractor.settings
@@ -345,7 +341,8 @@ class RayExecutor:
                 raise UserError(f"method {label} asks for {asked['num_cpus']:g} CPUs and {asked.get('num_gpus', 0):g} "
                                 f"GPUs per cell; the largest node of the Ray cluster has {self.node_cpus:g} and "
                                 f"{self.node_gpus:g}")
-        features = self._features(job, context, encoder, choices)
+        with _interrupts_unwrapped():
+            features = self._features(job, context, encoder, choices)
         identities = {label: dataset.identity for label, dataset, _ in job.work}
         extraction = job.extractor.describe()
         queue = [(label, cell) for label, _, cells in job.work for cell in cells]
