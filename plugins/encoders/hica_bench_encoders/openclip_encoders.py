@@ -42,9 +42,9 @@ class OpenCLIPImage:
 class OpenCLIPText:
     """``encode(texts)`` = ``model.encode_text(tokenizer(texts))`` as float32 numpy, not normalised."""
 
-    def __init__(self, model: Any, tokenizer: Any, identity: str, device: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, identity: str, device: str, embed_dim: int) -> None:
         self.model, self.tokenizer, self.identity, self.device = model, tokenizer, identity, device
-        self.embed_dim = int(self._encode([""]).shape[1])
+        self.embed_dim = embed_dim  # the image tower's: an aligned pair shares one space
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         import torch
@@ -68,10 +68,12 @@ def _pair(model: Any, tokenizer: Any, identity: str, device: str) -> EncoderPair
     size = cfg["size"] if isinstance(cfg["size"], int) else int(cfg["size"][-1])
     spec = InputSpec(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                      interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic")
-    with torch.inference_mode():
-        embed_dim = int(model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1])
+    embed_dim = getattr(model.visual, "output_dim", None)  # open_clip's towers say it; others answer a forward pass
+    if not isinstance(embed_dim, int):
+        with torch.inference_mode():
+            embed_dim = int(model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1])
     image = OpenCLIPImage(model, identity, spec, embed_dim)
-    return EncoderPair(image, OpenCLIPText(model, tokenizer, f"{identity}/text", device), aligned=True,
+    return EncoderPair(image, OpenCLIPText(model, tokenizer, f"{identity}/text", device, embed_dim), aligned=True,
                        device=device, modules={"model": model, "image": model.visual})
 
 
