@@ -84,7 +84,7 @@ class InProcess:
                 job.events.cell(cell.key)
                 result, proba = runner.fit_and_score(cell, dataset, job.pair, splits["train"], splits["test"],
                                                      RunComponents(job.registry), settings.cache_dir / "methods",
-                                                     settings.cell_timeout)
+                                                     settings.cell_timeout, job.extractor)
                 yield cell, result, proba
 
 
@@ -197,14 +197,17 @@ def cell_task(context: WorkerContext, encoder: ChoiceRef, dataset: ChoiceRef, id
     """A Ray task: one cell's fit, predict and score (the same :func:`~hica_bench.runner.fit_and_score` as in
     process), recorded with the worker's own environment."""
     from hica_bench import runner
+    from hica_bench.extraction import ExtractionSettings, FeatureExtractor
 
     state = _state(context)
     method, key, cell_identity, support, prompts = cell
     one = runner.Cell(method.resolve(state.registry), key, cell_identity, support, prompts)
-    result, proba = runner.fit_and_score(one, state.dataset(dataset, identity), state.pair(encoder),
+    pair = state.pair(encoder)  # an adapting method's test images go through the driver's extraction settings
+    extractor = FeatureExtractor(pair, Path(context.cache_dir), settings=ExtractionSettings(**extraction), reference=False)
+    result, proba = runner.fit_and_score(one, state.dataset(dataset, identity), pair,
                                          (train_features, train_labels), (test_features, test_labels),
                                          RunComponents(state.registry), Path(context.cache_dir) / "methods",
-                                         context.cell_timeout)
+                                         context.cell_timeout, extractor)
     result.environment = state.environment(extraction)
     return result, proba
 

@@ -172,7 +172,12 @@ class ImageEncoder(Protocol):
 
 @runtime_checkable
 class TextEncoder(Protocol):
-    """A frozen text encoder: ``encode(texts) -> (len(texts), D)`` float32 numpy."""
+    """A frozen text encoder: ``encode(texts) -> (len(texts), D)`` float32 numpy.
+
+    One that a method may fine-tune (HiCA's stage 1 on its descriptor corpus) also offers ``module``, the torch module
+    holding its weights, and ``embed(texts) -> torch.Tensor`` (len(texts), D) on its device, computed through
+    ``module`` with gradients; a method adapts a deep copy (:func:`hica_bench.adapting.adaptable_copy` does the same
+    for image encoders), never the frozen one."""
 
     identity: str
     embed_dim: int
@@ -246,7 +251,7 @@ class Components(Protocol):
 #: always handed to ``predict_proba``),
 #: ``class_texts`` / ``text_encoder`` (a text encoder must exist), ``aligned_encoders`` (an aligned pair),
 #: ``train_features`` (frozen features of the whole, unlabeled train split), ``encoders`` (raw train images
-#: plus the encoder modules, for methods that fine-tune).
+#: plus the encoder modules, for methods that adapt the encoder: see ``encoder_`` in :class:`Method`).
 Need = Literal["image_features", "class_texts", "text_encoder", "aligned_encoders", "train_features", "encoders"]
 NEEDS: frozenset[str] = frozenset(get_args(Need))
 
@@ -303,6 +308,17 @@ class Method(Protocol):
     A method may declare ``resources``, what one cell needs when cells run as Ray tasks (``--executor ray``): a dict
     of ``num_cpus``, ``num_gpus`` and ``memory`` (bytes), e.g. ``{"num_cpus": 2, "num_gpus": 1}``; default one CPU
     (and a quarter of a GPU on a CUDA run). The in-process executor ignores it.
+
+    **Adapting the encoder.** A method that declares ``encoders`` gets ``task.encoders.modules`` and
+    ``task.train_images`` and may adapt the image encoder during ``fit`` (fine-tuning, LoRA, HiCA's stage 1), always on
+    a private copy (:func:`hica_bench.adapting.adaptable_copy`): changing the frozen encoder's weights in place fails
+    the cell, since they serve every other cell and key the feature cache. It then sets ``encoder_``, an
+    :class:`ImageEncoder` with the frozen one's ``input_spec`` and an ``identity`` of its own that includes a digest
+    of the adapted weights (:class:`hica_bench.adapting.AdaptedImageEncoder`). The harness encodes the test images
+    through it with the run's preprocessing, batch size, precision and device (eager; cached under that identity,
+    never the frozen one's) and calls ``predict_proba`` on those features; the result records the adapted identity
+    (``adapted_encoder``) and the encoding cost (``timings.adapted_encode_s``). Without ``encoder_`` (or with None)
+    it predicts on the frozen test features, as every other method.
     """
 
     needs: frozenset[str]

@@ -20,7 +20,9 @@ averaged with identified results, never used to skip a cell. 2 adds the identity
 recall and precision with the confusion matrix (:class:`PerClass`) and the file of saved predictions; schema-2
 records read with neither. 4 adds the paired timing. 5 adds the prompt file's digest to the origin (``prompts``),
 the expected calibration error (``metrics.ece``) and the reliability diagram (:class:`Calibration`); older records
-read with none of them, and an origin without a prompt file keeps the id it had before.
+read with none of them, and an origin without a prompt file keeps the id it had before. 6 adds, for a method that
+adapted the encoder, the adapted encoder's identity (``adapted_encoder``) and the cost of encoding the test images
+through it (``timings.adapted_encode_s``, ``adapted_images_per_s``); older records read with none.
 
 One JSON object per line, one line per finished cell. A line is written with a single ``write`` on a file opened
 for appending and then fsync'ed, so a killed run leaves at most one truncated last line: :meth:`ResultsStore.load`
@@ -54,7 +56,7 @@ from hica_bench.files import digest
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -120,6 +122,10 @@ class Timings:
     paired_efficiency: float | None = None
     efficiency_spread: float | None = None  #: their relative interquartile range: the run's own noise
     cpu_contention: float | None = None  #: share of the machine's CPU time other processes used during the extraction
+    #: a method that adapted the encoder (schema 6 on): seconds encoding the test images through it (0: they came from
+    #: the cache under the adapted encoder's identity), and its images/s
+    adapted_encode_s: float | None = None
+    adapted_images_per_s: float | None = None
 
     @property
     def efficiency(self) -> float | None:
@@ -229,6 +235,8 @@ class CellResult:
     n_test: int | None = None
     timings: Timings = field(default_factory=Timings)
     fit_info: dict[str, Any] | None = None  #: what the method chose on the support set (its ``fit_info_``)
+    #: the identity of the encoder the method adapted and predicted through (its ``encoder_``; schema 6 on), else None
+    adapted_encoder: str | None = None
     components_used: list[Component] = field(default_factory=list)  #: what it built through ``task.components``
     environment: Environment = field(default_factory=Environment)
     finished_at: str = ""
@@ -273,6 +281,10 @@ class CellResult:
                 record["identity"] = {**record["identity"], "origin": {"prompts": None, **record["identity"]["origin"]}}
             if isinstance(record.get("metrics"), dict):
                 record["metrics"] = {"ece": None, **record["metrics"]}
+        if record.get("schema_version") in (2, 3, 4, 5):  # before methods that adapt the encoder
+            record = {"adapted_encoder": None, **record}
+            if isinstance(record.get("timings"), dict):
+                record["timings"] = {"adapted_encode_s": None, "adapted_images_per_s": None, **record["timings"]}
         result = _typed(cls, record, "", strict=True)
         if (result.status is Status.OK) != (result.metrics is not None):
             raise ValueError(f"status {result.status.value!r} with metrics {'given' if result.metrics else 'missing'}")

@@ -29,7 +29,9 @@ from hica_bench import __version__, data, leaderboard, prompts, protocol
 from hica_bench.errors import NotApplicable, UserError
 from hica_bench.extraction import ExtractionRecord, FeatureExtractor, Requested, Tuning, Work
 from hica_bench.files import atomic_write, digest, digests_remembered_in, file_lock
-from hica_bench.interfaces import NEEDS, Components, EncoderCard, EncoderPair, FewShotDataset, FewShotTask, Prompts
+from hica_bench.adapting import frozen_state, restore, weight_versions
+from hica_bench.interfaces import (NEEDS, Components, EncoderCard, EncoderPair, FewShotDataset, FewShotTask,
+                                  ImageEncoder, Prompts)
 from hica_bench.metrics import calibration, classification_metrics, per_class
 from hica_bench.registry import Choice, Registry, RunComponents
 from hica_bench.results import (CellKey, CellResult, Environment, Identity, Origin, ResultsStore, Status, Timings,
@@ -364,11 +366,17 @@ def _save_predictions(folder: Path, cell_id: str, proba: np.ndarray, labels: np.
 
 def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
-                  timeout: float | None = None) -> tuple[CellResult, np.ndarray | None]:
+                  timeout: float | None = None, extractor: FeatureExtractor | None = None
+                  ) -> tuple[CellResult, np.ndarray | None]:
     """One cell: build the method, fit it on the support set, predict the test features, score. Returns the result
     and the test probabilities (None unless it finished ok). Whatever the method does wrong is the cell's failure
     (fault isolation); only an encoder that cannot be built stops the run. Runs wherever the executor puts it (this
-    process, or a Ray worker: :mod:`hica_bench.executors`)."""
+    process, or a Ray worker: :mod:`hica_bench.executors`).
+
+    A method that adapted the encoder during ``fit`` and exposes it as ``encoder_`` predicts on the test images
+    encoded through it by ``extractor`` (:meth:`FeatureExtractor.adapted`: the run's preprocessing and batching), not
+    on the frozen ``test`` features; without ``encoder_`` it gets the frozen ones. A method that changed the frozen
+    encoder's weights in place fails (they serve every other cell and the feature cache)."""
     train_features, train_labels = train
     test_features, test_labels = test
     key = cell.key
@@ -383,13 +391,20 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
                           train_images=lambda: dataset.split("train").images, cache_dir=cache_dir,
                           components=components, prompts=cell.prompts)
         seed_everything(key.seed)
+        frozen = weight_versions(pair.modules) if "encoders" in needs else None
+        saved = frozen_state(pair.modules) if frozen is not None else None  # to put back what a faulty method changes
 
         def fit_predict():
             start = time.perf_counter()
             model.fit(task)
             fit_s = time.perf_counter() - start
+            if frozen is not None and weight_versions(pair.modules) != frozen:
+                restore(pair.modules, saved)  # the next cells and datasets are encoded with the frozen weights
+                raise RuntimeError("the method changed the frozen encoder's weights in place (they were put back); "
+                                   "adapt a copy (hica_bench.adapting.adaptable_copy) and expose it as encoder_")
+            features = _adapted_features(model, pair, dataset, len(test_labels), extractor, result)
             start = time.perf_counter()
-            proba = model.predict_proba(test_features)
+            proba = model.predict_proba(test_features if features is None else features)
             return proba, fit_s, time.perf_counter() - start
 
         proba, fit_s, predict_s = _within(timeout, fit_predict)
@@ -397,7 +412,7 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
         result.calibration = calibration(test_labels, proba.astype(np.float64))
         result.metrics = classification_metrics(test_labels, proba.astype(np.float64), result.calibration)
         result.per_class = per_class(test_labels, proba)
-        result.timings = Timings(fit_s=fit_s, predict_s=predict_s)
+        result.timings.fit_s, result.timings.predict_s = fit_s, predict_s
         if isinstance(getattr(model, "fit_info_", None), dict):
             result.fit_info = jsonable(model.fit_info_)  # whatever it holds (numpy values, objects), it can be written
     except EncoderBuildError:
@@ -413,6 +428,37 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
     result.components_used = list({digest(jsonable([c.kind, c.name, c.options, c.distribution])): c
                                    for c in components.used}.values())  # each once, in the order first built
     return result, proba
+
+
+def check_adapted(encoder: Any, pair: EncoderPair) -> None:
+    """A method's ``encoder_`` is an image encoder with an identity of its own and the frozen encoder's input spec
+    (the test images are preprocessed as for the frozen features); else a ValueError saying what is wrong."""
+    if not isinstance(encoder, ImageEncoder):
+        raise ValueError(f"encoder_ is a {type(encoder).__name__}, not an image encoder (identity, input_spec, "
+                         "embed_dim, encode)")
+    if not isinstance(encoder.identity, str) or not encoder.identity or encoder.identity == pair.card.image:
+        raise ValueError("encoder_ must have an identity of its own (the frozen encoder's plus a digest of the adapted "
+                         "weights, e.g. hica_bench.adapting.AdaptedImageEncoder)")
+    if encoder.input_spec != pair.card.input_spec:
+        raise ValueError(f"encoder_ wants input {encoder.input_spec}, the frozen encoder {pair.card.input_spec}; "
+                         "an adapted encoder keeps its preprocessing")
+
+
+def _adapted_features(model: Any, pair: EncoderPair, dataset: FewShotDataset, rows: int,
+                      extractor: FeatureExtractor | None, result: CellResult) -> np.ndarray | None:
+    """The test features through the method's adapted encoder (``encoder_``), recorded in ``result``; None when it
+    exposes none."""
+    encoder = getattr(model, "encoder_", None)
+    if encoder is None:
+        return None
+    check_adapted(encoder, pair)
+    if extractor is None:
+        raise ValueError("this cell adapted the encoder but was given no extraction service to encode through it")
+    features, record = extractor.adapted(encoder, dataset, "test", rows=rows)
+    result.adapted_encoder = encoder.identity
+    result.timings.adapted_encode_s = record.seconds if not record.cached else 0.0
+    result.timings.adapted_images_per_s = record.images_per_s
+    return features
 
 
 def _within(seconds: float | None, work):

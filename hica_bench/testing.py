@@ -233,9 +233,15 @@ def _assert_proba(name: str, label: str, proba: Any, n: int, c: int) -> np.ndarr
         raise AssertionError(f"{name} ({label}): {exc}") from None
 
 
-def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTask, test: np.ndarray) -> np.ndarray:
+def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTask, test: np.ndarray,
+                 test_images: np.ndarray | None = None) -> np.ndarray:
+    """Fit, then predict ``test`` (the frozen test features), or, when the method exposes an adapted ``encoder_``,
+    ``test_images`` encoded through it as the runner does."""
+    from hica_bench.adapting import weight_versions
+
     runner.seed_everything(task.seed)
     model = make()
+    frozen = weight_versions(task.encoders.modules) if "encoders" in model.needs else None
     try:
         fitted = model.fit(task)
     except NotApplicable:
@@ -244,6 +250,18 @@ def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTa
         raise AssertionError(f"{name} ({label}): fit raised {type(exc).__name__}: {exc} (does it use something "
                              f"it did not declare in needs={sorted(model.needs)}?)") from exc
     assert fitted is model, f"{name} ({label}): fit must return self"
+    assert frozen is None or weight_versions(task.encoders.modules) == frozen, (
+        f"{name} ({label}): fit changed the frozen encoder's weights in place; adapt a copy "
+        "(hica_bench.adapting.adaptable_copy) and expose it as encoder_")
+    adapted = getattr(model, "encoder_", None)
+    if adapted is not None:
+        assert "encoders" in model.needs, f"{name} ({label}): sets encoder_ without declaring the encoders need"
+        try:
+            runner.check_adapted(adapted, task.encoders)
+        except ValueError as exc:
+            raise AssertionError(f"{name} ({label}): {exc}") from None
+        assert test_images is not None, f"{name} ({label}): adapted the encoder, but no test images were given"
+        test = FeatureExtractor.plain(EncoderPair(adapted, None, False, task.encoders.device)).encode(test_images)
     info = getattr(model, "fit_info_", None)
     if info is not None:
         assert isinstance(info, dict), f"{name} ({label}): fit_info_ must be a dict, got {type(info).__name__}"
@@ -272,7 +290,9 @@ def check_method(method: Any, options: dict[str, Any] | None = None, pair: Encod
     fits (``fit`` returns self; NotApplicable allowed except on the first task), predicts (N, C) float
     probabilities that are finite, non-negative and sum to 1, row by row independently of the batch; it never
     modifies its inputs; a fresh instance with the same seed gives bit-identical probabilities, and so does one
-    that reuses the first's ``cache_dir``. Features come from ``pair`` (default: the in-kit :func:`toy_pair`;
+    that reuses the first's ``cache_dir``. A method that adapts the encoder (``encoder_``) must leave the frozen
+    encoder's weights as they were and expose an image encoder with its own identity and the frozen input spec; the
+    test images are then encoded through it, as the runner does, and everything above is checked on those. Features come from ``pair`` (default: the in-kit :func:`toy_pair`;
     a method that needs a real encoder's internals declines it with NotApplicable, which the raised
     AssertionError carries as ``__cause__``: check it with a real pair then). ``components``: what the tasks'
     ``components`` build from (default: the installed plugins, :func:`installed_components`)."""
@@ -284,11 +304,12 @@ def check_method(method: Any, options: dict[str, Any] | None = None, pair: Encod
     components = components if components is not None else installed_components()
     with tempfile.TemporaryDirectory() as scratch:
         for number, (label, n_classes, k) in enumerate(METHOD_TASKS):
-            task, test, _ = toy_task(n_classes, k, needs=needs, cache_dir=Path(scratch) / "first", pair=pair,
-                                     components=components)
+            task, test, test_labels = toy_task(n_classes, k, needs=needs, cache_dir=Path(scratch) / "first", pair=pair,
+                                               components=components)
+            images = toy_images(test_labels, seed=1)  # the images toy_task encoded (seed + 1): for an adapted encoder
             before = _snapshot(task, test)
             try:
-                proba = _fit_predict(name, label, make, task, test)
+                proba = _fit_predict(name, label, make, task, test, images)
             except NotApplicable as exc:
                 if number == 0:
                     raise AssertionError(f"{name} ({label}): NotApplicable on the basic task ({exc})") from exc
@@ -297,7 +318,7 @@ def check_method(method: Any, options: dict[str, Any] | None = None, pair: Encod
             if number == 0:  # determinism: a fresh cache folder, then the first one's artifacts
                 for cache in ("fresh", "first"):
                     task.cache_dir = Path(scratch) / cache
-                    again = _fit_predict(name, label, make, task, test)
+                    again = _fit_predict(name, label, make, task, test, images)
                     assert np.array_equal(again, proba), (
                         f"{name} ({label}): not deterministic: the same seed gave different probabilities "
                         f"({'reusing its cache_dir' if cache == 'first' else 'fresh instance'}, max diff "

@@ -17,7 +17,7 @@ from hica_bench.registry import load_registry
 
 REGISTRY = load_registry()
 #: Options that shorten training or shrink widths for the check (the contract does not depend on them).
-SHORT = {"epochs": 1, "stage1_epochs": 1, "dim": 16}
+SHORT = {"epochs": 1, "stage1_epochs": 1, "dim": 16, "steps": 3, "iterations": 3, "stage1_encoder_epochs": 1}
 #: A tiny random-init CLIP in open_clip's config format (the open-clip plugin's ``model=local-dir:`` path).
 TINY_CLIP = {"model_cfg": {"embed_dim": 32,
                            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},

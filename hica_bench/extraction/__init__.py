@@ -24,6 +24,7 @@ it those are how fast it runs, not what it computes (recorded in :class:`Extract
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,6 +192,18 @@ class FeatureExtractor:
         if cached is None:
             return self._compute(dataset, split, identity, key, parts, on_batch)
         return self._served(dataset, split, cached, identity, key)
+
+    def adapted(self, encoder: Any, dataset: FewShotDataset, split: str = "test", rows: int | None = None
+                ) -> tuple[np.ndarray, ExtractionRecord]:
+        """Features of ``dataset.split(split)`` (its first ``rows``) through an *adapted* image encoder, a method's
+        ``encoder_`` (see :class:`hica_bench.interfaces.Method`): the same preprocessing, batch size, precision, threads
+        and device as this run's frozen features, on the eager backend (an adapted copy is not exported to ONNX), and
+        cached under the adapted encoder's own identity, never the frozen one's. Not counted in this extractor's
+        records (they describe the frozen passes)."""
+        settings = dataclasses.replace(self.settings, backend="eager", channels_last=False, compile=False, exporter=None)
+        pair = EncoderPair(encoder, None, False, self.pair.device, {})
+        other = FeatureExtractor(pair, self.cache_dir, settings=settings, reference=False)
+        return other.features(dataset, split, rows=rows)
 
     def _served(self, dataset: FewShotDataset, split: str, features: np.ndarray, identity: FeatureIdentity,
                 key: str) -> tuple[np.ndarray, ExtractionRecord]:

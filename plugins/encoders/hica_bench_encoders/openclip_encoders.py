@@ -46,6 +46,16 @@ class OpenCLIPText:
         self.model, self.tokenizer, self.identity, self.device = model, tokenizer, identity, device
         self.embed_dim = embed_dim  # the image tower's: an aligned pair shares one space
 
+    @property
+    def module(self):
+        """The text tower's modules (for methods that fine-tune a copy of this encoder: see ``embed``), gathered in
+        one module whose trunk is the text transformer (the image tower of the same model is not in it)."""
+        return text_tower(self.model)
+
+    def embed(self, texts: Sequence[str]):
+        """(len(texts), D) text embeddings as a torch tensor with gradients (``model.encode_text``)."""
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
@@ -56,6 +66,22 @@ class OpenCLIPText:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts) if len(texts) else np.zeros((0, self.embed_dim), dtype=np.float32)
+
+
+def text_tower(model: Any) -> Any:
+    """An ``nn.Module`` holding (not copying) the text tower's parts of an open_clip model, in forward order: token
+    embedding, transformer (the trunk), final norm and projection; for CustomTextCLIP, its ``text`` module."""
+    import torch
+
+    tower = torch.nn.Module()
+    if hasattr(model, "text") and isinstance(model.text, torch.nn.Module):
+        tower.text = model.text
+        return tower
+    for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+        part = getattr(model, name, None)
+        if isinstance(part, (torch.nn.Module, torch.nn.Parameter)):
+            setattr(tower, name, part)
+    return tower
 
 
 def _pair(model: Any, tokenizer: Any, identity: str, device: str) -> EncoderPair:

@@ -71,6 +71,17 @@ class SentenceTransformerText:
         dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(dim())
 
+    @property
+    def module(self):
+        """The torch module (for methods that fine-tune a copy of this encoder: see ``embed``)."""
+        return self.model
+
+    def embed(self, texts: Sequence[str]):
+        """(len(texts), D) sentence embeddings as a torch tensor with gradients (the same pipeline as ``encode``)."""
+        model = self.model
+        features = {k: v.to(self.device) for k, v in model.tokenize(list(texts)).items()}
+        return model(features)["sentence_embedding"]
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
@@ -107,18 +118,26 @@ class HFMeanPoolText:
         self.identity = f"hf-text:{folder.name if local else source}:sha256={digest}"
         self.max_length = min(int(getattr(self.tokenizer, "model_max_length", 512) or 512), 512)
 
+    @property
+    def module(self):
+        """The torch module (for methods that fine-tune a copy of this encoder: see ``embed``)."""
+        return self.model
+
+    def embed(self, texts: Sequence[str]):
+        """(len(texts), D) mean-pooled embeddings as a torch tensor with gradients (``encode``'s pipeline)."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
         out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), BATCH):
-                batch = self.tokenizer(list(texts[start:start + BATCH]), padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[start:start + len(pooled)] = pooled.float().cpu().numpy()
+                out[start:start + BATCH] = self.embed(texts[start:start + BATCH]).float().cpu().numpy()
         return out
 
 

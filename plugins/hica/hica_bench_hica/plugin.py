@@ -12,6 +12,8 @@ RANGES = {
     "lambda1": {"low": 0}, "lambda2": {"low": 0}, "delta": {"low": 0}, "tau": _POSITIVE, "rois": {"low": 1},
     "noise": {"low": 0, "high": 1}, "dim": {"low": 1}, "epochs": {"low": 1}, "lr": _POSITIVE, "weight_decay": {"low": 0},
     "stage1_epochs": {"low": 1}, "stage1_clusters": {"low": 2}, "stage1_recluster": {"low": 1}, "stage1_lr": _POSITIVE,
+    "stage1_blocks": {"low": 1}, "stage1_text_layers": {"low": 0}, "stage1_encoder_epochs": {"low": 1},
+    "stage1_max_images": {"low": 4}, "stage1_encoder_lr": _POSITIVE, "stage1_text_lr": _POSITIVE, "stage2_blocks": {"low": 0},
 }
 
 #: variant name -> (option overrides, description)
@@ -20,6 +22,9 @@ VARIANTS = {
     "hica-no-local": ({"lambda1": 0.0}, "HiCA ablation: without the local ROI ↔ descriptor loss (λ1 = 0)"),
     "hica-no-cross": ({"lambda2": 0.0}, "HiCA ablation: without the cross-category margin loss (λ2 = 0)"),
     "hica-no-stage1": ({"stage1": False}, "HiCA ablation: without stage-1 domain pretraining"),
+    "hica-encoder": ({"stage1_encoder": True}, "HiCA as in the paper: stage 1 fine-tunes the image encoder's last "
+                     "blocks (DeepCluster on the train images) and the text encoder's last layers (descriptor corpus); "
+                     "predicts through the adapted encoder"),
 }
 
 
@@ -29,10 +34,13 @@ def _hica(**options):
     return HiCA(**options)
 
 
-def _defaults() -> dict:
-    from hica_bench_hica.method import DEFAULTS
+def _defaults(encoder: bool = False) -> dict:
+    """The options of a variant: the encoder-stage-1 options only for the variant that fine-tunes the encoders (the
+    others' options, and so their results' identities, stay as they were before it existed)."""
+    from hica_bench_hica.method import DEFAULTS, ENCODER_DEFAULTS
 
-    return {k: Option(v, **RANGES[k]) if k in RANGES else v for k, v in DEFAULTS.items()}
+    options = {**DEFAULTS, **ENCODER_DEFAULTS} if encoder else DEFAULTS
+    return {k: Option(v, **RANGES[k]) if k in RANGES else v for k, v in options.items()}
 
 
 #: HiCA's options that name other plugins (checked before a run starts; recorded in each result's identity)
@@ -42,9 +50,9 @@ COMPONENTS = {"roi": "roi-extractor", "descriptors": "descriptor-generator", "lo
 
 @hookimpl
 def hica_bench_methods() -> list[PluginSpec]:
-    defaults = _defaults()
     return [PluginSpec("method", name, description, _hica,
-                       {**defaults, **{k: Option(v, **RANGES[k]) if k in RANGES else v for k, v in overrides.items()}},
+                       {**_defaults("stage1_encoder" in overrides),
+                        **{k: Option(v, **RANGES[k]) if k in RANGES else v for k, v in overrides.items()}},
                        components=COMPONENTS)
             for name, (overrides, description) in VARIANTS.items()]
 

@@ -1,0 +1,138 @@
+"""Helpers for methods that adapt the encoder (fine-tuning, LoRA, HiCA's encoder stage 1): the contract is in
+:class:`hica_bench.interfaces.Method` (``encoder_``); this module only makes it easy to keep.
+
+- :func:`adaptable_copy`: a private copy of the pair's image encoder (and of its torch module), so the frozen
+  encoder, which serves every other cell and the feature cache, is never touched.
+- :func:`tail_parameters`: the parameters of a module's last ``blocks`` blocks and of everything after them.
+- :class:`AdaptedImageEncoder`: an :class:`~hica_bench.interfaces.ImageEncoder` over the adapted copy, whose identity
+  carries a digest of the adapted weights (:func:`weights_digest`).
+- :func:`weight_versions`: a cheap fingerprint of in-place changes to a module's tensors; the runner compares it
+  before and after ``fit``, fails a cell that changed the frozen encoder and puts its weights back
+  (:func:`frozen_state`, :func:`restore`) before anything else uses them.
+
+Hand-written because none of timm, open_clip or peft says which blocks of an arbitrary backbone are "the last ones";
+the rule here is the one timm's and open_clip's own layer-freezing helpers follow: the longest run of repeated
+blocks (an ``nn.Sequential``/``nn.ModuleList``) is the trunk, and what is registered after it is the head.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any, Iterable
+
+from hica_bench.interfaces import EncoderPair, InputSpec
+
+
+class AdaptedImageEncoder:
+    """An adapted image encoder: ``encode``/``dense`` of ``base`` (a private copy), its input spec and width, and an
+    ``identity`` that extends the frozen encoder's with the method's name and the adapted weights' digest."""
+
+    def __init__(self, base: Any, identity: str) -> None:
+        self.base, self.identity = base, identity
+        self.input_spec: InputSpec = base.input_spec
+        self.embed_dim: int = base.embed_dim
+        if hasattr(base, "dense"):
+            self.dense = base.dense
+
+    def encode(self, images: Any) -> Any:
+        return self.base.encode(images)
+
+
+def adaptable_copy(pair: EncoderPair, module: str = "image", memo: dict[int, Any] | None = None) -> tuple[Any, Any]:
+    """(a deep copy of ``pair.image``, the copy of ``pair.modules[module]`` inside it), every parameter frozen in the
+    copy, in eval mode. One ``deepcopy`` with a shared memo, so the module trained is the one the copy's ``encode``
+    runs (for open_clip the whole CLIP model is copied: the image tower lives inside it). Pass ``memo`` and
+    ``copy.deepcopy(pair.text, memo)`` afterwards to get a text encoder that shares the copied model (both towers
+    of one CLIP, as LoRA on both towers needs)."""
+    modules = pair.modules
+    if module not in modules:
+        raise KeyError(f"the encoder pair lists no {module!r} module (it has {sorted(modules) or 'none'}); "
+                       "it cannot be adapted")
+    original = modules[module]
+    memo = {} if memo is None else memo
+    image = copy.deepcopy(pair.image, memo)
+    trained = memo.get(id(original))
+    if trained is None:  # the encoder object does not hold the module: copy it alone (its encode will not see it)
+        raise ValueError(f"the pair's {module!r} module is not reachable from its image encoder; adapt it directly")
+    for parameter in trained.parameters():
+        parameter.requires_grad_(False)
+    return image, trained.eval()
+
+
+def _blocks(module: Any) -> tuple[str, Any] | None:
+    """The longest run of repeated blocks: the ``nn.Sequential``/``nn.ModuleList`` with at least two children that
+    holds the most parameters (the shallower one on a tie: timm EfficientNet's ``blocks`` of stages, not a stage)."""
+    import torch.nn as nn
+
+    best, best_size = None, 0
+    for name, child in module.named_modules():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) >= 2:
+            size = sum(p.numel() for p in child.parameters())
+            if size > best_size:
+                best, best_size = (name, child), size
+    return best
+
+
+def tail_parameters(module: Any, blocks: int) -> list[tuple[str, Any]]:
+    """(name, parameter) of the last ``blocks`` blocks of ``module``'s trunk (:func:`_blocks`) and of every
+    parameter registered after the trunk (the final norm, projection or head); all parameters when ``blocks`` is 0
+    or the module has no trunk."""
+    named = list(module.named_parameters())
+    found = _blocks(module) if blocks > 0 else None
+    if found is None:
+        return named
+    prefix, trunk = found
+    prefix = f"{prefix}." if prefix else ""
+    keep = {f"{prefix}{i}." for i in range(max(0, len(trunk) - blocks), len(trunk))}
+    trunk_names = [n for n, _ in named if n.startswith(prefix) and n[len(prefix):].split(".")[0].isdigit()]
+    last_trunk = max(i for i, (n, _) in enumerate(named) if n in set(trunk_names)) if trunk_names else -1
+    return [(n, p) for i, (n, p) in enumerate(named)
+            if any(n.startswith(k) for k in keep) or (i > last_trunk and n not in trunk_names)]
+
+
+def weights_digest(named: Iterable[tuple[str, Any]]) -> str:
+    """sha256 (hex, 16 characters) over (name, dtype, shape, bytes) of the given tensors, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update((data.float() if str(data.dtype) == "torch.bfloat16" else data).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def weight_versions(modules: dict[str, Any]) -> int | None:
+    """Sum of the version counters of every tensor of ``modules`` (torch bumps one on each in-place change: an
+    optimiser step, ``copy_``, ``load_state_dict``): equal before and after ``fit`` unless the method changed the
+    frozen encoder in place. None when no module is a torch module."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    total, seen = 0, False
+    for module in modules.values():
+        if isinstance(module, torch.nn.Module):
+            seen = True
+            total += sum(t._version for t in module.parameters()) + sum(t._version for t in module.buffers())
+    return total if seen else None
+
+
+def frozen_state(modules: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A copy of every torch module's state (parameters and buffers) in ``modules``, to :func:`restore` it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    return {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
+            for name, module in modules.items() if isinstance(module, torch.nn.Module)}
+
+
+def restore(modules: dict[str, Any], state: dict[str, dict[str, Any]]) -> None:
+    """Put back the state :func:`frozen_state` copied (a method changed the frozen encoder in place)."""
+    import torch
+
+    with torch.no_grad():
+        for name, saved in state.items():
+            modules[name].load_state_dict(saved)
