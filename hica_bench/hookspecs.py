@@ -48,7 +48,10 @@ def hica_bench_encoders() -> list[PluginSpec]:
 @hookspec
 def hica_bench_methods() -> list[PluginSpec]:
     """Few-shot methods. ``factory(**options)`` returns a :class:`~hica_bench.interfaces.Method`; the components it
-    uses it builds in ``fit`` through ``task.components`` (:class:`~hica_bench.interfaces.Components`)."""
+    uses it builds in ``fit`` through ``task.components`` (:class:`~hica_bench.interfaces.Components`). A method may
+    adapt a private copy of the encoder in ``fit`` and expose it as ``encoder_``: it then predicts on the test images
+    encoded through it (the contract is on :class:`~hica_bench.interfaces.Method`; helpers in
+    :mod:`hica_bench.adapting`)."""
 
 
 @hookspec

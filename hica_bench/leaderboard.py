@@ -32,7 +32,8 @@ def results_frame(results: list[CellResult]) -> pd.DataFrame:
     rows = []
     for position, r in enumerate(results):
         row = {**r.key.__dict__, "origin": r.origin_id, "status": r.status.value, "reason": r.reason,
-               "finished_at": r.finished_at, "position": position, "fit_s": r.timings.fit_s}
+               "finished_at": r.finished_at, "position": position, "fit_s": r.timings.fit_s,
+               "adapted_encode_s": float("nan") if r.timings.adapted_encode_s is None else r.timings.adapted_encode_s}
         row.update({m: getattr(r.metrics, m) if r.metrics else float("nan") for m in METRICS})
         for timing in THROUGHPUT:
             value = getattr(r.timings, timing)
@@ -56,6 +57,7 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
         row["n"] = len(part)
         row["seeds"] = ",".join(str(s) for s in sorted(part["seed"]))
         row["fit_s_mean"] = pd.to_numeric(part["fit_s"], errors="coerce").mean()
+        row["adapted_encode_s_mean"] = pd.to_numeric(part["adapted_encode_s"], errors="coerce").mean()
         for timing in THROUGHPUT:
             row[f"{timing}_mean"] = pd.to_numeric(part[timing], errors="coerce").mean()
         row["finished"] = part["finished_at"].max()
@@ -82,7 +84,12 @@ def _cost(part: pd.DataFrame, extraction: str | None) -> str:
     if ips == ips and ref == ref:
         encoder += f", {ips / ref:.2f}× the plain eager forward"
     fits = part.groupby("shown", sort=True)["fit_s_mean"].mean()
-    return f"Cost: {encoder}; fit seconds per cell (mean): " + ", ".join(f"{m} {s:.3g}" for m, s in fits.items())
+    line = f"Cost: {encoder}; fit seconds per cell (mean): " + ", ".join(f"{m} {s:.3g}" for m, s in fits.items())
+    adapted = part.groupby("shown", sort=True)["adapted_encode_s_mean"].mean().dropna()
+    if len(adapted):  # methods that adapt the encoder: encoding the test images through it (0: from the cache)
+        line += "; encoding the test images through the adapted encoder, seconds per cell (mean): " + ", ".join(
+            f"{m} {s:.3g}" for m, s in adapted.items())
+    return line
 
 
 def _extraction(settings: dict | None) -> str | None:

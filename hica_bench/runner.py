@@ -396,12 +396,15 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
 
         def fit_predict():
             start = time.perf_counter()
-            model.fit(task)
+            try:
+                model.fit(task)
+            finally:  # also when fit raised: the next cells and datasets are encoded with the frozen weights
+                if frozen is not None and weight_versions(pair.modules) != frozen:
+                    restore(pair.modules, saved)
+                    raise RuntimeError("the method changed the frozen encoder's weights in place (they were put "
+                                       "back); adapt a copy (hica_bench.adapting.adaptable_copy) and expose it as "
+                                       "encoder_")
             fit_s = time.perf_counter() - start
-            if frozen is not None and weight_versions(pair.modules) != frozen:
-                restore(pair.modules, saved)  # the next cells and datasets are encoded with the frozen weights
-                raise RuntimeError("the method changed the frozen encoder's weights in place (they were put back); "
-                                   "adapt a copy (hica_bench.adapting.adaptable_copy) and expose it as encoder_")
             features = _adapted_features(model, pair, dataset, len(test_labels), extractor, result)
             start = time.perf_counter()
             proba = model.predict_proba(test_features if features is None else features)

@@ -48,7 +48,7 @@ def test_a_record_round_trips_typed(tmp_path):
     assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
     record = json.loads(store.path.read_text())
     assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
-    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 5
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 6
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -67,7 +67,7 @@ def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
     del record["identity"]
     with store.path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 5"):
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 6"):
         store.load()
 
 
@@ -147,8 +147,14 @@ def test_values_a_plugin_hands_over_are_written_not_crashed_on(tmp_path):
 
 
 def _written_by_schema(version: int, tmp_path: Path) -> tuple[dict, Path]:
-    """A record as schema ``version`` (2, 3 or 4) wrote it, in a results file of its own: (record, path)."""
+    """A record as schema ``version`` (2, 3, 4 or 5) wrote it, in a results file of its own: (record, path)."""
     record = json.loads(_result(0).to_json())
+    del record["adapted_encoder"], record["timings"]["adapted_encode_s"], record["timings"]["adapted_images_per_s"]
+    if version == 5:
+        record["schema_version"] = version
+        path = tmp_path / "results.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        return record, path
     del record["identity"]["origin"]["prompts"]  # before prompt files
     if version == 2:  # before per-class scores and saved predictions
         del record["per_class"], record["predictions"]
@@ -179,6 +185,19 @@ def test_a_schema_4_record_reads_without_a_prompt_file_and_keeps_its_cell_id(tmp
     fields_ = {f.name: getattr(origin, f.name) for f in dataclasses.fields(origin)}
     assert origin.id == digest({k: v for k, v in jsonable(fields_).items() if k != "prompts"}, 12)
     assert dataclasses.replace(origin, prompts="ab" * 32).id != origin.id
+
+
+def test_a_schema_5_record_reads_without_an_adapted_encoder(tmp_path):
+    """Schema 5 had no methods that adapt the encoder: read with ``adapted_encoder`` and its timings None, same cell;
+    the same record claiming schema 6 lacks a field it must have."""
+    record, path = _written_by_schema(5, tmp_path)
+    (loaded,) = ResultsStore(path).load().values()
+    assert loaded.adapted_encoder is None and loaded.timings.adapted_encode_s is None
+    assert loaded.cell_id == _result(0).cell_id and loaded.schema_version == 5
+    record["schema_version"] = 6
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match="missing field (adapted_encoder|timings.adapted_encode_s)"):
+        ResultsStore(path).load()
 
 
 def test_a_schema_3_record_reads_without_the_paired_throughput(tmp_path):

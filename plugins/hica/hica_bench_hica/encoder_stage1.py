@@ -9,6 +9,7 @@ stage 1 and exposes the same adapted encoder identity (the harness then encodes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -85,6 +86,11 @@ def adapt_encoders(method: Any, task: FewShotTask, corpus: list[str], corpus_cla
     return image, text, info
 
 
+def _amp(device: str, torch):
+    """bf16 autocast on CUDA (the encoder's steps), nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
 def _train_visual(o: dict[str, Any], image: Any, named: list, images: np.ndarray, device: str, torch) -> None:
     """DeepCluster on the image encoder's tail: per epoch, encode, k-means, a fresh linear cluster head, one pass of
     cross-entropy with clusters sampled uniformly (its remedy against a trivial solution)."""
@@ -96,7 +102,7 @@ def _train_visual(o: dict[str, Any], image: Any, named: list, images: np.ndarray
         parameter.requires_grad_(True)
     optimiser = torch.optim.AdamW([p for _, p in named], lr=o["stage1_encoder_lr"], weight_decay=1e-4)
     for epoch in range(o["stage1_encoder_epochs"]):
-        with torch.no_grad():
+        with torch.no_grad(), _amp(device, torch):
             encoded = np.concatenate([
                 torch.nn.functional.normalize(image.encode(preprocess(images[s:s + BATCH], image.input_spec, device)).float(),
                                               dim=1).cpu().numpy() for s in range(0, len(images), BATCH)])
@@ -110,7 +116,8 @@ def _train_visual(o: dict[str, Any], image: Any, named: list, images: np.ndarray
         order = torch.multinomial(weights[pseudo], len(images), replacement=True, generator=generator)
         for batch in order.split(BATCH):
             x = preprocess(images[batch.numpy()], image.input_spec, device)
-            logits = head(torch.nn.functional.normalize(image.encode(x).float(), dim=1))
+            with _amp(device, torch):
+                logits = head(torch.nn.functional.normalize(image.encode(x).float(), dim=1))
             loss = torch.nn.functional.cross_entropy(logits, pseudo[batch].to(device))
             optimiser.zero_grad()
             head_optimiser.zero_grad()
