@@ -40,7 +40,18 @@ class PromptTower:
         model = getattr(text_encoder, "model", None)
         tokenizer = getattr(text_encoder, "tokenizer", None)
         name = getattr(text_encoder, "identity", type(text_encoder).__name__)
-        if model is not None and hasattr(model, "encode_text") and callable(tokenizer):  # open_clip
+        self.start = 1  # after the start token ([SOT] / [CLS])
+        if model is not None and hasattr(model, "get_text_features") and hasattr(text_encoder, "embed"):
+            # transformers CLIP / SigLIP (hf_clip): the tower's token embedding, the encoder's own tokenisation
+            embeddings = getattr(getattr(model, "text_model", None), "embeddings", None)
+            if embeddings is None or not hasattr(embeddings, "token_embedding"):
+                raise NotApplicable(f"coop: cannot find the token embedding of the text tower of {name}")
+            self.embedding = embeddings.token_embedding
+            ids = tokenizer(prompts, padding=True, return_tensors="pt")["input_ids"]
+            if ids.shape[1] > 1 and ids[0, 0] == ids[0, 1]:  # no start token (SigLIP): the context comes first
+                self.start = 0
+            self._encode = lambda: text_encoder.embed(prompts)
+        elif model is not None and hasattr(model, "encode_text") and callable(tokenizer):  # open_clip
             tower = getattr(model, "text", model)
             ids = tokenizer(prompts).to(device)
             if hasattr(tower, "token_embedding"):
@@ -74,11 +85,12 @@ class PromptTower:
             self._encode = encode
         else:
             raise NotApplicable(f"coop needs a text tower it can feed context vectors to; {name} exposes none "
-                                "(supported: open_clip, sentence-transformers and Hugging Face text encoders)")
+                                "(supported: open_clip, transformers CLIP/SigLIP, sentence-transformers and Hugging "
+                                "Face text encoders)")
         self.n_ctx, self.ctx_dim = n_ctx, int(self.embedding.weight.shape[1])
-        self.start = 1  # after the start token ([SOT] / [CLS])
         placeholders = ids[:, self.start:self.start + n_ctx]
-        if placeholders.shape[1] != n_ctx or not bool((placeholders == placeholders[0, 0]).all()) or ids[0, 0] == ids[0, 1]:
+        if placeholders.shape[1] != n_ctx or not bool((placeholders == placeholders[0, 0]).all()) or (
+                self.start == 1 and ids[0, 0] == ids[0, 1]):
             raise NotApplicable(f"coop: the tokenizer of {name} does not give one token per context placeholder after a start token")
 
     def __call__(self, ctx):

@@ -114,7 +114,7 @@ def _build(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _download_hint(repo: str, local: str) -> str:
-    return f"pass {local} (e.g. from `huggingface-cli download {repo}` on a connected machine)"
+    return f"pass {local} (e.g. from `hf download {repo} --local-dir <folder>` on a connected machine)"
 
 
 RANDOM = "random"  #: the one spelling that asks for random weights (never a default: results must never be faked)

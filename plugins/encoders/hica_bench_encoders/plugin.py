@@ -8,7 +8,8 @@ read from one file (random init with seed 0) the sha256 of the state dict.
 from __future__ import annotations
 
 from hica_bench import hookimpl
-from hica_bench.interfaces import EncoderCard, EncoderPair, PluginSpec
+from hica_bench.errors import UserError
+from hica_bench.interfaces import EncoderCard, EncoderPair, Option, PluginSpec
 
 
 def _effnet_lite0_minilm(device: str) -> EncoderPair:
@@ -41,6 +42,75 @@ def _timm(device: str, model: str, checkpoint: str, text: str) -> EncoderPair:
     return timm_pair(device, model, checkpoint, text)
 
 
+def _hf_clip(name: str):
+    def build(device: str, path: str) -> EncoderPair:
+        from hica_bench_encoders.hf_clip import hf_clip_pair
+
+        return hf_clip_pair(device, path, name)
+
+    return build
+
+
+def _quiltnet(device: str, path: str) -> EncoderPair:
+    from hica_bench_encoders.openclip_encoders import from_config
+
+    return from_config(device, "quiltnet", QUILTNET, config=path, checkpoint="",
+                       local="path=<folder with its open_clip_config.json and weights>")
+
+
+def _dino(name: str):
+    def build(device: str, path: str, pool: str, text: str) -> EncoderPair:
+        from hica_bench_encoders.dino import dino_pair
+
+        return dino_pair(device, path, pool, text, name)
+
+    return build
+
+
+def _refused(message: str):
+    def build(device: str, **options) -> EncoderPair:
+        raise UserError(message)
+
+    return build
+
+
+#: Hugging Face repositories of the named checkpoints (the first run downloads them into the HF cache)
+PUBMEDCLIP, PLIP, SIGLIP = "flaviagiammarino/pubmed-clip-vit-base-patch32", "vinid/plip", "google/siglip-base-patch16-224"
+QUILTNET, DINOV2, RAD_DINO = "wisdomik/QuiltNet-B-32", "facebook/dinov2-small", "microsoft/rad-dino"
+_PATH = "a local model folder, or a Hugging Face repo name (HF cache first, then the Hub)"
+
+
+def _named() -> list[PluginSpec]:
+    """The encoders the field evaluates, by name (one family per file: hf_clip.py, dino.py, openclip_encoders.py)."""
+    return [
+        PluginSpec("encoder", "hf-clip", f"Any transformers CLIPModel or SiglipModel checkpoint, aligned. path: {_PATH}; "
+                   "required.", _hf_clip("hf-clip"), {"path": ""}),
+        PluginSpec("encoder", "pubmedclip", f"PubMedCLIP (CLIP ViT-B/32 fine-tuned on ROCO), aligned. path: {_PATH} "
+                   f"(default {PUBMEDCLIP}).", _hf_clip("pubmedclip"), {"path": PUBMEDCLIP}),
+        PluginSpec("encoder", "plip", f"PLIP (CLIP ViT-B/32 on OpenPath pathology tweets), aligned. path: {_PATH} "
+                   f"(default {PLIP}).", _hf_clip("plip"), {"path": PLIP}),
+        PluginSpec("encoder", "siglip", f"SigLIP (transformers SiglipModel), aligned. path: {_PATH} (default {SIGLIP}).",
+                   _hf_clip("siglip"), {"path": SIGLIP}),
+        PluginSpec("encoder", "quiltnet", "QuiltNet-B-32 (open_clip ViT-B/32 on Quilt-1M histopathology), aligned. path: a "
+                   f"folder with its open_clip_config.json and weights ('' = {QUILTNET} from the HF cache or the Hub).",
+                   _quiltnet, {"path": ""}),
+        PluginSpec("encoder", "dinov2", f"DINOv2 (transformers), image only, dense features; pool: cls or mean (patch "
+                   f"tokens). path: {_PATH} (default {DINOV2}). text: as for timm. Not aligned.", _dino("dinov2"),
+                   {"path": DINOV2, "pool": Option("cls", choices=("cls", "mean")), "text": "minilm"}),
+        PluginSpec("encoder", "rad-dino", f"RAD-DINO (DINOv2 on chest X-rays, transformers), image only, dense features; "
+                   f"pool: cls or mean. path: {_PATH} (default {RAD_DINO}). text: as for timm. Not aligned.",
+                   _dino("rad-dino"), {"path": RAD_DINO, "pool": Option("cls", choices=("cls", "mean")), "text": "minilm"}),
+        PluginSpec("encoder", "medclip", "MedCLIP: not supported (its package loads weights with unsafe pickles and "
+                   "fetches its base models from the Hub when built; see the README)",
+                   _refused("medclip is not supported: the medclip package (pip install medclip) reads its checkpoint "
+                            "with torch.load without weights_only (an unsafe pickle) and downloads Bio_ClinicalBERT "
+                            "and Swin-T from the Hub inside its constructor; see the README's encoder table")),
+        PluginSpec("encoder", "unimed-clip", "UniMed-CLIP: needs its code, which is not pip-installable (see the README)",
+                   _refused("unimed-clip needs the UniMed-CLIP package, which is not published on PyPI (its code is "
+                            "only on GitHub, mbzuai-oryx/UniMed-CLIP); not supported, see the README's encoder table")),
+    ]
+
+
 @hookimpl
 def hica_bench_encoders() -> list[PluginSpec]:
     return [
@@ -71,4 +141,4 @@ def hica_bench_encoders() -> list[PluginSpec]:
             "local Hugging Face model folder / Hub name (mean pooling). Not aligned.",
             _timm, {"model": "resnet18", "checkpoint": "", "text": "minilm"},
         ),
-    ]
+    ] + _named()

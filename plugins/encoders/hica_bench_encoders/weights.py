@@ -96,7 +96,56 @@ def hub_file(repo_id: str, filenames: Sequence[str], what: str, hint: str) -> st
     raise UserError(f"cannot fetch the {what} from the Hugging Face Hub ({repo_id}): {reason}; {hint}")
 
 
+def hub_folder(source: str, what: str, option: str) -> Path:
+    """A model folder: ``source`` itself when it is a local folder, else the Hugging Face repo ``source`` from the HF
+    cache (no network) or downloaded. A missing folder, or an unreachable Hub, is one line saying what to download
+    and where to pass it (``option``)."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder.resolve()
+    if source.startswith(("/", ".", "~")) or source.count("/") != 1:
+        raise UserError(f"{option}={source!r}: no such folder (and not a Hugging Face repo name org/model)")
+    hint = (f"download it on a connected machine with `hf download {source} --local-dir <folder>` and pass "
+            f"{option}=<folder>")
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(source))
+    except Exception as exc:
+        reason = ("it is not in the Hugging Face cache and the Hub is unreachable (or HF_HUB_OFFLINE is set)"
+                  if "offline" in str(exc).lower() or "connect" in str(exc).lower() or "resolve" in str(exc).lower()
+                  else first_line(exc))
+        raise UserError(f"cannot fetch the {what} from the Hugging Face Hub ({source}): {reason}; {hint}") from None
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one short line (for UserError messages)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def hf_input_spec(folder: Path, what: str) -> Any:
+    """The :class:`~hica_bench.interfaces.InputSpec` a Hugging Face model folder's own image processor config
+    (``preprocessor_config.json``) gives: the crop size (else the resize size), mean, std and resampling filter."""
+    from transformers import AutoImageProcessor
+
+    from hica_bench.interfaces import InputSpec
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise UserError(f"{what}: no usable image processor config in {folder} ({first_line(exc)}); the folder needs "
+                        "the preprocessor_config.json published with the weights") from None
+    size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = size or getattr(processor, "size", None) or {}
+    size = dict(size) if not isinstance(size, int) else {"height": size}
+    side = size.get("height") or size.get("shortest_edge") or size.get("width")
+    mean, std = ([v] if isinstance(v, (int, float)) else list(v) for v in (processor.image_mean, processor.image_std))
+    mean, std = (list(mean) * 3 if len(mean) == 1 else list(mean)), (list(std) * 3 if len(std) == 1 else list(std))
+    interpolation = "bilinear" if int(getattr(processor, "resample", 3) or 3) == 2 else "bicubic"
+    return InputSpec(size=int(side), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                     interpolation=interpolation)
