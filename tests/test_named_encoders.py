@@ -131,18 +131,23 @@ def test_dinov2_and_rad_dino_are_image_only_with_dense_features(family, pool, ti
         assert pair.image.dense(x).shape == (2, 32, 4, 4)
 
 
-def test_quiltnet_from_a_local_open_clip_folder(tmp_path):
+def test_quiltnet_from_a_local_open_clip_folder(medmnist_root, tmp_path):
     import open_clip
 
     from test_conformance import TINY_CLIP
 
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
+    folder = tmp_path / "quiltnet"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
     torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{tmp_path}", pretrained_text=False)
-    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
-    pair = build(f"quiltnet:path={tmp_path}")
+    model = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False)
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    pair = build(f"quiltnet:path={folder}")
     testing.check_encoder(pair)
-    assert pair.aligned and pair.image.identity.startswith("quiltnet:sha256=")
+    digest = hashlib.sha256((folder / "open_clip_pytorch_model.bin").read_bytes()).hexdigest()
+    assert pair.aligned and pair.image.identity.startswith(f"quiltnet:sha256={digest}")
+    results = cells(medmnist_root, tmp_path, f"quiltnet:path={folder}")
+    assert results["zero-shot"]["status"] == results["tip-adapter"]["status"] == "ok"
 
 
 @pytest.mark.parametrize("text, expected", [
