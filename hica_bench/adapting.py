@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from typing import Any, Iterable
 
 from hica_bench.interfaces import EncoderPair, InputSpec
@@ -55,19 +56,28 @@ def adaptable_copy(pair: EncoderPair, module: str = "image", memo: dict[int, Any
     trained = memo.get(id(original))
     if trained is None:  # the encoder object does not hold the module: copy it alone (its encode will not see it)
         raise ValueError(f"the pair's {module!r} module is not reachable from its image encoder; adapt it directly")
-    for parameter in trained.parameters():
-        parameter.requires_grad_(False)
+    import torch
+
+    for copied in list(memo.values()):  # every module of the copy frozen (a method unfreezes what it trains)
+        if isinstance(copied, torch.nn.Module):
+            copied.requires_grad_(False)
     return image, trained.eval()
 
 
+#: direct parameters of a trunk's ancestors that belong to the input side (class/register tokens, position and patch
+#: embeddings), never to the head: open_clip's ``class_embedding``/``positional_embedding`` beside its ``proj``
+_INPUT_SIDE = re.compile(r"embed|pos|cls|class|token|register|mask")
+
+
 def _blocks(module: Any) -> tuple[str, Any] | None:
-    """The longest run of repeated blocks: the ``nn.Sequential``/``nn.ModuleList`` with at least two children that
-    holds the most parameters (the shallower one on a tie: timm EfficientNet's ``blocks`` of stages, not a stage)."""
+    """The longest run of repeated blocks: the ``nn.Sequential``/``nn.ModuleList`` strictly inside ``module`` (a
+    sentence-transformers model is itself a Sequential of its stages) with at least two children that holds the most
+    parameters (the shallower one on a tie: timm EfficientNet's ``blocks`` of stages, not a stage)."""
     import torch.nn as nn
 
     best, best_size = None, 0
     for name, child in module.named_modules():
-        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) >= 2:
+        if name and isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) >= 2:
             size = sum(p.numel() for p in child.parameters())
             if size > best_size:
                 best, best_size = (name, child), size
@@ -75,20 +85,25 @@ def _blocks(module: Any) -> tuple[str, Any] | None:
 
 
 def tail_parameters(module: Any, blocks: int) -> list[tuple[str, Any]]:
-    """(name, parameter) of the last ``blocks`` blocks of ``module``'s trunk (:func:`_blocks`) and of every
-    parameter registered after the trunk (the final norm, projection or head); all parameters when ``blocks`` is 0
-    or the module has no trunk."""
+    """(name, parameter) of the last ``blocks`` blocks of ``module``'s trunk (:func:`_blocks`) and of its head: the
+    modules registered after the trunk's branch at every level above it (final norms, poolers, heads) and the direct
+    parameters of the trunk's ancestors that are not on the input side (open_clip's ``proj``, ``text_projection``);
+    all parameters when ``blocks`` is 0 or the module has no trunk. In ``named_parameters`` order."""
     named = list(module.named_parameters())
     found = _blocks(module) if blocks > 0 else None
     if found is None:
         return named
-    prefix, trunk = found
-    prefix = f"{prefix}." if prefix else ""
-    keep = {f"{prefix}{i}." for i in range(max(0, len(trunk) - blocks), len(trunk))}
-    trunk_names = [n for n, _ in named if n.startswith(prefix) and n[len(prefix):].split(".")[0].isdigit()]
-    last_trunk = max(i for i, (n, _) in enumerate(named) if n in set(trunk_names)) if trunk_names else -1
-    return [(n, p) for i, (n, p) in enumerate(named)
-            if any(n.startswith(k) for k in keep) or (i > last_trunk and n not in trunk_names)]
+    path, trunk = found
+    prefixes = [f"{path}.{i}." for i in range(max(0, len(trunk) - blocks), len(trunk))]
+    direct: set[str] = set()
+    parent, prefix = module, ""
+    for part in path.split("."):  # walk down to the trunk, collecting what each level registered after its branch
+        children = list(parent._modules)
+        prefixes += [f"{prefix}{later}." for later in children[children.index(part) + 1:]]
+        direct |= {f"{prefix}{name}" for name, value in parent._parameters.items()
+                   if value is not None and not _INPUT_SIDE.search(name)}
+        parent, prefix = parent._modules[part], f"{prefix}{part}."
+    return [(n, p) for n, p in named if n in direct or any(n.startswith(k) for k in prefixes)]
 
 
 def weights_digest(named: Iterable[tuple[str, Any]]) -> str:

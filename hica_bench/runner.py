@@ -405,12 +405,15 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
                                        "back); adapt a copy (hica_bench.adapting.adaptable_copy) and expose it as "
                                        "encoder_")
             fit_s = time.perf_counter() - start
-            features = _adapted_features(model, pair, dataset, len(test_labels), extractor, result)
+            features, adapted = _adapted_features(model, pair, dataset, len(test_labels), extractor)
             start = time.perf_counter()
             proba = model.predict_proba(test_features if features is None else features)
-            return proba, fit_s, time.perf_counter() - start
+            return proba, fit_s, time.perf_counter() - start, adapted
 
-        proba, fit_s, predict_s = _within(timeout, fit_predict)
+        # (what a timed-out cell's thread does later never reaches this result: it is filled in here only)
+        proba, fit_s, predict_s, adapted = _within(timeout, fit_predict)
+        if adapted is not None:
+            result.adapted_encoder, result.timings.adapted_encode_s, result.timings.adapted_images_per_s = adapted
         proba = check_proba(proba, len(test_labels), len(dataset.class_names))
         result.calibration = calibration(test_labels, proba.astype(np.float64))
         result.metrics = classification_metrics(test_labels, proba.astype(np.float64), result.calibration)
@@ -448,20 +451,17 @@ def check_adapted(encoder: Any, pair: EncoderPair) -> None:
 
 
 def _adapted_features(model: Any, pair: EncoderPair, dataset: FewShotDataset, rows: int,
-                      extractor: FeatureExtractor | None, result: CellResult) -> np.ndarray | None:
-    """The test features through the method's adapted encoder (``encoder_``), recorded in ``result``; None when it
-    exposes none."""
+                      extractor: FeatureExtractor | None) -> tuple[np.ndarray | None, tuple | None]:
+    """The test features through the method's adapted encoder (``encoder_``) with (its identity, encoding seconds
+    (0: from the cache), images/s) for the result; (None, None) when it exposes none."""
     encoder = getattr(model, "encoder_", None)
     if encoder is None:
-        return None
+        return None, None
     check_adapted(encoder, pair)
     if extractor is None:
         raise ValueError("this cell adapted the encoder but was given no extraction service to encode through it")
     features, record = extractor.adapted(encoder, dataset, "test", rows=rows)
-    result.adapted_encoder = encoder.identity
-    result.timings.adapted_encode_s = record.seconds if not record.cached else 0.0
-    result.timings.adapted_images_per_s = record.images_per_s
-    return features
+    return features, (encoder.identity, record.seconds if not record.cached else 0.0, record.images_per_s)
 
 
 def _within(seconds: float | None, work):

@@ -197,9 +197,10 @@ class FeatureExtractor:
                 ) -> tuple[np.ndarray, ExtractionRecord]:
         """Features of ``dataset.split(split)`` (its first ``rows``) through an *adapted* image encoder, a method's
         ``encoder_`` (see :class:`hica_bench.interfaces.Method`): the same preprocessing, batch size, precision, threads
-        and device as this run's frozen features, on the eager backend (an adapted copy is not exported to ONNX), and
-        cached under the adapted encoder's own identity, never the frozen one's. Not counted in this extractor's
-        records (they describe the frozen passes)."""
+        and device as this run's frozen features, on the eager backend in the plain memory layout, without
+        ``torch.compile`` (an adapted copy is neither exported to ONNX nor compiled: it is used once), and cached under
+        the adapted encoder's own identity, never the frozen one's. Not counted in this extractor's records (they
+        describe the frozen passes)."""
         settings = dataclasses.replace(self.settings, backend="eager", channels_last=False, compile=False, exporter=None)
         pair = EncoderPair(encoder, None, False, self.pair.device, {})
         other = FeatureExtractor(pair, self.cache_dir, settings=settings, reference=False)

@@ -140,7 +140,7 @@ class ClipLoRA:
             self.class_embeddings_ = self._class_embeddings(text, prompts, len(ensemble), torch).float().cpu()
         self.scale_ = scale
         self.encoder_ = AdaptedImageEncoder(
-            image, f"{task.encoders.image.identity}+clip-lora-r{self.rank}:sha256={digest}")
+            image, f"{task.encoders.image.identity}+clip-lora-r{self.rank}-a{self.alpha:g}:sha256={digest}")
         self.fit_info_ = {"iterations": iterations, "lora_parameters": int(sum(p.numel() for p in lora)),
                           "projections": len(parametrized), "templates": list(ensemble),
                           "loss_first_last": [self.loss_history_[0], self.loss_history_[-1]]}

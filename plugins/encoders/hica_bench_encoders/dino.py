@@ -53,6 +53,7 @@ def dino_pair(device: str, path: str, pool: str, text: str, name: str) -> Encode
         raise UserError(f"cannot load {name} from {folder} ({first_line(exc)})") from None
     if model.config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise UserError(f"{name}: {folder} holds a {model.config.model_type} model, not DINOv2")
+    model.requires_grad_(False)  # frozen: a method adapts a copy
     spec = hf_input_spec(folder, name)
     identity = f"{name}:{pool}:sha256={_folder_digest(folder) or state_dict_sha256(model)}"
     image = DinoImage(model, identity, spec, pool)

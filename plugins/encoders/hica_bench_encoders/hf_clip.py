@@ -108,11 +108,16 @@ def hf_clip_pair(device: str, path: str, name: str = "hf-clip") -> EncoderPair:
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise UserError(f"{name}: {folder} holds a {type(model).__name__}, not an image-text model such as CLIPModel "
                         "or SiglipModel")
+    model.requires_grad_(False)  # frozen: a method adapts a copy
     spec = hf_input_spec(folder, name)
     identity = f"{name}:{model.config.model_type}:sha256={_folder_digest(folder) or state_dict_sha256(model)}"
-    with torch.inference_mode():
-        embed_dim = int(pooled(model.get_image_features(
-            pixel_values=torch.zeros(1, 3, spec.size, spec.size, device=device))).shape[-1])
+    try:
+        with torch.inference_mode():
+            embed_dim = int(pooled(model.get_image_features(
+                pixel_values=torch.zeros(1, 3, spec.size, spec.size, device=device))).shape[-1])
+    except Exception as exc:  # e.g. a processor size the vision tower's position embeddings do not fit
+        raise UserError(f"{name}: {folder} does not encode a {spec.size} px image as its processor config says "
+                        f"({first_line(exc)})") from None
     image = HFCLIPImage(model, identity, spec, embed_dim)
     text = HFCLIPText(model, tokenizer, f"{identity}/text", device, embed_dim)
     return EncoderPair(image, text, aligned=True, device=device, modules={"model": model, "image": model.vision_model})

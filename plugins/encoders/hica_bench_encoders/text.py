@@ -79,7 +79,8 @@ class SentenceTransformerText:
     def embed(self, texts: Sequence[str]):
         """(len(texts), D) sentence embeddings as a torch tensor with gradients (the same pipeline as ``encode``)."""
         model = self.model
-        features = {k: v.to(self.device) for k, v in model.tokenize(list(texts)).items()}
+        preprocess = getattr(model, "preprocess", None) or model.tokenize  # `tokenize` before sentence-transformers 6
+        features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in preprocess(list(texts)).items()}
         return model(features)["sentence_embedding"]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

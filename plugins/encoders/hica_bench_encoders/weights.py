@@ -109,12 +109,13 @@ def hub_folder(source: str, what: str, option: str) -> Path:
         raise UserError(f"{option}={source!r}: no such folder (and not a Hugging Face repo name org/model)")
     hint = (f"download it on a connected machine with `hf download {source} --local-dir <folder>` and pass "
             f"{option}=<folder>")
+    skip = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "tf_model*", "flax_model*", "rust_model*", "*.mlmodel*"]
     try:
-        return Path(snapshot_download(source, local_files_only=True))
+        return Path(snapshot_download(source, local_files_only=True, ignore_patterns=skip))
     except Exception:
         pass
-    try:
-        return Path(snapshot_download(source))
+    try:  # the PyTorch weights and configs only: not the TensorFlow, Flax or ONNX copies a repo may also hold
+        return Path(snapshot_download(source, ignore_patterns=skip))
     except Exception as exc:
         reason = ("it is not in the Hugging Face cache and the Hub is unreachable (or HF_HUB_OFFLINE is set)"
                   if "offline" in str(exc).lower() or "connect" in str(exc).lower() or "resolve" in str(exc).lower()
@@ -130,22 +131,27 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 def hf_input_spec(folder: Path, what: str) -> Any:
     """The :class:`~hica_bench.interfaces.InputSpec` a Hugging Face model folder's own image processor config
-    (``preprocessor_config.json``) gives: the crop size (else the resize size), mean, std and resampling filter."""
+    (``preprocessor_config.json``) gives: the crop size when it crops (else the resize size), mean, std and the
+    resampling filter. The harness resizes each (square) image straight to that size, with bilinear or bicubic
+    interpolation (the processor's bilinear stays bilinear; every other filter becomes bicubic): a processor that
+    resizes to 256 and then centre-crops 224 (DINOv2) sees the whole image at 224 here."""
     from transformers import AutoImageProcessor
 
     from hica_bench.interfaces import InputSpec
 
     try:
         processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+        size = size or getattr(processor, "size", None) or {}
+        size = {"height": size} if isinstance(size, int) else {k: getattr(size, k, None) if not isinstance(size, dict)
+                                                               else size.get(k) for k in ("height", "shortest_edge", "width")}
+        side = size.get("height") or size.get("shortest_edge") or size.get("width")
+        mean, std = ([v] if isinstance(v, (int, float)) else list(v) for v in (processor.image_mean, processor.image_std))
+        mean, std = (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
+        resample = getattr(processor, "resample", None)
+        resample = 3 if resample is None else int(resample)  # PIL's codes: 2 bilinear, 3 bicubic
+        return InputSpec(size=int(side), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                         interpolation="bilinear" if resample == 2 else "bicubic")
     except Exception as exc:
         raise UserError(f"{what}: no usable image processor config in {folder} ({first_line(exc)}); the folder needs "
                         "the preprocessor_config.json published with the weights") from None
-    size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
-    size = size or getattr(processor, "size", None) or {}
-    size = dict(size) if not isinstance(size, int) else {"height": size}
-    side = size.get("height") or size.get("shortest_edge") or size.get("width")
-    mean, std = ([v] if isinstance(v, (int, float)) else list(v) for v in (processor.image_mean, processor.image_std))
-    mean, std = (list(mean) * 3 if len(mean) == 1 else list(mean)), (list(std) * 3 if len(std) == 1 else list(std))
-    interpolation = "bilinear" if int(getattr(processor, "resample", 3) or 3) == 2 else "bicubic"
-    return InputSpec(size=int(side), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-                     interpolation=interpolation)

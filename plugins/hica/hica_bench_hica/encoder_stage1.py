@@ -64,10 +64,13 @@ def adapt_encoders(method: Any, task: FewShotTask, corpus: list[str], corpus_cla
     if path is not None and path.exists():
         try:
             state = load_file(str(path))
-            with torch.no_grad():
-                for prefix, named in (("v.", visual), ("t.", textual)):
-                    for name, parameter in named:
-                        parameter.copy_(state[prefix + name].to(parameter.device))
+            wanted = [(f"{prefix}{name}", parameter) for prefix, named in (("v.", visual), ("t.", textual))
+                      for name, parameter in named]
+            if set(state) != {key for key, _ in wanted} or any(state[k].shape != p.shape for k, p in wanted):
+                raise ValueError("its tensors are not the ones this stage 1 trains")
+            with torch.no_grad():  # checked first: a stale entry never leaves half its tensors in the copy
+                for key, parameter in wanted:
+                    parameter.copy_(state[key].to(parameter.device))
             cached = True
         except Exception as exc:  # corrupt or stale: retrain, never trust it
             log.warning("HiCA encoder stage-1 cache %s unreadable (%s); retraining", path.name, exc)
@@ -108,9 +111,11 @@ def _train_visual(o: dict[str, Any], image: Any, named: list, images: np.ndarray
                                               dim=1).cpu().numpy() for s in range(0, len(images), BATCH)])
         pseudo = torch.from_numpy(KMeans(n_clusters=n_clusters, n_init=1, random_state=epoch, max_iter=100)
                                   .fit(encoded).labels_.astype(np.int64))
-        head = torch.nn.Linear(encoded.shape[1], n_clusters).to(device)
-        torch.nn.init.normal_(head.weight, std=0.01, generator=generator)
+        with torch.random.fork_rng(devices=[]):  # the head's default init must not draw from the global generator
+            head = torch.nn.Linear(encoded.shape[1], n_clusters)
+        torch.nn.init.normal_(head.weight, std=0.01, generator=generator)  # on the CPU, with stage 1's own generator
         torch.nn.init.zeros_(head.bias)
+        head = head.to(device)
         head_optimiser = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
         weights = 1.0 / torch.bincount(pseudo, minlength=n_clusters).clamp(min=1).float()
         order = torch.multinomial(weights[pseudo], len(images), replacement=True, generator=generator)

@@ -352,7 +352,7 @@ class HiCA:
         self.loss_history_ = []
         for _ in range(o["epochs"]):
             if trunk is not None:
-                support = visual(torch.nn.functional.normalize(trunk().float(), dim=1))
+                support = visual(torch.nn.functional.normalize(trunk().float().cpu(), dim=1))  # heads live on the CPU
             image_embeddings = image_head(support)
             text_embeddings = text_head(class_text)
             loss = global_loss(image_embeddings=image_embeddings, text_embeddings=text_embeddings, labels=labels)
