@@ -100,17 +100,9 @@ def test_finetune_and_hica_encoder_stage1_are_seeded(medmnist_root, tmp_path):
 
 
 def test_clip_lora_on_a_local_random_init_open_clip_checkpoint(medmnist_root, tmp_path):
-    import open_clip
-    import torch
+    from test_conformance import tiny_clip_checkpoint
 
-    from test_conformance import TINY_CLIP
-
-    folder = tmp_path / "tiny-clip"
-    folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False)
-    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    folder = tiny_clip_checkpoint(tmp_path / "tiny-clip")
     grid = run(medmnist_root, tmp_path / "cache", tmp_path / "out", "--encoder", f"open-clip:model=local-dir:{folder}",
                "--methods", "clip-lora:iterations=8,zero-shot")
     lora = grid["clip-lora:iterations=8"]

@@ -4,6 +4,7 @@ is checked without touching this file; and the kit itself, on plugins broken on 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,19 @@ TINY_CLIP = {"model_cfg": {"embed_dim": 32,
              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}
 #: Options that make an encoder cheap or buildable offline; any other encoder is built with its defaults.
 ENCODER_OPTIONS = {"open-clip": "model=local-dir:{tiny_clip}:pretrained=random", "timm": "model=resnet10t:text=:checkpoint=random"}
+
+
+def tiny_clip_checkpoint(folder: Path) -> Path:
+    """``folder`` holding :data:`TINY_CLIP`'s ``open_clip_config.json`` and a random-init checkpoint (seed 0) in
+    open_clip's own file name: a local model as ``local-dir:`` and ``hf-hub:`` snapshots hold one."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False)
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
 
 
 def names(kind: str) -> list[str]:

@@ -132,16 +132,9 @@ def test_dinov2_and_rad_dino_are_image_only_with_dense_features(family, pool, ti
 
 
 def test_quiltnet_from_a_local_open_clip_folder(medmnist_root, tmp_path):
-    import open_clip
+    from test_conformance import tiny_clip_checkpoint
 
-    from test_conformance import TINY_CLIP
-
-    folder = tmp_path / "quiltnet"
-    folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False)
-    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    folder = tiny_clip_checkpoint(tmp_path / "quiltnet")
     pair = build(f"quiltnet:path={folder}")
     testing.check_encoder(pair)
     digest = hashlib.sha256((folder / "open_clip_pytorch_model.bin").read_bytes()).hexdigest()

@@ -17,11 +17,8 @@ import numpy as np
 
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderPair, InputSpec
-from hica_bench_encoders.text import _folder_digest
+from hica_bench_encoders.text import _folder_digest, encode_batched
 from hica_bench_encoders.weights import first_line, hf_input_spec, hub_folder, state_dict_sha256
-
-BATCH = 64
-
 
 def pooled(output: Any) -> Any:
     """``get_image_features``/``get_text_features`` give a tensor (transformers 4) or an output whose
@@ -83,13 +80,7 @@ class HFCLIPText:
         return pooled(self.model.get_text_features(**inputs))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
-
-        out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(texts), BATCH):
-                out[start:start + BATCH] = self.embed(texts[start:start + BATCH]).float().cpu().numpy()
-        return out
+        return encode_batched(self.embed, texts, self.embed_dim)
 
 
 def hf_clip_pair(device: str, path: str, name: str = "hf-clip") -> EncoderPair:

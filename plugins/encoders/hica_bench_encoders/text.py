@@ -133,13 +133,19 @@ class HFMeanPoolText:
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
+        return encode_batched(self.embed, texts, self.embed_dim)
 
-        out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(texts), BATCH):
-                out[start:start + BATCH] = self.embed(texts[start:start + BATCH]).float().cpu().numpy()
-        return out
+
+def encode_batched(embed, texts: Sequence[str], embed_dim: int) -> np.ndarray:
+    """``embed`` (texts -> torch tensor) over ``texts`` in batches of :data:`BATCH` under ``inference_mode``, as
+    float32 numpy (len(texts), ``embed_dim``): the ``encode`` of every text encoder that offers ``embed``."""
+    import torch
+
+    out = np.zeros((len(texts), embed_dim), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(texts), BATCH):
+            out[start:start + BATCH] = embed(texts[start:start + BATCH]).float().cpu().numpy()
+    return out
 
 
 MINILM = "minilm:all-MiniLM-L6-v2"
