@@ -116,38 +116,47 @@ def weights_digest(named: Iterable[tuple[str, Any]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _torch_modules(modules: dict[str, Any]) -> list[Any]:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return [] if torch is None else [m for m in modules.values() if isinstance(m, torch.nn.Module)]
+
+
+def _tensors(modules: dict[str, Any]) -> dict[int, Any]:
+    """Every parameter and buffer of the torch modules in ``modules``, each once (a pair may list a model and a
+    tower inside it), by ``id``."""
+    found: dict[int, Any] = {}
+    for module in _torch_modules(modules):
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            found.setdefault(id(tensor), tensor)
+    return found
+
+
 def weight_versions(modules: dict[str, Any]) -> int | None:
-    """Sum of the version counters of every tensor of ``modules`` (torch bumps one on each in-place change: an
-    optimiser step, ``copy_``, ``load_state_dict``): equal before and after ``fit`` unless the method changed the
-    frozen encoder in place. None when no module is a torch module."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None:
+    """A fingerprint of the frozen encoder's state: each tensor's version counter (torch bumps it on every in-place
+    change: an optimiser step, ``copy_``, ``load_state_dict``) and storage (``param.data = ...`` replaces it), and
+    every submodule's train/eval mode (a module left in train mode would encode later splits differently). Equal
+    before and after ``fit`` unless the method changed the frozen encoder; None when no module is a torch module."""
+    if not _torch_modules(modules):
         return None
-    total, seen = 0, False
-    for module in modules.values():
-        if isinstance(module, torch.nn.Module):
-            seen = True
-            total += sum(t._version for t in module.parameters()) + sum(t._version for t in module.buffers())
-    return total if seen else None
+    tensors = tuple((key, t.data_ptr(), t._version) for key, t in _tensors(modules).items())
+    modes = tuple(m.training for module in _torch_modules(modules) for m in module.modules())
+    return hash((tensors, modes))
 
 
-def frozen_state(modules: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A copy of every torch module's state (parameters and buffers) in ``modules``, to :func:`restore` it."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return {}
-    return {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
-            for name, module in modules.items() if isinstance(module, torch.nn.Module)}
+def frozen_state(modules: dict[str, Any]) -> dict[int, tuple[Any, Any]]:
+    """A CPU copy of every tensor of ``modules`` (each once), to :func:`restore` them: host memory, not the device's,
+    holds the copy."""
+    return {key: (tensor, tensor.detach().to("cpu", copy=True)) for key, tensor in _tensors(modules).items()}
 
 
-def restore(modules: dict[str, Any], state: dict[str, dict[str, Any]]) -> None:
-    """Put back the state :func:`frozen_state` copied (a method changed the frozen encoder in place)."""
+def restore(modules: dict[str, Any], state: dict[int, tuple[Any, Any]]) -> None:
+    """Put back what :func:`frozen_state` copied (a method changed the frozen encoder), and eval mode."""
     import torch
 
     with torch.no_grad():
-        for name, saved in state.items():
-            modules[name].load_state_dict(saved)
+        for tensor, saved in state.values():
+            tensor.copy_(saved.to(tensor.device))
+    for module in _torch_modules(modules):
+        module.eval()

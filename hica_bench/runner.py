@@ -401,9 +401,9 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
             finally:  # also when fit raised: the next cells and datasets are encoded with the frozen weights
                 if frozen is not None and weight_versions(pair.modules) != frozen:
                     restore(pair.modules, saved)
-                    raise RuntimeError("the method changed the frozen encoder's weights in place (they were put "
-                                       "back); adapt a copy (hica_bench.adapting.adaptable_copy) and expose it as "
-                                       "encoder_")
+                    raise RuntimeError("the method changed the frozen encoder's weights or modes in place (they "
+                                       "were put back); adapt a copy (hica_bench.adapting.adaptable_copy) and "
+                                       "expose it as encoder_")
             fit_s = time.perf_counter() - start
             features, adapted = _adapted_features(model, pair, dataset, len(test_labels), extractor)
             start = time.perf_counter()

@@ -251,7 +251,7 @@ def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTa
                              f"it did not declare in needs={sorted(model.needs)}?)") from exc
     assert fitted is model, f"{name} ({label}): fit must return self"
     assert frozen is None or weight_versions(task.encoders.modules) == frozen, (
-        f"{name} ({label}): fit changed the frozen encoder's weights in place; adapt a copy "
+        f"{name} ({label}): fit changed the frozen encoder's weights or modes in place; adapt a copy "
         "(hica_bench.adapting.adaptable_copy) and expose it as encoder_")
     adapted = getattr(model, "encoder_", None)
     if adapted is not None:

@@ -65,12 +65,14 @@ def test_changing_the_frozen_encoder_or_borrowing_its_identity_fails_the_cell(me
     clean = [json.loads(line) for line in (tmp_path / "clean" / "results.jsonl").read_text().splitlines()]
     clean = next(r for r in clean if r["key"]["dataset"] == "pneumoniamnist")
     out = tmp_path / "out"
-    run(medmnist_root, tmp_path / "cache", out, *two, "--methods", "in-place,same-identity,reveal", code=1)
+    run(medmnist_root, tmp_path / "cache", out, *two, "--methods", "in-place,same-identity,train-mode,reveal", code=1)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by = {(r["key"]["dataset"], r["key"]["method"]): r for r in records}
     for dataset in ("breastmnist", "pneumoniamnist"):
         assert by[dataset, "in-place"]["status"] == "failed"
-        assert "changed the frozen encoder's weights in place" in by[dataset, "in-place"]["reason"]
+        assert "changed the frozen encoder's weights or modes in place" in by[dataset, "in-place"]["reason"]
+        assert by[dataset, "train-mode"]["status"] == "failed"
+        assert "changed the frozen encoder" in by[dataset, "train-mode"]["reason"]
         assert by[dataset, "same-identity"]["status"] == "failed"
         assert "identity of its own" in by[dataset, "same-identity"]["reason"]
     assert by["pneumoniamnist", "reveal"]["status"] == "ok"  # the grid went on, with the frozen weights

@@ -8,7 +8,8 @@
 - ``shift``: adapts a copy of the encoder (adds ``amount`` to its bias) and exposes it as ``encoder_``;
 - ``shift-hidden``: adapts a copy the same way but exposes nothing (the harness must hand it the frozen features);
 - ``in-place``: adds to the frozen encoder's own bias (the harness must fail the cell);
-- ``same-identity``: exposes an adapted copy under the frozen encoder's identity (the harness must fail the cell).
+- ``same-identity``: exposes an adapted copy under the frozen encoder's identity (the harness must fail the cell);
+- ``train-mode``: leaves the frozen encoder in train mode (the harness must fail the cell and put it back in eval).
 """
 
 import hashlib
@@ -97,6 +98,14 @@ class InPlace(Reveal):
         return super().fit(task)
 
 
+class TrainMode(Reveal):
+    needs = frozenset({"image_features", "encoders"})
+
+    def fit(self, task):
+        task.encoders.modules["image"].train()  # left in train mode: later passes would not be the frozen encoder's
+        return super().fit(task)
+
+
 @hookimpl
 def hica_bench_encoders():
     def build(device):
@@ -114,4 +123,5 @@ def hica_bench_methods():
             PluginSpec("method", "shift-hidden", "adapts a copy, exposes nothing (tests)", ShiftHidden, {"amount": 0.5}),
             PluginSpec("method", "same-identity", "exposes an adapted copy under the frozen identity (tests)",
                        SameIdentity, {"amount": 0.5}),
-            PluginSpec("method", "in-place", "changes the frozen encoder's weights (tests)", InPlace, {"tag": ""})]
+            PluginSpec("method", "in-place", "changes the frozen encoder's weights (tests)", InPlace, {"tag": ""}),
+            PluginSpec("method", "train-mode", "leaves the frozen encoder in train mode (tests)", TrainMode)]
