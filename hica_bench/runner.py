@@ -34,7 +34,7 @@ from hica_bench.interfaces import (NEEDS, Components, EncoderCard, EncoderPair, 
                                   ImageEncoder, Prompts)
 from hica_bench.metrics import calibration, classification_metrics, per_class
 from hica_bench.registry import Choice, Registry, RunComponents
-from hica_bench.results import (CellKey, CellResult, Environment, Identity, Origin, ResultsStore, Status, Timings,
+from hica_bench.results import (CellKey, CellResult, Environment, Identity, Origin, ResultsStore, Status,
                                 environment, jsonable)
 
 log = logging.getLogger(__name__)

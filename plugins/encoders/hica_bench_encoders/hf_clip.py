@@ -10,7 +10,6 @@ SigLIP's text tower is fed ``max_length`` padding, as it was trained.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
