@@ -65,4 +65,9 @@ def test_the_gate_holds_on_a_loaded_cpu(small_breastmnist, tmp_path, default_enc
     code, row = _verdict(baseline, clean, tmp_path / "clean.json")
     assert code == 0 and row["verdict"] in ("ok", "improved", "not comparable"), row
     code, row = _verdict(baseline, slow, tmp_path / "slow.json")
+    if row["verdict"] == "not comparable":  # the run's own spread was too wide to judge (seen once in a CI trial, on
+        # a loaded 2-core VM): the gate asks for another measurement, as a user would take; a real slowdown must be
+        # caught by the second one
+        slow = _run(small_breastmnist, tmp_path, "slow-again", "eager", busy=1)
+        code, row = _verdict(baseline, slow, tmp_path / "slow-again.json")
     assert code == 1 and row["verdict"] == "regressed", row
