@@ -15,7 +15,7 @@ from typing import Any
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderPair, InputSpec
 from hica_bench_encoders.hf_clip import fold
-from hica_bench_encoders.text import _folder_digest, build_text
+from hica_bench_encoders.text import folder_digest, build_text
 from hica_bench_encoders.weights import first_line, hf_input_spec, hub_folder, state_dict_sha256
 
 POOLS = ("cls", "mean")
@@ -55,6 +55,6 @@ def dino_pair(device: str, path: str, pool: str, text: str, name: str) -> Encode
         raise UserError(f"{name}: {folder} holds a {model.config.model_type} model, not DINOv2")
     model.requires_grad_(False)  # frozen: a method adapts a copy
     spec = hf_input_spec(folder, name)
-    identity = f"{name}:{pool}:sha256={_folder_digest(folder) or state_dict_sha256(model)}"
+    identity = f"{name}:{pool}:sha256={folder_digest(folder) or state_dict_sha256(model)}"
     image = DinoImage(model, identity, spec, pool)
     return EncoderPair(image, build_text(text, device), aligned=False, device=device, modules={"image": model})

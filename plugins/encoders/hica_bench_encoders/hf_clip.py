@@ -16,7 +16,7 @@ import numpy as np
 
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderPair, InputSpec
-from hica_bench_encoders.text import _folder_digest, encode_batched
+from hica_bench_encoders.text import folder_digest, encode_batched
 from hica_bench_encoders.weights import first_line, hf_input_spec, hub_folder, state_dict_sha256
 
 def pooled(output: Any) -> Any:
@@ -100,7 +100,7 @@ def hf_clip_pair(device: str, path: str, name: str = "hf-clip") -> EncoderPair:
                         "or SiglipModel")
     model.requires_grad_(False)  # frozen: a method adapts a copy
     spec = hf_input_spec(folder, name)
-    identity = f"{name}:{model.config.model_type}:sha256={_folder_digest(folder) or state_dict_sha256(model)}"
+    identity = f"{name}:{model.config.model_type}:sha256={folder_digest(folder) or state_dict_sha256(model)}"
     try:
         with torch.inference_mode():
             embed_dim = int(pooled(model.get_image_features(

