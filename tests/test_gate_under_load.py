@@ -1,5 +1,11 @@
 """The throughput gate on a deliberately loaded CPU (a busy loop beside the run), with the real pretrained encoder:
-clean code still passes, a real slowdown (ONNX Runtime off, so plain eager at a fixed batch) still fails."""
+clean code still passes, a real slowdown (ONNX Runtime off, so plain eager at a fixed batch: about 4x) is never
+passed, and is caught as a regression where the load leaves the gate room to resolve it.
+
+Under a share ``c`` of the CPUs taken, the gate only flags drops past ``1 - (1 - bound)(1 - c)`` (see
+:mod:`hica_bench.check`): with one core of two busy (c = 0.5) that is 70 % or more, about where this 4x slowdown
+lands (-75 % to -81 % measured on a 2-core VM), so there the honest verdicts are "regressed" or "not comparable";
+with a core busy half the time (c = 0.25) the bound is 55 % and the slowdown must be caught."""
 
 from __future__ import annotations
 
@@ -30,11 +36,21 @@ def small_breastmnist(medmnist_root, tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def _run(medmnist_root: Path, root: Path, name: str, backend: str, busy: int, onnx_from: Path | None = None) -> Path:
+#: a loop that keeps one core busy ``duty`` of the time (in 10 ms periods)
+BUSY_LOOP = """import time
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < {duty} * 0.01:
+        pass
+    time.sleep((1 - {duty}) * 0.01)"""
+
+
+def _run(medmnist_root: Path, root: Path, name: str, backend: str, busy: int, onnx_from: Path | None = None,
+         duty: float = 1.0) -> Path:
     cache = root / name / "cache"
     if onnx_from is not None:  # the exported graph is reused (its export is not what is measured)
         shutil.copytree(onnx_from / "onnx", cache / "onnx")
-    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(duty=duty)]) for _ in range(busy)]
     try:
         code, _, err = invoke("run", "--datasets", "breastmnist", "--methods", "prototype", "--shots", "1", "--seeds", "0",
                               "--data-root", medmnist_root, "--no-download", "--cache-dir", cache,
@@ -65,9 +81,10 @@ def test_the_gate_holds_on_a_loaded_cpu(small_breastmnist, tmp_path, default_enc
     code, row = _verdict(baseline, clean, tmp_path / "clean.json")
     assert code == 0 and row["verdict"] in ("ok", "improved", "not comparable"), row
     code, row = _verdict(baseline, slow, tmp_path / "slow.json")
-    if row["verdict"] == "not comparable":  # the run's own spread was too wide to judge (seen once in a CI trial, on
-        # a loaded 2-core VM): the gate asks for another measurement, as a user would take; a real slowdown must be
-        # caught by the second one
-        slow = _run(small_breastmnist, tmp_path, "slow-again", "eager", busy=1)
-        code, row = _verdict(baseline, slow, tmp_path / "slow-again.json")
+    assert row["verdict"] in ("regressed", "not comparable") and code == (row["verdict"] == "regressed"), row
+
+    half = _run(small_breastmnist, tmp_path, "slow-half-load", "eager", busy=1, duty=0.5)
+    load = json.loads((half / "results.jsonl").read_text().splitlines()[0])["timings"]["cpu_contention"]
+    assert 0.1 <= load < 0.4, load  # the half-time loop was seen, as less than a whole core
+    code, row = _verdict(baseline, half, tmp_path / "slow-half-load.json")
     assert code == 1 and row["verdict"] == "regressed", row
