@@ -31,7 +31,8 @@ and ``g_t`` (text) into a shared space, trained with
   * L_global: InfoNCE between support image embeddings g_v(a(f)) and class text embeddings g_t(b(t_c))
     (t_c = mean of the class's global descriptors);
   * L_local: InfoNCE between K ROI embeddings per support image (dense encoder features pooled inside the
-    boxes of an ROI extractor, one encoder pass per image) and the fine-grained local descriptors;
+    boxes of an ROI extractor, one encoder pass per image, when the encoder's map has its embedding's width; else,
+    e.g. unprojected ViT tokens, each box's crop re-encoded) and the fine-grained local descriptors;
   * L_cross: hinge pushing mismatched image/text similarities at least δ below the matched one.
 Prediction: softmax over cosine(g_v(a(f)), g_t(b(t_c))) / τ.
 
@@ -274,9 +275,9 @@ class HiCA:
                 x = preprocess(images[start : start + 16], encoder.input_spec, task.device)
                 dense = encoder.dense(x) if hasattr(encoder, "dense") else None
                 boxes = extractor.extract(x, o["rois"], dense)
-                if dense is not None:
+                if dense is not None and dense.shape[1] == encoder.embed_dim:  # a map in the embedding's own space
                     pooled = roi_pool(dense.float(), boxes, x.shape[-1])
-                else:  # no dense map: re-encode each crop at the encoder's input size
+                else:  # no dense map, or one of another width (e.g. unprojected ViT tokens): re-encode each crop
                     pooled = torch.stack([
                         encoder.encode(torch.stack([
                             torch.nn.functional.interpolate(x[i : i + 1, :, y0:y1, x0:x1], size=x.shape[-2:], mode="bilinear")[0]
