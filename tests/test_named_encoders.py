@@ -9,6 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,7 +147,7 @@ def test_quiltnet_from_a_local_open_clip_folder(medmnist_root, tmp_path):
     ("pubmedclip", "hf download flaviagiammarino/pubmed-clip-vit-base-patch32 --local-dir <folder>` and pass path="),
     ("rad-dino", "hf download microsoft/rad-dino --local-dir <folder>` and pass path="),
     ("quiltnet", "pass path=<folder with its open_clip_config.json and weights> (e.g. from `hf download wisdomik/QuiltNet-B-32 --local-dir <folder>`"),
-    ("medclip", "medclip is not supported"),
+    ("medclip", "medclip needs checkpoint="),
     ("unimed-clip", "not published on PyPI"),
     ("hf-clip:path=/no/such/folder", "no such folder"),
 ])
@@ -167,8 +168,161 @@ def test_offline_or_unsupported_is_one_line(text, expected, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("method, options", [("clip-lora", {"iterations": 3}), ("finetune", {"steps": 3}),
-                                             ("coop", {"epochs": 1})])
+                                             ("coop", {"epochs": 1}), ("hica", {"epochs": 2, "stage1_epochs": 1})])
 def test_methods_that_adapt_or_feed_the_towers_run_on_a_transformers_clip(method, options, tiny_hf_clip):
     """clip-lora's LoRA on separate q_proj/k_proj/v_proj layers, fine-tuning the vision tower's last block, CoOp
-    through the text tower: the conformance kit on the transformers pair."""
+    through the text tower, HiCA's ROIs where the token map (32 wide) is not in the 16-wide embedding space (each
+    crop re-encoded): the conformance kit on the transformers pair."""
     testing.check_method(REGISTRY.get("method", method).spec, options, pair=build(f"hf-clip:path={tiny_hf_clip}"))
+
+
+# --------------------------------------------------------------------------- MedCLIP (its release layout)
+
+
+class _MedCLIPLayout(torch.nn.Module):
+    """MedCLIP's module tree as its release checkpoint names it (medclip 0.0.3, modeling_medclip.py), at a tiny size:
+    vision_model.{model, projection_head} (Swin) or vision_model.model with fc (ResNet-50), text_model.{model,
+    projection_head} (BERT), logit_scale."""
+
+    def __init__(self, bert: Path, swin: Path | None, dim: int = 16) -> None:
+        import torchvision
+        from transformers import AutoConfig, AutoModel
+
+        super().__init__()
+        self.vision_model, self.text_model = torch.nn.Module(), torch.nn.Module()
+        if swin is not None:
+            self.vision_model.model = AutoModel.from_config(AutoConfig.from_pretrained(swin))
+            self.vision_model.projection_head = torch.nn.Linear(32, dim, bias=False)
+        else:
+            self.vision_model.model = torchvision.models.resnet50(weights=None)
+            self.vision_model.model.fc = torch.nn.Linear(2048, dim, bias=False)
+        self.text_model.model = AutoModel.from_config(AutoConfig.from_pretrained(bert))
+        self.text_model.projection_head = torch.nn.Linear(32, dim, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.log(torch.tensor(1 / 0.07)))
+
+    def text(self, tokens) -> torch.Tensor:
+        """MedCLIPTextModel.forward: hidden states 1, 2 and -1 stacked, mean over tokens then layers, projected."""
+        out = self.text_model.model(**tokens, output_hidden_states=True)
+        stacked = torch.stack([out.hidden_states[1], out.hidden_states[2], out.hidden_states[-1]])
+        return self.text_model.projection_head(stacked.permute(1, 0, 2, 3).mean(2).mean(1))
+
+
+@pytest.fixture(scope="module")
+def medclip_bases(tmp_path_factory) -> tuple[Path, Path]:
+    """Bio_ClinicalBERT-like and Swin-T-like base folders holding configs and a tokenizer only (no weights)."""
+    from transformers import BertConfig, SwinConfig
+
+    bert, swin = tmp_path_factory.mktemp("medclip-bert"), tmp_path_factory.mktemp("medclip-swin")
+    BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=128).save_pretrained(bert)
+    tokenizer_into(bert)
+    SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4
+               ).save_pretrained(swin)
+    return bert, swin
+
+
+def medclip_release(folder: Path, bert: Path, swin: Path | None) -> tuple[Path, _MedCLIPLayout]:
+    """A random MedCLIP saved as its release zip holds it: ``pytorch_model.bin``, torch.save of the state dict."""
+    torch.manual_seed(0)
+    model = _MedCLIPLayout(bert, swin).eval()
+    folder.mkdir(parents=True)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder / "pytorch_model.bin", model
+
+
+def medclip_package(site: Path, bert: Path, swin: Path) -> None:
+    """The installed medclip package's files (what `pip install --no-deps medclip` puts in site-packages): an
+    __init__ that must never run here, and a constants.py in its own format (test values)."""
+    (site / "medclip").mkdir(parents=True)
+    (site / "medclip" / "__init__.py").write_text("raise ImportError('the medclip package must not be imported')\n")
+    (site / "medclip" / "constants.py").write_text(
+        f"'''drawn from Gloria'''\n\nBERT_TYPE = {str(bert)!r}\nVIT_TYPE = {str(swin)!r}\n\nIMG_SIZE = 32\n"
+        "IMG_MEAN = .5862785803043838\nIMG_STD = .27950088968644304\n\nCHEXPERT_TASKS = ['No Finding']\n")
+
+
+def test_medclip_from_its_release_checkpoint(medclip_bases, medmnist_root, tmp_path, monkeypatch):
+    bert, swin = medclip_bases
+    checkpoint, reference = medclip_release(tmp_path / "medclip-vit", bert, swin)
+    medclip_package(tmp_path / "site", bert, swin)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    pair = build(f"medclip:checkpoint={checkpoint.parent}")  # the folder; text/swin from the package's constants
+    testing.check_encoder(pair)
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert pair.aligned and pair.image.identity == f"medclip:swin:sha256={digest}"
+    assert pair.image.embed_dim == pair.text.embed_dim == 16
+    spec = pair.image.input_spec  # the package's published preprocessing, grey mean/std on all three channels
+    assert (spec.size, spec.mean, spec.std, spec.interpolation) == (32, (.5862785803043838,) * 3,
+                                                                    (.27950088968644304,) * 3, "bicubic")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bert)
+    texts = ["chest x ray", "a chest x ray of a malignant breast tumor"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():  # the loaded towers compute what MedCLIP's forward does with the same weights
+        expected = reference.vision_model.projection_head(reference.vision_model.model(pixel_values=x).pooler_output)
+        torch.testing.assert_close(pair.image.encode(x), expected)
+        alone = [reference.text(tokenizer([t], return_tensors="pt"))[0].numpy() for t in texts]
+        dense = pair.image.dense(x)  # the projected token map, whose mean is the image embedding
+        assert dense.shape == (2, 16, 4, 4)
+        torch.testing.assert_close(dense.mean(dim=(2, 3)), expected)
+    batched = pair.text.encode(texts)  # padded together, yet each row is the text's embedding alone
+    np.testing.assert_allclose(batched, np.stack(alone), rtol=1e-4, atol=1e-5)
+    results = cells(medmnist_root, tmp_path, f"medclip:checkpoint={checkpoint}")
+    assert results["zero-shot"]["status"] == results["tip-adapter"]["status"] == "ok"
+    assert results["zero-shot"]["identity"]["origin"]["features"]["encoder"] == pair.image.identity
+
+
+def test_medclip_resnet_release_and_a_processor_config_beside_it(medclip_bases, tmp_path):
+    """The ResNet-50 variant (read off the checkpoint's keys), preprocessing from a preprocessor_config.json beside
+    the checkpoint (no medclip package installed)."""
+    from transformers import CLIPImageProcessor
+
+    bert, _ = medclip_bases
+    checkpoint, reference = medclip_release(tmp_path / "medclip-resnet", bert, None)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_mean=list(MEAN),
+                       image_std=list(STD)).save_pretrained(checkpoint.parent)
+    pair = build(f"medclip:checkpoint={checkpoint}:text={bert}")
+    testing.check_encoder(pair)
+    assert pair.image.identity.startswith("medclip:resnet:sha256=") and pair.image.input_spec.size == 64
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(pair.image.encode(x), reference.vision_model.model(x))
+        dense = pair.image.dense(x)  # fc at every position: its mean is the embedding (average pool, then fc)
+        assert dense.shape == (2, 16, 2, 2)
+        torch.testing.assert_close(dense.mean(dim=(2, 3)), pair.image.encode(x), rtol=1e-5, atol=1e-4)
+
+
+def test_medclip_bad_input_is_one_line(medclip_bases, tmp_path):
+    from transformers import CLIPImageProcessor
+
+    bert, swin = medclip_bases
+    checkpoint, reference = medclip_release(tmp_path / "medclip-vit", bert, swin)
+    broken = tmp_path / "broken"  # beside a processor config, so that the weights are what is read next
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(broken)
+    state = reference.state_dict()
+    del state["text_model.model.encoder.layer.1.output.dense.weight"]
+    torch.save(state, broken / "cut.bin")
+    torch.save({"weights": object()}, broken / "pickle.bin")  # not a plain state dict: weights_only refuses it
+    options = f"text={bert}:swin={swin}"
+    cases = {"medclip": "medclip needs checkpoint=",
+             f"medclip:checkpoint={tmp_path / 'none.bin'}": "no such file or folder",
+             f"medclip:checkpoint={tmp_path}": "the folder holds none of pytorch_model.bin",
+             f"medclip:checkpoint={checkpoint}:{options}": "pip install --no-deps medclip",
+             f"medclip:checkpoint={broken / 'cut.bin'}:{options}": "1 missing, 0 unexpected tensors",
+             f"medclip:checkpoint={broken / 'pickle.bin'}:{options}": "cannot read weights from"}
+    for text, expected in cases.items():
+        with pytest.raises(UserError) as raised:
+            build(text)
+        assert expected in str(raised.value) and "\n" not in str(raised.value), raised.value
+
+
+@pytest.mark.parametrize("method, options", [("clip-lora", {"iterations": 3}), ("finetune", {"steps": 3}),
+                                             ("hica", {"epochs": 2, "stage1_epochs": 1})])
+def test_methods_that_adapt_or_read_rois_run_on_medclip(method, options, medclip_bases, tmp_path, monkeypatch):
+    """LoRA on the Swin's and BERT's query/key/value layers, fine-tuning the Swin's last stage, and HiCA's ROI
+    features pooled from the projected map: the conformance kit on MedCLIP."""
+    bert, swin = medclip_bases
+    checkpoint, _ = medclip_release(tmp_path / "medclip-vit", bert, swin)
+    medclip_package(tmp_path / "site", bert, swin)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    testing.check_method(REGISTRY.get("method", method).spec, options, pair=build(f"medclip:checkpoint={checkpoint}"))

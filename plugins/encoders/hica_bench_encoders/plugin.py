@@ -67,6 +67,12 @@ def _dino(name: str):
     return build
 
 
+def _medclip(device: str, checkpoint: str, text: str, swin: str) -> EncoderPair:
+    from hica_bench_encoders.medclip import medclip_pair
+
+    return medclip_pair(device, checkpoint, text, swin)
+
+
 def _refused(message: str):
     def build(device: str, **options) -> EncoderPair:
         raise UserError(message)
@@ -100,11 +106,12 @@ def _named() -> list[PluginSpec]:
         PluginSpec("encoder", "rad-dino", f"RAD-DINO (DINOv2 on chest X-rays, transformers), image only, dense features; "
                    f"pool: cls or mean. path: {_PATH} (default {RAD_DINO}). text: as for timm. Not aligned.",
                    _dino("rad-dino"), {"path": RAD_DINO, "pool": Option("cls", choices=("cls", "mean")), "text": "minilm"}),
-        PluginSpec("encoder", "medclip", "MedCLIP: not supported (its package loads weights with unsafe pickles and "
-                   "fetches its base models from the Hub when built; see the README)",
-                   _refused("medclip is not supported: the medclip package (pip install medclip) reads its checkpoint "
-                            "with torch.load without weights_only (an unsafe pickle) and downloads Bio_ClinicalBERT "
-                            "and Swin-T from the Hub inside its constructor; see the README's encoder table")),
+        PluginSpec("encoder", "medclip", "MedCLIP (Swin-T or ResNet-50 + Bio_ClinicalBERT, 512-d), aligned, rebuilt from "
+                   "its published architecture and read safely. checkpoint: the pytorch_model.bin of its release zip "
+                   "(or its folder); required. text / swin: the base models' config and tokenizer folders or Hub "
+                   "names ('' = those the medclip package names; their weights are never read). Preprocessing from "
+                   "the medclip package's constants (pip install --no-deps medclip) or a preprocessor_config.json "
+                   "beside the checkpoint.", _medclip, {"checkpoint": "", "text": "", "swin": ""}),
         PluginSpec("encoder", "unimed-clip", "UniMed-CLIP: needs its code, which is not pip-installable (see the README)",
                    _refused("unimed-clip needs the UniMed-CLIP package, which is not published on PyPI (its code is "
                             "only on GitHub, mbzuai-oryx/UniMed-CLIP); not supported, see the README's encoder table")),

@@ -96,10 +96,11 @@ def hub_file(repo_id: str, filenames: Sequence[str], what: str, hint: str) -> st
     raise UserError(f"cannot fetch the {what} from the Hugging Face Hub ({repo_id}): {reason}; {hint}")
 
 
-def hub_folder(source: str, what: str, option: str) -> Path:
+def hub_folder(source: str, what: str, option: str, allow: Sequence[str] | None = None) -> Path:
     """A model folder: ``source`` itself when it is a local folder, else the Hugging Face repo ``source`` from the HF
-    cache (no network) or downloaded. A missing folder, or an unreachable Hub, is one line saying what to download
-    and where to pass it (``option``)."""
+    cache (no network) or downloaded (only the files matching ``allow`` when given, e.g. configs and tokenizer files
+    of a base model whose weights come from elsewhere). A missing folder, or an unreachable Hub, is one line saying
+    what to download and where to pass it (``option``)."""
     from huggingface_hub import snapshot_download
 
     folder = Path(source).expanduser()
@@ -107,15 +108,16 @@ def hub_folder(source: str, what: str, option: str) -> Path:
         return folder.resolve()
     if source.startswith(("/", ".", "~")) or source.count("/") != 1:
         raise UserError(f"{option}={source!r}: no such folder (and not a Hugging Face repo name org/model)")
-    hint = (f"download it on a connected machine with `hf download {source} --local-dir <folder>` and pass "
+    include = "".join(f" --include '{pattern}'" for pattern in allow or ())
+    hint = (f"download it on a connected machine with `hf download {source}{include} --local-dir <folder>` and pass "
             f"{option}=<folder>")
     skip = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "tf_model*", "flax_model*", "rust_model*", "*.mlmodel*"]
     try:
-        return Path(snapshot_download(source, local_files_only=True, ignore_patterns=skip))
+        return Path(snapshot_download(source, local_files_only=True, allow_patterns=allow, ignore_patterns=skip))
     except Exception:
         pass
     try:  # the PyTorch weights and configs only: not the TensorFlow, Flax or ONNX copies a repo may also hold
-        return Path(snapshot_download(source, ignore_patterns=skip))
+        return Path(snapshot_download(source, allow_patterns=allow, ignore_patterns=skip))
     except Exception as exc:
         reason = ("it is not in the Hugging Face cache and the Hub is unreachable (or HF_HUB_OFFLINE is set)"
                   if "offline" in str(exc).lower() or "connect" in str(exc).lower() or "resolve" in str(exc).lower()
