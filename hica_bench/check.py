@@ -1,8 +1,8 @@
 """``hica-bench check``: compare a fresh run with a committed baseline, cell by cell (a CI regression gate).
 
 Either side is a ``results.jsonl``, a ``leaderboard.csv`` or a folder holding one. A cell is
-(dataset, size, encoder, method, k, max_test); its scores are means over the seeds both results files hold
-(a leaderboard CSV gives its recorded means). Where one side holds results of several origins for a cell (see
+(dataset, size, encoder, method, k, max_test, and the test split's corruption and severity if any); its scores are
+means over the seeds both results files hold (a leaderboard CSV gives its recorded means). Where one side holds results of several origins for a cell (see
 :class:`hica_bench.results.Origin`), the newest origin is compared and a note says so; where the two sides'
 origins differ (another backend, checkpoint, plugin version or option default), a note says what differs.
 
@@ -43,7 +43,8 @@ from hica_bench.extraction.encode import REFERENCE_PASSES
 from hica_bench.metrics import HEADLINE, aggregate
 from hica_bench.results import LEGACY, Origin, ResultsStore, Status, origin_differences
 
-CELL = ["dataset", "size", "encoder", "method", "k", "max_test"]
+#: a cell: a corrupted test split (robustness track) is a cell of its own
+CELL = ["dataset", "size", "encoder", "method", "k", "max_test", "corruption", "severity"]
 #: environment facts whose difference makes raw speeds (device, cpu, threads) or scores (packages) incomparable
 SPEED_FACTS = ("device", "device_name", "cpu_model", "cpu_count", "torch_threads")
 DEFAULT_TOLERANCE = 1.0  #: percentage points
@@ -51,7 +52,7 @@ DEFAULT_THROUGHPUT_TOLERANCE = 0.4  #: relative drop of harness efficiency (its 
 BUSY = 0.1  #: share of the machine's CPU time used by other processes from which a throughput counts as measured under load
 
 
-Key = tuple  #: (dataset, size, encoder, method, k, max_test)
+Key = tuple  #: (dataset, size, encoder, method, k, max_test, corruption, severity)
 
 
 @dataclass
@@ -160,6 +161,9 @@ def _load_leaderboard(path: Path, role: str) -> Side:
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     stats = [f"{m}_{s}" for m in HEADLINE for s in ("mean", "std")]
+    for optional in ("corruption", "severity"):  # leaderboards before the robustness track: clean cells only
+        if optional not in frame.columns:
+            frame[optional] = None
     missing = [c for c in CELL + ["n"] + stats if c not in frame.columns]
     if missing:
         raise UserError(f"{role} {str(path)!r} is not a hica-bench leaderboard.csv (lacks columns {', '.join(missing)})")
@@ -175,7 +179,9 @@ def _load_leaderboard(path: Path, role: str) -> Side:
     for row in frame.to_dict("records"):
         try:
             key = (str(row["dataset"]), int(row["size"]), str(row["encoder"]), str(row["method"]), int(row["k"]),
-                   None if pd.isna(row["max_test"]) else int(row["max_test"]))
+                   None if pd.isna(row["max_test"]) else int(row["max_test"]),
+                   None if pd.isna(row["corruption"]) else str(row["corruption"]),
+                   None if pd.isna(row["severity"]) else int(row["severity"]))
             seeds = frozenset(int(s) for s in str(row["seeds"]).split(",")) if "seeds" in row else None
             cells[key] = {"status": "ok", "reason": None, "seeds": seeds, "n": int(row["n"]), **{s: float(row[s]) for s in stats}}
             if "origin" in row:

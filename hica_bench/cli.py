@@ -179,6 +179,11 @@ def run(
     seeds: Optional[str] = typer.Option(None, help="Comma list of seeds [default: the suite's, else 0-9]."),
     size: Optional[int] = typer.Option(None, help="Image size of the dataset files (MedMNIST: 28, 64, 128, 224) "
                                                   "[default: the suite's, else 28]."),
+    corruptions: Optional[str] = typer.Option(None, help="Robustness track: also run every dataset with its test split "
+                                              "corrupted (MedMNIST-C's corruptions for the dataset; supports stay clean): "
+                                              "all, or a comma list of names (see the README) [default: the suite's, else none]."),
+    severities: Optional[str] = typer.Option(None, help="With --corruptions: comma list of severities 1-5 "
+                                             "[default: the suite's, else 1,2,3,4,5]."),
     device: str = DEVICE_OPTION,
     backend: str = BACKEND_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
@@ -240,11 +245,15 @@ def run(
                                                       option), option)
 
     dataset_choices = each("dataset", datasets, given.datasets, "--datasets")
+    from hica_bench.corruptions import variants
+
+    corruption_names = name_list(corruptions, "--corruptions") if corruptions is not None else given.corruptions
+    severity_list = int_list(severities, "--severities") if severities is not None else given.severities
     if skip_bad_images:  # the option of every dataset that declares it
         dataset_choices = [dataclasses.replace(c, options={**c.options, "skip_bad_images": True})
                            if "skip_bad_images" in c.registered.spec.options else c for c in dataset_choices]
     grid = runner.Grid(
-        datasets=dataset_choices,
+        datasets=variants(dataset_choices, corruption_names, severity_list),
         methods=each("method", methods, given.methods, "--methods"),
         encoders=each("encoder", encoders, given.encoders, "--encoders"),
         shots=shot_list,

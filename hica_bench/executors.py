@@ -102,12 +102,13 @@ class ChoiceRef:
     prompts: str | None
     distribution: str
     version: str
+    corruption: tuple[str, int] | None = None
 
     @classmethod
     def of(cls, choice: Choice) -> "ChoiceRef":
         spec = choice.registered.spec
         return cls(spec.kind, spec.name, tuple(sorted(choice.options.items())), choice.prompts,
-                   choice.registered.distribution, choice.registered.version)
+                   choice.registered.distribution, choice.registered.version, choice.corruption)
 
     def resolve(self, registry: Registry) -> Choice:
         registered = registry.get(self.kind, self.name)
@@ -115,7 +116,7 @@ class ChoiceRef:
             raise UserError(f"Ray worker on {socket.gethostname()}: {self.kind} {self.name} comes from "
                             f"{registered.distribution} {registered.version} there but from {self.distribution} "
                             f"{self.version} on the driver; install the same versions on every node")
-        return Choice(registered, dict(self.options), self.prompts)
+        return Choice(registered, dict(self.options), self.prompts, self.corruption)
 
 
 @dataclass(frozen=True)

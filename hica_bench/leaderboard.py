@@ -6,6 +6,10 @@ has the sample std, the standard error and the interval's ends). Results of diff
 checkpoint, backend, plugin version, option default, dataset file...) are never averaged together: when two
 origins share a method label, each gets its own row, marked with its ``origin_id``, and a note says what differs.
 Methods that do not apply are listed with their reason.
+
+Cells whose test split was corrupted (the robustness track, :mod:`hica_bench.corruptions`) are not in those tables:
+:func:`robustness_table` summarises them against the clean cells of the same seeds (``robustness.csv`` and a section
+of ``leaderboard.md``).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from hica_bench.results import LEGACY, CellResult, Origin, Status, Timings, orig
 #: run (``hica-bench check`` compares their ratio)
 THROUGHPUT = tuple(f.name for f in fields(Timings) if f.name.endswith("_images_per_s"))
 BLOCK = ["dataset", "size", "encoder", "max_test"]  #: one section of the leaderboard
-#: what a leaderboard row is: a label, and the origin of its results
-ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "origin"]
+#: what a leaderboard row is: a label, and the origin of its results (a corrupted test split is its own row)
+ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "corruption", "severity", "origin"]
 
 
 def results_frame(results: list[CellResult]) -> pd.DataFrame:
@@ -49,7 +53,7 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
         return frame
     rows = []
     for keys, part in frame.groupby(ROW, dropna=False, sort=True):
-        row = dict(zip(ROW, keys))
+        row = {name: None if isinstance(value, float) and value != value else value for name, value in zip(ROW, keys)}
         for metric in METRICS:
             stats = aggregate(part[metric])
             for name in ("mean", "std", "n", "se", "ci_low", "ci_high"):
@@ -130,6 +134,8 @@ def _shared_labels(part: pd.DataFrame, origins: dict[str, Origin]) -> list[str]:
 
 
 def markdown(results: list[CellResult]) -> str:
+    corrupted = [r for r in results if r.key.corruption is not None]
+    results = [r for r in results if r.key.corruption is None]
     summary = summary_table(results)
     lines = ["# hica-bench leaderboard", "",
              "Percent, mean ± half-width of its 95 % t-interval over seeds (n seeds; the standard error and the sample "
@@ -181,9 +187,121 @@ def markdown(results: list[CellResult]) -> str:
             for (method, origin), why in sorted(reasons.items()):
                 lines.append(f"- {section[0]} / `{section[2]}` / `{row_label(method, origin, sections[section])}`: "
                              f"not applicable — {why}")
+    if corrupted:
+        lines += ["", *robustness_markdown(robustness_table(results + corrupted))]
+    failed += sum(r.status is Status.FAILED for r in corrupted)
     if failed:
         lines += ["", f"{failed} cell(s) failed; see the results file for their errors."]
     return "\n".join(lines).rstrip() + "\n"
+
+
+#: one robustness row: a section of the leaderboard, a method (with the origin of its clean cells) and k
+ROBUST_ROW = ["dataset", "size", "encoder", "max_test", "method", "k"]
+
+
+def robustness_table(results: list[CellResult]) -> pd.DataFrame:
+    """Per (dataset, size, encoder, max_test, method, k): the clean scores and those on the corrupted test splits,
+    over the seeds both have (paired). Each corruption × severity is first averaged over those seeds; then:
+    ``acc_clean``/``auc_clean``; ``acc_corrupted``/``auc_corrupted``, the mean over corruptions and severities;
+    ``acc_drop_rel``, (clean − corrupted) / clean; ``acc_drop_pp`` with its 95 % t-interval over seeds (each seed's
+    clean ACC minus its mean corrupted ACC), so a drop within noise shows as an interval reaching 0; MedMNIST-C's
+    ``be`` and ``rbe`` (balanced error normalised by AlexNet's, see :mod:`hica_bench.corruptions`; empty where it
+    published no AlexNet errors for the dataset); ``variants`` (corruption × severity pairs) and ``seeds``.
+    Clean and corrupted cells are paired only when their origins agree in everything but the corruption."""
+    import numpy as np
+
+    from hica_bench import corruptions, stats
+
+    ok = [r for r in results if r.status is Status.OK and r.metrics is not None and r.identity is not None]
+    clean: dict[tuple, dict[int, CellResult]] = {}
+    damaged: dict[tuple, dict[tuple[str, int], dict[int, CellResult]]] = {}
+    for r in sorted(ok, key=lambda r: r.finished_at or ""):  # the newest record of a cell wins
+        key = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test, r.key.method, r.key.k,
+               corruptions.clean_origin_id(r.identity.origin))
+        if r.key.corruption is None:
+            clean.setdefault(key, {})[r.key.seed] = r
+        else:
+            damaged.setdefault(key, {}).setdefault((r.key.corruption, r.key.severity), {})[r.key.seed] = r
+    rows = []
+    for key, by_variant in sorted(damaged.items(), key=lambda item: str(item[0])):
+        if key not in clean:
+            continue
+        seeds = set(clean[key])
+        for per_seed in by_variant.values():
+            seeds &= set(per_seed)
+        if not seeds:
+            continue
+        seeds = sorted(seeds)
+        dataset_name = next(iter(next(iter(by_variant.values())).values())).identity.origin.dataset.name
+        clean_acc = np.array([clean[key][s].metrics.acc for s in seeds])
+        clean_err = float(np.mean([1 - clean[key][s].metrics.balanced_acc for s in seeds]))
+        acc = {v: np.array([c[s].metrics.acc for s in seeds]) for v, c in by_variant.items()}
+        auc = {v: float(np.nanmean([c[s].metrics.auc for s in seeds])) for v, c in by_variant.items()}
+        err = {v: float(np.mean([1 - c[s].metrics.balanced_acc for s in seeds])) for v, c in by_variant.items()}
+        corrupted_per_seed = np.mean(np.stack(list(acc.values())), axis=0)
+        drop = stats.t_interval(100 * (clean_acc - corrupted_per_seed))
+        row = dict(zip(ROBUST_ROW, key[:6]))
+        row.update(acc_clean=float(clean_acc.mean()),
+                   auc_clean=float(np.nanmean([clean[key][s].metrics.auc for s in seeds])),
+                   acc_corrupted=float(corrupted_per_seed.mean()), auc_corrupted=float(np.mean(list(auc.values()))))
+        row["acc_drop_rel"] = (row["acc_clean"] - row["acc_corrupted"]) / row["acc_clean"] if row["acc_clean"] else None
+        row["acc_drop_pp"] = float(np.mean(100 * (clean_acc - corrupted_per_seed)))
+        row["acc_drop_pp_ci_low"], row["acc_drop_pp_ci_high"] = (drop.low, drop.high) if drop else (None, None)
+        row["be"], row["rbe"] = corruptions.balanced_error_scores(dataset_name, clean_err, err)
+        row["variants"] = len(by_variant)
+        row["corruptions"] = len({name for name, _ in by_variant})
+        row["seeds"] = ",".join(map(str, seeds))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+#: what the robustness section says above its tables (leaderboard.md and the report)
+ROBUSTNESS_NOTE = (
+    "Supports stay clean; each test split is corrupted with MedMNIST-C's corruptions for the dataset at the severities "
+    "run (`hica_bench/corruptions.py` says how each is reproduced). Percent; *corrupted* is the mean over corruptions "
+    "and severities, each first averaged over the seeds the clean cells share; the drop in points has its 95 % "
+    "t-interval over those seeds (an interval that reaches 0 is within noise). BE / rBE: MedMNIST-C's balanced error "
+    "over AlexNet's, absolute and relative to the clean error (lower is more robust; 1 = as AlexNet).")
+
+
+def robustness_blocks(table: pd.DataFrame) -> list[tuple[str, list[dict[str, str]]]]:
+    """The robustness table as shown: (title, rows of formatted cells) per (dataset, size, encoder, max_test)."""
+    def pct(value) -> str:
+        return "—" if value is None or value != value else f"{100 * value:.1f}"
+
+    def ratio(value) -> str:
+        return "—" if value is None or value != value else f"{value:.2f}"
+
+    blocks = []
+    if table.empty:
+        return blocks
+    for (dataset, size, encoder, max_test), part in table.groupby(["dataset", "size", "encoder", "max_test"],
+                                                                  dropna=False, sort=True):
+        test = "full test split" if max_test is None or max_test != max_test else f"first {int(max_test)} test images"
+        body = []
+        for _, row in part.sort_values(["k", "method"]).iterrows():
+            low, high = row["acc_drop_pp_ci_low"], row["acc_drop_pp_ci_high"]
+            interval = "" if low is None or low != low else f" [{low:.1f}, {high:.1f}]"
+            body.append({"method": row["method"], "k": str(int(row["k"])), "ACC clean": pct(row["acc_clean"]),
+                         "ACC corrupted": pct(row["acc_corrupted"]),
+                         "ACC drop (points)": f"{row['acc_drop_pp']:.1f}{interval}",
+                         "relative drop": pct(row["acc_drop_rel"]), "AUC clean": pct(row["auc_clean"]),
+                         "AUC corrupted": pct(row["auc_corrupted"]), "BE": ratio(row["be"]), "rBE": ratio(row["rbe"]),
+                         "corruptions × severities": str(int(row["variants"])),
+                         "seeds": str(len(str(row["seeds"]).split(",")))})
+        blocks.append((f"{dataset} ({int(size)} px) — encoder `{encoder}`, {test}", body))
+    return blocks
+
+
+def robustness_markdown(table: pd.DataFrame) -> list[str]:
+    """The robustness section of ``leaderboard.md`` (lines)."""
+    blocks = robustness_blocks(table)
+    if not blocks:
+        return []
+    lines = ["# Robustness: corrupted test splits (MedMNIST-C)", "", ROBUSTNESS_NOTE, ""]
+    for title, body in blocks:
+        lines += [f"## {title}", "", pd.DataFrame(body).to_markdown(index=False), ""]
+    return lines
 
 
 def write(results: list[CellResult], out_dir: Path) -> tuple[Path, Path]:
@@ -191,4 +309,8 @@ def write(results: list[CellResult], out_dir: Path) -> tuple[Path, Path]:
     md_path, csv_path = out_dir / "leaderboard.md", out_dir / "leaderboard.csv"
     atomic_write(md_path, markdown(results))
     atomic_write(csv_path, summary_table(results).to_csv(index=False, float_format="%.6f"))
+    robust = out_dir / "robustness.csv"
+    table = robustness_table(results) if any(r.key.corruption is not None for r in results) else pd.DataFrame()
+    if not table.empty:
+        atomic_write(robust, table.to_csv(index=False, float_format="%.6f"))
     return md_path, csv_path

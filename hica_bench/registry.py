@@ -66,16 +66,20 @@ class Registered:
 
 #: An option every dataset takes, handled by the core (not passed to the plugin): a prompt file (:mod:`hica_bench.prompts`).
 PROMPTS_OPTION = "prompts"
+#: Options every dataset takes, handled by the core: its test split corrupted (:mod:`hica_bench.corruptions`).
+CORRUPTION_OPTIONS = ("corruption", "severity")
 
 
 @dataclass(frozen=True)
 class Choice:
     """A spec chosen on the command line with its converted options, e.g. ``hica:lambda1=0.5``. A dataset may also
-    carry a prompt file (``breastmnist:prompts=my.yaml``), which the core reads: ``prompts``."""
+    carry a prompt file (``breastmnist:prompts=my.yaml``), which the core reads: ``prompts``; and a corruption of its
+    test split (``breastmnist:corruption=jpeg_compression:severity=3``), which the core applies: ``corruption``."""
 
     registered: Registered
     options: dict[str, Any]
     prompts: str | None = None
+    corruption: tuple[str, int] | None = None  #: (name, severity 1-5): :class:`hica_bench.corruptions.CorruptedDataset`
 
     @property
     def name(self) -> str:
@@ -83,7 +87,14 @@ class Choice:
 
     @property
     def label(self) -> str:
-        """Canonical text: the name plus the options that differ from their defaults, sorted."""
+        """Canonical text: the name plus the options that differ from their defaults, sorted (a corruption last)."""
+        if self.corruption is None:
+            return self.base_label
+        return f"{self.base_label}:corruption={self.corruption[0]}:severity={self.corruption[1]}"
+
+    @property
+    def base_label(self) -> str:
+        """The label without a corruption: what tables show as the dataset (the corruption has columns of its own)."""
         defaults = self.registered.spec.options
         changed = {k: v for k, v in self.options.items() if defaults.get(k) != v}
         if self.prompts is not None:
@@ -98,8 +109,14 @@ class Choice:
 
     def build(self, **fixed: Any) -> Any:
         """The factory called with the kind's fixed arguments and the options; an option named like a fixed argument
-        replaces it (the ``folder`` dataset's own ``root=`` in place of the data root)."""
-        return self.registered.spec.factory(**{**fixed, **self.options})
+        replaces it (the ``folder`` dataset's own ``root=`` in place of the data root). A dataset with a corruption
+        comes back with its test split corrupted."""
+        built = self.registered.spec.factory(**{**fixed, **self.options})
+        if self.corruption is not None:
+            from hica_bench.corruptions import CorruptedDataset
+
+            built = CorruptedDataset(built, *self.corruption)
+        return built
 
     def describe(self, **fixed: Any) -> Any:
         """An encoder's :class:`~hica_bench.interfaces.EncoderCard` from its spec's ``describe`` without building it;
@@ -210,7 +227,10 @@ class Registry:
             prompts = options.pop(PROMPTS_OPTION)
             if not prompts:
                 raise UserError(f"{text!r}: prompts= needs a file (a .yaml or .json prompt file; see README)")
-        choice = Choice(registered, convert_options(registered.spec, options), prompts)
+        corruption = None
+        if kind == "dataset" and any(o in options and o not in registered.spec.options for o in CORRUPTION_OPTIONS):
+            corruption = corruption_option(text, name, options.pop("corruption", None), options.pop("severity", None))
+        choice = Choice(registered, convert_options(registered.spec, options), prompts, corruption)
         self.components_of(choice)
         return choice
 
@@ -372,6 +392,20 @@ def _one_line(exc: BaseException) -> str:
 
 
 _OPTION_START = re.compile(r":(?=[A-Za-z_][\w.-]*=)")
+
+
+def corruption_option(text: str, name: str, corruption: str | None, severity: str | None) -> tuple[str, int]:
+    """``corruption=NAME:severity=S`` of a dataset spec, checked against the dataset's corruption set."""
+    from hica_bench import corruptions
+
+    if not corruption or severity is None:
+        raise UserError(f"{text!r}: a corruption needs both corruption=NAME and severity=1..5")
+    try:
+        level = int(severity)
+    except ValueError:
+        raise UserError(f"{text!r}: severity must be 1 to 5, got {severity!r}") from None
+    corruptions.check(text, name, corruption, level)
+    return corruption, level
 
 
 def parse_choice(text: str) -> tuple[str, dict[str, str]]:

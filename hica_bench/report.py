@@ -93,6 +93,7 @@ def sections(results: list[CellResult]) -> list[Section]:
     method label and origin (a method with several origins gets ``⟨origin⟩`` in its label, never averaged)."""
     grouped: dict[tuple, dict[tuple[str, str], Row]] = {}
     origins: dict[tuple, dict[str, set[str]]] = {}
+    results = [r for r in results if r.key.corruption is None]  # corrupted test splits: the robustness table
     for r in results:
         block = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test)
         origins.setdefault(block, {}).setdefault(r.key.method, set()).add(r.origin_id)
@@ -397,16 +398,30 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
             rank_lines.append(",".join(_csv(v) for v in (ranking.encoder, ranking.size, ranking.max_test, method, rank,
                                                            len(ranking.result.blocks))))
     atomic_write(out_dir / "ranks.csv", "\n".join(rank_lines) + "\n")
+    from hica_bench.leaderboard import ROBUSTNESS_NOTE
+
+    robustness = _robustness(results)
     environment = jinja2.Environment(loader=jinja2.PackageLoader("hica_bench", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     page = environment.get_template("report.html.j2").render(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), sources=sources or [],
         sections=pages, rankings=ranked, reference=chosen, test=stats.TEST, alpha=stats.ALPHA, resamples=resamples,
-        environment=_environment(results), n_results=len(results),
+        environment=_environment(results), n_results=len(results), robustness=robustness,
+        robustness_note=ROBUSTNESS_NOTE.replace("`", ""),
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
     atomic_write(path, page)
     return path
+
+
+def _robustness(results: list[CellResult]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The leaderboard's robustness section as (title, header, rows) per block (empty without corrupted cells)."""
+    from hica_bench.leaderboard import robustness_blocks, robustness_table
+
+    if not any(r.key.corruption is not None for r in results):
+        return []
+    return [(title.replace("`", ""), list(body[0]), [list(row.values()) for row in body])
+            for title, body in robustness_blocks(robustness_table(results)) if body]
 
 
 def _csv(value: Any) -> str:

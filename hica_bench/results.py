@@ -22,7 +22,10 @@ records read with neither. 4 adds the paired timing. 5 adds the prompt file's di
 the expected calibration error (``metrics.ece``) and the reliability diagram (:class:`Calibration`); older records
 read with none of them, and an origin without a prompt file keeps the id it had before. 6 adds, for a method that
 adapted the encoder, the adapted encoder's identity (``adapted_encoder``) and the cost of encoding the test images
-through it (``timings.adapted_encode_s``, ``adapted_images_per_s``); older records read with none.
+through it (``timings.adapted_encode_s``, ``adapted_images_per_s``); older records read with none. 7 adds the
+corruption of the test split (robustness track, :mod:`hica_bench.corruptions`): ``key.corruption`` and
+``key.severity`` (None for clean cells) and its definition in the origin (``corruption``: name, severity, parameter,
+set, definitions version); older records read as clean, and a clean origin keeps the id it had before.
 
 One JSON object per line, one line per finished cell. A line is written with a single ``write`` on a file opened
 for appending and then fsync'ed, so a killed run leaves at most one truncated last line: :meth:`ResultsStore.load`
@@ -56,7 +59,7 @@ from hica_bench.files import digest
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -162,6 +165,8 @@ class CellKey:
     k: int
     seed: int
     max_test: int | None = None
+    corruption: str | None = None  #: the test split's corruption (robustness track); None: clean
+    severity: int | None = None  #: its severity, 1-5
 
 
 @dataclass(frozen=True)
@@ -195,17 +200,21 @@ class Origin:
     method_components: tuple[Component, ...]  #: plugins the method's options name (e.g. HiCA's ROI extractor, losses)
     device: str  #: where the method ran: cpu or cuda
     prompts: str | None = None  #: the digest of the dataset's prompt file (:class:`hica_bench.interfaces.Prompts`), if any
+    #: the test split's corruption (:meth:`hica_bench.corruptions.CorruptedDataset.describe`), if any
+    corruption: dict[str, Any] | None = None
 
     @functools.cached_property
     def id(self) -> str:
         return digest(self.identifying(), 12)
 
     def identifying(self) -> dict[str, Any]:
-        """The fields the ids are digests of: all of them, but ``prompts`` only when there is a prompt file, so an
-        origin without one (and every cell of it) keeps the id it had before prompt files existed."""
+        """The fields the ids are digests of: all of them, but ``prompts`` only when there is a prompt file and
+        ``corruption`` only when the test split is corrupted, so an origin without them (and every cell of it) keeps
+        the id it had before they existed."""
         fields_ = jsonable(self)
-        if fields_["prompts"] is None:
-            del fields_["prompts"]
+        for optional in ("prompts", "corruption"):
+            if fields_[optional] is None:
+                del fields_[optional]
         return fields_
 
 
@@ -285,6 +294,11 @@ class CellResult:
             record = {"adapted_encoder": None, **record}
             if isinstance(record.get("timings"), dict):
                 record["timings"] = {"adapted_encode_s": None, "adapted_images_per_s": None, **record["timings"]}
+        if record.get("schema_version") in (2, 3, 4, 5, 6):  # before the corruption track: clean cells
+            if isinstance(record.get("key"), dict):
+                record["key"] = {**record["key"], "corruption": None, "severity": None}
+            if isinstance(record.get("identity"), dict) and isinstance(record["identity"].get("origin"), dict):
+                record["identity"] = {**record["identity"], "origin": {"corruption": None, **record["identity"]["origin"]}}
         result = _typed(cls, record, "", strict=True)
         if (result.status is Status.OK) != (result.metrics is not None):
             raise ValueError(f"status {result.status.value!r} with metrics {'given' if result.metrics else 'missing'}")

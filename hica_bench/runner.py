@@ -509,7 +509,8 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
             max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity.as_dict(),
             text_encoder=pair.card.text, method=method.ref,
             method_components=registry.components_of(method), device=device.split(":")[0],
-            prompts=None if prompt_file is None else prompt_file.digest)
+            prompts=None if prompt_file is None else prompt_file.digest,
+            corruption=dataset.describe() if dataset_choice.corruption is not None else None)
         for k_index, k in enumerate(grid.shots):
             for seed_index, seed in enumerate(grid.seeds):
                 if not in_shard(m, k_index, seed_index):
@@ -519,7 +520,8 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
                 if identity.id in finished:
                     skipped += 1
                     continue
-                key = CellKey(dataset_choice.label, grid.size, method.label, encoder.label, k, seed, grid.max_test)
+                key = CellKey(dataset_choice.base_label, grid.size, method.label, encoder.label, k, seed, grid.max_test,
+                              *(dataset_choice.corruption or (None, None)))
                 pending.append(Cell(method, key, identity, supports[k, seed], prompt_file))
     return pending, skipped, elsewhere
 

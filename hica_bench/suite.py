@@ -10,6 +10,8 @@ A suite is a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file with these keys,
     size     = 28
     max_test = 200
     out      = "runs/default"                              # relative paths are taken from the working folder
+    corruptions = ["all"]                                  # robustness track (--corruptions): all, or names
+    severities  = [1, 2, 3, 4, 5]
 
 A list may also be written as one comma string (``shots = "1,5,20"``). ``hica-bench run --suite FILE`` reads it; a
 flag given on the command line overrides the suite's value. An unknown key or a value of the wrong type is one line
@@ -36,11 +38,13 @@ class Suite:
     size: int | None = None
     max_test: int | None = None
     out: str | None = None
+    corruptions: list[str] | None = None
+    severities: list[int] | None = None
 
 
 KEYS = tuple(f.name for f in fields(Suite))
-_NAMES = ("datasets", "methods", "encoders")
-_NUMBERS = ("shots", "seeds")
+_NAMES = ("datasets", "methods", "encoders", "corruptions")
+_NUMBERS = ("shots", "seeds", "severities")
 
 
 def load(path: str | Path) -> Suite:

@@ -152,7 +152,7 @@ CASES = [
     # folders and files
     Case("cache-dir-not-writable", ["--cache-dir", "{tmp}/a-file/cache"], "cache directory", setup=_plain_file("a-file")),
     Case("out-not-writable", ["--out", "{tmp}/a-file"], "--out folder", setup=_plain_file("a-file")),
-    Case("results-newer-schema", [], "was written by a newer hica-bench (schema 7 > 6)", setup=_newer_schema),
+    Case("results-newer-schema", [], "was written by a newer hica-bench (schema 8 > 7)", setup=_newer_schema),
     Case("results-not-a-results-file", [], ":2 is not a hica-bench result record", setup=_not_results),
     Case("leaderboard-missing-file", ["leaderboard", "{tmp}/none.jsonl"], "is neither a results file nor a folder", command=True),
     Case("leaderboard-several-without-out", ["leaderboard", "{results}", "{results}"], "give --out", command=True),

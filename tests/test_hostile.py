@@ -279,7 +279,7 @@ def test_a_record_missing_a_field(finished, medmnist_root, field, command):
         work["results"].write_text("".join(json.dumps(r) + "\n" for r in records))
         before = work["results"].read_bytes()
         line = answered(invoke(*_results_case(work, command)), 2, work["results"], before)
-        assert "results.jsonl:2 does not match result schema 6" in line and last in line
+        assert "results.jsonl:2 does not match result schema 7" in line and last in line
 
 
 @settings(FAST, max_examples=20)
@@ -298,7 +298,7 @@ def test_a_record_with_a_value_of_the_wrong_type(finished, medmnist_root, data, 
         work["results"].write_text("".join(json.dumps(r) + "\n" for r in records))
         before = work["results"].read_bytes()
         line = answered(invoke(*_results_case(work, command)), 2, work["results"], before)
-        assert "results.jsonl:1 does not match result schema 6" in line and str(path[-1]) in line
+        assert "results.jsonl:1 does not match result schema 7" in line and str(path[-1]) in line
 
 
 def _copy_work(finished: Path, root: Path) -> dict[str, Path]:

@@ -174,8 +174,11 @@ class FeatureExtractor:
         encoded up to the next batch boundary, so each of its rows comes from the same batch as in the whole split and
         both ways give the same bits. ``on_batch(n)`` is called after each computed batch (progress). ``compute=False``:
         (None, None) instead of computing what the cache does not hold (an executor then computes it elsewhere)."""
+        from hica_bench.corruptions import split_identity
+
         identity = self.identity
-        parts = {"features": identity.as_dict(), "dataset": dataset.identity, "split": split}
+        # the split's own content: a corrupted dataset's train split is the clean one (its features are shared)
+        parts = {"features": identity.as_dict(), "dataset": split_identity(dataset, split), "split": split}
         if rows is not None and rows < len(dataset.split(split).labels):
             whole = self.cache.get(FeatureCache.key(parts), count_miss=False) if self.cache is not None else None
             if whole is not None:
@@ -221,6 +224,7 @@ class FeatureExtractor:
             images = images[: -(-rows // self.settings.batch_size) * self.settings.batch_size]
         probe = None
         if (self.reference and self.reference_for(dataset.identity) is None  # each dataset's first encoder pass ...
+                and getattr(dataset, "corruption", None) is None  # (a corrupted split's time includes corrupting it)
                 and len(images) >= REFERENCE_MIN_IMAGES):  # ... that is long enough for the yardstick to be worth it
             probe = ReferenceProbe.for_split(self.pair.image, images, self.pair.device, self.settings.batch_size,
                                              self.settings.precision != "fp32")
