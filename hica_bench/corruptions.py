@@ -32,7 +32,8 @@ check that features of such a path match the clean ones).
 **Determinism.** Each image's random draws (noise, the motion angle) come from a generator seeded by (image index,
 corruption, severity): the same corrupted image in every run and process, whatever the batch.
 
-**Sets.** A dataset MedMNIST-C defines (by its plugin name, e.g. ``breastmnist``) gets that set with its parameters.
+**Sets.** A dataset MedMNIST-C defines (by its dataset plugin's name, e.g. ``breastmnist``) gets that set with its
+parameters.
 Any other dataset (own-data folders, grey or RGB) gets the ``generic`` set: ChestMNIST's 13 corruptions and parameters,
 MedMNIST-C's broadest set, with every operation applied per channel on RGB images.
 
@@ -338,12 +339,13 @@ class CorruptedDataset:
     base: Any
     corruption: str
     severity: int
+    plugin: str  #: the dataset plugin's name, which picks the corruption set (as the command line was checked)
 
     def __post_init__(self) -> None:
         self.name, self.size, self.task = self.base.name, self.base.size, self.base.task
         self.class_names = self.base.class_names
-        self.set = set_name(self.base.name)
-        self.value = parameter(self.base.name, self.corruption, self.severity)
+        self.set = set_name(self.plugin)
+        self.value = parameter(self.plugin, self.corruption, self.severity)
         self.identity = f"{self.base.identity}|test:{self.corruption}@{self.severity}|{self.set}|{VERSION}"
 
     def split(self, name: str) -> Split:

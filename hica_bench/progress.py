@@ -24,7 +24,8 @@ from hica_bench.runner import Events
 
 
 def _cell(key: CellKey) -> str:
-    return f"{key.dataset} {key.method} k={key.k} seed={key.seed}"
+    corrupted = f" ({key.corruption} severity {key.severity})" if key.corruption else ""
+    return f"{key.dataset}{corrupted} {key.method} k={key.k} seed={key.seed}"
 
 
 def _outcome(result: CellResult) -> str:

@@ -115,7 +115,7 @@ class Choice:
         if self.corruption is not None:
             from hica_bench.corruptions import CorruptedDataset
 
-            built = CorruptedDataset(built, *self.corruption)
+            built = CorruptedDataset(built, *self.corruption, plugin=self.name)
         return built
 
     def describe(self, **fixed: Any) -> Any:

@@ -119,6 +119,7 @@ class Cell:
     identity: Identity
     support: np.ndarray
     prompts: Prompts | None = None
+    dataset_label: str = ""  #: the dataset choice's label (with a corruption, unlike ``key.dataset``)
 
 
 @contextlib.contextmanager
@@ -522,7 +523,7 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
                     continue
                 key = CellKey(dataset_choice.base_label, grid.size, method.label, encoder.label, k, seed, grid.max_test,
                               *(dataset_choice.corruption or (None, None)))
-                pending.append(Cell(method, key, identity, supports[k, seed], prompt_file))
+                pending.append(Cell(method, key, identity, supports[k, seed], prompt_file, dataset_choice.label))
     return pending, skipped, elsewhere
 
 
@@ -604,8 +605,11 @@ def _rows(grid: Grid, split: str, n: int) -> int:
 def _work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, frozenset[str]]) -> Work:
     """The most the grid can encode with one encoder (every needed split of every dataset; finished cells and cached
     features can only make it less): a settings probe is budgeted by it and times real batches of its first split."""
+    from hica_bench.corruptions import split_identity
+
     parts = [(dataset, split) for dataset in datasets.values() for split in _splits(needs.values())]
-    count = sum(_rows(grid, split, len(dataset.split(split).labels)) for dataset, split in parts)
+    unique = {split_identity(dataset, split): (dataset, split) for dataset, split in parts}  # corrupted copies share train
+    count = sum(_rows(grid, split, len(dataset.split(split).labels)) for dataset, split in unique.values())
     if not parts:
         return Work(np.zeros((0, 1, 1), np.uint8), 0)
     dataset, split = parts[0]
@@ -651,7 +655,7 @@ class EncoderJob:
 
     def test_labels(self, cell: Cell) -> np.ndarray:
         """The labels of the test rows ``cell`` was scored on."""
-        dataset = next(d for label, d, _ in self.work if label == cell.key.dataset)
+        dataset = next(d for label, d, _ in self.work if label == cell.dataset_label)
         labels = np.asarray(dataset.split("test").labels)
         return labels[:_rows(self.grid, "test", len(labels))]
 
@@ -689,7 +693,7 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
         env = env or environment(settings.device, extractor.describe())
         if result.environment == Environment():  # a worker records its own machine; this process's otherwise
             result.environment = env
-        for name, value in extractor.throughput(identities[cell.key.dataset]).items():
+        for name, value in extractor.throughput(identities[cell.dataset_label]).items():
             setattr(result.timings, name, value)
         if settings.save_predictions and proba is not None:
             result.predictions = _save_predictions(settings.out_dir / "predictions", cell.identity.id, proba,
