@@ -573,7 +573,17 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     store.check_writable()
     finished = {cell_id for cell_id, r in store.load().items() if r.status.finished and not settings.force}
     datasets, prompt_files = open_datasets(grid, settings, events)
-    summary.datasets = [describe_dataset(label, dataset, prompt_files.get(label)) for label, dataset in datasets.items()]
+    summary.datasets = [describe_dataset(label, dataset, prompt_files.get(label)) for label, dataset in datasets.items()
+                        if getattr(dataset, "corruption", None) is None]
+    corrupted: dict[str, list] = {}  # one line per dataset for its corrupted copies, not one per copy
+    for choice in grid.datasets:
+        if choice.corruption is not None:
+            corrupted.setdefault(choice.base_label, []).append(datasets[choice.label])
+    for label, copies in corrupted.items():
+        names = sorted({c.corruption for c in copies})
+        levels = sorted({c.severity for c in copies})
+        summary.datasets.append(f"{label}: test split also corrupted ({copies[0].set} set): {len(names)} corruptions "
+                                f"({', '.join(names)}) x severities {','.join(map(str, levels))}")
     needs = {method.label: method_needs(method) for method in grid.methods}
     with executors.start(settings, registry, events) as executor:
         summary.executor = executor.describe()

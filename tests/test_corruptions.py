@@ -131,9 +131,11 @@ def test_a_robustness_grid_end_to_end(medmnist_root, tmp_path):
     corruption and severity, the same support sets as the clean cells, clean train features encoded once; the
     leaderboard keeps them out of its tables and summarises them in the robustness table, robustness.csv and the
     report."""
-    code, _, err = _run(tmp_path, "--datasets", "breastmnist", "--data-root", medmnist_root,
-                        "--corruptions", "speckle_noise,contrast_down", "--severities", "1,5", "--save-predictions")
+    code, out, err = _run(tmp_path, "--datasets", "breastmnist", "--data-root", medmnist_root,
+                          "--corruptions", "speckle_noise,contrast_down", "--severities", "1,5", "--save-predictions")
     assert code == 0, err
+    assert ("breastmnist: test split also corrupted (breastmnist set): 2 corruptions (contrast_down, speckle_noise) x "
+            "severities 1,5") in " ".join(out.split()), out
     assert "breastmnist (speckle_noise severity 5) prototype k=5 seed=1: ok" in err  # the log names the corruption
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 2 * 2 * (1 + 4) and all(r["status"] == "ok" for r in records)
