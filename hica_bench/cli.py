@@ -184,6 +184,10 @@ def run(
                                               "all, or a comma list of names (see the README) [default: the suite's, else none]."),
     severities: Optional[str] = typer.Option(None, help="With --corruptions: comma list of severities 1-5 "
                                              "[default: the suite's, else 1,2,3,4,5]."),
+    slice_axis: str = typer.Option("0", help="3D datasets with a 2D encoder: encode each volume's slices along axis 0, "
+                                   "1 or 2 of (D, H, W), or along all three (planes); part of the feature identity."),
+    slice_pool: str = typer.Option("mean", help="3D datasets with a 2D encoder: pool a volume's slice features by "
+                                   "their mean or element-wise max; part of the feature identity."),
     device: str = DEVICE_OPTION,
     backend: str = BACKEND_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
@@ -246,6 +250,9 @@ def run(
 
     dataset_choices = each("dataset", datasets, given.datasets, "--datasets")
     from hica_bench.corruptions import variants
+    from hica_bench.volumes import VolumeOptions
+
+    VolumeOptions(slice_axis, slice_pool)  # checked before anything runs
 
     corruption_names = name_list(corruptions, "--corruptions") if corruptions is not None else given.corruptions
     severity_list = int_list(severities, "--severities") if severities is not None else given.severities
@@ -294,6 +301,7 @@ def run(
         ray_address=ray_address,
         workers=workers,
         shard=shard_of,
+        volume=VolumeOptions(slice_axis, slice_pool),
     )
     from hica_bench.progress import LiveEvents, LogEvents
 

@@ -129,6 +129,7 @@ class WorkerContext:
     device: str
     size: int
     cell_timeout: float | None
+    volume: Any = None  #: how a 2D encoder reads volumes (:class:`hica_bench.volumes.VolumeOptions`)
 
 
 class _WorkerState:
@@ -188,7 +189,7 @@ def extract_task(context: WorkerContext, encoder: ChoiceRef, dataset: ChoiceRef,
     from hica_bench.extraction import FeatureExtractor
 
     state = _state(context)
-    extractor = FeatureExtractor(state.pair(encoder), Path(context.cache_dir), settings=settings)
+    extractor = FeatureExtractor(state.pair(encoder), Path(context.cache_dir), settings=settings, volume=context.volume)
     return extractor.features(state.dataset(dataset, identity), split, rows=rows)
 
 
@@ -204,7 +205,8 @@ def cell_task(context: WorkerContext, encoder: ChoiceRef, dataset: ChoiceRef, id
     method, key, cell_identity, support, prompts = cell
     one = runner.Cell(method.resolve(state.registry), key, cell_identity, support, prompts)
     pair = state.pair(encoder)  # an adapting method's test images go through the driver's extraction settings
-    extractor = FeatureExtractor(pair, Path(context.cache_dir), settings=ExtractionSettings(**extraction), reference=False)
+    extractor = FeatureExtractor(pair, Path(context.cache_dir), settings=ExtractionSettings(**extraction), reference=False,
+                                 volume=context.volume)
     result, proba = runner.fit_and_score(one, state.dataset(dataset, identity), pair,
                                          (train_features, train_labels), (test_features, test_labels),
                                          RunComponents(state.registry), Path(context.cache_dir) / "methods",
@@ -297,7 +299,7 @@ class RayExecutor:
         settings = job.settings
         return WorkerContext(self.registry.recipe, settings.data_root, str(settings.cache_dir),
                              "cuda" if settings.device.startswith("cuda") else "cpu", job.grid.size,
-                             settings.cell_timeout)
+                             settings.cell_timeout, settings.volume)
 
     def _features(self, job: Any, context: WorkerContext, encoder: ChoiceRef, choices: dict[str, ChoiceRef]) -> dict:
         """(dataset label, split) -> (features ObjectRef or None, labels ObjectRef): from the cache through this

@@ -116,6 +116,8 @@ class FewShotDataset(Protocol):
     task: str  #: ``binary-class`` or ``multi-class``
     class_names: list[str]  #: C human-readable names, index = label
     identity: str  #: a digest of the content, the same on every machine and for every copy (feature-cache key, cell identity)
+    #: optional: True when the splits hold 3D volumes, uint8 (N, D, H, W) (MedMNIST 3D); see :mod:`hica_bench.volumes`
+    volumetric: bool
 
     def split(self, name: Literal["train", "val", "test"]) -> Split: ...
 
@@ -160,7 +162,9 @@ class ImageEncoder(Protocol):
     ``encode(x)`` takes a float tensor (N, 3, size, size) already normalised per ``input_spec`` on the
     encoder's device and returns (N, D) features (not necessarily normalised). It is called under
     ``torch.inference_mode``. An encoder with spatial features may also offer
-    ``dense(x) -> (N, D, h, w)`` for ROI pooling.
+    ``dense(x) -> (N, D, h, w)`` for ROI pooling. A native 3D encoder sets ``volumetric = True``: ``encode`` then
+    takes volumes (N, 1, size, size, size) prepared by :func:`hica_bench.volumes.preprocess_volumes` (a 2D encoder
+    reads volumes slice by slice; see :mod:`hica_bench.volumes`).
     """
 
     identity: str
@@ -199,6 +203,7 @@ class EncoderCard:
     input_spec: InputSpec
     text: str | None  #: the text encoder's ``identity``, None for an image-only pair
     aligned: bool
+    volumetric: bool = False  #: the image encoder takes whole volumes (N, 1, S, S, S) (:mod:`hica_bench.volumes`)
 
     @property
     def random_init(self) -> bool:
@@ -224,7 +229,8 @@ class EncoderPair:
     @property
     def card(self) -> EncoderCard:
         return EncoderCard(self.image.identity, self.image.input_spec,
-                           None if self.text is None else self.text.identity, self.aligned)
+                           None if self.text is None else self.text.identity, self.aligned,
+                           bool(getattr(self.image, "volumetric", False)))
 
 
 # --------------------------------------------------------------------------- methods

@@ -86,6 +86,7 @@ class Settings:
     ray_address: str | None = None  #: a Ray cluster to join (``auto``, ``HOST:PORT``); None starts a local runtime
     workers: int | None = None  #: Ray: cells in flight at once (a local runtime gets this many CPUs); None: all CPUs
     shard: tuple[int, int] | None = None  #: (I, N): run only the cells whose grid position is I modulo N
+    volume: Any = None  #: how a 2D encoder reads volumes (:class:`hica_bench.volumes.VolumeOptions`; None: the default)
 
 
 @dataclass
@@ -386,6 +387,9 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
     try:
         model = cell.method.build()
         needs = check_needs(getattr(model, "needs", None), pair, key.encoder)
+        if "encoders" in needs and getattr(dataset, "volumetric", False):
+            raise NotApplicable("adapts the encoder on 2D images; this dataset holds 3D volumes, which are encoded "
+                                "slice by slice (or by a 3D encoder) and not adapted")
         task = build_task(dataset=getattr(dataset, "name", key.dataset), task=dataset.task,
                           class_names=dataset.class_names, train_features=train_features, train_labels=train_labels,
                           support=cell.support, k=key.k, seed=key.seed, pair=pair, needs=needs,
@@ -507,7 +511,7 @@ def _pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Fe
     for m, method in enumerate(grid.methods):
         origin = Origin(
             harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
-            max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity.as_dict(),
+            max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity_for(dataset).as_dict(),
             text_encoder=pair.card.text, method=method.ref,
             method_components=registry.components_of(method), device=device.split(":")[0],
             prompts=None if prompt_file is None else prompt_file.digest,
@@ -612,17 +616,33 @@ def _rows(grid: Grid, split: str, n: int) -> int:
     return min(grid.max_test, n) if split == "test" and grid.max_test is not None else n
 
 
-def _work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, frozenset[str]]) -> Work:
+def _work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, frozenset[str]],
+          volume: Any = None) -> Work:
     """The most the grid can encode with one encoder (every needed split of every dataset; finished cells and cached
-    features can only make it less): a settings probe is budgeted by it and times real batches of its first split."""
+    features can only make it less): a settings probe is budgeted by it and times real batches of its first split
+    (for volumes: 2D slices, counted as such)."""
+    from hica_bench import volumes
     from hica_bench.corruptions import split_identity
 
+    options = volume or volumes.VolumeOptions()
     parts = [(dataset, split) for dataset in datasets.values() for split in _splits(needs.values())]
-    unique = {split_identity(dataset, split): (dataset, split) for dataset, split in parts}  # corrupted copies share train
-    count = sum(_rows(grid, split, len(dataset.split(split).labels)) for dataset, split in unique.values())
+    # corrupted copies of a dataset share its train split: count it once
+    unique = {(split_identity(dataset, split), split): (dataset, split) for dataset, split in parts}
+
+    def images(dataset: FewShotDataset, split: str) -> int:
+        n = _rows(grid, split, len(dataset.split(split).labels))
+        if volumes.volumetric(dataset):
+            shape = dataset.split(split).images.shape
+            n *= sum(shape[1 + axis] for axis in options.axes)
+        return n
+
+    count = sum(images(dataset, split) for dataset, split in unique.values())
     if not parts:
         return Work(np.zeros((0, 1, 1), np.uint8), 0)
     dataset, split = parts[0]
+    if volumes.volumetric(dataset):  # the probe times slices, as the extraction will encode them
+        sample = dataset.split(split).images[:8]
+        return Work(volumes.slices(sample, options.axes[0]), count)
     return Work(dataset.split(split).images, count, (dataset.identity, split))
 
 
@@ -679,8 +699,14 @@ def _run_encoder(grid: Grid, settings: Settings, registry: Registry, events: Eve
     pair = encoder_pair(encoder, settings.device)
     if pair.card.random_init:
         summary.random_init.append(encoder.label)
+    from hica_bench import volumes
+
+    flat = [label for label, dataset in datasets.items() if not volumes.volumetric(dataset)]
+    if pair.card.volumetric and flat:
+        raise UserError(f"encoder {encoder.label} is a 3D encoder (it takes whole volumes); {flat[0]} holds 2D images: "
+                        "use a 2D encoder for it")
     extractor = FeatureExtractor(pair, settings.cache_dir, settings.extraction, log=log.info,
-                                 work=_work(grid, datasets, needs))
+                                 work=_work(grid, datasets, needs, settings.volume), volume=settings.volume)
     events.stage(f"{encoder.label}: encoder settings (probed once per encoder and machine, then remembered)")
     summary.tuning[encoder.label] = extractor.tuning
     work, skipped_here, elsewhere_here = [], 0, 0

@@ -352,6 +352,9 @@ def check_encoder(pair: Any) -> None:
         f"bad input_spec {spec!r}")
     assert spec.interpolation in ("bicubic", "bilinear"), f"unknown interpolation {spec.interpolation!r}"
     assert isinstance(image.embed_dim, int) and image.embed_dim >= 1, f"embed_dim must be a positive int, got {image.embed_dim!r}"
+    if getattr(image, "volumetric", False):
+        _check_volume_encoder(pair)
+        return
     grey, rgb = toy_images(np.array([1])), toy_images(np.array([0]), rgb=True, seed=1)
     x = torch.cat([preprocess(grey, spec, pair.device), preprocess(rgb, spec, pair.device)])  # as the harness prepares them
     original = x.clone()
@@ -391,10 +394,36 @@ def check_encoder(pair: Any) -> None:
             "an aligned pair needs a text encoder of the image encoder's width")
 
 
+def _check_volume_encoder(pair: EncoderPair) -> None:
+    """A native 3D encoder (``volumetric``): on two volumes prepared as the harness prepares them it returns finite
+    (2, embed_dim) features, the same twice, independent of batch composition, without modifying its input, and the
+    harness's volume path agrees."""
+    from hica_bench.volumes import encode_native, preprocess_volumes
+
+    image = pair.image
+    rng = np.random.default_rng(0)
+    volumes = np.clip(rng.normal(90, 25, size=(2, 20, 20, 20)), 0, 255).astype(np.uint8)
+    x = preprocess_volumes(volumes, image.input_spec, pair.device)
+    original = x.clone()
+    with torch.inference_mode():
+        features, single, again = image.encode(x), image.encode(x[:1]), image.encode(x)
+    assert torch.equal(x, original), "image encoder modified its input batch"
+    assert torch.is_tensor(features) and features.shape == (2, image.embed_dim), (
+        f"encode returned {getattr(features, 'shape', type(features).__name__)}, expected (2, {image.embed_dim})")
+    assert features.is_floating_point() and torch.isfinite(features).all(), "image features must be finite floats"
+    assert torch.equal(features, again) or pair.device != "cpu", "3D encoder is not deterministic on CPU"
+    assert torch.allclose(single.float(), features[:1].float(), rtol=1e-3, atol=1e-3 * float(features.abs().max()) + 1e-5), (
+        "a volume's features depend on the other volumes in its batch (eval mode?)")
+    extracted = encode_native(volumes[:1], image, pair.device, batch_size=1)
+    assert np.allclose(extracted, single.float().cpu().numpy(), rtol=1e-5, atol=1e-6) or pair.device != "cpu", (
+        "the harness's volume path disagrees with encode")
+
+
 @_failures
 def check_dataset(dataset: Any) -> None:
     """A :class:`~hica_bench.interfaces.FewShotDataset`: name, size, a task the runner supports, at least two
-    distinct class names (two for binary), an identity; train/val/test splits of uint8 images (N, S, S[, 3])
+    distinct class names (two for binary), an identity; train/val/test splits of uint8 images (N, S, S[, 3]) (volumes
+    (N, S, S, S) when ``volumetric``)
     and int64 labels (N,) in [0, C) of the same length, sliceable, the same on every call; every class in train."""
     for attribute in ("name", "identity"):
         value = getattr(dataset, attribute, None)
@@ -413,8 +442,12 @@ def check_dataset(dataset: Any) -> None:
         assert isinstance(split, Split), f"{where}: split() returned {type(split).__name__}, not a Split"
         images, labels = split.images, split.labels
         assert isinstance(images, np.ndarray) and images.dtype == np.uint8, f"{where}: images must be a uint8 array"
-        assert images.ndim in (3, 4) and images.shape[1:3] == (size, size) and (images.ndim == 3 or images.shape[3] == 3), (
-            f"{where}: images have shape {images.shape}, expected (N, {size}, {size}[, 3])")
+        if getattr(dataset, "volumetric", False):
+            assert images.ndim == 4 and images.shape[1:] == (size, size, size), (
+                f"{where}: volumes have shape {images.shape}, expected (N, {size}, {size}, {size})")
+        else:
+            assert images.ndim in (3, 4) and images.shape[1:3] == (size, size) and (images.ndim == 3 or images.shape[3] == 3), (
+                f"{where}: images have shape {images.shape}, expected (N, {size}, {size}[, 3])")
         assert isinstance(labels, np.ndarray) and labels.dtype == np.int64 and labels.ndim == 1, (
             f"{where}: labels must be int64 (N,), got {labels.dtype} {labels.shape}")
         assert len(labels) == len(images) >= 1, f"{where}: {len(images)} images but {len(labels)} labels"

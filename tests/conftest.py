@@ -60,6 +60,26 @@ def write_medmnist_npz(path: Path, n_classes: int, size: int = 28, rgb: bool = F
     return path
 
 
+def write_medmnist3d_npz(path: Path, n_classes: int = 2, size: int = 28, counts=(24, 6, 12), seed: int = 0) -> Path:
+    """A file in the exact MedMNIST 3D format: uint8 volumes (N, S, S, S) and uint8 labels (N, 1) per split, as
+    ``np.savez_compressed`` writes them. Class ``c`` has a bright cube in its own octant over noise."""
+    rng = np.random.default_rng(seed)
+    half = size // 2
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), counts):
+        labels = np.arange(n) % n_classes
+        rng.shuffle(labels)
+        volumes = rng.normal(80, 20, size=(n, size, size, size))
+        for i, c in enumerate(labels):
+            z, y, x = (int(c) >> 2) & 1, (int(c) >> 1) & 1, int(c) & 1
+            volumes[i, z * half:(z + 1) * half, y * half:(y + 1) * half, x * half:(x + 1) * half] += 120
+        arrays[f"{split}_images"] = np.clip(volumes, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def hica_bench(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed ``hica-bench`` console script as a user would."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")])}

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hica_bench.data import preprocessing_id
+from hica_bench.errors import UserError
 from hica_bench.extraction.backends import Forward
 from hica_bench.extraction.cache import FeatureCache
 from hica_bench.extraction.encode import REFERENCE_MIN_IMAGES, CpuContention, ReferenceProbe, encode_images, precision
@@ -56,6 +57,7 @@ class FeatureIdentity:
     channels_last: bool | None = None  #: eager only
     compile: bool | None = None  #: eager only
     exporter: str | None = None  #: onnxruntime only, when not the first exporter (``dynamo``): their graphs' bits differ
+    volume: str | None = None  #: volumes only: how they were read (:mod:`hica_bench.volumes`: the slices and pooling, or native 3D)
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that apply (the eager-only ones are left out for other backends): the cache key's and the cell
@@ -102,7 +104,10 @@ class FeatureExtractor:
 
     def __init__(self, pair: EncoderPair, cache_dir: Path | None = None, requested: Requested | None = None, *,
                  settings: ExtractionSettings | None = None, forward: Forward | None = None, reference: bool = True,
-                 log: Callable[[str], None] | None = None, work: Work | None = None) -> None:
+                 log: Callable[[str], None] | None = None, work: Work | None = None,
+                 volume: Any = None) -> None:
+        from hica_bench.volumes import VolumeOptions
+
         if cache_dir is None and settings is None:
             raise ValueError("a FeatureExtractor without a cache folder needs fixed settings")
         self.pair = pair
@@ -115,6 +120,7 @@ class FeatureExtractor:
         self.log = log
         self.work = work
         self.records: list[ExtractionRecord] = []  #: every split served, in order
+        self.volume = volume or VolumeOptions()  #: how a 2D encoder reads volumes (:mod:`hica_bench.volumes`)
 
     @classmethod
     def plain(cls, pair: EncoderPair, batch_size: int = 16, amp: bool = False) -> "FeatureExtractor":
@@ -151,6 +157,16 @@ class FeatureExtractor:
         return FeatureIdentity(card.image, preprocessing_id(card.input_spec), settings.precision,
                                settings.backend, self.pair.device.split(":")[0], **kernels)
 
+    def identity_for(self, dataset: FewShotDataset) -> FeatureIdentity:
+        """The feature identity of ``dataset``'s features: :attr:`identity`, plus how volumes are read for a dataset of
+        volumes (2D datasets: :attr:`identity` itself)."""
+        from hica_bench import volumes
+
+        if not volumes.volumetric(dataset):
+            return self.identity
+        how = volumes.NATIVE if volumes.native(self.pair.image) else self.volume.describe()
+        return dataclasses.replace(self.identity, volume=how)
+
     def forward(self) -> Forward:
         """The forward of the chosen settings (built once, on first use: a run served from the cache never builds it)."""
         if self._forward is None:  # the probe's own, when it just measured these settings
@@ -176,7 +192,7 @@ class FeatureExtractor:
         (None, None) instead of computing what the cache does not hold (an executor then computes it elsewhere)."""
         from hica_bench.corruptions import split_identity
 
-        identity = self.identity
+        identity = self.identity_for(dataset)
         # the split's own content: a corrupted dataset's train split is the clean one (its features are shared)
         parts = {"features": identity.as_dict(), "dataset": split_identity(dataset, split), "split": split}
         if rows is not None and rows < len(dataset.split(split).labels):
@@ -222,8 +238,11 @@ class FeatureExtractor:
         rows = parts.get("rows")
         if rows is not None:  # up to the batch boundary: each row is computed in the very batch the whole split has
             images = images[: -(-rows // self.settings.batch_size) * self.settings.batch_size]
+        from hica_bench import volumes
+
         probe = None
         if (self.reference and self.reference_for(dataset.identity) is None  # each dataset's first encoder pass ...
+                and not volumes.volumetric(dataset)  # (the yardstick times 2D images)
                 and getattr(dataset, "corruption", None) is None  # (a corrupted split's time includes corrupting it)
                 and len(images) >= REFERENCE_MIN_IMAGES):  # ... that is long enough for the yardstick to be worth it
             probe = ReferenceProbe.for_split(self.pair.image, images, self.pair.device, self.settings.batch_size,
@@ -234,7 +253,10 @@ class FeatureExtractor:
             first, self.tuning.first_batch = kept[2], None  # the probe's winner encoded this batch while being timed
         contention = CpuContention().start()
         start = time.perf_counter()
-        features = self.encode(images, on_batch, first)[:rows]
+        if volumes.volumetric(dataset):
+            features = self._volumes(images, on_batch)[:rows]
+        else:
+            features = self.encode(images, on_batch, first)[:rows]
         record.seconds = time.perf_counter() - start
         record.cpu_contention = contention.stop()
         if probe is not None and probe.images_per_s:
@@ -246,6 +268,17 @@ class FeatureExtractor:
             self.cache.put(key, features, parts)
         self.records.append(record)
         return features, record
+
+    def _volumes(self, images: Any, on_batch: Callable[[int], None] | None) -> np.ndarray:
+        """A split of volumes (N, D, H, W): natively through a 3D encoder, else slice by slice through :meth:`encode`,
+        pooled per volume (:mod:`hica_bench.volumes`); ``on_batch`` counts volumes."""
+        from hica_bench import volumes
+
+        if images.ndim != 4:
+            raise UserError(f"expected volumes (N, D, H, W), got images of shape {tuple(images.shape)}")
+        if volumes.native(self.pair.image):
+            return volumes.encode_native(images, self.pair.image, self.pair.device, self.settings.batch_size, on_batch)
+        return volumes.encode_sliced(images, self.volume, lambda flat: self.encode(flat), on_batch)
 
     def reference_for(self, dataset_identity: str) -> float | None:
         """The plain eager images/s measured during this dataset's first computed split (None if none was computed)."""

@@ -231,6 +231,11 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
         channels_last=bool(requested.channels_last), threads=default_threads,
         precision=compute_precision(device, requested.amp), compile=requested.compile,
         allocator=allocator(), pin_memory=cuda)
+    if pair.card.volumetric:  # a 3D encoder: whole volumes, eager (nothing to probe or export)
+        if requested.backend not in ("auto", "eager"):
+            raise UserError(f"{pair.card.image} is a 3D encoder, which runs on the eager backend only; "
+                            f"drop --backend {requested.backend}")
+        return Tuning(base, "default", unavailable={"probe": "a 3D encoder encodes whole volumes eagerly"})
     if (work is not None and work.count < PROBE_MIN_IMAGES and requested.backend in ("auto", "eager")
             and not requested.fixes_everything):
         # before anything asks for the encoder's modules: features cached under these settings need no build

@@ -42,6 +42,12 @@ def _timm(device: str, model: str, checkpoint: str, text: str) -> EncoderPair:
     return timm_pair(device, model, checkpoint, text)
 
 
+def _monai3d(device: str, model: str, checkpoint: str, size: int, text: str) -> EncoderPair:
+    from hica_bench_encoders.monai3d import monai3d_pair
+
+    return monai3d_pair(device, model, checkpoint, size, text)
+
+
 def _hf_clip(name: str):
     def build(device: str, path: str) -> EncoderPair:
         from hica_bench_encoders.hf_clip import hf_clip_pair
@@ -147,5 +153,13 @@ def hica_bench_encoders() -> list[PluginSpec]:
             "random (random init, seed 0, labelled as such); required. text: minilm (bundled), '' for none, or a "
             "local Hugging Face model folder / Hub name (mean pooling). Not aligned.",
             _timm, {"model": "resnet18", "checkpoint": "", "text": "minilm"},
+        ),
+        PluginSpec(
+            "encoder", "monai-3d",
+            "A MONAI 3D network as a native volume encoder (3D datasets only): model resnet10/18/34/50 or densenet121, "
+            "features before the classifier. checkpoint: a local state-dict file, or random (random init, seed 0, "
+            "labelled as such); required. size: the side volumes are resized to (voxels). text: as for timm. Not aligned.",
+            _monai3d, {"model": Option("resnet18", choices=("resnet10", "resnet18", "resnet34", "resnet50", "densenet121")),
+                       "checkpoint": "", "size": Option(64, low=16), "text": "minilm"},
         ),
     ] + _named()

@@ -1,4 +1,6 @@
-"""The 12 MedMNIST v2 2D datasets, described by ``medmnist.INFO`` (class names, task, split sizes, URLs).
+"""The 12 MedMNIST v2 2D datasets and the 6 3D ones, described by ``medmnist.INFO`` (class names, task, split sizes,
+URLs). The 3D datasets hold volumes, uint8 (N, D, H, W) at 28 or 64 voxels a side (``volumetric``; see
+:mod:`hica_bench.volumes` for how encoders read them).
 
 Files are ``{flag}.npz`` (28 px) or ``{flag}_{size}.npz`` in the data root (``--data-root`` >
 ``$HICA_BENCH_DATA`` > medmnist's ``~/.medmnist``). A missing file is downloaded from the official
@@ -38,6 +40,16 @@ FLAGS = {
     "organcmnist": "abdominal CT (coronal), 11 classes",
     "organsmnist": "abdominal CT (sagittal), 11 classes",
 }
+#: the 3D flags (volumes (N, S, S, S), sizes 28 and 64)
+FLAGS_3D = {
+    "organmnist3d": "abdominal CT volumes, 11 organs",
+    "nodulemnist3d": "chest CT volumes, lung nodule malignancy, 2 classes",
+    "adrenalmnist3d": "abdominal CT volumes (adrenal gland shape), 2 classes",
+    "fracturemnist3d": "chest CT volumes, rib fracture type, 3 classes",
+    "vesselmnist3d": "brain MRA volumes (vessel shape), aneurysm or not, 2 classes",
+    "synapsemnist3d": "electron microscopy volumes, synapse type, 2 classes",
+}
+SIZES_3D = (28, 64)
 SPLITS = ("train", "val", "test")
 
 
@@ -84,14 +96,17 @@ def _download(flag: str, size: int, root: Path) -> None:
 
 
 class MedMNIST:
-    """One MedMNIST 2D dataset at one size (implements ``hica_bench.interfaces.FewShotDataset``)."""
+    """One MedMNIST dataset at one size (implements ``hica_bench.interfaces.FewShotDataset``): 2D images, or volumes
+    for the 3D flags (``volumetric``)."""
 
     def __init__(self, flag: str, root: str | None, size: int, download: bool, cache_dir: Path) -> None:
         info = _info(flag)
         if info["task"] == "multi-label, binary-class":
             raise UserError(f"{flag} is multi-label; hica-bench supports single-label datasets only (see README)")
-        if size not in SIZES:
-            raise UserError(f"{flag} comes in sizes {', '.join(map(str, SIZES))}; got --size {size}")
+        self.volumetric = flag in FLAGS_3D
+        sizes = SIZES_3D if self.volumetric else SIZES
+        if size not in sizes:
+            raise UserError(f"{flag} comes in sizes {', '.join(map(str, sizes))}; got --size {size}")
         if root is None:
             from medmnist.info import DEFAULT_ROOT
 
@@ -129,9 +144,12 @@ class MedMNIST:
         images = self._npz.memmap(f"{name}_images")
         if images.dtype != np.uint8:
             raise UserError(f"{where}_images has dtype {images.dtype}; MedMNIST images are uint8")
-        expected = (self.size, self.size) if self.channels == 1 else (self.size, self.size, 3)
+        expected = ((self.size,) * 3 if self.volumetric else (self.size, self.size) if self.channels == 1
+                    else (self.size, self.size, 3))
         if images.shape[1:] != expected:
-            raise UserError(f"{where}_images has shape {images.shape}; expected (N, {', '.join(map(str, expected))})")
+            what = " (a 3D dataset holds volumes)" if self.volumetric else ""
+            raise UserError(f"{where}_images has shape {images.shape}; expected (N, {', '.join(map(str, expected))})"
+                            f"{what}")
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -160,7 +178,8 @@ def _specs() -> list[PluginSpec]:
         PluginSpec("dataset", flag, f"MedMNIST v2 {flag}: {FLAGS[flag]}; sizes 28/64/128/224", _factory(flag),
                    in_default_suite=flag in DEFAULT_SUITE)
         for flag in ordered
-    ]
+    ] + [PluginSpec("dataset", flag, f"MedMNIST v2 {flag}: {what}; volumes, sizes 28/64", _factory(flag))
+         for flag, what in FLAGS_3D.items()]
 
 
 @hookimpl
