@@ -388,8 +388,8 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
         model = cell.method.build()
         needs = check_needs(getattr(model, "needs", None), pair, key.encoder)
         if "encoders" in needs and getattr(dataset, "volumetric", False):
-            raise NotApplicable("adapts the encoder on 2D images; this dataset holds 3D volumes, which are encoded "
-                                "slice by slice (or by a 3D encoder) and not adapted")
+            raise NotApplicable("reads the 2D images themselves (to adapt the encoder or pool regions); this dataset holds "
+                                "3D volumes, which are encoded slice by slice or by a 3D encoder")
         task = build_task(dataset=getattr(dataset, "name", key.dataset), task=dataset.task,
                           class_names=dataset.class_names, train_features=train_features, train_labels=train_labels,
                           support=cell.support, k=key.k, seed=key.seed, pair=pair, needs=needs,

@@ -277,3 +277,17 @@ def test_the_reproduced_corruptions_match_medmnistc(dataset, real, tmp_path):
                 assert np.abs(ours - theirs).max() <= 1, (name, severity)
             else:
                 np.testing.assert_array_equal(ours, theirs, err_msg=f"{name}@{severity}")
+
+
+def test_the_probe_budget_counts_a_shared_train_split_once(medmnist_root, tmp_path):
+    """The settings probe is budgeted by what the grid will encode: the clean train split once (its corrupted copies
+    share it), and the clean test split plus each corrupted one."""
+    from hica_bench import runner
+
+    choices = C.variants([REGISTRY.choose("dataset", "breastmnist")], ["pixelate"], [1, 2])
+    grid = runner.Grid(datasets=choices, methods=[REGISTRY.choose("method", "prototype")],
+                       encoders=[REGISTRY.choose("encoder", "effnet-lite0-minilm")], shots=[1], seeds=[0])
+    datasets = {c.label: c.build(root=str(medmnist_root), size=28, download=False, cache_dir=tmp_path) for c in choices}
+    needs = {"prototype": runner.method_needs(grid.methods[0])}
+    work = runner._work(grid, datasets, needs)
+    assert work.count == 546 + 3 * 156

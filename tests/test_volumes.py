@@ -97,7 +97,7 @@ def test_a_3d_grid_end_to_end_with_caching_and_the_slicing_in_the_identity(data3
     ok = [r for r in records if r["status"] == "ok"]
     assert len(ok) == 8 and {r["key"]["method"] for r in ok} == {"linear-probe", "prototype"}
     assert all(r["identity"]["origin"]["features"]["volume"] == "slices:axis=0:pool=mean" for r in records)
-    assert all("3D volumes" in r["reason"] for r in records if r["key"]["method"] == "finetune")
+    assert all("reads the 2D images themselves" in r["reason"] for r in records if r["key"]["method"] == "finetune")
     assert np.mean([r["metrics"]["auc"] for r in ok if r["key"]["k"] == 5]) > 0.9
     entries = set((tmp_path / "cache" / "features").glob("*.npy"))
     assert len(entries) == 2  # train and test
