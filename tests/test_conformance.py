@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_medmnist_npz
+from conftest import write_medmnist3d_npz, write_medmnist_npz
 from hica_bench import testing
 from hica_bench.errors import NotApplicable, UserError
 from hica_bench.interfaces import EncoderPair, PluginSpec, Split
@@ -111,7 +111,10 @@ def test_dataset_in_medmnist_format(name, tmp_path):
     root = str(tmp_path)
     if info is not None:
         n = len(info["label"])
-        write_medmnist_npz(tmp_path / f"{name}.npz", n_classes=n, rgb=info["n_channels"] == 3, counts=(3 * n, n, 2 * n))
+        if name.endswith("3d"):  # volumes (N, 28, 28, 28)
+            write_medmnist3d_npz(tmp_path / f"{name}.npz", n_classes=n, counts=(3 * n, n, 2 * n))
+        else:
+            write_medmnist_npz(tmp_path / f"{name}.npz", n_classes=n, rgb=info["n_channels"] == 3, counts=(3 * n, n, 2 * n))
     elif name == "folder":  # the same kind of file's images as PNG files in split and class folders
         from PIL import Image
 

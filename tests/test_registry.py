@@ -21,7 +21,7 @@ def test_first_party_plugins_are_found_through_entry_points():
     registry = load_registry()
     assert registry.get("method", "linear-probe").distribution == "hica-bench-baselines"
     assert registry.get("dataset", "breastmnist").distribution == "hica-bench-medmnist"
-    assert len(registry.specs("dataset")) == 13  # the 12 MedMNIST 2D sets and folder
+    assert len(registry.specs("dataset")) == 19  # the 12 MedMNIST 2D sets, the 6 3D sets and folder
     assert registry.get("dataset", "folder").distribution == "hica-bench-folder"
 
 
