@@ -164,7 +164,7 @@ class FeatureExtractor:
 
         if not volumes.volumetric(dataset):
             return self.identity
-        how = volumes.NATIVE if volumes.native(self.pair.image) else self.volume.describe()
+        how = volumes.NATIVE if self.pair.card.volumetric else self.volume.describe()  # the card: nothing is built
         return dataclasses.replace(self.identity, volume=how)
 
     def forward(self) -> Forward:
