@@ -31,9 +31,10 @@ def hica_bench_datasets() -> list[PluginSpec]:
     """Datasets. ``factory(root, size, download, cache_dir, **options)`` returns a
     :class:`~hica_bench.interfaces.FewShotDataset`. ``root`` is the data root (``--data-root``, ``$HICA_BENCH_DATA``
     or None); an option the spec declares under the name of a fixed argument replaces it (the ``folder`` dataset's
-    ``root=``). Every dataset also takes ``prompts=FILE``, which the core reads (:mod:`hica_bench.prompts`) and never
-    passes to the factory. Long work while building (decoding a folder) may report through
-    :func:`hica_bench.data.progress`."""
+    ``root=``). Every dataset also takes ``prompts=FILE``, which the core reads (:mod:`hica_bench.prompts`), and
+    ``corruption=NAME:severity=S``, which the core applies to its test split (:mod:`hica_bench.corruptions`); neither
+    is passed to the factory. A dataset of 3D volumes sets ``volumetric = True`` (:mod:`hica_bench.volumes`). Long
+    work while building (decoding a folder) may report through :func:`hica_bench.data.progress`."""
 
 
 @hookspec
