@@ -27,8 +27,9 @@ from hica_bench.results import LEGACY, CellResult, Origin, Status, Timings, orig
 #: run (``hica-bench check`` compares their ratio)
 THROUGHPUT = tuple(f.name for f in fields(Timings) if f.name.endswith("_images_per_s"))
 BLOCK = ["dataset", "size", "encoder", "max_test"]  #: one section of the leaderboard
-#: what a leaderboard row is: a label, and the origin of its results (a corrupted test split is its own row)
-ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "corruption", "severity", "origin"]
+#: what a leaderboard row is: a label, and the origin of its results (a corrupted test split is its own row; those two
+#: columns come last, so the columns before them keep the places they had)
+ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "origin", "corruption", "severity"]
 
 
 def results_frame(results: list[CellResult]) -> pd.DataFrame:
