@@ -248,7 +248,14 @@ def test_medclip_from_its_release_checkpoint(medclip_bases, medmnist_root, tmp_p
     pair = build(f"medclip:checkpoint={checkpoint.parent}")  # the folder; text/swin from the package's constants
     testing.check_encoder(pair)
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert pair.aligned and pair.image.identity == f"medclip:swin:sha256={digest}"
+    assert pair.aligned and pair.image.identity.startswith(f"medclip:swin:sha256={digest}:swin=")
+    import shutil
+
+    other = tmp_path / "other-bert"  # another vocabulary changes the text features: another text identity
+    shutil.copytree(bert, other)
+    (other / "vocab.txt").write_text((bert / "vocab.txt").read_text() + "opacity\n")
+    rebuilt = build(f"medclip:checkpoint={checkpoint.parent}:text={other}")
+    assert rebuilt.image.identity == pair.image.identity and rebuilt.text.identity != pair.text.identity
     assert pair.image.embed_dim == pair.text.embed_dim == 16
     spec = pair.image.input_spec  # the package's published preprocessing, grey mean/std on all three channels
     assert (spec.size, spec.mean, spec.std, spec.interpolation) == (32, (.5862785803043838,) * 3,

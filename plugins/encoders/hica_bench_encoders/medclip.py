@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hica_bench.errors import UserError
-from hica_bench.files import file_sha256
+from hica_bench.files import digest, file_sha256
 from hica_bench.interfaces import EncoderPair, InputSpec
 from hica_bench_encoders.text import encode_batched
 from hica_bench_encoders.weights import first_line, hf_input_spec, hub_folder, load_state_dict
@@ -170,6 +170,12 @@ class MedCLIPImage:
         return net.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def config_digest(folder: Path) -> str:
+    """A short digest of a base model folder's config and tokenizer files (what is read of it)."""
+    files = sorted(p for pattern in CONFIG_FILES for p in folder.glob(pattern))
+    return digest([[p.name, file_sha256(p)] for p in files], 16)
+
+
 def _config_folder(source: str, what: str, option: str) -> Path:
     return hub_folder(source, what, option, allow=CONFIG_FILES)
 
@@ -226,9 +232,12 @@ def medclip_pair(device: str, checkpoint: str, text: str, swin: str) -> EncoderP
         raise UserError(f"medclip: {path} does not fit MedCLIP's {backbone} architecture with these base configs "
                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {shown})")
     model.to(device).eval().requires_grad_(False)  # frozen: a method adapts a copy
+    # the checkpoint, and the base configs and tokenizer it was built with (a config's settings or another vocabulary
+    # change the features without changing any tensor's shape)
     identity = f"medclip:{backbone}:sha256={file_sha256(path)}"
-    image = MedCLIPImage(model, backbone, identity, spec)
-    text_encoder = MedCLIPText(model, tokenizer, f"{identity}/text", device)
+    vision_config = "" if backbone == "resnet" else f":swin={config_digest(swin_folder)}"
+    image = MedCLIPImage(model, backbone, identity + vision_config, spec)
+    text_encoder = MedCLIPText(model, tokenizer, f"{identity}/text:bert={config_digest(text_folder)}", device)
     if image.embed_dim != text_encoder.embed_dim:
         raise UserError(f"medclip: {path}'s image projection ({image.embed_dim}) and text projection "
                         f"({text_encoder.embed_dim}) differ; is it a MedCLIP checkpoint?")
