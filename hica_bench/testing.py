@@ -354,7 +354,14 @@ def check_encoder(pair: Any) -> None:
     assert isinstance(image.embed_dim, int) and image.embed_dim >= 1, f"embed_dim must be a positive int, got {image.embed_dim!r}"
     if getattr(image, "volumetric", False):
         _check_volume_encoder(pair)
-        return
+    else:
+        _check_image_encoder(pair)
+    _check_text_encoder(pair)
+
+
+def _check_image_encoder(pair: EncoderPair) -> None:
+    """A 2D image encoder (see :func:`check_encoder`)."""
+    image, spec = pair.image, pair.image.input_spec
     grey, rgb = toy_images(np.array([1])), toy_images(np.array([0]), rgb=True, seed=1)
     x = torch.cat([preprocess(grey, spec, pair.device), preprocess(rgb, spec, pair.device)])  # as the harness prepares them
     original = x.clone()
@@ -374,6 +381,11 @@ def check_encoder(pair: Any) -> None:
         assert torch.is_tensor(dense) and dense.ndim == 4 and dense.shape[0] == 2 and min(dense.shape[2:]) >= 1, (
             f"dense returned {getattr(dense, 'shape', None)}, expected (N, D, h, w)")
         assert torch.isfinite(dense).all(), "dense features contain NaN or inf"
+
+
+def _check_text_encoder(pair: EncoderPair) -> None:
+    """The pair's text encoder, if any, and an aligned pair's widths (see :func:`check_encoder`)."""
+    image = pair.image
     if pair.text is not None:
         text = pair.text
         assert isinstance(text, TextEncoder), f"{type(text).__name__} lacks identity, embed_dim or encode"
