@@ -134,7 +134,8 @@ def _shared_labels(part: pd.DataFrame, origins: dict[str, Origin]) -> list[str]:
     return lines
 
 
-def markdown(results: list[CellResult]) -> str:
+def markdown(results: list[CellResult], robustness: pd.DataFrame | None = None) -> str:
+    """``leaderboard.md``; ``robustness``: :func:`robustness_table` of ``results`` when the caller has it already."""
     corrupted = [r for r in results if r.key.corruption is not None]
     results = [r for r in results if r.key.corruption is None]
     summary = summary_table(results)
@@ -189,7 +190,8 @@ def markdown(results: list[CellResult]) -> str:
                 lines.append(f"- {section[0]} / `{section[2]}` / `{row_label(method, origin, sections[section])}`: "
                              f"not applicable — {why}")
     if corrupted:
-        lines += ["", *robustness_markdown(robustness_table(results + corrupted))]
+        table = robustness if robustness is not None else robustness_table(results + corrupted)
+        lines += ["", *robustness_markdown(table)]
     failed += sum(r.status is Status.FAILED for r in corrupted)
     if failed:
         lines += ["", f"{failed} cell(s) failed; see the results file for their errors."]
@@ -308,10 +310,9 @@ def robustness_markdown(table: pd.DataFrame) -> list[str]:
 def write(results: list[CellResult], out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     md_path, csv_path = out_dir / "leaderboard.md", out_dir / "leaderboard.csv"
-    atomic_write(md_path, markdown(results))
-    atomic_write(csv_path, summary_table(results).to_csv(index=False, float_format="%.6f"))
-    robust = out_dir / "robustness.csv"
     table = robustness_table(results) if any(r.key.corruption is not None for r in results) else pd.DataFrame()
+    atomic_write(md_path, markdown(results, table))
+    atomic_write(csv_path, summary_table(results).to_csv(index=False, float_format="%.6f"))
     if not table.empty:
-        atomic_write(robust, table.to_csv(index=False, float_format="%.6f"))
+        atomic_write(out_dir / "robustness.csv", table.to_csv(index=False, float_format="%.6f"))
     return md_path, csv_path
