@@ -193,6 +193,30 @@ def test_open_clip_local_checkpoint(registry, images, tmp_path):
     np.testing.assert_allclose(pair.text.encode(["a chest x-ray", "a skin lesion"]), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_open_clip_checkpoint_fills_every_parameter_of_a_model_built_without_init(registry, tmp_path):
+    """The fast build (no random init, memory-mapped checkpoint) relies on open_clip's strict load: every tensor equals
+    the checkpoint's, a checkpoint missing one parameter is a one-line error rather than an uninitialised value, and
+    torch's initialisers work again afterwards."""
+    import open_clip
+
+    init_before = torch.nn.init.normal_
+    torch.manual_seed(2)
+    reference = open_clip.create_model(SMALL_CLIP).eval()
+    state = reference.state_dict()
+    path = tmp_path / "small-clip.pt"
+    torch.save(state, path)
+    pair = build(registry, f"open-clip:model={SMALL_CLIP}:pretrained={path}")
+    loaded = pair.modules["model"].state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert torch.nn.init.normal_ is init_before and torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5
+
+    del state["visual.proj"]
+    torch.save(state, tmp_path / "missing.pt")
+    with pytest.raises(UserError, match=r"cannot build .*Missing key.*visual\.proj"):
+        build(registry, f"open-clip:model={SMALL_CLIP}:pretrained={tmp_path / 'missing.pt'}")
+    assert torch.nn.init.normal_ is init_before
+
+
 @pytest.mark.slow
 def test_biomedclip_offline_from_local_config_and_checkpoint(registry, images, tiny_bert, tmp_path):
     """BiomedCLIP's architecture (timm ViT-B/16 image tower, HF BERT text tower with MLP projection, 512-d,

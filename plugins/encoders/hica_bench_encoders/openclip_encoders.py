@@ -22,7 +22,8 @@ import numpy as np
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderPair, InputSpec
 from hica_bench.files import digest, file_sha256
-from hica_bench_encoders.weights import first_line, hub_file, local_file, seeded, state_dict_sha256
+from hica_bench_encoders.weights import (filled_by_strict_load, first_line, hub_file, local_file, seeded,
+                                         state_dict_sha256)
 
 BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -132,11 +133,12 @@ def open_clip_pair(device: str, model: str, pretrained: str) -> EncoderPair:
                            local="model=local-dir:<folder with open_clip_config.json and the weights>")
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:"):]).expanduser()
-        has_weights = any((folder / name).is_file() for name in CHECKPOINT_NAMES)
+        weights = next((folder / name for name in CHECKPOINT_NAMES if (folder / name).is_file()), None)
+        has_weights = weights is not None
         if not has_weights and pretrained != RANDOM:
             raise UserError(f"open-clip model={model}: the folder holds no weights ({', '.join(CHECKPOINT_NAMES)}); "
                             f"put them there, or pass pretrained={RANDOM} for a random initialisation")
-        with seeded(0):  # only matters when the folder holds no weights
+        with filled_by_strict_load(weights) if has_weights else seeded(0):
             net = _build(model, open_clip.create_model, model, device="cpu", pretrained_text=False, weights_only=True)
         tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
         kind = "sha256" if has_weights else "random-init-seed0:sha256"
@@ -158,8 +160,9 @@ def open_clip_pair(device: str, model: str, pretrained: str) -> EncoderPair:
         path, extra = local_file(pretrained, "pretrained"), {}
     else:
         path, extra = _tag_weights(model, pretrained)
-    net = _build(f"{model} from {path}", open_clip.create_model, model, pretrained=str(path), device="cpu",
-                 weights_only=True, **extra)
+    with filled_by_strict_load(path):
+        net = _build(f"{model} from {path}", open_clip.create_model, model, pretrained=str(path), device="cpu",
+                     weights_only=True, **extra)
     return _pair(net, tokenizer, f"open-clip:{model}:sha256={file_sha256(path)}", device)
 
 
@@ -241,10 +244,11 @@ def from_config(device: str, label: str, repo: str, config: str, checkpoint: str
         what = f"{label} from {config_path}" + (
             f" (its text tower {tower!r} is read by transformers: HF cache, Hub, or a local folder named in the config)"
             if tower and not Path(tower).is_dir() else "")
-        net = _build(what, open_clip.create_model, f"local-dir:{scratch}", device="cpu",
-                     pretrained_text=False, weights_only=True)
-    if link is None:
-        _build(f"{label} from {weights}", open_clip.load_checkpoint, net, str(weights), weights_only=True)
+        with filled_by_strict_load(weights):
+            net = _build(what, open_clip.create_model, f"local-dir:{scratch}", device="cpu",
+                         pretrained_text=False, weights_only=True)
+            if link is None:
+                _build(f"{label} from {weights}", open_clip.load_checkpoint, net, str(weights), weights_only=True)
 
     text_cfg = full_config["model_cfg"].get("text_cfg", {})
     context_length = text_cfg.get("context_length", 77)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -45,6 +46,42 @@ def seeded(seed: int = 0) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+#: ``torch.nn.init``'s in-place initialisers, which :func:`filled_by_strict_load` makes no-ops
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def filled_by_strict_load(checkpoint: Path) -> Iterator[None]:
+    """For building a model whose every parameter a strict load of ``checkpoint`` then overwrites (open_clip's
+    ``create_model``/``load_checkpoint`` load strictly): inside, ``torch.nn.init``'s initialisers do nothing (their
+    random values would be overwritten), and a zip-format torch checkpoint is memory-mapped (torch's own
+    ``load.mmap`` setting; copy-on-write, and copied into the parameters by the load, so nothing stays mapped)
+    instead of read whole through the unpickler. Measured on ViT-B-32 (605 MB, 2 cores): build + load 3.4-6.3 s ->
+    0.2 s, which is what lets a fresh-cache zero-shot run match CLIP_benchmark end to end.
+
+    Only for strict loads: a parameter the checkpoint lacks is then an error, never an uninitialised value. The same
+    idea as transformers' ``no_init_weights``, written here because that helper is internal to transformers and has
+    moved between its versions. Patches module attributes for the duration: build in one thread."""
+    import torch
+    import torch.utils.serialization.config as serialization
+
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)}
+    mmap = checkpoint.suffix not in (".safetensors", ".npz", ".npy") and zipfile.is_zipfile(checkpoint)
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, _no_init)
+        with serialization.patch({"load.mmap": mmap}):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _no_init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+    return tensor
 
 
 def load_state_dict(path: Path) -> dict[str, Any]:
