@@ -481,6 +481,65 @@ def download_(
         print(runner.describe_dataset(choice.label, dataset))
 
 
+@app.command("explain")
+def explain_(
+    ctx: typer.Context,
+    dataset: str = typer.Option(..., help="The cell's dataset, NAME or NAME:opt=value (see `hica-bench list dataset`)."),
+    method: str = typer.Option(..., help="The cell's method, NAME or NAME:opt=value (see `hica-bench list method`)."),
+    encoder: Optional[str] = ENCODER_OPTION,
+    k: int = typer.Option(..., "--k", help="Shots per class of the cell."),
+    seed: int = typer.Option(..., help="Seed of the cell (its support set and the method's draws)."),
+    images: Optional[int] = typer.Option(None, help="Explain the first N test images [default: 8]."),
+    indices: Optional[str] = typer.Option(None, help="Explain these test images instead (comma list of indices)."),
+    size: int = SIZE_OPTION,
+    device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    data_root: Optional[str] = typer.Option(None, help="Folder with the dataset files [default: $HICA_BENCH_DATA, else the dataset's own default]."),
+    cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder [default: $HICA_BENCH_CACHE, else ~/.cache/hica-bench]."),
+    out: Path = typer.Option(..., help="Folder for explanations/<cell>/ (a run's --out: its report then shows them)."),
+    download: bool = DOWNLOAD_OPTION,
+) -> None:
+    """Explain one cell's predictions on chosen test images: occlusion maps (any method), Grad-CAM maps (methods with
+    a differentiable head), HiCA's regions with their best-matching descriptors, and deletion/insertion AUCs."""
+    from hica_bench import data, explain, runner
+
+    if images is not None and indices is not None:
+        raise UserError("give --images or --indices, not both")
+    index_list = int_list(indices, "--indices") if indices is not None else None
+    registry = _registry(ctx)
+    if images is not None and images < 1:
+        raise UserError(f"--images must be >= 1, got {images}")
+    grid = runner.Grid(
+        datasets=_choose_each(registry, "dataset", name_list(dataset, "--dataset"), "--dataset")[:1],
+        methods=_choose_each(registry, "method", name_list(method, "--method"), "--method")[:1],
+        encoders=_choose_each(registry, "encoder", name_list(encoder if encoder is not None else
+                                                             default_suite(registry, "encoder", "--encoder"),
+                                                             "--encoder"), "--encoder")[:1],
+        shots=[k], seeds=[seed], size=size)
+    settings = runner.Settings(device=runner.resolve_device(device),
+                               extraction=requested_extraction(backend, batch_size, None, 0, True, False),
+                               data_root=data.data_root(data_root), cache_dir=data.cache_root(cache_dir),
+                               out_dir=data.writable_dir(out, "--out folder"), download=download)
+    path, found = explain.explain_cell(grid, settings, registry, images, index_list)
+    table = Table(title=f"faithfulness over {found['images']} images (patches removed or inserted in map order; "
+                        "deletion: lower is better, insertion: higher)")
+    for column in ("attribution", "deletion AUC", "insertion AUC", "paired vs random order (Wilcoxon p)"):
+        table.add_column(column)
+    for row in found["summary"]:
+        table.add_row(escape(row["attribution"]), _mean_se(row["deletion_auc"], row["deletion_auc_se"]),
+                      _mean_se(row["insertion_auc"], row["insertion_auc_se"]), escape(explain.versus_random(row)))
+    out_console = Console()
+    out_console.print(table)
+    for name, why in found["unavailable"].items():
+        out_console.print(f"{escape(name)}: not computed ({escape(why)})", highlight=False, soft_wrap=True)
+    print(f"written: {path.parent}")
+
+
+def _mean_se(mean: float, se: float | None) -> str:
+    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
 @app.command("bench")
 def bench_(
     ctx: typer.Context,

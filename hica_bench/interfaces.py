@@ -325,6 +325,14 @@ class Method(Protocol):
     never the frozen one's) and calls ``predict_proba`` on those features; the result records the adapted identity
     (``adapted_encoder``) and the encoding cost (``timings.adapted_encode_s``). Without ``encoder_`` (or with None)
     it predicts on the frozen test features, as every other method.
+
+    **Explanations** (``hica-bench explain``, :mod:`hica_bench.explain`; both optional). Any method is explained by
+    occlusion through ``predict_proba``. A method with a differentiable head may also offer ``head_(features)``:
+    (N, D) torch features of the encoder it predicts with -> (N, C) torch logits whose softmax is ``predict_proba``,
+    differentiable in the features (Grad-CAM's target is the predicted class's logit; the conformance kit checks
+    the softmax). A method with regional evidence (HiCA) may offer ``regions_(images)``: uint8 images (N, H, W[, 3])
+    -> per image a list of ``{"box": [x0, y0, x1, y1] in the images' pixels, "descriptor": str, "class": int,
+    "similarity": float}``, or None.
     """
 
     needs: frozenset[str]

@@ -401,17 +401,54 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     from hica_bench.leaderboard import ROBUSTNESS_NOTE
 
     robustness = _robustness(results)
+    from hica_bench import explain
+
+    explanations = [{"title": " · ".join(str(e["cell"][k]) for k in ("dataset", "method", "encoder"))
+                     + f" · k={e['cell']['k']} · seed {e['cell']['seed']} ({len(e['images'])} test images)",
+                     "overlays": f"{e['folder']}/{e['overlays']}", "layer": e.get("grad_cam_layer"),
+                     "unavailable": e.get("unavailable") or {},
+                     "rows": [(r["attribution"], _auc(r["deletion_auc"], r["deletion_auc_se"]),
+                               _auc(r["insertion_auc"], r["insertion_auc_se"]), explain.versus_random(r))
+                              for r in e["summary"]],
+                     "regions": [(image["test_index"], image["predicted_name"], region["box"], region["descriptor"],
+                                  region["class"], f"{region['similarity']:.3f}")
+                                 for image in e["images"] for region in (image.get("regions") or [])]}
+                    for e in explain.read_all(out_dir)]
     environment = jinja2.Environment(loader=jinja2.PackageLoader("hica_bench", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     page = environment.get_template("report.html.j2").render(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), sources=sources or [],
         sections=pages, rankings=ranked, reference=chosen, test=stats.TEST, alpha=stats.ALPHA, resamples=resamples,
         environment=_environment(results), n_results=len(results), robustness=robustness,
+        explanations=explanations, concepts=_concepts(results), grid=explain.GRID,
         robustness_note=ROBUSTNESS_NOTE.replace("`", ""),
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
     atomic_write(path, page)
     return path
+
+
+def _auc(mean: float, se: float | None) -> str:
+    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def _concepts(results: list[CellResult]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The top concepts per class of each concept-bottleneck cell group (dataset, size, encoder, method, k), from the
+    lowest seed's ``fit_info`` (the concepts a seed's support set picked; other seeds may pick others)."""
+    chosen: dict[tuple, CellResult] = {}
+    for r in results:
+        top = (r.fit_info or {}).get("top_concepts") if r.status is Status.OK else None
+        if not isinstance(top, dict):
+            continue
+        group = (r.key.dataset, r.key.size, r.key.encoder, r.key.method, r.key.k)
+        if group not in chosen or r.key.seed < chosen[group].key.seed:
+            chosen[group] = r
+    out = []
+    for (dataset, size, encoder, method, k), r in sorted(chosen.items(), key=lambda item: tuple(map(str, item[0]))):
+        rows = [(str(name), ", ".join(f"{concept} ({weight:+.2f})" for concept, weight in pairs) or "none")
+                for name, pairs in r.fit_info["top_concepts"].items()]
+        out.append((f"{dataset} ({size}px) · {method} · {encoder} · k={k} · seed {r.key.seed}", rows))
+    return out
 
 
 def _robustness(results: list[CellResult]) -> list[tuple[str, list[str], list[list[str]]]]:

@@ -366,6 +366,27 @@ def _save_predictions(folder: Path, cell_id: str, proba: np.ndarray, labels: np.
     return f"{folder.name}/{path.name}"
 
 
+def prepare(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
+            components: Components, cache_dir: Path | None = None) -> tuple[Any, frozenset[str], FewShotTask]:
+    """A cell's method, built, with its checked needs and its task, every generator seeded from the cell's seed: what
+    ``fit`` gets in a run (:func:`fit_and_score`) and in ``hica-bench explain`` (:mod:`hica_bench.explain`) alike.
+    Raises NotApplicable when the encoder pair or the dataset cannot serve the method's needs."""
+    train_features, train_labels = train
+    key = cell.key
+    model = cell.method.build()
+    needs = check_needs(getattr(model, "needs", None), pair, key.encoder)
+    if "encoders" in needs and getattr(dataset, "volumetric", False):
+        raise NotApplicable("reads the 2D images themselves (to adapt the encoder or pool regions); this dataset holds "
+                            "3D volumes, which are encoded slice by slice or by a 3D encoder")
+    task = build_task(dataset=getattr(dataset, "name", key.dataset), task=dataset.task,
+                      class_names=dataset.class_names, train_features=train_features, train_labels=train_labels,
+                      support=cell.support, k=key.k, seed=key.seed, pair=pair, needs=needs,
+                      train_images=lambda: dataset.split("train").images, cache_dir=cache_dir,
+                      components=components, prompts=cell.prompts)
+    seed_everything(key.seed)
+    return model, needs, task
+
+
 def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
                   timeout: float | None = None, extractor: FeatureExtractor | None = None
@@ -379,23 +400,12 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
     encoded through it by ``extractor`` (:meth:`FeatureExtractor.adapted`: the run's preprocessing and batching), not
     on the frozen ``test`` features; without ``encoder_`` it gets the frozen ones. A method that changed the frozen
     encoder's weights in place fails (they serve every other cell and the feature cache)."""
-    train_features, train_labels = train
     test_features, test_labels = test
     key = cell.key
     result = CellResult(key, cell.identity, Status.OK, n_support=len(cell.support), n_test=len(test_labels))
     proba = None
     try:
-        model = cell.method.build()
-        needs = check_needs(getattr(model, "needs", None), pair, key.encoder)
-        if "encoders" in needs and getattr(dataset, "volumetric", False):
-            raise NotApplicable("reads the 2D images themselves (to adapt the encoder or pool regions); this dataset holds "
-                                "3D volumes, which are encoded slice by slice or by a 3D encoder")
-        task = build_task(dataset=getattr(dataset, "name", key.dataset), task=dataset.task,
-                          class_names=dataset.class_names, train_features=train_features, train_labels=train_labels,
-                          support=cell.support, k=key.k, seed=key.seed, pair=pair, needs=needs,
-                          train_images=lambda: dataset.split("train").images, cache_dir=cache_dir,
-                          components=components, prompts=cell.prompts)
-        seed_everything(key.seed)
+        model, needs, task = prepare(cell, dataset, pair, train, components, cache_dir)
         frozen = weight_versions(pair.modules) if "encoders" in needs else None
         saved = frozen_state(pair.modules) if frozen is not None else None  # to put back what a faulty method changes
 

@@ -279,6 +279,19 @@ def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTa
     one = _assert_proba(name, label, model.predict_proba(test[:1]), 1, task.n_classes)
     assert np.allclose(one, proba[:1], rtol=1e-5, atol=1e-6), (
         f"{name} ({label}): an image's probabilities depend on the other images predicted with it (--max-test changes them)")
+    if callable(getattr(model, "head_", None)):  # explain's Grad-CAM target: its softmax must be predict_proba
+        import torch
+
+        features = torch.from_numpy(np.ascontiguousarray(test, dtype=np.float32)).requires_grad_(True)
+        logits = model.head_(features)
+        assert tuple(logits.shape) == proba.shape, f"{name} ({label}): head_ gave shape {tuple(logits.shape)}, not {proba.shape}"
+        assert np.allclose(torch.softmax(logits.double(), dim=1).detach().numpy(), proba, atol=1e-4), (
+            f"{name} ({label}): softmax(head_(features)) differs from predict_proba (max diff "
+            f"{np.abs(torch.softmax(logits.double(), dim=1).detach().numpy() - proba).max():.3g})")
+        assert logits.requires_grad, f"{name} ({label}): head_'s logits are not differentiable in the features"
+        logits[:, int(proba[0].argmax())].sum().backward()
+        assert features.grad is not None and torch.isfinite(features.grad).all(), (
+            f"{name} ({label}): head_ gives no finite gradient in the features")
     return proba
 
 

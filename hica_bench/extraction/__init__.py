@@ -220,10 +220,15 @@ class FeatureExtractor:
         ``torch.compile`` (an adapted copy is neither exported to ONNX nor compiled: it is used once), and cached under
         the adapted encoder's own identity, never the frozen one's. Not counted in this extractor's records (they
         describe the frozen passes)."""
+        return self.through(encoder).features(dataset, split, rows=rows)
+
+    def through(self, encoder: Any) -> "FeatureExtractor":
+        """The service for an adapted image encoder (a method's ``encoder_``): this run's preprocessing, batch size,
+        precision, threads and device, on the eager backend in the plain memory layout without ``torch.compile``,
+        caching under the adapted encoder's own identity (see :meth:`adapted`)."""
         settings = dataclasses.replace(self.settings, backend="eager", channels_last=False, compile=False, exporter=None)
         pair = EncoderPair(encoder, None, False, self.pair.device, {})
-        other = FeatureExtractor(pair, self.cache_dir, settings=settings, reference=False)
-        return other.features(dataset, split, rows=rows)
+        return FeatureExtractor(pair, self.cache_dir, settings=settings, reference=False)
 
     def _served(self, dataset: FewShotDataset, split: str, features: np.ndarray, identity: FeatureIdentity,
                 key: str) -> tuple[np.ndarray, ExtractionRecord]:

@@ -85,6 +85,18 @@ class TipAdapter:
 
         return softmax(self.logits(features), axis=1)
 
+    def head_(self, features):
+        """Differentiable :meth:`logits` from (N, D) torch features (explain's Grad-CAM target)."""
+        import torch
+
+        f = torch.nn.functional.normalize(features.float(), dim=1)
+
+        def tensor(value):
+            return torch.as_tensor(np.asarray(value), dtype=torch.float32, device=f.device)
+
+        cache = torch.exp(-self.beta_ * (1 - f @ tensor(self.keys_).T)) @ tensor(self.values_)
+        return self.logit_scale * f @ tensor(self.text_).T + self.alpha_ * cache
+
 
 class TipAdapterF:
     """Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (paper: 20 epochs, AdamW lr 1e-3, eps 1e-4,
@@ -141,6 +153,12 @@ class TipAdapterF:
         f = torch.as_tensor(l2_normalise(features), dtype=torch.float32, device=self.device_)
         with torch.no_grad():
             return softmax_numpy(self._logits(f, self.keys_))
+
+    def head_(self, features):
+        """Differentiable logits (the fine-tuned cache model plus zero-shot) from (N, D) torch features."""
+        import torch
+
+        return self._logits(torch.nn.functional.normalize(features.float(), dim=1).to(self.device_), self.keys_)
 
 
 class ClipAdapter:
@@ -205,6 +223,10 @@ class ClipAdapter:
         with torch.no_grad():
             return softmax_numpy(self._logits(f))
 
+    def head_(self, features):
+        """Differentiable logits (adapter blend, cosine to the class texts) from (N, D) torch features."""
+        return self._logits(features.float().to(self.device_))
+
 
 class LPPlusPlus:
     """LP++ (Huang et al., CVPR 2024): ``logits = W f + b + alpha ⊙ (f Tᵀ)`` on L2-normalised features,
@@ -266,3 +288,9 @@ class LPPlusPlus:
         f = torch.as_tensor(l2_normalise(features), dtype=torch.float32, device=self.device_)
         with torch.no_grad():
             return softmax_numpy(self._logits(f))
+
+    def head_(self, features):
+        """Differentiable logits (linear probe plus class-wise blended text logits) from (N, D) torch features."""
+        import torch
+
+        return self._logits(torch.nn.functional.normalize(features.float(), dim=1).to(self.device_))

@@ -156,3 +156,11 @@ class ClipLoRA:
 
         x = torch.nn.functional.normalize(torch.from_numpy(np.asarray(features, dtype=np.float32)), dim=1)
         return softmax_numpy(self.scale_ * x @ self.class_embeddings_.T)
+
+    def head_(self, features):
+        """Differentiable logits from (N, D) torch features of the adapted image tower: scaled cosine to the class
+        texts through the adapted text tower."""
+        import torch
+
+        x = torch.nn.functional.normalize(features.float().to(self.class_embeddings_.device), dim=1)
+        return self.scale_ * x @ self.class_embeddings_.T

@@ -172,3 +172,9 @@ class CoOp:
         f = torch.as_tensor(l2_normalise(features), dtype=torch.float32, device=self.device_)
         with torch.no_grad():
             return softmax_numpy(self._logits(f, self.text_))
+
+    def head_(self, features):
+        """Differentiable logits (cosine to the learned-context class texts) from (N, D) torch features."""
+        import torch
+
+        return self._logits(torch.nn.functional.normalize(features.float(), dim=1).to(self.device_), self.text_)

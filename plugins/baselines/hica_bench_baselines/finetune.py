@@ -83,7 +83,7 @@ class FineTune:
             self.loss_history_.append(float(loss.detach()))
         for _, parameter in named:
             parameter.requires_grad_(False)
-        self.head_ = head.eval()
+        self.linear_ = head.eval()
         tag = "full" if self.full else f"last{self.blocks}"
         self.encoder_ = AdaptedImageEncoder(
             encoder, f"{task.encoders.image.identity}+finetune-{tag}:sha256={weights_digest(named)}")
@@ -97,4 +97,11 @@ class FineTune:
 
         with torch.no_grad():
             x = torch.nn.functional.normalize(torch.from_numpy(np.asarray(features, dtype=np.float32)), dim=1)
-            return softmax_numpy(self.head_.cpu()(x))
+            return softmax_numpy(self.linear_.cpu()(x))
+
+    def head_(self, features):
+        """Differentiable logits from (N, D) torch features of the fine-tuned encoder: the trained linear head on
+        the L2-normalised features."""
+        import torch
+
+        return self.linear_.cpu()(torch.nn.functional.normalize(features.float().cpu(), dim=1))

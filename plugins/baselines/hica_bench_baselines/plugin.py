@@ -47,6 +47,19 @@ class ZeroShot:
             raise ValueError(f"image features are {features.shape[1]}-d but text embeddings {self.class_embeddings_.shape[1]}-d")
         return softmax(self.logit_scale * l2_normalise(features) @ self.class_embeddings_.T, axis=1)
 
+    def head_(self, features):
+        """Differentiable logits from (N, D) torch features (``hica-bench explain``'s Grad-CAM target): the logit of
+        a class is ``logit_scale`` x the cosine to its text embedding."""
+        return self.logit_scale * _cosines(features, self.class_embeddings_)
+
+
+def _cosines(features, rows: np.ndarray):
+    """Cosine of each (N, D) torch feature with each row of ``rows`` (already L2-normalised), differentiably."""
+    import torch
+
+    normalised = torch.nn.functional.normalize(features.float(), dim=1)
+    return normalised @ torch.as_tensor(rows, dtype=torch.float32, device=features.device).T
+
 
 class LinearProbe:
     """Multinomial logistic regression (scikit-learn, lbfgs, L2) on L2-normalised features.
@@ -83,6 +96,17 @@ class LinearProbe:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         return self.model_.predict_proba(l2_normalise(features))
 
+    def head_(self, features):
+        """Differentiable logits from (N, D) torch features: the logistic regression's decision function on the
+        L2-normalised features (binary: logits (0, w.x + b), whose softmax is its ``predict_proba``)."""
+        import torch
+
+        x = torch.nn.functional.normalize(features.float(), dim=1)
+        weight = torch.as_tensor(self.model_.coef_, dtype=torch.float32, device=x.device)
+        bias = torch.as_tensor(self.model_.intercept_, dtype=torch.float32, device=x.device)
+        logits = x @ weight.T + bias
+        return torch.cat([torch.zeros_like(logits), logits], dim=1) if logits.shape[1] == 1 else logits
+
 
 class Prototype:
     """Nearest class mean: cosine similarity to each class's mean normalised support feature,
@@ -101,6 +125,10 @@ class Prototype:
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         return softmax(l2_normalise(features) @ self.prototypes_.T / self.temperature, axis=1)
+
+    def head_(self, features):
+        """Differentiable logits from (N, D) torch features: cosine to each prototype / ``temperature``."""
+        return _cosines(features, self.prototypes_) / self.temperature
 
 
 @hookimpl
@@ -122,8 +150,22 @@ def _clip_lora(**options):
     return ClipLoRA(**options)
 
 
+def _concept_bottleneck(**options):
+    from hica_bench_baselines.concepts import ConceptBottleneck
+
+    return ConceptBottleneck(**options)
+
+
 def _adapting_specs() -> list[PluginSpec]:
+    """The methods named explicitly (not in the default suite): those that adapt the encoder, and the concept
+    bottleneck (aligned pairs only; its concepts come from a descriptor generator)."""
     return [
+        PluginSpec("method", "concept-bottleneck", "Concept bottleneck (label-free/LaBo CBM): image-descriptor "
+                   "similarities of an aligned pair as concept scores, sparse (L1) logistic regression on them; "
+                   "lists the top concepts per class", _concept_bottleneck,
+                   {"descriptors": "knowledge", "C": Option(0.0, low=0), "C_one_shot": _positive(0.5),
+                    "top": Option(5, low=1), "max_iter": Option(5000, low=1)},
+                   components={"descriptors": "descriptor-generator"}),
         PluginSpec("method", "finetune", "LP-FT fine-tuning: linear probe, then the image encoder's last blocks "
                    "(full=true: all of it) and the head trained together; predicts through the adapted encoder",
                    _finetune, {"blocks": Option(1, low=1), "full": False, "steps": Option(50, low=1), "lr": _positive(1e-4),

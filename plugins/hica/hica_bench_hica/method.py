@@ -262,19 +262,27 @@ class HiCA:
 
     # ------------------------------------------------------------------ ROIs
     def _roi_features(self, task: FewShotTask, torch, encoder) -> np.ndarray:
-        """(N_support, K, D) features of ``encoder`` pooled inside K ROIs per support image (one encoder pass)."""
+        """(N_support, K, D) features of ``encoder`` pooled inside K ROIs per support image (one encoder pass); the
+        boxes are kept in ``support_boxes_`` (N_support, K, 4), in pixels of the encoder's input."""
+        extractor = self._components(task).build("roi-extractor", self.options["roi"])
+        self._roi_extractor, self._roi_encoder, self._device = extractor, encoder, task.device
+        boxes, pooled = self._regions(_support_images(task), torch)
+        self.support_boxes_ = boxes
+        return pooled
+
+    def _regions(self, images: np.ndarray, torch) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes (N, K, 4) in pixels of the encoder's input, features (N, K, D) pooled inside them) of uint8
+        ``images``, with the ROI extractor and encoder ``fit`` used."""
         from hica_bench.data import preprocess
         from hica_bench_hica.rois import roi_pool
 
-        o = self.options
-        extractor = self._components(task).build("roi-extractor", o["roi"])
-        images = _support_images(task)
-        out = []
+        encoder, extractor = self._roi_encoder, self._roi_extractor
+        out, all_boxes = [], []
         with torch.inference_mode():
             for start in range(0, len(images), 16):
-                x = preprocess(images[start : start + 16], encoder.input_spec, task.device)
+                x = preprocess(images[start : start + 16], encoder.input_spec, self._device)
                 dense = encoder.dense(x) if hasattr(encoder, "dense") else None
-                boxes = extractor.extract(x, o["rois"], dense)
+                boxes = extractor.extract(x, self.options["rois"], dense)
                 if dense is not None and dense.shape[1] == encoder.embed_dim:  # a map in the embedding's own space
                     pooled = roi_pool(dense.float(), boxes, x.shape[-1])
                 else:  # no dense map, or one of another width (e.g. unprojected ViT tokens): re-encode each crop
@@ -286,7 +294,8 @@ class HiCA:
                         for i in range(len(x))
                     ])
                 out.append(pooled.cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+                all_boxes.append(np.asarray(boxes.cpu() if hasattr(boxes, "cpu") else boxes, dtype=np.int64))
+        return np.concatenate(all_boxes), np.concatenate(out).astype(np.float32)
 
     # ------------------------------------------------------------------ fit / predict
     def fit(self, task: FewShotTask) -> "HiCA":
@@ -303,6 +312,7 @@ class HiCA:
         by_class = [[t for t, c in zip(corpus, corpus_class) if c == k] for k in range(task.n_classes)]
         image_encoder, text_encoder, support_features = task.encoders.image, task.encoders.text, task.support_features
         self.encoder_, self.fit_info_ = None, {}
+        self._roi_extractor = None
         if o["stage1_encoder"]:
             from hica_bench_hica.encoder_stage1 import adapt_encoders, support_encoded
 
@@ -370,6 +380,9 @@ class HiCA:
         self._visual, self._image_head = visual, image_head.eval()
         with torch.no_grad():
             self.class_embeddings_ = torch.nn.functional.normalize(text_head(class_text), dim=1)
+            # what regions_ matches each region against: every class's local descriptors, in the shared space
+            self._local_embeddings = torch.nn.functional.normalize(text_head(local), dim=-1)
+        self._local_mask, self.local_texts_ = mask, [list(texts) for texts in local_texts]
         if o["stage1_encoder"]:
             from hica_bench_hica.encoder_stage1 import exposed
 
@@ -385,6 +398,47 @@ class HiCA:
             z = torch.nn.functional.normalize(self._image_head(x), dim=1)
             logits = z @ self.class_embeddings_.T / self.options["tau"]
             return torch.softmax(logits.double(), dim=1).numpy()
+
+
+    def head_(self, features):
+        """Differentiable logits from (N, D) torch features of the (adapted) image encoder: cosine of the projected
+        image embedding to each class's text embedding / ``tau`` (``predict_proba``'s logits)."""
+        import torch
+
+        x = self._visual(torch.nn.functional.normalize(features.float().cpu(), dim=1))
+        z = torch.nn.functional.normalize(self._image_head(x), dim=1)
+        return z @ self.class_embeddings_.T / self.options["tau"]
+
+    def regions_(self, images: np.ndarray) -> list[list[dict]] | None:
+        """HiCA's evidence for uint8 ``images``: per image, its K ROI boxes (from the ROI extractor and encoder ``fit``
+        used; ``box`` in the images' own pixels, x0, y0, x1, y1), each with the local descriptor (of any class) its
+        projected embedding matches best, that class and the cosine similarity in the shared space. None when the
+        method used no regions (``lambda1`` = 0)."""
+        import torch
+
+        if getattr(self, "_roi_extractor", None) is None:
+            return None
+        boxes, pooled = self._regions(np.asarray(images), torch)
+        scale_y = images.shape[1] / self._roi_encoder.input_spec.size
+        scale_x = images.shape[2] / self._roi_encoder.input_spec.size
+        with torch.no_grad():
+            x = self._visual(torch.nn.functional.normalize(torch.from_numpy(pooled), dim=-1))
+            z = torch.nn.functional.normalize(self._image_head(x), dim=-1)  # (N, K, dim)
+            similarity = torch.einsum("nkd,cld->nkcl", z, self._local_embeddings)
+            similarity = similarity.masked_fill(~self._local_mask[None, None], float("-inf"))
+        found = []
+        for i in range(len(images)):
+            regions = []
+            for r in range(boxes.shape[1]):
+                flat = int(similarity[i, r].flatten().argmax())
+                c, d = divmod(flat, similarity.shape[-1])
+                x0, y0, x1, y1 = boxes[i, r].tolist()
+                regions.append({"box": [int(np.floor(x0 * scale_x)), int(np.floor(y0 * scale_y)),
+                                        int(np.ceil(x1 * scale_x)), int(np.ceil(y1 * scale_y))],
+                                "box_encoder_pixels": [x0, y0, x1, y1], "class": c,
+                                "descriptor": self.local_texts_[c][d], "similarity": round(float(similarity[i, r, c, d]), 4)})
+            found.append(regions)
+        return found
 
 
 def _support_images(task: FewShotTask) -> np.ndarray:
