@@ -44,7 +44,9 @@ class ConceptBottleneck:
                                                                                            list(task.class_names))
         described = [d if given is not None and d is not None else own[c]
                      for c, d in enumerate(given if given is not None else [None] * task.n_classes)]
-        source = (f"prompt file {task.prompts.source}" if given is not None else f"descriptor generator {self.descriptors}")
+        source = (f"prompt file {task.prompts.source}" + (f" (others: descriptor generator {self.descriptors})"
+                                                           if None in given else "")
+                  if given is not None else f"descriptor generator {self.descriptors}")
         texts = [t for d in described for t in [*d.get("global", ()), *d.get("local", ())]]
         concepts = list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
         if len(concepts) < 2:
@@ -84,6 +86,8 @@ class ConceptBottleneck:
         self.fit_info_ = {
             "concepts": len(self.concepts_), "source": source, "C": self.C_, "validation": validation,
             "nonzero": int((np.abs(weights) > 1e-8).any(axis=0).sum()),
+            # saga's iterations against max_iter: a sparse fit that stopped at the limit is said to have done so
+            "converged": bool(np.max(self.model_.n_iter_) < self.max_iter),
             "top_concepts": {name: [[self.concepts_[j], round(float(weights[c, j]), 4)]
                                     for j in np.argsort(-weights[c], kind="stable")[:self.top] if weights[c, j] > 1e-8]
                              for c, name in enumerate(task.class_names)},
