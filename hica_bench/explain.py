@@ -287,8 +287,10 @@ def explain_images(model: Any, pair: Any, extractor: Any, images: np.ndarray, la
     maps["occlusion"] = np.stack([occlusion(predictor, image, int(t)) for image, t in zip(images, predicted)])
     try:
         maps["grad-cam"], layer = grad_cam(model, predictor.encoder, images, [int(t) for t in predicted], pair.device)
-    except ValueError as exc:
+    except ValueError as exc:  # no head_, no spatial layer: the reason is the message
         unavailable["grad-cam"] = str(exc)
+    except Exception as exc:  # a plugin's encoder or head_ that cannot be differentiated: said, not a traceback
+        unavailable["grad-cam"] = f"it failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     regions = None
     if callable(getattr(model, "regions_", None)):
         regions = model.regions_(images)
@@ -502,6 +504,11 @@ def fit_cell(grid: Any, settings: Any, registry: Any, log: Callable[[str], None]
         model.fit(task)
     except NotApplicable as exc:
         raise UserError(f"{method.label} is not applicable here: {exc}") from None
+    except UserError:
+        raise
+    except Exception as exc:  # the cell fails in a run too; here there is nothing to explain
+        raise UserError(f"cannot explain: {method.label}'s fit failed ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:300]})") from None
     return FittedCell(model, pair, extractor, dataset, cell, task)
 
 

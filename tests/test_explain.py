@@ -182,6 +182,17 @@ def test_explain_bad_input_is_one_line(medmnist_root, default_encoder_cache, tmp
     assert code == 2 and err.strip().splitlines() == [f"hica-bench: error: {message}"]
 
 
+def test_a_method_whose_fit_fails_is_one_line(medmnist_root, default_encoder_cache, tmp_path, monkeypatch):
+    from conftest import TEST_PLUGINS
+
+    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
+    code, _, err = invoke("-p", "faulty_methods", "explain", "--dataset", "breastmnist", "--method", "raises", "--k", "1",
+                          "--seed", "0", "--data-root", medmnist_root, "--cache-dir", default_encoder_cache, "--out",
+                          tmp_path)
+    assert code == 2 and err.strip().splitlines() == [
+        "hica-bench: error: cannot explain: raises's fit failed (RuntimeError: deliberate failure in fit)"]
+
+
 # --------------------------------------------------------------------------- concept bottleneck
 
 
