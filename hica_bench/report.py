@@ -403,17 +403,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     robustness = _robustness(results)
     from hica_bench import explain
 
-    explanations = [{"title": " · ".join(str(e["cell"][k]) for k in ("dataset", "method", "encoder"))
-                     + f" · k={e['cell']['k']} · seed {e['cell']['seed']} ({len(e['images'])} test images)",
-                     "overlays": f"{e['folder']}/{e['overlays']}", "layer": e.get("grad_cam_layer"),
-                     "unavailable": e.get("unavailable") or {},
-                     "rows": [(r["attribution"], _auc(r["deletion_auc"], r["deletion_auc_se"]),
-                               _auc(r["insertion_auc"], r["insertion_auc_se"]), explain.versus_random(r))
-                              for r in e["summary"]],
-                     "regions": [(image["test_index"], image["predicted_name"], region["box"], region["descriptor"],
-                                  region["class"], f"{region['similarity']:.3f}")
-                                 for image in e["images"] for region in (image.get("regions") or [])]}
-                    for e in explain.read_all(out_dir)]
+    explanations = [shown for shown in map(_explanation, explain.read_all(out_dir)) if shown is not None]
     environment = jinja2.Environment(loader=jinja2.PackageLoader("hica_bench", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     page = environment.get_template("report.html.j2").render(
@@ -428,6 +418,26 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     return path
 
 
+def _explanation(e: dict[str, Any]) -> dict[str, Any] | None:
+    """One ``explanation.json`` (:mod:`hica_bench.explain`) as the report shows it; None for one that is not in the
+    shape explain writes (edited by hand, cut short): it is left out rather than stopping the report."""
+    from hica_bench import explain
+
+    try:
+        return {"title": " · ".join(str(e["cell"][k]) for k in ("dataset", "method", "encoder"))
+                + f" · k={e['cell']['k']} · seed {e['cell']['seed']} ({len(e['images'])} test images)",
+                "overlays": f"{e['folder']}/{e['overlays']}", "layer": e.get("grad_cam_layer"),
+                "unavailable": dict(e.get("unavailable") or {}),
+                "rows": [(r["attribution"], _auc(r["deletion_auc"], r["deletion_auc_se"]),
+                          _auc(r["insertion_auc"], r["insertion_auc_se"]), explain.versus_random(r))
+                         for r in e["summary"]],
+                "regions": [(image["test_index"], image["predicted_name"], region["box"], region["descriptor"],
+                             region["class"], f"{region['similarity']:.3f}")
+                            for image in e["images"] for region in (image.get("regions") or [])]}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _auc(mean: float, se: float | None) -> str:
     return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
@@ -438,7 +448,10 @@ def _concepts(results: list[CellResult]) -> list[tuple[str, list[tuple[str, str]
     chosen: dict[tuple, CellResult] = {}
     for r in results:
         top = (r.fit_info or {}).get("top_concepts") if r.status is Status.OK else None
-        if not isinstance(top, dict):
+        if not isinstance(top, dict) or not all(  # a method of another shape under the same key is not shown
+                isinstance(pairs, list) and all(isinstance(pair, (list, tuple)) and len(pair) == 2
+                                                and isinstance(pair[1], (int, float)) for pair in pairs)
+                for pairs in top.values()):
             continue
         group = (r.key.dataset, r.key.size, r.key.encoder, r.key.method, r.key.k)
         if group not in chosen or r.key.seed < chosen[group].key.seed:

@@ -399,7 +399,6 @@ class HiCA:
             logits = z @ self.class_embeddings_.T / self.options["tau"]
             return torch.softmax(logits.double(), dim=1).numpy()
 
-
     def head_(self, features):
         """Differentiable logits from (N, D) torch features of the (adapted) image encoder: cosine of the projected
         image embedding to each class's text embedding / ``tau`` (``predict_proba``'s logits)."""
