@@ -510,12 +510,16 @@ def explain_(
     registry = _registry(ctx)
     if images is not None and images < 1:
         raise UserError(f"--images must be >= 1, got {images}")
+    def one(kind: str, text: str, option: str) -> list:
+        names = name_list(text, option)
+        if len(names) > 1:
+            raise UserError(f"explain explains one cell: {option} takes one name, got {len(names)} ({text})")
+        return _choose_each(registry, kind, names, option)
+
     grid = runner.Grid(
-        datasets=_choose_each(registry, "dataset", name_list(dataset, "--dataset"), "--dataset")[:1],
-        methods=_choose_each(registry, "method", name_list(method, "--method"), "--method")[:1],
-        encoders=_choose_each(registry, "encoder", name_list(encoder if encoder is not None else
-                                                             default_suite(registry, "encoder", "--encoder"),
-                                                             "--encoder"), "--encoder")[:1],
+        datasets=one("dataset", dataset, "--dataset"), methods=one("method", method, "--method"),
+        encoders=one("encoder", encoder if encoder is not None else default_suite(registry, "encoder", "--encoder"),
+                     "--encoder"),
         shots=[k], seeds=[seed], size=size)
     settings = runner.Settings(device=runner.resolve_device(device),
                                extraction=requested_extraction(backend, batch_size, None, 0, True, False),

@@ -474,10 +474,12 @@ def recorded_extraction(results: Path, grid: Any) -> Any:
 
 
 def fit_cell(grid: Any, settings: Any, registry: Any, log: Callable[[str], None] | None = None,
-             extraction: Any = None) -> FittedCell:
+             extraction: Any = None, on_dataset: Callable[[Any], None] | None = None) -> FittedCell:
     """Fit the one cell of ``grid`` (one dataset, method, encoder, k and seed) as a run fits it: the same support set,
     features (cache, settings), seeds and method cache folder (:func:`hica_bench.runner.prepare`). ``extraction``:
-    fixed extraction settings (:func:`recorded_extraction`) instead of the cache's remembered or probed ones."""
+    fixed extraction settings (:func:`recorded_extraction`) instead of the cache's remembered or probed ones.
+    ``on_dataset(dataset)`` is called once the dataset is open, before anything is encoded or fitted (to check
+    input that depends on it)."""
     from hica_bench import runner, volumes
     from hica_bench.errors import NotApplicable
     from hica_bench.extraction import FeatureExtractor
@@ -488,6 +490,8 @@ def fit_cell(grid: Any, settings: Any, registry: Any, log: Callable[[str], None]
     dataset = datasets[choice.label]
     if volumes.volumetric(dataset):
         raise UserError(f"explain works on 2D images; {choice.label} holds 3D volumes")
+    if on_dataset is not None:
+        on_dataset(dataset)
     built = runner.encoder_pair(encoder, settings.device)
     pair = built.pair() if isinstance(built, runner.LazyEncoderPair) else built
     needs = {method.label: runner.method_needs(method)}
@@ -521,9 +525,12 @@ def explain_cell(grid: Any, settings: Any, registry: Any, images: int | None = N
 
     results = Path(settings.out_dir) / "results.jsonl"
     with digests_remembered_in(settings.cache_dir):
-        fitted = fit_cell(grid, settings, registry, log, recorded_extraction(results, grid))
+        checked: list[list[int]] = []  # the images to explain, checked against the test split before any fitting
+        fitted = fit_cell(grid, settings, registry, log, recorded_extraction(results, grid),
+                          on_dataset=lambda dataset: checked.append(
+                              choose_indices(len(dataset.split("test").labels), images, indices)))
         test = fitted.dataset.split("test")
-        chosen = choose_indices(len(test.labels), images, indices)
+        chosen = checked[0]
         order = np.argsort(chosen, kind="stable")  # read the (memory-mapped) split in index order
         picked = np.asarray(test.images[np.asarray(chosen)[order]])[np.argsort(order)]
         explained = explain_images(fitted.model, fitted.pair, fitted.extractor, picked, np.asarray(test.labels)[chosen],
