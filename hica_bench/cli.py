@@ -508,8 +508,6 @@ def explain_(
         raise UserError("give --images or --indices, not both")
     index_list = int_list(indices, "--indices") if indices is not None else None
     registry = _registry(ctx)
-    if images is not None and images < 1:
-        raise UserError(f"--images must be >= 1, got {images}")
     def one(kind: str, text: str, option: str) -> list:
         names = name_list(text, option)
         if len(names) > 1:
@@ -531,17 +529,13 @@ def explain_(
     for column in ("attribution", "deletion AUC", "insertion AUC", "paired vs random order (Wilcoxon p)"):
         table.add_column(column)
     for row in found["summary"]:
-        table.add_row(escape(row["attribution"]), _mean_se(row["deletion_auc"], row["deletion_auc_se"]),
-                      _mean_se(row["insertion_auc"], row["insertion_auc_se"]), escape(explain.versus_random(row)))
+        table.add_row(escape(row["attribution"]), explain.mean_se(row["deletion_auc"], row["deletion_auc_se"]),
+                      explain.mean_se(row["insertion_auc"], row["insertion_auc_se"]), escape(explain.versus_random(row)))
     out_console = Console()
     out_console.print(table)
     for name, why in found["unavailable"].items():
         out_console.print(f"{escape(name)}: not computed ({escape(why)})", highlight=False, soft_wrap=True)
     print(f"written: {path.parent}")
-
-
-def _mean_se(mean: float, se: float | None) -> str:
-    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 @app.command("bench")

@@ -61,10 +61,8 @@ class Predictor:
         self.encoder = adapted if adapted is not None else pair.image  #: the image encoder the method predicts with
         # an adapted encoder: the service's own view of it (made once, so its forward is reused by every batch)
         self.service = extractor if adapted is None else extractor.through(adapted)
-        self.calls = 0  #: images encoded
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        self.calls += len(images)
         return self.service.encode(images)
 
     def proba(self, images: np.ndarray) -> np.ndarray:
@@ -324,6 +322,11 @@ def summary_rows(faithfulness: list[dict[str, dict[str, Any]]]) -> list[dict[str
     return rows
 
 
+def mean_se(mean: float, se: float | None) -> str:
+    """An AUC as the CLI and the report show it: mean ± standard error (the mean alone for one image)."""
+    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
 def versus_random(row: dict[str, Any]) -> str:
     """``row``'s paired differences from the random order, as text (empty for the random order itself)."""
     if row["attribution"] == "random":
@@ -544,12 +547,9 @@ def explain_cell(grid: Any, settings: Any, registry: Any, images: int | None = N
                  list(fitted.task.class_names))
     if results.is_file():
         from hica_bench import report
-        from hica_bench.results import ResultsStore, Status
+        from hica_bench.results import ResultsStore
 
-        everything = list(ResultsStore(results).load().values())
-        if any(r.status is Status.OK for r in everything):
-            report.write(everything, Path(settings.out_dir), folders={r.cell_id: Path(settings.out_dir) for r in everything},
-                         sources=[str(results)], svg=False)
+        report.write_beside(list(ResultsStore(results).load().values()), Path(settings.out_dir))
     return path, {"summary": summary_rows(explained.faithfulness), "unavailable": explained.unavailable,
                   "layer": explained.layer, "images": len(chosen)}
 

@@ -418,6 +418,15 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     return path
 
 
+def write_beside(results: list[CellResult], out_dir: Path) -> Path | None:
+    """The report of a run's own ``results.jsonl`` in its folder ``out_dir`` (``run`` writes it after the grid,
+    ``explain`` again with the explanations); None, and nothing written, when no cell finished ok."""
+    if not any(r.status is Status.OK for r in results):
+        return None
+    return write(results, out_dir, folders={r.cell_id: out_dir for r in results},
+                 sources=[str(out_dir / "results.jsonl")], svg=False)
+
+
 def _explanation(e: dict[str, Any]) -> dict[str, Any] | None:
     """One ``explanation.json`` (:mod:`hica_bench.explain`) as the report shows it; None for one that is not in the
     shape explain writes (edited by hand, cut short): it is left out rather than stopping the report."""
@@ -428,18 +437,14 @@ def _explanation(e: dict[str, Any]) -> dict[str, Any] | None:
                 + f" · k={e['cell']['k']} · seed {e['cell']['seed']} ({len(e['images'])} test images)",
                 "overlays": f"{e['folder']}/{e['overlays']}", "layer": e.get("grad_cam_layer"),
                 "unavailable": dict(e.get("unavailable") or {}),
-                "rows": [(r["attribution"], _auc(r["deletion_auc"], r["deletion_auc_se"]),
-                          _auc(r["insertion_auc"], r["insertion_auc_se"]), explain.versus_random(r))
+                "rows": [(r["attribution"], explain.mean_se(r["deletion_auc"], r["deletion_auc_se"]),
+                          explain.mean_se(r["insertion_auc"], r["insertion_auc_se"]), explain.versus_random(r))
                          for r in e["summary"]],
                 "regions": [(image["test_index"], image["predicted_name"], region["box"], region["descriptor"],
                              region["class"], f"{region['similarity']:.3f}")
                             for image in e["images"] for region in (image.get("regions") or [])]}
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-
-
-def _auc(mean: float, se: float | None) -> str:
-    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def _concepts(results: list[CellResult]) -> list[tuple[str, list[tuple[str, str]]]]:

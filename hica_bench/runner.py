@@ -607,11 +607,10 @@ def _run(grid: Grid, settings: Settings, registry: Registry, events: Events) -> 
     summary.total -= summary.other_shards
     everything = list(store.load().values())
     summary.leaderboard = leaderboard.write(everything, settings.out_dir)
-    if settings.report and any(r.status is Status.OK for r in everything):
+    if settings.report:
         from hica_bench import report
 
-        summary.report = report.write(everything, settings.out_dir, folders={r.cell_id: settings.out_dir for r in everything},
-                                      sources=[str(settings.out_dir / "results.jsonl")], svg=False)
+        summary.report = report.write_beside(everything, settings.out_dir)
     summary.wall_s = time.perf_counter() - started
     return summary
 
