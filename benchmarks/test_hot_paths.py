@@ -77,17 +77,19 @@ def test_metrics(benchmark):
 def test_small_grid(benchmark, registry, medmnist_root, cache_dir, tmp_path):
     """`hica-bench run` on BreastMNIST (linear-probe + prototype, shots 1 and 5, seed 0), features from a warm cache:
     encoder construction, cache reads, support sampling, fit, predict, metrics, results and leaderboard writes."""
-    from hica_bench import runner
+    from hica_bench import plan, publish, runner
 
-    grid = runner.Grid(datasets=[registry.choose("dataset", "breastmnist")],
-                       methods=[registry.choose("method", m) for m in ("linear-probe", "prototype")],
-                       encoders=[registry.choose("encoder", "effnet-lite0-minilm")], shots=[1, 5], seeds=[0])
+    grid = plan.Grid(datasets=[registry.choose("dataset", "breastmnist")],
+                     methods=[registry.choose("method", m) for m in ("linear-probe", "prototype")],
+                     encoders=[registry.choose("encoder", "effnet-lite0-minilm")], shots=[1, 5], seeds=[0])
     rounds = iter(range(100))
 
     def run_grid():  # a fresh --out each round, so every cell runs
         out = tmp_path / f"out{next(rounds)}"
-        return runner.run(grid, runner.Settings(device="cpu", data_root=str(medmnist_root), cache_dir=cache_dir,
-                                                out_dir=out, download=False), registry)
+        summary = runner.run(grid, plan.Settings(device="cpu", data_root=str(medmnist_root), cache_dir=cache_dir,
+                                                 out_dir=out, download=False), registry)
+        publish.publish(out, report=False)
+        return summary
 
     summary = benchmark.pedantic(run_grid, rounds=3, iterations=1, warmup_rounds=1)  # the warm-up fills the cache
     assert summary.ok == 4 and summary.failed == 0 and summary.cache_hits == 2

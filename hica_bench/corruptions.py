@@ -334,7 +334,7 @@ class CorruptedImages:
 @dataclass
 class CorruptedDataset:
     """A dataset whose **test** split is corrupted (``corruption`` at ``severity``); train and val are the base's own
-    splits, so supports stay clean and their cached features are the clean dataset's (:meth:`split_identity`)."""
+    splits, so supports stay clean and their cached features are the clean dataset's (:meth:`CorruptedDataset.split_identity`)."""
 
     base: Any
     corruption: str
@@ -367,12 +367,6 @@ class CorruptedDataset:
         value = list(self.value) if isinstance(self.value, tuple) else self.value
         return {"name": self.corruption, "severity": self.severity, "parameter": value, "set": self.set,
                 "definitions": VERSION}
-
-
-def split_identity(dataset: Any, split: str) -> str:
-    """The content identity of ``dataset``'s ``split`` (the feature-cache key's dataset part)."""
-    own = getattr(dataset, "split_identity", None)
-    return own(split) if callable(own) else dataset.identity
 
 
 def variants(choices: list, names: list[str] | None, severities: list[int] | None) -> list:

@@ -16,7 +16,7 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -49,6 +49,14 @@ def progress(text: str, total: int) -> Callable[[int], None]:
     step's count. Outside a run it does nothing."""
     report = _PROGRESS[-1] if _PROGRESS else None
     return report(text, total) if report is not None else (lambda count: None)
+
+
+def split_identity(dataset: Any, split: str) -> str:
+    """The content identity of ``dataset``'s ``split`` (the feature-cache key's dataset part): the dataset's optional
+    ``split_identity(split)`` (see :class:`~hica_bench.interfaces.FewShotDataset`; a dataset whose splits differ in
+    content from its whole, such as one with a corrupted test split, says so), else its ``identity``."""
+    own = getattr(dataset, "split_identity", None)
+    return own(split) if callable(own) else dataset.identity
 
 
 def data_root(cli_value: str | None) -> str | None:

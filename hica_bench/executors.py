@@ -1,7 +1,8 @@
 """Where a run's cells and encoder passes run: in this process (the default), or on Ray (``--executor ray``).
 
-The runner works out the grid, the identities and what is pending, and is the only writer of ``results.jsonl``: an
-executor only computes. It receives an :class:`~hica_bench.runner.EncoderJob` (the pending cells of one encoder)
+The plan (:mod:`hica_bench.plan`) works out the grid, the identities and what is pending; the runner is the only
+writer of ``results.jsonl``: an executor only computes, one cell at a time through :mod:`hica_bench.cell`, and never
+imports the runner. It receives a :class:`~hica_bench.plan.EncoderJob` (the pending cells of one encoder)
 and yields ``(cell, result, probabilities)`` as cells finish; the runner appends each record as it arrives, so
 resume, fault isolation and the one-line errors are the same whichever executor ran the cells.
 
@@ -33,13 +34,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from hica_bench.cell import Cell, fit_and_score
+from hica_bench.encoder_pairs import encoder_pair
+from hica_bench.environment import environment
+from hica_bench.events import Events
 from hica_bench.errors import Interrupted, UserError
+from hica_bench.files import digest
+from hica_bench.plan import EXECUTORS, EncoderJob, Settings
 from hica_bench.registry import Choice, Recipe, Registry, RunComponents
 from hica_bench.results import CellResult, Status
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("in-process", "ray")
 #: On a CUDA run, the share of a GPU a cell gets when its method declares no ``resources`` (four cells per GPU).
 DEFAULT_CELL_GPUS = 0.25
 #: Environment variables handed to Ray workers (besides those Ray sets): torch's allocator setting and the model
@@ -48,7 +54,7 @@ PASSED_ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_HOME", "TH
 
 
 @contextlib.contextmanager
-def start(settings: Any, registry: Registry, events: Any) -> Iterator["InProcess | RayExecutor"]:
+def start(settings: Settings, registry: Registry, events: Events) -> Iterator["InProcess | RayExecutor"]:
     """The executor ``settings.executor`` names, for the length of a run (a local Ray runtime started here is shut
     down at the end; a cluster joined with ``--ray-address`` is left running)."""
     if settings.executor == "in-process":
@@ -72,9 +78,7 @@ class InProcess:
     def describe(self) -> str:
         return "in-process"
 
-    def run(self, job: Any) -> Iterator[tuple[Any, Any, np.ndarray | None]]:
-        from hica_bench import runner
-
+    def run(self, job: EncoderJob) -> Iterator[tuple[Cell, CellResult, np.ndarray | None]]:
         settings = job.settings
         for label, dataset, cells in job.work:
             if not cells:
@@ -82,7 +86,7 @@ class InProcess:
             splits = job.features(label, dataset, cells)
             for cell in cells:
                 job.events.cell(cell.key)
-                result, proba = runner.fit_and_score(cell, dataset, job.pair, splits["train"], splits["test"],
+                result, proba = fit_and_score(cell, dataset, job.pair, splits["train"], splits["test"],
                                                      RunComponents(job.registry), settings.cache_dir / "methods",
                                                      settings.cell_timeout, job.extractor)
                 yield cell, result, proba
@@ -154,16 +158,11 @@ class _WorkerState:
         return self.datasets[ref]
 
     def pair(self, ref: ChoiceRef) -> Any:
-        from hica_bench import runner
-
         if ref not in self.pairs:
-            self.pairs[ref] = runner.encoder_pair(ref.resolve(self.registry), self.context.device)
+            self.pairs[ref] = encoder_pair(ref.resolve(self.registry), self.context.device)
         return self.pairs[ref]
 
     def environment(self, extraction: dict[str, Any]) -> Any:
-        from hica_bench.files import digest
-        from hica_bench.results import environment
-
         key = digest(extraction)
         if key not in self.environments:
             self.environments[key] = environment(self.context.device, extraction)
@@ -196,18 +195,17 @@ def extract_task(context: WorkerContext, encoder: ChoiceRef, dataset: ChoiceRef,
 def cell_task(context: WorkerContext, encoder: ChoiceRef, dataset: ChoiceRef, identity: str, cell: tuple,
               extraction: dict[str, Any], train_features: np.ndarray | None, train_labels: np.ndarray,
               test_features: np.ndarray, test_labels: np.ndarray) -> tuple[Any, np.ndarray | None]:
-    """A Ray task: one cell's fit, predict and score (the same :func:`~hica_bench.runner.fit_and_score` as in
+    """A Ray task: one cell's fit, predict and score (the same :func:`~hica_bench.cell.fit_and_score` as in
     process), recorded with the worker's own environment."""
-    from hica_bench import runner
     from hica_bench.extraction import ExtractionSettings, FeatureExtractor
 
     state = _state(context)
     method, key, cell_identity, support, prompts = cell
-    one = runner.Cell(method.resolve(state.registry), key, cell_identity, support, prompts)
+    one = Cell(method.resolve(state.registry), key, cell_identity, support, prompts)
     pair = state.pair(encoder)  # an adapting method's test images go through the driver's extraction settings
     extractor = FeatureExtractor(pair, Path(context.cache_dir), settings=ExtractionSettings(**extraction), reference=False,
                                  volume=context.volume)
-    result, proba = runner.fit_and_score(one, state.dataset(dataset, identity), pair,
+    result, proba = fit_and_score(one, state.dataset(dataset, identity), pair,
                                          (train_features, train_labels), (test_features, test_labels),
                                          RunComponents(state.registry), Path(context.cache_dir) / "methods",
                                          context.cell_timeout, extractor)
@@ -237,7 +235,7 @@ def method_resources(choice: Choice, device: str) -> dict[str, float]:
 class RayExecutor:
     """Cells and missing encoder passes as Ray tasks; results come back to the driver (this process)."""
 
-    def __init__(self, settings: Any, registry: Registry, events: Any) -> None:
+    def __init__(self, settings: Settings, registry: Registry, events: Events) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would report usage to its servers otherwise
         if settings.ray_address is not None and "ray" not in sys.modules and (
                 any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
@@ -295,13 +293,13 @@ class RayExecutor:
             self.started = False
             self.ray.shutdown()
 
-    def _context(self, job: Any) -> WorkerContext:
+    def _context(self, job: EncoderJob) -> WorkerContext:
         settings = job.settings
         return WorkerContext(self.registry.recipe, settings.data_root, str(settings.cache_dir),
                              "cuda" if settings.device.startswith("cuda") else "cpu", job.grid.size,
                              settings.cell_timeout, settings.volume)
 
-    def _features(self, job: Any, context: WorkerContext, encoder: ChoiceRef, choices: dict[str, ChoiceRef]) -> dict:
+    def _features(self, job: EncoderJob, context: WorkerContext, encoder: ChoiceRef, choices: dict[str, ChoiceRef]) -> dict:
         """(dataset label, split) -> (features ObjectRef or None, labels ObjectRef): from the cache through this
         process, else computed by one Ray task per split; waits for all of them (an encoder pass that fails stops the
         run with one line, as in process)."""
@@ -336,7 +334,7 @@ class RayExecutor:
             job.events.split_done(record)
         return found
 
-    def run(self, job: Any) -> Iterator[tuple[Any, Any, np.ndarray | None]]:
+    def run(self, job: EncoderJob) -> Iterator[tuple[Cell, CellResult, np.ndarray | None]]:
         ray = self.ray
         context = self._context(job)
         encoder = ChoiceRef.of(job.encoder)

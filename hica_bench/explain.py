@@ -39,12 +39,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hica_bench.errors import UserError
-from hica_bench.files import atomic_write, digest
+from hica_bench import plan, volumes
+from hica_bench.cell import FEATURE_NEEDS, method_needs, prepare
+from hica_bench.encoder_pairs import LazyEncoderPair, encoder_pair
+from hica_bench.errors import NotApplicable, UserError
+from hica_bench.extraction import FeatureExtractor
+from hica_bench.extraction.tuning import ExtractionSettings
+from hica_bench.registry import Registry, RunComponents
+from hica_bench.results import ResultsStore, Status, jsonable
+from hica_bench.explanations import GRID, SCHEMA
+from hica_bench.files import atomic_write, digest, digests_remembered_in
 
-GRID = 7  #: patches per side for occlusion and the deletion/insertion curves
 ATTRIBUTIONS = ("occlusion", "grad-cam")
-SCHEMA = 1  #: version of explanation.json
 
 
 # --------------------------------------------------------------------------- the model as a function of images
@@ -322,23 +328,6 @@ def summary_rows(faithfulness: list[dict[str, dict[str, Any]]]) -> list[dict[str
     return rows
 
 
-def mean_se(mean: float, se: float | None) -> str:
-    """An AUC as the CLI and the report show it: mean ± standard error (the mean alone for one image)."""
-    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
-
-
-def versus_random(row: dict[str, Any]) -> str:
-    """``row``'s paired differences from the random order, as text (empty for the random order itself)."""
-    if row["attribution"] == "random":
-        return "(reference)"
-    parts = []
-    for curve, short in (("deletion_auc", "deletion"), ("insertion_auc", "insertion")):
-        difference, p = row.get(curve + "_vs_random"), row.get(curve + "_vs_random_p")
-        if difference is not None:
-            parts.append(f"{short} {difference:+.3f}" + (f" (p={p:.2g})" if p is not None else ""))
-    return ", ".join(parts)
-
-
 def folder_name(key: Any) -> str:
     """The explanation folder of a cell: dataset, size, method, encoder, k, seed (readable), plus a digest."""
     text = f"{key.dataset}-{key.size}-{key.method}-{key.encoder}-k{key.k}-seed{key.seed}"
@@ -413,21 +402,6 @@ def overlays(explained: Explained, path: Path, class_names: list[str]) -> None:
     plt.close(figure)
 
 
-def read_all(out_dir: Path) -> list[dict[str, Any]]:
-    """Every ``explanation.json`` under ``out_dir/explanations/`` (for the report), with its folder relative to
-    ``out_dir``; unreadable ones are left out."""
-    found = []
-    for path in sorted(Path(out_dir).glob("explanations/*/explanation.json")):
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(document, dict) and document.get("schema") == SCHEMA:
-            document["folder"] = path.parent.relative_to(out_dir).as_posix()
-            found.append(document)
-    return found
-
-
 def choose_indices(n_test: int, images: int | None, indices: list[int] | None) -> list[int]:
     """The test images to explain: ``indices`` as given, else the first ``images`` (default 8)."""
     if indices is not None:
@@ -453,13 +427,10 @@ class FittedCell:
     task: Any
 
 
-def recorded_extraction(results: Path, grid: Any) -> Any:
+def recorded_extraction(results: Path, grid: plan.Grid) -> ExtractionSettings | None:
     """The extraction settings a finished result in ``results`` (a run's results.jsonl) recorded for the one cell of
     ``grid`` (clean test split, whole test split), or None: explaining a run's own cell then uses its very features
     (a settings probe here, budgeted by this one cell, could choose others and so make another cell)."""
-    from hica_bench.extraction.tuning import ExtractionSettings
-    from hica_bench.results import ResultsStore, Status
-
     if not Path(results).is_file():
         return None
     want = (grid.datasets[0].base_label, grid.size, grid.methods[0].label, grid.encoders[0].label, grid.shots[0],
@@ -476,38 +447,33 @@ def recorded_extraction(results: Path, grid: Any) -> Any:
     return None
 
 
-def fit_cell(grid: Any, settings: Any, registry: Any, log: Callable[[str], None] | None = None,
+def fit_cell(grid: plan.Grid, settings: plan.Settings, registry: Registry, log: Callable[[str], None] | None = None,
              extraction: Any = None, on_dataset: Callable[[Any], None] | None = None) -> FittedCell:
     """Fit the one cell of ``grid`` (one dataset, method, encoder, k and seed) as a run fits it: the same support set,
-    features (cache, settings), seeds and method cache folder (:func:`hica_bench.runner.prepare`). ``extraction``:
+    features (cache, settings), seeds and method cache folder (:func:`hica_bench.cell.prepare`). ``extraction``:
     fixed extraction settings (:func:`recorded_extraction`) instead of the cache's remembered or probed ones.
     ``on_dataset(dataset)`` is called once the dataset is open, before anything is encoded or fitted (to check
     input that depends on it)."""
-    from hica_bench import runner, volumes
-    from hica_bench.errors import NotApplicable
-    from hica_bench.extraction import FeatureExtractor
-    from hica_bench.registry import RunComponents
-
-    datasets, prompt_files = runner.open_datasets(grid, settings)
+    datasets, prompt_files = plan.open_datasets(grid, settings)
     choice, encoder, method = grid.datasets[0], grid.encoders[0], grid.methods[0]
     dataset = datasets[choice.label]
     if volumes.volumetric(dataset):
         raise UserError(f"explain works on 2D images; {choice.label} holds 3D volumes")
     if on_dataset is not None:
         on_dataset(dataset)
-    built = runner.encoder_pair(encoder, settings.device)
-    pair = built.pair() if isinstance(built, runner.LazyEncoderPair) else built
-    needs = {method.label: runner.method_needs(method)}
+    built = encoder_pair(encoder, settings.device)
+    pair = built.pair() if isinstance(built, LazyEncoderPair) else built
+    needs = {method.label: method_needs(method)}
     extractor = FeatureExtractor(pair, settings.cache_dir, settings.extraction, log=log, settings=extraction,
-                                 work=runner._work(grid, datasets, needs))
-    cells, _, _ = runner._pending(grid, registry, choice, dataset, encoder, pair, extractor, settings.device, set(),
-                                  prompt_files.get(choice.label))
-    cell = cells[0]
+                                 work=plan.work(grid, datasets, needs))
+    cells, _, _ = plan.pending(grid, registry, choice, dataset, encoder, pair, extractor, settings.device, set(),
+                               prompt_files.get(choice.label))
+    one = cells[0]
     train_labels = np.asarray(dataset.split("train").labels)
-    train_features = extractor.features(dataset, "train")[0] if needs[method.label] & runner.FEATURE_NEEDS else None
+    train_features = extractor.features(dataset, "train")[0] if needs[method.label] & FEATURE_NEEDS else None
     try:
-        model, _, task = runner.prepare(cell, dataset, pair, (train_features, train_labels), RunComponents(registry),
-                                        settings.cache_dir / "methods")
+        model, _, task = prepare(one, dataset, pair, (train_features, train_labels), RunComponents(registry),
+                                 settings.cache_dir / "methods")
         model.fit(task)
     except NotApplicable as exc:
         raise UserError(f"{method.label} is not applicable here: {exc}") from None
@@ -516,16 +482,14 @@ def fit_cell(grid: Any, settings: Any, registry: Any, log: Callable[[str], None]
     except Exception as exc:  # the cell fails in a run too; here there is nothing to explain
         raise UserError(f"cannot explain: {method.label}'s fit failed ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:300]})") from None
-    return FittedCell(model, pair, extractor, dataset, cell, task)
+    return FittedCell(model, pair, extractor, dataset, one, task)
 
 
-def explain_cell(grid: Any, settings: Any, registry: Any, images: int | None = None,
+def explain_cell(grid: plan.Grid, settings: plan.Settings, registry: Registry, images: int | None = None,
                  indices: list[int] | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
     """Fit the one cell of ``grid`` (:func:`fit_cell`), explain the chosen test images and write them under
     ``settings.out_dir/explanations/``; returns (explanation.json, its summary). When the folder holds a run's
-    results, its report is written again with the explanations in it."""
-    from hica_bench.files import digests_remembered_in
-
+    results, the CLI publishes its report again (:mod:`hica_bench.publish`), with the explanations in it."""
     results = Path(settings.out_dir) / "results.jsonl"
     with digests_remembered_in(settings.cache_dir):
         checked: list[list[int]] = []  # the images to explain, checked against the test split before any fitting
@@ -545,16 +509,9 @@ def explain_cell(grid: Any, settings: Any, registry: Any, images: int | None = N
                  "fit_info": _jsonable(getattr(model, "fit_info_", None))}
     path = write(explained, Path(settings.out_dir) / "explanations" / folder_name(key), described,
                  list(fitted.task.class_names))
-    if results.is_file():
-        from hica_bench import report
-        from hica_bench.results import ResultsStore
-
-        report.write_beside(list(ResultsStore(results).load().values()), Path(settings.out_dir))
     return path, {"summary": summary_rows(explained.faithfulness), "unavailable": explained.unavailable,
                   "layer": explained.layer, "images": len(chosen)}
 
 
 def _jsonable(value: Any) -> Any:
-    from hica_bench.results import jsonable
-
     return None if value is None else jsonable(value)

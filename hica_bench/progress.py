@@ -1,4 +1,4 @@
-"""What a run shows while it works (:class:`hica_bench.runner.Events`): a live display on a terminal, plain
+"""What a run shows while it works (:class:`hica_bench.events.Events`): a live display on a terminal, plain
 timestamped lines elsewhere (CI logs, Slurm output files), at least one a minute; nothing with ``--quiet``.
 
 The log starts when the grid is known (every input checked), so a bad input still gets exactly one line on stderr;
@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hica_bench.extraction import ExtractionRecord
 from hica_bench.results import CellKey, CellResult, Status
-from hica_bench.runner import Events
+from hica_bench.events import Events
 
 
 def _cell(key: CellKey) -> str:

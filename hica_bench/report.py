@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hica_bench import explanations as explanations_module
 from hica_bench import stats
 from hica_bench.errors import UserError
 from hica_bench.files import atomic_write, digest
@@ -401,16 +402,14 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     from hica_bench.leaderboard import ROBUSTNESS_NOTE
 
     robustness = _robustness(results)
-    from hica_bench import explain
-
-    explanations = [shown for shown in map(_explanation, explain.read_all(out_dir)) if shown is not None]
+    explanations = [shown for shown in map(_explanation, explanations_module.read_all(out_dir)) if shown is not None]
     environment = jinja2.Environment(loader=jinja2.PackageLoader("hica_bench", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     page = environment.get_template("report.html.j2").render(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), sources=sources or [],
         sections=pages, rankings=ranked, reference=chosen, test=stats.TEST, alpha=stats.ALPHA, resamples=resamples,
         environment=_environment(results), n_results=len(results), robustness=robustness,
-        explanations=explanations, concepts=_concepts(results), grid=explain.GRID,
+        explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
         robustness_note=ROBUSTNESS_NOTE.replace("`", ""),
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
@@ -419,8 +418,8 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
 
 
 def write_beside(results: list[CellResult], out_dir: Path) -> Path | None:
-    """The report of a run's own ``results.jsonl`` in its folder ``out_dir`` (``run`` writes it after the grid,
-    ``explain`` again with the explanations); None, and nothing written, when no cell finished ok."""
+    """The report of a results folder's own ``results.jsonl`` in that folder ``out_dir`` (:mod:`hica_bench.publish`,
+    after ``run``, ``merge`` and ``explain``); None, and nothing written, when no cell finished ok."""
     if not any(r.status is Status.OK for r in results):
         return None
     return write(results, out_dir, folders={r.cell_id: out_dir for r in results},
@@ -430,15 +429,13 @@ def write_beside(results: list[CellResult], out_dir: Path) -> Path | None:
 def _explanation(e: dict[str, Any]) -> dict[str, Any] | None:
     """One ``explanation.json`` (:mod:`hica_bench.explain`) as the report shows it; None for one that is not in the
     shape explain writes (edited by hand, cut short): it is left out rather than stopping the report."""
-    from hica_bench import explain
-
     try:
         return {"title": " · ".join(str(e["cell"][k]) for k in ("dataset", "method", "encoder"))
                 + f" · k={e['cell']['k']} · seed {e['cell']['seed']} ({len(e['images'])} test images)",
                 "overlays": f"{e['folder']}/{e['overlays']}", "layer": e.get("grad_cam_layer"),
                 "unavailable": dict(e.get("unavailable") or {}),
-                "rows": [(r["attribution"], explain.mean_se(r["deletion_auc"], r["deletion_auc_se"]),
-                          explain.mean_se(r["insertion_auc"], r["insertion_auc_se"]), explain.versus_random(r))
+                "rows": [(r["attribution"], explanations_module.mean_se(r["deletion_auc"], r["deletion_auc_se"]),
+                          explanations_module.mean_se(r["insertion_auc"], r["insertion_auc_se"]), explanations_module.versus_random(r))
                          for r in e["summary"]],
                 "regions": [(image["test_index"], image["predicted_name"], region["box"], region["descriptor"],
                              region["class"], f"{region['similarity']:.3f}")

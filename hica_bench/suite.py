@@ -63,6 +63,30 @@ def load(path: str | Path) -> Suite:
     return suite
 
 
+def int_list(text: str, option: str) -> list[int]:
+    """A flag's ``"1,5,20"`` -> [1, 5, 20] (order kept, duplicates dropped)."""
+    values: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise UserError(f"{option} takes comma-separated whole numbers like 1,5,20; got {text!r}") from None
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def name_list(text: str, option: str) -> list[str]:
+    """A flag's ``"a,b:opt=1"`` -> ["a", "b:opt=1"]; empty names or a name given twice are a UserError."""
+    names = [part.strip() for part in text.split(",")]
+    if not text.strip() or any(not n for n in names):
+        raise UserError(f"{option} takes a comma-separated list of names; got {text!r}")
+    if len(set(names)) != len(names):
+        raise UserError(f"{option} names something twice: {text!r}")
+    return names
+
+
 def _value(where: str, key: str, value: Any) -> Any:
     def bad(expected: str) -> UserError:
         return UserError(f"{where}: {key} must be {expected}, got {value!r}")

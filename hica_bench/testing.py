@@ -10,7 +10,7 @@
         for spec in hica_bench_methods():        # ... or the specs your hook returns (default options)
             check_method(spec)
 
-Methods are checked on small synthetic tasks built by the runner's own code (:func:`hica_bench.runner.build_task`,
+Methods are checked on small synthetic tasks built by the runner's own code (:func:`hica_bench.cell.build_task`,
 with its checks of ``needs`` and of the probabilities): images with a class-specific bright block, features from a
 tiny in-kit encoder pair (:func:`toy_pair`) through the extraction service, support sets from
 :mod:`hica_bench.protocol`, components from the installed plugins, and only what the method declared in
@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from hica_bench import protocol, runner
+from hica_bench import cell, protocol
 from hica_bench.data import preprocess
 from hica_bench.errors import NotApplicable
 from hica_bench.extraction import FeatureExtractor
@@ -48,7 +48,7 @@ from hica_bench.interfaces import (
     TextEncoder,
 )
 
-TASKS = runner.SUPPORTED_TASKS
+TASKS = cell.SUPPORTED_TASKS
 #: (description, classes, shots) of the tasks every method must handle; the first must not be NotApplicable.
 METHOD_TASKS = (("2 classes, 5 shots", 2, 5), ("2 classes, 1 shot", 2, 1), ("10 classes, 2 shots", 10, 2))
 #: Shapes of the keyword tensors :func:`check_loss` builds when not given ``inputs``: B images, C classes,
@@ -133,7 +133,7 @@ def installed_components() -> Components:
 def toy_task(n_classes: int, k: int, seed: int = 0, needs: frozenset[str] = frozenset(), n_test: int = 24,
              cache_dir: Path | None = None, pair: EncoderPair | None = None,
              components: Components | None = None) -> tuple[FewShotTask, np.ndarray, np.ndarray]:
-    """A task as the runner builds it (:func:`hica_bench.runner.build_task`), plus the test features and labels:
+    """A task as the runner builds it (:func:`hica_bench.cell.build_task`), plus the test features and labels:
     (task, test_features, test_labels).
 
     Features come from ``pair`` (default: :func:`toy_pair`) through the extraction service. The pair and the optional
@@ -157,7 +157,7 @@ def toy_task(n_classes: int, k: int, seed: int = 0, needs: frozenset[str] = froz
     dataset = f"hica-bench-testing-{n_classes}-classes"
     indices = protocol.sample_support(train_labels, n_classes, k, seed, dataset)
     names = ["benign", "malignant"] if n_classes == 2 else [f"cell type {chr(ord('a') + c)}" for c in range(n_classes)]
-    task = runner.build_task(dataset=dataset, task=TASKS[n_classes > 2], class_names=names, train_features=train_features,
+    task = cell.build_task(dataset=dataset, task=TASKS[n_classes > 2], class_names=names, train_features=train_features,
                              train_labels=train_labels, support=indices, k=k, seed=seed, pair=pair,
                              needs=frozenset(needs), train_images=lambda: train_images, cache_dir=cache_dir,
                              components=components)
@@ -228,7 +228,7 @@ def _assert_unmodified(name: str, label: str, before: dict[str, Any], task: FewS
 def _assert_proba(name: str, label: str, proba: Any, n: int, c: int) -> np.ndarray:
     """The runner's own check of ``predict_proba``'s answer, as an AssertionError."""
     try:
-        return runner.check_proba(proba, n, c)
+        return cell.check_proba(proba, n, c)
     except ValueError as exc:
         raise AssertionError(f"{name} ({label}): {exc}") from None
 
@@ -239,7 +239,7 @@ def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTa
     ``test_images`` encoded through it as the runner does."""
     from hica_bench.adapting import weight_versions
 
-    runner.seed_everything(task.seed)
+    cell.seed_everything(task.seed)
     model = make()
     frozen = weight_versions(task.encoders.modules) if "encoders" in model.needs else None
     try:
@@ -257,7 +257,7 @@ def _fit_predict(name: str, label: str, make: Callable[[], Any], task: FewShotTa
     if adapted is not None:
         assert "encoders" in model.needs, f"{name} ({label}): sets encoder_ without declaring the encoders need"
         try:
-            runner.check_adapted(adapted, task.encoders)
+            cell.check_adapted(adapted, task.encoders)
         except ValueError as exc:
             raise AssertionError(f"{name} ({label}): {exc}") from None
         assert test_images is not None, f"{name} ({label}): adapted the encoder, but no test images were given"
@@ -311,7 +311,7 @@ def check_method(method: Any, options: dict[str, Any] | None = None, pair: Encod
     ``components`` build from (default: the installed plugins, :func:`installed_components`)."""
     name, make = _builder(method, "method", options)
     try:
-        needs = runner.check_needs(getattr(make(), "needs", None), toy_pair(), "the in-kit toy pair")
+        needs = cell.check_needs(getattr(make(), "needs", None), toy_pair(), "the in-kit toy pair")
     except ValueError as exc:
         raise AssertionError(f"{name}: {exc}") from None
     components = components if components is not None else installed_components()

@@ -16,7 +16,7 @@ from conftest import hica_bench
 from test_check import cli
 
 from hica_bench.extraction.backends import ONNX_TOLERANCE, onnxruntime_version
-from hica_bench.extraction.bench import BENCH_VERSION, CHECK_IMAGES, VARIANTS
+from hica_bench.bench import BENCH_VERSION, CHECK_IMAGES, VARIANTS
 
 
 def run_bench(tmp_path, medmnist_root, *extra, plugins=("pixel_encoder",), env=None):

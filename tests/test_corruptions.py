@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import TEST_PLUGINS, invoke, write_medmnist_npz
 from hica_bench import corruptions as C
+from hica_bench.data import split_identity
 from hica_bench.errors import UserError
 from hica_bench.extraction.cache import FeatureCache
 from hica_bench.registry import load_registry
@@ -79,8 +80,8 @@ def test_supports_stay_clean_and_each_corruption_has_its_own_cache_key(medmnist_
         dataset = choice.build(root=str(medmnist_root), size=28, download=False, cache_dir=tmp_path)
         np.testing.assert_array_equal(dataset.split("train").images, clean.split("train").images)
         np.testing.assert_array_equal(dataset.split("test").labels, clean.split("test").labels)
-        assert C.split_identity(dataset, "train") == clean.identity != C.split_identity(dataset, "test")
-        keys.add(FeatureCache.key({"features": {}, "dataset": C.split_identity(dataset, "test"), "split": "test"}))
+        assert split_identity(dataset, "train") == clean.identity != split_identity(dataset, "test")
+        keys.add(FeatureCache.key({"features": {}, "dataset": split_identity(dataset, "test"), "split": "test"}))
         assert dataset.split("test").images[:2].shape == (2, C.SIZE, C.SIZE)
     keys.add(FeatureCache.key({"features": {}, "dataset": clean.identity, "split": "test"}))
     assert len(keys) == 4
@@ -96,7 +97,7 @@ def test_the_corrupted_path_alone_moves_accuracy_within_noise(medmnist_root):
 
     from hica_bench import protocol
     from hica_bench.extraction.encode import encode_images
-    from hica_bench.runner import encoder_pair
+    from hica_bench.encoder_pairs import encoder_pair
 
     pair = encoder_pair(REGISTRY.choose("encoder", "effnet-lite0-minilm"), "cpu")
     with np.load(medmnist_root / "breastmnist.npz") as npz:
@@ -282,12 +283,12 @@ def test_the_reproduced_corruptions_match_medmnistc(dataset, real, tmp_path):
 def test_the_probe_budget_counts_a_shared_train_split_once(medmnist_root, tmp_path):
     """The settings probe is budgeted by what the grid will encode: the clean train split once (its corrupted copies
     share it), and the clean test split plus each corrupted one."""
-    from hica_bench import runner
+    from hica_bench import cell, plan
 
     choices = C.variants([REGISTRY.choose("dataset", "breastmnist")], ["pixelate"], [1, 2])
-    grid = runner.Grid(datasets=choices, methods=[REGISTRY.choose("method", "prototype")],
-                       encoders=[REGISTRY.choose("encoder", "effnet-lite0-minilm")], shots=[1], seeds=[0])
+    grid = plan.Grid(datasets=choices, methods=[REGISTRY.choose("method", "prototype")],
+                     encoders=[REGISTRY.choose("encoder", "effnet-lite0-minilm")], shots=[1], seeds=[0])
     datasets = {c.label: c.build(root=str(medmnist_root), size=28, download=False, cache_dir=tmp_path) for c in choices}
-    needs = {"prototype": runner.method_needs(grid.methods[0])}
-    work = runner._work(grid, datasets, needs)
+    needs = {"prototype": cell.method_needs(grid.methods[0])}
+    work = plan.work(grid, datasets, needs)
     assert work.count == 546 + 3 * 156

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hica_bench import explain, runner
+from hica_bench import explain, plan
 from hica_bench.registry import load_registry
 from conftest import invoke
 
@@ -24,9 +24,9 @@ TINY_CLIP = {"model_cfg": {"embed_dim": 32,
 def fitted(medmnist_root: Path, cache: Path, method: str, encoder: str = "effnet-lite0-minilm", k: int = 5,
            seed: int = 0) -> explain.FittedCell:
     """One BreastMNIST cell fitted as a run fits it."""
-    grid = runner.Grid(datasets=[REGISTRY.choose("dataset", "breastmnist")], methods=[REGISTRY.choose("method", method)],
-                       encoders=[REGISTRY.choose("encoder", encoder)], shots=[k], seeds=[seed])
-    settings = runner.Settings(data_root=str(medmnist_root), cache_dir=cache, download=False)
+    grid = plan.Grid(datasets=[REGISTRY.choose("dataset", "breastmnist")], methods=[REGISTRY.choose("method", method)],
+                     encoders=[REGISTRY.choose("encoder", encoder)], shots=[k], seeds=[seed])
+    settings = plan.Settings(data_root=str(medmnist_root), cache_dir=cache, download=False)
     return explain.fit_cell(grid, settings, REGISTRY)
 
 

@@ -71,17 +71,17 @@ def test_a_card_that_disagrees_with_the_built_pair_stops_the_run(medmnist_root, 
 def test_a_cells_seed_reaches_torch_when_the_method_is_first_to_import_it():
     """A run served from the cache may not have imported torch when a cell starts; the cell's seed must still reach
     torch's global generator when the method imports torch, so the method draws the same numbers either way."""
-    script = ("import sys; from hica_bench import runner; runner.seed_everything(7); "
+    script = ("import sys; from hica_bench import cell; cell.seed_everything(7); "
               "assert 'torch' not in sys.modules; import torch; drawn = torch.rand(4); "
               "torch.manual_seed(7); assert torch.equal(drawn, torch.rand(4)), 'not seeded'; "
-              "runner.seed_everything(8); drawn = torch.rand(4); torch.manual_seed(8); "
+              "cell.seed_everything(8); drawn = torch.rand(4); torch.manual_seed(8); "
               "assert torch.equal(drawn, torch.rand(4)); print('seeded')")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "seeded", result.stderr
 
 
 def test_device_auto_without_a_gpu_driver_does_not_import_torch():
-    script = ("import sys; from hica_bench import runner; print(runner.resolve_device('auto'), runner.resolve_device('cpu'), "
+    script = ("import sys; from hica_bench import devices; print(devices.resolve_device('auto'), devices.resolve_device('cpu'), "
               "'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})

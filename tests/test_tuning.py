@@ -60,7 +60,7 @@ def test_probe_keeps_fixed_knobs_and_is_remembered(tmp_path):
     assert {p.get("exporter") for p in first.probe if p["backend"] == "onnxruntime"} == {"torchscript", "dynamo"}  # no work given: both
     assert len(lines) == len(first.probe)
     best = max(first.probe, key=lambda p: p["images_per_s"])
-    chosen = next(p for p in first.probe if {k: v for k, v in p.items() if k != "images_per_s"} == tuning._knobs(first.settings))
+    chosen = next(p for p in first.probe if {k: v for k, v in p.items() if k != "images_per_s"} == tuning.knobs(first.settings))
     assert chosen["images_per_s"] * tuning.MARGIN >= best["images_per_s"]  # the winner, up to the probe's noise margin
 
     again = tuning.choose(pair(ConvEncoder()), tuning.Requested(batch_size=8, threads=1), tmp_path)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from hica_bench.data import preprocessing_id
+from hica_bench.data import preprocessing_id, split_identity
 from hica_bench.errors import UserError
 from hica_bench.extraction.backends import Forward
 from hica_bench.extraction.cache import FeatureCache
@@ -98,7 +98,7 @@ class FeatureExtractor:
     ``reference``: measure the plain eager yardstick during each dataset's first computed split of at least
     :data:`~.encode.REFERENCE_MIN_IMAGES` images. ``work``: what the run will encode, when known (a probe then times
     real batches of it, within a budget set by its size, and hands over the first batch it encoded).
-    ``pair`` may be a :class:`hica_bench.runner.LazyEncoderPair`: its card gives the identity, and its models are
+    ``pair`` may be a :class:`hica_bench.encoder_pairs.LazyEncoderPair`: its card gives the identity, and its models are
     built only when a split has to be computed (or settings probed).
     """
 
@@ -190,8 +190,6 @@ class FeatureExtractor:
         encoded up to the next batch boundary, so each of its rows comes from the same batch as in the whole split and
         both ways give the same bits. ``on_batch(n)`` is called after each computed batch (progress). ``compute=False``:
         (None, None) instead of computing what the cache does not hold (an executor then computes it elsewhere)."""
-        from hica_bench.corruptions import split_identity
-
         identity = self.identity_for(dataset)
         # the split's own content: a corrupted dataset's train split is the clean one (its features are shared)
         parts = {"features": identity.as_dict(), "dataset": split_identity(dataset, split), "split": split}

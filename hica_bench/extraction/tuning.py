@@ -40,7 +40,7 @@ from hica_bench.extraction.encode import forward_seconds
 from hica_bench.extraction.encode import precision as compute_precision
 from hica_bench.files import atomic_write, cannot_write, digest, file_lock
 from hica_bench.interfaces import EncoderCard, EncoderPair
-from hica_bench.results import device_name
+from hica_bench.environment import device_name
 
 TUNING_VERSION = 2  #: 2: the key is worked out without torch; the probe is budgeted
 CPU_BATCHES = (8, 16, 32, 64)
@@ -351,7 +351,7 @@ class _Probe:
         rate = _rate(self.forwards[layout_key], self.batch(settings.batch_size), self.device, repeats, outputs)
         if self.real:
             self.outputs[(*layout_key, settings.batch_size)] = outputs[0]
-        self.probe.append({**_knobs(settings), "images_per_s": round(rate, 2)})
+        self.probe.append({**knobs(settings), "images_per_s": round(rate, 2)})
         if self.log:
             self.log(f"probe {settings.describe()}: {rate:.1f} img/s")
         return rate
@@ -460,7 +460,8 @@ class _Probe:
         return choice
 
 
-def _knobs(settings: ExtractionSettings) -> dict[str, Any]:
+def knobs(settings: ExtractionSettings) -> dict[str, Any]:
+    """The knobs of ``settings`` a probe varies, as its records list them."""
     knobs = {k: v for k, v in asdict(settings).items() if k in ("backend", "batch_size", "channels_last", "threads")}
     return knobs | ({"exporter": settings.onnx_exporter} if settings.backend == "onnxruntime" else {})
 

@@ -16,7 +16,7 @@ Variants, each as images/s with its ratio to naive eager:
   has the seconds per stage and its overhead ratio: harness images/s ÷ raw forward images/s of the same
   forward, measured in the same worker right after each extraction.
 
-Every variant runs in a long-lived worker process of its own (``python -m hica_bench.extraction.bench --worker``, JSON
+Every variant runs in a long-lived worker process of its own (``python -m hica_bench.bench --worker``, JSON
 lines on stdin/stdout), so the allocator can differ (naive: without THP; the others with
 ``THP_MEM_ALLOC_ENABLE=1``) and one variant's memory does not disturb another's. Workers build the encoder and
 dataset through the plugin registry exactly as the CLI does (all workers at once); the set-up that follows
@@ -108,7 +108,7 @@ class _Worker:
             env[THP_ENV] = "1"
         self.stderr_path = Path(job.scratch) / f"{variant}.stderr"
         with self.stderr_path.open("w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hica_bench.extraction.bench", "--worker", variant], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "hica_bench.bench", "--worker", variant], env=env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
     def send(self, message: dict[str, Any]) -> None:
@@ -194,7 +194,7 @@ def bench(
     """Set up one worker per variant, measure them in turns ``repeats`` times; return the JSON-ready report
     (see the module docstring). ``requested`` is the user's :class:`hica_bench.extraction.tuning.Requested`."""
     from hica_bench.extraction.backends import ONNX_TOLERANCE
-    from hica_bench.results import environment
+    from hica_bench.environment import environment
 
     check_counts(images, repeats, naive_batch_size, warmup)
     log = log or (lambda line: None)
@@ -657,4 +657,4 @@ def _worker(variant: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker" and sys.argv[2] in VARIANTS:
         sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m hica_bench.extraction.bench --worker {" + ",".join(VARIANTS) + "} (started by `hica-bench bench`)")
+    sys.exit("usage: python -m hica_bench.bench --worker {" + ",".join(VARIANTS) + "} (started by `hica-bench bench`)")

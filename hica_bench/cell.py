@@ -1,0 +1,277 @@
+"""One cell under the method contract: the rules a method's inputs and outputs obey, written once.
+
+A cell is a method fitted on one support set and scored on the test split. Here: which needs a method may declare
+and whether an encoder pair serves them (:func:`check_needs`), the task it is handed (:func:`build_task`), the seeds
+(:func:`seed_everything`), the check of its probabilities (:func:`check_proba`) and of an adapted encoder
+(:func:`check_adapted`), and :func:`fit_and_score`: fit, predict, score, with fault isolation (whatever the method
+does wrong is the cell's failure, recorded with the reason; only an encoder that cannot be built stops the run).
+The executors (:mod:`hica_bench.executors`), ``hica-bench explain`` and the conformance kit (:mod:`hica_bench.testing`)
+all call these same functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hica_bench.adapting import frozen_state, restore, weight_versions
+from hica_bench.encoder_pairs import EncoderBuildError
+from hica_bench.errors import NotApplicable
+from hica_bench.extraction import FeatureExtractor
+from hica_bench.files import digest
+from hica_bench.interfaces import NEEDS, Components, EncoderPair, FewShotDataset, FewShotTask, ImageEncoder, Prompts
+from hica_bench.metrics import calibration, classification_metrics, per_class
+from hica_bench.registry import Choice, RunComponents
+from hica_bench.results import CellKey, CellResult, Identity, Status, jsonable
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TASKS = ("binary-class", "multi-class")
+
+
+@dataclass
+class Cell:
+    """A pending cell: the method, its key and identity, its support set (indices into the train split)."""
+
+    method: Choice
+    key: CellKey
+    identity: Identity
+    support: np.ndarray
+    prompts: Prompts | None = None
+    dataset_label: str = ""  #: the dataset choice's label (with a corruption, unlike ``key.dataset``)
+
+
+def validate_needs(needs: Any) -> frozenset[str]:
+    """A method's ``needs`` as a frozenset of known needs, else a ValueError saying what is wrong."""
+    if not isinstance(needs, (set, frozenset)) or not all(isinstance(n, str) for n in needs):
+        raise ValueError(f"needs must be a frozenset of strings, got {needs!r}")
+    unknown = sorted(set(needs) - NEEDS)
+    if unknown:
+        raise ValueError(f"unknown needs {unknown}; known: {sorted(NEEDS)}")
+    return frozenset(needs)
+
+
+def check_needs(needs: Any, pair: EncoderPair, encoder_label: str) -> frozenset[str]:
+    """``needs`` validated (:func:`validate_needs`); NotApplicable when ``pair`` cannot serve them (told by its card:
+    nothing is built here)."""
+    needs = validate_needs(needs)
+    if "aligned_encoders" in needs and not pair.card.aligned:
+        raise NotApplicable(f"needs an aligned image-text encoder pair; {encoder_label} is not aligned "
+                            "(its image and text embeddings are separately trained spaces)")
+    if needs & {"text_encoder", "class_texts", "aligned_encoders"} and pair.card.text is None:
+        raise NotApplicable(f"needs a text encoder; {encoder_label} has none")
+    return frozenset(needs)
+
+
+#: needs that take the support images' features (the train split is encoded only for a cell whose method has one)
+FEATURE_NEEDS = frozenset({"image_features", "train_features", "encoders"})
+
+
+def method_needs(method: Choice) -> frozenset[str]:
+    """What ``method`` declares in ``needs``; every need when its constructor or its ``needs`` is broken (its cells
+    then fail on their own, with the reason)."""
+    try:
+        return validate_needs(getattr(method.build(), "needs", None))
+    except (Exception, SystemExit):
+        return NEEDS
+
+
+def build_task(*, dataset: str, task: str, class_names: list[str], train_features: np.ndarray | None, train_labels: np.ndarray,
+               support: np.ndarray, k: int, seed: int, pair: EncoderPair, needs: frozenset[str],
+               train_images: Callable[[], np.ndarray] | None = None, cache_dir: Path | None = None,
+               components: Components | None = None, prompts: Prompts | None = None) -> FewShotTask:
+    """The :class:`FewShotTask` of one cell: the support set's labels, and only what ``needs`` declares (the support
+    features, the whole train split's features, its images: ``train_images`` is called only then). With a prompt
+    file, the task's class names are its ``classnames``."""
+    features = bool(needs & FEATURE_NEEDS)
+    if features and train_features is None:
+        raise ValueError("the method needs image features but the train split was not encoded")
+    return FewShotTask(
+        dataset=dataset, task=task, class_names=list(class_names if prompts is None else prompts.classnames),
+        support_features=train_features[support] if features else None, support_labels=train_labels[support],
+        support_indices=support,
+        k=k, seed=seed, encoders=pair, device=pair.device,
+        train_images=train_images() if "encoders" in needs and train_images is not None else None,
+        train_features=train_features if "train_features" in needs else None,
+        cache_dir=cache_dir, components=components, prompts=prompts,
+    )
+
+
+_TORCH_SEED: list[int] = []  #: the seed of the cell that runs now, for torch when a method imports it (wrapt's hook)
+
+
+def seed_everything(seed: int) -> None:
+    """What every cell does before ``fit``: torch's and numpy's global generators from the cell's seed. When torch is
+    not imported yet (every feature came from the cache and the encoder was not built), it is seeded the moment the
+    method imports it, through a post-import hook, so a method drawing from torch's global generator gets the same
+    numbers whether or not the harness loaded torch first."""
+    np.random.seed(seed % 2**32)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "manual_seed"):
+        torch.manual_seed(seed)
+        return
+    import wrapt
+
+    if not _TORCH_SEED:
+        wrapt.register_post_import_hook(lambda module: module.manual_seed(_TORCH_SEED[-1]), "torch")
+    _TORCH_SEED[:] = [seed]
+
+
+def check_proba(proba: Any, n: int, c: int) -> np.ndarray:
+    """``predict_proba``'s answer as an (n, c) float array of probabilities, else a ValueError saying what is wrong."""
+    if not isinstance(proba, np.ndarray):
+        raise ValueError(f"predict_proba returned {type(proba).__name__}, not a numpy array")
+    if proba.shape != (n, c):
+        raise ValueError(f"predict_proba returned shape {proba.shape}, expected {(n, c)}")
+    if not np.issubdtype(proba.dtype, np.floating):
+        raise ValueError(f"predict_proba returned dtype {proba.dtype}, not float")
+    if not np.isfinite(proba).all():
+        raise ValueError("predict_proba returned NaN or inf")
+    if not np.allclose(proba.sum(axis=1), 1.0, atol=1e-4) or (proba < -1e-6).any():
+        raise ValueError("predict_proba rows are not probabilities: they must be non-negative and sum to 1 "
+                         f"(sums: {np.round(proba.sum(axis=1)[:4], 4).tolist()}...)")
+    return proba
+
+
+def prepare(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
+            components: Components, cache_dir: Path | None = None) -> tuple[Any, frozenset[str], FewShotTask]:
+    """A cell's method, built, with its checked needs and its task, every generator seeded from the cell's seed: what
+    ``fit`` gets in a run (:func:`fit_and_score`) and in ``hica-bench explain`` (:mod:`hica_bench.explain`) alike.
+    Raises NotApplicable when the encoder pair or the dataset cannot serve the method's needs."""
+    train_features, train_labels = train
+    key = cell.key
+    model = cell.method.build()
+    needs = check_needs(getattr(model, "needs", None), pair, key.encoder)
+    if "encoders" in needs and getattr(dataset, "volumetric", False):
+        raise NotApplicable("reads the 2D images themselves (to adapt the encoder or pool regions); this dataset holds "
+                            "3D volumes, which are encoded slice by slice or by a 3D encoder")
+    task = build_task(dataset=getattr(dataset, "name", key.dataset), task=dataset.task,
+                      class_names=dataset.class_names, train_features=train_features, train_labels=train_labels,
+                      support=cell.support, k=key.k, seed=key.seed, pair=pair, needs=needs,
+                      train_images=lambda: dataset.split("train").images, cache_dir=cache_dir,
+                      components=components, prompts=cell.prompts)
+    seed_everything(key.seed)
+    return model, needs, task
+
+
+def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
+                  test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
+                  timeout: float | None = None, extractor: FeatureExtractor | None = None
+                  ) -> tuple[CellResult, np.ndarray | None]:
+    """One cell: build the method, fit it on the support set, predict the test features, score. Returns the result
+    and the test probabilities (None unless it finished ok). Whatever the method does wrong is the cell's failure
+    (fault isolation); only an encoder that cannot be built stops the run. Runs wherever the executor puts it (this
+    process, or a Ray worker: :mod:`hica_bench.executors`).
+
+    A method that adapted the encoder during ``fit`` and exposes it as ``encoder_`` predicts on the test images
+    encoded through it by ``extractor`` (:meth:`FeatureExtractor.adapted`: the run's preprocessing and batching), not
+    on the frozen ``test`` features; without ``encoder_`` it gets the frozen ones. A method that changed the frozen
+    encoder's weights in place fails (they serve every other cell and the feature cache)."""
+    test_features, test_labels = test
+    key = cell.key
+    result = CellResult(key, cell.identity, Status.OK, n_support=len(cell.support), n_test=len(test_labels))
+    proba = None
+    try:
+        model, needs, task = prepare(cell, dataset, pair, train, components, cache_dir)
+        frozen = weight_versions(pair.modules) if "encoders" in needs else None
+        saved = frozen_state(pair.modules) if frozen is not None else None  # to put back what a faulty method changes
+
+        def fit_predict():
+            start = time.perf_counter()
+            try:
+                model.fit(task)
+            finally:  # also when fit raised: the next cells and datasets are encoded with the frozen weights
+                if frozen is not None and weight_versions(pair.modules) != frozen:
+                    restore(pair.modules, saved)
+                    raise RuntimeError("the method changed the frozen encoder's weights or modes in place (they "
+                                       "were put back); adapt a copy (hica_bench.adapting.adaptable_copy) and "
+                                       "expose it as encoder_")
+            fit_s = time.perf_counter() - start
+            features, adapted = _adapted_features(model, pair, dataset, len(test_labels), extractor)
+            start = time.perf_counter()
+            proba = model.predict_proba(test_features if features is None else features)
+            return proba, fit_s, time.perf_counter() - start, adapted
+
+        # (what a timed-out cell's thread does later never reaches this result: it is filled in here only)
+        proba, fit_s, predict_s, adapted = _within(timeout, fit_predict)
+        if adapted is not None:
+            result.adapted_encoder, result.timings.adapted_encode_s, result.timings.adapted_images_per_s = adapted
+        proba = check_proba(proba, len(test_labels), len(dataset.class_names))
+        result.calibration = calibration(test_labels, proba.astype(np.float64))
+        result.metrics = classification_metrics(test_labels, proba.astype(np.float64), result.calibration)
+        result.per_class = per_class(test_labels, proba)
+        result.timings.fit_s, result.timings.predict_s = fit_s, predict_s
+        if isinstance(getattr(model, "fit_info_", None), dict):
+            result.fit_info = jsonable(model.fit_info_)  # whatever it holds (numpy values, objects), it can be written
+    except EncoderBuildError:
+        raise  # the encoder cannot be built (bad weights, a broken plugin): bad input for the whole run, not this cell
+    except NotApplicable as exc:
+        result.status, result.reason, proba = Status.NOT_APPLICABLE, str(exc), None
+    except SystemExit as exc:  # a plugin calling sys.exit() must not end the run in silence
+        result.status, proba = Status.FAILED, None
+        result.reason = f"SystemExit: the method called sys.exit({exc.code!r})"
+    except Exception as exc:  # fault isolation: one cell's failure never stops the grid
+        result.status, result.reason, proba = Status.FAILED, f"{type(exc).__name__}: {exc}", None
+        log.debug("cell %s failed:\n%s", key, traceback.format_exc())
+    result.components_used = list({digest(jsonable([c.kind, c.name, c.options, c.distribution])): c
+                                   for c in components.used}.values())  # each once, in the order first built
+    return result, proba
+
+
+def check_adapted(encoder: Any, pair: EncoderPair) -> None:
+    """A method's ``encoder_`` is an image encoder with an identity of its own and the frozen encoder's input spec
+    (the test images are preprocessed as for the frozen features); else a ValueError saying what is wrong."""
+    if not isinstance(encoder, ImageEncoder):
+        raise ValueError(f"encoder_ is a {type(encoder).__name__}, not an image encoder (identity, input_spec, "
+                         "embed_dim, encode)")
+    if not isinstance(encoder.identity, str) or not encoder.identity or encoder.identity == pair.card.image:
+        raise ValueError("encoder_ must have an identity of its own (the frozen encoder's plus a digest of the adapted "
+                         "weights, e.g. hica_bench.adapting.AdaptedImageEncoder)")
+    if encoder.input_spec != pair.card.input_spec:
+        raise ValueError(f"encoder_ wants input {encoder.input_spec}, the frozen encoder {pair.card.input_spec}; "
+                         "an adapted encoder keeps its preprocessing")
+
+
+def _adapted_features(model: Any, pair: EncoderPair, dataset: FewShotDataset, rows: int,
+                      extractor: FeatureExtractor | None) -> tuple[np.ndarray | None, tuple | None]:
+    """The test features through the method's adapted encoder (``encoder_``) with (its identity, encoding seconds
+    (0: from the cache), images/s) for the result; (None, None) when it exposes none."""
+    encoder = getattr(model, "encoder_", None)
+    if encoder is None:
+        return None, None
+    check_adapted(encoder, pair)
+    if extractor is None:
+        raise ValueError("this cell adapted the encoder but was given no extraction service to encode through it")
+    features, record = extractor.adapted(encoder, dataset, "test", rows=rows)
+    return features, (encoder.identity, record.seconds if not record.cached else 0.0, record.images_per_s)
+
+
+def _within(seconds: float | None, work):
+    """``work()``, or ``TimeoutError`` once it has run ``seconds``. Python cannot stop a thread: a timed-out
+    ``work`` goes on in a daemon thread (using CPU, never blocking exit) while the grid continues."""
+    if seconds is None:
+        return work()
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="hica-bench-cell", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"timed out after {seconds:g} s (--cell-timeout)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

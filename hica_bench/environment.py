@@ -1,0 +1,77 @@
+"""The machine and package facts recorded in each result (:class:`~hica_bench.results.Environment`): what decides
+whether two runs are comparable, and the names of the CPU and GPU a run used."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hica_bench.results import Environment
+
+
+def git_hash() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name: ``/proc/cpuinfo`` (Linux), else py-cpuinfo when installed, else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    try:
+        import cpuinfo  # optional (py-cpuinfo); slow, so only where /proc/cpuinfo is missing
+
+        return str(cpuinfo.get_cpu_info().get("brand_raw") or "")
+    except Exception:
+        return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for a CUDA device, else the CPU's model."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_model()
+
+
+def environment(device: str, extraction: dict[str, Any] | None = None) -> Environment:
+    """Versions and machine facts that decide whether two runs are comparable (``torch_threads`` is None when the run
+    did not load torch: every feature came from the cache)."""
+    torch = sys.modules.get("torch")
+    packages = {}
+    for name in ("hica-bench", "torch", "torchvision", "numpy", "scikit-learn", "timm", "open_clip_torch", "transformers", "medmnist"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    for dist in metadata.distributions():
+        if dist.entry_points.select(group="hica_bench"):
+            packages[dist.metadata["Name"]] = dist.version
+    cpu = cpu_model()
+    return Environment(
+        packages=dict(sorted(packages.items())),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        device=device,
+        device_name=device_name(device) if device.startswith("cuda") else cpu,
+        cpu_count=os.cpu_count(),
+        cpu_model=cpu,
+        torch_threads=torch.get_num_threads() if hasattr(torch, "get_num_threads") else None,
+        git=git_hash(),
+        extraction=extraction,
+    )
