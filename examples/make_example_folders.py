@@ -1,5 +1,5 @@
-"""Make two small folders in the layouts BUSI and the Kermany chest X-rays come in, to try the README's "Your own
-data" commands without downloading either:
+"""Make two small folders in the layouts BUSI and the Kermany chest X-rays come in, to try the worked example
+of the own-data page (docs/own-data.md) without downloading either:
 
 - ``chest_xray/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg``: real paediatric chest X-rays, PneumoniaMNIST's (which are
   Kermany et al.'s images, resized by MedMNIST), with their true labels and official splits, upscaled to 96 x 112 px

@@ -21,7 +21,7 @@ origins differ (another backend, checkpoint, plugin version or option default), 
   side's extraction, it widens further to ``1 - (1 - bound)(1 - c)`` (a run that lost ``c`` of the machine may lose
   that share of its efficiency on top). A drop past ``throughput_tolerance`` but within that bound is *not
   comparable* (the note says why; not a failure); past it, a regression even on a busy machine. Measured on 2 cores
-  (see the README): with one or two busy loops beside it, clean code's paired efficiency moved -12 % to +17 % (the
+  (see docs/check.md): with one or two busy loops beside it, clean code's paired efficiency moved -12 % to +17 % (the
   unpaired ratio fell 25-45 %); ONNX Runtime off moved it -77 % to -80 %.
 
 Cells only in the baseline are listed as missing (not a failure). Bad input (unreadable files, unknown

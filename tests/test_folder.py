@@ -487,14 +487,15 @@ def test_the_shipped_prompt_files_fit_their_datasets_folders(name, classes):
         prompts.load(REPO / "prompts" / name, [c.upper() + "X" for c in classes], name)
 
 
-# --------------------------------------------------------------------------- the README's commands, as written
+# --------------------------------------------------------------------------- the documented commands, as written
 
 
 def _readme_commands() -> list[str]:
+    """The commands of the own-data page's worked example (docs/own-data.md), in the order written."""
     from conftest import REPO
 
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "docs" / "own-data.md").read_text()
+    section = text.split("## BUSI and the Kermany chest X-rays, as they come", 1)[1].split("\n## ", 1)[0]
     commands = []
     for block in section.split("```bash")[1:]:
         for line in block.split("```", 1)[0].splitlines():
@@ -505,9 +506,9 @@ def _readme_commands() -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_readmes_own_data_commands_work_as_written(medmnist_root, tmp_path):
-    """The "Your own data" section's commands, verbatim, in a folder holding the repository's prompts/ and examples/:
-    first the example folders (BUSI's and Kermany's layouts), then the two runs."""
+def test_the_documented_own_data_commands_work_as_written(medmnist_root, tmp_path):
+    """The own-data page's worked example (docs/own-data.md), its commands verbatim, in a folder holding the
+    repository's prompts/ and examples/: first the example folders (BUSI's and Kermany's layouts), then the two runs."""
     import subprocess
     import sys
 

@@ -34,7 +34,7 @@ def run(
                                                   "[default: the suite's, else 28]."),
     corruptions: Optional[str] = typer.Option(None, help="Robustness track: also run every dataset with its test split "
                                               "corrupted (MedMNIST-C's corruptions for the dataset; supports stay clean): "
-                                              "all, or a comma list of names (see the README) [default: the suite's, else none]."),
+                                              "all, or a comma list of names (see docs/robustness.md) [default: the suite's, else none]."),
     severities: Optional[str] = typer.Option(None, help="With --corruptions: comma list of severities 1-5 "
                                              "[default: the suite's, else 1,2,3,4,5]."),
     slice_axis: str = typer.Option("0", help="3D datasets with a 2D encoder: encode each volume's slices along axis 0, "
