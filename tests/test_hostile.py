@@ -525,7 +525,7 @@ def test_specs_that_cannot_be_used_are_left_out_and_the_listing_goes_on():
                       ("out-of-its-range", "the default t=-1.0 must be >= 0"),
                       ("nan-default", "the default t=nan must be >= 0, not NaN"),
                       ("text-range", "the default mode='abc' does not fit its declared range (>= 0)"),
-                      ("options-none", "its options must be a dict, got NoneType")]:
+                      ("constraints-none", "its constraints must be a dict, got NoneType")]:
         assert any(f"'{name}' left out: {why}" in line for line in problems), (name, err)
     assert any("returned 'not a spec at all' (a str), not a method spec; left out" in line for line in problems), err
     listed = " ".join(out.split())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hica_bench.errors import UserError
+from hica_bench.interfaces import Option, PluginSpec
 
 if TYPE_CHECKING:
     import torch
@@ -130,3 +131,12 @@ class CrossMargin:
             return hinge.sum() * 0
         return hinge[mismatched].mean()
 
+
+SPECS = [
+    PluginSpec("loss", "global-infonce", "InfoNCE between image embeddings and class text embeddings (symmetric)",
+               GlobalInfoNCE, {"temperature": Option(low=0, low_open=True)}),
+    PluginSpec("loss", "local-infonce", "Multi-positive InfoNCE between ROI embeddings and fine-grained descriptors",
+               LocalInfoNCE, {"temperature": Option(low=0, low_open=True)}),
+    PluginSpec("loss", "cross-margin", "Hinge: mismatched image/text similarity at least δ below the matched one",
+               CrossMargin, {"margin": Option(low=0)}),
+]

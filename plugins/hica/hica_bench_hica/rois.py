@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hica_bench.errors import UserError
+from hica_bench.interfaces import Option, PluginSpec
 
 if TYPE_CHECKING:
     import torch
@@ -218,3 +219,11 @@ def roi_pool(dense: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch
                        sampling_ratio=-1, aligned=True)  # (N*K, D, 1, 1)
     return pooled.reshape(n, k, -1)
 
+
+SPECS = [
+    PluginSpec("roi-extractor", "grid", "K fixed patches on a regular grid", GridROI, {"grid": Option(low=0)}),
+    PluginSpec("roi-extractor", "saliency", "Top-K peaks of the encoder's activation map (or image contrast), with NMS",
+               SaliencyROI, {"box_fraction": Option(low=0, high=1, low_open=True), "sigma": Option(low=0)}),
+    PluginSpec("roi-extractor", "monai", "Bounding boxes of the K largest foreground components (MONAI transforms)",
+               MonaiForegroundROI, {"min_area": Option(low=0, high=1), "smooth": Option(low=0)}),
+]
