@@ -295,12 +295,14 @@ class HiCA:
         image_encoder, text_encoder, support_features = task.encoders.image, task.encoders.text, task.support_features
         self.encoder_, self.fit_info_ = None, {}
         self._roi_extractor = None
+        stage1 = None  # stage 1 on the encoders (HiCAEncoder): the adapted copies and what trained them
         if o["stage1_encoder"]:
-            from hica_bench_hica.encoder_stage1 import adapt_encoders, support_encoded
+            from hica_bench_hica.encoder_stage1 import EncoderStage1
 
-            image_encoder, text_encoder, info = adapt_encoders(self, task, corpus, corpus_class, torch)
-            support_features = support_encoded(task, image_encoder, torch)
-            self.fit_info_.update(info)
+            stage1 = EncoderStage1(task, o, _support_images(task))
+            self.fit_info_.update(stage1.adapt(corpus, corpus_class, torch))
+            image_encoder, text_encoder = stage1.image, stage1.text
+            support_features = stage1.support_features(torch)
         corpus_features = np.asarray(text_encoder.encode(corpus), dtype=np.float32)
         ordered = np.argsort(corpus_class, kind="stable")
         visual, textual = self._stage1(task, by_class, corpus_features[ordered], torch, support_features.shape[1])
@@ -334,10 +336,8 @@ class HiCA:
         params = list(image_head.parameters()) + list(text_head.parameters())
         optimiser = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
         trunk = None  # stage 2 on the encoder's last blocks too: the support images, re-encoded at every step
-        if o["stage1_encoder"] and o["stage2_blocks"] > 0:
-            from hica_bench_hica.encoder_stage1 import stage2_trunk
-
-            trunk = stage2_trunk(self, task, image_encoder, optimiser, torch)
+        if stage1 is not None and o["stage2_blocks"] > 0:
+            trunk = stage1.stage2_trunk(optimiser, torch)
         components = self._components(task)
         global_loss = self._loss(components, "loss_global", temperature=o["tau"])
         local_loss = self._loss(components, "loss_local", temperature=o["tau"]) if rois is not None else None
@@ -365,10 +365,8 @@ class HiCA:
             # what regions_ matches each region against: every class's local descriptors, in the shared space
             self._local_embeddings = torch.nn.functional.normalize(text_head(local), dim=-1)
         self._local_mask, self.local_texts_ = mask, [list(texts) for texts in local_texts]
-        if o["stage1_encoder"]:
-            from hica_bench_hica.encoder_stage1 import exposed
-
-            self.encoder_ = exposed(task, self, image_encoder, trunk is not None)
+        if stage1 is not None:
+            self.encoder_ = stage1.exposed()
         self.fit_info_ = {"descriptors": self.descriptor_label_, **self.fit_info_}
         return self
 
@@ -424,7 +422,7 @@ class HiCA:
 
 class HiCAEncoder(HiCA):
     """HiCA with stage 1 on the encoders themselves, as the paper describes it (the ``hica-encoder`` variant; see the
-    module docstring). Its options are HiCA's and these:
+    module docstring and :class:`~hica_bench_hica.encoder_stage1.EncoderStage1`). Its options are HiCA's and these:
     ``stage1_encoder`` (false: stage 1 on features, as :class:`HiCA`), ``stage1_blocks`` the image encoder blocks
     fine-tuned in stage 1 (with the layers after them), ``stage1_text_layers`` the text encoder layers fine-tuned on
     the descriptor corpus (0: the text encoder stays frozen), ``stage1_encoder_epochs``, ``stage1_max_images``,
