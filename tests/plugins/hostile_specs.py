@@ -25,6 +25,10 @@ def text_mode(mode="abc"):
     return Prior()
 
 
+def without_default(x):
+    return Prior()
+
+
 @hookimpl
 def hica_bench_methods():
     return [
@@ -36,6 +40,13 @@ def hica_bench_methods():
         PluginSpec("method", "nan-default", "a NaN default for a ranged option (tests)", nan_t, {"t": Option(low=0)}),
         PluginSpec("method", "text-range", "a numeric range on a text option (tests)", text_mode, {"mode": Option(low=0)}),
         PluginSpec("method", "constraints-none", "constraints that are not a dict (tests)", Prior, None),  # type: ignore[arg-type]
+        PluginSpec("method", "default-in-spec", "a default written in the spec, not the signature (tests)", Prior,
+                   {"t": 0.5}),  # type: ignore[dict-item]
+        PluginSpec("method", "unknown-constraint", "a constraint for something its factory does not take (tests)",
+                   negative_t, {"t": Option(high=0), "nope": Option(low=0)}),
+        PluginSpec("method", "no-default", "a factory parameter without a default (tests)", without_default),
+        PluginSpec("method", "missing-module", "a factory named by string whose module does not exist (tests)",
+                   "no_such_module_anywhere.methods:Thing"),
         "not a spec at all",
         PluginSpec("method", "usable", "the one good spec of this module (tests)", Prior),
     ]
