@@ -70,9 +70,16 @@ class SpecError(UserError):
     its declarations do not fit the factory's signature. The message names the plugin (kind and name); ``problem`` is
     the message without that prefix."""
 
-    def __init__(self, spec: "PluginSpec", problem: str) -> None:
-        super().__init__(f"{spec.kind} {spec.name!r}: {problem}")
-        self.problem = problem
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem or message
+
+    def __reduce__(self) -> tuple:  # picklable (a Ray worker's error reaches the driver)
+        return type(self), (str(self), self.problem)
+
+
+def _spec_error(spec: "PluginSpec", problem: str) -> SpecError:
+    return SpecError(f"{spec.kind} {spec.name!r}: {problem}", problem)
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,7 @@ class PluginSpec:
             try:
                 problem = declaration_problem(self)
                 if problem:
-                    raise SpecError(self, problem)
+                    raise _spec_error(self, problem)
                 factory = _load_ref(self, self.factory, "factory")
                 self._loaded.update(factory=factory, options=_signature_options(self, factory))
             except SpecError as exc:
@@ -202,20 +209,20 @@ def _load_ref(spec: PluginSpec, ref: Any, what: str) -> Callable[..., Any]:
     if callable(ref):
         return ref
     if not isinstance(ref, str) or not _REF.fullmatch(ref):
-        raise SpecError(spec, f"its {what} must be callable or a 'package.module:Attr' string, got {ref!r}")
+        raise _spec_error(spec, f"its {what} must be callable or a 'package.module:Attr' string, got {ref!r}")
     module_name, attribute = ref.split(":")
     try:
         found: Any = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while importing
-        raise SpecError(spec, f"its {what} {ref} cannot be imported ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())})") from None
+        raise _spec_error(spec, f"its {what} {ref} cannot be imported ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())})") from None
     try:
         for part in attribute.split("."):
             found = getattr(found, part)
     except AttributeError:
-        raise SpecError(spec, f"its {what} {ref} cannot be imported ({module_name} has no {attribute})") from None
+        raise _spec_error(spec, f"its {what} {ref} cannot be imported ({module_name} has no {attribute})") from None
     if not callable(found):
-        raise SpecError(spec, f"its {what} {ref} is a {type(found).__name__}, not callable")
+        raise _spec_error(spec, f"its {what} {ref} is a {type(found).__name__}, not callable")
     return found
 
 
@@ -226,8 +233,8 @@ def _signature_options(spec: PluginSpec, factory: Callable[..., Any]) -> dict[st
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError) as exc:
-        raise SpecError(spec, f"the signature of its factory {shown} cannot be read ({exc}); options and their "
-                              "defaults come from it") from None
+        raise _spec_error(spec, f"the signature of its factory {shown} cannot be read ({exc}); options and their "
+                                "defaults come from it") from None
     fixed = FIXED_ARGUMENTS.get(spec.kind, ())
     given = dict(spec.defaults)
     options: dict[str, Any] = {}
@@ -236,46 +243,46 @@ def _signature_options(spec: PluginSpec, factory: Callable[..., Any]) -> dict[st
             continue
         if parameter.kind is parameter.POSITIONAL_ONLY:
             if name in fixed or name in given or parameter.default is parameter.empty:
-                raise SpecError(spec, f"its factory {shown} takes {name!r} by position only; the core passes "
-                                      "arguments by name")
+                raise _spec_error(spec, f"its factory {shown} takes {name!r} by position only; the core passes "
+                                        "arguments by name")
             continue
         if name in given:
             if parameter.default is not parameter.empty:
-                raise SpecError(spec, f"defaults gives {name}={given[name]!r}, but its factory {shown} already has "
-                                      f"{name}={parameter.default!r}; a default is written once, in the signature")
+                raise _spec_error(spec, f"defaults gives {name}={given[name]!r}, but its factory {shown} already has "
+                                        f"{name}={parameter.default!r}; a default is written once, in the signature")
             options[name] = given.pop(name)
         elif name in fixed:
             continue
         elif parameter.default is parameter.empty:
-            raise SpecError(spec, f"parameter {name!r} of its factory {shown} has no default; every option needs one "
-                                  "in the factory's signature")
+            raise _spec_error(spec, f"parameter {name!r} of its factory {shown} has no default; every option needs one "
+                                    "in the factory's signature")
         else:
             options[name] = parameter.default
     takes_more = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     missing = [name for name in fixed if name not in parameters and not takes_more]
     if missing:
-        raise SpecError(spec, f"its factory {shown} does not take {', '.join(missing)}, which the core passes to "
-                              f"every {spec.kind} factory")
+        raise _spec_error(spec, f"its factory {shown} does not take {', '.join(missing)}, which the core passes to "
+                                f"every {spec.kind} factory")
     if given and not takes_more:
-        raise SpecError(spec, f"defaults names {', '.join(given)}, which its factory {shown} does not take")
+        raise _spec_error(spec, f"defaults names {', '.join(given)}, which its factory {shown} does not take")
     options.update(given)  # names the factory takes through **options
     for name, value in options.items():
         if not isinstance(value, (bool, int, float, str)):
-            raise SpecError(spec, f"option {name}={value!r} has type {type(value).__name__}; defaults must be bool, "
-                                  "int, float or str")
+            raise _spec_error(spec, f"option {name}={value!r} has type {type(value).__name__}; defaults must be bool, "
+                                    "int, float or str")
     for field_name in ("constraints", "components"):
         unknown = [name for name in getattr(spec, field_name) if name not in options]
         if unknown:
             verb = "is not one of its options" if len(unknown) == 1 else "are not among its options"
-            raise SpecError(spec, f"{field_name} names {', '.join(map(repr, unknown))}, which {verb} "
-                                  f"({', '.join(options) or 'none'}: read from the signature of its factory {shown})")
+            raise _spec_error(spec, f"{field_name} names {', '.join(map(repr, unknown))}, which {verb} "
+                                    f"({', '.join(options) or 'none'}: read from the signature of its factory {shown})")
     for name, constraint in spec.constraints.items():
         try:
             problem = constraint.problem(options[name])
         except TypeError:  # e.g. a numeric range declared for a text option
             problem = f"does not fit its declared range ({constraint.describe()})"
         if problem:
-            raise SpecError(spec, f"the default {name}={options[name]!r} {problem}")
+            raise _spec_error(spec, f"the default {name}={options[name]!r} {problem}")
     return options
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -199,8 +200,10 @@ def test_a_factory_named_by_string_is_imported_on_first_use(tmp_path, monkeypatc
     with pytest.raises(UserError, match=r"method 'raises-on-import': its factory lazy_broken_specs:Flat cannot be "
                                         r"imported \(ImportError: a dependency is missing\)"):
         registry.get("method", "raises-on-import")
-    with pytest.raises(SpecError, match="cannot be imported"):  # the spec keeps its answer
+    with pytest.raises(SpecError, match="cannot be imported") as raised:  # the spec keeps its answer
         registry.specs("method")["no-such-class"].spec.options
+    again = pickle.loads(pickle.dumps(raised.value))  # e.g. from a Ray worker to the driver
+    assert str(again) == str(raised.value) and again.problem == raised.value.problem
 
 
 def test_a_broken_string_factory_is_one_line_from_the_cli(tmp_path):
