@@ -6,11 +6,16 @@ Arrays handed to plugins are numpy unless a signature says ``torch.Tensor``. No 
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, Sequence, get_args, runtime_checkable
 
 import numpy as np
+
+from hica_bench.errors import UserError
 
 #: The kinds of plugin, each offered by one hook of :mod:`hica_bench.hookspecs` (``hica_bench_<kind>s``).
 Kind = Literal["dataset", "encoder", "method", "roi-extractor", "descriptor-generator", "loss"]
@@ -19,13 +24,18 @@ KINDS: tuple[str, ...] = get_args(Kind)
 COMPONENT_KINDS = ("roi-extractor", "descriptor-generator", "loss")
 
 
-@dataclass(frozen=True)
-class Option:
-    """An option's default together with the values it accepts, e.g. ``Option(0.07, low=0, low_open=True)`` for a
-    temperature > 0 or ``Option("saliency", choices=(...))``. The registry checks every value given on the command line
-    (and every default) against it before anything runs."""
+#: The arguments the core passes to every factory of a kind, by name (see :mod:`hica_bench.hookspecs`); they are not
+#: options. A kind not named here passes none: its factory receives the options only.
+FIXED_ARGUMENTS: dict[str, tuple[str, ...]] = {"dataset": ("root", "size", "download", "cache_dir"), "encoder": ("device",)}
 
-    default: Any
+
+@dataclass(frozen=True, kw_only=True)
+class Option:
+    """The values one option accepts: a range, e.g. ``Option(low=0, low_open=True)`` for a temperature > 0 or
+    ``Option(low=0, high=1)`` for a fraction, or choices, e.g. ``Option(choices=("cls", "mean"))``. It holds no default:
+    the default is the factory's own (see :class:`PluginSpec`). The registry checks every value given on the command
+    line, and every default, against it before anything runs; ``hica-bench list`` shows it."""
+
     low: float | None = None  #: smallest accepted value (inclusive unless ``low_open``)
     high: float | None = None  #: largest accepted value (inclusive)
     low_open: bool = False
@@ -55,15 +65,58 @@ class Option:
         return "any value"
 
 
+class SpecError(UserError):
+    """A spec cannot be used: its factory (or ``describe``) named as ``"package.module:Attr"`` cannot be imported, or
+    its declarations do not fit the factory's signature. The message names the plugin (kind and name); ``problem`` is
+    the message without that prefix."""
+
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem or message
+
+    def __reduce__(self) -> tuple:  # picklable (a Ray worker's error reaches the driver)
+        return type(self), (str(self), self.problem)
+
+
+def _spec_error(spec: "PluginSpec", problem: str) -> SpecError:
+    return SpecError(f"{spec.kind} {spec.name!r}: {problem}", problem)
+
+
 @dataclass(frozen=True)
 class PluginSpec:
-    """One named thing a plugin offers (returned by the hooks in :mod:`hica_bench.hookspecs`).
+    """One named thing a plugin offers (returned by the hooks in :mod:`hica_bench.hookspecs`), declared once, next to
+    the class or function that builds it, scikit-learn style::
 
-    ``options`` maps every option the factory accepts to its default, or to an :class:`Option` that also says which
-    values it accepts (a range, choices); the CLI syntax ``name:key=value:key2=value`` is type-converted against the
-    defaults and checked against the ranges before anything runs. After construction ``options`` holds the plain
-    defaults and ``constraints`` the :class:`Option` of each option that declared one. ``factory`` receives the
-    converted options as keyword arguments (plus the kind's fixed arguments documented on its hook).
+        PluginSpec("method", "prototype", "Nearest class mean on frozen features", Prototype,
+                   {"temperature": Option(low=0, low_open=True)})
+
+    ``factory`` builds it: a class or function, or the string ``"package.module:Attr"``, imported the first time the
+    spec is used (its options read, or it is built) and remembered, so that a plugin whose module imports torch at
+    the top does not import it while the registry loads (a hook's own module is imported then: keep heavy imports
+    inside functions there, or name the factory by string).
+
+    **Options and their defaults come from the factory's signature** (``inspect.signature``: a class's ``__init__``,
+    a function's parameters, a ``functools.partial``'s remaining ones): every parameter with a default is an option
+    with that default, except the fixed arguments the core passes to every factory of the kind
+    (:data:`FIXED_ARGUMENTS`: a dataset's ``root``, ``size``, ``download``, ``cache_dir``; an encoder's ``device``).
+    A variant with other defaults is another factory: ``functools.partial(HiCA, lambda1=0.0)``, or a small function.
+    Defaults must be bool, int, float or str (what ``name:key=value`` converts to, by the type of the default).
+
+    Where the signature cannot give a default, and only there, ``defaults`` gives it: a parameter without a default
+    (e.g. a fixed argument the spec offers as an option, as the ``folder`` dataset's ``root``), or a name the
+    factory takes through ``**options``. Anything else is refused when the registry loads the spec (a warning naming
+    the plugin; the spec is left out): a parameter without a default that is neither fixed nor in ``defaults``, a
+    ``defaults`` entry for a parameter that has a default (it is written once, in the signature) or that the factory
+    does not take, a constraint or component naming something that is not an option, a default outside its own
+    constraint, a factory that does not take the kind's fixed arguments. A factory named by string is not imported
+    while the registry loads, only looked for (a module that does not exist is refused as above); the rest is checked
+    when the spec is first used (its options read, as ``hica-bench list`` does, or a run choosing it), and a failure
+    then is a one-line :class:`SpecError` naming the plugin.
+
+    ``constraints`` maps options to the :class:`Option` (range or choices) each accepts; the CLI syntax
+    ``name:key=value:key2=value`` is type-converted against the defaults and checked against the constraints before
+    anything runs. ``options`` (read only) holds every option with its default, in the signature's order. The factory
+    receives the converted options as keyword arguments, plus the kind's fixed arguments.
 
     ``components`` names the options whose value is the name of another plugin, with its kind, e.g. HiCA's
     ``{"roi": "roi-extractor", "loss_global": "loss"}``: the registry checks those names before anything runs,
@@ -77,20 +130,160 @@ class PluginSpec:
     kind: Kind
     name: str
     description: str
-    factory: Callable[..., Any]
-    options: dict[str, Any] = field(default_factory=dict)
+    factory: Callable[..., Any] | str
+    constraints: dict[str, Option] = field(default_factory=dict)
     components: dict[str, str] = field(default_factory=dict)
     in_default_suite: bool = False
-    constraints: dict[str, Option] = field(default_factory=dict)
     #: encoders only, optional: ``describe(device, **options)`` -> :class:`EncoderCard` (or None) without building the
-    #: models, so a run whose features are all cached skips building them (see :class:`EncoderCard`)
-    describe: Callable[..., Any] | None = None
+    #: models, so a run whose features are all cached skips building them (see :class:`EncoderCard`); a callable or
+    #: ``"package.module:Attr"``, as ``factory``
+    describe: Callable[..., Any] | str | None = None
+    #: defaults the factory's signature cannot give (see above); empty for almost every spec
+    defaults: dict[str, Any] = field(default_factory=dict)
+    _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        declared = {k: v for k, v in (self.options or {}).items() if isinstance(v, Option)}
-        if declared:
-            object.__setattr__(self, "options", {k: v.default if isinstance(v, Option) else v for k, v in self.options.items()})
-            object.__setattr__(self, "constraints", {**self.constraints, **declared})
+    @property
+    def options(self) -> dict[str, Any]:
+        """Every option with its default, read from the factory's signature (see above); imports a factory named by
+        string on first use. Raises :class:`SpecError` when the spec cannot be used."""
+        return dict(self._load()["options"])
+
+    def load_factory(self) -> Callable[..., Any]:
+        """The factory itself (a factory named by string imported on first use, then remembered)."""
+        return self._load()["factory"]
+
+    def load_describe(self) -> Callable[..., Any] | None:
+        """``describe`` itself, or None (one named by string imported on first use, then remembered)."""
+        if "describe" not in self._loaded:
+            self._loaded["describe"] = None if self.describe is None else _load_ref(self, self.describe, "describe")
+        return self._loaded["describe"]
+
+    def _load(self) -> dict[str, Any]:
+        """The factory and the options, worked out once (a failure too: it is raised again on every use)."""
+        if "options" not in self._loaded and "error" not in self._loaded:
+            try:
+                problem = declaration_problem(self)
+                if problem:
+                    raise _spec_error(self, problem)
+                factory = _load_ref(self, self.factory, "factory")
+                self._loaded.update(factory=factory, options=_signature_options(self, factory))
+            except SpecError as exc:
+                self._loaded["error"] = exc
+        if "error" in self._loaded:
+            raise self._loaded["error"]
+        return self._loaded
+
+
+def declaration_problem(spec: PluginSpec) -> str | None:
+    """What is wrong with what ``spec`` declares, found without loading its factory, or None."""
+    if spec.kind not in KINDS:
+        return f"its kind {spec.kind!r} is not one of {', '.join(KINDS)}"
+    if not isinstance(spec.name, str) or not re.fullmatch(r"[\w.+-]+", spec.name):
+        return f"its name {spec.name!r} cannot be spelled on the command line ([A-Za-z0-9_.+-])"
+    if not isinstance(spec.description, str) or not spec.description.strip():
+        return "it has no description"
+    for what in ("factory", "describe"):
+        ref = getattr(spec, what)
+        if not (callable(ref) or (what == "describe" and ref is None) or (isinstance(ref, str) and _REF.fullmatch(ref))):
+            return f"its {what} must be callable or a 'package.module:Attr' string, got {ref!r}"
+    for field_name in ("constraints", "components", "defaults"):
+        if not isinstance(getattr(spec, field_name), dict):
+            return f"its {field_name} must be a dict, got {type(getattr(spec, field_name)).__name__}"
+    for key, constraint in spec.constraints.items():
+        if not isinstance(constraint, Option):
+            return (f"constraints[{key!r}] is {constraint!r}, not an Option: a spec declares only what an option "
+                    "accepts (Option(low=..., high=..., choices=...)); its default is the factory's, in its signature")
+    for option, kind in spec.components.items():
+        if kind not in COMPONENT_KINDS:
+            return f"components maps {option!r} to {kind!r}; it must be one of {', '.join(COMPONENT_KINDS)}"
+    if spec.in_default_suite and spec.kind in COMPONENT_KINDS:
+        return f"a {spec.kind} cannot be in the default suite (components are built by methods, not run)"
+    return None
+
+
+_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  #: ``package.module:Attr``
+
+
+def _load_ref(spec: PluginSpec, ref: Any, what: str) -> Callable[..., Any]:
+    """``ref`` itself when callable; a ``"package.module:Attr"`` string imported; else a :class:`SpecError`."""
+    if callable(ref):
+        return ref
+    if not isinstance(ref, str) or not _REF.fullmatch(ref):
+        raise _spec_error(spec, f"its {what} must be callable or a 'package.module:Attr' string, got {ref!r}")
+    module_name, attribute = ref.split(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise _spec_error(spec, f"its {what} {ref} cannot be imported ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())})") from None
+    try:
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except AttributeError:
+        raise _spec_error(spec, f"its {what} {ref} cannot be imported ({module_name} has no {attribute})") from None
+    if not callable(found):
+        raise _spec_error(spec, f"its {what} {ref} is a {type(found).__name__}, not callable")
+    return found
+
+
+def _signature_options(spec: PluginSpec, factory: Callable[..., Any]) -> dict[str, Any]:
+    """The options of ``spec`` with their defaults, from ``factory``'s signature and ``spec.defaults`` (the rules are
+    on :class:`PluginSpec`); a :class:`SpecError` naming the plugin when they do not fit its declarations."""
+    shown = spec.factory if isinstance(spec.factory, str) else getattr(factory, "__qualname__", None) or repr(factory)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError) as exc:
+        raise _spec_error(spec, f"the signature of its factory {shown} cannot be read ({exc}); options and their "
+                                "defaults come from it") from None
+    fixed = FIXED_ARGUMENTS.get(spec.kind, ())
+    given = dict(spec.defaults)
+    options: dict[str, Any] = {}
+    for name, parameter in parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if parameter.kind is parameter.POSITIONAL_ONLY:
+            if name in fixed or name in given or parameter.default is parameter.empty:
+                raise _spec_error(spec, f"its factory {shown} takes {name!r} by position only; the core passes "
+                                        "arguments by name")
+            continue
+        if name in given:
+            if parameter.default is not parameter.empty:
+                raise _spec_error(spec, f"defaults gives {name}={given[name]!r}, but its factory {shown} already has "
+                                        f"{name}={parameter.default!r}; a default is written once, in the signature")
+            options[name] = given.pop(name)
+        elif name in fixed:
+            continue
+        elif parameter.default is parameter.empty:
+            raise _spec_error(spec, f"parameter {name!r} of its factory {shown} has no default; every option needs one "
+                                    "in the factory's signature")
+        else:
+            options[name] = parameter.default
+    takes_more = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    missing = [name for name in fixed if name not in parameters and not takes_more]
+    if missing:
+        raise _spec_error(spec, f"its factory {shown} does not take {', '.join(missing)}, which the core passes to "
+                                f"every {spec.kind} factory")
+    if given and not takes_more:
+        raise _spec_error(spec, f"defaults names {', '.join(given)}, which its factory {shown} does not take")
+    options.update(given)  # names the factory takes through **options
+    for name, value in options.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise _spec_error(spec, f"option {name}={value!r} has type {type(value).__name__}; defaults must be bool, "
+                                    "int, float or str")
+    for field_name in ("constraints", "components"):
+        unknown = [name for name in getattr(spec, field_name) if name not in options]
+        if unknown:
+            verb = "is not one of its options" if len(unknown) == 1 else "are not among its options"
+            raise _spec_error(spec, f"{field_name} names {', '.join(map(repr, unknown))}, which {verb} "
+                                    f"({', '.join(options) or 'none'}: read from the signature of its factory {shown})")
+    for name, constraint in spec.constraints.items():
+        try:
+            problem = constraint.problem(options[name])
+        except TypeError:  # e.g. a numeric range declared for a text option
+            problem = f"does not fit its declared range ({constraint.describe()})"
+        if problem:
+            raise _spec_error(spec, f"the default {name}={options[name]!r} {problem}")
+    return options
 
 
 # --------------------------------------------------------------------------- datasets

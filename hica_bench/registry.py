@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -29,7 +30,7 @@ import pluggy
 from hica_bench import hookspecs
 from hica_bench.errors import UserError
 from hica_bench.files import digest, file_sha256
-from hica_bench.interfaces import COMPONENT_KINDS, KINDS, PluginSpec
+from hica_bench.interfaces import COMPONENT_KINDS, KINDS, PluginSpec, SpecError, declaration_problem
 from hica_bench.results import Component
 
 ENTRY_POINT_GROUP = "hica_bench"
@@ -111,7 +112,7 @@ class Choice:
         """The factory called with the kind's fixed arguments and the options; an option named like a fixed argument
         replaces it (the ``folder`` dataset's own ``root=`` in place of the data root). A dataset with a corruption
         comes back with its test split corrupted."""
-        built = self.registered.spec.factory(**{**fixed, **self.options})
+        built = self.registered.spec.load_factory()(**{**fixed, **self.options})
         if self.corruption is not None:
             from hica_bench.corruptions import CorruptedDataset
 
@@ -121,7 +122,7 @@ class Choice:
     def describe(self, **fixed: Any) -> Any:
         """An encoder's :class:`~hica_bench.interfaces.EncoderCard` from its spec's ``describe`` without building it;
         None when the spec has no ``describe`` or it cannot tell cheaply."""
-        describe = self.registered.spec.describe
+        describe = self.registered.spec.load_describe()
         return None if describe is None else describe(**fixed, **self.options)
 
 
@@ -209,9 +210,16 @@ class Registry:
         return found
 
     def get(self, kind: str, name: str) -> Registered:
+        """The plugin ``name`` of ``kind``, its factory loaded (one named by string is imported here, on first use); an
+        unknown name, or a spec that cannot be used, is a UserError naming it."""
         specs = self.specs(kind)
         if name in specs:
-            return specs[name]
+            registered = specs[name]
+            try:
+                registered.spec.load_factory()
+            except SpecError as exc:
+                raise UserError(f"plugin from {registered.distribution}: {exc}") from None
+            return registered
         close = difflib.get_close_matches(name, list(specs), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         known = f" Known: {', '.join(sorted(specs))}." if specs else f" No {kind} plugins are installed."
@@ -318,38 +326,28 @@ class RunComponents:
             value = arguments.get(option)
             if isinstance(value, str) and value:
                 arguments[option] = self.build(component_kind, value)
-        return spec.factory(**arguments)
+        return spec.load_factory()(**arguments)
 
 
 def spec_problem(spec: PluginSpec) -> str | None:
-    """What is wrong with a spec's declarations, or None: ``components`` must map declared options to component
-    kinds; only datasets, methods and encoders can be in the default suite."""
-    if not isinstance(spec.name, str) or not re.fullmatch(r"[\w.+-]+", spec.name):
-        return f"its name {spec.name!r} cannot be spelled on the command line ([A-Za-z0-9_.+-])"
-    if not isinstance(spec.description, str) or not spec.description.strip():
-        return "it has no description"
-    if not callable(spec.factory):
-        return "its factory is not callable"
-    for field_name in ("options", "components", "constraints"):
-        if not isinstance(getattr(spec, field_name), dict):
-            return f"its {field_name} must be a dict, got {type(getattr(spec, field_name)).__name__}"
-    for key, value in spec.options.items():
-        if not isinstance(value, (bool, int, float, str)):
-            return f"option {key}={value!r} has type {type(value).__name__}; defaults must be bool, int, float or str"
-        constraint = spec.constraints.get(key)
+    """What is wrong with a spec, or None, found while the registry loads (the rules are on
+    :class:`~hica_bench.interfaces.PluginSpec`): its declarations, and its options against its factory's signature.
+    A factory named by string is not imported here, only looked for: its module must exist (the rest is checked
+    when the spec is first used, :meth:`Registry.get`)."""
+    problem = declaration_problem(spec)
+    if problem:
+        return problem
+    if isinstance(spec.factory, str):
+        module = spec.factory.split(":")[0]
         try:
-            problem = constraint.problem(value) if constraint else None
-        except TypeError:  # e.g. a numeric range declared for a text option
-            problem = f"does not fit its declared range ({constraint.describe()})"
-        if problem:
-            return f"the default {key}={value!r} {problem}"
-    for option, kind in spec.components.items():
-        if option not in spec.options:
-            return f"components names {option!r}, which is not one of its options ({', '.join(spec.options) or 'none'})"
-        if kind not in COMPONENT_KINDS:
-            return f"components maps {option!r} to {kind!r}; it must be one of {', '.join(COMPONENT_KINDS)}"
-    if spec.in_default_suite and spec.kind in COMPONENT_KINDS:
-        return f"a {spec.kind} cannot be in the default suite (components are built by methods, not run)"
+            found = importlib.util.find_spec(module)
+        except Exception as exc:  # a parent package that is missing, or raises while importing
+            return f"its factory {spec.factory} cannot be imported ({_one_line(exc)})"
+        return None if found is not None else f"its factory {spec.factory} cannot be imported (no module {module})"
+    try:
+        spec.options
+    except SpecError as exc:
+        return exc.problem
     return None
 
 

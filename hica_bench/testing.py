@@ -36,6 +36,7 @@ from hica_bench.data import preprocess
 from hica_bench.errors import NotApplicable
 from hica_bench.extraction import FeatureExtractor
 from hica_bench.interfaces import (
+    FIXED_ARGUMENTS,
     KINDS,
     NEEDS,
     Components,
@@ -44,8 +45,10 @@ from hica_bench.interfaces import (
     ImageEncoder,
     InputSpec,
     PluginSpec,
+    SpecError,
     Split,
     TextEncoder,
+    declaration_problem,
 )
 
 TASKS = cell.SUPPORTED_TASKS
@@ -182,21 +185,62 @@ def _failures(check: Callable) -> Callable:
 
 def check_spec(spec: PluginSpec, kind: str | None = None) -> None:
     """A :class:`PluginSpec` the registry and the CLI can use: a known kind, a name the ``NAME:key=value`` syntax
-    can spell, a description, option defaults of the types the CLI converts to (bool, int, float, str), and
-    ``components`` / ``in_default_suite`` declarations the registry accepts."""
+    can spell, a description, ``components`` / ``in_default_suite`` declarations the registry accepts, and options
+    that agree with its factory's signature (:func:`check_spec_options`)."""
     assert isinstance(spec, PluginSpec), f"expected a PluginSpec, got {type(spec).__name__}"
     assert spec.kind in KINDS and (kind is None or spec.kind == kind), f"{spec.name!r}: kind {spec.kind!r}, expected {kind or KINDS}"
-    assert re.fullmatch(r"[\w.+-]+", spec.name), f"{spec.name!r}: a name must match [A-Za-z0-9_.+-]+"
-    assert spec.description.strip(), f"{spec.name!r}: empty description"
-    assert callable(spec.factory), f"{spec.name!r}: factory is not callable"
-    from hica_bench.registry import spec_problem
-
-    problem = spec_problem(spec)
+    assert isinstance(spec.name, str) and re.fullmatch(r"[\w.+-]+", spec.name), (
+        f"{spec.name!r}: a name must match [A-Za-z0-9_.+-]+")
+    assert isinstance(spec.description, str) and spec.description.strip(), f"{spec.name!r}: empty description"
+    problem = declaration_problem(spec)
     assert problem is None, f"{spec.name!r}: {problem}"
-    for key, value in spec.options.items():
-        assert re.fullmatch(r"[A-Za-z_][\w.-]*", key), f"{spec.name!r}: option name {key!r} cannot be given on the command line"
+    check_spec_options(spec)
+
+
+def check_spec_options(spec: PluginSpec) -> None:
+    """A spec's options agree with its factory's signature (the rules are on :class:`PluginSpec`): the factory (one
+    named ``"package.module:Attr"`` is imported here) takes the kind's fixed arguments by name; every parameter with a
+    default is an option with exactly that default (and its type), every option is a parameter (or a name the factory
+    takes through ``**options``, its default in ``defaults``); each constraint and component names an option; defaults
+    are of the types the CLI converts to (bool, int, float, str) and within their constraints; an encoder's
+    ``describe`` takes the device and every option. Nothing is built."""
+    assert isinstance(spec, PluginSpec), f"expected a PluginSpec, got {type(spec).__name__}"
+    try:
+        options = spec.options
+        factory = spec.load_factory()
+        describe = spec.load_describe()
+    except SpecError as exc:
+        raise AssertionError(str(exc)) from None
+    where = f"{spec.name!r}"
+    parameters = inspect.signature(factory).parameters
+    fixed = FIXED_ARGUMENTS.get(spec.kind, ())
+    takes_more = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    for name, parameter in parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or (name in fixed and name not in options):
+            continue
+        assert name in options, f"{where}: its factory's parameter {name!r} is not an option"
+        default = parameter.default if parameter.default is not parameter.empty else spec.defaults.get(name, parameter.empty)
+        assert options[name] is default or (options[name] == default and type(options[name]) is type(default)), (
+            f"{where}: option {name}={options[name]!r}, but its factory's signature says {name}={default!r}")
+    for name, value in options.items():
+        assert name in parameters or (takes_more and name in spec.defaults), (
+            f"{where}: option {name!r} is not a parameter of its factory")
+        assert re.fullmatch(r"[A-Za-z_][\w.-]*", name), f"{where}: option name {name!r} cannot be given on the command line"
         assert isinstance(value, (bool, int, float, str)), (
-            f"{spec.name!r}: option {key}={value!r} has type {type(value).__name__}; defaults must be bool, int, float or str")
+            f"{where}: option {name}={value!r} has type {type(value).__name__}; defaults must be bool, int, float or str")
+        if name in spec.constraints:
+            assert spec.constraints[name].problem(value) is None, (
+                f"{where}: the default {name}={value!r} {spec.constraints[name].problem(value)}")
+    for declared in ("constraints", "components"):
+        unknown = set(getattr(spec, declared)) - set(options)
+        assert not unknown, f"{where}: {declared} names {sorted(unknown)}, which are not options of its factory"
+    missing = [name for name in fixed if name not in parameters and not takes_more]
+    assert not missing, f"{where}: its factory does not take {missing}, which the core passes to every {spec.kind} factory"
+    if describe is not None:
+        accepted = inspect.signature(describe).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            lacking = [name for name in (*FIXED_ARGUMENTS.get(spec.kind, ()), *options) if name not in accepted]
+            assert not lacking, f"{where}: its describe does not take {lacking} (it is called as the factory is)"
 
 
 def _builder(thing: Any, kind: str, options: dict[str, Any] | None) -> tuple[str, Callable[[], Any]]:
@@ -206,7 +250,8 @@ def _builder(thing: Any, kind: str, options: dict[str, Any] | None) -> tuple[str
         unknown = set(options or {}) - set(thing.options)
         assert not unknown, f"{thing.name!r} has no options {sorted(unknown)}"
         merged = {**thing.options, **(options or {})}
-        return thing.name, lambda: thing.factory(**merged)
+        factory = thing.load_factory()
+        return thing.name, lambda: factory(**merged)
     assert callable(thing), f"expected a PluginSpec, a class or a factory, got {thing!r}"
     return getattr(thing, "__name__", repr(thing)), lambda: thing(**(options or {}))
 

@@ -112,7 +112,7 @@ def majority_plugin(alpha: float = 1.0) -> str:
 
         @hookimpl
         def hica_bench_methods():
-            return [PluginSpec("method", "majority", "class prior of the support set", Majority, {"alpha": ALPHA})]
+            return [PluginSpec("method", "majority", "class prior of the support set", Majority)]
     ''').replace("ALPHA", repr(alpha))
 
 

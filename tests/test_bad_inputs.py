@@ -82,7 +82,8 @@ def _list_needs_plugin(paths):
 def _duplicate_plugin(paths):
     (paths["tmp"] / "dup_prototype.py").write_text(
         "from hica_bench import hookimpl\nfrom hica_bench.interfaces import PluginSpec\n\n"
-        "@hookimpl\ndef hica_bench_methods():\n    return [PluginSpec('method', 'prototype', 'a second prototype', dict)]\n")
+        "class Prototype:\n    needs = frozenset({'image_features'})\n\n"
+        "@hookimpl\ndef hica_bench_methods():\n    return [PluginSpec('method', 'prototype', 'a second prototype', Prototype)]\n")
 
 
 @dataclass

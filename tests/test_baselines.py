@@ -20,7 +20,7 @@ from hica_bench.registry import load_registry
 from hica_bench_baselines.adapters import ClipAdapter, LPPlusPlus, TipAdapter, TipAdapterF
 from hica_bench_baselines.coop import CoOp, PromptTower
 from hica_bench_baselines.knn import KNN, auto_neighbours
-from hica_bench_baselines.plugin import ZeroShot
+from hica_bench_baselines.frozen import ZeroShot
 
 NAMES = ["alpha cells", "beta cells", "gamma cells"]
 C, D, K = 3, 32, 5

@@ -185,6 +185,11 @@ class Prototype:
         return s / s.sum(1, keepdims=True)
 
 
+class ListOption(Prototype):
+    def __init__(self, sizes=(1,)):  # a default the command line cannot give
+        self.sizes = sizes
+
+
 class Mutates(Prototype):
     def fit(self, task):
         task.support_features /= 2
@@ -289,7 +294,7 @@ class Detached(torch.nn.Module):
     (testing.check_method, ReturnsList, "not a numpy array"),
     (testing.check_method, UnknownNeed, "unknown needs ['gpu']"),
     (testing.check_method, ObjectInFitInfo, "fit_info_ is not JSON"),
-    (testing.check_method, PluginSpec("method", "p", "options must be CLI-typed", Prototype, {"sizes": [1]}), "defaults must be"),
+    (testing.check_method, PluginSpec("method", "p", "options must be CLI-typed", ListOption), "defaults must be"),
     (testing.check_encoder, EncoderPair(BatchCentred(), None, False), "depend on the other images in its batch"),
     (testing.check_encoder, EncoderPair(testing.ToyImageEncoder(), None, True), "aligned pair needs a text encoder"),
     (testing.check_dataset, FloatLabels(), "labels must be int64"),

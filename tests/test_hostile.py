@@ -518,14 +518,19 @@ def test_specs_that_cannot_be_used_are_left_out_and_the_listing_goes_on():
     code, out, err = invoke("-p", "hostile_specs", "list", "method")
     assert code == 0 and "Traceback" not in err
     problems = [line for line in err.splitlines() if line.strip()]
-    assert len(problems) == 8 and all(line.startswith("warning:") for line in problems), err
+    assert len(problems) == 12 and all(line.startswith("warning:") for line in problems), err
     for name, why in [("no-description", "it has no description"),
                       ("bad name", "its name 'bad name' cannot be spelled on the command line"),
                       ("list-default", "option sizes=[1, 2] has type list; defaults must be bool, int, float or str"),
                       ("out-of-its-range", "the default t=-1.0 must be >= 0"),
                       ("nan-default", "the default t=nan must be >= 0, not NaN"),
                       ("text-range", "the default mode='abc' does not fit its declared range (>= 0)"),
-                      ("options-none", "its options must be a dict, got NoneType")]:
+                      ("constraints-none", "its constraints must be a dict, got NoneType"),
+                      ("default-in-spec", "constraints['t'] is 0.5, not an Option"),
+                      ("unknown-constraint", "constraints names 'nope', which is not one of its options (t: read from "
+                                             "the signature of its factory negative_t)"),
+                      ("no-default", "parameter 'x' of its factory without_default has no default"),
+                      ("missing-module", "its factory no_such_module_anywhere.methods:Thing cannot be imported")]:
         assert any(f"'{name}' left out: {why}" in line for line in problems), (name, err)
     assert any("returned 'not a spec at all' (a str), not a method spec; left out" in line for line in problems), err
     listed = " ".join(out.split())

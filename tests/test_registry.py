@@ -11,9 +11,12 @@ def _write_plugin(tmp_path, module, method_name):
         from hica_bench import hookimpl
         from hica_bench.interfaces import PluginSpec
 
+        def build(alpha=0.5, steps=10, flag=False, tag="x"):
+            return dict(alpha=alpha, steps=steps, flag=flag, tag=tag)
+
         @hookimpl
         def hica_bench_methods():
-            return [PluginSpec("method", "{method_name}", "test method", dict, {{"alpha": 0.5, "steps": 10, "flag": False, "tag": "x"}})]
+            return [PluginSpec("method", "{method_name}", "test method", build)]
     """))
 
 
@@ -141,15 +144,24 @@ def test_a_spec_with_bad_declarations_is_left_out_with_a_warning(tmp_path, monke
         from hica_bench import hookimpl
         from hica_bench.interfaces import PluginSpec
 
+        def with_roi(roi="grid"):
+            return roi
+
+        def with_m(m="x"):
+            return m
+
+        def nothing():
+            return None
+
         @hookimpl
         def hica_bench_methods():
-            return [PluginSpec("method", "typo", "names an option it lacks", dict, {"roi": "grid"}, components={"rio": "roi-extractor"}),
-                    PluginSpec("method", "wrong-kind", "a method option naming a method", dict, {"m": "x"}, components={"m": "method"}),
-                    PluginSpec("method", "fine", "a good one", dict, {})]
+            return [PluginSpec("method", "typo", "names an option it lacks", with_roi, components={"rio": "roi-extractor"}),
+                    PluginSpec("method", "wrong-kind", "a method option naming a method", with_m, components={"m": "method"}),
+                    PluginSpec("method", "fine", "a good one", nothing)]
 
         @hookimpl
         def hica_bench_losses():
-            return [PluginSpec("loss", "default-loss", "a component in the default suite", dict, in_default_suite=True)]
+            return [PluginSpec("loss", "default-loss", "a component in the default suite", nothing, in_default_suite=True)]
     """))
     registry = load_registry(["bad_declarations"])
     assert "fine" in registry.specs("method") and not {"typo", "wrong-kind"} & set(registry.specs("method"))

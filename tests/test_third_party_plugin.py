@@ -1,5 +1,6 @@
 """A third party's method, packaged and installed as users would, shows up and runs (no -p needed)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -33,7 +34,7 @@ def test_installed_plugin_package_is_listed_and_runs(medmnist_root, tmp_path):
         capture_output=True, text=True,
     )
     assert install.returncode == 0, install.stderr
-    env = {"PYTHONPATH": str(target)}
+    env = {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}  # this checkout's code first
 
     listed = hica_bench("list", "method", env=env)
     assert listed.returncode == 0
@@ -43,7 +44,8 @@ def test_installed_plugin_package_is_listed_and_runs(medmnist_root, tmp_path):
     ran = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
                      "--methods", "majority:alpha=0.5,prototype", "--shots", "1,5", "--seeds", "0",
                      "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
-                     env={**env, "PYTHONPATH": f"{target}:{__import__('conftest').TEST_PLUGINS}"})
+                     env={**env, "PYTHONPATH": os.pathsep.join([str(target), str(__import__('conftest').TEST_PLUGINS),
+                                                                os.environ.get("PYTHONPATH", "")])})
     assert ran.returncode == 0, ran.stderr
     board = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "majority:alpha=0.5" in board

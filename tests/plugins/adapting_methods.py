@@ -101,6 +101,9 @@ class InPlace(Reveal):
 class TrainMode(Reveal):
     needs = frozenset({"image_features", "encoders"})
 
+    def __init__(self) -> None:  # no options (Reveal's tag is not one of this method's)
+        super().__init__()
+
     def fit(self, task):
         task.encoders.modules["image"].train()  # left in train mode: later passes would not be the frozen encoder's
         return super().fit(task)
@@ -117,11 +120,10 @@ def hica_bench_encoders():
 
 @hookimpl
 def hica_bench_methods():
-    return [PluginSpec("method", "reveal", "nearest class mean; records the test features' digest (tests)", Reveal,
-                       {"tag": ""}),
-            PluginSpec("method", "shift", "adapts a copy of the encoder and exposes it (tests)", Shift, {"amount": 0.5}),
-            PluginSpec("method", "shift-hidden", "adapts a copy, exposes nothing (tests)", ShiftHidden, {"amount": 0.5}),
+    return [PluginSpec("method", "reveal", "nearest class mean; records the test features' digest (tests)", Reveal),
+            PluginSpec("method", "shift", "adapts a copy of the encoder and exposes it (tests)", Shift),
+            PluginSpec("method", "shift-hidden", "adapts a copy, exposes nothing (tests)", ShiftHidden),
             PluginSpec("method", "same-identity", "exposes an adapted copy under the frozen identity (tests)",
-                       SameIdentity, {"amount": 0.5}),
-            PluginSpec("method", "in-place", "changes the frozen encoder's weights (tests)", InPlace, {"tag": ""}),
+                       SameIdentity),
+            PluginSpec("method", "in-place", "changes the frozen encoder's weights (tests)", InPlace),
             PluginSpec("method", "train-mode", "leaves the frozen encoder in train mode (tests)", TrainMode)]

@@ -4,6 +4,11 @@ from hica_bench import hookimpl
 from hica_bench.interfaces import PluginSpec
 
 
+class StillHere:
+    def __call__(self, **tensors):
+        raise NotImplementedError
+
+
 @hookimpl
 def hica_bench_methods():
     raise RuntimeError("deliberately broken hook")
@@ -11,4 +16,4 @@ def hica_bench_methods():
 
 @hookimpl
 def hica_bench_losses():
-    return [PluginSpec("loss", "still-here", "a loss from the plugin whose method hook is broken (tests)", dict)]
+    return [PluginSpec("loss", "still-here", "a loss from the plugin whose method hook is broken (tests)", StillHere)]

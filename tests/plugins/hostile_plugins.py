@@ -57,6 +57,6 @@ def hica_bench_methods():
         PluginSpec("method", "ctor-value-error", "constructor raises ValueError (tests)", _constructor_raising(ValueError("bad"))),
         PluginSpec("method", "ctor-key-error", "constructor raises KeyError (tests)", _constructor_raising(KeyError("missing"))),
         PluginSpec("method", "ctor-exits", "constructor calls sys.exit (tests)", _constructor_raising(SystemExit(4))),
-        PluginSpec("method", "exits-in-fit", "calls sys.exit in fit (tests)", ExitsInFit, {"code": 3}),
+        PluginSpec("method", "exits-in-fit", "calls sys.exit in fit (tests)", ExitsInFit),
         PluginSpec("method", "odd-fit-info", "fit_info_ of numpy values and an object (tests)", OddFitInfo),
     ]

@@ -50,5 +50,5 @@ def hica_bench_methods():
     return [
         PluginSpec("method", "wrong-shape", "returns C + 1 probability columns (tests)", WrongShape),
         PluginSpec("method", "infs", "returns an infinite probability (tests)", Infs),
-        PluginSpec("method", "hangs", "sleeps in fit (tests)", Hangs, {"seconds": 3600.0}),
+        PluginSpec("method", "hangs", "sleeps in fit (tests)", Hangs),
     ]

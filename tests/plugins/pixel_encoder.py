@@ -21,4 +21,4 @@ class PixelEncoder:
 @hookimpl
 def hica_bench_encoders():
     return [PluginSpec("encoder", "pixels", "raw pixels, side x side (tests)",
-                       lambda device, side=16: EncoderPair(PixelEncoder(side), None, False, device), {"side": 16})]
+                       lambda device, side=16: EncoderPair(PixelEncoder(side), None, False, device))]

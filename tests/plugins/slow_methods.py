@@ -63,6 +63,5 @@ class Spin:
 
 @hookimpl
 def hica_bench_methods():
-    return [PluginSpec("method", "sleepy", "sleeps, then nearest class mean (executor tests)", Sleepy,
-                       {"seconds": 1.0, "pid_dir": "", "cpus": 0.0}),
-            PluginSpec("method", "spin", "CPU-bound fit (executor benchmarks)", Spin, {"rounds": 200})]
+    return [PluginSpec("method", "sleepy", "sleeps, then nearest class mean (executor tests)", Sleepy),
+            PluginSpec("method", "spin", "CPU-bound fit (executor benchmarks)", Spin)]

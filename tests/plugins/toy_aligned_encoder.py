@@ -30,4 +30,4 @@ def _card(device, lie=False):
 def hica_bench_encoders():
     return [PluginSpec("encoder", "toy-aligned", "the conformance kit's aligned toy pair (tests)", _pair),
             PluginSpec("encoder", "toy-described", "toy-aligned with a describe hook (tests)", _described,
-                       {"lie": False}, describe=_card)]
+                       describe=_card)]

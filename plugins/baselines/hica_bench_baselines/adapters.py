@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hica_bench.interfaces import FewShotTask
+from hica_bench.interfaces import FewShotTask, Option, PluginSpec
 from hica_bench_baselines.common import (
+    POSITIVE,
     class_text_embeddings,
     dassl_schedule,
     few_shot_epochs,
@@ -294,3 +295,20 @@ class LPPlusPlus:
         import torch
 
         return self._logits(torch.nn.functional.normalize(features.float(), dim=1).to(self.device_))
+
+
+SPECS = [
+    PluginSpec("method", "tip-adapter", "Tip-Adapter (training-free cache model + zero-shot, aligned pairs only); "
+               "search=true: alpha/beta by leave-one-out on the support set", TipAdapter,
+               {"alpha": Option(low=0), "beta": Option(low=0), "logit_scale": POSITIVE}, in_default_suite=True),
+    PluginSpec("method", "tip-adapter-f", "Tip-Adapter-F: cache keys fine-tuned on the support set (aligned pairs only)",
+               TipAdapterF, {"alpha": Option(low=0), "beta": Option(low=0), "lr": POSITIVE, "epochs": Option(low=1),
+                             "batch_size": Option(low=1), "logit_scale": POSITIVE}, in_default_suite=True),
+    PluginSpec("method", "clip-adapter", "CLIP-Adapter: residual bottleneck MLP on image features (aligned pairs only); "
+               "epochs=0: 50/100/200 by shots", ClipAdapter,
+               {"ratio": Option(low=0, high=1), "reduction": Option(low=1), "lr": POSITIVE, "epochs": Option(low=0),
+                "batch_size": Option(low=1), "logit_scale": POSITIVE}, in_default_suite=True),
+    PluginSpec("method", "lp++", "LP++: linear probe blended class-wise with text embeddings, Lipschitz step sizes "
+               "(aligned pairs only)", LPPlusPlus, {"epochs": Option(low=1), "alpha_every": Option(low=1)},
+               in_default_suite=True),
+]

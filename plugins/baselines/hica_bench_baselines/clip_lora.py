@@ -25,8 +25,8 @@ import math
 import numpy as np
 
 from hica_bench.errors import NotApplicable
-from hica_bench.interfaces import FewShotTask
-from hica_bench_baselines.common import require_aligned, softmax_numpy
+from hica_bench.interfaces import FewShotTask, Option, PluginSpec
+from hica_bench_baselines.common import POSITIVE, require_aligned, softmax_numpy
 
 PAPER_TEMPLATE = ("a photo of a {}.",)
 
@@ -164,3 +164,11 @@ class ClipLoRA:
 
         x = torch.nn.functional.normalize(features.float().to(self.class_embeddings_.device), dim=1)
         return self.scale_ * x @ self.class_embeddings_.T
+
+
+SPECS = [
+    PluginSpec("method", "clip-lora", "CLIP-LoRA: low-rank updates of q/k/v in both towers of an aligned pair "
+               "(the paper's rank 2, lr 2e-4, 500 x shots iterations; iterations=N overrides); aligned pairs only",
+               ClipLoRA, {"rank": Option(low=1), "alpha": POSITIVE, "lr": POSITIVE, "iterations": Option(low=0),
+                          "batch_size": Option(low=1), "weight_decay": Option(low=0)}),
+]

@@ -8,7 +8,10 @@ from typing import Iterator
 import numpy as np
 
 from hica_bench.errors import NotApplicable
-from hica_bench.interfaces import FewShotTask
+from hica_bench.interfaces import FewShotTask, Option
+
+#: What an option that must be > 0 accepts (a temperature, a learning rate, a logit scale).
+POSITIVE = Option(low=0, low_open=True)
 
 #: Prompt ensemble for zero-shot (CLIP-style); ``{}`` is the class name from the dataset. A dataset's prompt file
 #: (``DATASET:prompts=FILE``, ``task.prompts``) replaces it with its own ``templates``.

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from hica_bench.errors import NotApplicable
-from hica_bench.interfaces import FewShotTask
-from hica_bench_baselines.common import l2_normalise
+from hica_bench.interfaces import FewShotTask, Option, PluginSpec
+from hica_bench_baselines.common import POSITIVE, l2_normalise
 
 
 class ConceptBottleneck:
@@ -115,3 +115,12 @@ class ConceptBottleneck:
         scores = (x - tensor(self.mean_)) / tensor(self.scale_)
         logits = scores @ tensor(self.model_.coef_).T + tensor(self.model_.intercept_)
         return torch.cat([torch.zeros_like(logits), logits], dim=1) if logits.shape[1] == 1 else logits
+
+
+SPECS = [
+    PluginSpec("method", "concept-bottleneck", "Concept bottleneck (label-free/LaBo CBM): image-descriptor "
+               "similarities of an aligned pair as concept scores, sparse (L1) logistic regression on them; "
+               "lists the top concepts per class", ConceptBottleneck,
+               {"C": Option(low=0), "C_one_shot": POSITIVE, "top": Option(low=1), "max_iter": Option(low=1)},
+               components={"descriptors": "descriptor-generator"}),
+]

@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from hica_bench.errors import NotApplicable
-from hica_bench.interfaces import FewShotTask
+from hica_bench.interfaces import FewShotTask, Option, PluginSpec
 from hica_bench_baselines.common import (
+    POSITIVE,
     dassl_schedule,
     few_shot_epochs,
     generator,
@@ -178,3 +179,11 @@ class CoOp:
         import torch
 
         return self._logits(torch.nn.functional.normalize(features.float(), dim=1).to(self.device_), self.text_)
+
+
+SPECS = [
+    PluginSpec("method", "coop", "CoOp: learned prompt context through the frozen text tower (aligned pairs only); "
+               "epochs=0: 50/100/200 by shots", CoOp,
+               {"n_ctx": Option(low=1), "lr": POSITIVE, "epochs": Option(low=0), "batch_size": Option(low=1),
+                "init_std": POSITIVE, "logit_scale": POSITIVE}, in_default_suite=True),
+]

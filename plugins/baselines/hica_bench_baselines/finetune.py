@@ -2,7 +2,7 @@
 Out-of-Distribution", ICLR 2022), the fine-tuning the MICCAI 2024 few-shot medical VLM benchmark reports and MedIMeta
 finds competitive beyond about 5 shots.
 
-1. LP: the linear probe (:class:`~hica_bench_baselines.plugin.LinearProbe`: logistic regression on the L2-normalised
+1. LP: the linear probe (:class:`~hica_bench_baselines.frozen.LinearProbe`: logistic regression on the L2-normalised
    frozen support features, C by cross-validation on the support set) initialises the head.
 2. FT: a private copy of the image encoder (:func:`hica_bench.adapting.adaptable_copy`) has its last ``blocks``
    blocks and everything after them (:func:`hica_bench.adapting.tail_parameters`; ``full=true``: every weight)
@@ -24,8 +24,9 @@ import math
 import numpy as np
 
 from hica_bench.errors import NotApplicable
-from hica_bench.interfaces import FewShotTask
-from hica_bench_baselines.common import softmax_numpy
+from hica_bench.interfaces import FewShotTask, Option, PluginSpec
+from hica_bench_baselines.common import POSITIVE, softmax_numpy
+from hica_bench_baselines.frozen import LinearProbe
 
 
 class FineTune:
@@ -43,7 +44,6 @@ class FineTune:
 
         from hica_bench.adapting import AdaptedImageEncoder, adaptable_copy, tail_parameters, weights_digest
         from hica_bench.data import preprocess
-        from hica_bench_baselines.plugin import LinearProbe
 
         if "image" not in task.encoders.modules:
             raise NotApplicable("the encoder pair exposes no image module (modules['image']) to fine-tune")
@@ -105,3 +105,11 @@ class FineTune:
         import torch
 
         return self.linear_.cpu()(torch.nn.functional.normalize(features.float().cpu(), dim=1))
+
+
+SPECS = [
+    PluginSpec("method", "finetune", "LP-FT fine-tuning: linear probe, then the image encoder's last blocks "
+               "(full=true: all of it) and the head trained together; predicts through the adapted encoder", FineTune,
+               {"blocks": Option(low=1), "steps": Option(low=1), "lr": POSITIVE, "head_lr": POSITIVE,
+                "batch_size": Option(low=1), "weight_decay": Option(low=0)}),
+]

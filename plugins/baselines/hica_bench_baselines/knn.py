@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from hica_bench.interfaces import FewShotTask
-from hica_bench_baselines.common import l2_normalise
+from hica_bench.interfaces import FewShotTask, Option, PluginSpec
+from hica_bench_baselines.common import POSITIVE, l2_normalise
 
 
 def auto_neighbours(k: int, n_support: int) -> int:
@@ -47,3 +47,10 @@ class KNN:
         proba = np.zeros((len(features), self.n_classes_))
         proba[:, self.model_.classes_] = self.model_.predict_proba(l2_normalise(features))
         return proba
+
+
+SPECS = [
+    PluginSpec("method", "knn", "Cosine kNN on frozen features, exp(cos/temperature)-weighted votes; neighbours=0: "
+               "largest odd <= sqrt(support size), at most k", KNN, {"neighbours": Option(low=0), "temperature": POSITIVE},
+               in_default_suite=True),
+]

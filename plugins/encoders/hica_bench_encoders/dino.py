@@ -13,12 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from hica_bench.errors import UserError
-from hica_bench.interfaces import EncoderPair, InputSpec
+from hica_bench.interfaces import EncoderPair, InputSpec, Option, PluginSpec
 from hica_bench_encoders.hf_clip import fold
 from hica_bench_encoders.text import folder_digest, build_text
-from hica_bench_encoders.weights import first_line, hf_input_spec, hub_folder, state_dict_sha256
+from hica_bench_encoders.weights import HUB_PATH, first_line, hf_input_spec, hub_folder, state_dict_sha256
 
 POOLS = ("cls", "mean")
+DINOV2, RAD_DINO = "facebook/dinov2-small", "microsoft/rad-dino"  #: their Hugging Face repositories
 
 
 class DinoImage:
@@ -58,3 +59,21 @@ def dino_pair(device: str, path: str, pool: str, text: str, name: str) -> Encode
     identity = f"{name}:{pool}:sha256={folder_digest(folder) or state_dict_sha256(model)}"
     image = DinoImage(model, identity, spec, pool)
     return EncoderPair(image, build_text(text, device), aligned=False, device=device, modules={"image": model})
+
+
+def dinov2_pair(device: str, path: str = DINOV2, pool: str = "cls", text: str = "minilm") -> EncoderPair:
+    return dino_pair(device, path, pool, text, "dinov2")
+
+
+def rad_dino_pair(device: str, path: str = RAD_DINO, pool: str = "cls", text: str = "minilm") -> EncoderPair:
+    return dino_pair(device, path, pool, text, "rad-dino")
+
+
+SPECS = [
+    PluginSpec("encoder", "dinov2", f"DINOv2 (transformers), image only, dense features; pool: cls or mean (patch "
+               f"tokens). path: {HUB_PATH} (default {DINOV2}). text: as for timm. Not aligned.", dinov2_pair,
+               {"pool": Option(choices=POOLS)}),
+    PluginSpec("encoder", "rad-dino", f"RAD-DINO (DINOv2 on chest X-rays, transformers), image only, dense features; "
+               f"pool: cls or mean. path: {HUB_PATH} (default {RAD_DINO}). text: as for timm. Not aligned.",
+               rad_dino_pair, {"pool": Option(choices=POOLS)}),
+]

@@ -15,9 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from hica_bench.errors import UserError
-from hica_bench.interfaces import EncoderPair, InputSpec
+from hica_bench.interfaces import EncoderPair, InputSpec, PluginSpec
 from hica_bench_encoders.text import folder_digest, encode_batched
-from hica_bench_encoders.weights import first_line, hf_input_spec, hub_folder, state_dict_sha256
+from hica_bench_encoders.weights import HUB_PATH, first_line, hf_input_spec, hub_folder, state_dict_sha256
+
+#: Hugging Face repositories of the named checkpoints (the first run downloads them into the HF cache)
+PUBMEDCLIP, PLIP, SIGLIP = "flaviagiammarino/pubmed-clip-vit-base-patch32", "vinid/plip", "google/siglip-base-patch16-224"
 
 def pooled(output: Any) -> Any:
     """``get_image_features``/``get_text_features`` give a tensor (transformers 4) or an output whose
@@ -82,8 +85,9 @@ class HFCLIPText:
         return encode_batched(self.embed, texts, self.embed_dim)
 
 
-def hf_clip_pair(device: str, path: str, name: str = "hf-clip") -> EncoderPair:
-    """A transformers CLIPModel/SiglipModel checkpoint (``path``: folder or Hub name) as an aligned pair."""
+def build_pair(device: str, path: str, name: str) -> EncoderPair:
+    """A transformers CLIPModel/SiglipModel checkpoint (``path``: folder or Hub name) as an aligned pair, ``name``
+    the encoder's (in its identity and messages)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -111,3 +115,32 @@ def hf_clip_pair(device: str, path: str, name: str = "hf-clip") -> EncoderPair:
     image = HFCLIPImage(model, identity, spec, embed_dim)
     text = HFCLIPText(model, tokenizer, f"{identity}/text", device, embed_dim)
     return EncoderPair(image, text, aligned=True, device=device, modules={"model": model, "image": model.vision_model})
+
+
+def hf_clip_pair(device: str, path: str = "") -> EncoderPair:
+    """Any CLIPModel or SiglipModel checkpoint; ``path`` is required."""
+    return build_pair(device, path, "hf-clip")
+
+
+def pubmedclip_pair(device: str, path: str = PUBMEDCLIP) -> EncoderPair:
+    return build_pair(device, path, "pubmedclip")
+
+
+def plip_pair(device: str, path: str = PLIP) -> EncoderPair:
+    return build_pair(device, path, "plip")
+
+
+def siglip_pair(device: str, path: str = SIGLIP) -> EncoderPair:
+    return build_pair(device, path, "siglip")
+
+
+SPECS = [
+    PluginSpec("encoder", "hf-clip", f"Any transformers CLIPModel or SiglipModel checkpoint, aligned. path: {HUB_PATH}; "
+               "required.", hf_clip_pair),
+    PluginSpec("encoder", "pubmedclip", f"PubMedCLIP (CLIP ViT-B/32 fine-tuned on ROCO), aligned. path: {HUB_PATH} "
+               f"(default {PUBMEDCLIP}).", pubmedclip_pair),
+    PluginSpec("encoder", "plip", f"PLIP (CLIP ViT-B/32 on OpenPath pathology tweets), aligned. path: {HUB_PATH} "
+               f"(default {PLIP}).", plip_pair),
+    PluginSpec("encoder", "siglip", f"SigLIP (transformers SiglipModel), aligned. path: {HUB_PATH} (default {SIGLIP}).",
+               siglip_pair),
+]

@@ -39,7 +39,7 @@ import numpy as np
 
 from hica_bench.errors import UserError
 from hica_bench.files import digest, file_sha256
-from hica_bench.interfaces import EncoderPair, InputSpec
+from hica_bench.interfaces import EncoderPair, InputSpec, PluginSpec
 from hica_bench_encoders.text import encode_batched
 from hica_bench_encoders.weights import first_line, hf_input_spec, hub_folder, load_state_dict
 
@@ -180,7 +180,7 @@ def _config_folder(source: str, what: str, option: str) -> Path:
     return hub_folder(source, what, option, allow=CONFIG_FILES)
 
 
-def medclip_pair(device: str, checkpoint: str, text: str, swin: str) -> EncoderPair:
+def medclip_pair(device: str, checkpoint: str = "", text: str = "", swin: str = "") -> EncoderPair:
     """MedCLIP from its release checkpoint and its base models' configs (see the module docstring)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -242,3 +242,13 @@ def medclip_pair(device: str, checkpoint: str, text: str, swin: str) -> EncoderP
         raise UserError(f"medclip: {path}'s image projection ({image.embed_dim}) and text projection "
                         f"({text_encoder.embed_dim}) differ; is it a MedCLIP checkpoint?")
     return EncoderPair(image, text_encoder, aligned=True, device=device, modules={"model": model, "image": vision})
+
+
+SPECS = [
+    PluginSpec("encoder", "medclip", "MedCLIP (Swin-T or ResNet-50 + Bio_ClinicalBERT, 512-d), aligned, rebuilt from "
+               "its published architecture and read safely. checkpoint: the pytorch_model.bin of its release zip "
+               "(or its folder); required. text / swin: the base models' config and tokenizer folders or Hub "
+               "names ('' = those the medclip package names; their weights are never read). Preprocessing from "
+               "the medclip package's constants (pip install --no-deps medclip) or a preprocessor_config.json "
+               "beside the checkpoint.", medclip_pair),
+]

@@ -20,7 +20,7 @@ from typing import Any
 
 from hica_bench.errors import UserError
 from hica_bench.files import file_sha256
-from hica_bench.interfaces import EncoderPair, InputSpec
+from hica_bench.interfaces import EncoderPair, InputSpec, Option, PluginSpec
 from hica_bench_encoders.text import build_text
 from hica_bench_encoders.weights import first_line, load_state_dict, local_file, seeded, state_dict_sha256
 
@@ -51,7 +51,8 @@ def _network(model: str) -> Any:
     return getattr(nets, model)(spatial_dims=3, n_input_channels=1, feed_forward=False)
 
 
-def monai3d_pair(device: str, model: str, checkpoint: str, size: int, text: str) -> EncoderPair:
+def monai3d_pair(device: str, model: str = "resnet18", checkpoint: str = "", size: int = 64, text: str = "minilm"
+                 ) -> EncoderPair:
     import torch
 
     if model not in MODELS:
@@ -79,3 +80,12 @@ def monai3d_pair(device: str, model: str, checkpoint: str, size: int, text: str)
         embed_dim = int(net(torch.zeros(1, 1, size, size, size, device=device)).shape[-1])
     image = Monai3DImage(net, f"{identity}@{size}", size, embed_dim)
     return EncoderPair(image, build_text(text, device), aligned=False, device=device, modules={"image": net})
+
+
+SPECS = [
+    PluginSpec("encoder", "monai-3d",
+               "A MONAI 3D network as a native volume encoder (3D datasets only): model resnet10/18/34/50 or densenet121, "
+               "features before the classifier. checkpoint: a local state-dict file, or random (random init, seed 0, "
+               "labelled as such); required. size: the side volumes are resized to (voxels). text: as for timm. Not aligned.",
+               monai3d_pair, {"model": Option(choices=MODELS), "size": Option(low=16)}),
+]

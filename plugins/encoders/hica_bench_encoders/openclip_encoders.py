@@ -20,12 +20,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from hica_bench.errors import UserError
-from hica_bench.interfaces import EncoderPair, InputSpec
+from hica_bench.interfaces import EncoderPair, InputSpec, PluginSpec
 from hica_bench.files import digest, file_sha256
 from hica_bench_encoders.weights import (filled_by_strict_load, first_line, hub_file, local_file, seeded,
                                          state_dict_sha256)
 
 BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+QUILTNET = "wisdomik/QuiltNet-B-32"  #: the Hugging Face repository of QuiltNet-B-32
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 BATCH = 64
 
@@ -121,7 +122,7 @@ def _download_hint(repo: str, local: str) -> str:
 RANDOM = "random"  #: the one spelling that asks for random weights (never a default: results must never be faked)
 
 
-def open_clip_pair(device: str, model: str, pretrained: str) -> EncoderPair:
+def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -> EncoderPair:
     """``model``: an open_clip architecture name, ``hf-hub:org/repo`` or ``local-dir:/folder``.
     ``pretrained``: an open_clip tag, a local checkpoint file, or ``random`` for a random initialisation (seed 0),
     which the identity, and so every result and leaderboard heading, then says. Left empty, an architecture name is an
@@ -261,6 +262,37 @@ def from_config(device: str, label: str, repo: str, config: str, checkpoint: str
     return _pair(net, tokenizer, identity, device)
 
 
-def biomedclip_pair(device: str, checkpoint: str, config: str) -> EncoderPair:
+def biomedclip_pair(device: str, checkpoint: str = "", config: str = "") -> EncoderPair:
     """BiomedCLIP (ViT-B/16 + PubMedBERT, 512-d joint space, context 256) through open_clip's hf-hub format."""
     return from_config(device, "biomedclip", BIOMEDCLIP_REPO, config=config, checkpoint=checkpoint)
+
+
+def quiltnet_pair(device: str, path: str = "") -> EncoderPair:
+    """QuiltNet-B-32 (open_clip ViT-B/32 on Quilt-1M): ``path`` a folder with its ``open_clip_config.json`` and weights,
+    or "" for :data:`QUILTNET` from the HF cache or the Hub."""
+    return from_config(device, "quiltnet", QUILTNET, config=path, checkpoint="",
+                       local="path=<folder with its open_clip_config.json and weights>")
+
+
+def unimed_clip_pair(device: str) -> EncoderPair:
+    """UniMed-CLIP is refused with one line: its code is not published on PyPI."""
+    raise UserError("unimed-clip needs the UniMed-CLIP package, which is not published on PyPI (its code is only on "
+                    "GitHub, mbzuai-oryx/UniMed-CLIP); not supported, see the README's encoder table")
+
+
+SPECS = [
+    PluginSpec("encoder", "open-clip",
+               "Any OpenCLIP model, aligned. model: architecture name (open_clip.list_models()), hf-hub:org/repo or "
+               "local-dir:/folder. pretrained: an open_clip tag such as laion2b_s34b_b79k (HF cache first, else "
+               "downloaded), a local checkpoint file, or random (random init, seed 0, labelled as such); required.",
+               open_clip_pair),
+    PluginSpec("encoder", "biomedclip",
+               "BiomedCLIP (ViT-B/16 + PubMedBERT, 512-d, aligned) via open_clip. checkpoint: local weights file "
+               "('' = from the Hub / HF cache). config: local open_clip_config.json or a folder with it and the "
+               "weights ('' = from the Hub / HF cache).", biomedclip_pair),
+    PluginSpec("encoder", "quiltnet", "QuiltNet-B-32 (open_clip ViT-B/32 on Quilt-1M histopathology), aligned. path: a "
+               f"folder with its open_clip_config.json and weights ('' = {QUILTNET} from the HF cache or the Hub).",
+               quiltnet_pair),
+    PluginSpec("encoder", "unimed-clip", "UniMed-CLIP: needs its code, which is not pip-installable (see the README)",
+               unimed_clip_pair),
+]

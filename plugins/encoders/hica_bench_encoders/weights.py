@@ -15,6 +15,9 @@ from typing import Any, Iterator, Sequence
 
 from hica_bench.errors import UserError
 
+#: What a ``path`` option of a transformers checkpoint accepts (resolved by :func:`hub_folder`).
+HUB_PATH = "a local model folder, or a Hugging Face repo name (HF cache first, then the Hub)"
+
 
 def local_file(path: str, option: str) -> Path:
     """``path`` (``~`` expanded) as an existing file, else a UserError naming ``option``."""

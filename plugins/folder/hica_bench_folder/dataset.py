@@ -25,7 +25,7 @@ import numpy as np
 from hica_bench import data
 from hica_bench.errors import UserError
 from hica_bench.files import atomic_dir, digest, file_sha256
-from hica_bench.interfaces import Split
+from hica_bench.interfaces import Option, PluginSpec, Split
 from hica_bench_folder import decode, layout
 
 DECODER_VERSION = 1  #: bump when decoding changes any pixel: every folder dataset's identity changes with it
@@ -56,7 +56,14 @@ def _new_array(path: Path, shape: tuple[int, ...]) -> np.memmap:
 
 class FolderDataset:
     """Images of one folder (or CSV manifest) at one size (implements ``hica_bench.interfaces.FewShotDataset``).
-    ``decoded``: how many images this object decoded (0 when the cache had them)."""
+    ``decoded``: how many images this object decoded (0 when the cache had them).
+
+    ``root``: a folder, or a .csv manifest, relative to the working folder (the spec offers it as an option, in place
+    of the data root). ``name``: the dataset's name (the support sets are drawn by it); "" = the root folder's (or the
+    CSV's folder's) name. ``exclude``: glob patterns (separated by ``|``) of files to leave out, matched on the name
+    or the path below root. ``val_fraction`` / ``test_fraction`` / ``split_seed``: the seeded split of a folder
+    without one; ``resize``: crop, pad or stretch to ``size``; ``skip_bad_images``: leave out (and count) unreadable
+    files instead of stopping."""
 
     def __init__(self, root: str, size: int, cache_dir: Path, *, name: str = "", exclude: str = "", val_fraction: float = 0.1,
                  test_fraction: float = 0.2, split_seed: int = 0, resize: str = "crop", skip_bad_images: bool = False,
@@ -207,3 +214,16 @@ class FolderDataset:
             raise ValueError(f"split must be one of {layout.SPLITS}, got {name!r}")
         start, end = self.ranges[name]
         return Split(images=self.images[start:end], labels=self.labels[start:end])
+
+
+SPECS = [
+    PluginSpec(
+        "dataset", "folder",
+        "Your own images: root=FOLDER (ROOT/<class>/<file>, split by split_seed; or ROOT/{train,val,test}/<class>/<file>) "
+        "or root=FILE.csv (path,label[,split]); PNG, JPEG, TIFF, BMP, DICOM; decoded once at --size into the cache",
+        FolderDataset,
+        {"val_fraction": Option(low=0, high=0.9), "test_fraction": Option(low=0, high=0.9, low_open=True),
+         "split_seed": Option(low=0), "resize": Option(choices=("crop", "pad", "stretch"))},
+        defaults={"root": ""},  # root is a fixed argument (the data root) without a default: offered as an option
+    ),
+]

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hica_bench.errors import UserError
+from hica_bench.interfaces import Option, PluginSpec
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ class NoisyDescriptors:
     """A base generator's descriptors with exactly ``round(fraction * total)`` of them corrupted.
 
     ``base`` is any descriptor generator: through the registry (``noisy:base=NAME``, or HiCA's ``descriptors``
-    option with ``noise`` > 0) it is the plugin of that name, resolved in the run's registry and built for it.
+    option with ``noise`` > 0) it is the plugin of that name, resolved in the run's registry and built for it;
+    constructed directly, the default ``"knowledge"`` (or None) is the bundled knowledge file's generator.
 
     ``total`` counts every global and local text of the call. Which texts are corrupted comes from
     ``numpy.random.default_rng(seed)``; how each one is corrupted comes from ``default_rng([seed, i])`` with
@@ -177,10 +179,10 @@ class NoisyDescriptors:
     call, in descriptor order; ``corruption_types_`` maps each of those tuples to its corruption.
     """
 
-    def __init__(self, fraction: float = 0.3, base: Any = None, seed: int = 0) -> None:
+    def __init__(self, fraction: float = 0.3, base: Any = "knowledge", seed: int = 0) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise UserError(f"noisy descriptors: fraction must be between 0 and 1, got {fraction}")
-        if base is None:  # constructed directly without one: the bundled knowledge file
+        if base is None or (isinstance(base, str) and base == "knowledge"):  # constructed directly: the bundled file
             base = KnowledgeDescriptors()
         if not callable(getattr(base, "describe", None)):
             raise UserError(f"noisy descriptors: base must be a descriptor generator (the registry builds it from the "
@@ -263,3 +265,14 @@ def _unrelated(texts: Descriptors, c: int, part: str, class_names: list[str], or
     words = original.split()
     at = int(rng.integers(len(words) + 1))
     return " ".join(words[:at] + [other] + words[at:])
+
+
+SPECS = [
+    PluginSpec("descriptor-generator", "templates", "Class-name prompt templates (global and local)",
+               TemplateDescriptors),
+    PluginSpec("descriptor-generator", "knowledge", "Curated global + fine-grained descriptors for every MedMNIST 2D "
+               "class", KnowledgeDescriptors),
+    PluginSpec("descriptor-generator", "noisy", "Corrupts a fraction of another generator's descriptors (robustness); "
+               "base: any descriptor generator", NoisyDescriptors,
+               {"fraction": Option(low=0, high=1), "seed": Option(low=0)}, components={"base": "descriptor-generator"}),
+]

@@ -1,18 +1,21 @@
 """HiCA's three alignment losses: ``L = L_global + λ1·L_local + λ2·L_cross`` (arXiv 2501.09294, stage 2).
 
-Each loss is a ``torch.nn.Module`` called with keyword tensors (the :class:`hica_bench.interfaces.Loss`
-contract) and returns a scalar. Embeddings are L2-normalised inside, so callers may pass raw projections;
+Each loss is an object without parameters of its own, called with keyword tensors (the
+:class:`hica_bench.interfaces.Loss` contract), that returns a scalar; torch is imported when a loss is called, so the
+module is light to import (the registry loads its specs). Embeddings are L2-normalised inside, so callers may pass raw projections;
 similarities are cosine similarities. Shapes: B images, C classes, D embedding width, K regions per image,
 L local descriptors per class. ``labels`` are class indices in [0, C).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 from hica_bench.errors import UserError
+from hica_bench.interfaces import Option, PluginSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _check_temperature(temperature: float) -> float:
@@ -23,13 +26,15 @@ def _check_temperature(temperature: float) -> float:
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(..., D) x (M, D) -> (..., M) cosine similarities, computed in float32."""
+    import torch.nn.functional as F
+
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
-class GlobalInfoNCE(nn.Module):
+class GlobalInfoNCE:
     """InfoNCE between whole-image embeddings and one text embedding per class.
 
-    ``forward(image_embeddings (B, D), text_embeddings (C, D), labels (B,) int64) -> scalar``, with
+    ``loss(image_embeddings=(B, D), text_embeddings=(C, D), labels=(B,) int64) -> scalar``, with
     logits = cos(image, text) / temperature, shape (B, C).
 
     * image -> text: cross-entropy of each image's logits row against its label.
@@ -43,12 +48,13 @@ class GlobalInfoNCE(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.07, symmetric: bool = True):
-        super().__init__()
         self.temperature = _check_temperature(temperature)
         self.symmetric = bool(symmetric)
 
-    def forward(self, *, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         labels = labels.long()
         logits = _cosine(image_embeddings, text_embeddings) / self.temperature  # (B, C)
         image_to_text = F.cross_entropy(logits, labels)
@@ -62,11 +68,11 @@ class GlobalInfoNCE(nn.Module):
         return (image_to_text + text_to_image) / 2
 
 
-class LocalInfoNCE(nn.Module):
+class LocalInfoNCE:
     """Multi-positive InfoNCE between region embeddings and fine-grained (local) text descriptors.
 
-    ``forward(roi_embeddings (B, K, D), local_text_embeddings (C, L, D), labels (B,) int64,
-    local_mask (C, L) bool or None) -> scalar``. ``local_mask[c, l]`` is True for a real descriptor and
+    ``loss(roi_embeddings=(B, K, D), local_text_embeddings=(C, L, D), labels=(B,) int64,
+    local_mask=(C, L) bool or None) -> scalar``. ``local_mask[c, l]`` is True for a real descriptor and
     False for a padded slot (classes may have different numbers of descriptors; None = all real).
     Each region r of image i is scored against every real descriptor (c, l), s = cos / temperature;
     its positives are the descriptors of its own class y_i, and its loss is
@@ -75,11 +81,12 @@ class LocalInfoNCE(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.07):
-        super().__init__()
         self.temperature = _check_temperature(temperature)
 
-    def forward(self, *, roi_embeddings: torch.Tensor, local_text_embeddings: torch.Tensor,
-                labels: torch.Tensor, local_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, *, roi_embeddings: torch.Tensor, local_text_embeddings: torch.Tensor,
+                 labels: torch.Tensor, local_mask: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
         labels = labels.long()
         n_classes, n_local, _ = local_text_embeddings.shape
         if local_mask is None:
@@ -97,23 +104,24 @@ class LocalInfoNCE(nn.Module):
         return (all_terms - pos_terms).mean()
 
 
-class CrossMargin(nn.Module):
+class CrossMargin:
     """Hinge pushing mismatched image/text similarities below the matched one by a margin δ.
 
-    ``forward(image_embeddings (B, D), text_embeddings (C, D), labels (B,) int64) -> scalar``
+    ``loss(image_embeddings=(B, D), text_embeddings=(C, D), labels=(B,) int64) -> scalar``
     = mean over all (i, j) with j != y_i of ``max(0, δ + s(i, j) - s(i, y_i))``, s = cosine similarity.
     Exactly zero when every matched similarity exceeds each of its image's mismatched ones by more than δ;
     zero (still connected to the graph) when C = 1.
     """
 
     def __init__(self, margin: float = 0.2):
-        super().__init__()
         if margin < 0:
             raise UserError(f"margin must be >= 0, got {margin}")
         self.margin = float(margin)
 
-    def forward(self, *, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         labels = labels.long()
         sims = _cosine(image_embeddings, text_embeddings)  # (B, C)
         matched = sims.gather(1, labels[:, None])  # (B, 1)
@@ -122,3 +130,13 @@ class CrossMargin(nn.Module):
         if not mismatched.any():
             return hinge.sum() * 0
         return hinge[mismatched].mean()
+
+
+SPECS = [
+    PluginSpec("loss", "global-infonce", "InfoNCE between image embeddings and class text embeddings (symmetric)",
+               GlobalInfoNCE, {"temperature": Option(low=0, low_open=True)}),
+    PluginSpec("loss", "local-infonce", "Multi-positive InfoNCE between ROI embeddings and fine-grained descriptors",
+               LocalInfoNCE, {"temperature": Option(low=0, low_open=True)}),
+    PluginSpec("loss", "cross-margin", "Hinge: mismatched image/text similarity at least δ below the matched one",
+               CrossMargin, {"margin": Option(low=0)}),
+]

@@ -46,54 +46,19 @@ declares that option, and is called with the keyword tensors of the loss it repl
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hica_bench.errors import NotApplicable
 from hica_bench.files import atomic_path, digest
-from hica_bench.interfaces import Components, FewShotTask
+from hica_bench.interfaces import Components, FewShotTask, Option, PluginSpec
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {
-    "lambda1": 0.5,  # weight of the local (ROI ↔ fine-grained descriptor) loss
-    "lambda2": 0.5,  # weight of the cross-category margin loss
-    "delta": 0.2,  # margin δ of the cross loss (cosine units)
-    "tau": 0.07,  # temperature of both InfoNCE losses and of prediction
-    "rois": 4,  # K regions per image
-    "roi": "saliency",  # ROI extractor (see `hica-bench list roi-extractor`)
-    "descriptors": "knowledge",  # descriptor generator (templates, knowledge, noisy)
-    "noise": 0.0,  # fraction of descriptors corrupted by the `noisy` generator (0 = clean)
-    "loss_global": "global-infonce",  # image ↔ class-text loss (see `hica-bench list loss`)
-    "loss_local": "local-infonce",  # ROI ↔ fine-grained descriptor loss
-    "loss_cross": "cross-margin",  # cross-category margin loss
-    "dim": 256,  # shared embedding width of the projection heads
-    "epochs": 150,  # stage-2 full-batch steps
-    "lr": 1e-3,
-    "weight_decay": 1e-4,
-    "stage1": True,
-    "stage1_epochs": 30,
-    "stage1_clusters": 32,
-    "stage1_recluster": 5,
-    "stage1_lr": 1e-3,
-}
-
-#: the options of stage 1 on the encoders themselves (the ``hica-encoder`` variant; see the module docstring). Kept
-#: apart from :data:`DEFAULTS` so that the feature-adapter variants' options, and so their results' identities, stay
-#: as they were.
-ENCODER_DEFAULTS = {
-    "stage1_encoder": False,
-    "stage1_blocks": 1,  # image encoder blocks fine-tuned in stage 1 (with the layers after them)
-    "stage1_text_layers": 1,  # text encoder layers fine-tuned on the descriptor corpus (0: the text encoder stays frozen)
-    "stage1_encoder_epochs": 3,
-    "stage1_max_images": 1024,
-    "stage1_encoder_lr": 1e-4,
-    "stage1_text_lr": 2e-5,
-    "stage2_blocks": 0,  # image encoder blocks also trained in stage 2 (0: the stage-1 encoder stays fixed)
-}
-
 
 def _adapter(width: int, hidden: int):
     """x + MLP(x), the MLP's last layer zero-initialised so the adapter starts as the identity."""
@@ -113,14 +78,31 @@ def _adapter(width: int, hidden: int):
 
 
 class HiCA:
-    """The HiCA method (see the module docstring); options in :data:`DEFAULTS`."""
+    """The HiCA method (see the module docstring) with stage 1 on cached features: the ``hica`` variant and its
+    ablations. :class:`HiCAEncoder` runs stage 1 on the encoders themselves.
 
-    def __init__(self, **options) -> None:
-        unknown = set(options) - set(DEFAULTS) - set(ENCODER_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown HiCA options: {sorted(unknown)}")
-        # their ranges are declared with the spec (plugin.RANGES), checked by the registry
-        self.options = {**DEFAULTS, **ENCODER_DEFAULTS, **options}
+    Its options are this signature (the registry reads them and their defaults from it; :data:`RANGES` says what each
+    accepts): ``lambda1`` the weight of the local (ROI ↔ fine-grained descriptor) loss, ``lambda2`` the weight of the
+    cross-category margin loss, ``delta`` its margin δ (cosine units), ``tau`` the temperature of both InfoNCE losses
+    and of prediction, ``rois`` K regions per image, ``roi`` the ROI extractor (``hica-bench list roi-extractor``),
+    ``descriptors`` the descriptor generator (templates, knowledge, noisy), ``noise`` the fraction of descriptors the
+    ``noisy`` generator corrupts (0 = clean), ``loss_global`` / ``loss_local`` / ``loss_cross`` the image ↔ class-text,
+    ROI ↔ descriptor and cross-category margin losses (``hica-bench list loss``), ``dim`` the shared embedding width of
+    the projection heads, ``epochs`` stage 2's full-batch steps, ``lr`` and ``weight_decay`` its optimiser's,
+    ``stage1`` whether stage 1 runs, and ``stage1_epochs``, ``stage1_clusters``, ``stage1_recluster`` (epochs between
+    two k-means) and ``stage1_lr`` those of stage 1."""
+
+    def __init__(self, lambda1: float = 0.5, lambda2: float = 0.5, delta: float = 0.2, tau: float = 0.07,
+                 rois: int = 4, roi: str = "saliency", descriptors: str = "knowledge", noise: float = 0.0,
+                 loss_global: str = "global-infonce", loss_local: str = "local-infonce",
+                 loss_cross: str = "cross-margin", dim: int = 256, epochs: int = 150, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, stage1: bool = True, stage1_epochs: int = 30, stage1_clusters: int = 32,
+                 stage1_recluster: int = 5, stage1_lr: float = 1e-3) -> None:
+        options = {name: value for name, value in locals().items() if name != "self"}
+        self.options = {**options, "stage1_encoder": False}
+        self._declare_needs()
+
+    def _declare_needs(self) -> None:
         o = self.options
         needs = {"image_features", "text_encoder", "class_texts"}
         if o["stage1"] and not o["stage1_encoder"]:
@@ -313,12 +295,14 @@ class HiCA:
         image_encoder, text_encoder, support_features = task.encoders.image, task.encoders.text, task.support_features
         self.encoder_, self.fit_info_ = None, {}
         self._roi_extractor = None
+        stage1 = None  # stage 1 on the encoders (HiCAEncoder): the adapted copies and what trained them
         if o["stage1_encoder"]:
-            from hica_bench_hica.encoder_stage1 import adapt_encoders, support_encoded
+            from hica_bench_hica.encoder_stage1 import EncoderStage1
 
-            image_encoder, text_encoder, info = adapt_encoders(self, task, corpus, corpus_class, torch)
-            support_features = support_encoded(task, image_encoder, torch)
-            self.fit_info_.update(info)
+            stage1 = EncoderStage1(task, o, _support_images(task))
+            self.fit_info_.update(stage1.adapt(corpus, corpus_class, torch))
+            image_encoder, text_encoder = stage1.image, stage1.text
+            support_features = stage1.support_features(torch)
         corpus_features = np.asarray(text_encoder.encode(corpus), dtype=np.float32)
         ordered = np.argsort(corpus_class, kind="stable")
         visual, textual = self._stage1(task, by_class, corpus_features[ordered], torch, support_features.shape[1])
@@ -352,10 +336,8 @@ class HiCA:
         params = list(image_head.parameters()) + list(text_head.parameters())
         optimiser = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
         trunk = None  # stage 2 on the encoder's last blocks too: the support images, re-encoded at every step
-        if o["stage1_encoder"] and o["stage2_blocks"] > 0:
-            from hica_bench_hica.encoder_stage1 import stage2_trunk
-
-            trunk = stage2_trunk(self, task, image_encoder, optimiser, torch)
+        if stage1 is not None and o["stage2_blocks"] > 0:
+            trunk = stage1.stage2_trunk(optimiser, torch)
         components = self._components(task)
         global_loss = self._loss(components, "loss_global", temperature=o["tau"])
         local_loss = self._loss(components, "loss_local", temperature=o["tau"]) if rois is not None else None
@@ -383,10 +365,8 @@ class HiCA:
             # what regions_ matches each region against: every class's local descriptors, in the shared space
             self._local_embeddings = torch.nn.functional.normalize(text_head(local), dim=-1)
         self._local_mask, self.local_texts_ = mask, [list(texts) for texts in local_texts]
-        if o["stage1_encoder"]:
-            from hica_bench_hica.encoder_stage1 import exposed
-
-            self.encoder_ = exposed(task, self, image_encoder, trunk is not None)
+        if stage1 is not None:
+            self.encoder_ = stage1.exposed()
         self.fit_info_ = {"descriptors": self.descriptor_label_, **self.fit_info_}
         return self
 
@@ -438,6 +418,69 @@ class HiCA:
                                 "descriptor": self.local_texts_[c][d], "similarity": round(float(similarity[i, r, c, d]), 4)})
             found.append(regions)
         return found
+
+
+class HiCAEncoder(HiCA):
+    """HiCA with stage 1 on the encoders themselves, as the paper describes it (the ``hica-encoder`` variant; see the
+    module docstring and :class:`~hica_bench_hica.encoder_stage1.EncoderStage1`). Its options are HiCA's and these:
+    ``stage1_encoder`` (false: stage 1 on features, as :class:`HiCA`), ``stage1_blocks`` the image encoder blocks
+    fine-tuned in stage 1 (with the layers after them), ``stage1_text_layers`` the text encoder layers fine-tuned on
+    the descriptor corpus (0: the text encoder stays frozen), ``stage1_encoder_epochs``, ``stage1_max_images``,
+    ``stage1_encoder_lr``, ``stage1_text_lr``, and ``stage2_blocks`` the image encoder blocks also trained in stage 2
+    (0: the stage-1 encoder stays fixed). A class of its own so that the feature-adapter variants' options, and so
+    their results' identities, stay as they were before it existed."""
+
+    def __init__(self, stage1_encoder: bool = True, stage1_blocks: int = 1, stage1_text_layers: int = 1,
+                 stage1_encoder_epochs: int = 3, stage1_max_images: int = 1024, stage1_encoder_lr: float = 1e-4,
+                 stage1_text_lr: float = 2e-5, stage2_blocks: int = 0, **hica: Any) -> None:
+        own = {name: value for name, value in locals().items() if name not in ("self", "hica", "__class__")}
+        super().__init__(**hica)
+        self.options.update(own)
+        self._declare_needs()
+
+    # HiCA's options reach HiCA.__init__ through **hica; the signature the registry reads (and help() shows) names
+    # them, with HiCA's defaults, then these, so that each default is written once.
+    __init__.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+          for signature in (inspect.signature(HiCA.__init__), inspect.signature(__init__))
+          for name, parameter in signature.parameters.items()
+          if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD),
+    ])
+
+
+_POSITIVE = Option(low=0, low_open=True)
+#: what each HiCA option accepts (the registry checks them before a run starts)
+RANGES = {
+    "lambda1": Option(low=0), "lambda2": Option(low=0), "delta": Option(low=0), "tau": _POSITIVE, "rois": Option(low=1),
+    "noise": Option(low=0, high=1), "dim": Option(low=1), "epochs": Option(low=1), "lr": _POSITIVE,
+    "weight_decay": Option(low=0), "stage1_epochs": Option(low=1), "stage1_clusters": Option(low=2),
+    "stage1_recluster": Option(low=1), "stage1_lr": _POSITIVE,
+}
+#: ... and those of :class:`HiCAEncoder`'s own
+ENCODER_RANGES = {
+    "stage1_blocks": Option(low=1), "stage1_text_layers": Option(low=0), "stage1_encoder_epochs": Option(low=1),
+    "stage1_max_images": Option(low=4), "stage1_encoder_lr": _POSITIVE, "stage1_text_lr": _POSITIVE,
+    "stage2_blocks": Option(low=0),
+}
+#: HiCA's options that name other plugins (checked before a run starts; recorded in each result's identity)
+COMPONENTS = {"roi": "roi-extractor", "descriptors": "descriptor-generator", "loss_global": "loss",
+              "loss_local": "loss", "loss_cross": "loss"}
+
+#: HiCA and its ablations: each variant is HiCA with other defaults (a ``functools.partial``), or HiCAEncoder
+SPECS = [
+    PluginSpec("method", "hica", "HiCA: stage-1 domain adaptation + hierarchical contrastive alignment (global + local "
+               "+ cross)", HiCA, RANGES, COMPONENTS),
+    PluginSpec("method", "hica-no-local", "HiCA ablation: without the local ROI ↔ descriptor loss (λ1 = 0)",
+               partial(HiCA, lambda1=0.0), RANGES, COMPONENTS),
+    PluginSpec("method", "hica-no-cross", "HiCA ablation: without the cross-category margin loss (λ2 = 0)",
+               partial(HiCA, lambda2=0.0), RANGES, COMPONENTS),
+    PluginSpec("method", "hica-no-stage1", "HiCA ablation: without stage-1 domain pretraining",
+               partial(HiCA, stage1=False), RANGES, COMPONENTS),
+    PluginSpec("method", "hica-encoder", "HiCA as in the paper: stage 1 fine-tunes the image encoder's last blocks "
+               "(DeepCluster on the train images) and the text encoder's last layers (descriptor corpus); predicts "
+               "through the adapted encoder", HiCAEncoder, {**RANGES, **ENCODER_RANGES}, COMPONENTS),
+]
 
 
 def _support_images(task: FewShotTask) -> np.ndarray:

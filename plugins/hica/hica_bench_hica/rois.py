@@ -5,19 +5,21 @@ Every extractor implements :class:`hica_bench.interfaces.ROIExtractor`:
 ``images`` (N, 3, S, S float, the normalised encoder input), half-open (``x1``, ``y1`` exclusive), with
 0 <= x0 < x1 <= S and 0 <= y0 < y1 <= S, always exactly K boxes, deterministic. Boxes come back on
 ``images``' device. :func:`roi_pool` turns boxes into region embeddings from one dense encoder pass.
+torch, torchvision and MONAI are imported inside the functions that use them: the module is light to import.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torchvision.ops import roi_align
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from hica_bench.errors import UserError
+from hica_bench.interfaces import Option, PluginSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _check(images: torch.Tensor, k: int) -> int:
@@ -63,6 +65,8 @@ class GridROI:
         self.grid = int(grid)
 
     def extract(self, images: torch.Tensor, k: int, dense: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
         size = _check(images, k)
         boxes = torch.tensor(grid_boxes(int(k), 0, 0, size, size, self.grid), dtype=torch.int64)
         return boxes.to(images.device).expand(images.shape[0], -1, -1).contiguous()
@@ -73,6 +77,8 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return x
     kernel = min(2 * math.ceil(3 * sigma) + 1, 2 * min(x.shape[-2:]) - 1)
+    from torchvision.transforms.v2.functional import gaussian_blur
+
     return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
 
 
@@ -98,6 +104,8 @@ class SaliencyROI:
 
     def saliency(self, images: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         """(N, S, S) float saliency map (see the class docstring)."""
+        import torch.nn.functional as F
+
         size = images.shape[-1]
         if dense is not None:
             norm = dense.float().norm(dim=1, keepdim=True).to(images.device)
@@ -106,8 +114,15 @@ class SaliencyROI:
         contrast = (x - _blur(x, self.sigma * size)).abs().mean(dim=1, keepdim=True)
         return _blur(contrast, self.sigma * size)[:, 0]
 
-    @torch.no_grad()
     def extract(self, images: torch.Tensor, k: int, dense: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
+        with torch.no_grad():
+            return self._peaks(images, k, dense)
+
+    def _peaks(self, images: torch.Tensor, k: int, dense: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
         size, k = _check(images, k), int(k)
         n = images.shape[0]
         sal = self.saliency(images, dense).reshape(n, -1).clone()
@@ -181,6 +196,8 @@ class MonaiForegroundROI:
     def extract(self, images: torch.Tensor, k: int, dense: torch.Tensor | None = None) -> torch.Tensor:
         _check(images, k)
         boxes = [self._boxes(self.foreground(image), int(k)) for image in images]
+        import torch
+
         return torch.tensor(boxes, dtype=torch.int64).reshape(-1, int(k), 4).to(images.device)
 
 
@@ -192,6 +209,8 @@ def roi_pool(dense: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch
     (spatial_scale = h / S, aligned=True, one output bin with adaptive sampling), so a box covering
     whole cells gets exactly the mean of those cells. Differentiable with respect to ``dense``.
     """
+    from torchvision.ops import roi_align
+
     n, k = boxes.shape[:2]
     if dense.shape[-1] != dense.shape[-2]:
         raise ValueError(f"dense must have a square feature map, got {tuple(dense.shape)}")
@@ -199,3 +218,12 @@ def roi_pool(dense: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch
     pooled = roi_align(dense, rois, output_size=1, spatial_scale=dense.shape[-1] / image_size,
                        sampling_ratio=-1, aligned=True)  # (N*K, D, 1, 1)
     return pooled.reshape(n, k, -1)
+
+
+SPECS = [
+    PluginSpec("roi-extractor", "grid", "K fixed patches on a regular grid", GridROI, {"grid": Option(low=0)}),
+    PluginSpec("roi-extractor", "saliency", "Top-K peaks of the encoder's activation map (or image contrast), with NMS",
+               SaliencyROI, {"box_fraction": Option(low=0, high=1, low_open=True), "sigma": Option(low=0)}),
+    PluginSpec("roi-extractor", "monai", "Bounding boxes of the K largest foreground components (MONAI transforms)",
+               MonaiForegroundROI, {"min_area": Option(low=0, high=1), "smooth": Option(low=0)}),
+]
