@@ -47,21 +47,21 @@ def breast(medmnist_root):
 
 def _build(registry, root: Path, cache: Path, workers: int | None = None, monkeypatch=None):
     if workers is not None:
-        monkeypatch.setattr("hica_bench_folder.dataset._workers", lambda: workers)
+        monkeypatch.setattr("hica_bench_folder.dataset.workers", lambda: workers)
     start = time.perf_counter()
     dataset = registry.choose("dataset", f"folder:root={root}").build(root=None, size=224, download=False, cache_dir=cache)
     return dataset, time.perf_counter() - start
 
 
 def test_decode_throughput(benchmark, registry, breast, tmp_path, monkeypatch):
-    from hica_bench_folder.dataset import _workers
+    from hica_bench_folder.dataset import workers as decode_workers
 
     images, labels = breast
     folders = {"PNG 500x600": _write(tmp_path / "png", images, labels, (500, 600), ".png"),
                "JPEG 512x512": _write(tmp_path / "jpeg", images, labels, (512, 512), ".jpeg")}
     from hica_bench.files import file_sha256
 
-    cores = _workers()
+    cores = decode_workers()
     rates = {}
     for name, root in folders.items():  # each file's sha256 once (a run reads each file version once): timed apart
         files = sorted(p for p in root.rglob("*") if p.is_file())

@@ -165,7 +165,7 @@ class Registry:
             module = importlib.import_module(module_name)
         except Exception as exc:  # ImportError, or whatever the module raises while importing
             raise UserError(f"-p {module_name}: cannot import it ({_one_line(exc)})") from None
-        self._add(module, module_name, f"-p {module_name}", _module_version(module))
+        self._add(module, module_name, f"-p {module_name}", module_version(module))
         file = Path(getattr(module, "__file__", "") or "")
         top = file.parents[module_name.count(".") + (file.name == "__init__.py")] if file.is_file() else None
         self.recipe = dataclasses.replace(self.recipe, modules=(*self.recipe.modules, module_name),
@@ -367,7 +367,7 @@ def load_registry(modules: Iterable[str] = ()) -> Registry:
     return registry
 
 
-def _module_version(module: Any) -> str:
+def module_version(module: Any) -> str:
     """A ``-p`` module's ``__version__``, else a digest of its source (every ``.py`` file of a package), so that
     editing a module loaded with ``-p`` changes the identity of the results it produces."""
     declared = getattr(module, "__version__", None)

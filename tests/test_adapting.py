@@ -175,7 +175,7 @@ def test_hica_encoder_stage1_fine_tunes_a_copy_of_minilm_on_the_descriptor_corpu
 
     from hica_bench.adapting import tail_parameters
     from hica_bench_encoders.text import build_text
-    from hica_bench_hica.encoder_stage1 import _train_text
+    from hica_bench_hica.encoder_stage1 import train_text
     from hica_bench_hica.method import HiCAEncoder
 
     frozen = build_text("minilm", "cpu")
@@ -185,7 +185,7 @@ def test_hica_encoder_stage1_fine_tunes_a_copy_of_minilm_on_the_descriptor_corpu
     module = tuned.module
     module.requires_grad_(False)
     named = tail_parameters(module, 1)
-    _train_text(HiCAEncoder(stage1_epochs=3, stage1_text_lr=1e-3).options, tuned, named, corpus,
+    train_text(HiCAEncoder(stage1_epochs=3, stage1_text_lr=1e-3).options, tuned, named, corpus,
                 [0, 0, 1, 1], torch)
     assert not np.allclose(tuned.encode(corpus), before, atol=1e-4)
     np.testing.assert_array_equal(frozen.encode(corpus), before)

@@ -125,7 +125,7 @@ def test_options_that_name_components_are_checked_and_resolved():
 
 
 def test_a_p_module_without_a_version_is_identified_by_its_source(tmp_path, monkeypatch):
-    from hica_bench.registry import _module_version
+    from hica_bench.registry import module_version
 
     monkeypatch.syspath_prepend(str(tmp_path))
     _write_plugin(tmp_path, "versionless_plugin", "versionless")
@@ -135,7 +135,7 @@ def test_a_p_module_without_a_version_is_identified_by_its_source(tmp_path, monk
     import versionless_plugin
 
     (tmp_path / "versionless_plugin.py").write_text((tmp_path / "versionless_plugin.py").read_text() + "# edited\n")
-    assert _module_version(versionless_plugin) != registered.version  # an edit is a new version of the plugin
+    assert module_version(versionless_plugin) != registered.version  # an edit is a new version of the plugin
 
 
 def test_a_spec_with_bad_declarations_is_left_out_with_a_warning(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def test_an_option_declares_no_default():
 
 def test_the_listing_shows_the_factories_defaults_and_the_constraints(monkeypatch):
     """What ``hica-bench list`` shows of each first-party spec, against its factory's signature read here."""
-    from hica_bench import cli
+    from hica_bench.cli import listing
 
     tables = []
 
@@ -81,7 +81,7 @@ def test_the_listing_shows_the_factories_defaults_and_the_constraints(monkeypatc
         def print(self, table, *args, **kwargs):
             tables.append(table)
 
-    monkeypatch.setattr(cli, "Console", Capture)
+    monkeypatch.setattr(listing, "Console", Capture)
     code, _, err = invoke("list")
     assert code == 0, err
     columns = {column.header: list(column._cells) for column in tables[0].columns}
@@ -213,8 +213,12 @@ def test_a_broken_string_factory_is_one_line_from_the_cli(tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")])}
     listed = hica_bench("-p", "lazy_hooks_specs", "list", "encoder", env=env)
     assert listed.returncode == 0 and "lazy-pair" in listed.stdout and "ratio=2.0" in listed.stdout, listed.stderr
-    broken = hica_bench("-p", "lazy_hooks_specs", "list", "method", env=env)
-    assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr
+    listed = hica_bench("-p", "lazy_hooks_specs", "list", "method", env=env)  # the broken row says why; the rest list
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert "no-such-class" in listed.stdout and "raises-on-import" in listed.stdout and "flat" in listed.stdout
+    assert listed.stdout.count("unavailable:") == 2  # the two broken factories' rows say so (the table folds the why)
+    broken = hica_bench("-p", "lazy_hooks_specs", "run", "--methods", "no-such-class", env=env)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
     assert "method 'no-such-class': its factory lazy_impl_specs:Missing cannot be imported" in broken.stderr
 
 

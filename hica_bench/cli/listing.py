@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hica_bench.cli.app import app, registry
-from hica_bench.interfaces import KINDS
+from hica_bench.interfaces import KINDS, SpecError
 
 
 @app.command("list")
@@ -25,8 +25,12 @@ def list_(ctx: typer.Context, kind: Optional[str] = typer.Argument(None, help=f"
         table.add_column(column, overflow="fold")
     for k in kinds:
         for name, reg in sorted(plugins.specs(k).items()):
-            options = " ".join(f"{key}={value}" + (f" ({reg.spec.constraints[key].describe()})" if key in reg.spec.constraints
-                                                    else "") for key, value in reg.spec.options.items())
+            try:
+                options = " ".join(f"{key}={value}" + (f" ({reg.spec.constraints[key].describe()})"
+                                                        if key in reg.spec.constraints else "")
+                                   for key, value in reg.spec.options.items())
+            except SpecError as exc:  # a factory named by string that does not import: the row says so, the rest list
+                options = f"unavailable: {exc.problem}"
             shown = name + (" *" if reg.spec.in_default_suite else "")
             table.add_row(*(escape(text) for text in (shown, k, reg.distribution, reg.version, options,
                                                       reg.spec.description.split("\n")[0])))

@@ -32,7 +32,7 @@ DECODER_VERSION = 1  #: bump when decoding changes any pixel: every folder datas
 log = logging.getLogger(__name__)
 
 
-def _workers() -> int:
+def workers() -> int:
     try:
         return max(1, min(16, len(os.sched_getaffinity(0))))
     except AttributeError:  # pragma: no cover - not on Linux
@@ -120,7 +120,7 @@ class FolderDataset:
             except OSError as exc:
                 raise UserError(f"{entry.path}: cannot be read ({exc.strerror or exc})") from None
         hashes = []
-        with ThreadPoolExecutor(_workers()) as pool:
+        with ThreadPoolExecutor(workers()) as pool:
             for value in pool.map(one, entries):
                 hashes.append(value)
                 advance(1)
@@ -143,7 +143,7 @@ class FolderDataset:
                 else:
                     colour[i] = pixels.ndim == 3
                     rgb[i] = pixels[..., None] if pixels.ndim == 2 else pixels
-            with ThreadPoolExecutor(_workers()) as pool:
+            with ThreadPoolExecutor(workers()) as pool:
                 for _ in pool.map(one, range(n)):
                     advance(1)
             problems.sort()

@@ -80,7 +80,7 @@ def _train_visual(o: dict[str, Any], image: Any, named: list, images: np.ndarray
         parameter.requires_grad_(False)
 
 
-def _train_text(o: dict[str, Any], text: Any, named: list, corpus: list[str], corpus_class: list[int], torch) -> None:
+def train_text(o: dict[str, Any], text: Any, named: list, corpus: list[str], corpus_class: list[int], torch) -> None:
     """Supervised-contrastive fine-tuning of the text tail: descriptors of one class are positives."""
     classes = torch.tensor(corpus_class)
     eye = torch.eye(len(classes))
@@ -163,7 +163,7 @@ class EncoderStage1:
         if not cached:
             _train_visual(o, image, visual, images, task.device, torch)
             if textual:
-                _train_text(o, text, textual, corpus, corpus_class, torch)
+                train_text(o, text, textual, corpus, corpus_class, torch)
             if path is not None:
                 state = {f"v.{n}": p.detach().cpu().contiguous() for n, p in visual}
                 state |= {f"t.{n}": p.detach().cpu().contiguous() for n, p in textual}
