@@ -214,16 +214,26 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
     except EncoderBuildError:
         raise  # the encoder cannot be built (bad weights, a broken plugin): bad input for the whole run, not this cell
     except NotApplicable as exc:
-        result.status, result.reason, proba = Status.NOT_APPLICABLE, str(exc), None
+        _no_outcome(result, Status.NOT_APPLICABLE, str(exc))
+        proba = None
     except SystemExit as exc:  # a plugin calling sys.exit() must not end the run in silence
-        result.status, proba = Status.FAILED, None
-        result.reason = f"SystemExit: the method called sys.exit({exc.code!r})"
+        _no_outcome(result, Status.FAILED, f"SystemExit: the method called sys.exit({exc.code!r})")
+        proba = None
     except Exception as exc:  # fault isolation: one cell's failure never stops the grid
-        result.status, result.reason, proba = Status.FAILED, f"{type(exc).__name__}: {exc}", None
+        _no_outcome(result, Status.FAILED, f"{type(exc).__name__}: {exc}")
+        proba = None
         log.debug("cell %s failed:\n%s", key, traceback.format_exc())
     result.components_used = list({digest(jsonable([c.kind, c.name, c.options, c.distribution])): c
                                    for c in components.used}.values())  # each once, in the order first built
     return result, proba
+
+
+def _no_outcome(result: CellResult, status: Status, reason: str) -> None:
+    """``result`` as a cell that did not finish: its status and reason, and none of the scores a step before the
+    failure may have filled in (a record is either finished with its metrics or unfinished without them)."""
+    result.status, result.reason = status, reason
+    result.metrics = result.per_class = result.calibration = result.fit_info = None
+    result.adapted_encoder = None
 
 
 def check_adapted(encoder: Any, pair: EncoderPair) -> None:

@@ -23,19 +23,25 @@ def merge_(
     """Combine results files into one: a cell recorded twice with the same outcome is kept once, a finished record
     beats a failed one, and two different outcomes for one cell are refused."""
     from hica_bench import data, publish
-    from hica_bench.results import merge_shards, results_files
+    from hica_bench.results import merge_shards, out_lock, results_files
 
     out = data.writable_dir(out, "--out folder")
     target = out / "results.jsonl"
-    if target.exists() and target.resolve() not in {p.resolve() for p in results_files(results)}:
-        raise UserError(f"{target} exists and is not among the files to merge; add it to them or use another --out")
-    merged, dropped = merge_shards(results, out)
-    if not merged:
-        raise UserError(f"{', '.join(map(str, results))} hold no results")
-    atomic_write(target, "".join(r.to_json() + "\n" for r in merged))
-    published = publish.publish(out, merged, report=report)
+    with out_lock(out, "merge"):  # a run or another merge writing to --out meanwhile would lose records
+        if target.exists() and target.resolve() not in {p.resolve() for p in results_files(results)}:
+            raise UserError(f"{target} exists and is not among the files to merge; add it to them or use another --out")
+        merged = merge_shards(results, out)
+        if not merged.results:
+            raise UserError(f"{', '.join(map(str, results))} hold no results")
+        atomic_write(target, merged.text)
+        published = publish.publish(out, merged.results, report=report)
     md_path, csv_path = published.leaderboard
-    print(f"merged {len(results)} results files: {len(merged)} cells ({dropped} duplicate records dropped)")
+    print(f"merged {len(results)} results files: {len(merged.results)} cells "
+          f"({sum(merged.dropped.values())} duplicate records dropped)")
+    for why, count in merged.dropped.items():
+        print(f"  dropped {count}: {why}")
+    if merged.history:
+        print(f"  kept {merged.history} earlier records of re-run cells in {target} as they were (the newest counts)")
     print(f"written: {target}, {md_path}, {csv_path}")
     if published.report is not None:
         print(f"report: {published.report}")

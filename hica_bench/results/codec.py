@@ -122,37 +122,44 @@ def reader(hint: Any, strict: bool) -> Reader:
     raise TypeError(f"no reader for {hint!r}")  # a schema field of a type this reader does not know
 
 
-def jsonable(value: Any, _seen: frozenset = frozenset()) -> Any:
+#: How deep :func:`jsonable` follows nested containers; deeper ones are written as a marker (a plugin's ``fit_info_``
+#: nested 100,000 deep must neither crash the writer nor make a record JSON cannot read back).
+MAX_DEPTH = 64
+TOO_DEEP = f"<nested deeper than {MAX_DEPTH} levels>"
+
+
+def jsonable(value: Any, _seen: frozenset = frozenset(), _depth: int = 0) -> Any:
     """``value`` as plain JSON values: records as objects, enums as their value, and whatever a plugin hands over
     (``fit_info_``, options of the components it built): numpy numbers and arrays as numbers and lists, tuples and sets
     as lists, keys that are not text as their ``str``, text that is not valid Unicode with its bad characters replaced,
-    a container that contains itself as ``"<circular>"``, anything else as its ``repr``. It never raises, so a finished
-    result can always be written."""
+    a container that contains itself as ``"<circular>"``, containers nested deeper than :data:`MAX_DEPTH` as
+    :data:`TOO_DEEP`, anything else as its ``repr``. It never raises, so a finished result can always be written."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, str):
         return value.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate cannot be written as UTF-8
     if isinstance(value, enum.Enum):
-        return jsonable(value.value, _seen)
+        return jsonable(value.value, _seen, _depth)
     if id(value) in _seen:
         return "<circular>"
-    seen = _seen | {id(value)}
+    if _depth >= MAX_DEPTH:
+        return TOO_DEEP
+    seen, deeper = _seen | {id(value)}, _depth + 1
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: jsonable(getattr(value, f.name), seen) for f in fields(value) if not f.name.startswith("_")}
+        return {f.name: jsonable(getattr(value, f.name), seen, deeper) for f in fields(value) if not f.name.startswith("_")}
     if isinstance(value, dict):
-        return {(k if isinstance(k, str) else str(k)): jsonable(v, seen) for k, v in value.items()}
+        return {(k if isinstance(k, str) else str(k)): jsonable(v, seen, deeper) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v, seen) for v in value]
+        return [jsonable(v, seen, deeper) for v in value]
     if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays, torch tensors
         try:
-            return jsonable(value.tolist(), seen)
+            return jsonable(value.tolist(), seen, _depth)
         except Exception:
             pass
     try:
-        return jsonable(repr(value), seen)
+        return jsonable(repr(value), seen, _depth)
     except Exception:
         return f"<{type(value).__name__}>"
-
 
 
 def known(cls: type, values: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,11 +8,13 @@ skips it and the next append cuts it off before writing (it was never a finished
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from hica_bench.errors import UserError
 from hica_bench.files import file_lock
 from hica_bench.results.codec import jsonable
-from hica_bench.results.schema import SCHEMA_VERSION, CellResult
+from hica_bench.results.schema import SCHEMA_VERSION, CellResult, Status
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,12 @@ _HELD: dict[Path, int] = {}  #: the --out folders whose lock this process holds,
 
 
 @contextlib.contextmanager
-def out_lock(out_dir: Path):
-    """Holds ``out_dir``'s lock (:func:`hica_bench.files.file_lock`) while results are written there: a second run on
-    the same ``--out`` would compute the same pending cells again and append them twice, so it is refused with one line
-    naming the run that holds the lock. Re-entrant within a process: the CLI holds it across a run and its publishing,
-    and the run loop takes it again inside."""
+def out_lock(out_dir: Path, command: str = "run"):
+    """Holds ``out_dir``'s lock (:func:`hica_bench.files.file_lock`) while results are written there (``command``:
+    ``run`` or ``merge``): a second run on the same ``--out`` would compute the same pending cells again and append them
+    twice, and a merge beside a run (or another merge) would rewrite the file under it and lose records, so each is
+    refused with one line naming the command that holds the lock. Re-entrant within a process: the CLI holds it across
+    a run and its publishing, and the run loop takes it again inside."""
     path = Path(out_dir) / ".hica-bench.lock"
     key = path.resolve()
     if _HELD.get(key):
@@ -48,17 +51,19 @@ def out_lock(out_dir: Path):
     try:
         with file_lock(path, wait=False) as fd:
             if fd is not None:
-                with contextlib.suppress(OSError):  # the pid is only for the message below (a full disk must not stop here)
+                with contextlib.suppress(OSError):  # only for the message below (a full disk must not stop here)
                     os.ftruncate(fd, 0)
-                    os.pwrite(fd, str(os.getpid()).encode(), 0)
+                    os.pwrite(fd, f"{os.getpid()} {command}".encode(), 0)
             _HELD[key] = 1
             try:
                 yield
             finally:
                 _HELD.pop(key, None)
     except BlockingIOError:
-        holder = path.read_text(errors="replace").strip() if path.is_file() else ""
-        raise UserError(f"another hica-bench run (pid {holder or '?'}) is writing to {out_dir}; wait for it to finish "
+        holder = path.read_text(errors="replace")[:64].split() if path.is_file() else []
+        pid = holder[0] if holder and holder[0].isdigit() else "?"
+        other = holder[1] if len(holder) > 1 and holder[1] in ("run", "merge") else "run"
+        raise UserError(f"another hica-bench {other} (pid {pid}) is writing to {out_dir}; wait for it to finish "
                         "(then rerun: finished cells are kept) or use another --out") from None
 
 
@@ -128,6 +133,16 @@ class ResultsStore:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UserError(f"{self.path}:{number} does not match result schema {version} ({exc})") from None
 
+    def whole_lines(self) -> bytes:
+        """The file's bytes up to its last whole record, each line ending with a newline (a last line a killed write
+        cut short is left out, as :meth:`load` leaves it out)."""
+        data = self._read()
+        head, _, last = data.rpartition(b"\n")
+        head = head + b"\n" if head or data.startswith(b"\n") else b""
+        if last.strip() and _whole_record(last) is not None:
+            head += last + b"\n"
+        return head
+
     def check_writable(self) -> None:
         """Before any work: the file can be appended to (not a folder, not read-only)."""
         if self.path.is_dir():
@@ -136,8 +151,17 @@ class ResultsStore:
             raise UserError(f"cannot write {self.path}: it is read-only")
 
     def append(self, result: CellResult) -> None:
+        """``result`` appended as one line, and fsync'ed. The line is read back first as :meth:`load` will read it: a
+        record that would not read back (a plugin's value the schema cannot hold) is written as the cell's failure with
+        the reason instead, so the file never holds a line that stops every later command."""
         result.finished_at = result.finished_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
         line = (result.to_json() + "\n").encode()
+        problem = _unreadable(line)
+        if problem is not None:
+            result = dataclasses.replace(result, status=Status.FAILED, metrics=None, per_class=None, calibration=None,
+                                         fit_info=None, adapted_encoder=None, predictions=None,
+                                         reason=f"the cell's record could not be written as it was ({problem})")
+            line = (result.to_json() + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -167,6 +191,15 @@ class ResultsStore:
                 os.close(fd)
         except OSError as exc:
             raise UserError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+
+def _unreadable(line: bytes) -> str | None:
+    """Why ``line`` would not read back as a result record (:meth:`ResultsStore.load`), or None."""
+    try:
+        CellResult.from_record(json.loads(line.decode("utf-8")))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UnicodeError) as exc:
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return None
 
 
 def _whole_record(line: bytes) -> dict[str, Any] | None:
@@ -222,22 +255,53 @@ def _outcome(result: CellResult) -> str:
     return json.dumps(jsonable({name: getattr(result, name) for name in OUTCOME}), sort_keys=True, allow_nan=True)
 
 
-def merge_shards(paths: list[Path], out_dir: Path) -> tuple[list[CellResult], int]:
-    """The results of several results files (``run --shard`` writes one per shard; or folders holding one) as one
-    list, and how many duplicate records were dropped. A cell recorded in more than one of them is kept once when the
-    records agree on what it computed (:data:`OUTCOME`; timings, machine and time may differ), and a finished record
-    beats a failed one; two finished records that disagree are refused with one line naming both files, so a merge
-    never picks one of two different numbers. Saved predictions are re-pointed to be relative to ``out_dir``."""
+@dataclass
+class Merged:
+    """What :func:`merge_shards` found: the one record that counts per cell, what the merged file holds, and every
+    record that does not go into it, with why."""
+
+    results: list[CellResult]  #: one per cell, the one that counts
+    kept: bytes  #: the target file's own lines, kept as they were (its history included); empty for a new file
+    appended: list[CellResult]  #: the records to write after ``kept``
+    dropped: dict[str, int] = field(default_factory=dict)  #: why -> how many records are not carried over
+    history: int = 0  #: earlier records of re-run cells (``--force``) in the target, kept in place
+
+    @property
+    def text(self) -> str:
+        """The merged results file: the target's own lines, then the new records."""
+        return self.kept.decode("utf-8") + "".join(r.to_json() + "\n" for r in self.appended)
+
+
+DUPLICATE = "the same outcome is recorded in another of the files (kept once)"
+SUPERSEDED = "a failed or unfinished record whose cell finished in another of the files"
+
+
+def merge_shards(paths: list[Path], out_dir: Path) -> Merged:
+    """The results of several results files (``run --shard`` writes one per shard; or folders holding one) merged
+    into ``out_dir``'s ``results.jsonl``. A cell recorded in more than one of them is kept once when the records agree
+    on what it computed (:data:`OUTCOME`; timings, machine and time may differ), and a finished record beats a failed
+    one; two finished records that disagree are refused with one line naming both files, so a merge never picks one
+    of two different numbers. When the target file is one of ``paths`` its lines stay as they are (earlier records of
+    a re-run cell included) and the merge only appends to it; every record left out is counted with its reason.
+    Saved predictions of the other files are re-pointed to be relative to ``out_dir``."""
+    target = (Path(out_dir) / "results.jsonl").resolve()
     found: dict[str, tuple[CellResult, Path]] = {}
-    dropped = 0
+    merged = Merged([], b"", [])
     for path in results_files(paths):
-        for cell_id, result in ResultsStore(path).load().items():
+        store = ResultsStore(path)
+        if path.resolve() == target:
+            merged.kept = store.whole_lines()
+            records = len(store._records())
+            loaded = store.load()
+            merged.history = records - len(loaded)
+            found.update({cell_id: (result, path) for cell_id, result in loaded.items()})
+            continue
+        for cell_id, result in store.load().items():
             if result.predictions:
                 result.predictions = os.path.relpath(path.parent / result.predictions, out_dir)
             if cell_id not in found:
                 found[cell_id] = (result, path)
                 continue
-            dropped += 1
             kept, other = found[cell_id]
             if kept.status.finished and result.status.finished and _outcome(kept) != _outcome(result):
                 k = result.key
@@ -245,7 +309,13 @@ def merge_shards(paths: list[Path], out_dir: Path) -> tuple[list[CellResult], in
                                 f"{other} and {path} (same identity, different outcome); keep one of them")
             if result.status.finished and not kept.status.finished:  # a retry that finished beats the failure
                 found[cell_id] = (result, path)
-    return [result for result, _ in found.values()], dropped
+                merged.dropped[SUPERSEDED] = merged.dropped.get(SUPERSEDED, 0) + 1
+            else:
+                reason = DUPLICATE if result.status.finished or not kept.status.finished else SUPERSEDED
+                merged.dropped[reason] = merged.dropped.get(reason, 0) + 1
+    merged.results = [result for result, _ in found.values()]
+    merged.appended = [result for result, path in found.values() if path.resolve() != target]
+    return merged
 
 
 def _whole_lines_size(path: Path, size: int) -> int:
