@@ -24,7 +24,7 @@ import numpy as np
 
 from hica_bench.adapting import frozen_state, restore, weight_versions
 from hica_bench.encoder_pairs import EncoderBuildError
-from hica_bench.errors import NotApplicable
+from hica_bench.errors import PLUGIN_FAULTS, NotApplicable, fault_text
 from hica_bench.extraction import FeatureExtractor
 from hica_bench.files import digest
 from hica_bench.interfaces import NEEDS, Components, EncoderPair, FewShotDataset, FewShotTask, ImageEncoder, Prompts
@@ -80,7 +80,7 @@ def method_needs(method: Choice) -> frozenset[str]:
     then fail on their own, with the reason)."""
     try:
         return validate_needs(getattr(method.build(), "needs", None))
-    except (Exception, SystemExit):
+    except PLUGIN_FAULTS:
         return NEEDS
 
 
@@ -219,8 +219,8 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
     except SystemExit as exc:  # a plugin calling sys.exit() must not end the run in silence
         _no_outcome(result, Status.FAILED, f"SystemExit: the method called sys.exit({exc.code!r})")
         proba = None
-    except Exception as exc:  # fault isolation: one cell's failure never stops the grid
-        _no_outcome(result, Status.FAILED, f"{type(exc).__name__}: {exc}")
+    except PLUGIN_FAULTS as exc:  # fault isolation: one cell's failure never stops the grid (a real Ctrl-C does)
+        _no_outcome(result, Status.FAILED, f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else fault_text(exc))
         proba = None
         log.debug("cell %s failed:\n%s", key, traceback.format_exc())
     result.components_used = list({digest(jsonable([c.kind, c.name, c.options, c.distribution])): c

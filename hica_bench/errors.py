@@ -19,3 +19,21 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+#: What plugin code may raise that must fail only the plugin (its loading, its spec, its cell) and never end a run in
+#: silence: any exception, and also ``SystemExit`` (a plugin calling ``sys.exit``) and ``KeyboardInterrupt`` raised by
+#: the plugin itself. A real Ctrl-C or SIGTERM under the CLI arrives as :class:`Interrupted`, which is none of these,
+#: so it still stops the run.
+PLUGIN_FAULTS = (Exception, SystemExit, KeyboardInterrupt)
+
+
+def fault_text(exc: BaseException, limit: int = 300) -> str:
+    """One line naming a plugin's fault, at most ``limit`` characters: its type and message (for ``SystemExit`` the
+    code it asked to exit with)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: called sys.exit({exc.code!r})"[:limit]
+    if isinstance(exc, KeyboardInterrupt) and not str(exc):
+        return "KeyboardInterrupt raised by the plugin's own code (a real Ctrl-C stops the run)"
+    text = " ".join(str(exc).split())
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:limit]

@@ -38,7 +38,7 @@ from hica_bench.cell import Cell, fit_and_score
 from hica_bench.encoder_pairs import encoder_pair
 from hica_bench.environment import environment
 from hica_bench.events import Events
-from hica_bench.errors import Interrupted, UserError
+from hica_bench.errors import PLUGIN_FAULTS, Interrupted, UserError
 from hica_bench.files import digest
 from hica_bench.plan import EXECUTORS, EncoderJob, Settings
 from hica_bench.registry import Choice, Recipe, Registry, RunComponents
@@ -221,7 +221,7 @@ def method_resources(choice: Choice, device: str) -> dict[str, float]:
         resources["num_gpus"] = DEFAULT_CELL_GPUS
     try:
         declared = getattr(choice.build(), "resources", None)
-    except (Exception, SystemExit):  # a broken constructor: the cell fails on the worker with the reason
+    except PLUGIN_FAULTS:  # a broken constructor: the cell fails on the worker with the reason
         declared = None
     if declared is None:
         return resources

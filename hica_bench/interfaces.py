@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Protocol, Sequence, get_args, runtime
 
 import numpy as np
 
-from hica_bench.errors import UserError
+from hica_bench.errors import PLUGIN_FAULTS, UserError, fault_text
 
 #: The kinds of plugin, each offered by one hook of :mod:`hica_bench.hookspecs` (``hica_bench_<kind>s``).
 Kind = Literal["dataset", "encoder", "method", "roi-extractor", "descriptor-generator", "loss"]
@@ -213,9 +213,8 @@ def _load_ref(spec: PluginSpec, ref: Any, what: str) -> Callable[..., Any]:
     module_name, attribute = ref.split(":")
     try:
         found: Any = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raises while importing
-        raise _spec_error(spec, f"its {what} {ref} cannot be imported ({type(exc).__name__}: "
-                                f"{' '.join(str(exc).split())})") from None
+    except PLUGIN_FAULTS as exc:  # ImportError, or whatever the module raises (or exits with) while importing
+        raise _spec_error(spec, f"its {what} {ref} cannot be imported ({fault_text(exc)})") from None
     try:
         for part in attribute.split("."):
             found = getattr(found, part)

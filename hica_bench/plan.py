@@ -22,7 +22,7 @@ from hica_bench import suite as suite_file
 from hica_bench.cell import FEATURE_NEEDS, SUPPORTED_TASKS, Cell, validate_needs
 from hica_bench.devices import resolve_device
 from hica_bench.encoder_pairs import encoder_pair
-from hica_bench.errors import UserError
+from hica_bench.errors import PLUGIN_FAULTS, UserError
 from hica_bench.events import Events
 from hica_bench.extraction import FeatureExtractor, Requested, Work
 from hica_bench.interfaces import EncoderPair, FewShotDataset, Prompts
@@ -370,13 +370,13 @@ def configure(request: RunRequest, registry: Callable[[], Registry]) -> tuple[Gr
                 shots=shots, seeds=seeds, size=value("size"), max_test=value("max_test"))
     for method in grid.methods:  # option values its constructor rejects, or needs it cannot declare, are bad input
         try:
-            built = method.build()
+            needs = getattr(method.build(), "needs", None)
         except UserError:
             raise
-        except (Exception, SystemExit):  # a broken constructor is the plugin's fault: its cells record it and fail
+        except PLUGIN_FAULTS:  # a broken constructor or needs is the plugin's fault: its cells record it and fail
             continue
         try:
-            validate_needs(getattr(built, "needs", None))
+            validate_needs(needs)
         except ValueError as exc:
             raise UserError(f"method {method.label}: {exc}") from None
     device = resolve_device(request.device)

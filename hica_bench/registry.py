@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import pluggy
 
 from hica_bench import hookspecs
-from hica_bench.errors import UserError
+from hica_bench.errors import PLUGIN_FAULTS, UserError, fault_text
 from hica_bench.files import digest, file_sha256
 from hica_bench.interfaces import COMPONENT_KINDS, KINDS, PluginSpec, SpecError, declaration_problem
 from hica_bench.results import Component
@@ -151,7 +151,7 @@ class Registry:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # one broken plugin must not hide the others
+            except PLUGIN_FAULTS as exc:  # one broken plugin must not hide the others (nor sys.exit in it)
                 self.load_errors.append(f"plugin {ep.name!r} from {dist} failed to import: {_one_line(exc)}")
                 continue
             self._add(plugin, ep.name, dist, version)
@@ -163,7 +163,7 @@ class Registry:
     def load_module(self, module_name: str) -> None:
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:  # ImportError, or whatever the module raises while importing
+        except PLUGIN_FAULTS as exc:  # ImportError, or whatever the module raises (or exits with) while importing
             raise UserError(f"-p {module_name}: cannot import it ({_one_line(exc)})") from None
         self._add(module, module_name, f"-p {module_name}", module_version(module))
         file = Path(getattr(module, "__file__", "") or "")
@@ -190,7 +190,7 @@ class Registry:
             dist, version = self._origin.get(id(impl.plugin), (impl.plugin_name, "?"))
             try:
                 offered = list(impl.function() or [])
-            except Exception as exc:  # a broken hook leaves out its own specs only
+            except PLUGIN_FAULTS as exc:  # a broken hook leaves out its own specs only
                 self.load_errors.append(f"plugin from {dist}: {hook_name(kind)} failed: {_one_line(exc)}")
                 continue
             for spec in offered:
@@ -341,7 +341,7 @@ def spec_problem(spec: PluginSpec) -> str | None:
         module = spec.factory.split(":")[0]
         try:
             found = importlib.util.find_spec(module)
-        except Exception as exc:  # a parent package that is missing, or raises while importing
+        except PLUGIN_FAULTS as exc:  # a parent package that is missing, or raises while importing
             return f"its factory {spec.factory} cannot be imported ({_one_line(exc)})"
         return None if found is not None else f"its factory {spec.factory} cannot be imported (no module {module})"
     try:
@@ -386,7 +386,7 @@ def _normal(name: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return fault_text(exc)
 
 
 _OPTION_START = re.compile(r":(?=[A-Za-z_][\w.-]*=)")

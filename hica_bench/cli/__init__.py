@@ -105,6 +105,10 @@ def _run_app() -> int:
         _error(f"interrupted by {signal.Signals(signum).name}; finished cells are kept in the results file "
                "(rerun the same command to resume)")
         return 128 + signum
+    except SystemExit as exc:  # the commands never raise it (typer.Exit is click's): plugin code called sys.exit
+        _error(f"error: plugin code called sys.exit({' '.join(repr(exc.code).split())[:80]}) outside a cell; finished "
+               "cells are kept in the results file (rerun the same command to resume)")
+        return 1
     return code if isinstance(code, int) else 0
 
 
