@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import reprlib
+import stat
 import os
 import shutil
 import tempfile
@@ -249,6 +251,97 @@ def file_sha256(path: Path, memo_dir: Path | None = None, *, on_disk: bool = Tru
 
 
 _FORMATS = {".toml": ".toml", ".yaml": ".yaml", ".yml": ".yaml", ".json": ".json"}
+MAX_CONFIG_BYTES = 1 << 20  #: a suite or prompt file (a paper's grid, a dataset's prompts) is far smaller
+MAX_CONFIG_DEPTH = 16  #: how deep a suite or prompt file's values may nest (they need 3 levels)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters without building the whole text first (reprlib): a message
+    never echoes an unbounded value (a 200,000-character name, a YAML alias bomb's expansion)."""
+    bounded = reprlib.Repr()
+    bounded.maxlevel, bounded.maxdict, bounded.maxlist, bounded.maxtuple, bounded.maxset = 3, 4, 4, 4, 4
+    bounded.maxstring = bounded.maxother = limit
+    bounded.maxlong = 40
+    shown = bounded.repr(value)
+    return shown if len(shown) <= limit + 10 else shown[:limit] + "..."
+
+
+def read_regular(path: Path, where: str, limit: int | None = None) -> bytes:
+    """The bytes of ``path`` when it is a regular file (after links) of at most ``limit`` bytes; else a one-line
+    :class:`UserError` starting with ``where``. Opened without blocking, so a FIFO, a device or a socket (or a link to
+    one, such as ``/dev/urandom``) is refused instead of hanging the command or filling its memory."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not Path(path).is_dir():  # a socket cannot even be opened
+            raise UserError(f"{where}: is not a regular file (a FIFO, device or socket); give a file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a folder, not a file") from None
+    except OSError as exc:
+        raise UserError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UserError(f"{where}: is a folder, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{where}: is not a regular file (a FIFO, device or socket); give a file")
+        if limit is not None and info.st_size > limit:
+            raise UserError(f"{where}: is {info.st_size:,} bytes, more than the {limit:,} such a file may have")
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            size += len(chunk)
+            if limit is not None and size > limit:  # a file that grows while it is read
+                raise UserError(f"{where}: is more than the {limit:,} bytes such a file may have")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise UserError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
+def _depth(value: Any, limit: int, _memo: dict[int, int] | None = None) -> int:
+    """How deep ``value`` nests (lists and dicts), counted no further than ``limit`` + 1. Each object is measured once
+    (a YAML alias bomb shares its lists: walking every path would take billions of steps)."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    memo = {} if _memo is None else _memo
+    if id(value) not in memo:
+        memo[id(value)] = limit + 1  # a container that contains itself is as deep as the limit allows
+        if limit >= 0:
+            items = value.values() if isinstance(value, dict) else value
+            memo[id(value)] = min(limit + 1, 1 + max((_depth(item, limit - 1, memo) for item in items), default=0))
+    return memo[id(value)]
+
+
+class _UniqueKeyLoader:
+    """A YAML safe loader that refuses a key given twice in one mapping (TOML refuses it too; YAML would keep the last
+    value silently)."""
+
+    @staticmethod
+    def make():
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                seen = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        duplicate = key in seen
+                    except TypeError:  # an unhashable key: the base loader says so
+                        break
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {short(key, 40)} is given twice", key_node.start_mark)
+                    seen.add(key)
+                return super().construct_mapping(node, deep=deep)
+
+        return Loader
 
 
 def read_config(path: Path, where: str, suffixes: tuple[str, ...]) -> Any:
@@ -256,18 +349,29 @@ def read_config(path: Path, where: str, suffixes: tuple[str, ...]) -> Any:
     unreadable or malformed file is a one-line :class:`UserError` starting with ``where``. YAML is read with
     ``safe_load`` (no Python objects)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{where}: is a folder, not a {' or '.join(sorted({_FORMATS[s] for s in suffixes}))} file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{where}: is a folder, not a {' or '.join(sorted({_FORMATS[s] for s in suffixes}))} file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+        text = read_regular(path, where, MAX_CONFIG_BYTES).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: cannot be read ({exc})") from None
     suffix = path.suffix.lower()
     if suffix not in suffixes:
         allowed = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
         raise UserError(f"{where}: unknown format {suffix or '(no suffix)'!r}; use {allowed}")
+    try:
+        value = _parse(text, suffix, where)
+    except RecursionError:
+        value = None
+        deep = True
+    else:
+        deep = _depth(value, MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH
+    if deep:
+        raise UserError(f"{where}: nests values deeper than {MAX_CONFIG_DEPTH} levels; suite and prompt files need 3")
+    return value
+
+
+def _parse(text: str, suffix: str, where: str) -> Any:
     if suffix == ".toml":
         import sys
 
@@ -278,7 +382,7 @@ def read_config(path: Path, where: str, suffixes: tuple[str, ...]) -> Any:
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"{where}: not valid TOML ({exc})") from None
+            raise UserError(f"{where}: not valid TOML ({short(str(exc), 200)[1:-1]})") from None
     if suffix == ".json":
         try:
             return json.loads(text)
@@ -287,6 +391,6 @@ def read_config(path: Path, where: str, suffixes: tuple[str, ...]) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader.make())  # safe: a SafeLoader that also refuses duplicate keys
     except yaml.YAMLError as exc:
-        raise UserError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise UserError(f"{where}: not valid YAML ({' '.join(str(exc).split())[:300]})") from None

@@ -20,14 +20,16 @@ The file is checked against the dataset before anything runs (one line, exit 2, 
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any, Sequence
 
 from hica_bench.errors import UserError
-from hica_bench.files import digest, read_config
+from hica_bench.files import digest, read_config, short
 from hica_bench.interfaces import Prompts
 
 KEYS = ("classnames", "templates", "descriptors")
+MAX_TEMPLATE = 1000  #: characters in one template
 SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -43,7 +45,7 @@ def load(path: str | Path, class_names: Sequence[str], dataset: str) -> Prompts:
         fail(f"must hold at least one of {', '.join(KEYS)} at the top level")
     unknown = [str(k) for k in raw if k not in KEYS]
     if unknown:
-        fail(f"unknown key {unknown[0]!r} (known: {', '.join(KEYS)})")
+        fail(f"unknown key {short(unknown[0])} (known: {', '.join(KEYS)})")
     names = list(class_names)
     classnames = _classnames(raw.get("classnames"), names, dataset, fail)
     templates = _templates(raw.get("templates"), fail)
@@ -87,12 +89,18 @@ def _templates(value: Any, fail) -> list[str] | None:
     if not isinstance(value, list) or not value or not all(_text(v) for v in value):
         fail("templates must be a non-empty list of non-empty strings")
     for template in value:
-        try:
-            filled = template.format("CLASS")
-        except (IndexError, KeyError, ValueError):
-            fail(f"template {template!r} must use {{}} for the class name and no other braces (write {{{{ for a brace)")
-        if template.count("{}") != 1 or "CLASS" not in filled:
-            fail(f"template {template!r} must hold {{}} exactly once, where the class name goes")
+        if len(template) > MAX_TEMPLATE:
+            fail(f"template {short(template)} is {len(template):,} characters; a template may have {MAX_TEMPLATE:,}")
+        try:  # parsed, never formatted with what it asks for ({:>99999999999} would allocate that much)
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                      if name is not None]
+        except ValueError:
+            fields = None
+        if fields is None or any(field != ("", "", None) for field in fields):
+            fail(f"template {short(template)} must use {{}} for the class name and no other braces, format specs or "
+                 "conversions (write {{ for a brace)")
+        if len(fields) != 1:
+            fail(f"template {short(template)} must hold {{}} exactly once, where the class name goes")
     return list(value)
 
 
@@ -106,7 +114,7 @@ def _descriptors(value: Any, names: list[str], classnames: list[str], fail) -> l
         key = str(key)
         index = names.index(key) if key in names else classnames.index(key) if key in classnames else None
         if index is None:
-            fail(f"descriptors names {key!r}, which is none of the classes ({', '.join(names)})")
+            fail(f"descriptors names {short(key)}, which is none of the classes ({', '.join(names)})")
         if out[index] is not None:
             fail(f"descriptors gives class {names[index]!r} twice")
         if not isinstance(entry, dict) or set(entry) - {"global", "local"}:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hica_bench.errors import UserError
-from hica_bench.files import read_config
+from hica_bench.files import read_config, short
 
 
 @dataclass
@@ -58,7 +58,7 @@ def load(path: str | Path) -> Suite:
     suite = Suite()
     for key, value in raw.items():
         if key not in KEYS:
-            raise UserError(f"{where}: unknown key {str(key)!r} (known: {', '.join(KEYS)})")
+            raise UserError(f"{where}: unknown key {short(str(key))} (known: {', '.join(KEYS)})")
         setattr(suite, key, _value(where, key, value))
     return suite
 
@@ -71,7 +71,7 @@ def int_list(text: str, option: str) -> list[int]:
         try:
             value = int(part)
         except ValueError:
-            raise UserError(f"{option} takes comma-separated whole numbers like 1,5,20; got {text!r}") from None
+            raise UserError(f"{option} takes comma-separated whole numbers like 1,5,20; got {short(text)}") from None
         if value not in values:
             values.append(value)
     return values
@@ -81,15 +81,15 @@ def name_list(text: str, option: str) -> list[str]:
     """A flag's ``"a,b:opt=1"`` -> ["a", "b:opt=1"]; empty names or a name given twice are a UserError."""
     names = [part.strip() for part in text.split(",")]
     if not text.strip() or any(not n for n in names):
-        raise UserError(f"{option} takes a comma-separated list of names; got {text!r}")
+        raise UserError(f"{option} takes a comma-separated list of names; got {short(text)}")
     if len(set(names)) != len(names):
-        raise UserError(f"{option} names something twice: {text!r}")
+        raise UserError(f"{option} names something twice: {short(text)}")
     return names
 
 
 def _value(where: str, key: str, value: Any) -> Any:
     def bad(expected: str) -> UserError:
-        return UserError(f"{where}: {key} must be {expected}, got {value!r}")
+        return UserError(f"{where}: {key} must be {expected}, got {short(value)}")
 
     if key in _NAMES or key in _NUMBERS:
         items = value.split(",") if isinstance(value, str) else value

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hica_bench.errors import UserError
-from hica_bench.files import file_lock
+from hica_bench.files import file_lock, read_regular
 from hica_bench.results.codec import jsonable
 from hica_bench.results.schema import SCHEMA_VERSION, CellResult, Status
 
@@ -86,10 +86,9 @@ class ResultsStore:
     def _read(self) -> bytes:
         if self.path.is_dir():
             raise UserError(f"results file {self.path} is a folder")
-        try:
-            return self.path.read_bytes() if self.path.exists() else b""
-        except OSError as exc:
-            raise UserError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        if not self.path.exists():
+            return b""
+        return read_regular(self.path, f"results file {self.path}")  # a FIFO or device is refused, not waited on
 
     def _records(self) -> list[tuple[int, dict[str, Any]]]:
         lines = self._read().split(b"\n")

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,16 @@ def _is_dicom_without_suffix(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def _unreadable(error: OSError) -> None:
+    """os.walk's error handler: a subfolder that cannot be read would lose its images without a word."""
+    raise UserError(f"cannot read folder {str(error.filename)!r} ({error.strerror or error}); its images would be "
+                    "left out: give read access or exclude it")
+
+
 def _images_below(folder: Path, root: Path, exclude: list[str], ignored: list[str]) -> list[tuple[Path, str]]:
     found = []
-    for current, dirs, files in os.walk(folder):  # a class folder may be a link; links below it are not followed
+    # a class folder may be a link; links below it are not followed
+    for current, dirs, files in os.walk(folder, onerror=_unreadable):
         dirs[:] = [d for d in dirs if _visible(d)]
         for name in files:
             if not _visible(name):
@@ -105,6 +113,13 @@ def _images_below(folder: Path, root: Path, exclude: list[str], ignored: list[st
             path = Path(current) / name
             relative = path.relative_to(root).as_posix()
             if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(relative, p) for p in exclude):
+                continue
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)  # after links; a FIFO would hang the reader
+            except OSError:
+                regular = False  # a dangling link
+            if not regular:
+                ignored.append(f"{relative} (not a regular file)")
                 continue
             suffix = path.suffix.lower()
             if suffix in SUFFIXES or (not suffix and _is_dicom_without_suffix(path)):
@@ -157,8 +172,24 @@ def _from_folders(root: Path, exclude: list[str]) -> Layout:
     if ignored:
         shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
         log.warning("%s: ignored %d files that are not images by their suffix (%s)", root, len(ignored), shown)
+    once(entries, f"{str(root)!r}")
     classes = class_order({e.label for e in entries})
     return Layout(kind, classes, entries, split_by)
+
+
+def once(entries: list[Entry], where: str) -> None:
+    """Refuses an image file reached under two names (a class folder that links to the root or to another class, a
+    hard link): it would count in two classes, or in train and test."""
+    seen: dict[tuple[int, int], Entry] = {}
+    for entry in entries:
+        try:
+            info = os.stat(entry.path)
+        except OSError:
+            continue  # reported when it is decoded
+        first = seen.setdefault((info.st_dev, info.st_ino), entry)
+        if first is not entry:
+            raise UserError(f"{where}: {first.name} and {entry.name} are the same file (a link): an image may be "
+                            "in one class and one split only; remove the link or exclude one of them")
 
 
 def _class_folders(folder: Path, root: Path, exclude: list[str], ignored: list[str], split: str | None) -> list[Entry]:

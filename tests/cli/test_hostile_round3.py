@@ -1,0 +1,197 @@
+"""Hostile input, round three (issue 31): hangs (class 5), unbounded input (class 2) and wrong data accepted silently
+(class 4) in suite files, prompt files, results files and folders of images. Each case is one line on stderr with
+exit 2 (or the documented warning), never a hang (pytest-timeout), a traceback or a message that echoes the whole
+unbounded value; every case runs in this process through the CLI's entry point."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TEST_PLUGINS, invoke
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert len(lines[0]) < 700, lines[0][:300]  # never the whole unbounded value
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _plugins(monkeypatch):
+    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
+
+
+def _fifo(path):
+    os.mkfifo(path)
+    return path
+
+
+def _socket(path):
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    return path
+
+
+def _images(root, classes=("benign", "malignant"), per_class=6, size=28):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def _run(tmp_path, medmnist_root, *args):
+    return invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--methods", "prototype", "--shots", "1",
+                  "--seeds", "0", "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache", *args)
+
+
+# --------------------------------------------------------------------------- class 5: read only regular files
+
+
+SPECIAL = {"fifo": _fifo, "socket": _socket}
+
+
+@pytest.mark.parametrize("what, suffix", [("fifo", ".toml"), ("fifo", ".yaml"), ("socket", ".toml"),
+                                          ("urandom", ".toml"), ("zero", ".yaml"), ("null", ".toml")])
+def test_a_suite_that_is_no_regular_file_is_one_line(what, suffix, tmp_path):
+    suite = tmp_path / f"suite{suffix}"
+    if what in SPECIAL:
+        SPECIAL[what](suite)
+    else:
+        suite.symlink_to(f"/dev/{what}")
+    code, _, err = invoke("run", "--suite", suite)
+    assert code == 2 and "is not a regular file" in _one_line(err)
+
+
+@pytest.mark.parametrize("what", ["fifo", "urandom"])
+def test_a_prompt_file_that_is_no_regular_file_is_one_line(what, tmp_path, medmnist_root):
+    prompts = tmp_path / "prompts.yaml"
+    _fifo(prompts) if what == "fifo" else prompts.symlink_to("/dev/urandom")
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", f"breastmnist:prompts={prompts}", "--out", tmp_path / "o")
+    assert code == 2 and "is not a regular file" in _one_line(err)
+
+
+@pytest.mark.parametrize("what", ["fifo", "socket"])
+def test_a_results_file_that_is_no_regular_file_is_one_line(what, tmp_path, medmnist_root):
+    (tmp_path / "out").mkdir()
+    SPECIAL[what](tmp_path / "out" / "results.jsonl")
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", "breastmnist", "--out", tmp_path / "out")
+    assert code == 2 and "is not a regular file" in _one_line(err)
+
+
+@pytest.mark.parametrize("name", ["stuck.png", "stuck", "stuck.dcm", "sock.png"])
+def test_a_fifo_or_socket_among_the_images_is_left_out_with_a_warning(name, tmp_path, medmnist_root):
+    root = _images(tmp_path / "data")
+    (_socket if name.startswith("sock") else _fifo)(root / "benign" / name)
+    code, out, err = _run(tmp_path, medmnist_root, "--datasets", f"folder:root={root}", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert f"benign/{name} (not a regular file)" in " ".join(err.split())  # the warning names it; the run went on
+
+
+# --------------------------------------------------------------------------- class 2: unbounded input
+
+
+def _deep(suffix: str, depth: int = 100_000) -> str:
+    if suffix == ".toml":
+        return "shots = " + "[" * depth + "]" * depth + "\n"
+    if suffix == ".json":
+        return '{"templates": ' + "[" * depth + "]" * depth + "}"
+    return "shots: " + "[" * depth + "]" * depth + "\n"
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_a_suite_nested_100000_deep_is_one_line(suffix, tmp_path):
+    suite = tmp_path / f"deep{suffix}"
+    suite.write_text(_deep(suffix))
+    code, _, err = invoke("run", "--suite", suite)
+    assert code == 2 and ("nests values deeper than" in _one_line(err) or "not valid" in err)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_prompt_file_nested_100000_deep_is_one_line(suffix, tmp_path, medmnist_root):
+    prompts = tmp_path / f"deep{suffix}"
+    prompts.write_text(_deep(suffix))
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", f"breastmnist:prompts={prompts}", "--out", tmp_path / "o")
+    assert code == 2 and ("nests values deeper than" in _one_line(err) or "not valid" in err)
+
+
+BOMB = ("shots: [&a [1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+        "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e], "
+        "&g [*f,*f,*f,*f,*f,*f,*f,*f,*f], &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]]\n")
+
+
+def test_a_yaml_alias_bomb_is_one_short_line(tmp_path):
+    suite = tmp_path / "bomb.yaml"
+    suite.write_text(BOMB)
+    code, _, err = invoke("run", "--suite", suite)
+    assert code == 2 and "shots must be a non-empty list of whole numbers" in _one_line(err)
+
+
+@pytest.mark.parametrize("template", ["{:>99999999999}", "a photo of {!r}", "{0} and {}", "{x}", "{} {}", "{:d}",
+                                      "x" * 200_000 + "{}"])
+def test_a_template_that_asks_for_too_much_is_one_line(template, tmp_path, medmnist_root):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('{"templates": [%s]}' % __import__("json").dumps(template))
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", f"breastmnist:prompts={prompts}", "--out", tmp_path / "o")
+    assert code == 2 and "template" in _one_line(err)
+
+
+@pytest.mark.parametrize("option", ["--shots", "--seeds", "--datasets", "--methods"])
+def test_a_200000_character_flag_is_one_short_line(option, tmp_path):
+    code, _, err = invoke("run", option, "1," * 100_000 if option in ("--shots", "--seeds") else "x" * 200_000 + ",,")
+    assert code == 2
+    _one_line(err)
+
+
+def test_a_suite_file_larger_than_a_megabyte_is_one_line(tmp_path):
+    suite = tmp_path / "large.toml"
+    suite.write_text("# " + "x" * (2 << 20) + "\nshots = [1]\n")
+    code, _, err = invoke("run", "--suite", suite)
+    assert code == 2 and "more than the" in _one_line(err)
+
+
+# --------------------------------------------------------------------------- class 4: wrong data accepted silently
+
+
+def test_a_yaml_suite_with_a_key_given_twice_is_refused(tmp_path):
+    suite = tmp_path / "twice.yaml"
+    suite.write_text("shots: [1]\nseeds: [0]\nshots: [5]\n")
+    code, _, err = invoke("run", "--suite", suite)
+    assert code == 2 and "the key 'shots' is given twice" in _one_line(err)
+
+
+@pytest.mark.parametrize("link", ["class-to-root", "class-to-class", "hard-link"])
+def test_an_image_reached_under_two_names_is_refused(link, tmp_path, medmnist_root):
+    root = _images(tmp_path / "data")
+    if link == "class-to-root":
+        (root / "loop").symlink_to(root, target_is_directory=True)
+    elif link == "class-to-class":
+        (root / "also-benign").symlink_to(root / "benign", target_is_directory=True)
+    else:
+        os.link(root / "benign" / "0.png", root / "malignant" / "copy.png")
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", f"folder:root={root}", "--out", tmp_path / "o")
+    assert code == 2 and "are the same file (a link)" in _one_line(err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder whatever its permissions")
+def test_a_subfolder_that_cannot_be_read_is_refused_not_skipped(tmp_path, medmnist_root):
+    root = _images(tmp_path / "data")
+    hidden = root / "benign" / "more"
+    _images(hidden, classes=("x",))
+    hidden.chmod(0)
+    try:
+        code, _, err = _run(tmp_path, medmnist_root, "--datasets", f"folder:root={root}", "--out", tmp_path / "o")
+    finally:
+        hidden.chmod(stat.S_IRWXU)
+    assert code == 2 and "cannot read folder" in _one_line(err)
