@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from hica_bench.errors import UserError
+from hica_bench.files import short
 from hica_bench.extraction.encode import REFERENCE_PASSES
 from hica_bench.metrics import HEADLINE, aggregate
 from hica_bench.results import LEGACY, Origin, ResultsStore, Status, origin_differences
@@ -183,14 +184,23 @@ def _load_leaderboard(path: Path, role: str) -> Side:
                    None if pd.isna(row["corruption"]) else str(row["corruption"]),
                    None if pd.isna(row["severity"]) else int(row["severity"]))
             seeds = frozenset(int(s) for s in str(row["seeds"]).split(",")) if "seeds" in row else None
-            cells[key] = {"status": "ok", "reason": None, "seeds": seeds, "n": int(row["n"]), **{s: float(row[s]) for s in stats}}
+            values = {s: float(row[s]) for s in stats}
+            bad = [s for s, v in values.items() if not (math.isnan(v) or (0 <= v <= 1 if s.endswith("_mean") else v >= 0))
+                   or math.isinf(v)]
+            if bad or int(row["n"]) < 1 or key[4] < 1:
+                raise ValueError(f"{bad[0]} = {values[bad[0]]}, outside [0, 1]" if bad else "n and k must be >= 1")
+            cells[key] = {"status": "ok", "reason": None, "seeds": seeds, "n": int(row["n"]), **values}
             if "origin" in row:
                 origins[key] = str(row["origin"])
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{role} {str(path)!r}: malformed row {row.get('dataset')} {row.get('method')} ({exc})") from None
-        ips, ref = row.get("encoder_images_per_s_mean"), row.get("reference_images_per_s_mean")
-        if ips and ref and not (pd.isna(ips) or pd.isna(ref)):
-            efficiencies.setdefault(key[:3], []).append(float(ips) / float(ref))
+            ips, ref = row.get("encoder_images_per_s_mean"), row.get("reference_images_per_s_mean")
+            if ips and ref and not (pd.isna(ips) or pd.isna(ref)):
+                ratio = float(ips) / float(ref)
+                if not math.isfinite(ratio) or ratio <= 0:
+                    raise ValueError("the throughput columns must be positive numbers")
+                efficiencies.setdefault(key[:3], []).append(ratio)
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+            raise UserError(f"{role} {str(path)!r}: malformed row {short(row.get('dataset'), 40)} "
+                            f"{short(row.get('method'), 40)} ({short(str(exc), 120)[1:-1]})") from None
     return Side(path, cells, None, {k: float(np.median(v)) for k, v in efficiencies.items()}, origins=origins)
 
 

@@ -74,11 +74,14 @@ def cache_root(cli_value: str | None) -> Path:
     return writable_dir(Path(value).expanduser(), "cache directory")
 
 
+MAX_SIZE = 2048  #: the largest image side a dataset may be read at (--size): 2048² × 3 bytes an image
+
+
 def check_size(size: int) -> int:
     """``--size``: the image side of the dataset files, a positive number of pixels (each dataset plugin says which
     sizes it has)."""
-    if size < 1:
-        raise UserError(f"--size must be positive, got {size}")
+    if not 1 <= size <= MAX_SIZE:
+        raise UserError(f"--size must be 1 to {MAX_SIZE} pixels, got {size}")
     return size
 
 

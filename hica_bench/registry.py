@@ -29,7 +29,7 @@ import pluggy
 
 from hica_bench import hookspecs
 from hica_bench.errors import PLUGIN_FAULTS, UserError, fault_text
-from hica_bench.files import digest, file_sha256
+from hica_bench.files import digest, file_sha256, short
 from hica_bench.interfaces import COMPONENT_KINDS, KINDS, PluginSpec, SpecError, declaration_problem
 from hica_bench.results import Component
 
@@ -355,7 +355,11 @@ def load_registry(modules: Iterable[str] = ()) -> Registry:
     """Entry points (per the environment variables above), then ``modules``. ``load_errors`` is complete
     once the specs have been collected (the first :meth:`Registry.specs` call)."""
     registry = Registry()
-    allowed = [name.strip() for name in os.environ.get(ALLOW_ENV, "").split(",") if name.strip()] or None
+    given = os.environ.get(ALLOW_ENV, "")
+    allowed = [name.strip() for name in given.split(",")] if given else None
+    if allowed is not None and not all(allowed):  # " , " names nothing: refused, as --plugins-only refuses it
+        raise UserError(f"${ALLOW_ENV} takes a comma-separated list of distribution names; got {short(given)} "
+                        "(unset it to load every installed plugin)")
     if os.environ.get(DISABLE_AUTOLOAD_ENV):
         if allowed:
             raise UserError(f"{DISABLE_AUTOLOAD_ENV} turns entry-point plugins off, yet ${ALLOW_ENV} / --plugins-only "

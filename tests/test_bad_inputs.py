@@ -127,8 +127,11 @@ CASES = [
     Case("device", ["--device", "tpu"], "--device must be auto, cpu or cuda"),
     # encoder execution (issue 8)
     Case("backend-unknown", ["--backend", "tensorrt"], "--backend must be one of auto, eager, onnxruntime; got 'tensorrt'"),
-    Case("batch-size-negative", ["--batch-size", "-1"], "--batch-size must be >= 0 (0 = choose by measurement), got -1"),
-    Case("threads-negative", ["--threads", "-2"], "--threads must be >= 0 (0 = choose by measurement), got -2"),
+    Case("batch-size-negative", ["--batch-size", "-1"], "--batch-size must be 0 (choose by measurement) to 4096, got -1"),
+    Case("threads-negative", ["--threads", "-2"], "--threads must be 0 (choose by measurement) to 1024, got -2"),
+    Case("threads-unbounded", ["--threads", "100000"], "--threads must be 0 (choose by measurement) to 1024, got 100000"),
+    Case("batch-size-unbounded", ["--batch-size", "10000000"], "--batch-size must be 0 (choose by measurement) to 4096"),
+    Case("size-unbounded", ["--size", "10000000"], "--size must be 1 to 2048 pixels, got 10000000"),
     Case("backend-onnxruntime-cannot-run", ["--backend", "onnxruntime"],
          "--backend onnxruntime cannot run encoder 'test-pixels-16px-v1': the encoder does not expose its image module"),
     Case("size-not-a-number", ["--size", "big"], "Invalid value for '--size'"),

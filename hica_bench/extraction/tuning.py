@@ -43,6 +43,8 @@ from hica_bench.interfaces import EncoderCard, EncoderPair
 from hica_bench.environment import device_name
 
 TUNING_VERSION = 2  #: 2: the key is worked out without torch; the probe is budgeted
+MAX_BATCH = 4096  #: the most images one encoder batch may hold (--batch-size)
+MAX_THREADS = 1024  #: the most CPU threads an encoder may be given (--threads)
 CPU_BATCHES = (8, 16, 32, 64)
 CUDA_BATCHES = (32, 64, 128, 256)
 #: a candidate must beat the best so far by this factor to displace it (probe noise is a few percent)
@@ -84,9 +86,9 @@ class Requested:
     def __post_init__(self) -> None:
         if self.backend not in ("auto", *BACKENDS):
             raise UserError(f"--backend must be one of auto, {', '.join(BACKENDS)}; got {self.backend!r}")
-        for option, value in (("--batch-size", self.batch_size), ("--threads", self.threads)):
-            if not isinstance(value, int) or value < 0:
-                raise UserError(f"{option} must be >= 0 (0 = choose by measurement), got {value}")
+        for option, value, most in (("--batch-size", self.batch_size, MAX_BATCH), ("--threads", self.threads, MAX_THREADS)):
+            if not isinstance(value, int) or not 0 <= value <= most:
+                raise UserError(f"{option} must be 0 (choose by measurement) to {most}, got {value}")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -74,6 +75,18 @@ class Metrics:
     #: expected calibration error of the predicted class's probability, 15 equal-width bins (Guo et al. 2017); None in
     #: records before schema 5
     ece: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("acc", "auc", "f1_macro", "balanced_acc", "ece"):
+            value = getattr(self, name)
+            if value is None and name == "ece":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"metrics.{name} must be a number, got {type(value).__name__}")
+            if math.isnan(value) and name == "auc":  # undefined with one class evaluated
+                continue
+            if not 0 <= value <= 1:  # NaN and infinity fail this too
+                raise ValueError(f"metrics.{name} must be a fraction in [0, 1], got {value}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -8,7 +8,6 @@ skips it and the next append cuts it off before writing (it was never a finished
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import logging
@@ -156,10 +155,10 @@ class ResultsStore:
         result.finished_at = result.finished_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
         line = (result.to_json() + "\n").encode()
         problem = _unreadable(line)
-        if problem is not None:
-            result = dataclasses.replace(result, status=Status.FAILED, metrics=None, per_class=None, calibration=None,
-                                         fit_info=None, adapted_encoder=None, predictions=None,
-                                         reason=f"the cell's record could not be written as it was ({problem})")
+        if problem is not None:  # the cell's failure: its identity, where and when it ran, and why, nothing else
+            result = CellResult(result.key, result.identity, Status.FAILED, environment=result.environment,
+                                finished_at=result.finished_at,
+                                reason=f"the cell's record could not be written as it was ({problem})")
             line = (result.to_json() + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -195,3 +195,65 @@ def test_a_subfolder_that_cannot_be_read_is_refused_not_skipped(tmp_path, medmni
     finally:
         hidden.chmod(stat.S_IRWXU)
     assert code == 2 and "cannot read folder" in _one_line(err)
+
+
+@pytest.mark.parametrize("row, message", [
+    ("0.png," + "x" * 200_000, "is not a CSV this reads"),
+    ("0.png," + "x" * 1000, "a label of 1,000 characters; at most 200"),
+    ("0\0.png,a", "NUL"),
+    ("x" * 5000 + ".png,a", "a path of 5,004 characters"),
+])
+def test_a_manifest_with_an_unbounded_or_nul_field_is_one_line(row, message, tmp_path, medmnist_root):
+    root = _images(tmp_path / "data")
+    manifest = tmp_path / "data" / "list.csv"
+    manifest.write_text(f"path,label\n{row}\nbenign/1.png,benign\nmalignant/0.png,malignant\n")
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", f"folder:root={manifest}", "--out", tmp_path / "o")
+    assert code == 2 and message in _one_line(err)
+
+
+@pytest.mark.parametrize("value", [" , ", ",", " ", "a,,b"])
+def test_an_allow_list_that_names_nothing_is_refused(value, monkeypatch):
+    monkeypatch.setenv("HICA_BENCH_PLUGINS", value)
+    code, _, err = invoke("list", "method")
+    assert code == 2 and "$HICA_BENCH_PLUGINS takes a comma-separated list of distribution names" in _one_line(err)
+
+
+def _leaderboard_csv(tmp_path, medmnist_root) -> tuple:
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", "breastmnist", "--out", tmp_path / "out", "--no-report")
+    assert code == 0, err
+    return tmp_path / "out" / "leaderboard.csv", (tmp_path / "out" / "leaderboard.csv").read_text().splitlines()
+
+
+@pytest.mark.parametrize("column, value", [("k", "inf"), ("k", "-1"), ("n", "0"), ("acc_mean", "7.5"),
+                                           ("acc_mean", "inf"), ("auc_std", "-3"),
+                                           ("encoder_images_per_s_mean", "fast"), ("reference_images_per_s_mean", "-2")])
+def test_a_baseline_csv_with_impossible_numbers_is_one_line(column, value, tmp_path, medmnist_root):
+    path, lines = _leaderboard_csv(tmp_path, medmnist_root)
+    header = lines[0].split(",")
+    if column not in header:
+        pytest.skip(f"{column} is not a column of this leaderboard")
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO("\n".join(lines))))
+    rows[1][header.index(column)] = value
+    baseline = tmp_path / "baseline.csv"
+    with baseline.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    code, _, err = invoke("check", "--baseline", baseline, "--results", tmp_path / "out")
+    assert code == 2 and "malformed row" in _one_line(err)
+
+
+@pytest.mark.parametrize("metric, value", [("acc", "Infinity"), ("acc", "7.5"), ("auc", "-3"), ("ece", "NaN"),
+                                           ("balanced_acc", "-0.1")])
+def test_a_record_with_impossible_metrics_is_not_published(metric, value, tmp_path, medmnist_root):
+    _leaderboard_csv(tmp_path, medmnist_root)
+    results = tmp_path / "out" / "results.jsonl"
+    import json as _json
+
+    record = _json.loads(results.read_text().splitlines()[0])
+    text = _json.dumps(record).replace(f'"{metric}": {_json.dumps(record["metrics"][metric])}', f'"{metric}": {value}', 1)
+    results.write_text(text + "\n")
+    for command in (["leaderboard", tmp_path / "out"], ["report", tmp_path / "out", "--out", tmp_path / "r"]):
+        code, _, err = invoke(*command)
+        assert code == 2 and f"metrics.{metric} must be a fraction in [0, 1]" in _one_line(err)

@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -63,17 +64,34 @@ def test_whatever_fit_info_holds_the_appended_record_reads_back(tmp_path_factory
 
 
 @FAST
-@given(acc=st.sampled_from([math.nan, math.inf, -math.inf, 0.25]))
-def test_a_record_that_would_not_read_back_is_written_as_the_cells_failure(tmp_path_factory, acc):
-    """A failed record with metrics (what a failure after scoring used to write) cannot be read back; the store writes
-    the cell's failure instead, and the file stays readable."""
+@given(variant=st.sampled_from(["failed with metrics", "ok without metrics", "n_test as text", "n_support as a fraction"]))
+def test_a_record_that_would_not_read_back_is_written_as_the_cells_failure(tmp_path_factory, variant):
+    """A record the schema cannot read back (what a failure after scoring used to write, a plugin's odd values) is
+    written as the cell's failure instead, and the file stays readable."""
     store = ResultsStore(tmp_path_factory.mktemp("store") / "results.jsonl")
     store.append(result(0))
-    broken = dataclasses.replace(result(1, acc=acc), status=Status.FAILED, reason="boom")
+    broken = {"failed with metrics": lambda r: dataclasses.replace(r, status=Status.FAILED, reason="boom"),
+              "ok without metrics": lambda r: dataclasses.replace(r, metrics=None),
+              "n_test as text": lambda r: dataclasses.replace(r, status=Status.FAILED, metrics=None, n_test="many"),
+              "n_support as a fraction": lambda r: dataclasses.replace(r, n_support=-1.5)}[variant](result(1))
     store.append(broken)
     loaded = store.load()
     assert len(loaded) == 2 and loaded[broken.cell_id].status is Status.FAILED
     assert loaded[broken.cell_id].metrics is None and "could not be written as it was" in loaded[broken.cell_id].reason
+
+
+@FAST
+@given(name=st.sampled_from(["acc", "auc", "f1_macro", "balanced_acc", "ece"]),
+       value=st.sampled_from([math.inf, -math.inf, 7.5, -3.0, math.nan, 1.0000001]))
+def test_metrics_outside_0_1_are_refused_where_they_are_read(name, value):
+    """A record claiming ACC = Infinity or 7.5, AUC = -3 is not published: the schema refuses it (NaN AUC alone is
+    allowed: one class evaluated)."""
+    values = {"acc": 0.5, "auc": 0.5, "f1_macro": 0.5, "balanced_acc": 0.5, "ece": 0.1, name: value}
+    if name == "auc" and math.isnan(value):
+        assert math.isnan(Metrics(**values).auc)
+        return
+    with pytest.raises(ValueError, match=f"metrics.{name}"):
+        Metrics(**values)
 
 
 # a cell's records: its seed, and for each file a list of attempts (failed or ok) written there in order

@@ -37,6 +37,8 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SUFFIXES = PILLOW_SUFFIXES + DICOM_SUFFIXES
+MAX_LABEL = 200  #: characters of a class name in a CSV manifest
+MAX_PATH = 4096  #: characters of a path in a CSV manifest (PATH_MAX)
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,10 @@ def _from_csv(manifest: Path) -> Layout:
         text = manifest.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSV) is not a column name
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"manifest {where} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
-    rows = csv.reader(text.splitlines())
+    try:
+        rows = iter(list(csv.reader(text.splitlines())))
+    except csv.Error as exc:  # a field longer than csv's limit (131,072 characters), a NUL byte
+        raise UserError(f"manifest {where} is not a CSV this reads ({' '.join(str(exc).split())[:120]})") from None
     header = next(rows, None)
     if not header:
         raise UserError(f"manifest {where} is empty; it needs a header row path,label[,split] and one row per image")
@@ -236,6 +241,11 @@ def _from_csv(manifest: Path) -> Layout:
         name, label = row[at["path"]].strip(), row[at["label"]].strip()
         if not name or not label:
             raise UserError(f"manifest {where} line {line}: empty {'path' if not name else 'label'}")
+        if len(label) > MAX_LABEL or len(name) > MAX_PATH:
+            what, length, most = ("label", len(label), MAX_LABEL) if len(label) > MAX_LABEL else ("path", len(name), MAX_PATH)
+            raise UserError(f"manifest {where} line {line}: a {what} of {length:,} characters; at most {most:,}")
+        if "\0" in name:
+            raise UserError(f"manifest {where} line {line}: the path holds a NUL byte")
         split = None
         if "split" in at:
             given = row[at["split"]].strip()
