@@ -75,6 +75,7 @@ class Section:
     tests: dict[tuple[str, str, int], stats.Paired] = field(default_factory=dict)  # (metric, row label, k) -> test
     reference: Row | None = None
     bootstrap: dict[tuple[str, int], tuple[float, float, int]] = field(default_factory=dict)
+    bootstrapped: int = 0  #: cells whose saved predictions the bootstrap read
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -154,8 +155,17 @@ def bootstrap(section: Section, resamples: int, folders: dict[str, Path]) -> Non
                 folder = folders.get(r.cell_id)
                 if not r.predictions or folder is None or not (folder / r.predictions).is_file():
                     continue
-                with np.load(folder / r.predictions, allow_pickle=False) as saved:
-                    labels, proba = saved["labels"], saved["proba"]
+                path = folder / r.predictions
+                try:
+                    with np.load(path, allow_pickle=False) as saved:
+                        labels, proba = np.asarray(saved["labels"]), np.asarray(saved["proba"], dtype=np.float64)
+                    if proba.ndim != 2 or labels.shape != proba.shape[:1] or not np.isfinite(proba).all():
+                        raise ValueError(f"labels {labels.shape} and probabilities {proba.shape} do not fit")
+                except Exception as exc:  # not an npz, another layout, a pickle, a truncated file
+                    raise UserError(f"saved predictions {path} cannot be read ({type(exc).__name__}: "
+                                    f"{' '.join(str(exc).split())[:160]}); rerun that cell with --save-predictions "
+                                    "--force or drop --bootstrap") from None
+                section.bootstrapped += 1
                 found = stats.bootstrap_interval(labels, proba, lambda y, p: accuracy_score(y, p.argmax(1)), resamples,
                                                  seed=seed)
                 if found is not None:
@@ -367,6 +377,10 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         paired_tests(section, chosen)
         if resamples:
             bootstrap(section, resamples, folders or {})
+    bootstrapped = sum(section.bootstrapped for section in found)
+    if resamples and not bootstrapped:
+        raise UserError("--bootstrap needs the test predictions each cell saved (`hica-bench run --save-predictions`); "
+                        "none of these results has them")
     ranked = rankings(found)
     for ranking in ranked:
         name = (re.sub(r"[^A-Za-z0-9]+", "-", f"{ranking.encoder}-{ranking.size}").strip("-")[:48] + "-"
@@ -408,6 +422,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     page = environment.get_template("report.html.j2").render(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), sources=sources or [],
         sections=pages, rankings=ranked, reference=chosen, test=stats.TEST, alpha=stats.ALPHA, resamples=resamples,
+        bootstrapped=bootstrapped, n_cells=sum(r.status is Status.OK for r in results),
         environment=_environment(results), n_results=len(results), robustness=robustness,
         explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
         robustness_note=ROBUSTNESS_NOTE.replace("`", ""),

@@ -257,3 +257,55 @@ def test_a_record_with_impossible_metrics_is_not_published(metric, value, tmp_pa
     for command in (["leaderboard", tmp_path / "out"], ["report", tmp_path / "out", "--out", tmp_path / "r"]):
         code, _, err = invoke(*command)
         assert code == 2 and f"metrics.{metric} must be a fraction in [0, 1]" in _one_line(err)
+
+
+def test_report_bootstrap_without_saved_predictions_says_so(tmp_path, medmnist_root):
+    _leaderboard_csv(tmp_path, medmnist_root)  # a run without --save-predictions
+    code, _, err = invoke("report", tmp_path / "out", "--out", tmp_path / "r", "--bootstrap", "100")
+    assert code == 2 and "--bootstrap needs the test predictions each cell saved" in _one_line(err)
+
+
+@pytest.mark.parametrize("content", [b"not an npz", b"PK\x03\x04broken", "pickle", "other-layout", "nan"])
+def test_report_bootstrap_on_predictions_that_are_not_ours_is_one_line(content, tmp_path, medmnist_root):
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", "breastmnist", "--out", tmp_path / "out", "--no-report",
+                        "--save-predictions")
+    assert code == 0, err
+    (saved,) = (tmp_path / "out" / "predictions").glob("*.npz")
+    if content == "pickle":
+        np.save(saved.with_suffix(".tmp.npy"), np.array([object()], dtype=object), allow_pickle=True)
+        saved.write_bytes(saved.with_suffix(".tmp.npy").read_bytes())
+    elif content == "other-layout":
+        np.savez(saved.with_suffix(""), labels=np.zeros(3), proba=np.zeros(3))
+    elif content == "nan":
+        np.savez(saved.with_suffix(""), labels=np.zeros(3, int), proba=np.full((3, 2), np.nan))
+    else:
+        saved.write_bytes(content)
+    code, _, err = invoke("report", tmp_path / "out", "--out", tmp_path / "r", "--bootstrap", "100")
+    assert code == 2 and "saved predictions" in _one_line(err) and "cannot be read" in err
+
+
+@pytest.mark.parametrize("case", ["nan-float-tiff", "inf-float-tiff", "long-pad", "tall-pad"])
+def test_an_image_that_cannot_be_scaled_or_squared_is_a_bad_image(case, tmp_path, medmnist_root):
+    root = _images(tmp_path / "data")
+    bad = root / "benign" / ("odd.tif" if "tiff" in case else "odd.png")
+    if "tiff" in case:
+        values = np.random.default_rng(0).random((28, 28)).astype(np.float32)
+        values[3, 3] = np.nan if case.startswith("nan") else np.inf
+        Image.fromarray(values).save(bad)
+    else:
+        Image.fromarray(np.zeros((4, 300_000) if case == "long-pad" else (300_000, 4), np.uint8)).save(bad)
+    args = ("--datasets", f"folder:root={root}:resize=pad", "--out", tmp_path / "o")
+    code, _, err = _run(tmp_path, medmnist_root, *args)
+    assert code == 2 and "odd." in _one_line(err)
+    assert ("NaN or infinite" if "tiff" in case else "pad square would be 300,000² pixels") in err
+    code, _, err = _run(tmp_path, medmnist_root, *args, "--skip-bad-images")  # the flag leaves it out
+    assert code == 0, err
+
+
+def test_skipping_bad_images_must_not_leave_a_class_without_test_images(tmp_path, medmnist_root):
+    root = _images(tmp_path / "data")
+    for path in (root / "malignant").iterdir():
+        path.write_bytes(b"not an image")
+    code, _, err = _run(tmp_path, medmnist_root, "--datasets", f"folder:root={root}", "--skip-bad-images",
+                        "--out", tmp_path / "o")
+    assert code == 2 and "class malignant has no" in _one_line(err) and "--skip-bad-images" in err

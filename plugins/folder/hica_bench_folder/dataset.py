@@ -154,8 +154,6 @@ class FolderDataset:
                                 "(or skip_bad_images=true) to leave such files out")
             bad = {i for i, _ in problems}
             keep = [i for i in range(n) if i not in bad]
-            for i, why in problems:
-                log.warning("skipped %s: %s", entries[i].path, why)
             images = _new_array(partial / "images.npy",
                                 (len(keep), size, size, 3) if colour.any() else (len(keep), size, size))
             for start in range(0, len(keep), 1024):  # grey datasets keep one channel; grey images in RGB ones are tripled
@@ -165,6 +163,14 @@ class FolderDataset:
             del images, rgb
             (partial / "rgb.npy").unlink()
             kept = [entries[i] for i in keep]
+            for split in ("train", "test"):  # the files left out must not leave a class without images (as above)
+                missing = [c for c in self.class_names if not any(e.label == c and e.split == split for e in kept)]
+                if missing:
+                    raise UserError(f"{self.root}: with its {len(problems)} unreadable files left out "
+                                    f"(--skip-bad-images), class {', '.join(missing)} has no {split} images; fix or "
+                                    "replace those files")
+            for i, why in problems:
+                log.warning("skipped %s: %s", entries[i].path, why)
             labels = np.array([self.class_names.index(e.label) for e in kept], np.int64)
             np.save(partial / "labels.npy", labels, allow_pickle=False)
             ranges, start = {}, 0

@@ -27,6 +27,7 @@ import numpy as np
 from hica_bench_folder.layout import PILLOW_SUFFIXES
 
 RESIZE = ("crop", "pad", "stretch")
+MAX_SQUARE = 1 << 28  #: pixels of the centred square an image is cropped or padded to before resizing (16,384²)
 
 
 class BadImage(Exception):
@@ -44,6 +45,11 @@ def decode(path: Path, size: int, resize: str = "crop") -> np.ndarray:
         raise BadImage(f"cannot be decoded ({type(exc).__name__}: {_short(exc)})") from None
     if pixels.ndim == 3 and (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all():
         pixels = pixels[..., 0]  # grey saved as RGB
+    height, width = pixels.shape[:2]
+    side = max(height, width) if resize == "pad" else min(height, width) if resize == "crop" else 0
+    if side * side > MAX_SQUARE:  # checked before anything that large is allocated
+        raise BadImage(f"is {height:,} x {width:,} pixels: its {resize} square would be {side:,}² pixels, more than "
+                       f"{MAX_SQUARE:,}; resize it first or use resize=stretch")
     return square(np.ascontiguousarray(pixels), size, resize)
 
 
@@ -56,6 +62,8 @@ def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        raise BadImage("holds NaN or infinite pixel values (its minimum and maximum, which scale it, are undefined)")
     return to_uint8(values, float(values.min()), float(values.max()))
 
 
