@@ -11,12 +11,14 @@ pydicom and numpy release the GIL while they work) and is shown as a counted ste
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +32,28 @@ from hica_bench_folder import decode, layout
 
 DECODER_VERSION = 1  #: bump when decoding changes any pixel: every folder dataset's identity changes with it
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _decoders_quiet():
+    """While images decode: pydicom's log records and warnings go to the debug log instead of stderr (a run's stderr
+    holds hica-bench's own lines); yields the list of files whose window blanked the image (:class:`decode.FlatWindow`),
+    filled when the block ends."""
+    pydicom_log = logging.getLogger("pydicom")
+    propagate = pydicom_log.propagate
+    flat: list[str] = []
+    pydicom_log.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield flat
+        for warning in caught:
+            if issubclass(warning.category, decode.FlatWindow):
+                flat.append(str(warning.message).split(": its window")[0])
+            else:
+                log.debug("decoding: %s: %s", warning.category.__name__, warning.message)
+    finally:
+        pydicom_log.propagate = propagate
 
 
 def workers() -> int:
@@ -63,11 +87,12 @@ class FolderDataset:
     CSV's folder's) name. ``exclude``: glob patterns (separated by ``|``) of files to leave out, matched on the name
     or the path below root. ``val_fraction`` / ``test_fraction`` / ``split_seed``: the seeded split of a folder
     without one; ``resize``: crop, pad or stretch to ``size``; ``skip_bad_images``: leave out (and count) unreadable
-    files instead of stopping."""
+    files instead of stopping; ``window``: a DICOM image's grey levels by the file's own window or VOI LUT (``file``)
+    or by the image's minimum and maximum (``min-max``, for windows that blank whole images)."""
 
     def __init__(self, root: str, size: int, cache_dir: Path, *, name: str = "", exclude: str = "", val_fraction: float = 0.1,
                  test_fraction: float = 0.2, split_seed: int = 0, resize: str = "crop", skip_bad_images: bool = False,
-                 download: bool = True) -> None:
+                 window: str = "file", download: bool = True) -> None:
         if not root:
             raise UserError("the folder dataset needs root=PATH: a folder of class folders, of train/val/test "
                             "folders, or a CSV manifest (e.g. --datasets folder:root=data/busi)")
@@ -75,7 +100,7 @@ class FolderDataset:
         if val_fraction + test_fraction >= 1:
             raise UserError(f"folder: val_fraction + test_fraction must leave images for training, got "
                             f"{val_fraction:g} + {test_fraction:g}")
-        self.size, self.resize = size, resize
+        self.size, self.resize, self.window = size, resize, window
         found = layout.find(self.root, exclude, val_fraction, test_fraction, split_seed)
         # a CSV's dataset is named after its folder (manifests are called labels.csv, split.csv...): the split.csv a
         # seeded split records, put in the dataset's root, then has the folder's name, hence its support sets
@@ -96,7 +121,8 @@ class FolderDataset:
         cache_dir = Path(cache_dir)
         hashes = self._digests(entries, cache_dir)
         key = digest(["folder", DECODER_VERSION, size, resize, skip_bad_images,
-                      [[e.name, e.label, e.split, h] for e, h in zip(entries, hashes)]])
+                      [[e.name, e.label, e.split, h] for e, h in zip(entries, hashes)]]
+                     + ([{"window": window}] if window != "file" else []))  # the default keeps earlier identities
         self.identity = f"folder/{self.name}@{size}/sha256:{key}"
         safe = re.sub(r"[^\w.-]+", "_", self.name)
         self.folder = cache_dir / "datasets" / f"{safe}-{size}px-{key[:20]}"
@@ -137,15 +163,18 @@ class FolderDataset:
 
             def one(i: int) -> None:
                 try:
-                    pixels = decode.decode(entries[i].path, size, self.resize)
+                    pixels = decode.decode(entries[i].path, size, self.resize, self.window)
                 except decode.BadImage as exc:
                     problems.append((i, str(exc)))
                 else:
                     colour[i] = pixels.ndim == 3
                     rgb[i] = pixels[..., None] if pixels.ndim == 2 else pixels
-            with ThreadPoolExecutor(workers()) as pool:
+            with _decoders_quiet() as flat, ThreadPoolExecutor(workers()) as pool:
                 for _ in pool.map(one, range(n)):
                     advance(1)
+            if flat:
+                log.warning("%s: %d DICOM files have a window that maps the whole image to one grey level (first: %s); "
+                            "window=min-max scales them by their own range", self.root, len(flat), flat[0])
             problems.sort()
             if problems and not skip_bad:
                 i, why = problems[0]
@@ -185,7 +214,7 @@ class FolderDataset:
             (partial / "split.csv").write_text(record.getvalue(), encoding="utf-8")
             (partial / "dataset.json").write_text(json.dumps({
                 "identity": self.identity, "root": str(self.root), "layout": self.layout, "split_by": self.split_by,
-                "classes": self.class_names, "size": size, "resize": self.resize, "channels": 3 if colour.any() else 1,
+                "classes": self.class_names, "size": size, "resize": self.resize, "window": self.window, "channels": 3 if colour.any() else 1,
                 "splits": ranges, "skipped": [[entries[i].name, why] for i, why in problems],
             }, indent=1), encoding="utf-8")
         self.decoded = n
@@ -229,7 +258,8 @@ SPECS = [
         "or root=FILE.csv (path,label[,split]); PNG, JPEG, TIFF, BMP, DICOM; decoded once at --size into the cache",
         FolderDataset,
         {"val_fraction": Option(low=0, high=0.9), "test_fraction": Option(low=0, high=0.9, low_open=True),
-         "split_seed": Option(low=0), "resize": Option(choices=("crop", "pad", "stretch"))},
+         "split_seed": Option(low=0), "resize": Option(choices=("crop", "pad", "stretch")),
+         "window": Option(choices=("file", "min-max"))},
         defaults={"root": ""},  # root is a fixed argument (the data root) without a default: offered as an option
     ),
 ]

@@ -9,7 +9,12 @@
   one, whose output range is mapped linearly to 0..255; otherwise the image's own minimum and maximum are. MONOCHROME1
   is inverted (``255 - x``) so that bright is dense on every image. Colour DICOM (``SamplesPerPixel`` 3) is read as
   RGB (pydicom converts YBR). Compressed transfer syntaxes decode through the plugins pydicom uses (RLE natively,
-  JPEG baseline through Pillow, the others through pylibjpeg or GDCM: ``pip install hica-bench-folder[dicom-jpeg]``).
+  JPEG baseline and JPEG 2000 through Pillow (with its OpenJPEG), JPEG-LS and lossless JPEG through pylibjpeg or GDCM:
+  ``pip install hica-bench-folder[dicom-jpeg]``). ``PALETTE COLOR`` images go through their colour table to RGB. A
+  data set without the 128-byte preamble is read when it parses as DICOM (it names its SOP class, modality, study or
+  rows). A window that maps a whole
+  image to one grey level (a CT window far from the slice's values) gives a blank image and a warning (:class:`FlatWindow`);
+  the dataset option ``window=min-max`` scales every DICOM image by its own minimum and maximum instead of its window.
   Multi-frame files are refused (volumes are another dataset kind).
 - **Resize** to the dataset's ``size`` when the image is not already ``size`` x ``size``: ``crop`` (default, as
   MedMNIST did for its chest X-rays) takes the centred square on the shorter side; ``pad`` pads the shorter side with
@@ -34,11 +39,12 @@ class BadImage(Exception):
     """The file is not a readable image of a kind we take; the message says why (the caller names the file)."""
 
 
-def decode(path: Path, size: int, resize: str = "crop") -> np.ndarray:
+def decode(path: Path, size: int, resize: str = "crop", window: str = "file") -> np.ndarray:
     """``path`` as uint8 (size, size) grey or (size, size, 3) RGB (see the module docstring); a file that cannot be
-    decoded, for whatever reason its decoder gives, is a :class:`BadImage`."""
+    decoded, for whatever reason its decoder gives, is a :class:`BadImage`. ``window``: a DICOM image's grey levels
+    by its own window or VOI LUT (``file``) or by its own minimum and maximum (``min-max``)."""
     try:
-        pixels = _pillow(path) if path.suffix.lower() in PILLOW_SUFFIXES else _dicom(path)
+        pixels = _pillow(path) if path.suffix.lower() in PILLOW_SUFFIXES else _dicom(path, window)
     except BadImage:
         raise
     except Exception as exc:  # a decoder's own error (a DICOM window of width 0, an odd LUT, a codec bug)
@@ -95,17 +101,45 @@ def _pillow(path: Path) -> np.ndarray:
         raise BadImage(f"is too large to decode safely ({exc})") from None
 
 
-def _dicom(path: Path) -> np.ndarray:
+class FlatWindow(UserWarning):
+    """A DICOM file's window maps every pixel of its image to one grey level (a CT window far from the slice's
+    values): the image is blank. ``window=min-max`` scales it by its own range instead."""
+
+
+def _read_dicom(path: Path):
+    """The data set of ``path``: a DICOM file with its 128-byte preamble and ``DICM``, or a bare data set without them
+    (older files, pydicom's ``no_meta.dcm``) when it parses as one with an image; else a :class:`BadImage`."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    neither = "is neither an image Pillow reads (PNG, JPEG, TIFF, BMP) nor a DICOM file"
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path)
     except InvalidDicomError:
-        raise BadImage("is neither an image Pillow reads (PNG, JPEG, TIFF, BMP) nor a DICOM file") from None
+        pass
     except Exception as exc:  # a truncated or malformed data set
         raise BadImage(f"is a truncated or corrupt DICOM file ({type(exc).__name__}: {_short(exc)})") from None
+    try:  # no preamble: a bare data set, taken as DICOM when it parses as one (it names what it is)
+        ds = pydicom.dcmread(path, force=True)
+        if not any(keyword in ds for keyword in ("SOPClassUID", "Modality", "StudyInstanceUID", "Rows")):
+            raise BadImage(neither)
+        if "TransferSyntaxUID" not in ds.file_meta:  # the encoding it was read with says how its pixels are stored
+            from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+            implicit, little = ds.original_encoding
+            ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        return ds
+    except BadImage:
+        raise
+    except Exception:
+        raise BadImage(neither) from None
+
+
+def _dicom(path: Path, window: str = "file") -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    ds = _read_dicom(path)
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise BadImage("is a DICOM file without pixel data (no PixelData element)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -115,23 +149,43 @@ def _dicom(path: Path) -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as exc:  # no decoder for its transfer syntax, or damaged pixel data
         syntax = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
-        text = _short(exc)
-        if "plugin" in text.lower() or "decoder" in text.lower() or isinstance(exc, NotImplementedError):
+        if not _decoder_available(syntax):
             raise BadImage(f"uses the transfer syntax {getattr(syntax, 'name', syntax)}, which needs a decoder pydicom "
                            "does not have here: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or "
                            "python-gdcm)") from None
-        raise BadImage(f"has unreadable pixel data ({type(exc).__name__}: {text})") from None
+        raise BadImage(f"has pixel data its {getattr(syntax, 'name', syntax)} decoder cannot read "
+                       f"({type(exc).__name__}: {_short(exc)})") from None
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric == "PALETTE COLOR":  # the stored values are indices into the file's colour table
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return to_uint8(apply_color_lut(pixels, ds), 0, 2**bits - 1)
     if int(ds.get("SamplesPerPixel", 1)) == 3:  # colour, already RGB (pydicom converts YBR)
         return pixels if pixels.dtype == np.uint8 else _min_max(pixels)
     values = apply_modality_lut(pixels, ds)
-    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+    if window == "file" and ("VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)):
         low, high = _voi_range(ds)
         grey = to_uint8(apply_voi_lut(values, ds, index=0), low, high)
+        if grey.min() == grey.max() and np.ptp(values) > 0:
+            import warnings
+
+            warnings.warn(FlatWindow(f"{path}: its window maps the whole image to one grey level; window=min-max "
+                                     "scales such files by their own range"), stacklevel=2)
     else:
         grey = _min_max(values)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         grey = 255 - grey
     return grey
+
+
+def _decoder_available(syntax) -> bool:
+    """Whether pydicom has a working decoder here for the transfer syntax ``syntax`` (JPEG 2000 through Pillow's
+    OpenJPEG, for one): a decode that fails with one is damaged data, not a missing package."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        return syntax is not None and get_decoder(syntax).is_available
+    except Exception:
+        return False
 
 
 def _voi_range(ds) -> tuple[float, float]:
