@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_PLUGINS = Path(__file__).parent / "plugins"
+REPO = Path(__file__).resolve().parent
+TEST_PLUGINS = REPO / "tests" / "plugins"
 
 
 def shared_medmnist() -> Path | None:
