@@ -11,7 +11,7 @@ from conftest import TEST_PLUGINS, invoke
 from hica_bench.registry import load_registry
 from hica_bench.suite import KEYS, load
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ REGISTRY = load_registry()
 
 @pytest.fixture(scope="module")
 def real() -> dict[str, np.ndarray]:
-    root = Path(os.environ.get("HICA_BENCH_DATA", Path(__file__).parents[2] / "shared" / "data" / "medmnist"))
+    root = Path(os.environ.get("HICA_BENCH_DATA", Path(__file__).parents[3] / "shared" / "data" / "medmnist"))
     out = {}
     for name in ("breastmnist", "pneumoniamnist"):
         with np.load(root / f"{name}.npz") as npz:
