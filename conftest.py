@@ -145,3 +145,48 @@ def prototype_run(medmnist_root: Path, cache: Path, out: Path, seeds: str, *extr
                               "prototype", "--shots", "1", "--seeds", seeds, "--data-root", medmnist_root,
                               "--cache-dir", cache, "--out", out, *extra)
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------- lanes
+#
+# Where a test lives says what it needs (pyproject.toml registers the markers; each test gets its lane's marker here):
+#   tests/unit          the library on constructed or small inputs, in this process: no CLI run, no subprocess, no
+#                       pretrained-encoder pass over a dataset
+#   tests/cli           ``hica-bench`` driven in this process through its entry point (``invoke``), tiny test encoders
+#   tests/system        real pretrained encoders over real data, Ray, subprocesses and installs, a browser, CPU load
+#   plugins/*/tests     tests whose subject is one first-party plugin (any of the above; the heavy ones are ``slow``)
+# Tests marked ``serial`` measure throughput under deliberate load: the test command runs them alone, after the rest.
+#
+# Under pytest-xdist (``-n 2``; ``--dist loadgroup`` is in addopts) each module is one unit of work, so a module
+# fixture runs once; the tests that share the session's default-encoder cache (BreastMNIST encoded once, HiCA's stage 1
+# cached once) are one unit, and modules that start Ray say so with ``xdist_group("ray")``.
+
+LANES = {("tests", "unit"): "unit", ("tests", "cli"): "cli", ("tests", "system"): "system"}
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Two workers on two cores: one OpenMP thread each (torch, and the runs the tests start, which inherit it). With
+    # two threads per worker, torch's parallel regions wait on threads the other worker has pushed off the CPU, and the
+    # same tests take about twice the CPU time. Set before any test imports torch; the serial step keeps the default.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def lane_of(path: Path) -> str | None:
+    parts = path.resolve().relative_to(REPO).parts if path.resolve().is_relative_to(REPO) else ()
+    if parts[:1] == ("plugins",) and parts[2:3] == ("tests",):
+        return "plugin"
+    return LANES.get(parts[:2])
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers
+def pytest_collection_modifyitems(config, items):
+    in_worker = "PYTEST_XDIST_WORKER" in os.environ
+    for item in items:
+        lane = lane_of(item.path)
+        if lane is None:  # benchmarks/ (run on their own): no lane, and no time limit
+            if config.pluginmanager.hasplugin("timeout"):
+                item.add_marker(pytest.mark.timeout(0))
+            continue
+        item.add_marker(lane)
+        if in_worker and item.get_closest_marker("xdist_group") is None:
+            shared = "default_encoder_cache" in getattr(item, "fixturenames", ())
+            item.add_marker(pytest.mark.xdist_group("default-encoder" if shared else item.nodeid.split("::")[0]))

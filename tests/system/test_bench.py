@@ -90,6 +90,7 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # achieved FLOP/s against a matmul ceiling measured in the same run: alone, never beside another test
 @pytest.mark.skipif(onnxruntime_version() is None, reason="needs hica-bench[onnx]")
 def test_default_encoder_gives_real_ratios_flops_and_ceiling(medmnist_root, default_encoder_cache, tmp_path):
     """The real default encoder at a small size: every number is real, achieved FLOP/s stay under the ceiling, and

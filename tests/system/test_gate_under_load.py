@@ -21,6 +21,7 @@ import pytest
 from conftest import invoke
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.serial  # it loads the CPU itself and measures the load: alone, never beside another test
 
 SETTINGS = ["--batch-size", "16", "--threads", "2", "--no-channels-last"]  # fixed: no probe, the same as the baseline's
 
