@@ -8,8 +8,6 @@ import pytest
 
 from test_adapting import run
 
-pytestmark = pytest.mark.xdist_group("ray")  # with -n 2, one worker runs every test that starts Ray
-
 
 @pytest.mark.slow
 def test_an_adapting_method_under_ray_matches_in_process(medmnist_root, tmp_path):

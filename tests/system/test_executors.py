@@ -20,7 +20,6 @@ import pytest
 from conftest import TEST_PLUGINS, hica_bench, invoke
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'hica-bench[ray]')")
-pytestmark = pytest.mark.xdist_group("ray")  # with -n 2, one worker runs every test that starts Ray
 
 GRID = ["--encoder", "pixels", "--datasets", "breastmnist", "--methods", "linear-probe,prototype,knn",
         "--shots", "1,5", "--seeds", "0,1", "--no-report", "-q"]
