@@ -509,6 +509,7 @@ def _readme_commands() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two default-suite runs of 270 cells at 224 px (each allowed 600 s below)
 def test_the_readmes_own_data_commands_work_as_written(medmnist_root, tmp_path):
     """The "Your own data" section's commands, verbatim, in a folder holding the repository's prompts/ and examples/:
     first the example folders (BUSI's and Kermany's layouts), then the two runs."""
