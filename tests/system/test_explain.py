@@ -200,12 +200,12 @@ def clip_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_concept_bottleneck_on_an_open_clip_checkpoint(medmnist_root, clip_checkpoint, tmp_path):
+def test_concept_bottleneck_on_an_open_clip_checkpoint(medmnist_root, clip_checkpoint, default_encoder_cache, tmp_path):
     out = tmp_path / "out"
     encoder = f"open-clip:model=local-dir:{clip_checkpoint}"
     code, _, err = invoke("run", "--datasets", "breastmnist", "--methods", "concept-bottleneck,linear-probe",
                           "--encoders", f"{encoder},effnet-lite0-minilm", "--shots", "1,5", "--seeds", "0",
-                          "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache", "--out", out, "-q",
+                          "--data-root", medmnist_root, "--cache-dir", default_encoder_cache, "--out", out, "-q",
                           "--max-test", "24")
     assert code == 0, err
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
