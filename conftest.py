@@ -218,6 +218,8 @@ def pytest_xdist_make_scheduler(config, log):
     """Work units for pytest-xdist: a module, or a group of modules from :data:`GROUPS`, in the order collected. (The
     ``xdist_group`` mark does the like through ``--dist loadgroup``, but on pytest 9 it no longer groups: xdist issue
     1386.)"""
+    if config.getvalue("dist") not in ("load", "loadscope", "loadfile", "loadgroup"):
+        return None  # --dist each / worksteal: xdist's own
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleGroups(LoadScopeScheduling):
