@@ -21,6 +21,7 @@ import pytest
 from conftest import invoke
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.serial  # it loads the CPU itself and measures the load: alone, never beside another test
 
 SETTINGS = ["--batch-size", "16", "--threads", "2", "--no-channels-last"]  # fixed: no probe, the same as the baseline's
 
@@ -70,6 +71,7 @@ def _verdict(baseline: Path, run: Path, report: Path) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # four real-encoder runs, three of them beside a busy loop
 def test_the_gate_holds_on_a_loaded_cpu(small_breastmnist, tmp_path, default_encoder_cache):
     exported = default_encoder_cache if (default_encoder_cache / "onnx").is_dir() else None  # another test's export
     baseline = _run(small_breastmnist, tmp_path, "baseline", "onnxruntime", busy=0, onnx_from=exported)

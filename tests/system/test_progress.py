@@ -10,9 +10,8 @@ import re
 import subprocess
 import time
 
-from conftest import TEST_PLUGINS, invoke
+from conftest import TEST_PLUGINS
 from hica_bench.progress import LogEvents
-from hica_bench.results import CellKey
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 
@@ -46,42 +45,6 @@ def test_a_terminal_gets_a_live_display(medmnist_root, tmp_path):
     assert "\x1b[2K" in shown and "pixels: cells (0 already finished)" in shown  # redrawn in place, then cleared
     assert re.search(r"4/4", shown) and "4 ran ok" in re.sub(r"\x1b\[[0-9;]*m", "", shown)
     assert not re.search(STAMP, shown)  # no log lines on a terminal
-
-
-def test_a_pipe_gets_log_lines_and_quiet_nothing(medmnist_root, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
-    args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
-            "--shots", "1,2", "--seeds", "0,1", "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache",
-            "--backend", "eager", "--batch-size", "64", "--threads", "2", "--no-channels-last"]
-    code, out, err = invoke(*args, "--out", tmp_path / "pipe")  # stdout and stderr are no terminal here
-    assert code == 0, err
-    assert "\x1b[" not in err and "\x1b[" not in out  # no control codes in a log
-    lines = err.splitlines()
-    assert all(re.match(STAMP, line) for line in lines) and len([x for x in lines if " cell " in x]) == 4, lines
-
-    code, out, err = invoke(*args, "--out", tmp_path / "quiet", "--quiet")
-    assert code == 0 and err == "", err
-    assert "4 ran ok" in " ".join(out.split())
-
-
-def test_a_long_step_is_announced_by_the_heartbeat():
-    log = io.StringIO()
-    key = CellKey(dataset="breastmnist", size=28, method="slow [method]", encoder="pixels", k=1, seed=0, max_test=None)
-    with LogEvents(log, heartbeat=0.2) as events:
-        events.stage("encoder settings (probed once)")
-        deadline = time.monotonic() + 30
-        while "still encoder settings" not in log.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        events.cells("pixels", 3, 2)
-        events.cell(key)
-        while "still running" not in log.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    lines = log.getvalue().splitlines()
-    assert all(re.match(STAMP, line) for line in lines), lines
-    texts = [line[20:] for line in lines]
-    assert texts[0].startswith("still encoder settings (probed once) (")  # before the grid: only the heartbeat speaks
-    assert "grid with pixels: 3 cells, 2 already finished, 1 to run" in texts
-    assert any(t.startswith("still running breastmnist slow [method] k=1 seed=0 (") for t in texts), texts
 
 
 def test_decoding_a_folder_is_shown_on_a_terminal_and_announced_in_a_log(medmnist_root, tmp_path):

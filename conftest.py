@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_PLUGINS = Path(__file__).parent / "plugins"
+REPO = Path(__file__).resolve().parent
+TEST_PLUGINS = REPO / "tests" / "plugins"
 
 
 def shared_medmnist() -> Path | None:
@@ -145,3 +145,86 @@ def prototype_run(medmnist_root: Path, cache: Path, out: Path, seeds: str, *extr
                               "prototype", "--shots", "1", "--seeds", seeds, "--data-root", medmnist_root,
                               "--cache-dir", cache, "--out", out, *extra)
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------- lanes
+#
+# Where a test lives says what it needs (pyproject.toml registers the markers; each test gets its lane's marker here):
+#   tests/unit          the library on constructed or small inputs, in this process: no CLI run, no subprocess, no
+#                       pretrained-encoder pass over a dataset
+#   tests/cli           ``hica-bench`` driven in this process through its entry point (``invoke``), tiny test encoders
+#   tests/system        real pretrained encoders over real data, Ray, subprocesses and installs, a browser, CPU load
+#   plugins/*/tests     tests whose subject is one first-party plugin (any of the above; the heavy ones are ``slow``)
+# Tests marked ``serial`` load the CPU or measure throughput: the test command runs them alone, after the rest.
+
+LANES = {("tests", "unit"): "unit", ("tests", "cli"): "cli", ("tests", "system"): "system"}
+
+#: With pytest-xdist (``-n 2``) a test module is one unit of work, run by one worker from start to end (a module fixture
+#: runs once). Modules named here share their unit with the others of the same name:
+GROUPS = {
+    # they start Ray, and tests/system/test_executors.py ends its cluster with `ray stop --force`, which stops every
+    # Ray runtime of the machine: never two of them at once
+    "tests/system/test_executors.py": "ray",
+    "tests/system/test_adapting_system.py": "ray",
+    # they share the session's default-encoder cache (conftest.default_encoder_cache): BreastMNIST encoded once, the
+    # extraction settings probed once, HiCA's stage 1 trained once (tests/system/test_explain.py's HiCA cell and
+    # plugins/hica/tests/test_hica.py's, which checks there is one entry)
+    "tests/system/test_explain.py": "default-encoder",
+    "plugins/hica/tests/test_hica.py": "default-encoder",
+    "tests/system/test_cli.py": "default-encoder",
+    "tests/system/test_lazy_encoder_system.py": "default-encoder",
+    "tests/system/test_tuning_system.py": "default-encoder",
+    "tests/cli/test_explain_cli.py": "default-encoder",
+}
+
+
+def lane_of(path: Path) -> str | None:
+    parts = path.resolve().relative_to(REPO).parts if path.resolve().is_relative_to(REPO) else ()
+    if parts[:1] == ("plugins",) and parts[2:3] == ("tests",):
+        return "plugin"
+    return LANES.get(parts[:2])
+
+
+def group_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return GROUPS.get(module, module)
+
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Two workers on two cores: OpenMP threads that wait for work sleep instead of spinning. Spinning, torch's threads
+    # burn the core the other worker needs (the unit lane took 85 s of CPU instead of 46 s); the thread count, hence
+    # every number and every probe, is unchanged. Set before a test imports torch; the runs a test starts inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        lane = lane_of(item.path)
+        if lane is None:  # benchmarks/ (run on their own): no lane, and no time limit
+            if config.pluginmanager.hasplugin("timeout"):
+                item.add_marker(pytest.mark.timeout(0))
+            continue
+        item.add_marker(lane)
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        # the longest units first, so that no worker starts one late while the other idles: the named groups, then
+        # the modules holding slow tests, then the rest; each module keeps its own order (every worker sorts alike)
+        slow = {group_of(item.nodeid) for item in items if item.get_closest_marker("slow")}
+        rank = {"default-encoder": 0, "ray": 1}
+        items.sort(key=lambda item: rank.get(group_of(item.nodeid), 2 if group_of(item.nodeid) in slow else 3))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, nothing to schedule
+def pytest_xdist_make_scheduler(config, log):
+    """Work units for pytest-xdist: a module, or a group of modules from :data:`GROUPS`, in the order collected. (The
+    ``xdist_group`` mark does the like through ``--dist loadgroup``, but on pytest 9 it no longer groups: xdist issue
+    1386.)"""
+    if config.getvalue("dist") not in ("load", "loadscope", "loadfile", "loadgroup"):
+        return None  # --dist each / worksteal: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collected order (see pytest_collection_modifyitems)
+    return ModuleGroups(config, log)

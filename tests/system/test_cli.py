@@ -145,6 +145,7 @@ def test_failing_cells_are_recorded_and_the_grid_goes_on(medmnist_root, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # exports a ViT through the dynamo exporter: 26 s alone, 90 s beside another worker
 def test_zero_shot_runs_with_an_aligned_open_clip_pair(medmnist_root, tmp_path):
     """With an aligned pair zero-shot really runs (random-init ViT-S-32-alt: the code path, not the accuracy), here
     on ONNX Runtime: an open_clip ViT exports cleanly through the dynamo exporter (the one a named backend uses)."""

@@ -8,10 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TEST_PLUGINS, invoke
-from hica_bench.registry import load_registry
-from hica_bench.suite import KEYS, load
-
-ROOT = Path(__file__).resolve().parents[1]
+from hica_bench.suite import KEYS
 
 
 @pytest.fixture(autouse=True)
@@ -21,23 +18,6 @@ def _test_plugins(monkeypatch):
 
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-
-
-def test_the_committed_default_suite_is_what_run_runs_by_default():
-    suite, registry = load(ROOT / "suites" / "default.toml"), load_registry()
-    assert suite.datasets == registry.default_suite("dataset")
-    assert suite.methods == registry.default_suite("method")
-    assert suite.encoders == registry.default_suite("encoder")
-    assert (suite.shots, suite.seeds, suite.size, suite.out) == ([1, 5, 20], list(range(10)), 28, "hica-bench-results")
-
-
-def test_the_leaderboard_suite_is_the_grid_of_the_committed_tables():
-    suite = load(ROOT / "suites" / "leaderboard.toml")
-    committed = {(r["key"]["dataset"], r["key"]["method"], r["key"]["encoder"], r["key"]["k"], r["key"]["seed"],
-                  r["key"]["size"], r["key"]["max_test"]) for r in _records(ROOT / suite.out)}
-    grid = {(d, m, e, k, s, suite.size, suite.max_test) for d in suite.datasets for m in suite.methods
-            for e in suite.encoders for k in suite.shots for s in suite.seeds}
-    assert grid == committed
 
 
 @pytest.mark.parametrize("form", ["toml", "yaml"])

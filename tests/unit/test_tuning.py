@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hica_bench, write_medmnist_npz
+from conftest import write_medmnist_npz
 from hica_bench.extraction import backends, tuning
-from hica_bench.data import LazyNpz, preprocess
 from hica_bench.errors import UserError
-from hica_bench.extraction.encode import encode_images
 from hica_bench.interfaces import EncoderPair, InputSpec
 
 SPEC = InputSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
@@ -108,63 +106,6 @@ def test_encoder_without_module_is_eager_only(tmp_path):
 def test_requested_rejects_bad_values(bad):
     with pytest.raises(UserError):
         tuning.Requested(**bad)
-
-
-def test_onnx_export_of_the_default_encoder_matches_eager_on_real_images(medmnist_root, default_encoder_cache):
-    from hica_bench_encoders.timm_encoders import effnet_lite0_minilm
-
-    encoders = effnet_lite0_minilm("cpu")
-    path, record = backends.export_onnx(encoders, default_encoder_cache)
-    assert record["ok"] and record["max_abs_diff"] <= backends.ONNX_TOLERANCE * record["max_abs_eager"]
-    images = LazyNpz(medmnist_root / "breastmnist.npz", default_encoder_cache).memmap("test_images")[:24]
-    forward = backends.onnx_forward(encoders, "cpu", default_encoder_cache, threads=None)
-    ort = encode_images(images, encoders.image, "cpu", batch_size=10, forward=forward)  # 10 + 10 + 4: dynamic batch
-    eager = encode_images(images, encoders.image, "cpu", batch_size=10)
-    assert np.abs(ort - eager).max() <= backends.ONNX_TOLERANCE * np.abs(eager).max()
-    cosine = (ort * eager).sum(1) / np.linalg.norm(ort, axis=1) / np.linalg.norm(eager, axis=1)
-    assert cosine.min() > 0.99999
-    # the exported model is cached: a second call reuses the file and its record
-    mtime = path.stat().st_mtime_ns
-    assert backends.export_onnx(encoders, default_encoder_cache) == (path, record) and path.stat().st_mtime_ns == mtime
-    with torch.inference_mode():  # channels-last eager (a probe candidate) agrees too
-        backends.set_channels_last(encoders, True)
-        try:
-            cl = backends.eager_forward(encoders.image, "cpu", channels_last=True)(preprocess(images[:4], encoders.image.input_spec))
-        finally:
-            backends.set_channels_last(encoders, False)
-    assert np.abs(cl.numpy() - eager[:4]).max() <= backends.ONNX_TOLERANCE * np.abs(eager).max()
-
-
-@pytest.mark.slow
-def test_run_records_the_chosen_settings_and_keys_the_cache_by_backend(tmp_path):
-    data = tmp_path / "data"
-    write_medmnist_npz(data / "breastmnist.npz", 2)
-    common = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", "prototype",
-              "--shots", "1", "--seeds", "0", "--data-root", str(data), "--cache-dir", str(tmp_path / "cache")]
-    first = hica_bench(*common, "--out", str(tmp_path / "a"))
-    assert first.returncode == 0, first.stderr
-    shown = " ".join(first.stdout.split())  # 50 images: too few for a probe to pay for itself
-    assert "extraction: eager, batch 16" in shown and "defaults, not probed" in shown
-    assert "this run encodes 50 images, fewer than a probe needs to pay for itself (480)" in shown
-    record = json.loads((tmp_path / "a" / "results.jsonl").read_text().splitlines()[0])
-    assert record["environment"]["extraction"]["backend"] == "eager"
-    assert record["environment"]["extraction"]["batch_size"] in tuning.CPU_BATCHES
-
-    chosen = record["environment"]["extraction"]
-    second = hica_bench(*common, "--batch-size", "5", "--threads", "2", "--out", str(tmp_path / "b"))
-    assert second.returncode == 0, second.stderr
-    # eager features depend on the batch size (PyTorch picks other kernels): another feature identity, other entries
-    assert "(defaults, not probed)" in " ".join(second.stdout.split()) and "0 hits, 2 misses" in second.stdout  # 50 images
-    record = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[0])
-    assert record["environment"]["extraction"]["batch_size"] == 5 and record["identity"]["origin"]["features"]["batch_size"] == 5
-    same = hica_bench(*common, "--batch-size", str(chosen["batch_size"]), "--threads", str(chosen["threads"]),
-                      "--no-channels-last" if not chosen["channels_last"] else "--channels-last", "--out", str(tmp_path / "a"))
-    # what the probe chose, given explicitly: the same identity, so the finished cell is kept and nothing is encoded
-    assert "1 already finished" in same.stdout and "0 hits, 0 misses" in same.stdout
-
-    refused = hica_bench(*common, "--backend", "onnxruntime", "--out", str(tmp_path / "c"))
-    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    assert "--backend onnxruntime cannot run" in refused.stderr and not (tmp_path / "c" / "results.jsonl").exists()
 
 
 def test_the_tracing_exporter_refuses_data_dependent_control_flow(tmp_path):

@@ -11,7 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import TEST_PLUGINS, invoke
@@ -116,77 +115,3 @@ def test_clip_lora_on_a_local_random_init_open_clip_checkpoint(medmnist_root, tm
                     "--methods", "clip-lora")
     assert unaligned["clip-lora"]["status"] == "not_applicable"
     assert "aligned" in unaligned["clip-lora"]["reason"]
-
-
-@pytest.mark.slow
-def test_an_adapting_method_under_ray_matches_in_process(medmnist_root, tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'hica-bench[ray]')")
-    import ray
-
-    reference = run(medmnist_root, tmp_path / "cache", tmp_path / "in-process", "--encoder", "torch-pixels",
-                    "--methods", "shift,reveal")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        remote = run(medmnist_root, tmp_path / "cache-ray", tmp_path / "ray", "--encoder", "torch-pixels",
-                     "--methods", "shift,reveal", "--executor", "ray")
-    finally:
-        ray.shutdown()
-    for label in ("shift", "reveal"):
-        assert remote[label]["metrics"] == reference[label]["metrics"]
-        assert remote[label]["fit_info"] == reference[label]["fit_info"]
-    assert remote["shift"]["adapted_encoder"] == reference["shift"]["adapted_encoder"]
-    assert np.isfinite(remote["shift"]["timings"]["adapted_encode_s"])
-
-
-def test_tail_parameters_find_the_last_blocks_and_the_head():
-    """The trunk's last block and what comes after it, on the real architectures the methods adapt: timm
-    EfficientNet-Lite0 (stages, then conv_head/bn2), an open_clip ViT (its proj is a direct parameter of the visual
-    tower, beside input-side embeddings that must stay frozen) and its text tower, and the bundled MiniLM (a
-    sentence-transformers model is itself a Sequential)."""
-    import open_clip
-    import timm
-
-    from hica_bench.adapting import tail_parameters
-    from hica_bench_encoders.openclip_encoders import text_tower
-    from hica_bench_encoders.text import build_text
-
-    names = lambda module, blocks=1: [n for n, _ in tail_parameters(module, blocks)]  # noqa: E731
-    effnet = names(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0))
-    assert effnet[0].startswith("blocks.6.") and effnet[-3:] == ["conv_head.weight", "bn2.weight", "bn2.bias"]
-    clip = open_clip.create_model("ViT-S-32-alt")
-    visual = names(clip.visual)
-    assert "proj" in visual and {"ln_post.weight", "ln_post.bias"} <= set(visual)
-    assert not {"class_embedding", "positional_embedding", "conv1.weight"} & set(visual)
-    assert {n.split(".")[2] for n in visual if n.startswith("transformer.")} == {"11"}
-    text = names(text_tower(clip))
-    assert "text_projection" in text and "ln_final.weight" in text and "positional_embedding" not in text
-    minilm = names(build_text("minilm", "cpu").module)
-    assert minilm and all(".encoder.layer.5." in n or ".pooler." in n for n in minilm)
-    assert len(names(clip.visual, 0)) == len(list(clip.visual.parameters()))  # blocks=0: everything
-
-
-@pytest.mark.slow
-def test_hica_encoder_stage1_fine_tunes_a_copy_of_minilm_on_the_descriptor_corpus():
-    """The default pair's text encoder (MiniLM through sentence-transformers) can be fine-tuned: its copy's
-    embeddings of the corpus move, the frozen encoder's do not."""
-    import copy
-
-    import torch
-
-    from hica_bench.adapting import tail_parameters
-    from hica_bench_encoders.text import build_text
-    from hica_bench_hica.encoder_stage1 import train_text
-    from hica_bench_hica.method import HiCAEncoder
-
-    frozen = build_text("minilm", "cpu")
-    corpus = ["a malignant breast lesion", "irregular margins", "a normal breast", "homogeneous tissue"]
-    before = frozen.encode(corpus)
-    tuned = copy.deepcopy(frozen)
-    module = tuned.module
-    module.requires_grad_(False)
-    named = tail_parameters(module, 1)
-    train_text(HiCAEncoder(stage1_epochs=3, stage1_text_lr=1e-3).options, tuned, named, corpus,
-                [0, 0, 1, 1], torch)
-    assert not np.allclose(tuned.encode(corpus), before, atol=1e-4)
-    np.testing.assert_array_equal(frozen.encode(corpus), before)
-    assert not any(p.requires_grad for p in module.parameters())

@@ -382,10 +382,14 @@ BAD = {
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, medmnist_root):
     """A finished run (BreastMNIST) whose results file each bad input must leave as it was."""
+    from conftest import TEST_PLUGINS
+
     base = tmp_path_factory.mktemp("finished")
-    code, _, err = invoke("-p", "pixel_encoder", "run", "--datasets", "breastmnist", "--methods", "prototype",
-                          "--encoders", "pixels", "--shots", "1,5", "--seeds", "0", "--data-root", medmnist_root,
-                          "--cache-dir", base / "cache", "--out", base / "out", "-q")
+    with pytest.MonkeyPatch.context() as patch:  # -p pixel_encoder (the autouse fixture is set up after this one)
+        patch.syspath_prepend(str(TEST_PLUGINS))
+        code, _, err = invoke("-p", "pixel_encoder", "run", "--datasets", "breastmnist", "--methods", "prototype",
+                              "--encoders", "pixels", "--shots", "1,5", "--seeds", "0", "--data-root", medmnist_root,
+                              "--cache-dir", base / "cache", "--out", base / "out", "-q")
     assert code == 0, err
     return base
 
@@ -506,6 +510,7 @@ def _readme_commands() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two default-suite runs of 270 cells at 224 px (each allowed 600 s below)
 def test_the_documented_own_data_commands_work_as_written(medmnist_root, tmp_path):
     """The own-data page's worked example (docs/own-data.md), its commands verbatim, in a folder holding the
     repository's prompts/ and examples/: first the example folders (BUSI's and Kermany's layouts), then the two runs."""

@@ -1,11 +1,12 @@
+"""The MedMNIST datasets (plugins/medmnist): the real files and files in their format, memory-mapped; malformed files
+and multi-label ChestMNIST are user errors."""
+
 import numpy as np
 import pytest
 
 from conftest import write_medmnist_npz
-from hica_bench.extraction.cache import FeatureCache
-from hica_bench.data import LazyNpz, preprocess
+from hica_bench.data import LazyNpz
 from hica_bench.errors import UserError
-from hica_bench.interfaces import InputSpec
 from hica_bench.registry import load_registry
 
 
@@ -35,18 +36,6 @@ def test_large_224px_rgb_set_is_never_loaded_whole(tmp_path, compressed):
         assert np.array_equal(images[5:9], npz["train_images"][5:9])
     ds = _dataset("dermamnist", tmp_path / "data", tmp_path, size=224)
     assert ds.task == "multi-class" and len(ds.class_names) == 7 and isinstance(ds.split("test").images, np.memmap)
-
-
-def test_preprocess_grey_and_rgb_to_encoder_input():
-    spec = InputSpec(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    grey = np.full((2, 28, 28), 255, np.uint8)
-    out = preprocess(grey, spec)
-    assert tuple(out.shape) == (2, 3, 32, 32)
-    assert np.allclose(out.numpy(), 2.0, atol=1e-4)  # (1 - 0.5) / 0.25
-    rgb = np.zeros((1, 32, 32, 3), np.uint8)
-    rgb[..., 1] = 255
-    out = preprocess(rgb, spec).numpy()
-    assert np.allclose(out[0, 0], -2.0) and np.allclose(out[0, 1], 2.0)
 
 
 def _corrupt(tmp_path, **change):
@@ -88,18 +77,3 @@ def test_truncated_file_is_a_user_error(tmp_path):
 def test_multilabel_chestmnist_is_refused(tmp_path):
     with pytest.raises(UserError, match="multi-label"):
         _dataset("chestmnist", tmp_path, tmp_path)
-
-
-def test_feature_cache_detects_corruption(tmp_path):
-    cache = FeatureCache(tmp_path)
-    key = cache.key({"encoder": "e", "split": "train"})
-    features = np.arange(12, dtype=np.float32).reshape(3, 4)
-    cache.put(key, features, {"encoder": "e"})
-    assert np.array_equal(cache.get(key), features) and cache.hits == 1
-    npy = tmp_path / "features" / f"{key}.npy"
-    data = bytearray(npy.read_bytes())
-    data[-1] ^= 0xFF
-    npy.write_bytes(bytes(data))
-    assert cache.get(key) is None and cache.rejected == 1
-    assert cache.get(key) is None and cache.misses == 2  # the corrupt entry was removed
-    assert cache.key({"encoder": "e", "split": "train"}) != cache.key({"encoder": "e", "split": "test"})

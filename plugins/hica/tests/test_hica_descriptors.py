@@ -14,7 +14,7 @@ import pytest
 try:
     import hica_bench_hica  # noqa: F401
 except ImportError:  # the plugin is not pip-installed: import it from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "hica"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hica_bench.errors import UserError
 from hica_bench.registry import RunComponents, load_registry
