@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import invoke
-from test_executors import _free_port, computed, reference, run_in_process  # noqa: F401  (reference: a module fixture)
+from test_executors import free_port, computed, reference, run_in_process  # noqa: F401  (reference: a module fixture)
 
 
 def test_shards_partition_the_grid_and_merge_to_the_unsharded_run(reference, medmnist_root, tmp_path):
@@ -68,6 +68,6 @@ def test_an_address_nothing_listens_on_is_one_line(reference, medmnist_root, tmp
     base, _ = reference
     start = time.perf_counter()
     code, _, err = run_in_process(medmnist_root, base / "cache", tmp_path / "out", "--executor", "ray",
-                                  "--ray-address", f"127.0.0.1:{_free_port()}")
+                                  "--ray-address", f"127.0.0.1:{free_port()}")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "nothing answers there" in err, err
     assert time.perf_counter() - start < 60  # Ray alone would retry for minutes

@@ -16,7 +16,7 @@ def _test_plugins(monkeypatch):
     monkeypatch.syspath_prepend(str(TEST_PLUGINS))  # -p pixel_encoder
 
 
-def _records(out: Path) -> list[dict]:
+def read_records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
@@ -33,7 +33,7 @@ def test_a_suite_file_runs_its_grid_and_flags_override_it(form, medmnist_root, t
               tmp_path / "cache", "--quiet"]
     code, _, err = invoke(*common)
     assert code == 0, err
-    records = _records(tmp_path / "runs" / "suite")
+    records = read_records(tmp_path / "runs" / "suite")
     assert sorted((r["key"]["method"], r["key"]["k"], r["key"]["seed"]) for r in records) == sorted(
         (m, k, s) for m in ("prototype", "linear-probe:C=1.0") for k in (1, 2) for s in (0, 1))
     assert {(r["key"]["dataset"], r["key"]["encoder"], r["key"]["max_test"], r["n_test"]) for r in records} == {
@@ -41,7 +41,7 @@ def test_a_suite_file_runs_its_grid_and_flags_override_it(form, medmnist_root, t
 
     code, _, err = invoke(*common, "--shots", "3", "--methods", "prototype", "--max-test", "30", "--out", tmp_path / "flags")
     assert code == 0, err
-    assert sorted((r["key"]["method"], r["key"]["k"], r["key"]["seed"], r["n_test"]) for r in _records(tmp_path / "flags")) == [
+    assert sorted((r["key"]["method"], r["key"]["k"], r["key"]["seed"], r["n_test"]) for r in read_records(tmp_path / "flags")) == [
         ("prototype", 3, 0, 30), ("prototype", 3, 1, 30)]  # the flags win; the suite's seeds remain
 
 
@@ -52,7 +52,7 @@ def test_encoders_are_a_grid_dimension(medmnist_root, tmp_path):
             "--threads", "2", "--no-channels-last"]
     code, out, err = invoke(*args)
     assert code == 0, err
-    records = _records(tmp_path / "out")
+    records = read_records(tmp_path / "out")
     assert sorted((r["key"]["encoder"], r["key"]["seed"]) for r in records) == [
         ("pixels", 0), ("pixels", 1), ("pixels:side=8", 0), ("pixels:side=8", 1)]
     by = {(r["key"]["encoder"], r["key"]["seed"]): r for r in records}

@@ -51,7 +51,7 @@ def reference(tmp_path_factory, medmnist_root) -> tuple[Path, dict[str, dict]]:
     return base, computed(base / "in-process" / "results.jsonl")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -88,7 +88,7 @@ def test_ray_started_in_this_process_gives_the_in_process_numbers(reference, med
 @pytest.mark.slow
 def test_a_cluster_started_with_ray_start_joined_by_address(reference, medmnist_root, tmp_path):
     base, expected = reference
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     started = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",

@@ -230,7 +230,7 @@ def test_killed_runs_lose_nothing(reference, medmnist_root, tmp_path, warm):
     assert cache.rejected == 0 and not any("corrupt" in e for e in stderr)  # no half-written entry was ever read
 
 
-def _broken_distribution(folder: Path) -> Path:
+def broken_distribution(folder: Path) -> Path:
     """An installed-looking distribution whose plugins are broken: one fails to import, one has a raising hook."""
     info = folder / "hica_bench_broken-0.1.dist-info"
     info.mkdir(parents=True)
@@ -241,7 +241,7 @@ def _broken_distribution(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_broken_plugins_fail_only_their_own_cells(medmnist_root, tmp_path):
-    site = _broken_distribution(tmp_path / "site")
+    site = broken_distribution(tmp_path / "site")
     env = {"PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), str(site), os.environ.get("PYTHONPATH", "")])}
     code, out, err = Run(["-p", "pixel_encoder", "-p", "misbehaving_methods", "run", "--encoder", "pixels",
                           "--datasets", "breastmnist", "--methods", "wrong-shape,infs,hangs,prototype", "--shots", "1",
@@ -263,7 +263,7 @@ def test_broken_plugins_fail_only_their_own_cells(medmnist_root, tmp_path):
 
 
 def test_allow_list_loads_only_the_named_distributions(tmp_path):
-    site = _broken_distribution(tmp_path / "site")
+    site = broken_distribution(tmp_path / "site")
     env = {"PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), str(site), os.environ.get("PYTHONPATH", "")])}
     code, out, err = Run(["-p", "misbehaving_methods", "--plugins-only", "hica-bench-baselines", "list"], env, tmp_path,
                          None).finish()

@@ -11,14 +11,14 @@ import pytest
 
 from conftest import TEST_PLUGINS
 from hica_bench.extraction.cache import FeatureCache
-from test_reliability import _broken_distribution
+from test_reliability import broken_distribution
 
 
 def test_allow_list_from_the_environment(monkeypatch, tmp_path):
     from hica_bench.registry import load_registry
 
     monkeypatch.syspath_prepend(str(TEST_PLUGINS))
-    monkeypatch.syspath_prepend(str(_broken_distribution(tmp_path / "site")))
+    monkeypatch.syspath_prepend(str(broken_distribution(tmp_path / "site")))
     everything = load_registry()
     everything.specs("method")
     assert [e for e in everything.load_errors if "hica-bench-broken" in e] and "linear-probe" in everything.specs("method")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from conftest import REPO as ROOT
 from hica_bench.registry import load_registry
 from hica_bench.suite import load
-from test_suite import _records
+from test_suite import read_records
 
 
 def test_the_committed_default_suite_is_what_run_runs_by_default():
@@ -20,7 +20,7 @@ def test_the_committed_default_suite_is_what_run_runs_by_default():
 def test_the_leaderboard_suite_is_the_grid_of_the_committed_tables():
     suite = load(ROOT / "suites" / "leaderboard.toml")
     committed = {(r["key"]["dataset"], r["key"]["method"], r["key"]["encoder"], r["key"]["k"], r["key"]["seed"],
-                  r["key"]["size"], r["key"]["max_test"]) for r in _records(ROOT / suite.out)}
+                  r["key"]["size"], r["key"]["max_test"]) for r in read_records(ROOT / suite.out)}
     grid = {(d, m, e, k, s, suite.size, suite.max_test) for d in suite.datasets for m in suite.methods
             for e in suite.encoders for k in suite.shots for s in suite.seeds}
     assert grid == committed

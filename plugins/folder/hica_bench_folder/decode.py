@@ -44,7 +44,7 @@ def decode(path: Path, size: int, resize: str = "crop", window: str = "file") ->
     decoded, for whatever reason its decoder gives, is a :class:`BadImage`. ``window``: a DICOM image's grey levels
     by its own window or VOI LUT (``file``) or by its own minimum and maximum (``min-max``)."""
     try:
-        pixels = _pillow(path) if path.suffix.lower() in PILLOW_SUFFIXES else _dicom(path, window)
+        pixels = _pillow(path) if path.suffix.lower() in PILLOW_SUFFIXES else dicom(path, window)
     except BadImage:
         raise
     except Exception as exc:  # a decoder's own error (a DICOM window of width 0, an odd LUT, a codec bug)
@@ -136,7 +136,7 @@ def _read_dicom(path: Path):
         raise BadImage(neither) from None
 
 
-def _dicom(path: Path, window: str = "file") -> np.ndarray:
+def dicom(path: Path, window: str = "file") -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     ds = _read_dicom(path)
@@ -149,7 +149,7 @@ def _dicom(path: Path, window: str = "file") -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as exc:  # no decoder for its transfer syntax, or damaged pixel data
         syntax = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
-        if not _decoder_available(syntax):
+        if not decoder_available(syntax):
             raise BadImage(f"uses the transfer syntax {getattr(syntax, 'name', syntax)}, which needs a decoder pydicom "
                            "does not have here: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or "
                            "python-gdcm)") from None
@@ -177,7 +177,7 @@ def _dicom(path: Path, window: str = "file") -> np.ndarray:
     return grey
 
 
-def _decoder_available(syntax) -> bool:
+def decoder_available(syntax) -> bool:
     """Whether pydicom has a working decoder here for the transfer syntax ``syntax`` (JPEG 2000 through Pillow's
     OpenJPEG, for one): a decode that fails with one is damaged data, not a missing package."""
     try:

@@ -35,7 +35,7 @@ def test_palette_colour_goes_through_its_colour_table():
     assert ds.PhotometricInterpretation == "PALETTE COLOR"
     bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
     expected = decode.to_uint8(apply_color_lut(ds.pixel_array, ds), 0, 2**bits - 1)
-    rgb = decode._dicom(path)
+    rgb = decode.dicom(path)
     assert rgb.shape == (*ds.pixel_array.shape, 3) and np.array_equal(rgb, expected)
     assert not np.array_equal(rgb[..., 0], ds.pixel_array.astype(np.uint8))  # not the grey indices
 
@@ -45,7 +45,7 @@ def test_a_data_set_without_its_preamble_is_read_as_dicom(name):
     """pydicom's header-only data sets without preamble and meta: read as DICOM (little and big endian), so the line
     says what is wrong with them (no pixel data) instead of "not DICOM"."""
     with pytest.raises(decode.BadImage, match="is a DICOM file without pixel data"):
-        decode._dicom(_file(name))
+        decode.dicom(_file(name))
 
 
 def test_a_ct_without_its_preamble_is_decoded(tmp_path):
@@ -59,27 +59,27 @@ def test_a_ct_without_its_preamble_is_decoded(tmp_path):
     data = bare.read_bytes()
     if data[128:132] == b"DICM":  # some pydicom versions still write the header: strip it
         pytest.skip("this pydicom writes the preamble")
-    assert np.array_equal(decode._dicom(bare), decode._dicom(_file("CT_small.dcm")))
+    assert np.array_equal(decode.dicom(bare), decode.dicom(_file("CT_small.dcm")))
 
 
 def test_a_file_that_is_no_dicom_at_all_is_still_refused(tmp_path):
     path = tmp_path / "notes.dcm"
     path.write_bytes(b"meeting notes, not an image\n" * 20)
     with pytest.raises(decode.BadImage, match="neither an image Pillow reads"):
-        decode._dicom(path)
+        decode.dicom(path)
 
 
 @pytest.mark.parametrize("name", ["693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
 def test_jpeg_2000_decodes_through_pillow(name):
     path = _file(name)
-    assert decode._decoder_available(pydicom.dcmread(path).file_meta.TransferSyntaxUID)
-    assert decode._dicom(path).dtype == np.uint8
+    assert decode.decoder_available(pydicom.dcmread(path).file_meta.TransferSyntaxUID)
+    assert decode.dicom(path).dtype == np.uint8
 
 
 def test_a_jpeg_2000_file_its_decoder_cannot_read_is_not_blamed_on_a_missing_package():
     path = _file("GDCMJ2K_TextGBR.dcm")
     try:
-        decode._dicom(path)
+        decode.dicom(path)
     except decode.BadImage as exc:
         assert "needs a decoder" not in str(exc) and "decoder cannot read" in str(exc)
 
@@ -98,9 +98,9 @@ def test_a_window_that_blanks_the_slice_warns_and_min_max_reads_it(tmp_path):
     path = _blank_ct(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        blank = decode._dicom(path)
+        blank = decode.dicom(path)
     assert blank.min() == blank.max() and any(issubclass(w.category, decode.FlatWindow) for w in caught)
-    scaled = decode._dicom(path, window="min-max")
+    scaled = decode.dicom(path, window="min-max")
     assert scaled.min() == 0 and scaled.max() == 255
 
 
