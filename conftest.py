@@ -155,7 +155,7 @@ def prototype_run(medmnist_root: Path, cache: Path, out: Path, seeds: str, *extr
 #   tests/cli           ``hica-bench`` driven in this process through its entry point (``invoke``), tiny test encoders
 #   tests/system        real pretrained encoders over real data, Ray, subprocesses and installs, a browser, CPU load
 #   plugins/*/tests     tests whose subject is one first-party plugin (any of the above; the heavy ones are ``slow``)
-# Tests marked ``serial`` load the CPU or measure throughput: the test command runs them alone, after the rest.
+# Tests marked ``serial`` load the CPU or measure throughput: the test command runs them alone, before the rest.
 
 LANES = {("tests", "unit"): "unit", ("tests", "cli"): "cli", ("tests", "system"): "system"}
 
