@@ -136,9 +136,10 @@ SHIPPED = sorted(p.name for p in FILES.glob("*") if p.is_file() and p.suffix.low
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_every_file_pydicom_ships_decodes_or_is_one_reason(name, capfd):
+def test_every_file_pydicom_ships_decodes_or_is_one_reason(name):
     """Each of pydicom's test files (scanners' and toolkits' real files, odd ones included) decodes to a uint8 image at
-    28 px or is refused with one line of reason (a BadImage): never another exception, and nothing on stderr."""
+    28 px or is refused with one line of reason (a BadImage): never another exception. (pydicom's own messages are
+    kept off stderr by the folder dataset while it decodes: the dataset test above.)"""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -147,4 +148,3 @@ def test_every_file_pydicom_ships_decodes_or_is_one_reason(name, capfd):
             assert str(exc) and "\n" not in str(exc) and len(str(exc)) < 400
         else:
             assert image.dtype == np.uint8 and image.shape[:2] == (28, 28)
-    assert capfd.readouterr().err == ""
