@@ -234,7 +234,7 @@ class Registry:
         if kind == "dataset" and PROMPTS_OPTION not in registered.spec.options and PROMPTS_OPTION in options:
             prompts = options.pop(PROMPTS_OPTION)
             if not prompts:
-                raise UserError(f"{text!r}: prompts= needs a file (a .yaml or .json prompt file; see README)")
+                raise UserError(f"{text!r}: prompts= needs a file (a .yaml or .json prompt file; see docs/own-data.md)")
         corruption = None
         if kind == "dataset" and any(o in options and o not in registered.spec.options for o in CORRUPTION_OPTIONS):
             corruption = corruption_option(text, name, options.pop("corruption", None), options.pop("severity", None))

@@ -21,7 +21,7 @@ def test_the_corrupted_path_alone_moves_accuracy_within_noise(medmnist_root):
     """The corrupted path (resize to 224 px, round to uint8, corrupt, encode) without a corruption (brightness x1):
     the real pretrained encoder is sensitive to the rounding (cosine 0.97-0.99 to the clean features; EfficientNet-Lite0
     on upsampled 28 px images), but a 20-shot linear probe's accuracy moves by less than its seed noise, and most
-    predictions stay the same (measured: -0.2 points and 94 % agreement on BreastMNIST, seeds 0-4; see the README)."""
+    predictions stay the same (measured: -0.2 points and 94 % agreement on BreastMNIST, seeds 0-4; see docs/robustness.md)."""
     from sklearn.linear_model import LogisticRegression
 
     from hica_bench import protocol

@@ -3,7 +3,7 @@
 All four blend the zero-shot classifier (:func:`~hica_bench_baselines.common.class_text_embeddings`, the
 same prompt ensemble as ``zero-shot``) with what they learn from the support set, so they need an aligned
 image-text pair. The harness hands over only the support set (no validation split); what each method does
-where its paper validates is stated in its docstring and the README.
+where its paper validates is stated in its docstring and in docs/plugins/baselines.md.
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def quiltnet_pair(device: str, path: str = "") -> EncoderPair:
 def unimed_clip_pair(device: str) -> EncoderPair:
     """UniMed-CLIP is refused with one line: its code is not published on PyPI."""
     raise UserError("unimed-clip needs the UniMed-CLIP package, which is not published on PyPI (its code is only on "
-                    "GitHub, mbzuai-oryx/UniMed-CLIP); not supported, see the README's encoder table")
+                    "GitHub, mbzuai-oryx/UniMed-CLIP); not supported, see docs/plugins/encoders.md")
 
 
 SPECS = [
@@ -293,6 +293,6 @@ SPECS = [
     PluginSpec("encoder", "quiltnet", "QuiltNet-B-32 (open_clip ViT-B/32 on Quilt-1M histopathology), aligned. path: a "
                f"folder with its open_clip_config.json and weights ('' = {QUILTNET} from the HF cache or the Hub).",
                quiltnet_pair),
-    PluginSpec("encoder", "unimed-clip", "UniMed-CLIP: needs its code, which is not pip-installable (see the README)",
+    PluginSpec("encoder", "unimed-clip", "UniMed-CLIP: needs its code, which is not pip-installable (see docs/plugins/encoders.md)",
                unimed_clip_pair),
 ]

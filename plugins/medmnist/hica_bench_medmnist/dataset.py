@@ -102,7 +102,7 @@ class MedMNIST:
     def __init__(self, flag: str, root: str | None, size: int, download: bool, cache_dir: Path) -> None:
         info = _info(flag)
         if info["task"] == "multi-label, binary-class":
-            raise UserError(f"{flag} is multi-label; hica-bench supports single-label datasets only (see README)")
+            raise UserError(f"{flag} is multi-label; hica-bench supports single-label datasets only (see docs/plugins/medmnist.md)")
         self.volumetric = flag in FLAGS_3D
         sizes = SIZES_3D if self.volumetric else SIZES
         if size not in sizes:
