@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import reprlib
@@ -323,6 +324,7 @@ class _UniqueKeyLoader:
     value silently)."""
 
     @staticmethod
+    @functools.cache
     def make():
         import yaml
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import sys
 
 import numpy as np
 import pytest
@@ -204,7 +203,7 @@ def test_a_subfolder_that_cannot_be_read_is_refused_not_skipped(tmp_path, medmni
     ("x" * 5000 + ".png,a", "a path of 5,004 characters"),
 ])
 def test_a_manifest_with_an_unbounded_or_nul_field_is_one_line(row, message, tmp_path, medmnist_root):
-    root = _images(tmp_path / "data")
+    _images(tmp_path / "data")
     manifest = tmp_path / "data" / "list.csv"
     manifest.write_text(f"path,label\n{row}\nbenign/1.png,benign\nmalignant/0.png,malignant\n")
     code, _, err = _run(tmp_path, medmnist_root, "--datasets", f"folder:root={manifest}", "--out", tmp_path / "o")

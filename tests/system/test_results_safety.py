@@ -9,12 +9,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TEST_PLUGINS, hica_bench, invoke, prototype_run
+from conftest import TEST_PLUGINS, invoke, prototype_run
 from hica_bench.results import ResultsStore
 
 pytestmark = pytest.mark.timeout(600)
