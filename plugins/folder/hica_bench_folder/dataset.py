@@ -37,19 +37,19 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def _decoders_quiet():
     """While images decode: pydicom's log records and warnings go to the debug log instead of stderr (a run's stderr
-    holds hica-bench's own lines); yields the list of files whose window blanked the image (:class:`decode.FlatWindow`),
-    filled when the block ends."""
+    holds hica-bench's own lines); yields a dict, filled when the block ends, of the files each of hica-bench's own
+    decoding warnings (:class:`decode.FlatWindow`, :class:`decode.StrayBytes`) was raised for."""
     pydicom_log = logging.getLogger("pydicom")
     propagate = pydicom_log.propagate
-    flat: list[str] = []
+    noted: dict[type, list[str]] = {decode.FlatWindow: [], decode.StrayBytes: []}
     pydicom_log.propagate = False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            yield flat
+            yield noted
         for warning in caught:
-            if issubclass(warning.category, decode.FlatWindow):
-                flat.append(str(warning.message).split(": its window")[0])
+            if warning.category in noted:
+                noted[warning.category].append(warning.message.path)
             else:
                 log.debug("decoding: %s: %s", warning.category.__name__, warning.message)
     finally:
@@ -169,12 +169,15 @@ class FolderDataset:
                 else:
                     colour[i] = pixels.ndim == 3
                     rgb[i] = pixels[..., None] if pixels.ndim == 2 else pixels
-            with _decoders_quiet() as flat, ThreadPoolExecutor(workers()) as pool:
+            with _decoders_quiet() as noted, ThreadPoolExecutor(workers()) as pool:
                 for _ in pool.map(one, range(n)):
                     advance(1)
-            if flat:
+            if flat := sorted(noted[decode.FlatWindow]):
                 log.warning("%s: %d DICOM files have a window that maps the whole image to one grey level (first: %s); "
                             "window=min-max scales them by their own range", self.root, len(flat), flat[0])
+            if stray := sorted(noted[decode.StrayBytes]):
+                log.warning("%s: %d DICOM files start with stray bytes before their data set (first: %s); they were "
+                            "read from their first element", self.root, len(stray), stray[0])
             problems.sort()
             if problems and not skip_bad:
                 i, why = problems[0]

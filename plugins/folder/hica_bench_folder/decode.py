@@ -12,7 +12,8 @@
   JPEG baseline and JPEG 2000 through Pillow (with its OpenJPEG), JPEG-LS and lossless JPEG through pylibjpeg or GDCM:
   ``pip install hica-bench-folder[dicom-jpeg]``). ``PALETTE COLOR`` images go through their colour table to RGB. A
   data set without the 128-byte preamble is read when it parses as DICOM (it names its SOP class, modality, study or
-  rows). A window that maps a whole
+  rows); one that starts after up to 3 stray bytes (pydicom's ``no_meta.dcm``) is read from its first element with a
+  warning (:class:`StrayBytes`). A window that maps a whole
   image to one grey level (a CT window far from the slice's values) gives a blank image and a warning (:class:`FlatWindow`);
   the dataset option ``window=min-max`` scales every DICOM image by its own minimum and maximum instead of its window.
   Multi-frame files are refused (volumes are another dataset kind).
@@ -106,6 +107,21 @@ class FlatWindow(UserWarning):
     values): the image is blank. ``window=min-max`` scales it by its own range instead."""
 
 
+class StrayBytes(UserWarning):
+    """A DICOM data set without preamble that starts after a few stray bytes (pydicom's ``no_meta.dcm`` has one before
+    its first element): read from its first element, and said once per dataset, since the file is damaged."""
+
+
+def _noting(kind: type[UserWarning], path: Path, text: str) -> UserWarning:
+    """A decoding warning about ``path`` that keeps the path (``.path``) for the dataset's one summary line."""
+    warning = kind(f"{path}: {text}")
+    warning.path = str(path)
+    return warning
+
+
+MAX_STRAY_BYTES = 3  #: how many leading bytes a bare data set may have before its first element and still be read
+
+
 def _read_dicom(path: Path):
     """The data set of ``path``: a DICOM file with its 128-byte preamble and ``DICM``, or a bare data set without them
     (older files, pydicom's ``no_meta.dcm``) when it parses as one with an image; else a :class:`BadImage`."""
@@ -121,7 +137,9 @@ def _read_dicom(path: Path):
         raise BadImage(f"is a truncated or corrupt DICOM file ({type(exc).__name__}: {_short(exc)})") from None
     try:  # no preamble: a bare data set, taken as DICOM when it parses as one (it names what it is)
         ds = pydicom.dcmread(path, force=True)
-        if not any(keyword in ds for keyword in ("SOPClassUID", "Modality", "StudyInstanceUID", "Rows")):
+        if not _names_itself(ds):
+            ds = _after_stray_bytes(path)
+        if ds is None:
             raise BadImage(neither)
         if "TransferSyntaxUID" not in ds.file_meta:  # the encoding it was read with says how its pixels are stored
             from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -134,6 +152,34 @@ def _read_dicom(path: Path):
         raise
     except Exception:
         raise BadImage(neither) from None
+
+
+def _names_itself(ds) -> bool:
+    return any(keyword in ds for keyword in ("SOPClassUID", "Modality", "StudyInstanceUID", "Rows"))
+
+
+def _after_stray_bytes(path: Path):
+    """The bare data set that starts 1 to :data:`MAX_STRAY_BYTES` bytes into ``path`` with a group 0008 element (where
+    every image's data set starts), read and warned about (:class:`StrayBytes`); None when there is none."""
+    import io
+    import warnings
+
+    import pydicom
+
+    with path.open("rb") as handle:
+        data = handle.read()
+    for skip in range(1, MAX_STRAY_BYTES + 1):
+        if data[skip:skip + 2] != b"\x08\x00":  # little-endian group 0008: the only start this rescues
+            continue
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data[skip:]), force=True)
+        except Exception:
+            continue
+        if _names_itself(ds) and "PixelData" in ds:
+            warnings.warn(_noting(StrayBytes, path, f"{skip} stray byte(s) before its first DICOM element were skipped"),
+                          stacklevel=2)
+            return ds
+    return None
 
 
 def dicom(path: Path, window: str = "file") -> np.ndarray:
@@ -168,8 +214,8 @@ def dicom(path: Path, window: str = "file") -> np.ndarray:
         if grey.min() == grey.max() and np.ptp(values) > 0:
             import warnings
 
-            warnings.warn(FlatWindow(f"{path}: its window maps the whole image to one grey level; window=min-max "
-                                     "scales such files by their own range"), stacklevel=2)
+            warnings.warn(_noting(FlatWindow, path, "its window maps the whole image to one grey level; window=min-max "
+                                  "scales such files by their own range"), stacklevel=2)
     else:
         grey = _min_max(values)
     if photometric == "MONOCHROME1":

@@ -62,6 +62,33 @@ def test_a_ct_without_its_preamble_is_decoded(tmp_path):
     assert np.array_equal(decode.dicom(bare), decode.dicom(_file("CT_small.dcm")))
 
 
+def test_pydiccoms_no_meta_ct_is_read_past_its_stray_byte():
+    """The ``no_meta.dcm`` pydicom ships: a real CT data set without preamble and meta, after one stray byte (0x20) that
+    pydicom's own ``force`` reader misreads as an element. Read from its first element, with a warning, it is
+    CT_small's image pixel for pixel."""
+    path = _file("no_meta.dcm")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = decode.dicom(path)
+    assert np.array_equal(image, decode.dicom(_file("CT_small.dcm")))
+    assert [w.message.path for w in caught if w.category is decode.StrayBytes] == [str(path)]
+
+
+@pytest.mark.parametrize("prefix", [b"\x00" * (decode.MAX_STRAY_BYTES + 1), b"junk junk"])
+def test_more_stray_bytes_or_a_bare_data_set_without_an_image_are_refused(tmp_path, prefix):
+    """Past :data:`decode.MAX_STRAY_BYTES`, or after bytes that are not followed by a group 0008 element with pixel
+    data, a file is not taken for DICOM: a damaged file is refused, not guessed at."""
+    data = _file("no_meta.dcm").read_bytes()[1:]
+    path = tmp_path / "shifted.dcm"
+    path.write_bytes(prefix + data)
+    with pytest.raises(decode.BadImage, match="neither an image Pillow reads"):
+        decode.dicom(path)
+    header_only = tmp_path / "header.dcm"
+    header_only.write_bytes(b" " + _file("ExplVR_LitEndNoMeta.dcm").read_bytes())
+    with pytest.raises(decode.BadImage, match="neither an image Pillow reads"):
+        decode.dicom(header_only)
+
+
 def test_a_file_that_is_no_dicom_at_all_is_still_refused(tmp_path):
     path = tmp_path / "notes.dcm"
     path.write_bytes(b"meeting notes, not an image\n" * 20)
@@ -114,6 +141,7 @@ def test_the_folder_dataset_warns_once_and_keeps_pydiccoms_messages_off_stderr(t
     blank = _blank_ct(tmp_path)
     for i in range(2):
         shutil.copy(blank, root / "a" / f"blank{i}.dcm")
+    shutil.copy(_file("no_meta.dcm"), root / "a" / "no_meta.dcm")
 
     def noisy(*args, **kwargs):  # pydicom speaking while it reads: a log record and a warning
         logging.getLogger("pydicom").warning("a pydicom log record")
@@ -128,6 +156,7 @@ def test_the_folder_dataset_warns_once_and_keeps_pydiccoms_messages_off_stderr(t
     assert code == 0, err
     assert "pydicom" not in err  # neither its log records nor its warnings reach stderr
     assert err.count("window that maps the whole image to one grey level") == 1 and "2 DICOM files" in err
+    assert err.count("start with stray bytes before their data set") == 1 and "no_meta.dcm" in err
     code, out, err = invoke(*base, "--datasets", f"folder:root={root}:window=min-max", "--out", tmp_path / "o2")
     assert code == 0 and "one grey level" not in err, err
 
