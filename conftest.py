@@ -80,6 +80,22 @@ def write_medmnist3d_npz(path: Path, n_classes: int = 2, size: int = 28, counts=
     return path
 
 
+#: A tiny open_clip ViT (2 layers, 32 px, 8 px patches: 4 x 4 tokens) in open_clip's config format: an aligned pair that
+#: builds and exports in seconds (``open-clip:model=local-dir:<folder>``, with ``pretrained=random`` or a checkpoint).
+TINY_CLIP = {"model_cfg": {"embed_dim": 32,
+                           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+                           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}}
+
+
+def tiny_clip_folder(folder: Path) -> Path:
+    """``folder`` holding :data:`TINY_CLIP` as its ``open_clip_config.json``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
+    return folder
+
+
 def hica_bench(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed ``hica-bench`` console script as a user would."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")])}

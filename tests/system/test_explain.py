@@ -13,12 +13,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hica_bench import explain, plan
 from hica_bench.registry import load_registry
-from conftest import invoke
+from conftest import invoke, tiny_clip_folder
 
 REGISTRY = load_registry()
-TINY_CLIP = {"model_cfg": {"embed_dim": 32,
-                           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-                           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}}
 
 
 def fitted(medmnist_root: Path, cache: Path, method: str, encoder: str = "effnet-lite0-minilm", k: int = 5,
@@ -191,8 +188,7 @@ def clip_checkpoint(tmp_path_factory) -> Path:
     import open_clip
     import torch
 
-    folder = tmp_path_factory.mktemp("tiny-clip-weights")
-    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
+    folder = tiny_clip_folder(tmp_path_factory.mktemp("tiny-clip-weights"))
     torch.manual_seed(3)
     model = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False)
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")

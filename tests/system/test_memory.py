@@ -22,10 +22,10 @@ import pytest
 from conftest import TEST_PLUGINS
 
 SIZE = 224
-SMALL, LARGE = 2_000, 20_000
-# The 18,000 extra images are 18,000 × 224 × 224 B ≈ 860 MiB of pixels: RSS that grew with N would exceed this
-# by an order of magnitude. What legitimately grows with N is tiny (labels, the (N, 16) float32 features:
-# 1.2 MiB at 20k); the rest of the margin is allocator noise between two otherwise identical runs.
+SMALL, LARGE = 1_000, 11_000
+# The 10,000 extra images are 10,000 × 224 × 224 B ≈ 480 MiB of pixels: RSS that grew with N would exceed this
+# by almost an order of magnitude. What legitimately grows with N is tiny (labels, the (N, 16) float32 features:
+# 0.7 MiB at 11k); the rest of the margin is allocator noise between two otherwise identical runs.
 MARGIN_MIB = 64
 
 CHILD = """
