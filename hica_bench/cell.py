@@ -11,6 +11,7 @@ all call these same functions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -22,12 +23,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hica_bench import selection
 from hica_bench.adapting import frozen_state, restore, weight_versions
 from hica_bench.encoder_pairs import EncoderBuildError
 from hica_bench.errors import PLUGIN_FAULTS, NotApplicable, fault_text
 from hica_bench.extraction import FeatureExtractor
 from hica_bench.files import digest
-from hica_bench.interfaces import NEEDS, Components, EncoderPair, FewShotDataset, FewShotTask, ImageEncoder, Prompts
+from hica_bench.interfaces import (NEEDS, Components, EncoderPair, Episode, FewShotDataset, FewShotTask, ImageEncoder,
+                                   Prompts)
 from hica_bench.metrics import calibration, classification_metrics, per_class
 from hica_bench.registry import Choice, RunComponents
 from hica_bench.results import CellKey, CellResult, Identity, Status, jsonable
@@ -47,6 +50,8 @@ class Cell:
     support: np.ndarray
     prompts: Prompts | None = None
     dataset_label: str = ""  #: the dataset choice's label (with a corruption, unlike ``key.dataset``)
+    episode: Episode | None = None  #: what its protocol drew (None: a plain k-shot support, ``support``)
+    protocol_title: str = "few-shot"  #: how tables name its protocol
 
 
 def validate_needs(needs: Any) -> frozenset[str]:
@@ -162,10 +167,63 @@ def prepare(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple
     return model, needs, task
 
 
+def choose(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
+           components: Components, cache_dir: Path | None = None, validation: tuple[np.ndarray, np.ndarray] | None = None,
+           test: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Choice, dict[str, Any] | None]:
+    """The method (its options) the cell's protocol selects, with what ``fit_info["selection"]`` records; the cell's
+    own method and None under a protocol that selects nothing. The rule (:mod:`hica_bench.selection`): each candidate
+    of the method's search space is fitted on the support (or on each fold's part of it) and scored on the validation
+    images (``validation``: the features and labels of the episode's validation split, indexed here by its indices),
+    the held-out folds, or, for the oracle alone, ``test``. Nothing but the oracle is handed the test split."""
+    episode = cell.episode
+    if episode is None or episode.selection == "none":
+        return cell.method, None
+    start = time.perf_counter()
+    about = {"protocol": cell.protocol_title, "rule": episode.selection, "metric": episode.metric}
+    space = selection.searched(cell.method)
+    if not space:
+        return cell.method, {**about, "searched": "nothing: the method declares no search space (or every searched "
+                                                  "option was set by hand); its own defaults were used"}
+    train_features, train_labels = train
+    if episode.selection == "validation":
+        features, labels = validation if episode.validation_split == "val" else (train_features, train_labels)
+        rows = np.asarray(episode.validation)
+        sets = [(cell.support, features[rows], np.asarray(labels)[rows])]
+        about["scored_on"] = {"split": episode.validation_split, "images": len(rows)}
+    elif episode.selection == "support-cv":
+        if cell.key.k < 2:
+            raise NotApplicable("support-cv cross-validates on the support set, which needs at least 2 shots per class")
+        support_labels = np.asarray(train_labels)[cell.support]
+        sets = [(cell.support[fit], train_features[cell.support[held]], support_labels[held])
+                for fit, held in selection.folds(support_labels, cell.key.k, cell.key.seed)]
+        about["scored_on"] = {"split": "train", "folds": len(sets), "images": len(cell.support)}
+    else:  # the oracle: test-set tuning, which exists only to measure its inflation
+        features, labels = test
+        sets = [(cell.support, features, np.asarray(labels))]
+        about["scored_on"] = {"split": "test", "images": len(labels)}
+    tried = selection.candidates(cell.method)
+    scores = []
+    for candidate in tried:
+        per_set = []
+        for support, features, labels in sets:
+            model, _, task = prepare(dataclasses.replace(cell, method=candidate, support=support), dataset, pair, train,
+                                     components, cache_dir)
+            model.fit(task)
+            if getattr(model, "encoder_", None) is not None:
+                raise NotApplicable("the method adapts the encoder; selecting protocols score candidates on frozen "
+                                    "features, so they do not tune it yet")
+            proba = check_proba(model.predict_proba(features), len(labels), len(dataset.class_names))
+            per_set.append(selection.score(labels, proba, episode.metric))
+        scores.append(float(np.mean(per_set)))
+    best = int(np.argmax(scores))  # the first best, in the declared order
+    return tried[best], selection.record(list(space), tried, scores, best, **about, fits=len(tried) * len(sets) + 1,
+                                         seconds=time.perf_counter() - start)
+
+
 def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
-                  timeout: float | None = None, extractor: FeatureExtractor | None = None
-                  ) -> tuple[CellResult, np.ndarray | None]:
+                  timeout: float | None = None, extractor: FeatureExtractor | None = None,
+                  validation: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[CellResult, np.ndarray | None]:
     """One cell: build the method, fit it on the support set, predict the test features, score. Returns the result
     and the test probabilities (None unless it finished ok). Whatever the method does wrong is the cell's failure
     (fault isolation); only an encoder that cannot be built stops the run. Runs wherever the executor puts it (this
@@ -174,7 +232,10 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
     A method that adapted the encoder during ``fit`` and exposes it as ``encoder_`` predicts on the test images
     encoded through it by ``extractor`` (:meth:`FeatureExtractor.adapted`: the run's preprocessing and batching), not
     on the frozen ``test`` features; without ``encoder_`` it gets the frozen ones. A method that changed the frozen
-    encoder's weights in place fails (they serve every other cell and the feature cache)."""
+    encoder's weights in place fails (they serve every other cell and the feature cache).
+
+    Under a selecting protocol the method's options are chosen first (:func:`choose`, within the cell's time limit);
+    the chosen method is then built, fitted and scored as above, and ``fit_info["selection"]`` records the search."""
     test_features, test_labels = test
     key = cell.key
     result = CellResult(key, cell.identity, Status.OK, n_support=len(cell.support), n_test=len(test_labels))
@@ -183,10 +244,17 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
         model, needs, task = prepare(cell, dataset, pair, train, components, cache_dir)
         frozen = weight_versions(pair.modules) if "encoders" in needs else None
         saved = frozen_state(pair.modules) if frozen is not None else None  # to put back what a faulty method changes
+        chosen: list[dict[str, Any] | None] = [None]
 
         def fit_predict():
+            nonlocal model, task
             start = time.perf_counter()
             try:
+                if cell.episode is not None and cell.episode.selection != "none":
+                    method, chosen[0] = choose(cell, dataset, pair, train, components, cache_dir, validation,
+                                               test if cell.episode.selection == "test" else None)
+                    model, _, task = prepare(dataclasses.replace(cell, method=method), dataset, pair, train,
+                                             components, cache_dir)  # fitted again, seeded as every fit of the cell
                 model.fit(task)
             finally:  # also when fit raised: the next cells and datasets are encoded with the frozen weights
                 if frozen is not None and weight_versions(pair.modules) != frozen:
@@ -211,6 +279,8 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
         result.timings.fit_s, result.timings.predict_s = fit_s, predict_s
         if isinstance(getattr(model, "fit_info_", None), dict):
             result.fit_info = jsonable(model.fit_info_)  # whatever it holds (numpy values, objects), it can be written
+        if chosen[0] is not None:
+            result.fit_info = {**(result.fit_info or {}), "selection": jsonable(chosen[0])}
     except EncoderBuildError:
         raise  # the encoder cannot be built (bad weights, a broken plugin): bad input for the whole run, not this cell
     except NotApplicable as exc:

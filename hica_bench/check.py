@@ -1,7 +1,7 @@
 """``hica-bench check``: compare a fresh run with a committed baseline, cell by cell (a CI regression gate).
 
 Either side is a ``results.jsonl``, a ``leaderboard.csv`` or a folder holding one. A cell is
-(dataset, size, encoder, method, k, max_test, and the test split's corruption and severity if any); its scores are
+(dataset, size, encoder, method, k, max_test, the test split's corruption and severity if any, and the protocol); its scores are
 means over the seeds both results files hold (a leaderboard CSV gives its recorded means). Where one side holds results of several origins for a cell (see
 :class:`hica_bench.results.Origin`), the newest origin is compared and a note says so; where the two sides'
 origins differ (another backend, checkpoint, plugin version or option default), a note says what differs.
@@ -45,7 +45,7 @@ from hica_bench.metrics import HEADLINE, aggregate
 from hica_bench.results import LEGACY, Origin, ResultsStore, Status, origin_differences
 
 #: a cell: a corrupted test split (robustness track) is a cell of its own
-CELL = ["dataset", "size", "encoder", "method", "k", "max_test", "corruption", "severity"]
+CELL = ["dataset", "size", "encoder", "method", "k", "max_test", "corruption", "severity", "protocol"]
 #: environment facts whose difference makes raw speeds (device, cpu, threads) or scores (packages) incomparable
 SPEED_FACTS = ("device", "device_name", "cpu_model", "cpu_count", "torch_threads")
 DEFAULT_TOLERANCE = 1.0  #: percentage points
@@ -53,7 +53,7 @@ DEFAULT_THROUGHPUT_TOLERANCE = 0.4  #: relative drop of harness efficiency (its 
 BUSY = 0.1  #: share of the machine's CPU time used by other processes from which a throughput counts as measured under load
 
 
-Key = tuple  #: (dataset, size, encoder, method, k, max_test, corruption, severity)
+Key = tuple  #: (dataset, size, encoder, method, k, max_test, corruption, severity, protocol)
 
 
 @dataclass
@@ -165,6 +165,8 @@ def _load_leaderboard(path: Path, role: str) -> Side:
     for optional in ("corruption", "severity"):  # leaderboards before the robustness track: clean cells only
         if optional not in frame.columns:
             frame[optional] = None
+    if "protocol" not in frame.columns:  # leaderboards before protocols: every cell was a few-shot one
+        frame["protocol"] = "few-shot"
     missing = [c for c in CELL + ["n"] + stats if c not in frame.columns]
     if missing:
         raise UserError(f"{role} {str(path)!r} is not a hica-bench leaderboard.csv (lacks columns {', '.join(missing)})")
@@ -182,7 +184,7 @@ def _load_leaderboard(path: Path, role: str) -> Side:
             key = (str(row["dataset"]), int(row["size"]), str(row["encoder"]), str(row["method"]), int(row["k"]),
                    None if pd.isna(row["max_test"]) else int(row["max_test"]),
                    None if pd.isna(row["corruption"]) else str(row["corruption"]),
-                   None if pd.isna(row["severity"]) else int(row["severity"]))
+                   None if pd.isna(row["severity"]) else int(row["severity"]), str(row["protocol"]))
             seeds = frozenset(int(s) for s in str(row["seeds"]).split(",")) if "seeds" in row else None
             values = {s: float(row[s]) for s in stats}
             bad = [s for s, v in values.items() if not (math.isnan(v) or (0 <= v <= 1 if s.endswith("_mean") else v >= 0))

@@ -87,8 +87,8 @@ class InProcess:
             for cell in cells:
                 job.events.cell(cell.key)
                 result, proba = fit_and_score(cell, dataset, job.pair, splits["train"], splits["test"],
-                                                     RunComponents(job.registry), settings.cache_dir / "methods",
-                                                     settings.cell_timeout, job.extractor)
+                                              RunComponents(job.registry), settings.cache_dir / "methods",
+                                              settings.cell_timeout, job.extractor, validation=splits.get("val"))
                 yield cell, result, proba
 
 
@@ -194,21 +194,24 @@ def extract_task(context: WorkerContext, encoder: ChoiceRef, dataset: ChoiceRef,
 
 def cell_task(context: WorkerContext, encoder: ChoiceRef, dataset: ChoiceRef, identity: str, cell: tuple,
               extraction: dict[str, Any], train_features: np.ndarray | None, train_labels: np.ndarray,
-              test_features: np.ndarray, test_labels: np.ndarray) -> tuple[Any, np.ndarray | None]:
+              test_features: np.ndarray, test_labels: np.ndarray, val_features: np.ndarray | None = None,
+              val_labels: np.ndarray | None = None) -> tuple[Any, np.ndarray | None]:
     """A Ray task: one cell's fit, predict and score (the same :func:`~hica_bench.cell.fit_and_score` as in
     process), recorded with the worker's own environment."""
     from hica_bench.extraction import ExtractionSettings, FeatureExtractor
 
     state = _state(context)
-    method, key, cell_identity, support, prompts = cell
-    one = Cell(method.resolve(state.registry), key, cell_identity, support, prompts)
+    method, key, cell_identity, support, prompts, episode, title = cell
+    one = Cell(method.resolve(state.registry), key, cell_identity, support, prompts, episode=episode,
+               protocol_title=title)
     pair = state.pair(encoder)  # an adapting method's test images go through the driver's extraction settings
     extractor = FeatureExtractor(pair, Path(context.cache_dir), settings=ExtractionSettings(**extraction), reference=False,
                                  volume=context.volume)
     result, proba = fit_and_score(one, state.dataset(dataset, identity), pair,
                                          (train_features, train_labels), (test_features, test_labels),
                                          RunComponents(state.registry), Path(context.cache_dir) / "methods",
-                                         context.cell_timeout, extractor)
+                                         context.cell_timeout, extractor,
+                                         validation=None if val_labels is None else (val_features, val_labels))
     result.environment = state.environment(extraction)
     return result, proba
 
@@ -358,10 +361,12 @@ class RayExecutor:
                     while queue and len(flying) < self.limit:
                         label, cell = queue.pop()
                         (train, train_labels), (test, test_labels) = features[label, "train"], features[label, "test"]
-                        spec = (ChoiceRef.of(cell.method), cell.key, cell.identity, cell.support, cell.prompts)
+                        val, val_labels = features.get((label, "val"), (None, None))
+                        spec = (ChoiceRef.of(cell.method), cell.key, cell.identity, cell.support, cell.prompts,
+                                cell.episode, cell.protocol_title)
                         ref = self.cell.options(**resources[cell.method.label]).remote(
                             context, encoder, choices[label], identities[label], spec, extraction, train, train_labels,
-                            test, test_labels)
+                            test, test_labels, val, val_labels)
                         flying[ref] = cell
                         job.events.cell(cell.key)
                     done, _ = ray.wait(list(flying), num_returns=1)

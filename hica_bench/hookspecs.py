@@ -81,3 +81,14 @@ def hica_bench_descriptor_generators() -> list[PluginSpec]:
 @hookspec
 def hica_bench_losses() -> list[PluginSpec]:
     """Training losses (a component). ``factory(**options)`` returns a :class:`~hica_bench.interfaces.Loss`."""
+
+
+@hookspec
+def hica_bench_protocols() -> list[PluginSpec]:
+    """Evaluation protocols. ``factory(**options)`` returns an :class:`~hica_bench.interfaces.EvaluationProtocol`:
+    for each (dataset, k, seed) it draws the cell's :class:`~hica_bench.interfaces.Episode` (the support, an optional
+    validation set) and says how the method's options are chosen from its search space
+    (:attr:`~hica_bench.interfaces.PluginSpec.search`). The protocol and its options are part of the identity of every
+    cell whose episode is not a plain k-shot one. The rules the built-in protocols draw with are public:
+    :func:`hica_bench.protocol.sample_support`, :func:`hica_bench.protocol.sample_validation`."""
+

@@ -18,7 +18,7 @@ import numpy as np
 from hica_bench.errors import PLUGIN_FAULTS, UserError, fault_text
 
 #: The kinds of plugin, each offered by one hook of :mod:`hica_bench.hookspecs` (``hica_bench_<kind>s``).
-Kind = Literal["dataset", "encoder", "method", "roi-extractor", "descriptor-generator", "loss"]
+Kind = Literal["dataset", "encoder", "method", "roi-extractor", "descriptor-generator", "loss", "protocol"]
 KINDS: tuple[str, ...] = get_args(Kind)
 #: Kinds that other plugins build while they run, through :class:`Components` (not named on the command line).
 COMPONENT_KINDS = ("roi-extractor", "descriptor-generator", "loss")
@@ -140,6 +140,10 @@ class PluginSpec:
     describe: Callable[..., Any] | str | None = None
     #: defaults the factory's signature cannot give (see above); empty for almost every spec
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: methods only, optional: a small search space, option -> the candidate values the selection protocols
+    #: (``few-shot-val``, ``support-cv``, ``oracle``) try, e.g. ``{"C": (0.01, 0.1, 1.0, 10.0, 100.0)}``; every
+    #: combination is fitted once per cell, so keep the product small (at most :data:`MAX_SEARCH` candidates)
+    search: dict[str, tuple] = field(default_factory=dict)
     _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -186,7 +190,7 @@ def declaration_problem(spec: PluginSpec) -> str | None:
         ref = getattr(spec, what)
         if not (callable(ref) or (what == "describe" and ref is None) or (isinstance(ref, str) and _REF.fullmatch(ref))):
             return f"its {what} must be callable or a 'package.module:Attr' string, got {ref!r}"
-    for field_name in ("constraints", "components", "defaults"):
+    for field_name in ("constraints", "components", "defaults", "search"):
         if not isinstance(getattr(spec, field_name), dict):
             return f"its {field_name} must be a dict, got {type(getattr(spec, field_name)).__name__}"
     for key, constraint in spec.constraints.items():
@@ -198,7 +202,25 @@ def declaration_problem(spec: PluginSpec) -> str | None:
             return f"components maps {option!r} to {kind!r}; it must be one of {', '.join(COMPONENT_KINDS)}"
     if spec.in_default_suite and spec.kind in COMPONENT_KINDS:
         return f"a {spec.kind} cannot be in the default suite (components are built by methods, not run)"
+    if spec.search and spec.kind != "method":
+        return f"a {spec.kind} cannot declare a search space (only methods are tuned by the selection protocols)"
+    for option, values in spec.search.items():
+        if not isinstance(values, (tuple, list)) or not values or len(set(map(repr, values))) != len(values):
+            return f"search[{option!r}] must be a non-empty tuple of distinct candidate values, got {values!r}"
+    if search_size(spec.search) > MAX_SEARCH:
+        return f"its search space has {search_size(spec.search)} candidates; at most {MAX_SEARCH} (each is a fit per cell)"
     return None
+
+
+#: The most candidates a method's search space may hold (the product of its options' value counts).
+MAX_SEARCH = 64
+
+
+def search_size(search: dict[str, Sequence]) -> int:
+    size = 1
+    for values in search.values():
+        size *= len(values)
+    return size
 
 
 _REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  #: ``package.module:Attr``
@@ -269,7 +291,7 @@ def _signature_options(spec: PluginSpec, factory: Callable[..., Any]) -> dict[st
         if not isinstance(value, (bool, int, float, str)):
             raise _spec_error(spec, f"option {name}={value!r} has type {type(value).__name__}; defaults must be bool, "
                                     "int, float or str")
-    for field_name in ("constraints", "components"):
+    for field_name in ("constraints", "components", "search"):
         unknown = [name for name in getattr(spec, field_name) if name not in options]
         if unknown:
             verb = "is not one of its options" if len(unknown) == 1 else "are not among its options"
@@ -282,6 +304,15 @@ def _signature_options(spec: PluginSpec, factory: Callable[..., Any]) -> dict[st
             problem = f"does not fit its declared range ({constraint.describe()})"
         if problem:
             raise _spec_error(spec, f"the default {name}={options[name]!r} {problem}")
+    for name, values in spec.search.items():
+        for value in values:
+            default = options[name]
+            if type(value) is not type(default) and not (isinstance(default, float) and type(value) is int):
+                raise _spec_error(spec, f"search[{name!r}] holds {value!r}, not a {type(default).__name__} like the "
+                                        f"default {name}={default!r}")
+            problem = spec.constraints[name].problem(value) if name in spec.constraints else None
+            if problem:
+                raise _spec_error(spec, f"search[{name!r}] holds {value!r}, which {problem}")
     return options
 
 
@@ -532,6 +563,59 @@ class Method(Protocol):
     def fit(self, task: FewShotTask) -> "Method": ...
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------- protocols
+
+#: How a cell's method options are chosen from its search space (:attr:`PluginSpec.search`): ``none`` (the method's
+#: own defaults and rules), ``validation`` (each candidate fitted on the support, scored on the episode's validation
+#: images), ``support-cv`` (cross-validation on the support alone), ``test`` (scored on the test split: the oracle,
+#: which exists only to measure how much test-set tuning inflates a method).
+SELECTIONS = ("none", "validation", "support-cv", "test")
+#: What a selection may maximise (computed by :func:`hica_bench.metrics.classification_metrics`).
+SELECTION_METRICS = ("balanced_acc", "acc", "auc")
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What one cell fits on and is scored on, as its protocol draws it for one (dataset, k, seed).
+
+    ``support``: indices into the train split (sorted by class, then index), the images the method is fitted on.
+    ``validation``: indices into ``validation_split`` (``"val"`` or ``"train"``), never overlapping the support, or
+    None. ``selection`` (one of :data:`SELECTIONS`) and ``metric`` (one of :data:`SELECTION_METRICS`): how the
+    method's options are chosen. The test split is always scored whole; under every selection but ``test`` it is read
+    only for the final prediction."""
+
+    support: np.ndarray
+    validation: np.ndarray | None = None
+    validation_split: str = "val"
+    selection: str = "none"
+    metric: str = "balanced_acc"
+
+    @property
+    def plain(self) -> bool:
+        """A plain k-shot episode: no validation set, no selection (its cells keep the identities they always had)."""
+        return self.validation is None and self.selection == "none"
+
+
+@runtime_checkable
+class EvaluationProtocol(Protocol):
+    """What a ``protocol`` plugin's factory returns (kind ``protocol``; :mod:`hica_bench.hookspecs`).
+
+    ``title``: how tables name it, e.g. ``"oracle (test-set tuning)"``.
+    ``check(labels, n_classes, shots, dataset, class_names)`` raises a :class:`~hica_bench.errors.UserError` (one line)
+    when the dataset cannot run this protocol at these shots, before any cell runs; ``labels`` maps ``"train"`` and
+    ``"val"`` to their label arrays (a split without images: an empty array).
+    ``episode(labels, n_classes, k, seed, dataset)`` returns the cell's :class:`Episode`. It must be deterministic in
+    its arguments (the same indices on every machine: draw them through :mod:`hica_bench.protocol`'s rules), and
+    supports and validation sets should be nested across k (the k-shot ones inside the k'-shot ones for k < k')."""
+
+    title: str
+
+    def check(self, labels: dict[str, np.ndarray], n_classes: int, shots: Sequence[int], dataset: str,
+              class_names: Sequence[str]) -> None: ...
+
+    def episode(self, labels: dict[str, np.ndarray], n_classes: int, k: int, seed: int, dataset: str) -> Episode: ...
 
 
 # --------------------------------------------------------------------------- HiCA building blocks

@@ -26,10 +26,10 @@ from hica_bench.results import LEGACY, CellResult, Origin, Status, Timings, orig
 #: per-cell timings of the encoder pass: the harness's images/s and the plain eager forward's, measured in the same
 #: run (``hica-bench check`` compares their ratio)
 THROUGHPUT = tuple(f.name for f in fields(Timings) if f.name.endswith("_images_per_s"))
-BLOCK = ["dataset", "size", "encoder", "max_test"]  #: one section of the leaderboard
-#: what a leaderboard row is: a label, and the origin of its results (a corrupted test split is its own row; those two
-#: columns come last, so the columns before them keep the places they had)
-ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "origin", "corruption", "severity"]
+BLOCK = ["dataset", "size", "encoder", "max_test", "protocol"]  #: one section of the leaderboard
+#: what a leaderboard row is: a label, and the origin of its results (a corrupted test split and another protocol are
+#: rows of their own; those columns come last, so the columns before them keep the places they had)
+ROW = ["dataset", "size", "encoder", "method", "k", "max_test", "origin", "corruption", "severity", "protocol"]
 
 
 def results_frame(results: list[CellResult]) -> pd.DataFrame:
@@ -69,6 +69,15 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
         row["last"] = int(part["position"].max())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _protocol(protocol: str, tuned_on_test: set[str]) -> str:
+    """A section heading's protocol: nothing for the plain few-shot protocol; the oracle's label says what it is."""
+    if protocol == "few-shot":
+        return ""
+    if protocol in tuned_on_test:
+        return f", protocol `{protocol}` — oracle (test-set tuning): measures inflation, never a result to publish"
+    return f", protocol `{protocol}`"
 
 
 def _cell(mean: float, low: float | None, high: float | None, n: int) -> str:
@@ -146,8 +155,10 @@ def markdown(results: list[CellResult], robustness: pd.DataFrame | None = None) 
     origins = {r.origin_id: r.identity.origin for r in results if r.identity is not None}
     sections: dict[tuple, dict[str, set[str]]] = {}  # section -> method -> its origins (any status)
     not_applicable: dict[tuple, dict[tuple[str, str], str]] = {}  # section -> (method, origin) -> reason
+    tuned_on_test = {r.key.protocol for r in results
+                     if ((r.fit_info or {}).get("selection") or {}).get("rule") == "test"}  # the oracle's cells
     for r in results:
-        section = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test)
+        section = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test, r.key.protocol)
         sections.setdefault(section, {}).setdefault(r.key.method, set()).add(r.origin_id)
         if r.status is Status.NOT_APPLICABLE:
             not_applicable.setdefault(section, {})[(r.key.method, r.origin_id)] = r.reason
@@ -156,15 +167,15 @@ def markdown(results: list[CellResult], robustness: pd.DataFrame | None = None) 
                   for r in sorted(results, key=lambda r: r.finished_at or "") if r.timings.encoder_images_per_s}
     blocks = summary.groupby(BLOCK, dropna=False, sort=True) if not summary.empty else []
     shown_sections = set()
-    for (dataset, size, encoder, max_test), part in blocks:
-        section = (dataset, int(size), encoder, None if pd.isna(max_test) else int(max_test))
+    for (dataset, size, encoder, max_test, protocol), part in blocks:
+        section = (dataset, int(size), encoder, None if pd.isna(max_test) else int(max_test), protocol)
         shown_sections.add(section)
         labels = sections.get(section, {})
         part = part.assign(shown=[row_label(m, o, labels) for m, o in zip(part["method"], part["origin"])])
         test = "full test split" if pd.isna(max_test) else f"first {int(max_test)} test images"
         random = any("random-init" in origins[o].features.get("encoder", "") for o in set(part["origin"]) if o in origins)
         weights = " (random init: not trained weights)" if random else ""
-        lines += [f"## {dataset} ({size} px) — encoder `{encoder}`{weights}, {test}", "",
+        lines += [f"## {dataset} ({size} px) — encoder `{encoder}`{weights}, {test}{_protocol(protocol, tuned_on_test)}", "",
                   _cost(part, extraction.get((dataset, encoder))), ""]
         for metric in HEADLINE:
             table = part.pivot(index="shown", columns="k", values=f"{metric}_mean")

@@ -25,7 +25,8 @@ from hica_bench.encoder_pairs import encoder_pair
 from hica_bench.errors import PLUGIN_FAULTS, UserError
 from hica_bench.events import Events
 from hica_bench.extraction import FeatureExtractor, Requested, Work
-from hica_bench.interfaces import EncoderPair, FewShotDataset, Prompts
+from hica_bench.interfaces import (SELECTION_METRICS, SELECTIONS, EncoderPair, Episode, EvaluationProtocol, FewShotDataset,
+                                   Prompts)
 from hica_bench.registry import Choice, Registry, plural
 from hica_bench.results import CellKey, Identity, Origin
 
@@ -41,6 +42,9 @@ class Grid:
     seeds: list[int]
     size: int = 28
     max_test: int | None = None
+    #: the evaluation protocols (``protocol`` plugins); empty: plain k-shot episodes (:func:`protocol.sample_support`),
+    #: as a grid built in code before protocols existed
+    protocols: list[Choice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         protocol.check_shots_and_seeds(self.shots, self.seeds)
@@ -50,14 +54,74 @@ class Grid:
 
     @property
     def cells(self) -> int:
-        return len(self.datasets) * len(self.methods) * len(self.encoders) * len(self.shots) * len(self.seeds)
+        return (len(self.datasets) * max(1, len(self.protocols)) * len(self.methods) * len(self.encoders)
+                * len(self.shots) * len(self.seeds))
 
-    def position(self, encoder: int, dataset: int, method: int, k: int, seed: int) -> int:
-        """A cell's place in the grid's order (encoders, datasets, methods, shots, seeds; indices into each list):
-        ``--shard I/N`` runs the cells whose place is I modulo N. It depends only on the command's lists, so every
-        shard of one command agrees on the partition, whatever machine it runs on or what has finished."""
-        return (((encoder * len(self.datasets) + dataset) * len(self.methods) + method) * len(self.shots) + k) \
-            * len(self.seeds) + seed
+    def position(self, encoder: int, dataset: int, method: int, k: int, seed: int, protocol_index: int = 0) -> int:
+        """A cell's place in the grid's order (encoders, datasets, protocols, methods, shots, seeds; indices into each
+        list): ``--shard I/N`` runs the cells whose place is I modulo N. It depends only on the command's lists, so
+        every shard of one command agrees on the partition, whatever machine it runs on or what has finished (with one
+        protocol, the places are those of a grid without protocols)."""
+        outer = (encoder * len(self.datasets) + dataset) * max(1, len(self.protocols)) + protocol_index
+        return ((outer * len(self.methods) + method) * len(self.shots) + k) * len(self.seeds) + seed
+
+
+class PlainFewShot:
+    """The episodes of a grid without protocols: the k-shot support alone (what the ``few-shot`` protocol draws)."""
+
+    title = "few-shot"
+
+    def check(self, labels: dict[str, np.ndarray], n_classes: int, shots, dataset: str, class_names) -> None:
+        protocol.check_shots(list(shots), labels["train"], n_classes, dataset, list(class_names))
+
+    def episode(self, labels: dict[str, np.ndarray], n_classes: int, k: int, seed: int, dataset: str) -> Episode:
+        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset))
+
+
+def protocols(grid: Grid) -> list[tuple[Choice | None, Any]]:
+    """(choice, built protocol) for each of the grid's protocols; (None, :class:`PlainFewShot`) for a grid without."""
+    if not grid.protocols:
+        return [(None, PlainFewShot())]
+    built = []
+    for choice in grid.protocols:
+        made = choice.build()
+        if not isinstance(made, EvaluationProtocol) or not isinstance(getattr(made, "title", None), str):
+            raise UserError(f"protocol {choice.label}: its factory returned {type(made).__name__}, not an evaluation "
+                            "protocol (title, check, episode)")
+        built.append((choice, made))
+    return built
+
+
+def split_labels(dataset: FewShotDataset) -> dict[str, np.ndarray]:
+    """The train and val labels a protocol draws from (a dataset without val images: an empty array)."""
+    return {split: np.asarray(dataset.split(split).labels, dtype=np.int64) for split in ("train", "val")}
+
+
+def check_episode(episode: Any, labels: dict[str, np.ndarray], label: str) -> Episode:
+    """A protocol's episode, checked: an :class:`Episode` whose support and validation indices are in range and never
+    overlap (else a UserError naming the protocol)."""
+    if not isinstance(episode, Episode):
+        raise UserError(f"protocol {label}: episode() returned {type(episode).__name__}, not an Episode")
+    train = len(labels["train"])
+    support = np.asarray(episode.support)
+    if support.ndim != 1 or not len(support) or support.min() < 0 or support.max() >= train:
+        raise UserError(f"protocol {label}: its support indices are not indices into the train split")
+    if episode.selection not in SELECTIONS or episode.metric not in SELECTION_METRICS:
+        raise UserError(f"protocol {label}: selection must be one of {', '.join(SELECTIONS)} and metric one of "
+                        f"{', '.join(SELECTION_METRICS)}")
+    if episode.validation is not None:
+        validation = np.asarray(episode.validation)
+        if episode.validation_split not in ("train", "val"):
+            raise UserError(f"protocol {label}: validation_split must be train or val")
+        pool = len(labels[episode.validation_split])
+        if validation.ndim != 1 or not len(validation) or validation.min() < 0 or validation.max() >= pool:
+            raise UserError(f"protocol {label}: its validation indices are not indices into the "
+                            f"{episode.validation_split} split")
+        if episode.validation_split == "train" and np.intersect1d(support, validation).size:
+            raise UserError(f"protocol {label}: its validation set overlaps the support")
+    elif episode.selection == "validation":
+        raise UserError(f"protocol {label}: selection by validation needs validation indices")
+    return episode
 
 
 EXECUTORS = ("in-process", "ray")  #: where cells can run (:mod:`hica_bench.executors`)
@@ -105,8 +169,10 @@ def open_datasets(grid: Grid, settings: Settings, events: "Events | None" = None
             if dataset.task not in SUPPORTED_TASKS:
                 raise UserError(f"{choice.name} is a {dataset.task} dataset; hica-bench supports "
                                 f"{' and '.join(SUPPORTED_TASKS)} tasks")
-            labels = dataset.split("train").labels
-            protocol.check_shots(grid.shots, labels, len(dataset.class_names), choice.label, list(dataset.class_names))
+            labels = split_labels(dataset)
+            for protocol_choice, made in protocols(grid):
+                _protocol_call(protocol_choice, made.check, labels, len(dataset.class_names), list(grid.shots),
+                               choice.label, list(dataset.class_names))
             dataset.split("test")  # a malformed test split is reported now, not after other cells ran
             if choice.prompts is not None:
                 prompt_files[choice.label] = prompts.load(choice.prompts, dataset.class_names, choice.label)
@@ -139,39 +205,69 @@ def describe_datasets(grid: Grid, datasets: dict[str, FewShotDataset], prompt_fi
     return lines
 
 
+def _protocol_call(choice: Choice | None, call: Callable[..., Any], *args: Any) -> Any:
+    """A protocol plugin's ``check`` or ``episode``: its UserError as it is; any other fault as one UserError naming
+    it (a protocol that cannot draw its episodes is bad input for the whole grid, found before any cell runs)."""
+    try:
+        return call(*args)
+    except UserError:
+        raise
+    except PLUGIN_FAULTS as exc:
+        label = choice.label if choice is not None else "few-shot"
+        raise UserError(f"protocol {label}: {call.__name__} failed: {' '.join(str(exc).split())[:300] or type(exc).__name__}") from None
+
+
+def episodes(grid: Grid, dataset_choice: Choice, dataset: FewShotDataset) -> list[tuple[Choice | None, Any, dict]]:
+    """For each of the grid's protocols: (choice, built protocol, {(k, seed): its checked :class:`Episode`}). Episodes
+    are drawn by the dataset's name, not its label: options (a folder's path, a prompt file) change nothing."""
+    labels = split_labels(dataset)
+    n_classes = len(dataset.class_names)
+    name = getattr(dataset, "name", dataset_choice.label)
+    drawn = []
+    for choice, made in protocols(grid):
+        label = choice.label if choice is not None else "few-shot"
+        drawn.append((choice, made, {(k, seed): check_episode(_protocol_call(choice, made.episode, labels, n_classes, k,
+                                                                             seed, name), labels, label)
+                                     for k in grid.shots for seed in grid.seeds}))
+    return drawn
+
+
 def pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: FewShotDataset, encoder: Choice,
              pair: EncoderPair, extractor: FeatureExtractor, device: str, finished: set[str],
-             prompt_file: Prompts | None = None, in_shard: Callable[[int, int, int], bool] = lambda m, k, s: True
-             ) -> tuple[list[Cell], int, int]:
+             prompt_file: Prompts | None = None,
+             in_shard: Callable[[int, int, int, int], bool] = lambda p, m, k, s: True) -> tuple[list[Cell], int, int]:
     """This dataset's cells with ``encoder`` whose identity has no finished result yet, how many were skipped, and how
-    many belong to other shards (``in_shard(method, k, seed)``: indices into the grid's lists)."""
-    labels = dataset.split("train").labels
-    n_classes = len(dataset.class_names)
-    # supports are drawn by the dataset's name, not its label: options (a folder's path, a prompt file) change nothing
-    name = getattr(dataset, "name", dataset_choice.label)
-    supports = {(k, seed): protocol.sample_support(labels, n_classes, k, seed, name)
-                for k in grid.shots for seed in grid.seeds}
+    many belong to other shards (``in_shard(protocol, method, k, seed)``: indices into the grid's lists). A cell's
+    identity holds its protocol (and its validation set) only when its episode is more than a plain k-shot support."""
     pending, skipped, elsewhere = [], 0, 0
-    for m, method in enumerate(grid.methods):
-        origin = Origin(
-            harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
-            max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity_for(dataset).as_dict(),
-            text_encoder=pair.card.text, method=method.ref,
-            method_components=registry.components_of(method), device=device.split(":")[0],
-            prompts=None if prompt_file is None else prompt_file.digest,
-            corruption=dataset.describe() if dataset_choice.corruption is not None else None)
-        for k_index, k in enumerate(grid.shots):
-            for seed_index, seed in enumerate(grid.seeds):
-                if not in_shard(m, k_index, seed_index):
-                    elsewhere += 1
-                    continue
-                identity = Identity(origin, k, seed, protocol.support_hash(supports[k, seed]))
-                if identity.id in finished:
-                    skipped += 1
-                    continue
-                key = CellKey(dataset_choice.base_label, grid.size, method.label, encoder.label, k, seed, grid.max_test,
-                              *(dataset_choice.corruption or (None, None)))
-                pending.append(Cell(method, key, identity, supports[k, seed], prompt_file, dataset_choice.label))
+    for p, (protocol_choice, made, drawn) in enumerate(episodes(grid, dataset_choice, dataset)):
+        for m, method in enumerate(grid.methods):
+            origin = Origin(
+                harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
+                max_test=grid.max_test, encoder=encoder.ref, features=extractor.identity_for(dataset).as_dict(),
+                text_encoder=pair.card.text, method=method.ref,
+                method_components=registry.components_of(method), device=device.split(":")[0],
+                prompts=None if prompt_file is None else prompt_file.digest,
+                corruption=dataset.describe() if dataset_choice.corruption is not None else None)
+            for k_index, k in enumerate(grid.shots):
+                for seed_index, seed in enumerate(grid.seeds):
+                    if not in_shard(p, m, k_index, seed_index):
+                        elsewhere += 1
+                        continue
+                    episode = drawn[k, seed]
+                    identity = Identity(origin, k, seed, protocol.support_hash(episode.support))
+                    if not episode.plain:
+                        identity = Identity(dataclasses.replace(origin, protocol=protocol_choice.ref), k, seed,
+                                            identity.support, None if episode.validation is None else
+                                            f"{episode.validation_split}:{protocol.support_hash(episode.validation)}")
+                    if identity.id in finished:
+                        skipped += 1
+                        continue
+                    key = CellKey(dataset_choice.base_label, grid.size, method.label, encoder.label, k, seed,
+                                  grid.max_test, *(dataset_choice.corruption or (None, None)),
+                                  protocol=protocol_choice.label if protocol_choice is not None else "few-shot")
+                    pending.append(Cell(method, key, identity, np.asarray(episode.support), prompt_file,
+                                        dataset_choice.label, episode=episode, protocol_title=made.title))
     return pending, skipped, elsewhere
 
 
@@ -229,9 +325,17 @@ class EncoderJob:
 
     def splits(self, dataset: FewShotDataset, cells: list[Cell]) -> list[tuple[str, np.ndarray]]:
         """The splits these cells need encoded, each with the labels of the rows they use (zero-shot alone: no train
-        split; ``--max-test N``: the first N test images)."""
+        split; ``--max-test N``: the first N test images); a selecting protocol's validation images too (the val
+        split, or the train split for a validation set drawn from it and for cross-validation on the support)."""
+        wanted = set(splits(self.needs[cell.method.label] for cell in cells))
+        for cell in cells:
+            episode = cell.episode
+            if episode is not None and episode.selection == "validation":
+                wanted.add(episode.validation_split)
+            elif episode is not None and episode.selection == "support-cv":
+                wanted.add("train")
         out = []
-        for split in splits(self.needs[cell.method.label] for cell in cells):
+        for split in (s for s in ("train", "val", "test") if s in wanted):
             labels = np.asarray(dataset.split(split).labels)
             out.append((split, labels[:rows(self.grid, split, len(labels))]))
         return out
@@ -275,8 +379,8 @@ def encoder_job(grid: Grid, settings: Settings, registry: Registry, events: Even
     cells_by_dataset, skipped, elsewhere = [], 0, 0
     for d, choice in enumerate(grid.datasets):
         dataset = datasets[choice.label]
-        in_shard = (lambda m, k, s, d=d: True) if settings.shard is None else (
-            lambda m, k, s, d=d: grid.position(index, d, m, k, s) % settings.shard[1] == settings.shard[0])
+        in_shard = (lambda p, m, k, s, d=d: True) if settings.shard is None else (
+            lambda p, m, k, s, d=d: grid.position(index, d, m, k, s, p) % settings.shard[1] == settings.shard[0])
         cells, skipped_here, elsewhere_here = pending(grid, registry, choice, dataset, encoder, pair, extractor,
                                                       settings.device, finished, prompt_files.get(choice.label), in_shard)
         skipped += skipped_here
@@ -299,6 +403,7 @@ class RunRequest:
     datasets: str | None = None
     methods: str | None = None
     encoders: str | None = None
+    protocols: str | None = None
     shots: str | None = None
     seeds: str | None = None
     size: int | None = None
@@ -367,7 +472,8 @@ def configure(request: RunRequest, registry: Callable[[], Registry]) -> tuple[Gr
                            if "skip_bad_images" in c.registered.spec.options else c for c in dataset_choices]
     grid = Grid(datasets=corruptions.variants(dataset_choices, corruption_names, severity_list),
                 methods=each("method", "--methods"), encoders=each("encoder", "--encoders"),
-                shots=shots, seeds=seeds, size=value("size"), max_test=value("max_test"))
+                shots=shots, seeds=seeds, size=value("size"), max_test=value("max_test"),
+                protocols=each("protocol", "--protocols"))
     for method in grid.methods:  # option values its constructor rejects, or needs it cannot declare, are bad input
         try:
             needs = getattr(method.build(), "needs", None)

@@ -1,4 +1,5 @@
-"""The k-shot protocol: which train images form the support set of a (dataset, k, seed) cell.
+"""The sampling rules the protocols draw with: which train images form the support set of a (dataset, k, seed) cell,
+and which images form its validation set.
 
 Sampling rule (platform- and library-version-independent, so a seed names the same images everywhere):
 every train index ``i`` of class ``c`` gets the key ``sha256(f"{dataset}|{seed}|{i}")``; the support set
@@ -6,6 +7,14 @@ of class ``c`` is its ``k`` indices with the smallest keys. Consequences: the sa
 indices on every machine and numpy version, and supports are nested (the 1-shot support of a seed is
 inside its 5-shot support, which is inside its 20-shot support), so shot curves are not confounded by
 resampling. :func:`support_hash` (sha256 over the sorted indices) is part of each result's identity.
+
+Validation rule (:func:`sample_validation`, Dassl's few-shot validation: ``m = min(k, 4)`` images per class unless
+the protocol says otherwise): from the dataset's val split when every class has at least ``cap`` images there (``cap``
+= 4, or the protocol's fixed ``m``): class ``c``'s ``m`` val indices with the smallest keys
+``sha256(f"{dataset}|val|{seed}|{i}")``; otherwise from the train split: class ``c``'s ``m`` train indices with the
+*largest* support keys, which no support of that class can reach while ``k + m`` is at most the class's size. Either
+way the validation set never overlaps the support, is nested across k (``m`` grows with k, the order is fixed) and
+is the same on every machine.
 """
 
 from __future__ import annotations
@@ -69,3 +78,60 @@ def sample_support(labels: np.ndarray, n_classes: int, k: int, seed: int, datase
 
 def support_hash(indices: np.ndarray) -> str:
     return hashlib.sha256(np.sort(np.asarray(indices, dtype="<i8")).tobytes()).hexdigest()
+
+
+#: Dassl's few-shot validation size: min(k, VALIDATION_CAP) images per class.
+VALIDATION_CAP = 4
+
+
+def validation_size(k: int, per_class: int = 0) -> int:
+    """Images per class in a k-shot cell's validation set: ``per_class`` when fixed (> 0), else min(k, 4)."""
+    return per_class if per_class > 0 else min(k, VALIDATION_CAP)
+
+
+def validation_source(val_labels: np.ndarray, n_classes: int, per_class: int = 0, source: str = "auto") -> str:
+    """Where the validation sets of a dataset come from: ``"val"`` when its val split has at least ``cap`` images of
+    every class (``cap``: ``per_class`` when fixed, else :data:`VALIDATION_CAP`; ``source="auto"``), else
+    ``"train"``; ``source`` ``"val"`` or ``"train"`` forces one (checked by :func:`check_validation`)."""
+    if source != "auto":
+        return source
+    counts = np.bincount(np.asarray(val_labels, dtype=np.int64), minlength=n_classes) if len(val_labels) else np.zeros(n_classes, int)
+    return "val" if counts.min() >= (per_class if per_class > 0 else VALIDATION_CAP) else "train"
+
+
+def check_validation(shots: list[int], labels: dict[str, np.ndarray], n_classes: int, dataset: str,
+                     per_class: int = 0, source: str = "auto", class_names: list[str] | None = None) -> None:
+    """A :class:`UserError` when a shot count leaves no room for its validation set: beyond the val split's smallest
+    class, or (from train) when ``k + m`` is more than the smallest train class."""
+    where = validation_source(labels["val"], n_classes, per_class, source)
+    pool = np.asarray(labels[where], dtype=np.int64)
+    counts = np.bincount(pool, minlength=n_classes) if len(pool) else np.zeros(n_classes, int)
+    smallest, which = int(counts.min()), int(counts.argmin())
+    named = f" ({class_names[which]})" if class_names is not None else ""
+    for k in shots:
+        m = validation_size(k, per_class)
+        need = m if where == "val" else k + m
+        if need > smallest:
+            shown = f"{m} validation images per class" if where == "val" else f"{k} shots + {m} validation images per class"
+            raise UserError(f"{shown} is more than {dataset}'s {where} split has for class {which}{named} ({smallest} "
+                            f"images): k is beyond the validation pool; use fewer shots or a smaller per_class")
+
+
+def sample_validation(labels: dict[str, np.ndarray], n_classes: int, k: int, seed: int, dataset: str,
+                      per_class: int = 0, source: str = "auto") -> tuple[str, np.ndarray]:
+    """(split, indices) of the validation set of a (dataset, k, seed) cell, sorted by class then index (the rule is in
+    the module docstring); it never overlaps :func:`sample_support`'s set for the same (dataset, k, seed)."""
+    where = validation_source(labels["val"], n_classes, per_class, source)
+    check_validation([k], labels, n_classes, dataset, per_class, source)
+    m = validation_size(k, per_class)
+    pool = np.asarray(labels[where], dtype=np.int64)
+    chosen = []
+    for c in range(n_classes):
+        members = np.flatnonzero(pool == c).tolist()
+        if where == "val":
+            ranked = sorted(members, key=lambda i: _key(f"{dataset}|val", seed, i))[:m]
+        else:  # the far end of the support ranking: out of every support's reach while k + m <= class size
+            ranked = sorted(members, key=lambda i: _key(dataset, seed, i))[-m:]
+        chosen.append(np.sort(np.asarray(ranked, dtype=np.int64)))
+    return where, np.concatenate(chosen)
+

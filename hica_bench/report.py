@@ -70,6 +70,7 @@ class Section:
     size: int
     encoder: str
     max_test: int | None
+    protocol: str  #: the evaluation protocol's label (``few-shot``: the plain k-shot one)
     rows: list[Row]
     shots: list[int]
     tests: dict[tuple[str, str, int], stats.Paired] = field(default_factory=dict)  # (metric, row label, k) -> test
@@ -81,33 +82,35 @@ class Section:
     @property
     def title(self) -> str:
         test = "full test split" if self.max_test is None else f"first {self.max_test} test images"
-        return f"{self.dataset} ({self.size} px) — encoder {self.encoder}, {test}"
+        protocol = "" if self.protocol == "few-shot" else f", protocol {self.protocol}"
+        return f"{self.dataset} ({self.size} px) — encoder {self.encoder}, {test}{protocol}"
 
     @property
     def slug(self) -> str:
         """A file and anchor name: readable, and unique through a digest of the whole section key."""
         readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.dataset}-{self.size}-{self.encoder}").strip("-")[:48]
-        return f"{readable}-{digest([self.dataset, self.size, self.encoder, self.max_test], 8)}"
+        key = [self.dataset, self.size, self.encoder, self.max_test] + ([] if self.protocol == "few-shot" else [self.protocol])
+        return f"{readable}-{digest(key, 8)}"
 
 
 def sections(results: list[CellResult]) -> list[Section]:
-    """The ok results grouped as the leaderboard groups them: per (dataset, size, encoder, max_test), one row per
+    """The ok results grouped as the leaderboard groups them: per (dataset, size, encoder, max_test, protocol), one row per
     method label and origin (a method with several origins gets ``⟨origin⟩`` in its label, never averaged)."""
     grouped: dict[tuple, dict[tuple[str, str], Row]] = {}
     origins: dict[tuple, dict[str, set[str]]] = {}
     results = [r for r in results if r.key.corruption is None]  # corrupted test splits: the robustness table
     for r in results:
-        block = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test)
+        block = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test, r.key.protocol)
         origins.setdefault(block, {}).setdefault(r.key.method, set()).add(r.origin_id)
     for r in results:
         if r.status is not Status.OK or r.metrics is None:
             continue
-        block = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test)
+        block = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test, r.key.protocol)
         label = row_label(r.key.method, r.origin_id, origins[block])
         row = grouped.setdefault(block, {}).setdefault((r.key.method, r.origin_id), Row(label, r.key.method, r.origin_id))
         row.cells.setdefault(r.key.k, {})[r.key.seed] = r  # the newest record of a cell is the one kept
     out = []
-    for block in sorted(grouped, key=lambda b: (b[0], b[1], b[2], -1 if b[3] is None else b[3])):
+    for block in sorted(grouped, key=lambda b: (b[0], b[1], b[2], -1 if b[3] is None else b[3], b[4] != "few-shot", b[4])):
         rows = sorted(grouped[block].values(), key=lambda row: row.label)
         shots = sorted({k for row in rows for k in row.cells})
         out.append(Section(*block, rows, shots))
@@ -306,30 +309,31 @@ class Ranking:
     encoder: str
     size: int
     max_test: int | None
+    protocol: str
     result: stats.Friedman
     left_out: list[str]
     image: str | None = None
 
 
 def rankings(all_sections: list[Section]) -> list[Ranking]:
-    """Per (encoder, size, max_test): methods × (dataset, k) blocks of mean ACC; methods without a mean in every block
+    """Per (encoder, size, max_test, protocol): methods × (dataset, k) blocks of mean ACC; methods without a mean in every block
     are left out (named)."""
     import pandas as pd
 
     grouped: dict[tuple, dict[str, dict[str, float]]] = {}
     for section in all_sections:
-        table = grouped.setdefault((section.encoder, section.size, section.max_test), {})
+        table = grouped.setdefault((section.encoder, section.size, section.max_test, section.protocol), {})
         for row in section.rows:
             for k in section.shots:
                 values = [v for v in row.values("acc", k).values() if v == v]
                 if values:
                     table.setdefault(row.label, {})[f"{section.dataset} k={k}"] = float(np.mean(values))
     out = []
-    for (encoder, size, max_test), table in sorted(grouped.items(), key=lambda item: str(item[0])):
+    for (encoder, size, max_test, protocol), table in sorted(grouped.items(), key=lambda item: str(item[0])):
         frame = pd.DataFrame(table)  # blocks × methods
         complete = frame.dropna(axis=1)
         left_out = sorted(set(frame.columns) - set(complete.columns))
-        out.append(Ranking(encoder, size, max_test, stats.friedman(complete), left_out))
+        out.append(Ranking(encoder, size, max_test, protocol, stats.friedman(complete), left_out))
     return out
 
 
@@ -384,10 +388,11 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     ranked = rankings(found)
     for ranking in ranked:
         name = (re.sub(r"[^A-Za-z0-9]+", "-", f"{ranking.encoder}-{ranking.size}").strip("-")[:48] + "-"
-                + digest([ranking.encoder, ranking.size, ranking.max_test], 8))
+                + digest([ranking.encoder, ranking.size, ranking.max_test]
+                         + ([] if ranking.protocol == "few-shot" else [ranking.protocol]), 8))
         ranking.image = cd_diagram(ranking.result, name, figures, svg)
     pages = []
-    lines = ["dataset,size,encoder,max_test,metric,method,k,n,mean_difference,p,p_holm,mark,note"]
+    lines = ["dataset,size,encoder,max_test,metric,method,k,n,mean_difference,p,p_holm,mark,note,protocol"]
     for section in found:
         tables = []
         for metric in METRICS:
@@ -399,7 +404,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         for (metric, label, k), test in section.tests.items():
             lines.append(",".join(_csv(v) for v in (section.dataset, section.size, section.encoder, section.max_test, metric,
                                                       label, k, test.n, test.difference, test.p, test.p_holm, test.mark,
-                                                      test.note)))
+                                                      test.note, section.protocol)))
         notes = sorted({t.note for t in section.tests.values() if t.note}) + section.notes
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
                       "curves": curves(section, figures, svg), "reliability": reliability(section, figures, svg),
@@ -407,11 +412,11 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
                       "notes": notes, "bootstrap": [(label, k, f"{100 * lo:.1f}–{100 * hi:.1f}", n)
                                                     for (label, k), (lo, hi, n) in sorted(section.bootstrap.items())]})
     atomic_write(out_dir / "paired_tests.csv", "\n".join(lines) + "\n")
-    rank_lines = ["encoder,size,max_test,method,average_rank,blocks"]
+    rank_lines = ["encoder,size,max_test,method,average_rank,blocks,protocol"]
     for ranking in ranked:
         for method, rank in sorted(ranking.result.average_ranks.items(), key=lambda item: item[1]):
             rank_lines.append(",".join(_csv(v) for v in (ranking.encoder, ranking.size, ranking.max_test, method, rank,
-                                                           len(ranking.result.blocks))))
+                                                           len(ranking.result.blocks), ranking.protocol)))
     atomic_write(out_dir / "ranks.csv", "\n".join(rank_lines) + "\n")
     from hica_bench.leaderboard import ROBUSTNESS_NOTE
 

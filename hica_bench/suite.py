@@ -40,10 +40,11 @@ class Suite:
     out: str | None = None
     corruptions: list[str] | None = None
     severities: list[int] | None = None
+    protocols: list[str] | None = None
 
 
 KEYS = tuple(f.name for f in fields(Suite))
-_NAMES = ("datasets", "methods", "encoders", "corruptions")
+_NAMES = ("datasets", "methods", "encoders", "corruptions", "protocols")
 _NUMBERS = ("shots", "seeds", "severities")
 
 

@@ -529,6 +529,87 @@ def check_dataset(dataset: Any) -> None:
             assert not missing, f"{where}: classes {missing} have no train images (no k-shot support possible)"
 
 
+#: The label layouts :func:`check_protocol` draws episodes from: (description, train class sizes, val class sizes).
+PROTOCOL_LAYOUTS = (("2 classes with a val split", (40, 60), (12, 9)), ("3 classes, no val split", (30, 25, 40), (0, 0, 0)),
+                    ("5 classes, a small val split", (24, 30, 28, 26, 40), (2, 1, 3, 2, 2)))
+
+
+def _layout(train: Sequence[int], val: Sequence[int], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.permutation(np.repeat(np.arange(len(sizes)), sizes)).astype(np.int64)
+            for name, sizes in (("train", train), ("val", val))}
+
+
+@_failures
+def check_protocol(protocol_plugin: Any, shots: Sequence[int] = (1, 2, 4), seeds: Sequence[int] = (0, 1)) -> None:
+    """An :class:`~hica_bench.interfaces.EvaluationProtocol` (or a :class:`PluginSpec` / zero-argument factory of one):
+    a ``title``; on each of :data:`PROTOCOL_LAYOUTS`, for every k and seed its ``check`` accepts, ``episode`` returns an
+    :class:`~hica_bench.interfaces.Episode` whose support has k train indices of each class, whose validation indices
+    (if any) are in range and never overlap the support, with a known selection rule and metric; the same episode on
+    every call (deterministic); supports and validation sets nested across k; and different seeds give different
+    supports. ``check`` may refuse a layout or k with a :class:`~hica_bench.errors.UserError`, and nothing else."""
+    from hica_bench.errors import UserError
+    from hica_bench.interfaces import SELECTION_METRICS, SELECTIONS, Episode
+
+    if hasattr(protocol_plugin, "episode") and not isinstance(protocol_plugin, (type, PluginSpec)):
+        label, made = type(protocol_plugin).__name__, protocol_plugin  # a built protocol
+    else:
+        label, make = _builder(protocol_plugin, "protocol", None)
+        made = make()
+    title = getattr(made, "title", None)
+    assert isinstance(title, str) and title, f"{label}: title must be a non-empty string, got {title!r}"
+    for what, train, val in PROTOCOL_LAYOUTS:
+        labels = _layout(train, val)
+        n = len(train)
+        names = [f"class {c}" for c in range(n)]
+        usable = []
+        for k in shots:
+            try:
+                made.check(labels, n, [k], "kit", names)
+            except UserError:
+                continue
+            usable.append(k)
+        for seed in seeds:
+            previous = None
+            for k in usable:
+                episode = made.episode(labels, n, k, seed, "kit")
+                where = f"{label} on {what}, k={k}, seed={seed}"
+                assert isinstance(episode, Episode), f"{where}: episode() returned {type(episode).__name__}"
+                support = np.asarray(episode.support)
+                assert support.dtype.kind == "i" and support.ndim == 1, f"{where}: support must be integer indices"
+                assert support.min() >= 0 and support.max() < len(labels["train"]), f"{where}: support out of range"
+                counts = np.bincount(labels["train"][support], minlength=n)
+                assert (counts == k).all(), f"{where}: the support has {counts.tolist()} images per class, expected {k}"
+                assert episode.selection in SELECTIONS and episode.metric in SELECTION_METRICS, (
+                    f"{where}: selection {episode.selection!r} / metric {episode.metric!r} unknown")
+                if episode.validation is not None:
+                    validation = np.asarray(episode.validation)
+                    assert episode.validation_split in ("train", "val"), f"{where}: validation_split must be train or val"
+                    pool = labels[episode.validation_split]
+                    assert len(validation) and validation.min() >= 0 and validation.max() < len(pool), (
+                        f"{where}: validation indices out of range")
+                    if episode.validation_split == "train":
+                        assert not np.intersect1d(validation, support).size, f"{where}: validation overlaps the support"
+                elif episode.selection == "validation":
+                    raise AssertionError(f"{where}: selection by validation without validation indices")
+                again = made.episode(labels, n, k, seed, "kit")
+                assert np.array_equal(again.support, episode.support) and (
+                    (again.validation is None and episode.validation is None)
+                    or np.array_equal(again.validation, episode.validation)), f"{where}: episodes differ between calls"
+                if previous is not None:
+                    assert set(previous.support.tolist()) <= set(support.tolist()), (
+                        f"{where}: the support does not contain the smaller k's support (supports must be nested)")
+                    if previous.validation is not None and episode.validation is not None and \
+                            previous.validation_split == episode.validation_split:
+                        assert set(np.asarray(previous.validation).tolist()) <= set(np.asarray(episode.validation).tolist()), (
+                            f"{where}: the validation set does not contain the smaller k's (they must be nested)")
+                previous = episode
+        if usable and len(seeds) > 1:
+            k = usable[-1]
+            drawn = {tuple(np.asarray(made.episode(labels, n, k, seed, "kit").support).tolist()) for seed in seeds}
+            assert len(drawn) > 1, f"{label} on {what}: every seed draws the same support at k={k}"
+
+
 @_failures
 def check_roi_extractor(extractor: Any, k: int = 3) -> None:
     """A :class:`~hica_bench.interfaces.ROIExtractor`: for a normalised (N, 3, S, S) batch, with and without a

@@ -28,6 +28,10 @@ def run(
     encoders: Optional[str] = typer.Option(None, "--encoders", "--encoder", help=(
         "Comma list of encoder pairs, each NAME or NAME:opt=value (see `hica-bench list encoder`); the grid runs over "
         "each [default: the suite's, else the one the installed plugins declare as default].")),
+    protocols: Optional[str] = typer.Option(None, help="Comma list of evaluation protocols, each NAME or "
+                                            "NAME:opt=value (see `hica-bench list protocol`): few-shot, few-shot-val, "
+                                            "support-cv, oracle [default: the suite's, else the installed plugins' "
+                                            "default (few-shot)]."),
     shots: Optional[str] = typer.Option(None, help="Comma list of shots per class [default: the suite's, else 1,5,20]."),
     seeds: Optional[str] = typer.Option(None, help="Comma list of seeds [default: the suite's, else 0-9]."),
     size: Optional[int] = typer.Option(None, help="Image size of the dataset files (MedMNIST: 28, 64, 128, 224) "
@@ -76,13 +80,14 @@ def run(
     shard: Optional[str] = typer.Option(None, help="I/N: run only shard I (0 to N-1) of the grid's cells, into "
                                         "--out/shard-I-of-N (Slurm arrays); combine them with `hica-bench merge`."),
 ) -> None:
-    """Run the grid datasets × methods × shots × seeds and write results and leaderboards to --out."""
+    """Run the grid datasets × protocols × methods × shots × seeds and write results and leaderboards to --out."""
     from hica_bench import plan, publish, runner
     from hica_bench.progress import LiveEvents, LogEvents
     from hica_bench.results import out_lock
 
     request = plan.RunRequest(
-        suite=suite, datasets=datasets, methods=methods, encoders=encoders, shots=shots, seeds=seeds, size=size,
+        suite=suite, datasets=datasets, methods=methods, encoders=encoders, protocols=protocols, shots=shots,
+        seeds=seeds, size=size,
         max_test=max_test, out=out, corruptions=corruptions, severities=severities, slice_axis=slice_axis,
         slice_pool=slice_pool, device=device, data_root=data_root, cache_dir=cache_dir, download=download,
         extraction=requested_extraction(backend, batch_size, channels_last, threads, amp, compile),

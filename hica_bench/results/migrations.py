@@ -7,7 +7,7 @@ from typing import Any
 
 
 def upgrade(record: dict[str, Any]) -> dict[str, Any]:
-    """A parsed record of schema 2 to 7 in the shape of the current schema: the fields later schemas added are filled
+    """A parsed record of schema 2 to 7 in the shape of the current schema (8): the fields later schemas added are filled
     with what they mean for an older record (none, or clean)."""
     if record.get("schema_version") == 2:  # before per-class scores and saved predictions
         record = {"per_class": None, "predictions": None, **record}
@@ -29,4 +29,12 @@ def upgrade(record: dict[str, Any]) -> dict[str, Any]:
             record["key"] = {**record["key"], "corruption": None, "severity": None}
         if isinstance(record.get("identity"), dict) and isinstance(record["identity"].get("origin"), dict):
             record["identity"] = {**record["identity"], "origin": {"corruption": None, **record["identity"]["origin"]}}
+    if record.get("schema_version") in (2, 3, 4, 5, 6, 7):  # before protocols: every cell was a plain few-shot one
+        if isinstance(record.get("key"), dict):
+            record["key"] = {**record["key"], "protocol": "few-shot"}
+        if isinstance(record.get("identity"), dict):
+            identity = {**record["identity"], "validation": None}
+            if isinstance(identity.get("origin"), dict):
+                identity["origin"] = {**identity["origin"], "protocol": None}
+            record["identity"] = identity
     return record

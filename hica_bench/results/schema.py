@@ -46,7 +46,7 @@ from hica_bench.files import digest
 from hica_bench.results import migrations
 from hica_bench.results.codec import jsonable, known, reader, typed
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -166,6 +166,7 @@ class CellKey:
     max_test: int | None = None
     corruption: str | None = None  #: the test split's corruption (robustness track); None: clean
     severity: int | None = None  #: its severity, 1-5
+    protocol: str = "few-shot"  #: the evaluation protocol's label (schema 8 on; earlier cells were all few-shot)
 
 
 @dataclass(frozen=True)
@@ -201,17 +202,21 @@ class Origin:
     prompts: str | None = None  #: the digest of the dataset's prompt file (:class:`hica_bench.interfaces.Prompts`), if any
     #: the test split's corruption (:meth:`hica_bench.corruptions.CorruptedDataset.describe`), if any
     corruption: dict[str, Any] | None = None
+    #: the evaluation protocol (a ``protocol`` plugin, with its options) when its episodes are more than a plain k-shot
+    #: support (a validation set, a selection rule); None for a plain one (schema 8 on)
+    protocol: Component | None = None
 
     @functools.cached_property
     def id(self) -> str:
         return digest(self.identifying(), 12)
 
     def identifying(self) -> dict[str, Any]:
-        """The fields the ids are digests of: all of them, but ``prompts`` only when there is a prompt file and
-        ``corruption`` only when the test split is corrupted, so an origin without them (and every cell of it) keeps
-        the id it had before they existed."""
+        """The fields the ids are digests of: all of them, but ``prompts`` only when there is a prompt file,
+        ``corruption`` only when the test split is corrupted and ``protocol`` only when the episodes are more than a
+        plain k-shot support, so an origin without them (and every cell of it) keeps the id it had before they
+        existed."""
         fields_ = jsonable(self)
-        for optional in ("prompts", "corruption"):
+        for optional in ("prompts", "corruption", "protocol"):
             if fields_[optional] is None:
                 del fields_[optional]
         return fields_
@@ -223,10 +228,15 @@ class Identity:
     k: int
     seed: int
     support: str  #: sha256 of the sorted support indices (:func:`hica_bench.protocol.support_hash`)
+    #: the validation set: ``"SPLIT:"`` + the sha256 of its sorted indices; None without one (schema 8 on)
+    validation: str | None = None
 
     @functools.cached_property
     def id(self) -> str:
-        return digest({"origin": self.origin.identifying(), "k": self.k, "seed": self.seed, "support": self.support}, 20)
+        fields_ = {"origin": self.origin.identifying(), "k": self.k, "seed": self.seed, "support": self.support}
+        if self.validation is not None:  # a cell without a validation set keeps the id it had before they existed
+            fields_["validation"] = self.validation
+        return digest(fields_, 20)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import TEST_PLUGINS, invoke, prototype_run, write_medmnist_npz
 from hica_bench.registry import ALLOW_ENV, DISABLE_AUTOLOAD_ENV
+from hica_bench.results import SCHEMA_VERSION
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +157,8 @@ CASES = [
     # folders and files
     Case("cache-dir-not-writable", ["--cache-dir", "{tmp}/a-file/cache"], "cache directory", setup=_plain_file("a-file")),
     Case("out-not-writable", ["--out", "{tmp}/a-file"], "--out folder", setup=_plain_file("a-file")),
-    Case("results-newer-schema", [], "was written by a newer hica-bench (schema 8 > 7)", setup=_newer_schema),
+    Case("results-newer-schema", [], f"was written by a newer hica-bench (schema {SCHEMA_VERSION + 1} > {SCHEMA_VERSION})",
+         setup=_newer_schema),
     Case("results-not-a-results-file", [], ":2 is not a hica-bench result record", setup=_not_results),
     Case("leaderboard-missing-file", ["leaderboard", "{tmp}/none.jsonl"], "is neither a results file nor a folder", command=True),
     Case("leaderboard-several-without-out", ["leaderboard", "{results}", "{results}"], "give --out", command=True),

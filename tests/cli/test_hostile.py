@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from conftest import TEST_PLUGINS, invoke, prototype_run
 from hica_bench.registry import ALLOW_ENV, load_registry
+from hica_bench.results import SCHEMA_VERSION
 
 FAST = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -279,7 +280,7 @@ def test_a_record_missing_a_field(finished, medmnist_root, field, command):
         work["results"].write_text("".join(json.dumps(r) + "\n" for r in records))
         before = work["results"].read_bytes()
         line = answered(invoke(*_results_case(work, command)), 2, work["results"], before)
-        assert "results.jsonl:2 does not match result schema 7" in line and last in line
+        assert f"results.jsonl:2 does not match result schema {SCHEMA_VERSION}" in line and last in line
 
 
 @settings(FAST, max_examples=20)
@@ -298,7 +299,7 @@ def test_a_record_with_a_value_of_the_wrong_type(finished, medmnist_root, data, 
         work["results"].write_text("".join(json.dumps(r) + "\n" for r in records))
         before = work["results"].read_bytes()
         line = answered(invoke(*_results_case(work, command)), 2, work["results"], before)
-        assert "results.jsonl:1 does not match result schema 7" in line and str(path[-1]) in line
+        assert f"results.jsonl:1 does not match result schema {SCHEMA_VERSION}" in line and str(path[-1]) in line
 
 
 def _copy_work(finished: Path, root: Path) -> dict[str, Path]:

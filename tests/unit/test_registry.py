@@ -1,3 +1,4 @@
+import re
 import textwrap
 
 import pytest
@@ -170,3 +171,37 @@ def test_a_spec_with_bad_declarations_is_left_out_with_a_warning(tmp_path, monke
     assert "'typo' left out: components names 'rio', which is not one of its options" in problems
     assert "'wrong-kind' left out: components maps 'm' to 'method'" in problems
     assert "a loss cannot be in the default suite" in problems
+
+
+def _scaled(scale: float = 1.0, mode: str = "a"):
+    return scale, mode
+
+
+@pytest.mark.parametrize("kind, search, problem", [
+    ("loss", {"scale": (1.0, 2.0)}, "a loss cannot declare a search space"),
+    ("method", {"scale": ()}, "must be a non-empty tuple of distinct candidate values"),
+    ("method", {"scale": (1.0, 1.0)}, "must be a non-empty tuple of distinct candidate values"),
+    ("method", {"scale": 1.0}, "must be a non-empty tuple of distinct candidate values"),
+    ("method", {"scale": tuple(range(9)), "mode": tuple("abcdefgh")}, "its search space has 72 candidates; at most 64"),
+])
+def test_a_search_space_that_cannot_be_searched_is_refused_when_declared(kind, search, problem):
+    from hica_bench.interfaces import PluginSpec, declaration_problem
+
+    assert problem in declaration_problem(PluginSpec(kind, "x", "a spec", _scaled, search=search))
+
+
+@pytest.mark.parametrize("search, problem", [
+    ({"scael": (1.0, 2.0)}, "search names 'scael', which is not one of its options"),
+    ({"scale": (1.0, "2")}, "search['scale'] holds '2', not a float like the default scale=1.0"),
+    ({"scale": (1.0, -2.0)}, "search['scale'] holds -2.0, which must be >= 0"),
+    ({"mode": ("a", "z")}, "search['mode'] holds 'z', which must be one of a, b"),
+])
+def test_a_search_space_that_does_not_fit_the_options_is_one_spec_error(search, problem):
+    from hica_bench.interfaces import Option, PluginSpec, SpecError
+
+    spec = PluginSpec("method", "x", "a spec", _scaled, {"scale": Option(low=0), "mode": Option(choices=("a", "b"))},
+                      search=search)
+    with pytest.raises(SpecError, match=re.escape(problem)):
+        spec.options
+    fine = PluginSpec("method", "x", "a spec", _scaled, {"scale": Option(low=0)}, search={"scale": (1.0, 2, 0.5)})
+    assert fine.options == {"scale": 1.0, "mode": "a"}  # an int among float candidates is a number like the default

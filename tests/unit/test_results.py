@@ -48,7 +48,7 @@ def test_a_record_round_trips_typed(tmp_path):
     assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
     record = json.loads(store.path.read_text())
     assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
-    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 7
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 8
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -67,7 +67,7 @@ def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
     del record["identity"]
     with store.path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 7"):
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 8"):
         store.load()
 
 
@@ -147,8 +147,14 @@ def test_values_a_plugin_hands_over_are_written_not_crashed_on(tmp_path):
 
 
 def _written_by_schema(version: int, tmp_path: Path) -> tuple[dict, Path]:
-    """A record as schema ``version`` (2 to 6) wrote it, in a results file of its own: (record, path)."""
+    """A record as schema ``version`` (2 to 7) wrote it, in a results file of its own: (record, path)."""
     record = json.loads(_result(0).to_json())
+    del record["key"]["protocol"], record["identity"]["origin"]["protocol"], record["identity"]["validation"]
+    if version == 7:
+        record["schema_version"] = version
+        path = tmp_path / "results.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        return record, path
     del record["key"]["corruption"], record["key"]["severity"], record["identity"]["origin"]["corruption"]
     if version == 6:
         record["schema_version"] = version
@@ -189,7 +195,7 @@ def test_a_schema_4_record_reads_without_a_prompt_file_and_keeps_its_cell_id(tmp
     assert loaded.identity.origin.prompts is None and loaded.cell_id == _result(0).cell_id
     origin = loaded.identity.origin
     fields_ = {f.name: getattr(origin, f.name) for f in dataclasses.fields(origin)}
-    assert origin.id == digest({k: v for k, v in jsonable(fields_).items() if k not in ("prompts", "corruption")}, 12)
+    assert origin.id == digest({k: v for k, v in jsonable(fields_).items() if k not in ("prompts", "corruption", "protocol")}, 12)
     assert dataclasses.replace(origin, prompts="ab" * 32).id != origin.id
 
 
@@ -203,6 +209,19 @@ def test_a_schema_5_record_reads_without_an_adapted_encoder(tmp_path):
     record["schema_version"] = 6
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(UserError, match="missing field (adapted_encoder|timings.adapted_encode_s)"):
+        ResultsStore(path).load()
+
+
+def test_a_schema_7_record_reads_as_a_plain_few_shot_cell(tmp_path):
+    """Schema 7 had no protocols: read with ``key.protocol`` few-shot, no protocol in the origin and no validation set,
+    the same cell id; the same record claiming schema 8 lacks the fields it must have."""
+    record, path = _written_by_schema(7, tmp_path)
+    (loaded,) = ResultsStore(path).load().values()
+    assert loaded.key.protocol == "few-shot" and loaded.identity.origin.protocol is None
+    assert loaded.identity.validation is None and loaded.cell_id == _result(0).cell_id and loaded.schema_version == 7
+    record["schema_version"] = 8
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match="missing field (key.protocol|identity.validation|identity.origin.protocol)"):
         ResultsStore(path).load()
 
 
@@ -236,7 +255,21 @@ def test_without_a_prompt_file_ids_are_computed_as_before_prompt_files():
     without a prompt file must give the same digests, so ids stored in older files and prediction file names stay valid."""
     identity = _result(0).identity
     old = jsonable(identity)
-    del old["origin"]["prompts"], old["origin"]["corruption"]
+    del old["origin"]["prompts"], old["origin"]["corruption"], old["origin"]["protocol"], old["validation"]
     assert identity.id == digest(old, 20) and identity.origin.id == digest(old["origin"], 12)
     with_file = Identity(dataclasses.replace(identity.origin, prompts="cd" * 32), identity.k, identity.seed, identity.support)
     assert with_file.id != identity.id
+
+
+def test_a_protocol_and_a_validation_set_are_part_of_the_identity_and_their_absence_changes_nothing():
+    """A cell of a selecting protocol has the protocol in its origin and its validation set beside its support; a
+    plain few-shot cell has neither, so its ids are those of schema 7 (checked above)."""
+    base = _result(0).identity
+    protocol = Component("protocol", "few-shot-val", {"per_class": 0, "source": "auto", "metric": "balanced_acc"},
+                         "hica-bench-protocols", "0.1.0")
+    tuned = dataclasses.replace(base, origin=dataclasses.replace(ORIGIN, protocol=protocol))
+    validated = dataclasses.replace(tuned, validation="val:" + "ab" * 32)
+    other = dataclasses.replace(validated, validation="train:" + "ab" * 32)
+    assert len({base.id, tuned.id, validated.id, other.id}) == 4
+    assert tuned.origin.id != ORIGIN.id and validated.origin.id == tuned.origin.id  # the validation set is per cell
+    assert "protocol" not in base.origin.identifying() and "protocol" in tuned.origin.identifying()
