@@ -300,14 +300,17 @@ class LPPlusPlus:
 SPECS = [
     PluginSpec("method", "tip-adapter", "Tip-Adapter (training-free cache model + zero-shot, aligned pairs only); "
                "search=true: alpha/beta by leave-one-out on the support set", TipAdapter,
-               {"alpha": Option(low=0), "beta": Option(low=0), "logit_scale": POSITIVE}, in_default_suite=True),
+               {"alpha": Option(low=0), "beta": Option(low=0), "logit_scale": POSITIVE}, in_default_suite=True,
+               search={"alpha": (1.0, 0.5, 2.0), "beta": (5.5, 1.0, 10.0)}),
     PluginSpec("method", "tip-adapter-f", "Tip-Adapter-F: cache keys fine-tuned on the support set (aligned pairs only)",
                TipAdapterF, {"alpha": Option(low=0), "beta": Option(low=0), "lr": POSITIVE, "epochs": Option(low=1),
-                             "batch_size": Option(low=1), "logit_scale": POSITIVE}, in_default_suite=True),
+                             "batch_size": Option(low=1), "logit_scale": POSITIVE}, in_default_suite=True,
+               search={"alpha": (1.0, 0.5, 2.0), "beta": (5.5, 1.0, 10.0)}),
     PluginSpec("method", "clip-adapter", "CLIP-Adapter: residual bottleneck MLP on image features (aligned pairs only); "
                "epochs=0: 50/100/200 by shots", ClipAdapter,
                {"ratio": Option(low=0, high=1), "reduction": Option(low=1), "lr": POSITIVE, "epochs": Option(low=0),
-                "batch_size": Option(low=1), "logit_scale": POSITIVE}, in_default_suite=True),
+                "batch_size": Option(low=1), "logit_scale": POSITIVE}, in_default_suite=True,
+               search={"ratio": (0.2, 0.4, 0.6, 0.8)}),
     PluginSpec("method", "lp++", "LP++: linear probe blended class-wise with text embeddings, Lipschitz step sizes "
                "(aligned pairs only)", LPPlusPlus, {"epochs": Option(low=1), "alpha_every": Option(low=1)},
                in_default_suite=True),

@@ -185,5 +185,6 @@ SPECS = [
     PluginSpec("method", "coop", "CoOp: learned prompt context through the frozen text tower (aligned pairs only); "
                "epochs=0: 50/100/200 by shots", CoOp,
                {"n_ctx": Option(low=1), "lr": POSITIVE, "epochs": Option(low=0), "batch_size": Option(low=1),
-                "init_std": POSITIVE, "logit_scale": POSITIVE}, in_default_suite=True),
+                "init_std": POSITIVE, "logit_scale": POSITIVE}, in_default_suite=True,
+               search={"n_ctx": (16, 4, 8)}),
 ]

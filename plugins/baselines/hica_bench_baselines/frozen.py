@@ -124,7 +124,8 @@ SPECS = [
                "pairs only)", ZeroShot, {"logit_scale": POSITIVE}, in_default_suite=True),
     PluginSpec("method", "linear-probe", "Linear probe: logistic regression on frozen features, C by support-set CV",
                LinearProbe, {"C": Option(low=0), "C_one_shot": POSITIVE, "max_iter": Option(low=1)},
-               in_default_suite=True),
+               in_default_suite=True, search={"C": (1.0, 0.01, 0.1, 10.0, 100.0)}),
     PluginSpec("method", "prototype", "Nearest class mean (prototype) on frozen features, cosine similarity",
-               Prototype, {"temperature": POSITIVE}, in_default_suite=True),
+               Prototype, {"temperature": POSITIVE}, in_default_suite=True,
+               search={"temperature": (0.05, 0.01, 0.1, 0.5)}),
 ]

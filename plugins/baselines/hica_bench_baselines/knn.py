@@ -52,5 +52,5 @@ class KNN:
 SPECS = [
     PluginSpec("method", "knn", "Cosine kNN on frozen features, exp(cos/temperature)-weighted votes; neighbours=0: "
                "largest odd <= sqrt(support size), at most k", KNN, {"neighbours": Option(low=0), "temperature": POSITIVE},
-               in_default_suite=True),
+               in_default_suite=True, search={"neighbours": (0, 1, 3, 5, 7)}),
 ]

@@ -470,7 +470,8 @@ COMPONENTS = {"roi": "roi-extractor", "descriptors": "descriptor-generator", "lo
 #: HiCA and its ablations: each variant is HiCA with other defaults (a ``functools.partial``), or HiCAEncoder
 SPECS = [
     PluginSpec("method", "hica", "HiCA: stage-1 domain adaptation + hierarchical contrastive alignment (global + local "
-               "+ cross)", HiCA, RANGES, COMPONENTS),
+               "+ cross)", HiCA, RANGES, COMPONENTS, search={"lambda1": (0.5, 1.0), "lambda2": (0.5, 1.0),
+                                                             "delta": (0.2, 0.5)}),
     PluginSpec("method", "hica-no-local", "HiCA ablation: without the local ROI ↔ descriptor loss (λ1 = 0)",
                partial(HiCA, lambda1=0.0), RANGES, COMPONENTS),
     PluginSpec("method", "hica-no-cross", "HiCA ablation: without the cross-category margin loss (λ2 = 0)",

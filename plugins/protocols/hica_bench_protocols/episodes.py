@@ -1,0 +1,98 @@
+"""The k-shot protocols: what each cell fits on, and how each method's options are chosen.
+
+- ``few-shot``: the support set alone; each method keeps its own defaults and rules (the linear probe's
+  cross-validation on the support, Tip-Adapter's leave-one-out, ...). The harness's behaviour before protocols
+  existed: its cells keep their identities.
+- ``few-shot-val``: one model-selection rule for every method. A k-shot validation set (min(k, 4) images per class,
+  as Dassl's few-shot validation for CoOp/CoCoOp), disjoint from the support, nested across k, drawn by
+  :func:`hica_bench.protocol.sample_validation`; each candidate of the method's search space (its spec's ``search``)
+  is fitted on the support and scored on it; the best is fitted again and predicts the test split.
+- ``support-cv``: the same search scored by stratified cross-validation on the support alone (the "realistic"
+  setting of Silva-Rodríguez et al., CVPR 2024); needs 2 shots per class.
+- ``oracle``: the same search scored on the test split. It exists only to measure how much test-set tuning inflates
+  a method (the report's inflation table: oracle − few-shot-val); never in a default suite.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from hica_bench import protocol
+from hica_bench.interfaces import SELECTION_METRICS, Episode, Option, PluginSpec
+
+
+class FewShot:
+    """The support set alone (:func:`hica_bench.protocol.sample_support`); no selection."""
+
+    title = "few-shot"
+
+    def check(self, labels: dict[str, np.ndarray], n_classes: int, shots: Sequence[int], dataset: str,
+              class_names: Sequence[str]) -> None:
+        protocol.check_shots(list(shots), labels["train"], n_classes, dataset, list(class_names))
+
+    def episode(self, labels: dict[str, np.ndarray], n_classes: int, k: int, seed: int, dataset: str) -> Episode:
+        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset))
+
+
+class FewShotVal(FewShot):
+    """A k-shot validation set for every method (``per_class``: images per class, 0 = min(k, 4); ``source``: auto =
+    the val split when it holds enough of every class, else the rest of train); ``metric``: what the search
+    maximises."""
+
+    title = "few-shot-val"
+
+    def __init__(self, per_class: int = 0, source: str = "auto", metric: str = "balanced_acc") -> None:
+        self.per_class, self.source, self.metric = per_class, source, metric
+
+    def check(self, labels, n_classes, shots, dataset, class_names) -> None:
+        super().check(labels, n_classes, shots, dataset, class_names)
+        protocol.check_validation(list(shots), labels, n_classes, dataset, self.per_class, self.source, list(class_names))
+
+    def episode(self, labels, n_classes, k, seed, dataset) -> Episode:
+        where, validation = protocol.sample_validation(labels, n_classes, k, seed, dataset, self.per_class, self.source)
+        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset), validation, where,
+                       "validation", self.metric)
+
+
+class SupportCV(FewShot):
+    """The search scored by stratified cross-validation on the support alone (min(k, 5) folds)."""
+
+    title = "support-cv"
+
+    def __init__(self, metric: str = "balanced_acc") -> None:
+        self.metric = metric
+
+    def episode(self, labels, n_classes, k, seed, dataset) -> Episode:
+        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset), selection="support-cv",
+                       metric=self.metric)
+
+
+class Oracle(FewShot):
+    """The search scored on the test split: test-set tuning, to measure its inflation; never a result to publish."""
+
+    title = "oracle (test-set tuning)"
+
+    def __init__(self, metric: str = "balanced_acc") -> None:
+        self.metric = metric
+
+    def episode(self, labels, n_classes, k, seed, dataset) -> Episode:
+        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset), selection="test",
+                       metric=self.metric)
+
+
+_METRIC = Option(choices=SELECTION_METRICS)
+
+SPECS = [
+    PluginSpec("protocol", "few-shot", "k-shot support from the train split, the whole test split; each method's own "
+               "defaults", FewShot, in_default_suite=True),
+    PluginSpec("protocol", "few-shot-val", "one selection rule for every method: its search space scored on a k-shot "
+               "validation set (min(k, 4) per class, disjoint from the support)", FewShotVal,
+               {"per_class": Option(low=0, high=64), "source": Option(choices=("auto", "val", "train")),
+                "metric": _METRIC}),
+    PluginSpec("protocol", "support-cv", "the search scored by cross-validation on the support alone (k >= 2)",
+               SupportCV, {"metric": _METRIC}),
+    PluginSpec("protocol", "oracle", "the search scored on the test split: test-set tuning, only to measure its "
+               "inflation", Oracle, {"metric": _METRIC}),
+]

@@ -1,0 +1,217 @@
+"""The evaluation protocols (issue 32): the sampling rules on real MedMNIST labels, the conformance kit, the test split
+untouched before the final prediction, a grid over protocols end to end through the CLI (identities of the plain
+few-shot cells unchanged), a third party's protocol, and bad input as one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TEST_PLUGINS, invoke
+from hica_bench import cell, plan, protocol, testing
+from hica_bench.interfaces import Episode
+from hica_bench.registry import RunComponents, load_registry
+from hica_bench.results import CellKey
+from hica_bench_protocols import episodes
+
+SHOTS = (1, 2, 4, 8, 16)
+
+
+def _labels(medmnist_root: Path, name: str) -> dict[str, np.ndarray]:
+    with np.load(medmnist_root / f"{name}.npz") as data:
+        return {split: data[f"{split}_labels"].ravel().astype(np.int64) for split in ("train", "val")}
+
+
+def _ranked(members: list[int], text: str) -> list[int]:
+    """The documented key order, computed here from the rule's text (sha256 of "text|index")."""
+    return sorted(members, key=lambda i: hashlib.sha256(f"{text}|{i}".encode()).digest())
+
+
+@pytest.mark.parametrize("spec", episodes.SPECS, ids=lambda s: s.name)
+def test_every_built_in_protocol_passes_the_conformance_kit(spec):
+    testing.check_protocol(spec)
+
+
+@pytest.mark.parametrize("name", ["breastmnist", "pneumoniamnist", "retinamnist"])
+def test_validation_sets_follow_the_written_rule_are_disjoint_and_nested(medmnist_root, name):
+    """Real MedMNIST labels: each class's validation images are the min(k, 4) val indices with the smallest
+    sha256("name|val|seed|i") (the rule recomputed here from its text, so it is the same on every platform), never in
+    the support, and nested across k."""
+    if not (medmnist_root / f"{name}.npz").exists():
+        pytest.skip(f"{name}.npz is not in the data root")
+    labels = _labels(medmnist_root, name)
+    n = int(labels["train"].max()) + 1
+    made = episodes.FewShotVal()
+    for seed in (0, 7):
+        previous = None
+        for k in SHOTS:
+            episode = made.episode(labels, n, k, seed, name)
+            assert episode.validation_split == "val" and episode.selection == "validation"
+            m = min(k, 4)
+            expected = np.concatenate([np.sort(_ranked(np.flatnonzero(labels["val"] == c).tolist(),
+                                                       f"{name}|val|{seed}")[:m]) for c in range(n)])
+            assert np.array_equal(episode.validation, expected)
+            support = np.concatenate([np.sort(_ranked(np.flatnonzero(labels["train"] == c).tolist(), f"{name}|{seed}")[:k])
+                                      for c in range(n)])
+            assert np.array_equal(episode.support, support)  # the few-shot protocol's support, unchanged
+            assert np.array_equal(episode.support, episodes.FewShot().episode(labels, n, k, seed, name).support)
+            if previous is not None:
+                assert set(previous.validation) <= set(episode.validation) and set(previous.support) <= set(episode.support)
+            previous = episode
+
+
+def test_without_enough_val_images_the_validation_set_is_the_far_end_of_train(medmnist_root):
+    """A val split with fewer than 4 images of a class: the validation set comes from train, the largest support keys
+    of each class, so no support of that seed (any k with k + m <= the class size) can reach it."""
+    labels = _labels(medmnist_root, "breastmnist")
+    labels["val"] = labels["val"][:3]
+    made = episodes.FewShotVal()
+    for k in SHOTS:
+        episode = made.episode(labels, 2, k, 0, "breastmnist")
+        assert episode.validation_split == "train"
+        assert not np.intersect1d(episode.validation, episode.support).size
+        largest = episodes.FewShot().episode(labels, 2, 100, 0, "breastmnist").support  # any bigger support too
+        assert not np.intersect1d(episode.validation, largest).size
+        expected = np.concatenate([np.sort(_ranked(np.flatnonzero(labels["train"] == c).tolist(), "breastmnist|0")[-min(k, 4):])
+                                   for c in range(2)])
+        assert np.array_equal(episode.validation, expected)
+
+
+# --------------------------------------------------------------------------- the test split is read last
+
+
+@pytest.fixture(scope="module")
+def spy_registry():
+    import sys
+
+    sys.path.insert(0, str(TEST_PLUGINS))
+    try:
+        registry = load_registry(modules=["spy_methods"])
+    finally:
+        sys.path.remove(str(TEST_PLUGINS))
+    return registry
+
+
+def _cell_on_breastmnist(medmnist_root, tmp_path, registry, made, k: int = 5, seed: int = 0):
+    import spy_methods
+
+    dataset = registry.choose("dataset", "breastmnist").build(root=str(medmnist_root), size=28, download=False,
+                                                                cache_dir=tmp_path)
+    labels = plan.split_labels(dataset)
+    episode = made.episode(labels, 2, k, seed, "breastmnist")
+    features = {split: np.asarray(dataset.split(split).images, dtype=np.float32).reshape(len(dataset.split(split).labels), -1)
+                / 255 for split in ("train", "val", "test")}
+    method = registry.choose("method", "spy")
+    key = CellKey("breastmnist", 28, method.label, "pixels", k, seed, protocol=made.title)
+    one = cell.Cell(method, key, None, np.asarray(episode.support), episode=episode, protocol_title=made.title)
+    test = spy_methods.Tripwire(features["test"])
+    result, proba = cell.fit_and_score(one, dataset, testing.toy_pair(text=False), (features["train"], labels["train"]),
+                                       (test, np.asarray(dataset.split("test").labels)), RunComponents(registry),
+                                       validation=(features["val"], labels["val"]))
+    return result, test
+
+
+@pytest.mark.parametrize("made", [episodes.FewShot(), episodes.FewShotVal(), episodes.SupportCV(), episodes.Oracle()],
+                         ids=lambda m: m.title)
+def test_the_test_split_is_read_only_for_the_final_prediction(made, medmnist_root, tmp_path, spy_registry):
+    """The test features are a tripwire that fails on any read but a prediction: under every protocol the cell
+    finishes, and only the oracle predicts the test split more than once (each of its 3 candidates, then the final)."""
+    result, test = _cell_on_breastmnist(medmnist_root, tmp_path, spy_registry, made)
+    assert result.status.value == "ok", result.reason
+    assert test.opened == (3 + 1 if made.title.startswith("oracle") else 1)
+    selection = (result.fit_info or {}).get("selection")
+    if made.title == "few-shot":
+        assert selection is None
+    else:
+        assert [c["options"]["sharpness"] for c in selection["candidates"]] == [1.0, 0.1, 10.0]
+        assert selection["chosen"]["sharpness"] in (1.0, 0.1, 10.0) and selection["fits"] >= 4
+        assert selection["scored_on"]["split"] == {"validation": "val", "support-cv": "train", "test": "test"}[selection["rule"]]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _run(tmp_path, medmnist_root, *args):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(TEST_PLUGINS))
+        return invoke("-p", "pixel_encoder", "-p", "train_val_protocol", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+                      "--methods", "linear-probe,knn", "--shots", "1,5", "--seeds", "0,1", "--data-root", medmnist_root,
+                      "--cache-dir", tmp_path / "cache", "--no-report", *args)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_grid_over_protocols_keeps_the_few_shot_identities_and_records_each_selection(tmp_path, medmnist_root):
+    code, _, err = _run(tmp_path, medmnist_root, "--out", tmp_path / "plain")
+    assert code == 0, err
+    code, stdout, err = _run(tmp_path, medmnist_root, "--out", tmp_path / "grid",
+                             "--protocols", "few-shot,few-shot-val,support-cv,oracle")
+    assert code == 0, err
+    plain = {r["cell_id"] for r in _records(tmp_path / "plain")}
+    records = _records(tmp_path / "grid")
+    by_protocol: dict[str, list[dict]] = {}
+    for r in records:
+        by_protocol.setdefault(r["key"]["protocol"], []).append(r)
+    assert sorted(by_protocol) == ["few-shot", "few-shot-val", "oracle", "support-cv"]
+    assert {r["cell_id"] for r in by_protocol["few-shot"]} == plain  # the built-in protocol keeps every cell id
+    assert all(r["identity"]["origin"].get("protocol") is None for r in by_protocol["few-shot"])
+    assert len({r["cell_id"] for r in records}) == len(records) == 4 * 2 * 2 * 2
+    for r in by_protocol["few-shot-val"]:
+        assert r["identity"]["validation"].startswith("val:") and r["identity"]["origin"]["protocol"]["name"] == "few-shot-val"
+        selection = r["fit_info"]["selection"]
+        assert selection["rule"] == "validation" and selection["scored_on"] == {"split": "val", "images": 2 * min(r["key"]["k"], 4)}
+        assert len(selection["candidates"]) == {"linear-probe": 5, "knn": 5}[r["key"]["method"]]
+    cv = {(r["key"]["method"], r["key"]["k"]): r for r in by_protocol["support-cv"]}
+    assert cv["knn", 1]["status"] == "not_applicable" and "at least 2 shots per class" in cv["knn", 1]["reason"]
+    assert cv["knn", 5]["fit_info"]["selection"]["scored_on"]["folds"] == 5
+    board = (tmp_path / "grid" / "leaderboard.md").read_text()
+    assert "protocol `oracle` — oracle (test-set tuning)" in board and "protocol `few-shot-val`" in board
+    header = (tmp_path / "grid" / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert header[:10] == ["dataset", "size", "encoder", "method", "k", "max_test", "origin", "corruption", "severity", "protocol"]
+    code, _, err = invoke("check", "--baseline", tmp_path / "grid" / "leaderboard.csv", "--results", tmp_path / "grid")
+    assert code == 0, err  # the gate compares protocol by protocol
+
+
+def test_a_third_party_protocol_passes_the_kit_and_runs(tmp_path, medmnist_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
+    import train_val_protocol
+
+    testing.check_protocol(train_val_protocol.TrainValidation())
+    code, _, err = _run(tmp_path, medmnist_root, "--out", tmp_path / "o", "--protocols", "train-val:per_class=3")
+    assert code == 0, err
+    records = _records(tmp_path / "o")
+    assert {r["key"]["protocol"] for r in records} == {"train-val:per_class=3"}
+    assert all(r["identity"]["validation"].startswith("train:") for r in records)
+    assert all(r["identity"]["origin"]["protocol"]["distribution"] == "-p train_val_protocol" for r in records)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--protocols", "no-such-protocol"], "unknown protocol 'no-such-protocol'"),
+    (["--protocols", "few-shot-val:source=val:per_class=30"], "k is beyond the validation pool"),
+    (["--protocols", "few-shot-val:source=train", "--shots", "145"], "145 shots + 4 validation images per class"),
+    (["--protocols", "few-shot-val:per_class=65"], "per_class"),
+    (["--protocols", "few-shot,few-shot"], "--protocols names something twice"),
+])
+def test_bad_protocol_input_is_one_line(args, message, tmp_path, medmnist_root):
+    code, _, err = _run(tmp_path, medmnist_root, "--out", tmp_path / "o", *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_an_episode_that_breaks_the_contract_is_refused_before_any_cell(medmnist_root):
+    labels = _labels(medmnist_root, "breastmnist")
+    support = protocol.sample_support(labels["train"], 2, 2, 0, "breastmnist")
+    for episode, message in [
+        (Episode(support, support[:2], "train", "validation"), "overlaps the support"),
+        (Episode(support, None, "val", "validation"), "needs validation indices"),
+        (Episode(support + 10**6), "not indices into the train split"),
+        (Episode(support, selection="best-guess"), "selection must be one of"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            plan.check_episode(episode, labels, "odd")
