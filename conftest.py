@@ -182,11 +182,12 @@ GROUPS = {
     # Ray runtime of the machine: never two of them at once
     "tests/system/test_executors.py": "ray",
     "tests/system/test_adapting_system.py": "ray",
-    # they share the session's default-encoder cache (conftest.default_encoder_cache): BreastMNIST encoded once, the
-    # extraction settings probed once, HiCA's stage 1 trained once (tests/system/test_explain.py's HiCA cell and
-    # plugins/hica/tests/test_hica.py's, which checks there is one entry)
-    "tests/system/test_explain.py": "default-encoder",
-    "plugins/hica/tests/test_hica.py": "default-encoder",
+    # they share a worker's default-encoder cache (conftest.default_encoder_cache): BreastMNIST encoded once per
+    # worker, the extraction settings probed once, HiCA's stage 1 trained once (tests/system/test_explain.py's HiCA
+    # cell and plugins/hica/tests/test_hica.py's, which checks there is one entry); two units, so that two workers
+    # share the work (each encodes BreastMNIST once)
+    "tests/system/test_explain.py": "default-encoder-hica",
+    "plugins/hica/tests/test_hica.py": "default-encoder-hica",
     "tests/system/test_cli.py": "default-encoder",
     "tests/system/test_lazy_encoder_system.py": "default-encoder",
     "tests/system/test_tuning_system.py": "default-encoder",
@@ -225,7 +226,7 @@ def pytest_collection_modifyitems(config, items):
         # the longest units first, so that no worker starts one late while the other idles: the named groups, then
         # the modules holding slow tests, then the rest; each module keeps its own order (every worker sorts alike)
         slow = {group_of(item.nodeid) for item in items if item.get_closest_marker("slow")}
-        rank = {"default-encoder": 0, "ray": 1}
+        rank = {"default-encoder-hica": 0, "default-encoder": 0, "ray": 1}
         items.sort(key=lambda item: rank.get(group_of(item.nodeid), 2 if group_of(item.nodeid) in slow else 3))
 
 

@@ -318,12 +318,86 @@ def robustness_markdown(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _rule(result: CellResult) -> str | None:
+    """The selection rule a finished cell was tuned by (its ``fit_info["selection"]``), or None."""
+    selection = (result.fit_info or {}).get("selection")
+    return selection.get("rule") if isinstance(selection, dict) else None
+
+
+INFLATION_NOTE = ("Inflation = the oracle's score (options chosen on the test split) minus the score of the same method "
+                  "tuned by a rule a few-shot user can apply (validation images, or cross-validation on the support), "
+                  "per seed on the same support sets: mean in points ± half-width of its 95 % t-interval over seeds "
+                  "(n). An interval that contains 0 is within noise.")
+
+
+def inflation_table(results: list[CellResult], metric: str = "balanced_acc") -> pd.DataFrame:
+    """Test-set tuning inflation: for each (dataset, size, encoder, max_test, method, k) and each protocol whose cells
+    were tuned by validation or support-set CV, the oracle's ``metric`` minus that protocol's, paired by seed (the
+    oracle: cells tuned on the test split). Empty without an oracle."""
+    import numpy as np
+
+    from hica_bench.stats import t_interval
+
+    finished = [r for r in results if r.status is Status.OK and r.metrics is not None and r.key.corruption is None]
+    cell = lambda r: (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test, r.key.method, r.key.k)  # noqa: E731
+    oracle: dict[tuple, dict[int, float]] = {}
+    tuned: dict[tuple, dict[int, float]] = {}
+    for r in finished:  # the newest record of a cell counts (later in the file)
+        rule = _rule(r)
+        if rule == "test":
+            oracle.setdefault(cell(r), {})[r.key.seed] = getattr(r.metrics, metric)
+        elif rule in ("validation", "support-cv"):
+            tuned.setdefault((*cell(r), r.key.protocol), {})[r.key.seed] = getattr(r.metrics, metric)
+    rows = []
+    for key, scores in sorted(tuned.items(), key=lambda item: str(item[0])):
+        top = oracle.get(key[:-1])
+        seeds = sorted(set(scores) & set(top or {}))
+        if not seeds:
+            continue
+        interval = t_interval([top[s] - scores[s] for s in seeds])
+        rows.append({"dataset": key[0], "size": key[1], "encoder": key[2], "max_test": key[3], "method": key[4],
+                     "k": key[5], "protocol": key[6], "metric": metric, "n": len(seeds),
+                     "oracle_mean": float(np.mean([top[s] for s in seeds])),
+                     "protocol_mean": float(np.mean([scores[s] for s in seeds])),
+                     "inflation_mean": None if interval is None else interval.mean,
+                     "inflation_ci_low": None if interval is None else interval.low,
+                     "inflation_ci_high": None if interval is None else interval.high,
+                     "seeds": ",".join(map(str, seeds))})
+    return pd.DataFrame(rows)
+
+
+def inflation_markdown(table: pd.DataFrame) -> list[str]:
+    """The inflation section of ``leaderboard.md`` (lines): per dataset and encoder, methods × k."""
+    if table.empty:
+        return []
+    lines = ["# Test-set tuning inflation (oracle − a few-shot selection rule)", "", INFLATION_NOTE, ""]
+    for (dataset, size, encoder, protocol), part in table.groupby(["dataset", "size", "encoder", "protocol"], sort=True):
+        text = part.pivot(index="method", columns="k", values="inflation_mean").astype(object)
+        for _, row in part.iterrows():
+            low, high = row["inflation_ci_low"], row["inflation_ci_high"]
+            half = "" if low is None or pd.isna(low) else f" ± {100 * (high - low) / 2:.1f}"
+            text.loc[row["method"], row["k"]] = f"{100 * row['inflation_mean']:+.1f}{half} ({int(row['n'])})"
+        text = text.fillna("—")
+        text.columns = [f"{k}-shot" for k in text.columns]
+        text.index.name = "method"
+        metric = part["metric"].iloc[0].replace("_", " ")
+        lines += [f"## {dataset} ({int(size)} px) — encoder `{encoder}`: oracle − `{protocol}`, {metric} (points)", "",
+                  text.reset_index().to_markdown(index=False), ""]
+    return lines
+
+
 def write(results: list[CellResult], out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     md_path, csv_path = out_dir / "leaderboard.md", out_dir / "leaderboard.csv"
     table = robustness_table(results) if any(r.key.corruption is not None for r in results) else pd.DataFrame()
-    atomic_write(md_path, markdown(results, table))
+    inflation = inflation_table(results)
+    text = markdown(results, table)
+    if not inflation.empty:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(inflation_markdown(inflation)).rstrip() + "\n"
+    atomic_write(md_path, text)
     atomic_write(csv_path, summary_table(results).to_csv(index=False, float_format="%.6f"))
     if not table.empty:
         atomic_write(out_dir / "robustness.csv", table.to_csv(index=False, float_format="%.6f"))
+    if not inflation.empty:
+        atomic_write(out_dir / "inflation.csv", inflation.to_csv(index=False, float_format="%.6f"))
     return md_path, csv_path

@@ -418,7 +418,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
             rank_lines.append(",".join(_csv(v) for v in (ranking.encoder, ranking.size, ranking.max_test, method, rank,
                                                            len(ranking.result.blocks), ranking.protocol)))
     atomic_write(out_dir / "ranks.csv", "\n".join(rank_lines) + "\n")
-    from hica_bench.leaderboard import ROBUSTNESS_NOTE
+    from hica_bench.leaderboard import INFLATION_NOTE, ROBUSTNESS_NOTE
 
     robustness = _robustness(results)
     explanations = [shown for shown in map(_explanation, explanations_module.read_all(out_dir)) if shown is not None]
@@ -430,7 +430,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         bootstrapped=bootstrapped, n_cells=sum(r.status is Status.OK for r in results),
         environment=_environment(results), n_results=len(results), robustness=robustness,
         explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
-        robustness_note=ROBUSTNESS_NOTE.replace("`", ""),
+        robustness_note=ROBUSTNESS_NOTE.replace("`", ""), inflation=_inflation(results), inflation_note=INFLATION_NOTE,
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
     atomic_write(path, page)
@@ -484,6 +484,30 @@ def _concepts(results: list[CellResult]) -> list[tuple[str, list[tuple[str, str]
                 for name, pairs in r.fit_info["top_concepts"].items()]
         out.append((f"{dataset} ({size}px) · {method} · {encoder} · k={k} · seed {r.key.seed}", rows))
     return out
+
+
+def _inflation(results: list[CellResult]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The leaderboard's test-set tuning inflation as (title, header, rows) per block (empty without an oracle)."""
+    import pandas as pd
+
+    from hica_bench.leaderboard import inflation_table
+
+    table = inflation_table(results)
+    blocks = []
+    for (dataset, size, encoder, protocol), part in (table.groupby(["dataset", "size", "encoder", "protocol"], sort=True)
+                                                     if not table.empty else []):
+        shots = sorted(set(part["k"]))
+        rows = []
+        for method, per_method in part.groupby("method", sort=True):
+            cells = {int(row["k"]): row for _, row in per_method.iterrows()}
+            rows.append([method] + [
+                "—" if k not in cells else f"{100 * cells[k]['inflation_mean']:+.1f} [{100 * cells[k]['inflation_ci_low']:+.1f}, "
+                f"{100 * cells[k]['inflation_ci_high']:+.1f}] ({int(cells[k]['n'])})"
+                if cells[k]["inflation_ci_low"] is not None and not pd.isna(cells[k]["inflation_ci_low"])
+                else f"{100 * cells[k]['inflation_mean']:+.1f} ({int(cells[k]['n'])})" for k in shots])
+        blocks.append((f"{dataset} ({int(size)} px) — encoder {encoder}: oracle − {protocol}", ["method"] +
+                       [f"{k}-shot" for k in shots], rows))
+    return blocks
 
 
 def _robustness(results: list[CellResult]) -> list[tuple[str, list[str], list[list[str]]]]:

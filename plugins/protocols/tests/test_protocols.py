@@ -176,6 +176,15 @@ def test_a_grid_over_protocols_keeps_the_few_shot_identities_and_records_each_se
     assert header[:10] == ["dataset", "size", "encoder", "method", "k", "max_test", "origin", "corruption", "severity", "protocol"]
     code, _, err = invoke("check", "--baseline", tmp_path / "grid" / "leaderboard.csv", "--results", tmp_path / "grid")
     assert code == 0, err  # the gate compares protocol by protocol
+    # the oracle picks the candidate with the best test score, which the same seeded fit under another rule cannot beat:
+    # inflation is never negative, seed by seed, so neither is its mean
+    import pandas as pd
+
+    inflation = pd.read_csv(tmp_path / "grid" / "inflation.csv")
+    assert set(zip(inflation["protocol"], inflation["k"])) == {("few-shot-val", 1), ("few-shot-val", 5), ("support-cv", 5)}
+    assert (inflation["inflation_mean"] >= -1e-9).all() and (inflation["n"] == 2).all()
+    assert (inflation["oracle_mean"] - inflation["protocol_mean"] - inflation["inflation_mean"]).abs().max() < 1e-6
+    assert "# Test-set tuning inflation" in board
 
 
 def test_a_third_party_protocol_passes_the_kit_and_runs(tmp_path, medmnist_root, monkeypatch):
