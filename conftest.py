@@ -32,8 +32,18 @@ def medmnist_root() -> Path:
 
 @pytest.fixture(scope="session")
 def default_encoder_cache(tmp_path_factory) -> Path:
-    """One feature cache for every test that runs the real default encoder, so BreastMNIST is encoded once."""
-    return tmp_path_factory.mktemp("default-encoder-cache")
+    """One feature cache for every test that runs the real default encoder, so that BreastMNIST is encoded, the
+    extraction settings probed and the encoder exported to ONNX once per test command: shared by the xdist workers of
+    a session (the cache's own locks make a second process wait for an entry being computed, then read it) and, where
+    ``$HICA_BENCH_CACHE`` names a folder (``.ci/run`` makes a fresh one per run), by the serial step and the lanes."""
+    if os.environ.get("HICA_BENCH_CACHE"):
+        path = Path(os.environ["HICA_BENCH_CACHE"]) / "tests-default-encoder"
+    elif "PYTEST_XDIST_WORKER" in os.environ:  # the workers' temporary folders share their parent
+        path = tmp_path_factory.getbasetemp().parent / "default-encoder-cache"
+    else:
+        return tmp_path_factory.mktemp("default-encoder-cache")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def write_medmnist_npz(path: Path, n_classes: int, size: int = 28, rgb: bool = False,

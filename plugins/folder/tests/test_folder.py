@@ -511,7 +511,7 @@ def _readme_commands() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two default-suite runs of 270 cells at 224 px (each allowed 600 s below)
-def test_the_documented_own_data_commands_work_as_written(medmnist_root, tmp_path):
+def test_the_documented_own_data_commands_work_as_written(medmnist_root, tmp_path, default_encoder_cache):
     """The own-data page's worked example (docs/own-data.md), its commands verbatim, in a folder holding the
     repository's prompts/ and examples/: first the example folders (BUSI's and Kermany's layouts), then the two runs."""
     import subprocess
@@ -523,7 +523,8 @@ def test_the_documented_own_data_commands_work_as_written(medmnist_root, tmp_pat
     assert [c.split()[0:2] for c in commands] == [["hica-bench", "run"], ["hica-bench", "run"], ["python", "examples/make_example_folders.py"]]
     for name in ("prompts", "examples"):
         shutil.copytree(REPO / name, tmp_path / name)
-    env = {**os.environ, "HICA_BENCH_DATA": str(medmnist_root), "HICA_BENCH_CACHE": str(tmp_path / "cache"),
+    # the cache the other default-encoder tests share: the encoder's settings probe and ONNX export are made once
+    env = {**os.environ, "HICA_BENCH_DATA": str(medmnist_root), "HICA_BENCH_CACHE": str(default_encoder_cache),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     printed = {}
     for command in [commands[2], *commands[:2]]:
