@@ -24,3 +24,12 @@ def test_the_leaderboard_suite_is_the_grid_of_the_committed_tables():
     grid = {(d, m, e, k, s, suite.size, suite.max_test) for d in suite.datasets for m in suite.methods
             for e in suite.encoders for k in suite.shots for s in suite.seeds}
     assert grid == committed
+
+
+def test_the_protocols_suite_is_the_grid_of_the_committed_protocol_tables():
+    suite = load(ROOT / "suites" / "protocols.toml")
+    committed = {(r["key"]["dataset"], r["key"]["method"], r["key"]["encoder"], r["key"]["protocol"], r["key"]["k"],
+                  r["key"]["seed"]) for r in read_records(ROOT / suite.out)}
+    grid = {(d, m, e, p, k, s) for d in suite.datasets for m in suite.methods for e in suite.encoders
+            for p in suite.protocols for k in suite.shots for s in suite.seeds}
+    assert grid == committed
