@@ -56,30 +56,29 @@ class FewShotVal(FewShot):
                        "validation", self.metric)
 
 
-class SupportCV(FewShot):
+class _SearchedOnTheSupport(FewShot):
+    """The support set alone, with the search scored by ``rule`` (a selection without validation images)."""
+
+    rule = "none"
+
+    def __init__(self, metric: str = "balanced_acc") -> None:
+        self.metric = metric
+
+    def episode(self, labels, n_classes, k, seed, dataset) -> Episode:
+        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset), selection=self.rule,
+                       metric=self.metric)
+
+
+class SupportCV(_SearchedOnTheSupport):
     """The search scored by stratified cross-validation on the support alone (min(k, 5) folds)."""
 
-    title = "support-cv"
-
-    def __init__(self, metric: str = "balanced_acc") -> None:
-        self.metric = metric
-
-    def episode(self, labels, n_classes, k, seed, dataset) -> Episode:
-        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset), selection="support-cv",
-                       metric=self.metric)
+    title, rule = "support-cv", "support-cv"
 
 
-class Oracle(FewShot):
+class Oracle(_SearchedOnTheSupport):
     """The search scored on the test split: test-set tuning, to measure its inflation; never a result to publish."""
 
-    title = "oracle (test-set tuning)"
-
-    def __init__(self, metric: str = "balanced_acc") -> None:
-        self.metric = metric
-
-    def episode(self, labels, n_classes, k, seed, dataset) -> Episode:
-        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset), selection="test",
-                       metric=self.metric)
+    title, rule = "oracle (test-set tuning)", "test"
 
 
 _METRIC = Option(choices=SELECTION_METRICS)
