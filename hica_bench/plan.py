@@ -84,7 +84,7 @@ def protocols(grid: Grid) -> list[tuple[Choice | None, Any]]:
         return [(None, PlainFewShot())]
     built = []
     for choice in grid.protocols:
-        made = choice.build()
+        made = _protocol_call(choice, choice.build)
         if not isinstance(made, EvaluationProtocol) or not isinstance(getattr(made, "title", None), str):
             raise UserError(f"protocol {choice.label}: its factory returned {type(made).__name__}, not an evaluation "
                             "protocol (title, check, episode)")
@@ -104,7 +104,7 @@ def check_episode(episode: Any, labels: dict[str, np.ndarray], label: str) -> Ep
         raise UserError(f"protocol {label}: episode() returned {type(episode).__name__}, not an Episode")
     train = len(labels["train"])
     support = np.asarray(episode.support)
-    if support.ndim != 1 or not len(support) or support.min() < 0 or support.max() >= train:
+    if support.ndim != 1 or support.dtype.kind not in "iu" or not len(support) or support.min() < 0 or support.max() >= train:
         raise UserError(f"protocol {label}: its support indices are not indices into the train split")
     if episode.selection not in SELECTIONS or episode.metric not in SELECTION_METRICS:
         raise UserError(f"protocol {label}: selection must be one of {', '.join(SELECTIONS)} and metric one of "
@@ -114,7 +114,8 @@ def check_episode(episode: Any, labels: dict[str, np.ndarray], label: str) -> Ep
         if episode.validation_split not in ("train", "val"):
             raise UserError(f"protocol {label}: validation_split must be train or val")
         pool = len(labels[episode.validation_split])
-        if validation.ndim != 1 or not len(validation) or validation.min() < 0 or validation.max() >= pool:
+        if (validation.ndim != 1 or validation.dtype.kind not in "iu" or not len(validation) or validation.min() < 0
+                or validation.max() >= pool):
             raise UserError(f"protocol {label}: its validation indices are not indices into the "
                             f"{episode.validation_split} split")
         if episode.validation_split == "train" and np.intersect1d(support, validation).size:

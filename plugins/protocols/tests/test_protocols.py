@@ -221,6 +221,7 @@ def test_an_episode_that_breaks_the_contract_is_refused_before_any_cell(medmnist
         (Episode(support, None, "val", "validation"), "needs validation indices"),
         (Episode(support + 10**6), "not indices into the train split"),
         (Episode(support, selection="best-guess"), "selection must be one of"),
+        (Episode(support.astype(float)), "not indices into the train split"),
     ]:
         with pytest.raises(Exception, match=message):
             plan.check_episode(episode, labels, "odd")
