@@ -324,6 +324,11 @@ def _rule(result: CellResult) -> str | None:
     return selection.get("rule") if isinstance(selection, dict) else None
 
 
+def _selection_metric(result: CellResult) -> str | None:
+    selection = (result.fit_info or {}).get("selection")
+    return selection.get("metric") if isinstance(selection, dict) else None
+
+
 INFLATION_NOTE = ("Inflation = the oracle's score (options chosen on the test split) minus the score of the same method "
                   "tuned by a rule a few-shot user can apply (validation images, or cross-validation on the support), "
                   "per seed on the same support sets: mean in points ± half-width of its 95 % t-interval over seeds "
@@ -332,8 +337,8 @@ INFLATION_NOTE = ("Inflation = the oracle's score (options chosen on the test sp
 
 def inflation_table(results: list[CellResult], metric: str = "balanced_acc") -> pd.DataFrame:
     """Test-set tuning inflation: for each (dataset, size, encoder, max_test, method, k) and each protocol whose cells
-    were tuned by validation or support-set CV, the oracle's ``metric`` minus that protocol's, paired by seed (the
-    oracle: cells tuned on the test split). Empty without an oracle."""
+    were tuned by validation or support-set CV for ``metric``, the oracle's ``metric`` minus that protocol's, paired by
+    seed (the oracle: cells tuned on the test split for the same metric). Empty without an oracle."""
     import numpy as np
 
     from hica_bench.stats import t_interval
@@ -344,9 +349,9 @@ def inflation_table(results: list[CellResult], metric: str = "balanced_acc") -> 
     tuned: dict[tuple, dict[int, float]] = {}
     for r in finished:  # the newest record of a cell counts (later in the file)
         rule = _rule(r)
-        if rule == "test":
+        if rule == "test" and _selection_metric(r) == metric:  # an oracle that tuned for this metric
             oracle.setdefault(cell(r), {})[r.key.seed] = getattr(r.metrics, metric)
-        elif rule in ("validation", "support-cv"):
+        elif rule in ("validation", "support-cv") and _selection_metric(r) == metric:
             tuned.setdefault((*cell(r), r.key.protocol), {})[r.key.seed] = getattr(r.metrics, metric)
     rows = []
     for key, scores in sorted(tuned.items(), key=lambda item: str(item[0])):
@@ -354,12 +359,13 @@ def inflation_table(results: list[CellResult], metric: str = "balanced_acc") -> 
         seeds = sorted(set(scores) & set(top or {}))
         if not seeds:
             continue
-        interval = t_interval([top[s] - scores[s] for s in seeds])
+        differences = [top[s] - scores[s] for s in seeds]
+        interval = t_interval(differences)  # None for one seed: the mean alone
         rows.append({"dataset": key[0], "size": key[1], "encoder": key[2], "max_test": key[3], "method": key[4],
                      "k": key[5], "protocol": key[6], "metric": metric, "n": len(seeds),
                      "oracle_mean": float(np.mean([top[s] for s in seeds])),
                      "protocol_mean": float(np.mean([scores[s] for s in seeds])),
-                     "inflation_mean": None if interval is None else interval.mean,
+                     "inflation_mean": float(np.mean(differences)),
                      "inflation_ci_low": None if interval is None else interval.low,
                      "inflation_ci_high": None if interval is None else interval.high,
                      "seeds": ",".join(map(str, seeds))})
