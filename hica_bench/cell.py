@@ -33,7 +33,7 @@ from hica_bench.interfaces import (NEEDS, Components, EncoderPair, Episode, FewS
                                    Prompts)
 from hica_bench.metrics import calibration, classification_metrics, per_class
 from hica_bench.registry import Choice, RunComponents
-from hica_bench.results import CellKey, CellResult, Identity, Status, jsonable
+from hica_bench.results import CellKey, CellResult, Identity, NovelScore, Status, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,38 @@ class Cell:
     dataset_label: str = ""  #: the dataset choice's label (with a corruption, unlike ``key.dataset``)
     episode: Episode | None = None  #: what its protocol drew (None: a plain k-shot support, ``support``)
     protocol_title: str = "few-shot"  #: how tables name its protocol
+
+
+def scored(episode: Episode | None, labels: np.ndarray, classes: str = "base") -> tuple[np.ndarray | None, np.ndarray]:
+    """(rows, labels) of the test images a cell is scored on among its ``classes`` (base-to-novel: ``base``, the classes
+    it is fitted on, or ``novel``), labels renumbered 0.. in that class order; (None, labels) for every class."""
+    labels = np.asarray(labels)
+    chosen = None if episode is None else (episode.classes if classes == "base" else episode.novel)
+    if chosen is None:
+        return None, labels
+    chosen = np.asarray(chosen)
+    position = np.full(int(max(labels.max(initial=0), chosen.max()) + 1), -1)
+    position[chosen] = np.arange(len(chosen))
+    rows = np.flatnonzero(np.isin(labels, chosen))
+    return rows, position[labels[rows]]
+
+
+def _class_view(cell: "Cell", dataset: FewShotDataset, train_labels: np.ndarray
+                ) -> tuple[list[str], np.ndarray, Prompts | None]:
+    """The class names, train labels and prompt file a cell's method sees: all of them, or under base-to-novel the base
+    classes only, renumbered 0.. (its support holds base-class images only)."""
+    episode = cell.episode
+    if episode is None or episode.classes is None:
+        return list(dataset.class_names), train_labels, cell.prompts
+    classes = [int(c) for c in episode.classes]
+    position = np.full(len(dataset.class_names), -1)
+    position[classes] = np.arange(len(classes))
+    prompts = cell.prompts
+    if prompts is not None:
+        prompts = dataclasses.replace(prompts, classnames=tuple(prompts.classnames[c] for c in classes),
+                                      descriptors=None if prompts.descriptors is None else
+                                      tuple(prompts.descriptors[c] for c in classes))
+    return [dataset.class_names[c] for c in classes], position[np.asarray(train_labels)], prompts
 
 
 def validate_needs(needs: Any) -> frozenset[str]:
@@ -158,11 +190,15 @@ def prepare(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple
     if "encoders" in needs and getattr(dataset, "volumetric", False):
         raise NotApplicable("reads the 2D images themselves (to adapt the encoder or pool regions); this dataset holds "
                             "3D volumes, which are encoded slice by slice or by a 3D encoder")
+    if cell.episode is not None and cell.episode.classes is not None and needs & {"train_features", "encoders"}:
+        raise NotApplicable("reads the whole train split, which holds the novel classes' images; base-to-novel fits "
+                            "on the base classes' support alone")
+    class_names, train_labels, prompts = _class_view(cell, dataset, train_labels)
     task = build_task(dataset=getattr(dataset, "name", key.dataset), task=dataset.task,
-                      class_names=dataset.class_names, train_features=train_features, train_labels=train_labels,
+                      class_names=class_names, train_features=train_features, train_labels=train_labels,
                       support=cell.support, k=key.k, seed=key.seed, pair=pair, needs=needs,
                       train_images=lambda: dataset.split("train").images, cache_dir=cache_dir,
-                      components=components, prompts=cell.prompts)
+                      components=components, prompts=prompts)
     seed_everything(key.seed)
     return model, needs, task
 
@@ -236,7 +272,9 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
 
     Under a selecting protocol the method's options are chosen first (:func:`choose`, within the cell's time limit);
     the chosen method is then built, fitted and scored as above, and ``fit_info["selection"]`` records the search."""
-    test_features, test_labels = test
+    test_features, all_test_labels = test
+    rows, test_labels = scored(cell.episode, all_test_labels)  # base-to-novel: the base classes' test images
+    n_classes = len(dataset.class_names) if rows is None else len(cell.episode.classes)
     key = cell.key
     result = CellResult(key, cell.identity, Status.OK, n_support=len(cell.support), n_test=len(test_labels))
     proba = None
@@ -265,17 +303,21 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
             fit_s = time.perf_counter() - start
             features, adapted = _adapted_features(model, pair, dataset, len(test_labels), extractor)
             start = time.perf_counter()
-            proba = model.predict_proba(test_features if features is None else features)
+            if features is None:
+                features = test_features if rows is None else test_features[rows]
+            proba = model.predict_proba(features)
             return proba, fit_s, time.perf_counter() - start, adapted
 
         # (what a timed-out cell's thread does later never reaches this result: it is filled in here only)
         proba, fit_s, predict_s, adapted = _within(timeout, fit_predict)
         if adapted is not None:
             result.adapted_encoder, result.timings.adapted_encode_s, result.timings.adapted_images_per_s = adapted
-        proba = check_proba(proba, len(test_labels), len(dataset.class_names))
+        proba = check_proba(proba, len(test_labels), n_classes)
         result.calibration = calibration(test_labels, proba.astype(np.float64))
         result.metrics = classification_metrics(test_labels, proba.astype(np.float64), result.calibration)
         result.per_class = per_class(test_labels, proba)
+        if cell.episode is not None and cell.episode.novel is not None:
+            result.novel = _novel(cell, model, dataset, test_features, all_test_labels)
         result.timings.fit_s, result.timings.predict_s = fit_s, predict_s
         if isinstance(getattr(model, "fit_info_", None), dict):
             result.fit_info = jsonable(model.fit_info_)  # whatever it holds (numpy values, objects), it can be written
@@ -303,7 +345,22 @@ def _no_outcome(result: CellResult, status: Status, reason: str) -> None:
     failure may have filled in (a record is either finished with its metrics or unfinished without them)."""
     result.status, result.reason = status, reason
     result.metrics = result.per_class = result.calibration = result.fit_info = None
-    result.adapted_encoder = None
+    result.adapted_encoder = result.novel = None
+
+
+def _novel(cell: Cell, model: Any, dataset: FewShotDataset, test_features: np.ndarray, test_labels: np.ndarray
+           ) -> NovelScore:
+    """Base-to-novel: the fitted method on the novel classes' test images, among the novel classes named by their names
+    (a prompt file's when given), through ``predict_proba_novel``; without it, not applicable on them, with the reason."""
+    rows, labels = scored(cell.episode, test_labels, "novel")
+    names = list(cell.prompts.classnames if cell.prompts is not None else dataset.class_names)
+    novel_names = [names[int(c)] for c in cell.episode.novel]
+    predict = getattr(model, "predict_proba_novel", None)
+    if predict is None:
+        return NovelScore(len(labels), None, "not applicable on novel classes: the method cannot name classes it was "
+                                             "not fitted on (it has no predict_proba_novel)")
+    proba = check_proba(predict(test_features[rows], novel_names), len(labels), len(novel_names))
+    return NovelScore(len(labels), classification_metrics(labels, proba.astype(np.float64)))
 
 
 def check_adapted(encoder: Any, pair: EncoderPair) -> None:

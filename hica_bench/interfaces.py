@@ -556,6 +556,12 @@ class Method(Protocol):
     the softmax). A method with regional evidence (HiCA) may offer ``regions_(images)``: uint8 images (N, H, W[, 3])
     -> per image a list of ``{"box": [x0, y0, x1, y1] in the images' pixels, "descriptor": str, "class": int,
     "similarity": float}``, or None.
+
+    **Naming unseen classes** (optional; the ``base-to-novel`` protocol). A method that classifies by class texts
+    (zero-shot, CoOp) may offer ``predict_proba_novel(features, class_names)``: after ``fit`` on the base classes,
+    (N, D) test features -> (N, len(class_names)) probabilities among classes it was not fitted on, named by
+    ``class_names`` (a prompt file's names when the dataset has one). A method without it is "not applicable on novel
+    classes", its base score still reported.
     """
 
     needs: frozenset[str]
@@ -591,11 +597,16 @@ class Episode:
     validation_split: str = "val"
     selection: str = "none"
     metric: str = "balanced_acc"
+    #: base-to-novel: the classes the method is fitted on and scored among on their test images (base), and the classes
+    #: it never sees, scored among themselves on theirs (novel, through ``predict_proba_novel``); None: every class
+    classes: np.ndarray | None = None
+    novel: np.ndarray | None = None
 
     @property
     def plain(self) -> bool:
-        """A plain k-shot episode: no validation set, no selection (its cells keep the identities they always had)."""
-        return self.validation is None and self.selection == "none"
+        """A plain k-shot episode: no validation set, no selection, every class (its cells keep the identities they
+        always had)."""
+        return self.validation is None and self.selection == "none" and self.classes is None and self.novel is None
 
 
 @runtime_checkable

@@ -43,8 +43,21 @@ def results_frame(results: list[CellResult]) -> pd.DataFrame:
         for timing in THROUGHPUT:
             value = getattr(r.timings, timing)
             row[timing] = float("nan") if value is None else value
+        if r.novel is not None:  # base-to-novel: the novel classes' scores (``metrics`` are the base classes')
+            row["base_to_novel"] = True
+            row.update({f"novel_{m}": getattr(r.novel.metrics, m) if r.novel.metrics else float("nan") for m in NOVEL})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+NOVEL = ("acc", "balanced_acc", "auc")  #: the novel classes' metrics a leaderboard summarises (base-to-novel)
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """CoCoOp's HM of the base and novel accuracies (of their means over seeds); NaN when either is missing."""
+    if base != base or novel != novel:
+        return float("nan")
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
 
 
 def summary_table(results: list[CellResult]) -> pd.DataFrame:
@@ -67,6 +80,11 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
             row[f"{timing}_mean"] = pd.to_numeric(part[timing], errors="coerce").mean()
         row["finished"] = part["finished_at"].max()
         row["last"] = int(part["position"].max())
+        if "base_to_novel" in part and part["base_to_novel"].eq(True).any():  # novel means; HM of base and novel means
+            for metric in NOVEL:
+                stats = aggregate(part[f"novel_{metric}"])
+                row[f"novel_{metric}_mean"], row[f"novel_{metric}_n"] = stats["mean"], stats["n"]
+                row[f"hm_{metric}"] = harmonic_mean(row[f"{metric}_mean"], stats["mean"])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -78,6 +96,28 @@ def _protocol(protocol: str, tuned_on_test: set[str]) -> str:
     if protocol in tuned_on_test:
         return f", protocol `{protocol}` — oracle (test-set tuning): measures inflation, never a result to publish"
     return f", protocol `{protocol}`"
+
+
+def _base_to_novel(part: pd.DataFrame) -> list[str]:
+    """The base, novel and HM accuracies of a base-to-novel section (CoCoOp's columns), percent, means over seeds;
+    ``n/a`` where a method cannot name unseen classes (the reason is in each record's ``novel``)."""
+    text = part.pivot(index="shown", columns="k", values="acc_mean").astype(object)
+    for _, row in part.iterrows():
+        novel = row.get("novel_acc_mean", float("nan"))
+        shown = "n/a" if novel != novel else f"{100 * novel:.1f}"
+        hm = row.get("hm_acc", float("nan"))
+        text.loc[row["shown"], row["k"]] = (f"{100 * row['acc_mean']:.1f} / {shown} / "
+                                            f"{'n/a' if hm != hm else f'{100 * hm:.1f}'}")
+    text = text.fillna("—")
+    text.columns = [f"{k}-shot" for k in text.columns]
+    text.index.name = "method"
+    lines = ["**ACC base / novel / HM** (base: the base classes' test images among the base classes; novel: the novel "
+             "classes' among the novel classes, by a method that can name classes it never saw)", "",
+             text.reset_index().to_markdown(index=False), ""]
+    if part["novel_acc_mean"].isna().any():
+        lines += ["n/a: not applicable on novel classes (the method cannot name classes it was not fitted on); its base "
+                  "score is reported.", ""]
+    return lines
 
 
 def _cell(mean: float, low: float | None, high: float | None, n: int) -> str:
@@ -187,6 +227,8 @@ def markdown(results: list[CellResult], robustness: pd.DataFrame | None = None) 
             text.columns = [f"{k}-shot" for k in text.columns]
             text.index.name = "method"
             lines += [f"**{metric.upper()}**", "", text.reset_index().to_markdown(index=False), ""]
+        if "novel_acc_n" in part and part["novel_acc_n"].notna().any():  # a section of base-to-novel cells
+            lines += _base_to_novel(part)
         shared = _shared_labels(part, origins)
         if shared:
             lines += [*shared, ""]

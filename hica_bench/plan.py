@@ -19,6 +19,7 @@ import numpy as np
 
 from hica_bench import __version__, corruptions, data, prompts, protocol, volumes
 from hica_bench import suite as suite_file
+from hica_bench import cell as cell_module
 from hica_bench.cell import FEATURE_NEEDS, SUPPORTED_TASKS, Cell, validate_needs
 from hica_bench.devices import resolve_device
 from hica_bench.encoder_pairs import encoder_pair
@@ -97,7 +98,7 @@ def split_labels(dataset: FewShotDataset) -> dict[str, np.ndarray]:
     return {split: np.asarray(dataset.split(split).labels, dtype=np.int64) for split in ("train", "val")}
 
 
-def check_episode(episode: Any, labels: dict[str, np.ndarray], label: str) -> Episode:
+def check_episode(episode: Any, labels: dict[str, np.ndarray], label: str, n_classes: int | None = None) -> Episode:
     """A protocol's episode, checked: an :class:`Episode` whose support and validation indices are in range and never
     overlap (else a UserError naming the protocol)."""
     if not isinstance(episode, Episode):
@@ -122,6 +123,17 @@ def check_episode(episode: Any, labels: dict[str, np.ndarray], label: str) -> Ep
             raise UserError(f"protocol {label}: its validation set overlaps the support")
     elif episode.selection == "validation":
         raise UserError(f"protocol {label}: selection by validation needs validation indices")
+    if episode.classes is not None or episode.novel is not None:
+        n = n_classes if n_classes is not None else int(labels["train"].max()) + 1
+        base = np.asarray(episode.classes if episode.classes is not None else [])
+        novel = np.asarray(episode.novel if episode.novel is not None else [], dtype=np.int64)
+        if (episode.classes is None or base.dtype.kind not in "iu" or not len(base) or base.min() < 0 or base.max() >= n
+                or (len(novel) and (novel.min() < 0 or novel.max() >= n)) or np.intersect1d(base, novel).size):
+            raise UserError(f"protocol {label}: its base and novel classes must be distinct class indices")
+        if not np.isin(labels["train"][support], base).all():
+            raise UserError(f"protocol {label}: its support holds images of classes it does not fit on")
+        if episode.selection != "none":
+            raise UserError(f"protocol {label}: base-to-novel episodes select nothing")
     return episode
 
 
@@ -228,7 +240,7 @@ def episodes(grid: Grid, dataset_choice: Choice, dataset: FewShotDataset) -> lis
     for choice, made in protocols(grid):
         label = choice.label if choice is not None else "few-shot"
         drawn.append((choice, made, {(k, seed): check_episode(_protocol_call(choice, made.episode, labels, n_classes, k,
-                                                                             seed, name), labels, label)
+                                                                             seed, name), labels, label, n_classes)
                                      for k in grid.shots for seed in grid.seeds}))
     return drawn
 
@@ -354,11 +366,14 @@ class EncoderJob:
         splits.setdefault("train", (None, np.asarray(dataset.split("train").labels)))
         return splits
 
-    def test_labels(self, cell: Cell) -> np.ndarray:
-        """The labels of the test rows ``cell`` was scored on."""
+    def test_labels(self, cell: Cell) -> tuple[np.ndarray, np.ndarray]:
+        """The labels of the test rows ``cell`` was scored on (base-to-novel: the base classes', renumbered as its
+        probabilities' columns), and those rows' indices into the test split."""
         dataset = next(d for label, d, _ in self.work if label == cell.dataset_label)
         labels = np.asarray(dataset.split("test").labels)
-        return labels[:rows(self.grid, "test", len(labels))]
+        labels = labels[:rows(self.grid, "test", len(labels))]
+        picked, scored_labels = cell_module.scored(cell.episode, labels)
+        return scored_labels, np.arange(len(labels)) if picked is None else picked
 
 
 def encoder_job(grid: Grid, settings: Settings, registry: Registry, events: Events, index: int, encoder: Choice,

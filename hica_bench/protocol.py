@@ -20,6 +20,7 @@ is the same on every machine.
 from __future__ import annotations
 
 import hashlib
+from typing import Sequence
 
 import numpy as np
 
@@ -65,11 +66,13 @@ def check_shots(shots: list[int], labels: np.ndarray, n_classes: int, dataset: s
             )
 
 
-def sample_support(labels: np.ndarray, n_classes: int, k: int, seed: int, dataset: str) -> np.ndarray:
-    """Indices (k * n_classes,) into the train split, sorted by class then by index."""
+def sample_support(labels: np.ndarray, n_classes: int, k: int, seed: int, dataset: str,
+                   classes: Sequence[int] | None = None) -> np.ndarray:
+    """Indices (k * n_classes,) into the train split, sorted by class then by index; with ``classes``, those classes'
+    only (each class's k images are the same as in the support of every class)."""
     check_shots([k], labels, n_classes, dataset)
     chosen = []
-    for c in range(n_classes):
+    for c in (range(n_classes) if classes is None else classes):
         members = np.flatnonzero(labels == c)
         ranked = sorted(members.tolist(), key=lambda i: _key(dataset, seed, i))
         chosen.append(np.sort(np.asarray(ranked[:k], dtype=np.int64)))
@@ -134,4 +137,18 @@ def sample_validation(labels: dict[str, np.ndarray], n_classes: int, k: int, see
             ranked = sorted(members, key=lambda i: _key(dataset, seed, i))[-m:]
         chosen.append(np.sort(np.asarray(ranked, dtype=np.int64)))
     return where, np.concatenate(chosen)
+
+
+def class_split(n_classes: int, rule: str = "first-half", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(base, novel) class indices: CoCoOp's rule (``first-half``: the first ceil(C / 2) class indices are base, as in
+    Dassl's ``subsample_classes``), or ``seeded``: the ceil(C / 2) classes with the smallest keys
+    ``sha256("classes|{seed}|{c}")`` (platform-independent). Needs at least 3 classes."""
+    if n_classes < 3:
+        raise UserError(f"base-to-novel needs at least 3 classes (a base and a novel half); this dataset has {n_classes}")
+    m = -(-n_classes // 2)
+    if rule == "first-half":
+        order = list(range(n_classes))
+    else:
+        order = sorted(range(n_classes), key=lambda c: hashlib.sha256(f"classes|{seed}|{c}".encode()).digest())
+    return np.sort(np.asarray(order[:m], dtype=np.int64)), np.sort(np.asarray(order[m:], dtype=np.int64))
 

@@ -101,7 +101,7 @@ def _record(job: plan.EncoderJob, executor: executors.InProcess | executors.RayE
             setattr(result.timings, name, value)
         if settings.save_predictions and proba is not None:
             result.predictions = save_predictions(settings.out_dir / "predictions", cell.identity.id, proba,
-                                                  job.test_labels(cell))
+                                                  *job.test_labels(cell))
         store.append(result)
         setattr(summary, result.status.value, getattr(summary, result.status.value) + 1)
         if result.status is Status.FAILED:
@@ -114,10 +114,13 @@ def _record(job: plan.EncoderJob, executor: executors.InProcess | executors.RayE
         summary.cache_misses += extractor.cache.misses
 
 
-def save_predictions(folder: Path, cell_id: str, proba: np.ndarray, labels: np.ndarray) -> str:
+def save_predictions(folder: Path, cell_id: str, proba: np.ndarray, labels: np.ndarray,
+                     test_index: np.ndarray | None = None) -> str:
     """The cell's test probabilities and labels as ``predictions/<cell_id>.npz`` (compressed, no pickle) beside the
-    results file, so its metrics can be recomputed; returns the path relative to the results file's folder."""
+    results file, so its metrics can be recomputed, with each row's index into the test split (``test_index``: all
+    of them in order unless given); returns the path relative to the results file's folder."""
     path = folder / f"{cell_id}.npz"
+    index = np.arange(len(labels)) if test_index is None else np.asarray(test_index)
     atomic_write(path, lambda handle: np.savez_compressed(handle, proba=proba.astype(np.float32), labels=labels,
-                                                          test_index=np.arange(len(labels))))
+                                                          test_index=index))
     return f"{folder.name}/{path.name}"

@@ -579,7 +579,14 @@ def check_protocol(protocol_plugin: Any, shots: Sequence[int] = (1, 2, 4), seeds
                 assert support.dtype.kind == "i" and support.ndim == 1, f"{where}: support must be integer indices"
                 assert support.min() >= 0 and support.max() < len(labels["train"]), f"{where}: support out of range"
                 counts = np.bincount(labels["train"][support], minlength=n)
-                assert (counts == k).all(), f"{where}: the support has {counts.tolist()} images per class, expected {k}"
+                fitted = np.arange(n) if episode.classes is None else np.asarray(episode.classes)
+                expected = np.zeros(n, int)
+                expected[fitted] = k
+                assert (counts == expected).all(), (
+                    f"{where}: the support has {counts.tolist()} images per class, expected {expected.tolist()}")
+                if episode.novel is not None:
+                    assert episode.classes is not None and not np.intersect1d(episode.classes, episode.novel).size, (
+                        f"{where}: novel classes need base classes apart from them")
                 assert episode.selection in SELECTIONS and episode.metric in SELECTION_METRICS, (
                     f"{where}: selection {episode.selection!r} / metric {episode.metric!r} unknown")
                 if episode.validation is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def upgrade(record: dict[str, Any]) -> dict[str, Any]:
-    """A parsed record of schema 2 to 7 in the shape of the current schema (8): the fields later schemas added are filled
+    """A parsed record of schema 2 to 8 in the shape of the current schema (9): the fields later schemas added are filled
     with what they mean for an older record (none, or clean)."""
     if record.get("schema_version") == 2:  # before per-class scores and saved predictions
         record = {"per_class": None, "predictions": None, **record}
@@ -37,4 +37,6 @@ def upgrade(record: dict[str, Any]) -> dict[str, Any]:
             if isinstance(identity.get("origin"), dict):
                 identity["origin"] = {**identity["origin"], "protocol": None}
             record["identity"] = identity
+    if record.get("schema_version") in (2, 3, 4, 5, 6, 7, 8):  # before base-to-novel: no novel classes
+        record = {**record, "novel": None}
     return record

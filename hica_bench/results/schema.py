@@ -46,7 +46,7 @@ from hica_bench.files import digest
 from hica_bench.results import migrations
 from hica_bench.results.codec import jsonable, known, reader, typed
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -91,6 +91,16 @@ class Metrics:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class NovelScore:
+    """Base-to-novel: how a cell did on the classes its method never saw, scored among themselves on their test images
+    (schema 9 on). ``metrics`` None, with ``reason``: the method cannot name unseen classes."""
+
+    n_test: int
+    metrics: Metrics | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,8 @@ class CellResult:
     #: the identity of the encoder the method adapted and predicted through (its ``encoder_``; schema 6 on), else None
     adapted_encoder: str | None = None
     components_used: list[Component] = field(default_factory=list)  #: what it built through ``task.components``
+    #: base-to-novel: the novel classes' score (``metrics`` above are the base classes'); None otherwise (schema 9 on)
+    novel: NovelScore | None = None
     environment: Environment = field(default_factory=Environment)
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION

@@ -48,7 +48,7 @@ def test_a_record_round_trips_typed(tmp_path):
     assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
     record = json.loads(store.path.read_text())
     assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
-    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 8
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 9
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -67,7 +67,7 @@ def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
     del record["identity"]
     with store.path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 8"):
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 9"):
         store.load()
 
 
@@ -147,8 +147,14 @@ def test_values_a_plugin_hands_over_are_written_not_crashed_on(tmp_path):
 
 
 def _written_by_schema(version: int, tmp_path: Path) -> tuple[dict, Path]:
-    """A record as schema ``version`` (2 to 7) wrote it, in a results file of its own: (record, path)."""
+    """A record as schema ``version`` (2 to 8) wrote it, in a results file of its own: (record, path)."""
     record = json.loads(_result(0).to_json())
+    del record["novel"]
+    if version == 8:
+        record["schema_version"] = version
+        path = tmp_path / "results.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        return record, path
     del record["key"]["protocol"], record["identity"]["origin"]["protocol"], record["identity"]["validation"]
     if version == 7:
         record["schema_version"] = version
@@ -209,6 +215,17 @@ def test_a_schema_5_record_reads_without_an_adapted_encoder(tmp_path):
     record["schema_version"] = 6
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(UserError, match="missing field (adapted_encoder|timings.adapted_encode_s)"):
+        ResultsStore(path).load()
+
+
+def test_a_schema_8_record_reads_without_novel_classes(tmp_path):
+    """Schema 8 had no base-to-novel: read with ``novel`` None and the same cell id; claiming schema 9 it lacks it."""
+    record, path = _written_by_schema(8, tmp_path)
+    (loaded,) = ResultsStore(path).load().values()
+    assert loaded.novel is None and loaded.cell_id == _result(0).cell_id and loaded.schema_version == 8
+    record["schema_version"] = 9
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match="missing field novel"):
         ResultsStore(path).load()
 
 

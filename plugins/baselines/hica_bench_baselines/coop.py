@@ -127,6 +127,7 @@ class CoOp:
 
     def fit(self, task: FewShotTask) -> "CoOp":
         require_aligned(task, "coop")
+        self.text_encoder_ = task.encoders.text  # the learned context names unseen classes through it (base-to-novel)
         tower = PromptTower(task.encoders.text, task.class_names, self.n_ctx, task.device)
         return self.learn(tower, task.support_features, task.support_labels, task.k, task.seed, task.device)
 
@@ -173,6 +174,16 @@ class CoOp:
         f = torch.as_tensor(l2_normalise(features), dtype=torch.float32, device=self.device_)
         with torch.no_grad():
             return softmax_numpy(self._logits(f, self.text_))
+
+    def predict_proba_novel(self, features: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+        """Base-to-novel: the learned context before the names of classes it was not trained on (CoOp's
+        generalisation test, as in CoCoOp)."""
+        import torch
+
+        tower = PromptTower(self.text_encoder_, class_names, self.n_ctx, self.device_)
+        f = torch.as_tensor(l2_normalise(features), dtype=torch.float32, device=self.device_)
+        with torch.no_grad():
+            return softmax_numpy(self._logits(f, torch.nn.functional.normalize(tower(self.ctx_), dim=1)))
 
     def head_(self, features):
         """Differentiable logits (cosine to the learned-context class texts) from (N, D) torch features."""

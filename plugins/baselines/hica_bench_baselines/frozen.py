@@ -5,6 +5,9 @@ linear probe, nearest class mean (prototype). L2-normalised first, as CLIP-style
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import numpy as np
 from scipy.special import softmax
 
@@ -25,6 +28,7 @@ class ZeroShot:
 
     def fit(self, task: FewShotTask) -> "ZeroShot":
         require_aligned(task, "zero-shot")
+        self.task_ = task  # its encoders and prompt ensemble name unseen classes (base-to-novel)
         self.class_embeddings_ = class_text_embeddings(task)
         self.fit_info_ = {"templates": len(templates(task)), "class_names": list(task.class_names),
                           "prompt_file": None if task.prompts is None else task.prompts.source}
@@ -34,6 +38,11 @@ class ZeroShot:
         if features.shape[1] != self.class_embeddings_.shape[1]:
             raise ValueError(f"image features are {features.shape[1]}-d but text embeddings {self.class_embeddings_.shape[1]}-d")
         return softmax(self.logit_scale * l2_normalise(features) @ self.class_embeddings_.T, axis=1)
+
+    def predict_proba_novel(self, features: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+        """Base-to-novel: the same prompt ensemble with the names of classes it was not fitted on."""
+        text = class_text_embeddings(dataclasses.replace(self.task_, class_names=list(class_names)))
+        return softmax(self.logit_scale * l2_normalise(features) @ text.T, axis=1)
 
     def head_(self, features):
         """Differentiable logits from (N, D) torch features (``hica-bench explain``'s Grad-CAM target): the logit of

@@ -11,6 +11,8 @@
   setting of Silva-Rodríguez et al., CVPR 2024); needs 2 shots per class.
 - ``oracle``: the same search scored on the test split. It exists only to measure how much test-set tuning inflates
   a method (the report's inflation table: oracle − few-shot-val); never in a default suite.
+- ``base-to-novel``: CoCoOp's generalisation test: fitted on the base half of the classes, scored on base and on
+  novel classes, with their harmonic mean.
 """
 
 from __future__ import annotations
@@ -81,6 +83,32 @@ class Oracle(_SearchedOnTheSupport):
     title, rule = "oracle (test-set tuning)", "test"
 
 
+class BaseToNovel(FewShot):
+    """CoCoOp's base-to-novel generalisation: the classes split into base and novel (``split``: ``first-half``, CoCoOp's
+    rule, or ``seeded`` by ``split_seed``); the method is fitted on k-shot supports of the base classes only, scored on
+    the base classes' test images among the base classes, and on the novel classes' test images among the novel
+    classes (if it can name unseen classes); tables report base, novel and their harmonic mean (HM)."""
+
+    title = "base-to-novel"
+
+    def __init__(self, split: str = "first-half", split_seed: int = 0) -> None:
+        self.split, self.split_seed = split, split_seed
+
+    def check(self, labels, n_classes, shots, dataset, class_names) -> None:
+        from hica_bench.errors import UserError
+
+        try:
+            protocol.class_split(n_classes, self.split, self.split_seed)
+        except UserError as exc:
+            raise UserError(f"{dataset}: {exc}") from None
+        super().check(labels, n_classes, shots, dataset, class_names)
+
+    def episode(self, labels, n_classes, k, seed, dataset) -> Episode:
+        base, novel = protocol.class_split(n_classes, self.split, self.split_seed)
+        return Episode(protocol.sample_support(labels["train"], n_classes, k, seed, dataset, classes=base),
+                       classes=base, novel=novel)
+
+
 _METRIC = Option(choices=SELECTION_METRICS)
 
 SPECS = [
@@ -92,6 +120,9 @@ SPECS = [
                 "metric": _METRIC}),
     PluginSpec("protocol", "support-cv", "the search scored by cross-validation on the support alone (k >= 2)",
                SupportCV, {"metric": _METRIC}),
+    PluginSpec("protocol", "base-to-novel", "CoCoOp's base-to-novel: fitted on the base half of the classes, scored on "
+               "base and on novel classes (HM); 3 classes or more", BaseToNovel,
+               {"split": Option(choices=("first-half", "seeded")), "split_seed": Option(low=0)}),
     PluginSpec("protocol", "oracle", "the search scored on the test split: test-set tuning, only to measure its "
                "inflation", Oracle, {"metric": _METRIC}),
 ]

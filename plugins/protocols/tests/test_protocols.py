@@ -225,3 +225,58 @@ def test_an_episode_that_breaks_the_contract_is_refused_before_any_cell(medmnist
     ]:
         with pytest.raises(Exception, match=message):
             plan.check_episode(episode, labels, "odd")
+
+
+# --------------------------------------------------------------------------- base-to-novel
+
+
+def test_base_to_novel_on_real_retinamnist(tmp_path, medmnist_root):
+    """RetinaMNIST's 5 classes: base = 0, 1, 2 (CoCoOp's first half, ceil(5 / 2)), novel = 3, 4. Supports hold base
+    classes only; base scores count the base classes' test images, novel scores the novel classes', among
+    themselves; zero-shot and CoOp name the novel classes, the prototype cannot (with the reason); the leaderboard
+    reports base / novel / HM."""
+    from conftest import tiny_clip_folder
+
+    if not (medmnist_root / "retinamnist.npz").exists():
+        pytest.skip("retinamnist.npz is not in the data root")
+    encoder = f"open-clip:model=local-dir:{tiny_clip_folder(tmp_path / 'tiny-clip')}:pretrained=random"
+    code, _, err = invoke("run", "--encoder", encoder, "--datasets", "retinamnist", "--methods",
+                          "zero-shot,coop:epochs=1:n_ctx=2,prototype", "--protocols", "base-to-novel", "--shots", "1,2",
+                          "--seeds", "0", "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache",
+                          "--out", tmp_path / "o", "--no-report")
+    assert code == 0, err
+    with np.load(medmnist_root / "retinamnist.npz") as data:
+        test = data["test_labels"].ravel()
+        train = data["train_labels"].ravel()
+    records = {(r["key"]["method"], r["key"]["k"]): r for r in _records(tmp_path / "o")}
+    assert len(records) == 6 and {r["status"] for r in records.values()} == {"ok"}
+    for (method, k), r in records.items():
+        assert r["key"]["protocol"] == "base-to-novel" and r["n_support"] == 3 * k
+        assert r["n_test"] == int(np.isin(test, [0, 1, 2]).sum()) and r["novel"]["n_test"] == int(np.isin(test, [3, 4]).sum())
+        assert r["identity"]["origin"]["protocol"]["name"] == "base-to-novel"
+        assert len(r["per_class"]["recall"]) == 3  # scored among the base classes
+        if method == "prototype":
+            assert r["novel"]["metrics"] is None and "cannot name classes it was not fitted on" in r["novel"]["reason"]
+        else:
+            assert 0 <= r["novel"]["metrics"]["acc"] <= 1 and r["novel"]["reason"] is None
+    support = protocol.sample_support(train, 5, 2, 0, "retinamnist", classes=[0, 1, 2])
+    assert records["zero-shot", 2]["identity"]["support"] == protocol.support_hash(support)
+    board = (tmp_path / "o" / "leaderboard.md").read_text()
+    assert "**ACC base / novel / HM**" in board and "protocol `base-to-novel`" in board
+    line = next(row for row in board.splitlines() if row.startswith("| zero-shot") and "/" in row)
+    base, novel, hm = (float(v) for v in line.split("|")[2].split("/"))
+    assert hm == pytest.approx(2 * base * novel / (base + novel), abs=0.06)
+    assert any(row.startswith("| prototype") and "/ n/a / n/a" in row for row in board.splitlines())
+
+
+def test_base_to_novel_needs_three_classes(tmp_path, medmnist_root):
+    code, _, err = _run(tmp_path, medmnist_root, "--out", tmp_path / "o", "--protocols", "base-to-novel")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "base-to-novel needs at least 3 classes" in lines[0], err
+
+
+def test_the_seeded_class_split_is_the_written_rule():
+    base, novel = protocol.class_split(7, "seeded", 3)
+    order = sorted(range(7), key=lambda c: hashlib.sha256(f"classes|3|{c}".encode()).digest())
+    assert base.tolist() == sorted(order[:4]) and novel.tolist() == sorted(order[4:])
+    assert [b.tolist() for b in protocol.class_split(5)] == [[0, 1, 2], [3, 4]]
