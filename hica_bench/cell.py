@@ -214,7 +214,6 @@ def choose(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[
     episode = cell.episode
     if episode is None or episode.selection == "none":
         return cell.method, None
-    start = time.perf_counter()
     about = {"protocol": cell.protocol_title, "rule": episode.selection, "metric": episode.metric}
     space = selection.searched(cell.method)
     if not space:
@@ -252,8 +251,7 @@ def choose(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[
             per_set.append(selection.score(labels, proba, episode.metric))
         scores.append(float(np.mean(per_set)))
     best = int(np.argmax(scores))  # the first best, in the declared order
-    return tried[best], selection.record(list(space), tried, scores, best, **about, fits=len(tried) * len(sets) + 1,
-                                         seconds=time.perf_counter() - start)
+    return tried[best], selection.record(list(space), tried, scores, best, **about, fits=len(tried) * len(sets) + 1)
 
 
 def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
@@ -271,7 +269,8 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
     encoder's weights in place fails (they serve every other cell and the feature cache).
 
     Under a selecting protocol the method's options are chosen first (:func:`choose`, within the cell's time limit);
-    the chosen method is then built, fitted and scored as above, and ``fit_info["selection"]`` records the search."""
+    the chosen method is then built, fitted and scored as above, and ``fit_info["selection"]`` records the search
+    (``timings.fit_s`` includes its time: ``fit_info`` holds only what the cell computed, the same on every run)."""
     test_features, all_test_labels = test
     rows, test_labels = scored(cell.episode, all_test_labels)  # base-to-novel: the base classes' test images
     n_classes = len(dataset.class_names) if rows is None else len(cell.episode.classes)

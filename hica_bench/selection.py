@@ -61,7 +61,7 @@ def score(labels: np.ndarray, proba: np.ndarray, metric: str) -> float:
 
 
 def record(names: list[str], tried: list[Choice], scores: list[float], chosen: int, **about: Any) -> dict[str, Any]:
-    """What a cell's ``fit_info["selection"]`` holds: ``about`` (the protocol, rule, metric, what was scored, the cost),
+    """What a cell's ``fit_info["selection"]`` holds: ``about`` (the protocol, rule, metric, what was scored, the fits),
     each candidate tried (its values of the searched options ``names``) with its score, and the choice."""
     return {**about, "candidates": [{"options": {name: c.options[name] for name in names}, "score": s}
                                     for c, s in zip(tried, scores)],

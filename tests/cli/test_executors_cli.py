@@ -18,22 +18,22 @@ def test_shards_partition_the_grid_and_merge_to_the_unsharded_run(reference, med
     for index in (0, 1):
         code, out, err = run_in_process(medmnist_root, base / "cache", tmp_path / "sharded", "--shard", f"{index}/2")
         assert code == 0, err
-        assert f"(shard {index}/2; 6 in the other shards)" in " ".join(out.split())
+        assert f"(shard {index}/2; 12 in the other shards)" in " ".join(out.split())
     shards = [computed(tmp_path / "sharded" / f"shard-{i}-of-2" / "results.jsonl") for i in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == 6 and not set(shards[0]) & set(shards[1])  # each cell in one shard
+    assert len(shards[0]) == len(shards[1]) == 12 and not set(shards[0]) & set(shards[1])  # each cell in one shard
     code, out, err = invoke("merge", tmp_path / "sharded" / "shard-0-of-2", tmp_path / "sharded" / "shard-1-of-2",
                             "--out", tmp_path / "sharded", "--no-report")
     assert code == 0, err
-    assert "12 cells (0 duplicate records dropped)" in out
+    assert "24 cells (0 duplicate records dropped)" in out
     assert computed(tmp_path / "sharded" / "results.jsonl") == expected
     assert (tmp_path / "sharded" / "leaderboard.md").is_file()
     # a shard rerun finds its cells finished; the same records twice are one cell each
     code, out, err = run_in_process(medmnist_root, base / "cache", tmp_path / "sharded", "--shard", "1/2")
-    assert code == 0 and "6 already finished" in " ".join(out.split()), err
+    assert code == 0 and "12 already finished" in " ".join(out.split()), err
     shutil.copytree(tmp_path / "sharded" / "shard-0-of-2", tmp_path / "copy")
     code, out, err = invoke("merge", tmp_path / "sharded" / "shard-0-of-2", tmp_path / "sharded" / "shard-1-of-2",
                             tmp_path / "copy", "--out", tmp_path / "again", "--no-report")
-    assert code == 0 and "12 cells (6 duplicate records dropped)" in out, err
+    assert code == 0 and "24 cells (12 duplicate records dropped)" in out, err
     assert computed(tmp_path / "again" / "results.jsonl") == expected
 
 
