@@ -407,6 +407,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
                                                       test.note, section.protocol)))
         notes = sorted({t.note for t in section.tests.values() if t.note}) + section.notes
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
+                      "novel": _base_to_novel(section),
                       "curves": curves(section, figures, svg), "reliability": reliability(section, figures, svg),
                       "cost": _cost(section), "reference": section.reference.label if section.reference else None,
                       "notes": notes, "bootstrap": [(label, k, f"{100 * lo:.1f}–{100 * hi:.1f}", n)
@@ -484,6 +485,33 @@ def _concepts(results: list[CellResult]) -> list[tuple[str, list[tuple[str, str]
                 for name, pairs in r.fit_info["top_concepts"].items()]
         out.append((f"{dataset} ({size}px) · {method} · {encoder} · k={k} · seed {r.key.seed}", rows))
     return out
+
+
+def _base_to_novel(section: Section) -> list[tuple[str, list[str]]]:
+    """A base-to-novel section's ACC base / novel / HM per method and k (percent, means over seeds; HM of the means, as
+    CoCoOp reports it); empty for any other section."""
+    from hica_bench.leaderboard import harmonic_mean
+
+    body = []
+    for row in section.rows:
+        results = [r for cells in row.cells.values() for r in cells.values()]
+        if not any(r.novel is not None for r in results):
+            return []
+        cells = []
+        for k in section.shots:
+            seeds = list(row.cells.get(k, {}).values())
+            if not seeds:
+                cells.append("—")
+                continue
+            base = float(np.mean([r.metrics.acc for r in seeds]))
+            novel = [r.novel.metrics.acc for r in seeds if r.novel is not None and r.novel.metrics is not None]
+            if len(novel) < len(seeds):
+                cells.append(f"{100 * base:.1f} / n/a / n/a")
+            else:
+                mean = float(np.mean(novel))
+                cells.append(f"{100 * base:.1f} / {100 * mean:.1f} / {100 * harmonic_mean(base, mean):.1f}")
+        body.append((row.label, cells))
+    return body
 
 
 def _inflation(results: list[CellResult]) -> list[tuple[str, list[str], list[list[str]]]]:

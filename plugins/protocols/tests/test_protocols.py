@@ -267,6 +267,9 @@ def test_base_to_novel_on_real_retinamnist(tmp_path, medmnist_root):
     base, novel, hm = (float(v) for v in line.split("|")[2].split("/"))
     assert hm == pytest.approx(2 * base * novel / (base + novel), abs=0.06)
     assert any(row.startswith("| prototype") and "/ n/a / n/a" in row for row in board.splitlines())
+    code, _, err = invoke("report", tmp_path / "o", "--out", tmp_path / "r")
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert code == 0 and "<h3>ACC base / novel / HM</h3>" in page and f"{base:.1f} / {novel:.1f} / {hm:.1f}" in page, err
 
 
 def test_base_to_novel_needs_three_classes(tmp_path, medmnist_root):
