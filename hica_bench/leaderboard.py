@@ -195,8 +195,7 @@ def markdown(results: list[CellResult], robustness: pd.DataFrame | None = None) 
     origins = {r.origin_id: r.identity.origin for r in results if r.identity is not None}
     sections: dict[tuple, dict[str, set[str]]] = {}  # section -> method -> its origins (any status)
     not_applicable: dict[tuple, dict[tuple[str, str], str]] = {}  # section -> (method, origin) -> reason
-    tuned_on_test = {r.key.protocol for r in results
-                     if ((r.fit_info or {}).get("selection") or {}).get("rule") == "test"}  # the oracle's cells
+    tuned_on_test = {r.key.protocol for r in results if _selection(r).get("rule") == "test"}  # the oracle's cells
     for r in results:
         section = (r.key.dataset, r.key.size, r.key.encoder, r.key.max_test, r.key.protocol)
         sections.setdefault(section, {}).setdefault(r.key.method, set()).add(r.origin_id)
@@ -360,15 +359,10 @@ def robustness_markdown(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _rule(result: CellResult) -> str | None:
-    """The selection rule a finished cell was tuned by (its ``fit_info["selection"]``), or None."""
+def _selection(result: CellResult) -> dict:
+    """What a finished cell's protocol selected it by (its ``fit_info["selection"]``: ``rule``, ``metric``, ...); {}."""
     selection = (result.fit_info or {}).get("selection")
-    return selection.get("rule") if isinstance(selection, dict) else None
-
-
-def _selection_metric(result: CellResult) -> str | None:
-    selection = (result.fit_info or {}).get("selection")
-    return selection.get("metric") if isinstance(selection, dict) else None
+    return selection if isinstance(selection, dict) else {}
 
 
 INFLATION_NOTE = ("Inflation = the oracle's score (options chosen on the test split) minus the score of the same method "
@@ -390,10 +384,10 @@ def inflation_table(results: list[CellResult], metric: str = "balanced_acc") -> 
     oracle: dict[tuple, dict[int, float]] = {}
     tuned: dict[tuple, dict[int, float]] = {}
     for r in finished:  # the newest record of a cell counts (later in the file)
-        rule = _rule(r)
-        if rule == "test" and _selection_metric(r) == metric:  # an oracle that tuned for this metric
+        rule, tuned_for = _selection(r).get("rule"), _selection(r).get("metric")
+        if rule == "test" and tuned_for == metric:  # an oracle that tuned for this metric
             oracle.setdefault(cell(r), {})[r.key.seed] = getattr(r.metrics, metric)
-        elif rule in ("validation", "support-cv") and _selection_metric(r) == metric:
+        elif rule in ("validation", "support-cv") and tuned_for == metric:
             tuned.setdefault((*cell(r), r.key.protocol), {})[r.key.seed] = getattr(r.metrics, metric)
     rows = []
     for key, scores in sorted(tuned.items(), key=lambda item: str(item[0])):
