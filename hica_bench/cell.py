@@ -52,6 +52,9 @@ class Cell:
     dataset_label: str = ""  #: the dataset choice's label (with a corruption, unlike ``key.dataset``)
     episode: Episode | None = None  #: what its protocol drew (None: a plain k-shot support, ``support``)
     protocol_title: str = "few-shot"  #: how tables name its protocol
+    #: the dataset it runs on when it is not its grid dataset itself (cross-dataset: a
+    #: :class:`~hica_bench.transfer.TransferDataset`, named by ``dataset_label``); never sent to a Ray worker
+    dataset: Any = None
 
 
 def scored(episode: Episode | None, labels: np.ndarray, classes: str = "base") -> tuple[np.ndarray | None, np.ndarray]:

@@ -43,6 +43,7 @@ from hica_bench.files import digest
 from hica_bench.plan import EXECUTORS, EncoderJob, Settings
 from hica_bench.registry import Choice, Recipe, Registry, RunComponents
 from hica_bench.results import CellResult, Status
+from hica_bench.transfer import TransferDataset
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,10 @@ class ChoiceRef:
     distribution: str
     version: str
     corruption: tuple[str, int] | None = None
+    #: a cross-dataset transfer: the source dataset and, per target class, its source class
+    #: (:class:`~hica_bench.transfer.TransferDataset`)
+    source: "ChoiceRef | None" = None
+    class_map: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, choice: Choice) -> "ChoiceRef":
@@ -146,11 +151,16 @@ class _WorkerState:
         self.pairs: dict[ChoiceRef, Any] = {}
         self.environments: dict[str, Any] = {}
 
-    def dataset(self, ref: ChoiceRef, identity: str) -> Any:
+    def dataset(self, ref: ChoiceRef, identity: str | None) -> Any:
         if ref not in self.datasets:
-            dataset = ref.resolve(self.registry).build(root=self.context.data_root, size=self.context.size,
-                                                       download=False, cache_dir=Path(self.context.cache_dir))
-            if dataset.identity != identity:
+            if ref.source is not None:  # a transfer: both datasets, checked together by its identity below
+                target = self.dataset(dataclasses.replace(ref, source=None, class_map=None), None)
+                dataset = TransferDataset(self.dataset(ref.source, None), target, np.asarray(ref.class_map),
+                                          ref.source.name, ref.name)
+            else:
+                dataset = ref.resolve(self.registry).build(root=self.context.data_root, size=self.context.size,
+                                                           download=False, cache_dir=Path(self.context.cache_dir))
+            if identity is not None and dataset.identity != identity:
                 raise UserError(f"Ray worker on {socket.gethostname()}: dataset {ref.name} has other contents there "
                                 f"(identity {dataset.identity[:12]}, driver {identity[:12]}); give every node the same "
                                 "data (--data-root)")
@@ -342,6 +352,10 @@ class RayExecutor:
         context = self._context(job)
         encoder = ChoiceRef.of(job.encoder)
         choices = {choice.label: ChoiceRef.of(choice) for choice in job.grid.datasets}
+        for label, dataset, _ in job.work:
+            if isinstance(dataset, TransferDataset):
+                choices[label] = dataclasses.replace(choices[dataset.target_label], source=choices[dataset.source_label],
+                                                     class_map=tuple(dataset.class_map.tolist()))
         resources = {method.label: method_resources(method, job.settings.device) for method in job.grid.methods}
         for label, asked in resources.items():
             if asked["num_cpus"] > self.node_cpus or asked.get("num_gpus", 0) > self.node_gpus:

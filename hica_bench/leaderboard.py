@@ -428,6 +428,82 @@ def inflation_markdown(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+TRANSFER_NOTE = ("Cross-dataset transfer: each method fitted on k-shot supports of the source dataset (rows) and scored on "
+                 "the target dataset's test split (columns), classes matched by name or by the protocol's mapping file; "
+                 "the diagonal (source = target) is the in-domain score on the same supports. Percent, mean ± "
+                 "half-width of its 95 % t-interval over seeds (n).")
+
+
+def _transfer_source(result: CellResult) -> str | None:
+    """The source dataset of a cross-dataset cell (its label in the grid that ran it), else None."""
+    support_from = result.identity.origin.support_from
+    return str(support_from.get("dataset")) if isinstance(support_from, dict) else None
+
+
+def transfer_table(results: list[CellResult], metric: str = "acc") -> pd.DataFrame:
+    """Cross-dataset transfer: per (size, encoder, max_test, protocol label but its source, method, k, source, target)
+    the mean of ``metric`` over seeds with its 95 % t-interval; empty without cross-dataset cells."""
+    import numpy as np
+
+    from hica_bench.stats import t_interval
+
+    scores: dict[tuple, dict[int, float]] = {}
+    for r in results:  # the newest record of a cell counts (later in the file)
+        source = _transfer_source(r)
+        if source is None or r.status is not Status.OK or r.metrics is None or r.key.corruption is not None:
+            continue
+        variant = ":".join(part for part in r.key.protocol.split(":") if not part.startswith("source="))
+        key = (r.key.size, r.key.encoder, r.key.max_test, variant, r.key.method, r.key.k, source, r.key.dataset)
+        scores.setdefault(key, {})[r.key.seed] = getattr(r.metrics, metric)
+    rows = []
+    for key, by_seed in sorted(scores.items(), key=lambda item: str(item[0])):
+        values = [by_seed[s] for s in sorted(by_seed)]
+        interval = t_interval(values)
+        rows.append(dict(zip(("size", "encoder", "max_test", "protocol", "method", "k", "source", "target"), key),
+                         metric=metric, n=len(values), mean=float(np.mean(values)),
+                         ci_low=None if interval is None else interval.low,
+                         ci_high=None if interval is None else interval.high))
+    return pd.DataFrame(rows)
+
+
+def transfer_blocks(table: pd.DataFrame) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The transfer table as (title, header, rows) per (size, encoder, protocol, k): rows (method, source), columns
+    the targets; the leaderboard and the report show the same blocks."""
+    blocks = []
+    if table.empty:
+        return blocks
+    for (size, encoder, protocol, k), part in table.groupby(["size", "encoder", "protocol", "k"], sort=True):
+        targets = sorted(set(part["target"]))
+        cells = {(row["method"], row["source"], row["target"]): row for _, row in part.iterrows()}
+        body = []
+        for method, source in sorted({(m, s) for m, s, _ in cells}):
+            shown = []
+            for target in targets:
+                row = cells.get((method, source, target))
+                if row is None:
+                    shown.append("—")
+                    continue
+                low, high = row["ci_low"], row["ci_high"]
+                half = "" if low is None or pd.isna(low) else f" ± {100 * (high - low) / 2:.1f}"
+                shown.append(f"{100 * row['mean']:.1f}{half} ({int(row['n'])})")
+            body.append([method, source] + shown)
+        metric = part["metric"].iloc[0].replace("_", " ").upper()
+        blocks.append((f"{int(size)} px — encoder {encoder}, {protocol}, {int(k)}-shot: {metric}, source (rows) → "
+                       "target (columns)", ["method", "source"] + [f"→ {t}" for t in targets], body))
+    return blocks
+
+
+def transfer_markdown(table: pd.DataFrame) -> list[str]:
+    """The transfer section of ``leaderboard.md`` (lines)."""
+    blocks = transfer_blocks(table)
+    if not blocks:
+        return []
+    lines = ["# Cross-dataset transfer", "", TRANSFER_NOTE, ""]
+    for title, header, body in blocks:
+        lines += [f"## {title}", "", pd.DataFrame(body, columns=header).to_markdown(index=False), ""]
+    return lines
+
+
 def write(results: list[CellResult], out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     md_path, csv_path = out_dir / "leaderboard.md", out_dir / "leaderboard.csv"
@@ -436,6 +512,10 @@ def write(results: list[CellResult], out_dir: Path) -> tuple[Path, Path]:
     text = markdown(results, table)
     if not inflation.empty:
         text = text.rstrip("\n") + "\n\n" + "\n".join(inflation_markdown(inflation)).rstrip() + "\n"
+    transfer = transfer_table(results)
+    if not transfer.empty:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(transfer_markdown(transfer)).rstrip() + "\n"
+        atomic_write(out_dir / "transfer.csv", transfer.to_csv(index=False, float_format="%.6f"))
     atomic_write(md_path, text)
     atomic_write(csv_path, summary_table(results).to_csv(index=False, float_format="%.6f"))
     if not table.empty:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from hica_bench import __version__, corruptions, data, prompts, protocol, volumes
+from hica_bench.transfer import TransferDataset, transfer_label
 from hica_bench import suite as suite_file
 from hica_bench import cell as cell_module
 from hica_bench.cell import FEATURE_NEEDS, SUPPORTED_TASKS, Cell, validate_needs
@@ -107,6 +108,8 @@ def check_episode(episode: Any, labels: dict[str, np.ndarray], label: str, n_cla
     support = np.asarray(episode.support)
     if support.ndim != 1 or support.dtype.kind not in "iu" or not len(support) or support.min() < 0 or support.max() >= train:
         raise UserError(f"protocol {label}: its support indices are not indices into the train split")
+    if (labels["train"][support] < 0).any():
+        raise UserError(f"protocol {label}: its support holds images of no class of the dataset it is scored on")
     if episode.selection not in SELECTIONS or episode.metric not in SELECTION_METRICS:
         raise UserError(f"protocol {label}: selection must be one of {', '.join(SELECTIONS)} and metric one of "
                         f"{', '.join(SELECTION_METRICS)}")
@@ -182,15 +185,48 @@ def open_datasets(grid: Grid, settings: Settings, events: "Events | None" = None
             if dataset.task not in SUPPORTED_TASKS:
                 raise UserError(f"{choice.name} is a {dataset.task} dataset; hica-bench supports "
                                 f"{' and '.join(SUPPORTED_TASKS)} tasks")
-            labels = split_labels(dataset)
-            for protocol_choice, made in protocols(grid):
-                _protocol_call(protocol_choice, made.check, labels, len(dataset.class_names), list(grid.shots),
-                               choice.label, list(dataset.class_names))
             dataset.split("test")  # a malformed test split is reported now, not after other cells ran
             if choice.prompts is not None:
                 prompt_files[choice.label] = prompts.load(choice.prompts, dataset.class_names, choice.label)
             datasets[choice.label] = dataset
+        for choice in grid.datasets:  # every protocol on every dataset (a transfer's source is one of them)
+            for protocol_choice, made in protocols(grid):
+                on, _ = protocol_dataset(grid, choice, datasets[choice.label], protocol_choice, made, datasets)
+                labels = split_labels(on)
+                where = on.source_label if isinstance(on, TransferDataset) else choice.label
+                _protocol_call(protocol_choice, made.check, labels, len(on.class_names), list(grid.shots), where,
+                               list(on.class_names))
     return datasets, prompt_files
+
+
+def protocol_dataset(grid: Grid, choice: Choice, dataset: FewShotDataset, protocol_choice: Choice | None, made: Any,
+                     datasets: dict[str, FewShotDataset] | None) -> tuple[FewShotDataset, str]:
+    """(the dataset a protocol's cells of ``choice`` run on, its label): the dataset itself, or for a protocol with a
+    ``support_from`` (cross-dataset) a :class:`~hica_bench.transfer.TransferDataset` from that grid dataset's train split to
+    this one's test split, its classes matched by the protocol's ``match``."""
+    source = getattr(made, "support_from", None)
+    if not source:
+        return dataset, choice.label
+    label = protocol_choice.label if protocol_choice is not None else "few-shot"
+    if not isinstance(source, str) or datasets is None:
+        raise UserError(f"protocol {label}: source must name one of the grid's datasets")
+    named = [c for c in grid.datasets if c.corruption is None and source in (c.name, c.label)]
+    if len(named) != 1:
+        shown = ", ".join(sorted({c.base_label for c in grid.datasets}))
+        problem = "is not one of" if not named else "names more than one of"
+        raise UserError(f"protocol {label}: source={source} {problem} the grid's datasets ({shown}); "
+                        + ("add it to --datasets" if not named else "name one by its label"))
+    source_choice = named[0]
+    source_dataset = datasets[source_choice.label]
+    if volumes.volumetric(source_dataset) != volumes.volumetric(dataset):
+        raise UserError(f"protocol {label}: {source_choice.label} and {choice.label} are not both 2D or both 3D")
+    class_map = np.asarray(_protocol_call(protocol_choice, made.match, list(source_dataset.class_names),
+                                          list(dataset.class_names), source_choice.label, choice.base_label))
+    if (class_map.shape != (len(dataset.class_names),) or class_map.dtype.kind not in "iu" or class_map.min() < 0
+            or class_map.max() >= len(source_dataset.class_names) or len(set(class_map.tolist())) != len(class_map)):
+        raise UserError(f"protocol {label}: match() must give each target class its own source class index")
+    return (TransferDataset(source_dataset, dataset, class_map, source_choice.label, choice.label),
+            transfer_label(source_choice.label, choice.label))
 
 
 def describe_dataset(label: str, dataset: FewShotDataset, prompt_file: Prompts | None = None) -> str:
@@ -230,30 +266,35 @@ def _protocol_call(choice: Choice | None, call: Callable[..., Any], *args: Any) 
         raise UserError(f"protocol {label}: {call.__name__} failed: {' '.join(str(exc).split())[:300] or type(exc).__name__}") from None
 
 
-def episodes(grid: Grid, dataset_choice: Choice, dataset: FewShotDataset) -> list[tuple[Choice | None, Any, dict]]:
-    """For each of the grid's protocols: (choice, built protocol, {(k, seed): its checked :class:`Episode`}). Episodes
-    are drawn by the dataset's name, not its label: options (a folder's path, a prompt file) change nothing."""
-    labels = split_labels(dataset)
-    n_classes = len(dataset.class_names)
-    name = getattr(dataset, "name", dataset_choice.label)
+def episodes(grid: Grid, dataset_choice: Choice, dataset: FewShotDataset,
+             datasets: dict[str, FewShotDataset] | None = None) -> list[tuple[Choice | None, Any, dict, Any, str]]:
+    """For each of the grid's protocols: (choice, built protocol, {(k, seed): its checked :class:`Episode`}, the
+    dataset its cells run on and that dataset's label: :func:`protocol_dataset`). Episodes are drawn by the dataset's
+    name, not its label: options (a folder's path, a prompt file) change nothing; a transfer's by its source's name."""
     drawn = []
     for choice, made in protocols(grid):
+        on, on_label = protocol_dataset(grid, dataset_choice, dataset, choice, made, datasets)
+        labels = split_labels(on)
+        n_classes = len(on.class_names)
+        name = getattr(on, "draw_name", None) or getattr(on, "name", dataset_choice.label)
         label = choice.label if choice is not None else "few-shot"
         drawn.append((choice, made, {(k, seed): check_episode(_protocol_call(choice, made.episode, labels, n_classes, k,
                                                                              seed, name), labels, label, n_classes)
-                                     for k in grid.shots for seed in grid.seeds}))
+                                     for k in grid.shots for seed in grid.seeds}, on, on_label))
     return drawn
 
 
 def pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: FewShotDataset, encoder: Choice,
              pair: EncoderPair, extractor: FeatureExtractor, device: str, finished: set[str],
              prompt_file: Prompts | None = None,
-             in_shard: Callable[[int, int, int, int], bool] = lambda p, m, k, s: True) -> tuple[list[Cell], int, int]:
+             in_shard: Callable[[int, int, int, int], bool] = lambda p, m, k, s: True,
+             datasets: dict[str, FewShotDataset] | None = None) -> tuple[list[Cell], int, int]:
     """This dataset's cells with ``encoder`` whose identity has no finished result yet, how many were skipped, and how
     many belong to other shards (``in_shard(protocol, method, k, seed)``: indices into the grid's lists). A cell's
-    identity holds its protocol (and its validation set) only when its episode is more than a plain k-shot support."""
+    identity holds its protocol (and its validation set) only when its episode is more than a plain k-shot support.
+    ``datasets``: the grid's datasets by label (a cross-dataset protocol's source is one of them)."""
     pending, skipped, elsewhere = [], 0, 0
-    for p, (protocol_choice, made, drawn) in enumerate(episodes(grid, dataset_choice, dataset)):
+    for p, (protocol_choice, made, drawn, on, on_label) in enumerate(episodes(grid, dataset_choice, dataset, datasets)):
         for m, method in enumerate(grid.methods):
             origin = Origin(
                 harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
@@ -261,7 +302,9 @@ def pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Few
                 text_encoder=pair.card.text, method=method.ref,
                 method_components=registry.components_of(method), device=device.split(":")[0],
                 prompts=None if prompt_file is None else prompt_file.digest,
-                corruption=dataset.describe() if dataset_choice.corruption is not None else None)
+                corruption=dataset.describe() if dataset_choice.corruption is not None else None,
+                support_from=None if on is dataset else {"dataset": on.source_label, "identity": on.source.identity,
+                                                         "classes": on.class_map.tolist()})
             for k_index, k in enumerate(grid.shots):
                 for seed_index, seed in enumerate(grid.seeds):
                     if not in_shard(p, m, k_index, seed_index):
@@ -269,7 +312,7 @@ def pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Few
                         continue
                     episode = drawn[k, seed]
                     identity = Identity(origin, k, seed, protocol.support_hash(episode.support))
-                    if not episode.plain:
+                    if not episode.plain or on is not dataset:  # a transfer's cells name their protocol (source)
                         identity = Identity(dataclasses.replace(origin, protocol=protocol_choice.ref), k, seed,
                                             identity.support, None if episode.validation is None else
                                             f"{episode.validation_split}:{protocol.support_hash(episode.validation)}")
@@ -279,8 +322,9 @@ def pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Few
                     key = CellKey(dataset_choice.base_label, grid.size, method.label, encoder.label, k, seed,
                                   grid.max_test, *(dataset_choice.corruption or (None, None)),
                                   protocol=protocol_choice.label if protocol_choice is not None else "few-shot")
-                    pending.append(Cell(method, key, identity, np.asarray(episode.support), prompt_file,
-                                        dataset_choice.label, episode=episode, protocol_title=made.title))
+                    pending.append(Cell(method, key, identity, np.asarray(episode.support), prompt_file, on_label,
+                                        episode=episode, protocol_title=made.title,
+                                        dataset=on if on is not dataset else None))
     return pending, skipped, elsewhere
 
 
@@ -359,7 +403,10 @@ class EncoderJob:
         without features when no method reads them)."""
         splits = {}
         for split, labels in self.splits(dataset, cells):
-            features, record = self.extractor.features(dataset, split, self.events.split(label, split, len(labels)),
+            # a transfer's train and val splits are its source's (read as the source, so named so)
+            read, shown = ((dataset.source, dataset.source_label) if isinstance(dataset, TransferDataset)
+                           and split != "test" else (dataset, label))
+            features, record = self.extractor.features(read, split, self.events.split(shown, split, len(labels)),
                                                        rows=len(labels))
             self.events.split_done(record)
             splits[split] = (features, labels)
@@ -398,10 +445,14 @@ def encoder_job(grid: Grid, settings: Settings, registry: Registry, events: Even
         in_shard = (lambda p, m, k, s, d=d: True) if settings.shard is None else (
             lambda p, m, k, s, d=d: grid.position(index, d, m, k, s, p) % settings.shard[1] == settings.shard[0])
         cells, skipped_here, elsewhere_here = pending(grid, registry, choice, dataset, encoder, pair, extractor,
-                                                      settings.device, finished, prompt_files.get(choice.label), in_shard)
+                                                      settings.device, finished, prompt_files.get(choice.label), in_shard,
+                                                      datasets)
         skipped += skipped_here
         elsewhere += elsewhere_here
-        cells_by_dataset.append((choice.label, dataset, cells))
+        cells_by_dataset.append((choice.label, dataset, [c for c in cells if c.dataset is None]))
+        for label in dict.fromkeys(c.dataset_label for c in cells if c.dataset is not None):  # transfers, in grid order
+            theirs = [c for c in cells if c.dataset_label == label]
+            cells_by_dataset.append((label, theirs[0].dataset, theirs))
     return EncoderJob(grid, settings, registry, events, encoder, pair, extractor, needs, cells_by_dataset), skipped, elsewhere
 
 

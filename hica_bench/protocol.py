@@ -20,6 +20,7 @@ is the same on every machine.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -51,11 +52,18 @@ def _at_least_one_shot(shots: list[int]) -> None:
             raise UserError(f"--shots must be >= 1, got {k}")
 
 
+def class_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Images per class 0..n_classes-1; a negative label (an image of no class the cell knows: under ``cross-dataset``
+    a source class no target class maps to) counts for none."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return np.bincount(labels[labels >= 0], minlength=n_classes)[:n_classes] if len(labels) else np.zeros(n_classes, int)
+
+
 def check_shots(shots: list[int], labels: np.ndarray, n_classes: int, dataset: str,
                 class_names: list[str] | None = None) -> None:
     """Raise a :class:`UserError` for k < 1 or k larger than the smallest train class."""
     _at_least_one_shot(shots)
-    counts = np.bincount(labels, minlength=n_classes)
+    counts = class_counts(labels, n_classes)
     smallest, which = int(counts.min()), int(counts.argmin())
     named = f" ({class_names[which]})" if class_names is not None else ""
     for k in shots:
@@ -98,7 +106,7 @@ def validation_source(val_labels: np.ndarray, n_classes: int, per_class: int = 0
     ``"train"``; ``source`` ``"val"`` or ``"train"`` forces one (checked by :func:`check_validation`)."""
     if source != "auto":
         return source
-    counts = np.bincount(np.asarray(val_labels, dtype=np.int64), minlength=n_classes) if len(val_labels) else np.zeros(n_classes, int)
+    counts = class_counts(val_labels, n_classes)
     return "val" if counts.min() >= (per_class if per_class > 0 else VALIDATION_CAP) else "train"
 
 
@@ -107,8 +115,7 @@ def check_validation(shots: list[int], labels: dict[str, np.ndarray], n_classes:
     """A :class:`UserError` when a shot count leaves no room for its validation set: beyond the val split's smallest
     class, or (from train) when ``k + m`` is more than the smallest train class."""
     where = validation_source(labels["val"], n_classes, per_class, source)
-    pool = np.asarray(labels[where], dtype=np.int64)
-    counts = np.bincount(pool, minlength=n_classes) if len(pool) else np.zeros(n_classes, int)
+    counts = class_counts(labels[where], n_classes)
     smallest, which = int(counts.min()), int(counts.argmin())
     named = f" ({class_names[which]})" if class_names is not None else ""
     for k in shots:
@@ -152,3 +159,58 @@ def class_split(n_classes: int, rule: str = "first-half", seed: int = 0) -> tupl
         order = sorted(range(n_classes), key=lambda c: hashlib.sha256(f"classes|{seed}|{c}".encode()).digest())
     return np.sort(np.asarray(order[:m], dtype=np.int64)), np.sort(np.asarray(order[m:], dtype=np.int64))
 
+
+
+MAX_MAPPING_ENTRIES = 1000  #: classes a cross-dataset mapping file may map (a taxonomy far larger than any dataset's)
+MAX_CLASS_NAME = 200  #: characters in one class name of a mapping file
+
+
+def read_mapping(path: str) -> dict[str, str]:
+    """A cross-dataset class-mapping file (JSON, YAML or TOML): one table, target class name -> source class name."""
+    from hica_bench.files import read_config
+
+    where = f"class mapping {path}"
+    table = read_config(Path(path).expanduser(), where, (".json", ".yaml", ".yml", ".toml"))
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+        raise UserError(f"{where}: must be one table of target class name = source class name (strings)")
+    if len(table) > MAX_MAPPING_ENTRIES or any(len(k) > MAX_CLASS_NAME or len(v) > MAX_CLASS_NAME for k, v in table.items()):
+        raise UserError(f"{where}: at most {MAX_MAPPING_ENTRIES} entries of at most {MAX_CLASS_NAME} characters each")
+    return table
+
+
+def _normal_name(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").casefold().split())
+
+
+def match_classes(source_names: Sequence[str], target_names: Sequence[str], source: str, target: str,
+                  mapping: dict[str, str] | None = None, where: str = "the mapping") -> np.ndarray:
+    """For each class of ``target`` (the dataset a cross-dataset cell is scored on), the index of the class of ``source``
+    (the dataset its support comes from) that is the same class: as ``mapping`` says (target class name -> source
+    class name), else by name (case, spaces, ``_`` and ``-`` aside). A mapping that names none of the target's classes
+    is for other targets (a grid has several): the target is matched by name. One line (UserError) for a target class
+    with no source class, a mapping that names some of the target's classes and a class either dataset lacks, or two
+    target classes on one source class."""
+    by_name = {_normal_name(n): i for i, n in enumerate(source_names)}
+    targets = {_normal_name(n): i for i, n in enumerate(target_names)}
+    if not any(_normal_name(name) in targets for name in mapping or {}):
+        mapping = {}  # a mapping for the grid's other datasets (e.g. the source scored on itself): matched by name
+    for name, to in mapping.items():
+        if _normal_name(name) not in targets:
+            raise UserError(f"{where} names class {name!r}, which {target} does not have (its classes: "
+                            f"{', '.join(map(repr, target_names))})")
+        if _normal_name(to) not in by_name:
+            raise UserError(f"{where} maps {name!r} to {to!r}, which {source} does not have (its classes: "
+                            f"{', '.join(map(repr, source_names))})")
+    mapped = {_normal_name(k): _normal_name(v) for k, v in mapping.items()}
+    out = []
+    for name in target_names:
+        wanted = mapped.get(_normal_name(name), _normal_name(name))
+        if wanted not in by_name:
+            raise UserError(f"{target}'s class {name!r} has no class of the same name in {source} (its classes: "
+                            f"{', '.join(map(repr, source_names))}); map it with mapping=FILE")
+        out.append(by_name[wanted])
+    twice = [source_names[c] for c in set(out) if out.count(c) > 1]
+    if twice:
+        raise UserError(f"{where}: two classes of {target} map to {source}'s class {twice[0]!r}; each must map to "
+                        "its own class")
+    return np.asarray(out, dtype=np.int64)

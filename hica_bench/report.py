@@ -419,7 +419,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
             rank_lines.append(",".join(_csv(v) for v in (ranking.encoder, ranking.size, ranking.max_test, method, rank,
                                                            len(ranking.result.blocks), ranking.protocol)))
     atomic_write(out_dir / "ranks.csv", "\n".join(rank_lines) + "\n")
-    from hica_bench.leaderboard import INFLATION_NOTE, ROBUSTNESS_NOTE
+    from hica_bench.leaderboard import INFLATION_NOTE, ROBUSTNESS_NOTE, TRANSFER_NOTE, transfer_blocks, transfer_table
 
     robustness = _robustness(results)
     explanations = [shown for shown in map(_explanation, explanations_module.read_all(out_dir)) if shown is not None]
@@ -432,6 +432,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         environment=_environment(results), n_results=len(results), robustness=robustness,
         explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
         robustness_note=ROBUSTNESS_NOTE.replace("`", ""), inflation=_inflation(results), inflation_note=INFLATION_NOTE,
+        transfer=transfer_blocks(transfer_table(results)), transfer_note=TRANSFER_NOTE,
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
     atomic_write(path, page)

@@ -541,23 +541,36 @@ def _layout(train: Sequence[int], val: Sequence[int], seed: int = 0) -> dict[str
 
 
 @_failures
-def check_protocol(protocol_plugin: Any, shots: Sequence[int] = (1, 2, 4), seeds: Sequence[int] = (0, 1)) -> None:
+def check_protocol(protocol_plugin: Any, shots: Sequence[int] = (1, 2, 4), seeds: Sequence[int] = (0, 1),
+                   options: dict[str, Any] | None = None) -> None:
     """An :class:`~hica_bench.interfaces.EvaluationProtocol` (or a :class:`PluginSpec` / zero-argument factory of one):
     a ``title``; on each of :data:`PROTOCOL_LAYOUTS`, for every k and seed its ``check`` accepts, ``episode`` returns an
     :class:`~hica_bench.interfaces.Episode` whose support has k train indices of each class, whose validation indices
     (if any) are in range and never overlap the support, with a known selection rule and metric; the same episode on
     every call (deterministic); supports and validation sets nested across k; and different seeds give different
-    supports. ``check`` may refuse a layout or k with a :class:`~hica_bench.errors.UserError`, and nothing else."""
+    supports. ``check`` may refuse a layout or k with a :class:`~hica_bench.errors.UserError`, and nothing else.
+    A transfer protocol (one with a ``support_from``: ``cross-dataset``) also matches a dataset's classes to themselves in
+    order, and refuses (UserError) a target class the source lacks. ``options``: a spec's options for this check."""
     from hica_bench.errors import UserError
     from hica_bench.interfaces import SELECTION_METRICS, SELECTIONS, Episode
 
     if hasattr(protocol_plugin, "episode") and not isinstance(protocol_plugin, (type, PluginSpec)):
         label, made = type(protocol_plugin).__name__, protocol_plugin  # a built protocol
     else:
-        label, make = _builder(protocol_plugin, "protocol", None)
+        label, make = _builder(protocol_plugin, "protocol", options)
         made = make()
     title = getattr(made, "title", None)
     assert isinstance(title, str) and title, f"{label}: title must be a non-empty string, got {title!r}"
+    if getattr(made, "support_from", None):
+        names = ["normal", "pneumonia", "effusion"]
+        matched = np.asarray(made.match(names, list(reversed(names)), "kit-source", "kit-target"))
+        assert matched.tolist() == [2, 1, 0], f"{label}: match() paired classes of the same name wrongly: {matched}"
+        try:
+            made.match(names[:2], names, "kit-source", "kit-target")
+        except UserError:
+            pass
+        else:
+            raise AssertionError(f"{label}: match() accepted a target class the source does not have")
     for what, train, val in PROTOCOL_LAYOUTS:
         labels = _layout(train, val)
         n = len(train)

@@ -215,6 +215,9 @@ class Origin:
     #: the evaluation protocol (a ``protocol`` plugin, with its options) when its episodes are more than a plain k-shot
     #: support (a validation set, a selection rule); None for a plain one (schema 8 on)
     protocol: Component | None = None
+    #: cross-dataset transfer: the dataset the support came from (``dataset``: its label in the grid, ``identity``: its
+    #: content digest, ``classes``: per class of this dataset, the source class it was matched to); None otherwise
+    support_from: dict[str, Any] | None = None
 
     @functools.cached_property
     def id(self) -> str:
@@ -222,11 +225,11 @@ class Origin:
 
     def identifying(self) -> dict[str, Any]:
         """The fields the ids are digests of: all of them, but ``prompts`` only when there is a prompt file,
-        ``corruption`` only when the test split is corrupted and ``protocol`` only when the episodes are more than a
-        plain k-shot support, so an origin without them (and every cell of it) keeps the id it had before they
+        ``corruption`` only when the test split is corrupted, ``protocol`` only when the episodes are more than a
+        plain k-shot support and ``support_from`` only for a cross-dataset transfer, so an origin without them (and every cell of it) keeps the id it had before they
         existed."""
         fields_ = jsonable(self)
-        for optional in ("prompts", "corruption", "protocol"):
+        for optional in ("prompts", "corruption", "protocol", "support_from"):
             if fields_[optional] is None:
                 del fields_[optional]
         return fields_

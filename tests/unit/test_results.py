@@ -201,7 +201,7 @@ def test_a_schema_4_record_reads_without_a_prompt_file_and_keeps_its_cell_id(tmp
     assert loaded.identity.origin.prompts is None and loaded.cell_id == _result(0).cell_id
     origin = loaded.identity.origin
     fields_ = {f.name: getattr(origin, f.name) for f in dataclasses.fields(origin)}
-    assert origin.id == digest({k: v for k, v in jsonable(fields_).items() if k not in ("prompts", "corruption", "protocol")}, 12)
+    assert origin.id == digest({k: v for k, v in jsonable(fields_).items() if k not in ("prompts", "corruption", "protocol", "support_from")}, 12)
     assert dataclasses.replace(origin, prompts="ab" * 32).id != origin.id
 
 
@@ -273,6 +273,7 @@ def test_without_a_prompt_file_ids_are_computed_as_before_prompt_files():
     identity = _result(0).identity
     old = jsonable(identity)
     del old["origin"]["prompts"], old["origin"]["corruption"], old["origin"]["protocol"], old["validation"]
+    del old["origin"]["support_from"]
     assert identity.id == digest(old, 20) and identity.origin.id == digest(old["origin"], 12)
     with_file = Identity(dataclasses.replace(identity.origin, prompts="cd" * 32), identity.k, identity.seed, identity.support)
     assert with_file.id != identity.id
@@ -290,3 +291,6 @@ def test_a_protocol_and_a_validation_set_are_part_of_the_identity_and_their_abse
     assert len({base.id, tuned.id, validated.id, other.id}) == 4
     assert tuned.origin.id != ORIGIN.id and validated.origin.id == tuned.origin.id  # the validation set is per cell
     assert "protocol" not in base.origin.identifying() and "protocol" in tuned.origin.identifying()
+    transfer = dataclasses.replace(tuned, origin=dataclasses.replace(tuned.origin, support_from={
+        "dataset": "pneumoniamnist", "identity": "ef" * 32, "classes": [0, 1]}))
+    assert "support_from" not in tuned.origin.identifying() and transfer.id != tuned.id

@@ -13,6 +13,8 @@
   a method (the report's inflation table: oracle − few-shot-val); never in a default suite.
 - ``base-to-novel``: CoCoOp's generalisation test: fitted on the base half of the classes, scored on base and on
   novel classes, with their harmonic mean.
+- ``cross-dataset``: fitted on one of the grid's datasets (``source``), scored on each grid dataset's test split, the
+  classes matched by name or by a mapping file (domain shift, as clinical transfer is judged).
 """
 
 from __future__ import annotations
@@ -109,6 +111,42 @@ class BaseToNovel(FewShot):
                        classes=base, novel=novel)
 
 
+class CrossDataset(FewShotVal):
+    """Clinical transfer: supports (and validation sets) drawn from the grid dataset ``source`` (its own few-shot
+    supports: the same seed names the same images), scored on each grid dataset's test split (the source's own:
+    the in-domain diagonal of the transfer table). Classes are matched by name (case, spaces, ``_`` and ``-`` aside)
+    or by ``mapping``, a JSON/YAML/TOML table of target class name = source class name; source classes no target
+    class maps to are left out of the support. ``select``: ``none`` (each method's own defaults, as ``few-shot``) or
+    ``validation`` (``few-shot-val``'s rule, its validation set from the source)."""
+
+    title = "cross-dataset"
+
+    def __init__(self, source: str = "", mapping: str = "", select: str = "none", per_class: int = 0,
+                 metric: str = "balanced_acc") -> None:
+        from hica_bench.errors import UserError
+
+        if not source:
+            raise UserError("protocol cross-dataset needs source=DATASET: the grid dataset its supports come from")
+        super().__init__(per_class, "auto", metric)
+        self.support_from, self.mapping, self.select = source, mapping, select
+
+    def match(self, source_classes: Sequence[str], target_classes: Sequence[str], source: str, target: str) -> np.ndarray:
+        mapping = protocol.read_mapping(self.mapping) if self.mapping else None
+        return protocol.match_classes(source_classes, target_classes, source, target, mapping,
+                                      f"class mapping {self.mapping}")
+
+    def check(self, labels, n_classes, shots, dataset, class_names) -> None:
+        if self.select == "validation":
+            super().check(labels, n_classes, shots, dataset, class_names)
+        else:
+            FewShot.check(self, labels, n_classes, shots, dataset, class_names)
+
+    def episode(self, labels, n_classes, k, seed, dataset) -> Episode:
+        if self.select == "validation":
+            return super().episode(labels, n_classes, k, seed, dataset)
+        return FewShot.episode(self, labels, n_classes, k, seed, dataset)
+
+
 _METRIC = Option(choices=SELECTION_METRICS)
 
 SPECS = [
@@ -123,6 +161,10 @@ SPECS = [
     PluginSpec("protocol", "base-to-novel", "CoCoOp's base-to-novel: fitted on the base half of the classes, scored on "
                "base and on novel classes (HM); 3 classes or more", BaseToNovel,
                {"split": Option(choices=("first-half", "seeded")), "split_seed": Option(low=0)}),
+    PluginSpec("protocol", "cross-dataset", "fitted on the grid dataset source=NAME, scored on every grid dataset's "
+               "test split (classes matched by name or mapping=FILE); a transfer table", CrossDataset,
+               {"select": Option(choices=("none", "validation")), "per_class": Option(low=0, high=64),
+                "metric": _METRIC}),
     PluginSpec("protocol", "oracle", "the search scored on the test split: test-set tuning, only to measure its "
                "inflation", Oracle, {"metric": _METRIC}),
 ]

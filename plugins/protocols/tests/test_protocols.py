@@ -33,7 +33,7 @@ def _ranked(members: list[int], text: str) -> list[int]:
 
 @pytest.mark.parametrize("spec", episodes.SPECS, ids=lambda s: s.name)
 def test_every_built_in_protocol_passes_the_conformance_kit(spec):
-    testing.check_protocol(spec)
+    testing.check_protocol(spec, options={"source": "kit-source"} if spec.name == "cross-dataset" else None)
 
 
 @pytest.mark.parametrize("name", ["breastmnist", "pneumoniamnist", "retinamnist"])
@@ -283,3 +283,94 @@ def test_the_seeded_class_split_is_the_written_rule():
     order = sorted(range(7), key=lambda c: hashlib.sha256(f"classes|3|{c}".encode()).digest())
     assert base.tolist() == sorted(order[:4]) and novel.tolist() == sorted(order[4:])
     assert [b.tolist() for b in protocol.class_split(5)] == [[0, 1, 2], [3, 4]]
+
+
+# --------------------------------------------------------------------------- cross-dataset
+
+
+def _another_site(root: Path, medmnist_root: Path, per_class: int = 24) -> Path:
+    """A folder dataset of chest X-rays "from another site": real PneumoniaMNIST test images written as PNG files,
+    darker and with less contrast (another scanner), under class folders named otherwise (``healthy``)."""
+    from PIL import Image
+
+    with np.load(medmnist_root / "pneumoniamnist.npz") as data:
+        images, labels = data["test_images"], data["test_labels"].ravel()
+    for label, name in ((0, "healthy"), (1, "pneumonia")):
+        (root / name).mkdir(parents=True)
+        for i in np.flatnonzero(labels == label)[:per_class]:
+            shifted = (images[i].astype(np.float32) * 0.7 + 20).astype(np.uint8)
+            Image.fromarray(shifted).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_cross_dataset_run_fits_on_the_source_and_scores_on_each_target(tmp_path, medmnist_root):
+    """Supports from PneumoniaMNIST (the source), scored on its own test split (the in-domain diagonal) and on a folder
+    dataset from "another site" whose class ``healthy`` a mapping file matches to ``normal``: the transfer cells use
+    the source's own few-shot supports (same seed, same images), both datasets are in their identity, the diagonal
+    equals the few-shot scores on the same supports, and the leaderboard and transfer.csv hold the transfer table."""
+    import pandas as pd
+
+    site = _another_site(tmp_path / "site", medmnist_root)
+    (tmp_path / "map.yaml").write_text("healthy: normal\n")
+    target = f"folder:root={site}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(TEST_PLUGINS))
+        code, _, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", f"pneumoniamnist,{target}",
+                              "--methods", "prototype,linear-probe", "--protocols",
+                              f"few-shot,cross-dataset:source=pneumoniamnist:mapping={tmp_path / 'map.yaml'}",
+                              "--shots", "1,5", "--seeds", "0,1", "--data-root", medmnist_root,
+                              "--cache-dir", tmp_path / "cache", "--out", tmp_path / "o", "--no-report")
+    assert code == 0, err
+    records = _records(tmp_path / "o")
+    assert len(records) == 2 * 2 * 2 * 2 * 2 and {r["status"] for r in records} == {"ok"}
+    few = {(r["key"]["dataset"], r["key"]["method"], r["key"]["k"], r["key"]["seed"]): r for r in records
+           if r["key"]["protocol"] == "few-shot"}
+    cross = [r for r in records if r["key"]["protocol"].startswith("cross-dataset")]
+    with np.load(medmnist_root / "pneumoniamnist.npz") as data:
+        train = data["train_labels"].ravel()
+    for r in cross:
+        origin = r["identity"]["origin"]
+        k, seed = r["key"]["k"], r["key"]["seed"]
+        assert origin["support_from"]["dataset"] == "pneumoniamnist" and origin["support_from"]["classes"] == [0, 1]
+        assert origin["support_from"]["identity"] == few["pneumoniamnist", "prototype", 1, 0]["identity"]["origin"]["dataset_identity"]
+        assert r["identity"]["support"] == protocol.support_hash(protocol.sample_support(train, 2, k, seed, "pneumoniamnist"))
+        assert r["n_support"] == 2 * k
+        own = few[r["key"]["dataset"], r["key"]["method"], k, seed]
+        assert origin["dataset_identity"] == own["identity"]["origin"]["dataset_identity"]  # the target's, as its own cells
+        assert r["cell_id"] != own["cell_id"] and r["n_test"] == own["n_test"]
+        if r["key"]["dataset"] == "pneumoniamnist":  # the diagonal: the same supports, features and test split
+            assert r["metrics"] == own["metrics"]
+    transfer = pd.read_csv(tmp_path / "o" / "transfer.csv")
+    assert set(transfer["source"]) == {"pneumoniamnist"} and set(transfer["target"]) == {"pneumoniamnist", target}
+    assert len(transfer) == 2 * 2 * 2 and (transfer["n"] == 2).all()
+    board = (tmp_path / "o" / "leaderboard.md").read_text()
+    assert "# Cross-dataset transfer" in board and f"→ {target}" in board
+
+
+@pytest.mark.parametrize("protocol_text, mapping, message", [
+    ("cross-dataset:source=pneumoniamnist:mapping={map}", "malignant: pneumonia\nbenign: normal\n",
+     "names class 'benign', which breastmnist does not have"),
+    ("cross-dataset:source=pneumoniamnist:mapping={map}", "malignant: pneumonia\nnormal, benign: benign\n",
+     "maps 'normal, benign' to 'benign', which pneumoniamnist does not have"),
+    ("cross-dataset:source=pneumoniamnist", None, "class 'malignant' has no class of the same name in pneumoniamnist"),
+    ("cross-dataset:source=chestmnist", None, "source=chestmnist is not one of the grid's datasets"),
+    ("cross-dataset", None, "cross-dataset needs source=DATASET"),
+    ("cross-dataset:source=pneumoniamnist:mapping={map}", "[1, 2]", "must be one table of target class name"),
+])
+def test_bad_cross_dataset_input_is_one_line(protocol_text, mapping, message, tmp_path, medmnist_root):
+    if mapping is not None:
+        (tmp_path / "map.yaml").write_text(mapping)
+    code, _, err = _run(tmp_path, medmnist_root, "--out", tmp_path / "o", "--datasets", "breastmnist,pneumoniamnist",
+                        "--protocols", protocol_text.format(map=tmp_path / "map.yaml"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "o" / "results.jsonl").exists()  # refused before any cell ran
+
+
+def test_classes_are_matched_by_name_or_mapping_one_to_one():
+    assert protocol.match_classes(["Normal", "pneumonia"], ["pneumonia", "normal"], "a", "b").tolist() == [1, 0]
+    assert protocol.match_classes(["normal", "pneumonia", "covid_19"], ["COVID-19", "normal"], "a", "b").tolist() == [2, 0]
+    assert protocol.match_classes(["normal", "pneumonia"], ["healthy", "pneumonia"], "a", "b",
+                                  {"healthy": "normal"}).tolist() == [0, 1]
+    with pytest.raises(Exception, match="two classes of b map to a's class 'normal'"):
+        protocol.match_classes(["normal", "pneumonia"], ["healthy", "normal"], "a", "b", {"healthy": "normal"})
