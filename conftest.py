@@ -47,8 +47,10 @@ def default_encoder_cache(tmp_path_factory) -> Path:
 
 
 def write_medmnist_npz(path: Path, n_classes: int, size: int = 28, rgb: bool = False,
-                       counts=(30, 10, 20), seed: int = 0, compressed: bool = True) -> Path:
-    """A file in the exact MedMNIST format: uint8 images (N, S, S[, 3]) and uint8 labels (N, 1) per split.
+                       counts=(30, 10, 20), seed: int = 0, compressed: bool = True, multilabel: bool = False) -> Path:
+    """A file in the exact MedMNIST format: uint8 images (N, S, S[, 3]) and uint8 labels (N, 1) per split; with
+    ``multilabel``, ChestMNIST's: uint8 labels (N, n_classes) in {0, 1}, each image with its class's label and, one
+    image in three, a second one.
 
     Class ``c`` (up to 16 classes) has a bright block at its own cell of a 4 × 4 grid over noise,
     so a classifier can learn something."""
@@ -65,6 +67,11 @@ def write_medmnist_npz(path: Path, n_classes: int, size: int = 28, rgb: bool = F
             images[i, row * block:(row + 1) * block, col * block:(col + 1) * block] += 120
         arrays[f"{split}_images"] = np.clip(images, 0, 255).astype(np.uint8)
         arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+        if multilabel:
+            hot = np.zeros((n, n_classes), np.uint8)
+            hot[np.arange(n), labels] = 1
+            hot[np.arange(0, n, 3), (labels[::3] + 1) % n_classes] = 1
+            arrays[f"{split}_labels"] = hot
     path.parent.mkdir(parents=True, exist_ok=True)
     (np.savez_compressed if compressed else np.savez)(path, **arrays)
     return path

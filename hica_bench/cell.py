@@ -29,15 +29,16 @@ from hica_bench.encoder_pairs import EncoderBuildError
 from hica_bench.errors import PLUGIN_FAULTS, NotApplicable, fault_text
 from hica_bench.extraction import FeatureExtractor
 from hica_bench.files import digest
+from hica_bench.data import split_identity
 from hica_bench.interfaces import (NEEDS, Components, EncoderPair, Episode, FewShotDataset, FewShotTask, ImageEncoder,
-                                   Prompts)
-from hica_bench.metrics import calibration, classification_metrics, per_class
+                                   Prompts, Split)
+from hica_bench.metrics import calibration, classification_metrics, multilabel_metrics, per_class
 from hica_bench.registry import Choice, RunComponents
 from hica_bench.results import CellKey, CellResult, Identity, NovelScore, Status, jsonable
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TASKS = ("binary-class", "multi-class")
+SUPPORTED_TASKS = ("binary-class", "multi-class", "multi-label")
 
 
 @dataclass
@@ -273,7 +274,11 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
 
     Under a selecting protocol the method's options are chosen first (:func:`choose`, within the cell's time limit);
     the chosen method is then built, fitted and scored as above, and ``fit_info["selection"]`` records the search
-    (``timings.fit_s`` includes its time: ``fit_info`` holds only what the cell computed, the same on every run)."""
+    (``timings.fit_s`` includes its time: ``fit_info`` holds only what the cell computed, the same on every run).
+
+    A multi-label dataset's cell is scored one-vs-rest (:func:`one_vs_rest`)."""
+    if dataset.task == "multi-label":
+        return one_vs_rest(cell, dataset, pair, train, test, components, cache_dir, timeout, extractor, validation)
     test_features, all_test_labels = test
     rows, test_labels = scored(cell.episode, all_test_labels)  # base-to-novel: the base classes' test images
     n_classes = len(dataset.class_names) if rows is None else len(cell.episode.classes)
@@ -342,12 +347,90 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
     return result, proba
 
 
+class OneLabel:
+    """Label ``j`` of a multi-label dataset as a binary dataset: classes ``no <label>`` and ``<label>`` (CheXzero's
+    positive and negative prompts, for methods that name classes), every image, that label's column as labels."""
+
+    def __init__(self, dataset: FewShotDataset, j: int) -> None:
+        self.dataset, self.j = dataset, j
+        name = dataset.class_names[j]
+        self.name, self.size, self.task = dataset.name, dataset.size, "binary-class"
+        self.class_names = [f"no {name}", name]
+        self.identity = f"{dataset.identity}|label:{j}"
+        self.volumetric = bool(getattr(dataset, "volumetric", False))
+
+    def split(self, name: str) -> Split:
+        split = self.dataset.split(name)
+        return Split(split.images, np.asarray(split.labels)[:, self.j].astype(np.int64))
+
+    def split_identity(self, name: str) -> str:
+        return split_identity(self.dataset, name)
+
+
+def one_vs_rest(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
+                test: tuple[np.ndarray, np.ndarray], components: RunComponents, cache_dir: Path | None = None,
+                timeout: float | None = None, extractor: FeatureExtractor | None = None,
+                validation: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[CellResult, np.ndarray | None]:
+    """A multi-label cell: for each label, the method fitted and scored as a binary cell (:class:`OneLabel`; the same
+    support, validation set and selection rule, its options chosen per label), its positive-class probability that
+    label's score; then mean AUC, mean AP and per-label AUC (:func:`hica_bench.metrics.multilabel_metrics`). Returns
+    the (N, L) scores. A method that adapts the encoder is not applicable (one adapted encoder per label); the cell
+    fails or is not applicable as soon as one label's does, with that label named; ``timeout`` is for all labels."""
+    test_features, test_labels = test
+    key, names = cell.key, list(dataset.class_names)
+    result = CellResult(key, cell.identity, Status.OK, n_support=len(cell.support), n_test=len(test_labels))
+    try:
+        needs = check_needs(getattr(cell.method.build(), "needs", None), pair, key.encoder)
+    except NotApplicable as exc:
+        _no_outcome(result, Status.NOT_APPLICABLE, str(exc))
+        return result, None
+    except PLUGIN_FAULTS as exc:
+        _no_outcome(result, Status.FAILED, f"{type(exc).__name__}: {exc}")
+        return result, None
+    if "encoders" in needs:
+        _no_outcome(result, Status.NOT_APPLICABLE, f"adapts the encoder, which one-vs-rest scoring of a multi-label "
+                                                   f"dataset would do once per label ({len(names)} adapted encoders a "
+                                                   "cell); multi-label cells run on frozen features")
+        return result, None
+    scores = np.zeros((len(test_labels), len(names)))
+    infos, used, fit_s, predict_s = [], [], 0.0, 0.0
+    started = time.perf_counter()
+    train_features, train_labels = train
+    for j, name in enumerate(names):
+        left = None if timeout is None else max(1e-3, timeout - (time.perf_counter() - started))
+        prompts = cell.prompts
+        if prompts is not None:
+            prompts = dataclasses.replace(prompts, classnames=(f"no {prompts.classnames[j]}", prompts.classnames[j]),
+                                          descriptors=None)
+        one, proba = fit_and_score(
+            dataclasses.replace(cell, prompts=prompts, dataset=None), OneLabel(dataset, j), pair,
+            (train_features, np.asarray(train_labels)[:, j].astype(np.int64)),
+            (test_features, np.asarray(test_labels)[:, j].astype(np.int64)), components, cache_dir, left, extractor,
+            validation=None if validation is None else (validation[0], np.asarray(validation[1])[:, j].astype(np.int64)))
+        used += one.components_used
+        if one.status is not Status.OK or proba is None:
+            _no_outcome(result, one.status, f"label {j} ({name}): {one.reason}")
+            result.components_used = used
+            return result, None
+        scores[:, j] = proba[:, 1]
+        infos.append(one.fit_info)
+        fit_s += one.timings.fit_s or 0.0
+        predict_s += one.timings.predict_s or 0.0
+    result.metrics, result.multilabel = multilabel_metrics(test_labels, scores, names)
+    result.timings.fit_s, result.timings.predict_s = fit_s, predict_s
+    if any(info is not None for info in infos):
+        result.fit_info = {"one_vs_rest": [jsonable(info) for info in infos]}
+    result.components_used = list({digest(jsonable([c.kind, c.name, c.options, c.distribution])): c
+                                   for c in used}.values())
+    return result, scores
+
+
 def _no_outcome(result: CellResult, status: Status, reason: str) -> None:
     """``result`` as a cell that did not finish: its status and reason, and none of the scores a step before the
     failure may have filled in (a record is either finished with its metrics or unfinished without them)."""
     result.status, result.reason = status, reason
     result.metrics = result.per_class = result.calibration = result.fit_info = None
-    result.adapted_encoder = result.novel = None
+    result.adapted_encoder = result.novel = result.multilabel = None
 
 
 def _novel(cell: Cell, model: Any, dataset: FewShotDataset, test_features: np.ndarray, test_labels: np.ndarray

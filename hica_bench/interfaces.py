@@ -324,7 +324,8 @@ class Split:
     """One split of a dataset.
 
     ``images``: uint8, (N, H, W) grey or (N, H, W, 3) RGB; may be a read-only memory map, so index
-    it in slices rather than converting it whole. ``labels``: int64, (N,), values in [0, C).
+    it in slices rather than converting it whole. ``labels``: int64, (N,), values in [0, C); for a ``multi-label``
+    dataset int64 (N, C) in {0, 1}, one column per label (an image may have several, or none).
     """
 
     images: np.ndarray
@@ -332,11 +333,12 @@ class Split:
 
 
 class FewShotDataset(Protocol):
-    """A single-label classification dataset with official train/val/test splits."""
+    """A classification dataset with official train/val/test splits: single-label, or multi-label (``task``
+    ``multi-label``: each label scored one-vs-rest, :func:`hica_bench.cell.one_vs_rest`)."""
 
     name: str  #: e.g. ``breastmnist``; the support sets are drawn by it (with k and seed), not by options or paths
     size: int  #: image side in pixels
-    task: str  #: ``binary-class`` or ``multi-class``
+    task: str  #: ``binary-class``, ``multi-class`` or ``multi-label``
     class_names: list[str]  #: C human-readable names, index = label
     identity: str  #: a digest of the content, the same on every machine and for every copy (feature-cache key, cell identity)
     #: optional: True when the splits hold 3D volumes, uint8 (N, D, H, W) (MedMNIST 3D); see :mod:`hica_bench.volumes`

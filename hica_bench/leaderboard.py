@@ -46,11 +46,17 @@ def results_frame(results: list[CellResult]) -> pd.DataFrame:
         if r.novel is not None:  # base-to-novel: the novel classes' scores (``metrics`` are the base classes')
             row["base_to_novel"] = True
             row.update({f"novel_{m}": getattr(r.novel.metrics, m) if r.novel.metrics else float("nan") for m in NOVEL})
+        if r.multilabel is not None:  # multi-label: mean AP and each label's AUC (``metrics.auc`` is their mean)
+            row["multilabel"] = True
+            row["ap"] = r.multilabel.mean_ap
+            row.update({f"{LABEL_AUC}{name}": float("nan") if auc is None else auc
+                        for name, auc in zip(r.multilabel.labels, r.multilabel.auc)})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 NOVEL = ("acc", "balanced_acc", "auc")  #: the novel classes' metrics a leaderboard summarises (base-to-novel)
+LABEL_AUC = "auc:"  #: multi-label: the column prefix of each label's AUC (``auc:effusion``)
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -85,6 +91,11 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
                 stats = aggregate(part[f"novel_{metric}"])
                 row[f"novel_{metric}_mean"], row[f"novel_{metric}_n"] = stats["mean"], stats["n"]
                 row[f"hm_{metric}"] = harmonic_mean(row[f"{metric}_mean"], stats["mean"])
+        if "multilabel" in part and part["multilabel"].eq(True).any():  # mean AP, and each label's mean AUC over seeds
+            for column in ["ap", *(c for c in part.columns if c.startswith(LABEL_AUC))]:
+                stats = aggregate(part[column])
+                for name in ("mean", "n", "ci_low", "ci_high"):
+                    row[f"{column}_{name}"] = stats[name]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -118,6 +129,29 @@ def _base_to_novel(part: pd.DataFrame) -> list[str]:
         lines += ["n/a: not applicable on novel classes (the method cannot name classes it was not fitted on); its base "
                   "score is reported.", ""]
     return lines
+
+
+MULTILABEL_NOTE = ("Multi-label (each label scored one-vs-rest on every test image): AUC is the mean of the labels' AUCs "
+                   "(ChestMNIST's convention), ACC the mean of their accuracies at the 0.5 threshold, AP the mean "
+                   "average precision; the per-label AUCs are at the largest k.")
+
+
+def _multilabel(part: pd.DataFrame) -> list[str]:
+    """A multi-label section's mean-AP table and its per-label AUC table (methods × labels, at the largest k)."""
+    text = part.pivot(index="shown", columns="k", values="ap_mean").astype(object)
+    for _, row in part.iterrows():
+        text.loc[row["shown"], row["k"]] = _cell(row["ap_mean"], row["ap_ci_low"], row["ap_ci_high"], int(row["ap_n"]))
+    text = text.fillna("—")
+    text.columns = [f"{k}-shot" for k in text.columns]
+    text.index.name = "method"
+    k = part["k"].max()
+    labels = [c[:-len("_mean")] for c in part.columns if c.startswith(LABEL_AUC) and c.endswith("_mean")]
+    top = part[part["k"] == k].set_index("shown")
+    per_label = pd.DataFrame({c[len(LABEL_AUC):]: [f"{100 * v:.1f}" if v == v else "—" for v in top[f"{c}_mean"]]
+                              for c in labels}, index=top.index)
+    per_label.index.name = "method"
+    return [MULTILABEL_NOTE, "", "**AP**", "", text.reset_index().to_markdown(index=False), "",
+            f"**AUC per label ({int(k)}-shot)**", "", per_label.reset_index().to_markdown(index=False), ""]
 
 
 def _cell(mean: float, low: float | None, high: float | None, n: int) -> str:
@@ -228,6 +262,8 @@ def markdown(results: list[CellResult], robustness: pd.DataFrame | None = None) 
             lines += [f"**{metric.upper()}**", "", text.reset_index().to_markdown(index=False), ""]
         if "novel_acc_n" in part and part["novel_acc_n"].notna().any():  # a section of base-to-novel cells
             lines += _base_to_novel(part)
+        if "ap_n" in part and part["ap_n"].notna().any():  # a multi-label dataset's section
+            lines += _multilabel(part)
         shared = _shared_labels(part, origins)
         if shared:
             lines += [*shared, ""]

@@ -13,10 +13,10 @@ import math
 from typing import Iterable
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support, roc_auc_score)
 
-from hica_bench.results import Calibration, Metrics, PerClass
+from hica_bench.results import Calibration, Metrics, MultiLabelScore, PerClass
 
 METRICS = Metrics.names()  #: every metric a result records
 HEADLINE = ("acc", "auc")  #: the ones leaderboards and ``hica-bench check`` compare
@@ -40,6 +40,28 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray, diagram: Calib
         balanced_acc=float(balanced_accuracy_score(labels, predicted)),
         ece=expected_calibration_error(diagram if diagram is not None else calibration(labels, proba)),
     )
+
+
+def multilabel_metrics(labels: np.ndarray, scores: np.ndarray, names: list[str]) -> tuple[Metrics, MultiLabelScore]:
+    """A multi-label cell's scores: ``labels`` (N, L) in {0, 1}, ``scores`` (N, L) each label's one-vs-rest probability.
+    Per label its AUC and average precision (scikit-learn; None where the test images hold one outcome only); the
+    :class:`Metrics` hold their means over the labels (``auc``: mean AUC, as ChestMNIST's Evaluator; ``acc`` and
+    ``balanced_acc``: the per-label accuracies at the 0.5 threshold, averaged; ``f1_macro``: scikit-learn's macro F1
+    over labels; no ECE), the :class:`MultiLabelScore` the per-label values and mean AP."""
+    labels = np.asarray(labels).astype(np.int64)
+    predicted = (scores >= 0.5).astype(np.int64)
+    auc, ap, accs, balanced = [], [], [], []
+    for j in range(labels.shape[1]):
+        both = len(np.unique(labels[:, j])) == 2
+        auc.append(float(roc_auc_score(labels[:, j], scores[:, j])) if both else None)
+        ap.append(float(average_precision_score(labels[:, j], scores[:, j])) if both else None)
+        accs.append(float(accuracy_score(labels[:, j], predicted[:, j])))
+        balanced.append(float(balanced_accuracy_score(labels[:, j], predicted[:, j])) if both else accs[-1])
+    mean = lambda values: float(np.mean([v for v in values if v is not None])) if any(v is not None for v in values) else float("nan")  # noqa: E731
+    metrics = Metrics(acc=float(np.mean(accs)), auc=mean(auc),
+                      f1_macro=float(f1_score(labels, predicted, average="macro", zero_division=0)),
+                      balanced_acc=float(np.mean(balanced)), ece=None)
+    return metrics, MultiLabelScore(list(names), auc, ap, [int(v) for v in labels.sum(axis=0)], mean(auc), mean(ap))
 
 
 ECE_BINS = 15  #: Guo et al. (2017), "On Calibration of Modern Neural Networks", section 2

@@ -234,7 +234,8 @@ def describe_dataset(label: str, dataset: FewShotDataset, prompt_file: Prompts |
     names = [name if prompt_file is None or prompt_file.classnames[i] == name else f"{name} ({prompt_file.classnames[i]!r})"
              for i, name in enumerate(dataset.class_names)]
     sizes = ", ".join(f"{len(dataset.split(s).labels)} {s}" for s in ("train", "val", "test"))
-    return f"{label}: {len(names)} classes: {', '.join(f'{i}={n}' for i, n in enumerate(names))}; {sizes}"
+    kind = "labels (multi-label)" if dataset.task == "multi-label" else "classes"
+    return f"{label}: {len(names)} {kind}: {', '.join(f'{i}={n}' for i, n in enumerate(names))}; {sizes}"
 
 
 def describe_datasets(grid: Grid, datasets: dict[str, FewShotDataset], prompt_files: dict[str, Prompts]) -> list[str]:

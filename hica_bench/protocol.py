@@ -15,6 +15,14 @@ the protocol says otherwise): from the dataset's val split when every class has 
 *largest* support keys, which no support of that class can reach while ``k + m`` is at most the class's size. Either
 way the validation set never overlaps the support, is nested across k (``m`` grows with k, the order is fixed) and
 is the same on every machine.
+
+Multi-label datasets (labels (N, L) in {0, 1}: ChestMNIST's 14 findings) are drawn by the per-label k-shot rule of the
+multi-label few-shot literature (every label gets at least k positive support images; cf. the "minimum-including"
+rule of Hou et al., ACL 2020): the support is the union over labels of each label's ``k`` positive train indices with
+the smallest keys (the same keys as above). An image positive for several labels counts for each, so frequent labels
+get more than k positives; the pruning step of Hou et al. (dropping images whose removal keeps every label at k) is
+left out because it would break nesting across k. Validation sets are drawn the same way from the val split (each
+label's ``m`` positive val indices with the smallest val keys), never from train.
 """
 
 from __future__ import annotations
@@ -52,10 +60,17 @@ def _at_least_one_shot(shots: list[int]) -> None:
             raise UserError(f"--shots must be >= 1, got {k}")
 
 
+def multilabel(labels: np.ndarray) -> bool:
+    """Whether ``labels`` are a multi-label dataset's, (N, L) in {0, 1}."""
+    return np.asarray(labels).ndim == 2
+
+
 def class_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Images per class 0..n_classes-1; a negative label (an image of no class the cell knows: under ``cross-dataset``
-    a source class no target class maps to) counts for none."""
+    """Images per class 0..n_classes-1 (multi-label: positive images per label); a negative label (an image of no
+    class the cell knows: under ``cross-dataset`` a source class no target class maps to) counts for none."""
     labels = np.asarray(labels, dtype=np.int64)
+    if multilabel(labels):
+        return labels.sum(axis=0)[:n_classes] if len(labels) else np.zeros(n_classes, int)
     return np.bincount(labels[labels >= 0], minlength=n_classes)[:n_classes] if len(labels) else np.zeros(n_classes, int)
 
 
@@ -67,6 +82,9 @@ def check_shots(shots: list[int], labels: np.ndarray, n_classes: int, dataset: s
     smallest, which = int(counts.min()), int(counts.argmin())
     named = f" ({class_names[which]})" if class_names is not None else ""
     for k in shots:
+        if k > smallest and multilabel(labels):
+            raise UserError(f"{k} shots is more than {dataset}'s rarest train label has positive images ({smallest} of "
+                            f"label {which}{named}); use --shots up to {smallest}")
         if k > smallest:
             raise UserError(
                 f"{k} shots is more than {dataset}'s smallest train class has "
@@ -79,12 +97,23 @@ def sample_support(labels: np.ndarray, n_classes: int, k: int, seed: int, datase
     """Indices (k * n_classes,) into the train split, sorted by class then by index; with ``classes``, those classes'
     only (each class's k images are the same as in the support of every class)."""
     check_shots([k], labels, n_classes, dataset)
+    if multilabel(labels):  # the union of each label's k positives (module docstring), in index order
+        if classes is not None:
+            raise UserError(f"{dataset} is multi-label: its supports cover every label")
+        return np.asarray(sorted(_union_of_positives(labels, k, lambda i: _key(dataset, seed, i))), dtype=np.int64)
     chosen = []
     for c in (range(n_classes) if classes is None else classes):
         members = np.flatnonzero(labels == c)
         ranked = sorted(members.tolist(), key=lambda i: _key(dataset, seed, i))
         chosen.append(np.sort(np.asarray(ranked[:k], dtype=np.int64)))
     return np.concatenate(chosen)
+
+
+def _union_of_positives(labels: np.ndarray, k: int, key) -> set[int]:
+    chosen: set[int] = set()
+    for c in range(labels.shape[1]):
+        chosen.update(sorted(np.flatnonzero(labels[:, c] == 1).tolist(), key=key)[:k])
+    return chosen
 
 
 def support_hash(indices: np.ndarray) -> str:
@@ -115,6 +144,9 @@ def check_validation(shots: list[int], labels: dict[str, np.ndarray], n_classes:
     """A :class:`UserError` when a shot count leaves no room for its validation set: beyond the val split's smallest
     class, or (from train) when ``k + m`` is more than the smallest train class."""
     where = validation_source(labels["val"], n_classes, per_class, source)
+    if where == "train" and multilabel(labels["train"]):
+        raise UserError(f"{dataset} is multi-label: its validation sets come from the val split, which has too few "
+                        f"positive images of some label for {validation_size(max(shots), per_class)} per label")
     counts = class_counts(labels[where], n_classes)
     smallest, which = int(counts.min()), int(counts.argmin())
     named = f" ({class_names[which]})" if class_names is not None else ""
@@ -135,6 +167,9 @@ def sample_validation(labels: dict[str, np.ndarray], n_classes: int, k: int, see
     check_validation([k], labels, n_classes, dataset, per_class, source)
     m = validation_size(k, per_class)
     pool = np.asarray(labels[where], dtype=np.int64)
+    if multilabel(pool):  # each label's m positive val images with the smallest val keys, their union
+        return where, np.asarray(sorted(_union_of_positives(pool, m, lambda i: _key(f"{dataset}|val", seed, i))),
+                                 dtype=np.int64)
     chosen = []
     for c in range(n_classes):
         members = np.flatnonzero(pool == c).tolist()

@@ -494,7 +494,8 @@ def check_dataset(dataset: Any) -> None:
     """A :class:`~hica_bench.interfaces.FewShotDataset`: name, size, a task the runner supports, at least two
     distinct class names (two for binary), an identity; train/val/test splits of uint8 images (N, S, S[, 3]) (volumes
     (N, S, S, S) when ``volumetric``)
-    and int64 labels (N,) in [0, C) of the same length, sliceable, the same on every call; every class in train."""
+    and int64 labels (N,) in [0, C) of the same length (``multi-label``: int64 (N, C) in {0, 1}), sliceable, the same
+    on every call; every class in train (multi-label: every label has a positive train image)."""
     for attribute in ("name", "identity"):
         value = getattr(dataset, attribute, None)
         assert isinstance(value, str) and value, f"dataset {attribute} must be a non-empty string, got {value!r}"
@@ -518,14 +519,19 @@ def check_dataset(dataset: Any) -> None:
         else:
             assert images.ndim in (3, 4) and images.shape[1:3] == (size, size) and (images.ndim == 3 or images.shape[3] == 3), (
                 f"{where}: images have shape {images.shape}, expected (N, {size}, {size}[, 3])")
-        assert isinstance(labels, np.ndarray) and labels.dtype == np.int64 and labels.ndim == 1, (
-            f"{where}: labels must be int64 (N,), got {labels.dtype} {labels.shape}")
+        multilabel = dataset.task == "multi-label"
+        shape = f"(N, {len(names)})" if multilabel else "(N,)"
+        assert isinstance(labels, np.ndarray) and labels.dtype == np.int64 and (
+            labels.shape[1:] == (len(names),) if multilabel else labels.ndim == 1), (
+            f"{where}: labels must be int64 {shape}, got {labels.dtype} {labels.shape}")
         assert len(labels) == len(images) >= 1, f"{where}: {len(images)} images but {len(labels)} labels"
-        assert labels.min() >= 0 and labels.max() < len(names), f"{where}: labels outside 0..{len(names) - 1}"
+        top = 1 if multilabel else len(names) - 1
+        assert labels.min() >= 0 and labels.max() <= top, f"{where}: labels outside 0..{top}"
         assert images[:2].shape[0] == min(2, len(images)), f"{where}: images cannot be sliced"
         assert np.array_equal(dataset.split(split_name).labels, labels), f"{where}: labels differ between calls"
         if split_name == "train":
-            missing = sorted(set(range(len(names))) - set(np.unique(labels).tolist()))
+            present = np.flatnonzero(labels.sum(axis=0)) if multilabel else np.unique(labels)
+            missing = sorted(set(range(len(names))) - set(present.tolist()))
             assert not missing, f"{where}: classes {missing} have no train images (no k-shot support possible)"
 
 

@@ -47,7 +47,9 @@ class TransferDataset:
             return self.target.split("test")
         if name not in self._splits:
             split = self.source.split(name)
-            self._splits[name] = Split(split.images, self._position[np.asarray(split.labels, dtype=np.int64)])
+            labels = np.asarray(split.labels, dtype=np.int64)
+            # multi-label: the matched labels' columns, in the target's order; else each image's class renamed
+            self._splits[name] = Split(split.images, labels[:, self.class_map] if labels.ndim == 2 else self._position[labels])
         return self._splits[name]
 
     def split_identity(self, name: str) -> str:

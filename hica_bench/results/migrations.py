@@ -7,7 +7,7 @@ from typing import Any
 
 
 def upgrade(record: dict[str, Any]) -> dict[str, Any]:
-    """A parsed record of schema 2 to 8 in the shape of the current schema (9): the fields later schemas added are filled
+    """A parsed record of schema 2 to 9 in the shape of the current schema (10): the fields later schemas added are filled
     with what they mean for an older record (none, or clean)."""
     if record.get("schema_version") == 2:  # before per-class scores and saved predictions
         record = {"per_class": None, "predictions": None, **record}
@@ -39,4 +39,8 @@ def upgrade(record: dict[str, Any]) -> dict[str, Any]:
             record["identity"] = identity
     if record.get("schema_version") in (2, 3, 4, 5, 6, 7, 8):  # before base-to-novel: no novel classes
         record = {**record, "novel": None}
+    if record.get("schema_version") in (2, 3, 4, 5, 6, 7, 8, 9):  # before multi-label datasets and cross-dataset cells
+        record = {**record, "multilabel": None}
+        if isinstance(record.get("identity"), dict) and isinstance(record["identity"].get("origin"), dict):
+            record["identity"] = {**record["identity"], "origin": {**record["identity"]["origin"], "support_from": None}}
     return record

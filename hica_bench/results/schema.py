@@ -46,7 +46,7 @@ from hica_bench.files import digest
 from hica_bench.results import migrations
 from hica_bench.results.codec import jsonable, known, reader, typed
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -101,6 +101,20 @@ class NovelScore:
     n_test: int
     metrics: Metrics | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class MultiLabelScore:
+    """A multi-label cell's scores (schema 10 on): each label scored one-vs-rest on every test image. ``mean_auc`` and
+    ``mean_ap``: the means over the labels whose test images hold both outcomes (the others' AUC and AP are None);
+    per label (in the dataset's label order) its AUC, average precision and number of positive test images."""
+
+    labels: list[str]
+    auc: list[float | None]
+    ap: list[float | None]
+    positives: list[int]
+    mean_auc: float
+    mean_ap: float
 
 
 @dataclass(frozen=True)
@@ -271,6 +285,8 @@ class CellResult:
     components_used: list[Component] = field(default_factory=list)  #: what it built through ``task.components``
     #: base-to-novel: the novel classes' score (``metrics`` above are the base classes'); None otherwise (schema 9 on)
     novel: NovelScore | None = None
+    #: a multi-label dataset's per-label scores (``metrics`` above hold their means); None otherwise (schema 10 on)
+    multilabel: MultiLabelScore | None = None
     environment: Environment = field(default_factory=Environment)
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION

@@ -48,7 +48,7 @@ def test_a_record_round_trips_typed(tmp_path):
     assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
     record = json.loads(store.path.read_text())
     assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
-    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 9
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 10
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -67,7 +67,7 @@ def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
     del record["identity"]
     with store.path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 9"):
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 10"):
         store.load()
 
 
@@ -147,8 +147,14 @@ def test_values_a_plugin_hands_over_are_written_not_crashed_on(tmp_path):
 
 
 def _written_by_schema(version: int, tmp_path: Path) -> tuple[dict, Path]:
-    """A record as schema ``version`` (2 to 8) wrote it, in a results file of its own: (record, path)."""
+    """A record as schema ``version`` (2 to 9) wrote it, in a results file of its own: (record, path)."""
     record = json.loads(_result(0).to_json())
+    del record["multilabel"], record["identity"]["origin"]["support_from"]
+    if version == 9:
+        record["schema_version"] = version
+        path = tmp_path / "results.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        return record, path
     del record["novel"]
     if version == 8:
         record["schema_version"] = version
@@ -215,6 +221,19 @@ def test_a_schema_5_record_reads_without_an_adapted_encoder(tmp_path):
     record["schema_version"] = 6
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(UserError, match="missing field (adapted_encoder|timings.adapted_encode_s)"):
+        ResultsStore(path).load()
+
+
+def test_a_schema_9_record_reads_as_single_label_and_in_domain(tmp_path):
+    """Schema 9 had no multi-label datasets and no cross-dataset cells: read with ``multilabel`` and
+    ``origin.support_from`` None, the same cell id; the same record claiming schema 10 lacks them."""
+    record, path = _written_by_schema(9, tmp_path)
+    (loaded,) = ResultsStore(path).load().values()
+    assert loaded.multilabel is None and loaded.identity.origin.support_from is None
+    assert loaded.cell_id == _result(0).cell_id and loaded.schema_version == 9
+    record["schema_version"] = 10
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match="missing field (multilabel|identity)"):
         ResultsStore(path).load()
 
 

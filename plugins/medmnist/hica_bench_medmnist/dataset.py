@@ -7,7 +7,8 @@ Files are ``{flag}.npz`` (28 px) or ``{flag}_{size}.npz`` in the data root (``--
 record with its MD5 checked (torchvision's downloader, with a progress bar); offline, one line says
 which file is missing and where to put it. Images are memory-mapped (see ``hica_bench.data.LazyNpz``).
 
-ChestMNIST is multi-label and is refused: hica-bench's protocol and metrics are single-label.
+ChestMNIST is multi-label (14 findings, labels (N, 14) in {0, 1}): task ``multi-label``, drawn by the per-label k-shot
+rule and scored one-vs-rest (mean AUC, mean AP, per-label AUC; :mod:`hica_bench.protocol`, :func:`hica_bench.cell.one_vs_rest`).
 RetinaMNIST (ordinal regression) is evaluated as 5-class classification, as medmnist's Evaluator does.
 """
 
@@ -28,7 +29,7 @@ SIZES = (28, 64, 128, 224)
 #: imported only when a dataset is built (importing medmnist imports torch: too slow for ``hica-bench list``).
 FLAGS = {
     "pathmnist": "colon pathology, 9 classes",
-    "chestmnist": "chest X-ray, 14 labels, multi-label (refused)",
+    "chestmnist": "chest X-ray, 14 findings, multi-label (one-vs-rest)",
     "dermamnist": "dermatoscopy, 7 classes",
     "octmnist": "retinal OCT, 4 classes",
     "pneumoniamnist": "paediatric chest X-ray, 2 classes",
@@ -101,8 +102,6 @@ class MedMNIST:
 
     def __init__(self, flag: str, root: str | None, size: int, download: bool, cache_dir: Path) -> None:
         info = _info(flag)
-        if info["task"] == "multi-label, binary-class":
-            raise UserError(f"{flag} is multi-label; hica-bench supports single-label datasets only (see docs/plugins/medmnist.md)")
         self.volumetric = flag in FLAGS_3D
         sizes = SIZES_3D if self.volumetric else SIZES
         if size not in sizes:
@@ -113,7 +112,8 @@ class MedMNIST:
             root = DEFAULT_ROOT
         self.root = Path(root)
         self.name, self.size = flag, size
-        self.task = "multi-class" if info["task"] == "ordinal-regression" else info["task"]
+        self.task = {"ordinal-regression": "multi-class", "multi-label, binary-class": "multi-label"}.get(info["task"],
+                                                                                                       info["task"])
         self.class_names = [info["label"][str(i)] for i in range(len(info["label"]))]
         self.channels = info["n_channels"]
         path = self.root / file_name(flag, size)
@@ -150,6 +150,8 @@ class MedMNIST:
             what = " (a 3D dataset holds volumes)" if self.volumetric else ""
             raise UserError(f"{where}_images has shape {images.shape}; expected (N, {', '.join(map(str, expected))})"
                             f"{what}")
+        if self.task == "multi-label":
+            return self._multilabel(where, images, labels)
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -158,6 +160,17 @@ class MedMNIST:
             raise UserError(f"{where}: {len(images)} images but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
             raise UserError(f"{where}_labels has values outside 0..{len(self.class_names) - 1}")
+        return Split(images=images, labels=labels.astype(np.int64))
+
+    def _multilabel(self, where: str, images: np.ndarray, labels: np.ndarray) -> Split:
+        n = len(self.class_names)
+        if labels.ndim != 2 or labels.shape[1] != n or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{where}_labels has shape {labels.shape} and dtype {labels.dtype}; expected integers (N, {n}) "
+                            "(one 0/1 column per finding)")
+        if len(labels) != len(images):
+            raise UserError(f"{where}: {len(images)} images but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() > 1):
+            raise UserError(f"{where}_labels has values other than 0 and 1")
         return Split(images=images, labels=labels.astype(np.int64))
 
 

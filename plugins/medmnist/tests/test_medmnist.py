@@ -1,5 +1,5 @@
 """The MedMNIST datasets (plugins/medmnist): the real files and files in their format, memory-mapped; malformed files
-and multi-label ChestMNIST are user errors."""
+are user errors; ChestMNIST is multi-label."""
 
 import numpy as np
 import pytest
@@ -74,6 +74,21 @@ def test_truncated_file_is_a_user_error(tmp_path):
         _dataset("breastmnist", tmp_path / "data", tmp_path).split("train")
 
 
-def test_multilabel_chestmnist_is_refused(tmp_path):
-    with pytest.raises(UserError, match="multi-label"):
-        _dataset("chestmnist", tmp_path, tmp_path)
+def test_chestmnist_in_its_exact_format_is_a_multilabel_dataset(tmp_path):
+    """ChestMNIST's format: uint8 images (N, 28, 28), uint8 labels (N, 14) in {0, 1}: read as a multi-label dataset
+    with medmnist's 14 finding names; labels of another width are one line."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 5), ("test", 8)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, 14)) < 0.2).astype(np.uint8)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "chestmnist.npz", **arrays)
+    ds = _dataset("chestmnist", tmp_path / "data", tmp_path)
+    assert ds.task == "multi-label" and len(ds.class_names) == 14 and ds.class_names[2] == "effusion"
+    labels = ds.split("train").labels
+    assert labels.shape == (20, 14) and labels.dtype == np.int64 and np.array_equal(labels, arrays["train_labels"])
+    arrays["val_labels"] = arrays["val_labels"][:, :13]
+    np.savez(tmp_path / "data" / "chestmnist.npz", **arrays)
+    with pytest.raises(UserError, match=r"expected integers \(N, 14\)"):
+        _dataset("chestmnist", tmp_path / "data", tmp_path / "other").split("val")

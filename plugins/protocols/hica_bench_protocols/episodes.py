@@ -99,6 +99,8 @@ class BaseToNovel(FewShot):
     def check(self, labels, n_classes, shots, dataset, class_names) -> None:
         from hica_bench.errors import UserError
 
+        if protocol.multilabel(labels["train"]):
+            raise UserError(f"{dataset} is multi-label; base-to-novel splits single-label classes")
         try:
             protocol.class_split(n_classes, self.split, self.split_seed)
         except UserError as exc:

@@ -374,3 +374,106 @@ def test_classes_are_matched_by_name_or_mapping_one_to_one():
                                   {"healthy": "normal"}).tolist() == [0, 1]
     with pytest.raises(Exception, match="two classes of b map to a's class 'normal'"):
         protocol.match_classes(["normal", "pneumonia"], ["healthy", "normal"], "a", "b", {"healthy": "normal"})
+
+
+# --------------------------------------------------------------------------- multi-label (ChestMNIST's format)
+
+FINDINGS = 14
+
+
+def _chestmnist_file(root: Path, medmnist_root: Path, sizes=(300, 60, 120)) -> Path:
+    """A ``chestmnist.npz`` in ChestMNIST's exact format (uint8 images (N, 28, 28); uint8 labels (N, 14) in {0, 1}):
+    real PneumoniaMNIST X-rays, each finding present with probability 0.12 and drawn as a bright 4x4 mark at its own
+    place (so a method that learns from pixels can find it)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    with np.load(medmnist_root / "pneumoniamnist.npz") as data:
+        for split, n in zip(("train", "val", "test"), sizes):
+            images = data[f"{split}_images"][:n].copy()
+            labels = (rng.random((n, FINDINGS)) < 0.12).astype(np.uint8)
+            for i, j in zip(*np.nonzero(labels)):
+                row, col = divmod(int(j), 4)
+                images[i, 1 + 7 * row:5 + 7 * row, 1 + 7 * col:5 + 7 * col] = 255
+            out[f"{split}_images"], out[f"{split}_labels"] = images, labels
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(root / "chestmnist.npz", **out)
+    return root
+
+
+def test_the_multilabel_support_is_each_labels_k_positives_nested(tmp_path, medmnist_root):
+    """The per-label rule recomputed from its text: the union over labels of each label's k positive train images with
+    the smallest sha256("chestmnist|seed|i"); every label has at least k positives in it; nested across k; the
+    validation set is the same rule on the val split (m = min(k, 4) per label)."""
+    root = _chestmnist_file(tmp_path / "data", medmnist_root)
+    with np.load(root / "chestmnist.npz") as data:
+        labels = {split: data[f"{split}_labels"].astype(np.int64) for split in ("train", "val")}
+    previous = None
+    for k in (1, 2, 4, 8):
+        episode = episodes.FewShotVal().episode(labels, FINDINGS, k, 3, "chestmnist")
+        expected = set()
+        for j in range(FINDINGS):
+            expected |= set(_ranked(np.flatnonzero(labels["train"][:, j]).tolist(), "chestmnist|3")[:k])
+        assert episode.support.tolist() == sorted(expected)
+        assert (labels["train"][episode.support].sum(axis=0) >= k).all()
+        validation = set()
+        for j in range(FINDINGS):
+            validation |= set(_ranked(np.flatnonzero(labels["val"][:, j]).tolist(), "chestmnist|val|3")[:min(k, 4)])
+        assert episode.validation_split == "val" and episode.validation.tolist() == sorted(validation)
+        if previous is not None:
+            assert set(previous.support) <= set(episode.support) and set(previous.validation) <= set(episode.validation)
+        previous = episode
+
+
+def test_chestmnist_runs_one_vs_rest_with_mean_auc_mean_ap_and_per_label_auc(tmp_path, medmnist_root):
+    """ChestMNIST (a file in its exact format) is no longer refused: every label is scored one-vs-rest on every test
+    image; the recorded mean AUC, mean AP and per-label AUCs are scikit-learn's on the saved scores; few-shot-val
+    selects each label's options; a method that adapts the encoder is marked not applicable with the reason."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    root = _chestmnist_file(tmp_path / "data", medmnist_root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(TEST_PLUGINS))
+        code, out, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "chestmnist",
+                                "--methods", "prototype,linear-probe,finetune", "--protocols", "few-shot,few-shot-val",
+                                "--shots", "2", "--seeds", "0", "--data-root", root, "--cache-dir", tmp_path / "cache",
+                                "--out", tmp_path / "o", "--no-report", "--save-predictions")
+    assert code == 0, err
+    assert "chestmnist: 14 labels (multi-label): 0=atelectasis" in " ".join(out.split())
+    records = _records(tmp_path / "o")
+    assert len(records) == 2 * 3
+    with np.load(root / "chestmnist.npz") as data:
+        test = data["test_labels"]
+    for r in records:
+        if r["key"]["method"] == "finetune":
+            assert r["status"] == "not_applicable" and "one-vs-rest" in r["reason"], r["reason"]
+            continue
+        assert r["status"] == "ok", r["reason"]
+        saved = np.load(tmp_path / "o" / r["predictions"])
+        scores, labels = saved["proba"], saved["labels"]
+        assert scores.shape == (len(test), FINDINGS) and np.array_equal(labels, test)
+        per_label = [roc_auc_score(test[:, j], scores[:, j]) for j in range(FINDINGS)]
+        score = r["multilabel"]
+        assert score["auc"] == pytest.approx(per_label, abs=1e-6) and score["positives"] == test.sum(axis=0).tolist()
+        assert r["metrics"]["auc"] == pytest.approx(np.mean(per_label), abs=1e-6)
+        assert score["mean_ap"] == pytest.approx(np.mean([average_precision_score(test[:, j], scores[:, j])
+                                                          for j in range(FINDINGS)]), abs=1e-4)
+        if r["key"]["protocol"] == "few-shot-val":
+            chosen = r["fit_info"]["one_vs_rest"]
+            assert len(chosen) == FINDINGS and all(c["selection"]["rule"] == "validation" for c in chosen)
+    linear = [r["metrics"]["auc"] for r in records if r["key"]["method"] == "linear-probe"]
+    assert min(linear) > 0.65  # the findings' marks are learnt from 2 positives a label (chance: 0.5)
+    board = (tmp_path / "o" / "leaderboard.md").read_text()
+    assert "**AP**" in board and "**AUC per label (2-shot)**" in board and "hernia" in board
+
+
+def test_bad_multilabel_input_is_one_line(tmp_path, medmnist_root):
+    root = _chestmnist_file(tmp_path / "data", medmnist_root)
+    code, _, err = _run(tmp_path, medmnist_root, "--out", tmp_path / "o", "--data-root", root, "--datasets", "chestmnist",
+                        "--protocols", "base-to-novel")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "chestmnist is multi-label" in err, err
+    with np.load(root / "chestmnist.npz") as data:
+        arrays = dict(data)
+    arrays["test_labels"][0, 0] = 2
+    np.savez_compressed(root / "chestmnist.npz", **arrays)
+    code, _, err = _run(tmp_path, medmnist_root, "--out", tmp_path / "o", "--data-root", root, "--datasets", "chestmnist")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "values other than 0 and 1" in err, err
