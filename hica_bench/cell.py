@@ -207,14 +207,40 @@ def prepare(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple
     return model, needs, task
 
 
+class Rows:
+    """Some rows of one split of a dataset, as a dataset of their own (every split name gives them): the images a
+    selecting protocol scores a candidate on when its method adapted the encoder, encoded through that candidate's
+    ``encoder_`` (:meth:`FeatureExtractor.adapted`) and cached under its identity and these rows."""
+
+    def __init__(self, dataset: FewShotDataset, split: str, rows: np.ndarray) -> None:
+        from hica_bench.protocol import support_hash
+
+        rows = np.asarray(rows, dtype=np.int64)
+        whole = dataset.split(split)
+        self.name, self.size, self.task = dataset.name, dataset.size, dataset.task
+        self.class_names = list(dataset.class_names)
+        self.volumetric = bool(getattr(dataset, "volumetric", False))
+        self._split = Split(np.asarray(whole.images[rows]), np.asarray(whole.labels)[rows])
+        self.identity = f"{split_identity(dataset, split)}|{split}-rows:{support_hash(rows)}"
+
+    def split(self, name: str) -> Split:
+        return self._split
+
+    def split_identity(self, name: str) -> str:
+        return self.identity
+
+
 def choose(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[np.ndarray | None, np.ndarray],
            components: Components, cache_dir: Path | None = None, validation: tuple[np.ndarray, np.ndarray] | None = None,
-           test: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Choice, dict[str, Any] | None]:
+           test: tuple[np.ndarray, np.ndarray] | None = None, extractor: FeatureExtractor | None = None
+           ) -> tuple[Choice, dict[str, Any] | None]:
     """The method (its options) the cell's protocol selects, with what ``fit_info["selection"]`` records; the cell's
     own method and None under a protocol that selects nothing. The rule (:mod:`hica_bench.selection`): each candidate
     of the method's search space is fitted on the support (or on each fold's part of it) and scored on the validation
     images (``validation``: the features and labels of the episode's validation split, indexed here by its indices),
-    the held-out folds, or, for the oracle alone, ``test``. Nothing but the oracle is handed the test split."""
+    the held-out folds, or, for the oracle alone, ``test``. Nothing but the oracle is handed the test split. A
+    candidate that adapted the encoder (``encoder_``) is scored on those images encoded through its adapted encoder
+    (``extractor``), as its final fit predicts the test split."""
     episode = cell.episode
     if episode is None or episode.selection == "none":
         return cell.method, None
@@ -227,30 +253,35 @@ def choose(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train: tuple[
     if episode.selection == "validation":
         features, labels = validation if episode.validation_split == "val" else (train_features, train_labels)
         rows = np.asarray(episode.validation)
-        sets = [(cell.support, features[rows], np.asarray(labels)[rows])]
+        sets = [(cell.support, None if features is None else features[rows], np.asarray(labels)[rows],
+                 (episode.validation_split, rows))]
         about["scored_on"] = {"split": episode.validation_split, "images": len(rows)}
     elif episode.selection == "support-cv":
         if cell.key.k < 2:
             raise NotApplicable("support-cv cross-validates on the support set, which needs at least 2 shots per class")
         support_labels = np.asarray(train_labels)[cell.support]
-        sets = [(cell.support[fit], train_features[cell.support[held]], support_labels[held])
+        sets = [(cell.support[fit], None if train_features is None else train_features[cell.support[held]],
+                 support_labels[held], ("train", cell.support[held]))
                 for fit, held in selection.folds(support_labels, cell.key.k, cell.key.seed)]
         about["scored_on"] = {"split": "train", "folds": len(sets), "images": len(cell.support)}
     else:  # the oracle: test-set tuning, which exists only to measure its inflation
         features, labels = test
-        sets = [(cell.support, features, np.asarray(labels))]
+        sets = [(cell.support, features, np.asarray(labels), ("test", None))]
         about["scored_on"] = {"split": "test", "images": len(labels)}
     tried = selection.candidates(cell.method)
     scores = []
     for candidate in tried:
         per_set = []
-        for support, features, labels in sets:
+        for support, features, labels, (split, rows) in sets:
             model, _, task = prepare(dataclasses.replace(cell, method=candidate, support=support), dataset, pair, train,
                                      components, cache_dir)
             model.fit(task)
-            if getattr(model, "encoder_", None) is not None:
-                raise NotApplicable("the method adapts the encoder; selecting protocols score candidates on frozen "
-                                    "features, so they do not tune it yet")
+            if getattr(model, "encoder_", None) is not None:  # scored through the encoder this candidate adapted
+                check_adapted(model.encoder_, pair)
+                if extractor is None:
+                    raise ValueError("this cell's candidates adapt the encoder but it was given no extraction service")
+                images = dataset if rows is None else Rows(dataset, split, rows)
+                features = extractor.adapted(model.encoder_, images, split, rows=len(labels))[0]
             proba = check_proba(model.predict_proba(features), len(labels), len(dataset.class_names))
             per_set.append(selection.score(labels, proba, episode.metric))
         scores.append(float(np.mean(per_set)))
@@ -297,7 +328,7 @@ def fit_and_score(cell: Cell, dataset: FewShotDataset, pair: EncoderPair, train:
             try:
                 if cell.episode is not None and cell.episode.selection != "none":
                     method, chosen[0] = choose(cell, dataset, pair, train, components, cache_dir, validation,
-                                               test if cell.episode.selection == "test" else None)
+                                               test if cell.episode.selection == "test" else None, extractor)
                     model, _, task = prepare(dataclasses.replace(cell, method=method), dataset, pair, train,
                                              components, cache_dir)  # fitted again, seeded as every fit of the cell
                 model.fit(task)

@@ -115,3 +115,28 @@ def test_clip_lora_on_a_local_random_init_open_clip_checkpoint(medmnist_root, tm
                     "--methods", "clip-lora")
     assert unaligned["clip-lora"]["status"] == "not_applicable"
     assert "aligned" in unaligned["clip-lora"]["reason"]
+
+
+def test_a_selecting_protocol_scores_each_candidate_through_the_encoder_it_adapted(medmnist_root, tmp_path):
+    """``shift`` declares a search space over how far it moves its adapted copy of the encoder. Under few-shot-val each
+    candidate is scored on the validation images encoded through its own adapted encoder; under the oracle on the test
+    split so encoded, so the chosen candidate's recorded score is exactly the final cell's (fitted again, predicting
+    through its adapted encoder)."""
+    cache = tmp_path / "cache"
+    records = run(medmnist_root, cache, tmp_path / "o", "--encoder", "torch-pixels", "--methods", "shift",
+                  "--protocols", "few-shot-val,oracle", "--shots", "2")
+    by_protocol = {}
+    for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_protocol[record["key"]["protocol"]] = record
+    for protocol, record in by_protocol.items():
+        assert record["status"] == "ok", record["reason"]
+        selection = record["fit_info"]["selection"]
+        assert [c["options"]["amount"] for c in selection["candidates"]] == [0.5, 0.0, 2.0]
+        assert record["adapted_encoder"].startswith("test-torch-pixels-v1+shift:sha256=")
+    oracle = by_protocol["oracle"]["fit_info"]["selection"]
+    best = max(c["score"] for c in oracle["candidates"])
+    assert best == pytest.approx(by_protocol["oracle"]["metrics"]["balanced_acc"], abs=1e-9)
+    assert len({c["score"] for c in oracle["candidates"]}) > 1  # the adapted encoders differ, and so do their scores
+    assert by_protocol["few-shot-val"]["fit_info"]["selection"]["scored_on"]["split"] == "val"
+    assert set(records) == {"shift"}

@@ -121,7 +121,8 @@ def hica_bench_encoders():
 @hookimpl
 def hica_bench_methods():
     return [PluginSpec("method", "reveal", "nearest class mean; records the test features' digest (tests)", Reveal),
-            PluginSpec("method", "shift", "adapts a copy of the encoder and exposes it (tests)", Shift),
+            PluginSpec("method", "shift", "adapts a copy of the encoder and exposes it (tests)", Shift,
+                       search={"amount": (0.5, 0.0, 2.0)}),
             PluginSpec("method", "shift-hidden", "adapts a copy, exposes nothing (tests)", ShiftHidden),
             PluginSpec("method", "same-identity", "exposes an adapted copy under the frozen identity (tests)",
                        SameIdentity),

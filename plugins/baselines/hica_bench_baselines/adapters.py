@@ -313,5 +313,5 @@ SPECS = [
                search={"ratio": (0.2, 0.4, 0.6, 0.8)}),
     PluginSpec("method", "lp++", "LP++: linear probe blended class-wise with text embeddings, Lipschitz step sizes "
                "(aligned pairs only)", LPPlusPlus, {"epochs": Option(low=1), "alpha_every": Option(low=1)},
-               in_default_suite=True),
+               in_default_suite=True, search={"epochs": (300, 100, 1000)}),  # its step sizes are not tuned (Lipschitz)
 ]

@@ -170,5 +170,6 @@ SPECS = [
     PluginSpec("method", "clip-lora", "CLIP-LoRA: low-rank updates of q/k/v in both towers of an aligned pair "
                "(the paper's rank 2, lr 2e-4, 500 x shots iterations; iterations=N overrides); aligned pairs only",
                ClipLoRA, {"rank": Option(low=1), "alpha": POSITIVE, "lr": POSITIVE, "iterations": Option(low=0),
-                          "batch_size": Option(low=1), "weight_decay": Option(low=0)}),
+                          "batch_size": Option(low=1), "weight_decay": Option(low=0)},
+               search={"lr": (2e-4, 1e-4, 5e-4)}),  # 3 LoRA trainings per cell (+ the refit)
 ]

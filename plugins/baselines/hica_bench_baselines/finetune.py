@@ -111,5 +111,6 @@ SPECS = [
     PluginSpec("method", "finetune", "LP-FT fine-tuning: linear probe, then the image encoder's last blocks "
                "(full=true: all of it) and the head trained together; predicts through the adapted encoder", FineTune,
                {"blocks": Option(low=1), "steps": Option(low=1), "lr": POSITIVE, "head_lr": POSITIVE,
-                "batch_size": Option(low=1), "weight_decay": Option(low=0)}),
+                "batch_size": Option(low=1), "weight_decay": Option(low=0)},
+               search={"lr": (1e-4, 1e-5, 1e-3)}),  # 3 fine-tunings per cell (+ the refit), each as costly as one
 ]

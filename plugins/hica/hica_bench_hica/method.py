@@ -480,7 +480,10 @@ SPECS = [
                partial(HiCA, stage1=False), RANGES, COMPONENTS),
     PluginSpec("method", "hica-encoder", "HiCA as in the paper: stage 1 fine-tunes the image encoder's last blocks "
                "(DeepCluster on the train images) and the text encoder's last layers (descriptor corpus); predicts "
-               "through the adapted encoder", HiCAEncoder, {**RANGES, **ENCODER_RANGES}, COMPONENTS),
+               "through the adapted encoder", HiCAEncoder, {**RANGES, **ENCODER_RANGES}, COMPONENTS,
+               # stage 1 is cached and shared by the 8 candidates: each costs a stage 2 and one encoding of the
+               # validation images through its adapted encoder
+               search={"lambda1": (0.5, 1.0), "lambda2": (0.5, 1.0), "delta": (0.2, 0.5)}),
 ]
 
 
