@@ -18,11 +18,12 @@ is the same on every machine.
 
 Multi-label datasets (labels (N, L) in {0, 1}: ChestMNIST's 14 findings) are drawn by the per-label k-shot rule of the
 multi-label few-shot literature (every label gets at least k positive support images; cf. the "minimum-including"
-rule of Hou et al., ACL 2020): the support is the union over labels of each label's ``k`` positive train indices with
-the smallest keys (the same keys as above). An image positive for several labels counts for each, so frequent labels
-get more than k positives; the pruning step of Hou et al. (dropping images whose removal keeps every label at k) is
-left out because it would break nesting across k. Validation sets are drawn the same way from the val split (each
-label's ``m`` positive val indices with the smallest val keys), never from train.
+rule of Hou et al., ACL 2020), with the k negatives each label's one-vs-rest classifier needs: the support is the union
+over labels of each label's ``k`` positive and ``k`` negative train indices with the smallest keys (the same keys as
+above). An image positive for several labels counts for each, so frequent labels get more than k positives; the
+pruning step of Hou et al. (dropping images whose removal keeps every label at k) is left out because it would break
+nesting across k. Validation sets are drawn the same way from the val split (each label's ``m`` positive and ``m``
+negative val indices with the smallest val keys), never from train.
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ def multilabel(labels: np.ndarray) -> bool:
 
 
 def class_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Images per class 0..n_classes-1 (multi-label: positive images per label); a negative label (an image of no
-    class the cell knows: under ``cross-dataset`` a source class no target class maps to) counts for none."""
+    """Images per class 0..n_classes-1 (multi-label: the fewer of each label's positive and negative images); a negative
+    label (an image of no class the cell knows: under ``cross-dataset`` a source class no target class maps to) counts
+    for none."""
     labels = np.asarray(labels, dtype=np.int64)
     if multilabel(labels):
-        return labels.sum(axis=0)[:n_classes] if len(labels) else np.zeros(n_classes, int)
+        positives = labels.sum(axis=0)[:n_classes] if len(labels) else np.zeros(n_classes, int)
+        return np.minimum(positives, len(labels) - positives)
     return np.bincount(labels[labels >= 0], minlength=n_classes)[:n_classes] if len(labels) else np.zeros(n_classes, int)
 
 
@@ -83,8 +86,8 @@ def check_shots(shots: list[int], labels: np.ndarray, n_classes: int, dataset: s
     named = f" ({class_names[which]})" if class_names is not None else ""
     for k in shots:
         if k > smallest and multilabel(labels):
-            raise UserError(f"{k} shots is more than {dataset}'s rarest train label has positive images ({smallest} of "
-                            f"label {which}{named}); use --shots up to {smallest}")
+            raise UserError(f"{k} shots is more than {dataset}'s train split has positive or negative images of label "
+                            f"{which}{named} ({smallest}); use --shots up to {smallest}")
         if k > smallest:
             raise UserError(
                 f"{k} shots is more than {dataset}'s smallest train class has "
@@ -110,9 +113,11 @@ def sample_support(labels: np.ndarray, n_classes: int, k: int, seed: int, datase
 
 
 def _union_of_positives(labels: np.ndarray, k: int, key) -> set[int]:
+    """Each label's k positive and k negative indices with the smallest keys, their union."""
     chosen: set[int] = set()
     for c in range(labels.shape[1]):
-        chosen.update(sorted(np.flatnonzero(labels[:, c] == 1).tolist(), key=key)[:k])
+        for side in (1, 0):
+            chosen.update(sorted(np.flatnonzero(labels[:, c] == side).tolist(), key=key)[:k])
     return chosen
 
 

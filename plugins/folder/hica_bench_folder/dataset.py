@@ -106,12 +106,13 @@ class FolderDataset:
         # seeded split records, put in the dataset's root, then has the folder's name, hence its support sets
         self.name = name or (self.root.resolve().parent.name if self.root.is_file() else self.root.resolve().name) or "folder"
         self.class_names = found.classes
-        self.task = "binary-class" if len(self.class_names) == 2 else "multi-class"
+        self.task = "multi-label" if found.multilabel else "binary-class" if len(self.class_names) == 2 else "multi-class"
+        self.multilabel = found.multilabel
         self.layout, self.split_by = found.kind, found.split_by
         if len(self.class_names) < 2:
             raise UserError(f"{self.root} has one class ({self.class_names[0]}); a classification dataset needs two or more")
         for split in ("train", "test"):  # every class in both, else its AUC (and the protocol) is undefined
-            missing = [c for c in self.class_names if not any(e.label == c and e.split == split for e in found.entries)]
+            missing = [c for c in self.class_names if not any(found.has(e, c) and e.split == split for e in found.entries)]
             if missing:
                 why = (f"with test_fraction={test_fraction:g} of its images rounding to none; add images or raise "
                        "test_fraction" if split == "test" and found.split_by != "official" else f"in {self.root}")
@@ -136,6 +137,9 @@ class FolderDataset:
                         self.folder / "dataset.json")
 
     # ------------------------------------------------------------------ identity
+    def _has(self, entry: layout.Entry, name: str) -> bool:
+        return layout.Layout("", [], [], "", self.multilabel).has(entry, name)
+
     def _digests(self, entries: list[layout.Entry], cache_dir: Path) -> list[str]:
         """Every file's sha256, remembered per file version under the cache folder (a second run reads no pixels)."""
         advance = data.progress(f"{self.name}: reading {len(entries)} files", len(entries))
@@ -196,14 +200,18 @@ class FolderDataset:
             (partial / "rgb.npy").unlink()
             kept = [entries[i] for i in keep]
             for split in ("train", "test"):  # the files left out must not leave a class without images (as above)
-                missing = [c for c in self.class_names if not any(e.label == c and e.split == split for e in kept)]
+                missing = [c for c in self.class_names if not any(self._has(e, c) and e.split == split for e in kept)]
                 if missing:
                     raise UserError(f"{self.root}: with its {len(problems)} unreadable files left out "
                                     f"(--skip-bad-images), class {', '.join(missing)} has no {split} images; fix or "
                                     "replace those files")
             for i, why in problems:
                 log.warning("skipped %s: %s", entries[i].path, why)
-            labels = np.array([self.class_names.index(e.label) for e in kept], np.int64)
+            if self.multilabel:  # (N, C) in {0, 1}
+                labels = np.array([[int(self._has(e, c)) for c in self.class_names] for e in kept], np.int64).reshape(
+                    len(kept), len(self.class_names))
+            else:
+                labels = np.array([self.class_names.index(e.label) for e in kept], np.int64)
             np.save(partial / "labels.npy", labels, allow_pickle=False)
             ranges, start = {}, 0
             for split in layout.SPLITS:
@@ -212,7 +220,7 @@ class FolderDataset:
                 start += count
             record = io.StringIO()
             writer = csv.writer(record, lineterminator="\n")
-            writer.writerow(["path", "label", "split"])
+            writer.writerow(["path", "labels" if self.multilabel else "label", "split"])
             writer.writerows([e.name, e.label, e.split] for e in kept)
             (partial / "split.csv").write_text(record.getvalue(), encoding="utf-8")
             (partial / "dataset.json").write_text(json.dumps({

@@ -4,7 +4,10 @@
   ``validation``/``testing`` are read as their short names, in any letter case);
 - ``ROOT/<class>/<file>``: a seeded, stratified split (:func:`seeded_split`);
 - a CSV manifest ``path,label[,split]`` (a header row naming the columns; paths relative to the CSV's folder; other
-  columns are ignored): rows in file order; without a ``split`` column, the seeded split.
+  columns are ignored): rows in file order; without a ``split`` column, the seeded split. A ``labels`` column instead
+  of ``label`` makes a **multi-label** dataset: each image's labels separated by ``|`` (ChestX-ray14's
+  ``Finding Labels`` convention), none for an image without a finding (an empty field, or ``No Finding``); the
+  seeded split then stratifies by each image's combination of labels.
 
 In folders, files are found recursively below each class folder; names starting with ``.`` (``.DS_Store``, macOS
 ``._`` files) are skipped, as are files whose suffix is not an image's (listed in a warning); a file without a suffix
@@ -39,13 +42,14 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 SUFFIXES = PILLOW_SUFFIXES + DICOM_SUFFIXES
 MAX_LABEL = 200  #: characters of a class name in a CSV manifest
 MAX_PATH = 4096  #: characters of a path in a CSV manifest (PATH_MAX)
+MAX_LABELS = 1000  #: labels of one image in a multi-label manifest
 
 
 @dataclass(frozen=True)
 class Entry:
     path: Path  #: the file
     name: str  #: its path below the root (POSIX), or as the CSV gives it
-    label: str  #: its class name
+    label: str  #: its class name (multi-label: its labels, sorted, joined by ``|``; "" for none)
     split: str | None  #: train, val or test; None until :func:`seeded_split` assigns one
 
 
@@ -55,6 +59,11 @@ class Layout:
     classes: list[str]  #: sorted (see the module docstring)
     entries: list[Entry]  #: every file, each with its split
     split_by: str  #: "official" or the seeded split's description
+    multilabel: bool = False  #: from a manifest's ``labels`` column (each image has any number of the classes)
+
+    def has(self, entry: Entry, name: str) -> bool:
+        """Whether ``entry`` is of class ``name`` (multi-label: has that label)."""
+        return name in entry.label.split("|") if self.multilabel else entry.label == name
 
 
 def natural_key(text: str) -> tuple:
@@ -226,11 +235,14 @@ def _from_csv(manifest: Path) -> Layout:
     if not header:
         raise UserError(f"manifest {where} is empty; it needs a header row path,label[,split] and one row per image")
     columns = [c.strip().lower() for c in header]
-    missing = [c for c in ("path", "label") if c not in columns]
+    multilabel = "labels" in columns and "label" not in columns
+    missing = [c for c in ("path", "labels" if multilabel else "label") if c not in columns]
     if missing:
         raise UserError(f"manifest {where}: the header row names no {' and no '.join(missing)} column "
-                        f"(it has: {', '.join(header)}); expected path,label[,split]")
+                        f"(it has: {', '.join(header)}); expected path,label[,split] (or path,labels[,split])")
     at = {name: columns.index(name) for name in ("path", "label", "split") if name in columns}
+    if multilabel:
+        at["label"] = columns.index("labels")
     entries: list[Entry] = []
     seen: dict[Path, tuple[int, str]] = {}
     for line, row in enumerate(rows, start=2):
@@ -239,9 +251,14 @@ def _from_csv(manifest: Path) -> Layout:
         if len(row) < len(columns):
             raise UserError(f"manifest {where} line {line}: {len(row)} fields, the header has {len(columns)}")
         name, label = row[at["path"]].strip(), row[at["label"]].strip()
-        if not name or not label:
+        if multilabel:  # canonical: sorted, each once, "" for none
+            found = {part.strip() for part in label.split("|")} - {""}
+            label = "" if {f.casefold() for f in found} <= {"no finding"} else "|".join(sorted(found))
+            if len(found) > MAX_LABELS:
+                raise UserError(f"manifest {where} line {line}: {len(found)} labels; at most {MAX_LABELS}")
+        if not name or (not label and not multilabel):
             raise UserError(f"manifest {where} line {line}: empty {'path' if not name else 'label'}")
-        if len(label) > MAX_LABEL or len(name) > MAX_PATH:
+        if max(map(len, label.split("|"))) > MAX_LABEL or len(name) > MAX_PATH:
             what, length, most = ("label", len(label), MAX_LABEL) if len(label) > MAX_LABEL else ("path", len(name), MAX_PATH)
             raise UserError(f"manifest {where} line {line}: a {what} of {length:,} characters; at most {most:,}")
         if "\0" in name:
@@ -265,7 +282,8 @@ def _from_csv(manifest: Path) -> Layout:
         entries.append(Entry(path, name, label, split))
     if not entries:
         raise UserError(f"manifest {where} lists no images")
-    classes = class_order({e.label for e in entries})
+    classes = class_order({part for e in entries for part in e.label.split("|") if part} if multilabel
+                          else {e.label for e in entries})
     if len(classes) < 2:
         raise UserError(f"manifest {where} has one class ({classes[0]}); a classification dataset needs two or more")
     if "split" in at:
@@ -273,7 +291,7 @@ def _from_csv(manifest: Path) -> Layout:
         for needed in ("train", "test"):
             if needed not in found:
                 raise UserError(f"manifest {where}: no row is in the {needed} split")
-    return Layout("csv", classes, entries, "official" if "split" in at else "")
+    return Layout("csv", classes, entries, "official" if "split" in at else "", multilabel)
 
 
 def seeded_split(entries: list[Entry], classes: list[str], val_fraction: float, test_fraction: float,
@@ -284,8 +302,8 @@ def seeded_split(entries: list[Entry], classes: list[str], val_fraction: float, 
     with every library version; adding or removing a file leaves the order of the others as it was, so at most the
     few files of its class at a split's boundary move (as the counts change)."""
     by_class: dict[str, list[Entry]] = {c: [] for c in classes}
-    for entry in entries:
-        by_class[entry.label].append(entry)
+    for entry in entries:  # (multi-label: by each image's combination of labels)
+        by_class.setdefault(entry.label, []).append(entry)
     assigned: dict[int, str] = {}
     for members in by_class.values():
         n = len(members)

@@ -539,3 +539,46 @@ def test_the_documented_own_data_commands_work_as_written(medmnist_root, tmp_pat
         assert (tmp_path / "runs" / run / "leaderboard.md").is_file()
     kermany = [json.loads(line) for line in (tmp_path / "runs" / "kermany" / "results.jsonl").read_text().splitlines()]
     assert {r["n_test"] for r in kermany} == {40}  # 20 real test X-rays per class, from PneumoniaMNIST's test split
+
+
+def test_a_multilabel_csv_manifest_is_a_multilabel_dataset_and_runs(breast, medmnist_root, tmp_path):
+    """A manifest with a ``labels`` column (ChestX-ray14's ``|``-separated findings, ``No Finding`` for none): a
+    multi-label dataset, labels (N, L) in {0, 1}, a seeded split stratified by label combination and recorded with its
+    labels, and a run that scores each finding one-vs-rest."""
+    rng = np.random.default_rng(2)
+    names = ["effusion", "mass", "nodule"]
+    root = tmp_path / "cxr"
+    root.mkdir()
+    rows, truth = ["path,labels,age"], {}
+    for i, x in enumerate(breast["train_images"][:80]):
+        found = [n for n in names if rng.random() < 0.35]
+        image = x.copy()
+        for n in found:
+            j = names.index(n)
+            image[2:8, 2 + 8 * j:8 + 8 * j] = 255
+        Image.fromarray(image).save(root / f"{i}.png")
+        rows.append(f"{i}.png,{'|'.join(reversed(found)) if found else 'No Finding'},{40 + i % 30}")
+        truth[f"{i}.png"] = [int(n in found) for n in names]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    dataset = folder(root / "labels.csv", tmp_path / "cache")
+    check_dataset(dataset)
+    assert dataset.task == "multi-label" and dataset.class_names == names
+    record = dataset.split_record.read_text().splitlines()
+    assert record[0] == "path,labels,split"
+    by_split = {"train": [], "val": [], "test": []}
+    for line in record[1:]:
+        name, labels, split = line.split(",")
+        by_split[split].append(truth[name])
+        assert labels == "|".join(n for n, t in zip(names, truth[name]) if t)  # sorted, "" for No Finding
+    for split, expected in by_split.items():
+        assert np.array_equal(dataset.split(split).labels, np.asarray(expected).reshape(-1, 3))
+    shutil.copy(dataset.split_record, root / "split.csv")  # the recorded split, given back as the manifest, pins it
+    pinned = folder(root / "split.csv", tmp_path / "cache")
+    assert pinned.task == "multi-label" and all(
+        np.array_equal(pinned.split(s).labels, dataset.split(s).labels) for s in ("train", "val", "test"))
+    code, _, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets",
+                          f"folder:root={root / 'labels.csv'}", "--methods", "prototype", "--shots", "1,2",
+                          "--seeds", "0", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "o", "--no-report")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert {r["status"] for r in records} == {"ok"} and all(r["multilabel"]["labels"] == names for r in records)

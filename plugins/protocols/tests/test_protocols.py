@@ -401,9 +401,9 @@ def _chestmnist_file(root: Path, medmnist_root: Path, sizes=(300, 60, 120)) -> P
 
 
 def test_the_multilabel_support_is_each_labels_k_positives_nested(tmp_path, medmnist_root):
-    """The per-label rule recomputed from its text: the union over labels of each label's k positive train images with
-    the smallest sha256("chestmnist|seed|i"); every label has at least k positives in it; nested across k; the
-    validation set is the same rule on the val split (m = min(k, 4) per label)."""
+    """The per-label rule recomputed from its text: the union over labels of each label's k positive and k negative
+    train images with the smallest sha256("chestmnist|seed|i"); every label has at least k positives and k negatives in
+    it; nested across k; the validation set is the same rule on the val split (m = min(k, 4) per label)."""
     root = _chestmnist_file(tmp_path / "data", medmnist_root)
     with np.load(root / "chestmnist.npz") as data:
         labels = {split: data[f"{split}_labels"].astype(np.int64) for split in ("train", "val")}
@@ -412,12 +412,16 @@ def test_the_multilabel_support_is_each_labels_k_positives_nested(tmp_path, medm
         episode = episodes.FewShotVal().episode(labels, FINDINGS, k, 3, "chestmnist")
         expected = set()
         for j in range(FINDINGS):
-            expected |= set(_ranked(np.flatnonzero(labels["train"][:, j]).tolist(), "chestmnist|3")[:k])
+            for side in (0, 1):
+                expected |= set(_ranked(np.flatnonzero(labels["train"][:, j] == side).tolist(), "chestmnist|3")[:k])
         assert episode.support.tolist() == sorted(expected)
-        assert (labels["train"][episode.support].sum(axis=0) >= k).all()
+        positives = labels["train"][episode.support].sum(axis=0)
+        assert (positives >= k).all() and (len(episode.support) - positives >= k).all()
         validation = set()
         for j in range(FINDINGS):
-            validation |= set(_ranked(np.flatnonzero(labels["val"][:, j]).tolist(), "chestmnist|val|3")[:min(k, 4)])
+            for side in (0, 1):
+                validation |= set(_ranked(np.flatnonzero(labels["val"][:, j] == side).tolist(),
+                                          "chestmnist|val|3")[:min(k, 4)])
         assert episode.validation_split == "val" and episode.validation.tolist() == sorted(validation)
         if previous is not None:
             assert set(previous.support) <= set(episode.support) and set(previous.validation) <= set(episode.validation)
