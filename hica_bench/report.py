@@ -407,7 +407,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
                                                       test.note, section.protocol)))
         notes = sorted({t.note for t in section.tests.values() if t.note}) + section.notes
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
-                      "novel": _base_to_novel(section),
+                      "novel": _base_to_novel(section), "multilabel": _multilabel(section),
                       "curves": curves(section, figures, svg), "reliability": reliability(section, figures, svg),
                       "cost": _cost(section), "reference": section.reference.label if section.reference else None,
                       "notes": notes, "bootstrap": [(label, k, f"{100 * lo:.1f}–{100 * hi:.1f}", n)
@@ -513,6 +513,24 @@ def _base_to_novel(section: Section) -> list[tuple[str, list[str]]]:
                 cells.append(f"{100 * base:.1f} / {100 * mean:.1f} / {100 * harmonic_mean(base, mean):.1f}")
         body.append((row.label, cells))
     return body
+
+
+def _multilabel(section: Section) -> dict[str, Any] | None:
+    """A multi-label section's mean AP per method and k (percent, mean over seeds) and each label's AUC at the largest
+    k; None for any other section."""
+    results = [r for row in section.rows for cells in row.cells.values() for r in cells.values()]
+    scored = [r.multilabel for r in results if r.multilabel is not None]
+    if not scored:
+        return None
+    labels, top = scored[0].labels, max(section.shots)
+    ap, per_label = [], []
+    for row in section.rows:
+        ap.append((row.label, [_number(100 * float(np.mean([r.multilabel.mean_ap for r in row.cells[k].values()])))
+                               if row.cells.get(k) else "—" for k in section.shots]))
+        seeds = list(row.cells.get(top, {}).values())
+        per_label.append((row.label, [_number(100 * float(np.mean(values))) if values else "—" for values in (
+            [r.multilabel.auc[j] for r in seeds if r.multilabel.auc[j] is not None] for j in range(len(labels)))]))
+    return {"labels": labels, "k": top, "ap": ap, "per_label": per_label}
 
 
 def _inflation(results: list[CellResult]) -> list[tuple[str, list[str], list[list[str]]]]:

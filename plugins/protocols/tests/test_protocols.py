@@ -316,7 +316,7 @@ def test_a_cross_dataset_run_fits_on_the_source_and_scores_on_each_target(tmp_pa
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(TEST_PLUGINS))
         code, _, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", f"pneumoniamnist,{target}",
-                              "--methods", "prototype,linear-probe", "--protocols",
+                              "--methods", "prototype,knn", "--protocols",
                               f"few-shot,cross-dataset:source=pneumoniamnist:mapping={tmp_path / 'map.yaml'}",
                               "--shots", "1,5", "--seeds", "0,1", "--data-root", medmnist_root,
                               "--cache-dir", tmp_path / "cache", "--out", tmp_path / "o", "--no-report")
@@ -345,6 +345,9 @@ def test_a_cross_dataset_run_fits_on_the_source_and_scores_on_each_target(tmp_pa
     assert len(transfer) == 2 * 2 * 2 and (transfer["n"] == 2).all()
     board = (tmp_path / "o" / "leaderboard.md").read_text()
     assert "# Cross-dataset transfer" in board and f"→ {target}" in board
+    code, _, err = invoke("report", tmp_path / "o", "--out", tmp_path / "r")
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert code == 0 and '<h2 id="transfer">Cross-dataset transfer</h2>' in page and "→ pneumoniamnist" in page, err
 
 
 @pytest.mark.parametrize("protocol_text, mapping, message", [
@@ -438,7 +441,7 @@ def test_chestmnist_runs_one_vs_rest_with_mean_auc_mean_ap_and_per_label_auc(tmp
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(TEST_PLUGINS))
         code, out, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "chestmnist",
-                                "--methods", "prototype,linear-probe,finetune", "--protocols", "few-shot,few-shot-val",
+                                "--methods", "prototype,knn,finetune", "--protocols", "few-shot,few-shot-val",
                                 "--shots", "2", "--seeds", "0", "--data-root", root, "--cache-dir", tmp_path / "cache",
                                 "--out", tmp_path / "o", "--no-report", "--save-predictions")
     assert code == 0, err
@@ -464,10 +467,13 @@ def test_chestmnist_runs_one_vs_rest_with_mean_auc_mean_ap_and_per_label_auc(tmp
         if r["key"]["protocol"] == "few-shot-val":
             chosen = r["fit_info"]["one_vs_rest"]
             assert len(chosen) == FINDINGS and all(c["selection"]["rule"] == "validation" for c in chosen)
-    linear = [r["metrics"]["auc"] for r in records if r["key"]["method"] == "linear-probe"]
-    assert min(linear) > 0.65  # the findings' marks are learnt from 2 positives a label (chance: 0.5)
+    learnt = [r["metrics"]["auc"] for r in records if r["key"]["method"] == "prototype"]
+    assert min(learnt) > 0.65  # the findings' marks are learnt from 2 positives a label (chance: 0.5)
     board = (tmp_path / "o" / "leaderboard.md").read_text()
     assert "**AP**" in board and "**AUC per label (2-shot)**" in board and "hernia" in board
+    code, _, err = invoke("report", tmp_path / "o", "--out", tmp_path / "r")
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert code == 0 and "<h3>AP (multi-label)</h3>" in page and "<th>hernia</th>" in page, err
 
 
 def test_bad_multilabel_input_is_one_line(tmp_path, medmnist_root):
