@@ -11,7 +11,9 @@ labels. What cannot be computed (one seed, no seeds in common) is said in words,
   Wilcoxon signed-rank test on the per-seed differences (``scipy.stats.wilcoxon``, two-sided, zero differences split
   between the signs, exact where scipy can be). Chosen over the paired t-test because per-seed accuracy differences at
   1-5 shots are far from normal (a few support sets fail badly); with fewer than 6 seeds it cannot reach p < 0.05 and
-  the report says so. All differences zero: p = 1.
+  the report says so. All differences zero: p = 1. The differences are rounded to :data:`DIFF_DECIMALS` decimals
+  first: metrics are ratios of counts, so differences equal in size (±4/4788) must tie in the ranking, which floating
+  point would break by a few bits (scipy then ranks them as distinct and misses its tie correction).
 - **Holm's correction** (``statsmodels.stats.multitest.multipletests``) over every paired test of one table (one
   dataset, encoder and metric: every method and k); a mark needs the corrected p < 0.05.
 - **Across datasets and shots**: blocks are (dataset, k) pairs, treatments the methods with a mean in every block;
@@ -85,6 +87,11 @@ class Paired:
         return "▲" if self.difference > 0 else "▼"
 
 
+#: Per-seed differences are rounded to this many decimals before they are ranked: far below any real difference of
+#: two ratios of counts (1/N for a test split of N <= 10^8 images), far above floating-point noise (~1e-16).
+DIFF_DECIMALS = 9
+
+
 def paired_test(method: Mapping[int, float], reference: Mapping[int, float]) -> Paired:
     """Wilcoxon signed-rank over the seeds ``method`` and ``reference`` (seed -> value) have in common."""
     from scipy import stats
@@ -93,7 +100,7 @@ def paired_test(method: Mapping[int, float], reference: Mapping[int, float]) -> 
                    if not _missing(method[s]) and not _missing(reference[s]))
     if not seeds:
         return Paired(0, None, None, "no seeds in common, not computed")
-    diffs = np.array([method[s] - reference[s] for s in seeds], float)
+    diffs = np.round(np.array([method[s] - reference[s] for s in seeds], float), DIFF_DECIMALS)
     difference = float(diffs.mean())
     if len(seeds) < 2:
         return Paired(1, difference, None, "n = 1, not computed")

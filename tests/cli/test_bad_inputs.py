@@ -143,7 +143,6 @@ CASES = [
     # data
     Case("data-root-missing", ["--data-root", "{tmp}/nowhere"], "does not exist or is not a directory"),
     Case("file-missing-offline", ["--data-root", "{tmp}", "--no-download"], "breastmnist.npz is missing from"),
-    Case("multi-label-dataset", ["--datasets", "chestmnist"], "chestmnist is multi-label"),
     Case("npz-missing-key", ["--datasets", "bloodmnist", "--data-root", "{data}"], "lacks the arrays test_labels",
          setup=_npz(lambda a: a.pop("test_labels"))),
     Case("npz-wrong-dtype", ["--datasets", "bloodmnist", "--data-root", "{data}"], "train_images has dtype float32",

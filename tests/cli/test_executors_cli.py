@@ -71,3 +71,31 @@ def test_an_address_nothing_listens_on_is_one_line(reference, medmnist_root, tmp
                                   "--ray-address", f"127.0.0.1:{free_port()}")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "nothing answers there" in err, err
     assert time.perf_counter() - start < 60  # Ray alone would retry for minutes
+
+
+def test_a_ray_worker_rebuilds_a_transfer_from_its_two_datasets(medmnist_root, tmp_path):
+    """What a Ray worker does with a cross-dataset cell's dataset reference (the transfer's target, with its source and
+    class matching): it builds both datasets and the transfer, whose identity must be the driver's; a different class
+    matching is another transfer, refused as other contents."""
+    import dataclasses
+
+    import numpy as np
+
+    from hica_bench import executors
+    from hica_bench.errors import UserError
+    from hica_bench.registry import load_registry
+    from hica_bench.transfer import TransferDataset
+
+    registry = load_registry()
+    source, target = (registry.choose("dataset", name) for name in ("pneumoniamnist", "breastmnist"))
+    build = dict(root=str(medmnist_root), size=28, download=False, cache_dir=tmp_path)
+    driver = TransferDataset(source.build(**build), target.build(**build), np.array([1, 0]), source.label, target.label)
+    context = executors.WorkerContext(registry.recipe, str(medmnist_root), str(tmp_path), "cpu", 28, None)
+    ref = dataclasses.replace(executors.ChoiceRef.of(target), source=executors.ChoiceRef.of(source), class_map=(1, 0))
+    state = executors._WorkerState(context)
+    rebuilt = state.dataset(ref, driver.identity)
+    assert isinstance(rebuilt, TransferDataset) and rebuilt.identity == driver.identity
+    assert np.array_equal(rebuilt.split("train").labels, 1 - source.build(**build).split("train").labels)
+    assert np.array_equal(rebuilt.split("test").labels, driver.target.split("test").labels)
+    with pytest.raises(UserError, match="has other contents there"):
+        executors._WorkerState(context).dataset(dataclasses.replace(ref, class_map=(0, 1)), driver.identity)

@@ -21,11 +21,9 @@ from conftest import TEST_PLUGINS, hica_bench, invoke
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'hica-bench[ray]')")
 
-#: three protocols: the plain one, one whose cells need the val split's features (in a Ray worker too), and a transfer
-#: (its source scored on itself: the dataset a worker rebuilds is a transfer of two datasets)
+#: two protocols: the plain one, and one whose cells need the val split's features (in a Ray worker too)
 GRID = ["--encoder", "pixels", "--datasets", "breastmnist", "--methods", "linear-probe,prototype,knn",
-        "--protocols", "few-shot,few-shot-val,cross-dataset:source=breastmnist", "--shots", "1,5", "--seeds", "0,1",
-        "--no-report", "-q"]
+        "--protocols", "few-shot,few-shot-val", "--shots", "1,5", "--seeds", "0,1", "--no-report", "-q"]
 #: What a cell computed; its timings and the machine that ran it may differ between executors.
 COMPUTED = ("status", "metrics", "per_class", "n_support", "n_test", "fit_info", "identity")
 

@@ -110,3 +110,21 @@ def test_the_probe_budget_counts_a_shared_train_split_once(medmnist_root, tmp_pa
     needs = {"prototype": cell.method_needs(grid.methods[0])}
     work = plan.work(grid, datasets, needs)
     assert work.count == 546 + 3 * 156
+
+
+def test_rbe_leaves_out_and_names_the_terms_whose_alexnet_excess_is_at_most_the_floor():
+    """PneumoniaMNIST: AlexNet's excess errors on contrast_up (-0.0056) and gamma_corr_up (-0.0048) are below the floor,
+    so their rBE terms (which would flip sign) are left out and named; BE keeps every corruption. By hand, with a clean
+    error of 0.10 and errors 0.20 (pixelate), 0.13 (contrast_up), 0.12 (gamma_corr_up): BE = mean(0.20 / 0.22103,
+    0.13 / 0.09530, 0.12 / 0.09607); rBE = (0.20 - 0.10) / (0.22103 - 0.10085) alone = 0.8321."""
+    from hica_bench.corruptions import ALEXNET, RBE_FLOOR, balanced_error_scores
+
+    a = ALEXNET["pneumoniamnist"]
+    errors = {("pixelate", 1): 0.20, ("contrast_up", 1): 0.13, ("gamma_corr_up", 2): 0.12}
+    be, rbe, left_out = balanced_error_scores("pneumoniamnist", 0.10, errors)
+    assert left_out == ["contrast_up", "gamma_corr_up"] and RBE_FLOOR == 0.02
+    assert be == pytest.approx(np.mean([0.20 / a["pixelate"], 0.13 / a["contrast_up"], 0.12 / a["gamma_corr_up"]]))
+    assert rbe == pytest.approx(0.10 / (a["pixelate"] - a["clean"])) and rbe == pytest.approx(0.8321, abs=1e-4)
+    _, rbe_only_left_out, named = balanced_error_scores("pneumoniamnist", 0.10, {("contrast_up", 1): 0.13})
+    assert rbe_only_left_out is None and named == ["contrast_up"]
+    assert balanced_error_scores("folder", 0.1, errors) == (None, None, [])

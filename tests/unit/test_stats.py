@@ -127,3 +127,19 @@ def test_friedman_of_ties_in_every_block_is_not_computed_and_warns_nothing():
         warnings.simplefilter("error")  # scipy's 0/0 would be a RuntimeWarning on stderr of every run and report
         result = stats.friedman(table)
     assert result.p is None and result.note == "every method tied in every block, not computed"
+
+
+def test_differences_equal_in_size_tie_as_exact_counts_do():
+    """Per-seed AUC differences of ±4/4788 and ±12/4788 computed from floats come out a few bits apart; the test must
+    rank them as the ties they are: its p is scipy's tie-aware p on the exact counts (hand-checkable: the signed
+    ranks of counts 4, -4, 4, 4, 12, -12, 4, 4, 12, 4)."""
+    from scipy import stats as scipy_stats
+
+    counts = np.array([4, -4, 4, 4, 12, -12, 4, 4, 12, 4])
+    reference = {seed: 0.61 + 0.0173 * seed for seed in range(10)}
+    method = {seed: reference[seed] + counts[seed] / 4788 for seed in range(10)}
+    raw = np.array([method[s] - reference[s] for s in range(10)])
+    assert len(set(np.abs(raw).tolist())) > 2  # floating point broke the ties
+    expected = scipy_stats.wilcoxon(counts, zero_method="zsplit", alternative="two-sided").pvalue
+    assert stats.paired_test(method, reference).p == pytest.approx(expected, abs=1e-12)
+    assert scipy_stats.wilcoxon(raw, zero_method="zsplit").pvalue != pytest.approx(expected, abs=1e-6)
