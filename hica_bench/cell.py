@@ -56,6 +56,10 @@ class Cell:
     #: the dataset it runs on when it is not its grid dataset itself (cross-dataset: a
     #: :class:`~hica_bench.transfer.TransferDataset`, named by ``dataset_label``); never sent to a Ray worker
     dataset: Any = None
+    #: why it is not applicable, when its method's needs tell before anything is encoded (the encoder pair cannot
+    #: serve them): recorded without running (:func:`known_not_applicable`)
+    not_applicable: str | None = None
+    n_test: int | None = None  #: the test images it would be scored on (for a record made without running)
 
 
 def scored(episode: Episode | None, labels: np.ndarray, classes: str = "base") -> tuple[np.ndarray | None, np.ndarray]:
@@ -110,6 +114,24 @@ def check_needs(needs: Any, pair: EncoderPair, encoder_label: str) -> frozenset[
     if needs & {"text_encoder", "class_texts", "aligned_encoders"} and pair.card.text is None:
         raise NotApplicable(f"needs a text encoder; {encoder_label} has none")
     return frozenset(needs)
+
+
+def known_not_applicable(method: Choice, pair: EncoderPair, encoder_label: str) -> str | None:
+    """Why ``method`` cannot run on ``pair`` at all, when its declared needs tell (an aligned pair, a text encoder:
+    :func:`check_needs`, from the pair's card): its cells are recorded not applicable before anything is encoded,
+    with the reason a run of the cell would give. None when only running a cell can tell."""
+    try:
+        check_needs(method_needs(method), pair, encoder_label)
+    except NotApplicable as exc:
+        return str(exc)
+    return None
+
+
+def decided_result(cell: Cell) -> CellResult:
+    """The record of a cell decided not applicable before encoding (:func:`known_not_applicable`): what running it
+    would record (status, reason, support and test sizes), without running it."""
+    return CellResult(cell.key, cell.identity, Status.NOT_APPLICABLE, reason=cell.not_applicable,
+                      n_support=len(cell.support), n_test=cell.n_test)
 
 
 #: needs that take the support images' features (the train split is encoded only for a cell whose method has one)

@@ -36,3 +36,9 @@ class Events:
 
     def cell_done(self, result: CellResult) -> None:
         """A cell finished and its record is in the results file."""
+
+    def decided(self, encoder: str, results: list[CellResult]) -> None:
+        """Cells whose outcome the methods' needs told before anything was encoded (not applicable on ``encoder``'s
+        pair) are in the results file; by default each is reported as a finished cell."""
+        for result in results:
+            self.cell_done(result)

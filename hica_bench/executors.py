@@ -184,6 +184,12 @@ class _WorkerState:
 _STATES: dict[WorkerContext, _WorkerState] = {}
 
 
+def worker_dataset(context: WorkerContext, ref: ChoiceRef, identity: str) -> Any:
+    """The dataset a Ray worker builds for ``ref`` in ``context`` (a transfer's from both its datasets), checked against
+    the driver's ``identity`` (other contents there are one line)."""
+    return _state(context).dataset(ref, identity)
+
+
 def _state(context: WorkerContext) -> _WorkerState:
     if context not in _STATES:
         _STATES.clear()  # one run's plugins and data at a time per worker process

@@ -295,7 +295,10 @@ def pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Few
     identity holds its protocol (and its validation set) only when its episode is more than a plain k-shot support.
     ``datasets``: the grid's datasets by label (a cross-dataset protocol's source is one of them)."""
     pending, skipped, elsewhere = [], 0, 0
+    known = {method.label: cell_module.known_not_applicable(method, pair, encoder.label) for method in grid.methods}
     for p, (protocol_choice, made, drawn, on, on_label) in enumerate(episodes(grid, dataset_choice, dataset, datasets)):
+        test_labels = np.asarray(on.split("test").labels)
+        test_labels = test_labels[:rows(grid, "test", len(test_labels))]
         for m, method in enumerate(grid.methods):
             origin = Origin(
                 harness=__version__, dataset=dataset_choice.ref, dataset_identity=dataset.identity, size=grid.size,
@@ -325,7 +328,9 @@ def pending(grid: Grid, registry: Registry, dataset_choice: Choice, dataset: Few
                                   protocol=protocol_choice.label if protocol_choice is not None else "few-shot")
                     pending.append(Cell(method, key, identity, np.asarray(episode.support), prompt_file, on_label,
                                         episode=episode, protocol_title=made.title,
-                                        dataset=on if on is not dataset else None))
+                                        dataset=on if on is not dataset else None,
+                                        not_applicable=known[method.label],
+                                        n_test=len(cell_module.scored(episode, test_labels)[1])))
     return pending, skipped, elsewhere
 
 
@@ -380,6 +385,8 @@ class EncoderJob:
     extractor: FeatureExtractor
     needs: dict[str, frozenset[str]]
     work: list[tuple[str, FewShotDataset, list[Cell]]]
+    #: pending cells decided not applicable before encoding (their methods' needs tell): recorded, never run
+    decided: list[Cell] = field(default_factory=list)
 
     def splits(self, dataset: FewShotDataset, cells: list[Cell]) -> list[tuple[str, np.ndarray]]:
         """The splits these cells need encoded, each with the labels of the rows they use (zero-shot alone: no train
@@ -440,7 +447,7 @@ def encoder_job(grid: Grid, settings: Settings, registry: Registry, events: Even
                                  work=work(grid, datasets, needs, settings.volume), volume=settings.volume)
     events.stage(f"{encoder.label}: encoder settings (probed once per encoder and machine, then remembered)")
     extractor.tuning  # chosen now, before any cell (the settings are part of every identity)
-    cells_by_dataset, skipped, elsewhere = [], 0, 0
+    cells_by_dataset, skipped, elsewhere, decided = [], 0, 0, []
     for d, choice in enumerate(grid.datasets):
         dataset = datasets[choice.label]
         in_shard = (lambda p, m, k, s, d=d: True) if settings.shard is None else (
@@ -450,11 +457,14 @@ def encoder_job(grid: Grid, settings: Settings, registry: Registry, events: Even
                                                       datasets)
         skipped += skipped_here
         elsewhere += elsewhere_here
+        decided += [c for c in cells if c.not_applicable is not None]
+        cells = [c for c in cells if c.not_applicable is None]
         cells_by_dataset.append((choice.label, dataset, [c for c in cells if c.dataset is None]))
         for label in dict.fromkeys(c.dataset_label for c in cells if c.dataset is not None):  # transfers, in grid order
             theirs = [c for c in cells if c.dataset_label == label]
             cells_by_dataset.append((label, theirs[0].dataset, theirs))
-    return EncoderJob(grid, settings, registry, events, encoder, pair, extractor, needs, cells_by_dataset), skipped, elsewhere
+    job = EncoderJob(grid, settings, registry, events, encoder, pair, extractor, needs, cells_by_dataset, decided)
+    return job, skipped, elsewhere
 
 
 

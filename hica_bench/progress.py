@@ -43,6 +43,20 @@ class _Counts:
         self.ok += result.status is Status.OK
         self.failed += result.status is Status.FAILED
 
+    def __str__(self) -> str:
+        return (f"{self.done}/{self.total}: {self.ok} ok, {self.done - self.ok - self.failed} not applicable, "
+                f"{self.failed} failed")
+
+
+def decided_lines(encoder: str, results: list[CellResult]) -> list[str]:
+    """One line per reason for cells decided not applicable before encoding: how many, which methods, why."""
+    by_reason: dict[str, list[CellResult]] = {}
+    for result in results:
+        by_reason.setdefault(result.reason or "", []).append(result)
+    return [f"{encoder}: {len(found)} cells not applicable, decided before encoding "
+            f"({', '.join(dict.fromkeys(r.key.method for r in found))}): {reason}"
+            for reason, found in by_reason.items()]
+
 
 class LiveEvents(Events):
     """A rich live display: the current step, the encoder pass with its images/s and ETA, and the cells with done and
@@ -97,6 +111,12 @@ class LiveEvents(Events):
             self.progress.remove_task(self._split)
             self._split = None
 
+    def decided(self, encoder: str, results: list[CellResult]) -> None:
+        for result in results:
+            self.counts.add(result)
+        if self._cells is not None and results:
+            self.progress.advance(self._cells, len(results))
+
     def task(self, text: str, total: int) -> Callable[[int], None]:
         self._end_stage()
         task = self._stage = self.progress.add_task(escape(text), total=total, rate="")
@@ -121,8 +141,10 @@ class LiveEvents(Events):
 
 
 class LogEvents(Events):
-    """Plain timestamped lines: each step, each encoder pass (with its images/s and ETA every ``every`` seconds), each
-    cell with its outcome, and a line at least every ``heartbeat`` seconds while a long step runs."""
+    """Plain timestamped lines: each step, each encoder pass (with its images/s and ETA every ``every`` seconds), the
+    cells' counts every ``every`` seconds and when an encoder's cells are done (each failed cell on a line of its own,
+    with its reason; every cell's outcome is in the results file), one line per reason for the cells decided not
+    applicable before encoding, and a line at least every ``heartbeat`` seconds while a long step runs."""
 
     def __init__(self, stream: TextIO | None = None, every: float = 10.0, heartbeat: float = 60.0) -> None:
         self.stream = stream
@@ -132,6 +154,7 @@ class LogEvents(Events):
         self._last = time.monotonic()
         self._doing, self._since = "", time.monotonic()
         self._started = False  # nothing but the heartbeat before the grid is known
+        self._cells_line = time.monotonic()  # when the cells' counts were last logged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -207,6 +230,15 @@ class LogEvents(Events):
     def cell_done(self, result: CellResult) -> None:
         self.counts.add(result)
         c = self.counts
-        self._line(f"cell {c.done}/{c.total} {_cell(result.key)}: {_outcome(result)} "
-                   f"[{c.ok} ok, {c.failed} failed]")
+        if result.status is Status.FAILED:
+            self._line(f"cell {c.done}/{c.total} {_cell(result.key)}: {_outcome(result)}")
+        elif c.done == c.total or time.monotonic() - self._cells_line >= self.every:
+            self._line(f"cells {c} (last: {_cell(result.key)}: {_outcome(result)})")
+            self._cells_line = time.monotonic()
         self._doing = ""
+
+    def decided(self, encoder: str, results: list[CellResult]) -> None:
+        for result in results:
+            self.counts.add(result)
+        for line in decided_lines(encoder, results):
+            self._line(line)

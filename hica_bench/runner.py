@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hica_bench import executors, plan
-from hica_bench.cell import method_needs
+from hica_bench.cell import decided_result, method_needs
 from hica_bench.events import Events
 from hica_bench.extraction import ExtractionRecord, Tuning
 from hica_bench.files import atomic_write, digests_remembered_in
@@ -93,6 +93,14 @@ def _record(job: plan.EncoderJob, executor: executors.InProcess | executors.RayE
     settings, extractor = job.settings, job.extractor
     env = None  # worked out after the first features are served: it records whether the run loaded torch
     identities = {label: dataset.identity for label, dataset, _ in job.work}
+    if job.decided:  # known before encoding: recorded now, said once per reason
+        here = environment(settings.device, extractor.describe())
+        results = [decided_result(cell) for cell in job.decided]
+        for result in results:
+            result.environment = here
+            store.append(result)
+        summary.not_applicable += len(results)
+        events.decided(job.encoder.label, results)
     for cell, result, proba in executor.run(job):
         env = env or environment(settings.device, extractor.describe())
         if result.environment == Environment():  # a worker records its own machine; this process's otherwise

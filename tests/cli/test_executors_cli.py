@@ -92,10 +92,9 @@ def test_a_ray_worker_rebuilds_a_transfer_from_its_two_datasets(medmnist_root, t
     driver = TransferDataset(source.build(**build), target.build(**build), np.array([1, 0]), source.label, target.label)
     context = executors.WorkerContext(registry.recipe, str(medmnist_root), str(tmp_path), "cpu", 28, None)
     ref = dataclasses.replace(executors.ChoiceRef.of(target), source=executors.ChoiceRef.of(source), class_map=(1, 0))
-    state = executors._WorkerState(context)
-    rebuilt = state.dataset(ref, driver.identity)
+    rebuilt = executors.worker_dataset(context, ref, driver.identity)
     assert isinstance(rebuilt, TransferDataset) and rebuilt.identity == driver.identity
     assert np.array_equal(rebuilt.split("train").labels, 1 - source.build(**build).split("train").labels)
     assert np.array_equal(rebuilt.split("test").labels, driver.target.split("test").labels)
     with pytest.raises(UserError, match="has other contents there"):
-        executors._WorkerState(context).dataset(dataclasses.replace(ref, class_map=(0, 1)), driver.identity)
+        executors.worker_dataset(context, dataclasses.replace(ref, class_map=(0, 1)), driver.identity)
