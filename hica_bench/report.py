@@ -296,7 +296,9 @@ def cd_diagram(result: stats.Friedman, name: str, folder: Path, svg: bool = True
 
     figure, axes = _figure(10, 0.35 * len(result.methods) + 1.6, left=0.2, right=0.8, bottom=0.02, top=0.85)
     sp.critical_difference_diagram(result.average_ranks, result.nemenyi, ax=axes[0][0], cd=result.cd)
-    figure.suptitle(f"average ranks over {len(result.blocks)} (dataset, k) blocks; bars join methods Nemenyi does not "
+    axes[0][0].set_xlim(0.95, len(result.methods) + 0.05)  # the rank axis from 1 (best) to the number of methods
+    axes[0][0].set_xticks(range(1, len(result.methods) + 1))
+    figure.suptitle(f"average ranks over {len(result.blocks)} datasets (shots averaged); bars join methods Nemenyi does not "
                     f"tell apart (α = {stats.ALPHA}); CD = {result.cd:.2f}", fontsize=9)
     return _save(figure, folder, f"cd-{name}", svg)
 
@@ -316,18 +318,20 @@ class Ranking:
 
 
 def rankings(all_sections: list[Section]) -> list[Ranking]:
-    """Per (encoder, size, max_test, protocol): methods × (dataset, k) blocks of mean ACC; methods without a mean in every block
-    are left out (named)."""
+    """Per (encoder, size, max_test, protocol): methods × dataset blocks, each a method's mean ACC over seeds at each k
+    averaged over the dataset's shots (independent blocks); methods without a mean at every k of every block are left
+    out (named)."""
     import pandas as pd
 
     grouped: dict[tuple, dict[str, dict[str, float]]] = {}
     for section in all_sections:
         table = grouped.setdefault((section.encoder, section.size, section.max_test, section.protocol), {})
         for row in section.rows:
+            means = []
             for k in section.shots:
                 values = [v for v in row.values("acc", k).values() if v == v]
-                if values:
-                    table.setdefault(row.label, {})[f"{section.dataset} k={k}"] = float(np.mean(values))
+                means.append(float(np.mean(values)) if values else float("nan"))
+            table.setdefault(row.label, {})[section.dataset] = float(np.mean(means))  # NaN unless every k has one
     out = []
     for (encoder, size, max_test, protocol), table in sorted(grouped.items(), key=lambda item: str(item[0])):
         frame = pd.DataFrame(table)  # blocks × methods

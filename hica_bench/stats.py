@@ -16,8 +16,12 @@ labels. What cannot be computed (one seed, no seeds in common) is said in words,
   point would break by a few bits (scipy then ranks them as distinct and misses its tie correction).
 - **Holm's correction** (``statsmodels.stats.multitest.multipletests``) over every paired test of one table (one
   dataset, encoder and metric: every method and k); a mark needs the corrected p < 0.05.
-- **Across datasets and shots**: blocks are (dataset, k) pairs, treatments the methods with a mean in every block;
-  average ranks (rank 1 = best), the Friedman test (``scipy.stats.friedmanchisquare``), Nemenyi's critical difference
+- **Across datasets**: blocks are the datasets (each method's mean over seeds at each k, averaged over the shots),
+  which are independent (blocks of one dataset at several k are not); treatments the methods with a mean in every
+  block; average ranks (rank 1 = best), the Friedman test (``scipy.stats.friedmanchisquare``; with fewer than
+  :data:`FEW_BLOCKS` blocks, where its chi-square approximation is poor, its p-value by permuting the methods' values
+  within each block: exact when there are at most :data:`EXACT_PERMUTATIONS` arrangements, else
+  :data:`PERMUTATIONS` random ones, ``scipy.stats.permutation_test``), Nemenyi's critical difference
   ``CD = q_α · √(k(k+1) / 6N)`` with ``q_α`` the studentized range quantile over √2 (``scipy.stats.studentized_range``),
   and Nemenyi's pairwise p-values (``scikit_posthocs.posthoc_nemenyi_friedman``) for the diagram's bars.
 - **Bootstrap** (``--bootstrap N``): per seed, a percentile interval of the metric over N resamples of the test images
@@ -140,6 +144,11 @@ def holm_reachable(tests: Sequence[Paired], alpha: float = ALPHA) -> str | None:
             f"p < {alpha} (the smallest Wilcoxon p is 2/2^{n}); run more seeds or compare fewer methods")
 
 
+FEW_BLOCKS = 10  #: below this many blocks the Friedman p-value is a permutation test's, not chi-square's
+EXACT_PERMUTATIONS = 200_000  #: arrangements (methods! ** blocks) up to which the permutation test is exact
+PERMUTATIONS = 9_999  #: random arrangements otherwise (seeded: the same p on every run)
+
+
 @dataclass
 class Friedman:
     """Ranks of ``methods`` over ``blocks`` (rank 1 = best), the Friedman test and Nemenyi's critical difference."""
@@ -153,6 +162,9 @@ class Friedman:
     cd: float | None
     nemenyi: "object | None"  #: pandas DataFrame of pairwise p-values (methods × methods)
     note: str = ""
+    #: how ``p`` was computed: ``chi-square``, ``exact permutation`` or ``permutation (N resamples)``
+    p_method: str = "chi-square"
+    p_chi_square: float | None = None  #: the chi-square approximation's p, beside a permutation p
 
 
 def friedman(table, alpha: float = ALPHA, higher_is_better: bool = True) -> Friedman:
@@ -172,13 +184,24 @@ def friedman(table, alpha: float = ALPHA, higher_is_better: bool = True) -> Frie
     if not (math.isfinite(statistic) and math.isfinite(p)):  # every block a tie: no ranking to test
         return Friedman(methods, blocks, average, None, None, None, None, None,
                         "every method tied in every block, not computed")
+    p_method, p_chi_square = "chi-square", float(p)
+    if n < FEW_BLOCKS:  # the chi-square approximation is poor with few blocks: permute within each block
+        values = table.to_numpy(float)
+        arrangements = math.factorial(k) ** n
+        exact = arrangements <= EXACT_PERMUTATIONS
+        result = stats.permutation_test(
+            tuple(values[:, j] for j in range(k)),
+            lambda *columns: stats.friedmanchisquare(*columns).statistic, permutation_type="samples",
+            n_resamples=np.inf if exact else PERMUTATIONS, alternative="greater", rng=np.random.default_rng(0))
+        p = float(result.pvalue)
+        p_method = "exact permutation" if exact else f"permutation ({PERMUTATIONS} resamples)"
     q = float(stats.studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2))
     cd = q * math.sqrt(k * (k + 1) / (6 * n))
     import scikit_posthocs as sp
 
     nemenyi = sp.posthoc_nemenyi_friedman(table.to_numpy(float))
     nemenyi = pd.DataFrame(nemenyi.to_numpy(), index=methods, columns=methods)
-    return Friedman(methods, blocks, average, float(statistic), float(p), q, cd, nemenyi)
+    return Friedman(methods, blocks, average, float(statistic), float(p), q, cd, nemenyi, "", p_method, p_chi_square)
 
 
 def bootstrap_interval(labels: np.ndarray, proba: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],

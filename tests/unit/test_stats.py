@@ -143,3 +143,35 @@ def test_differences_equal_in_size_tie_as_exact_counts_do():
     expected = scipy_stats.wilcoxon(counts, zero_method="zsplit", alternative="two-sided").pvalue
     assert stats.paired_test(method, reference).p == pytest.approx(expected, abs=1e-12)
     assert scipy_stats.wilcoxon(raw, zero_method="zsplit").pvalue != pytest.approx(expected, abs=1e-6)
+
+
+def test_few_blocks_get_the_exact_permutation_p_not_chi_squares():
+    """3 methods ranked the same in 2 blocks: Friedman's statistic is its largest, 4 (rank sums 2, 4, 6: 12 / (2·3·4) ·
+    56 − 3·2·4), chi-square's p exp(−2) = 0.135; by permuting the methods within each block (3!² = 36 arrangements),
+    the 6 in which block 2 orders them as block 1 reach it: exact p = 1/6."""
+    table = pd.DataFrame({"a": [0.9, 0.8], "b": [0.7, 0.6], "c": [0.5, 0.4]}, index=["breastmnist", "pneumoniamnist"])
+    result = stats.friedman(table)
+    assert result.statistic == pytest.approx(4.0) and result.p_chi_square == pytest.approx(math.exp(-2))
+    assert result.p_method == "exact permutation" and result.p == pytest.approx(1 / 6)
+    many = pd.DataFrame(np.random.default_rng(0).random((12, 3)), columns=list("abc"))
+    assert stats.friedman(many).p_method == "chi-square"  # enough blocks for the approximation
+
+
+def test_the_cd_diagram_axis_runs_from_rank_1(tmp_path):
+    from hica_bench import report
+
+    table = pd.DataFrame({"a": [0.9, 0.8, 0.85], "b": [0.7, 0.75, 0.6], "c": [0.5, 0.4, 0.55], "d": [0.3, 0.2, 0.1]},
+                         index=["breastmnist", "pneumoniamnist", "retinamnist"])
+    result = stats.friedman(table)
+    assert result.blocks == ["breastmnist", "pneumoniamnist", "retinamnist"] and result.p_method == "exact permutation"
+    import matplotlib.pyplot as plt
+
+    shown = []
+    original = plt.Figure.savefig
+    plt.Figure.savefig = lambda figure, *a, **k: (shown.append(figure.axes[0].get_xlim()), original(figure, *a, **k))[1]
+    try:
+        name = report.cd_diagram(result, "test", tmp_path, svg=False)
+    finally:
+        plt.Figure.savefig = original
+    assert name.startswith("data:image/png") and (tmp_path / "cd-test.png").is_file()
+    assert shown[0] == pytest.approx((0.95, 4.05))
