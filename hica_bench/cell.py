@@ -121,7 +121,11 @@ def known_not_applicable(method: Choice, pair: EncoderPair, encoder_label: str) 
     :func:`check_needs`, from the pair's card): its cells are recorded not applicable before anything is encoded,
     with the reason a run of the cell would give. None when only running a cell can tell."""
     try:
-        check_needs(method_needs(method), pair, encoder_label)
+        needs = validate_needs(getattr(method.build(), "needs", None))
+    except PLUGIN_FAULTS:  # a broken constructor or needs: its cells fail on their own, with the reason
+        return None
+    try:
+        check_needs(needs, pair, encoder_label)
     except NotApplicable as exc:
         return str(exc)
     return None

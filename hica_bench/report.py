@@ -207,21 +207,26 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **margi
     return figure, axes
 
 
-def _save(figure, folder: Path, name: str, svg: bool) -> str:
-    """``figure`` as ``folder/name.png`` (and ``.svg`` for a paper when ``svg``: ``hica-bench report`` asks for it,
-    ``run``'s report embeds PNGs only, which halves its cost); returns the PNG as a data URI for the page."""
+#: what a figure is also written as besides PNG: ``svg`` (``hica-bench report``), ``pdf`` (``report --latex``)
+VECTOR = ("svg", "pdf")
+
+
+def _save(figure, folder: Path, name: str, svg: bool | tuple[str, ...]) -> str:
+    """``figure`` as ``folder/name.png`` and, for a paper, in the vector formats ``svg`` names (True: SVG; a tuple of
+    :data:`VECTOR`; ``hica-bench report`` asks for SVG, ``report --latex`` for PDF too, ``run``'s report embeds PNGs
+    only, which halves its cost); returns the PNG as a data URI for the page."""
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     atomic_write(folder / f"{name}.png", buffer.getvalue())
-    if svg:
-        vector = io.StringIO()
-        figure.savefig(vector, format="svg")
-        atomic_write(folder / f"{name}.svg", vector.getvalue())
+    for kind in (("svg",) if svg is True else svg or ()):
+        vector = io.BytesIO()
+        figure.savefig(vector, format=kind)
+        atomic_write(folder / f"{name}.{kind}", vector.getvalue())
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def curves(section: Section, folder: Path, svg: bool = True) -> str | None:
+def curves(section: Section, folder: Path, svg: bool | tuple[str, ...] = True) -> str | None:
     """ACC and AUC against k (log axis), mean with its 95 % t-interval band, one line per method; None for a single k
     (no curve to draw: the table holds the same means and intervals)."""
     if len(section.shots) < 2:
@@ -255,7 +260,7 @@ def curves(section: Section, folder: Path, svg: bool = True) -> str | None:
     return _save(figure, folder, f"curves-{section.slug}", svg)
 
 
-def reliability(section: Section, folder: Path, svg: bool = True) -> str | None:
+def reliability(section: Section, folder: Path, svg: bool | tuple[str, ...] = True) -> str | None:
     """Per method at the largest k: accuracy against confidence per bin, pooled over seeds (counts summed)."""
     k = max(section.shots)
     rows = [row for row in section.rows if any(r.calibration for r in row.cells.get(k, {}).values())]
@@ -289,7 +294,7 @@ def reliability(section: Section, folder: Path, svg: bool = True) -> str | None:
     return _save(figure, folder, f"reliability-{section.slug}", svg)
 
 
-def cd_diagram(result: stats.Friedman, name: str, folder: Path, svg: bool = True) -> str | None:
+def cd_diagram(result: stats.Friedman, name: str, folder: Path, svg: bool | tuple[str, ...] = True) -> str | None:
     if result.cd is None:
         return None
     import scikit_posthocs as sp
@@ -354,6 +359,28 @@ def _environment(results: list[CellResult]) -> dict[str, Any]:
             "newest result": newest.finished_at}
 
 
+#: what ``write(..., latex=True)`` did with ``latex/main.tex``: [(its first page as PNG or None, a line saying what)]
+LATEX_OUTCOME: list[tuple[Path | None, str]] = []
+
+
+def provenance(results: list[CellResult]) -> list[str]:
+    """Every (commit, package set, machine) among ``results``' finished cells, with how many cells each: what a table
+    that pairs cells from different commits or machines must say."""
+    found: dict[tuple, int] = {}
+    for r in results:
+        if r.status is not Status.OK:
+            continue
+        env = r.environment
+        packages = ", ".join(f"{k} {env.packages[k]}" for k in PACKAGES if k in env.packages)
+        machine = env.cpu_model or "unknown CPU"
+        if env.device_name and env.device_name != env.cpu_model:  # a GPU's name (on CPU it is the CPU's)
+            machine += f", {env.device_name}"
+        key = (env.git or "unknown commit", packages, machine)
+        found[key] = found.get(key, 0) + 1
+    return [f"{n} cells: git {git}; {packages}; {machine}" for (git, packages, machine), n in
+            sorted(found.items(), key=lambda item: -item[1])]
+
+
 def _cost(section: Section) -> list[tuple[str, str, str]]:
     out = []
     for row in section.rows:
@@ -365,13 +392,20 @@ def _cost(section: Section) -> list[tuple[str, str, str]]:
 
 
 def write(results: list[CellResult], out_dir: Path, reference: str | None = None, resamples: int = 0,
-          folders: dict[str, Path] | None = None, sources: list[str] | None = None, svg: bool = True) -> Path:
-    """The report of ``results`` in ``out_dir`` (``report.html`` and beside it figures and CSVs); returns the page.
-    ``reference``: the paired tests' reference method (None: :data:`REFERENCE`, not required to be there; a name given
-    must be). ``resamples`` > 0 adds test-set bootstrap intervals from saved predictions (``folders``: cell id -> the
-    folder its ``predictions`` path is relative to). ``svg``: also write the figures as SVG."""
+          folders: dict[str, Path] | None = None, sources: list[str] | None = None, svg: bool = True,
+          latex: bool = False) -> Path:
+    """The report of ``results`` in ``out_dir`` (``report.html`` and beside it figures and CSVs, and ``latex/``: its
+    tables in LaTeX and a document that inputs them, :mod:`hica_bench.latex`); returns the page. ``reference``: the
+    paired tests' reference method (None: :data:`REFERENCE`, not required to be there; a name given must be).
+    ``resamples`` > 0 adds test-set bootstrap intervals from saved predictions (``folders``: cell id -> the folder its
+    ``predictions`` path is relative to). ``svg``: also write the figures as SVG. ``latex``: also as PDF, and compile
+    ``latex/main.tex`` when a LaTeX engine is installed (what happened: :data:`LATEX_OUTCOME`)."""
     import jinja2
 
+    from hica_bench import latex as latex_module
+
+    if latex:
+        svg = ("svg", "pdf")
     if not results:
         raise UserError("no results to report")
     chosen = reference or REFERENCE
@@ -423,9 +457,18 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
             rank_lines.append(",".join(_csv(v) for v in (ranking.encoder, ranking.size, ranking.max_test, method, rank,
                                                            len(ranking.result.blocks), ranking.protocol)))
     atomic_write(out_dir / "ranks.csv", "\n".join(rank_lines) + "\n")
+    origins = provenance(results)
+    tex = [(f"{section.slug}-{metric}", latex_module.section_table(section, metric)) for section in found
+           for metric in METRICS]
+    tex += [(f"ranks-{i}", latex_module.ranks_table(ranking)) for i, ranking in enumerate(ranked)]
     from hica_bench.leaderboard import INFLATION_NOTE, ROBUSTNESS_NOTE, TRANSFER_NOTE, transfer_blocks, transfer_table
 
     robustness = _robustness(results)
+    tex += [(f"robustness-{i}", latex_module.rows_table(f"Robustness: {title}", [dict(zip(header, row)) for row in body]))
+            for i, (title, header, body) in enumerate(robustness)]
+    figures_tex = [(f"curves-{s.slug}", f"Few-shot curves: {s.title}") for s in found if (figures / f"curves-{s.slug}.png").is_file()]
+    main = latex_module.write(out_dir / "latex", tex, figures_tex, origins)
+    LATEX_OUTCOME[:] = [latex_module.compile_document(main)] if latex else []
     explanations = [shown for shown in map(_explanation, explanations_module.read_all(out_dir)) if shown is not None]
     environment = jinja2.Environment(loader=jinja2.PackageLoader("hica_bench", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
@@ -433,7 +476,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), sources=sources or [],
         sections=pages, rankings=ranked, reference=chosen, test=stats.TEST, alpha=stats.ALPHA, resamples=resamples,
         bootstrapped=bootstrapped, n_cells=sum(r.status is Status.OK for r in results),
-        environment=_environment(results), n_results=len(results), robustness=robustness,
+        environment=_environment(results), provenance=origins, n_results=len(results), robustness=robustness,
         explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
         robustness_note=ROBUSTNESS_NOTE.replace("`", ""), inflation=_inflation(results), inflation_note=INFLATION_NOTE,
         transfer=transfer_blocks(transfer_table(results)), transfer_note=TRANSFER_NOTE,

@@ -19,6 +19,9 @@ def report_(
                                                        "[default: linear-probe, when it has results]."),
     bootstrap: int = typer.Option(0, help="Also a test-set bootstrap interval of ACC per seed with this many resamples "
                                           "(needs predictions saved with `run --save-predictions`); 0: none."),
+    latex: bool = typer.Option(False, "--latex", help="Also the figures as PDF, and compile latex/main.tex (the tables "
+                                                      "every report writes there) with pdflatex when one is installed, "
+                                                      "its first page rendered to latex/main-page1.png."),
 ) -> None:
     """Write a report to publish from: tables with 95 % intervals and paired significance, few-shot curves,
     calibration, average ranks with a Friedman test and a critical-difference diagram, as one HTML page."""
@@ -32,5 +35,6 @@ def report_(
     if not loaded:
         raise UserError(f"{', '.join(map(str, results))} hold no results")
     page = report.write([r for r, _ in loaded], out, reference, bootstrap, {r.cell_id: f.parent for r, f in loaded},
-                        [str(p) for p in results])
+                        [str(p) for p in results], latex=latex)
     print(f"written: {page}")
+    print(f"latex: {out / 'latex' / 'main.tex'}" + "".join(f" ({what})" for _, what in report.LATEX_OUTCOME))

@@ -24,7 +24,7 @@ def _write(path, records):
 def run(medmnist_root, tmp_path_factory):
     """results.jsonl (+ leaderboard.csv) of a fresh 2-seed run: linear-probe, prototype, zero-shot (not applicable)."""
     root = tmp_path_factory.mktemp("check")
-    result = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+    result = hica_bench("-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--datasets", "breastmnist",
                         "--methods", "linear-probe,prototype,zero-shot", "--shots", "1,5", "--seeds", "0,1",
                         "--data-root", str(medmnist_root), "--cache-dir", str(root / "cache"), "--out", str(root / "out"))
     assert result.returncode == 0, result.stderr
@@ -186,7 +186,7 @@ def test_missing_cells_and_machine_notes(run, tmp_path, check):
 
 
 def test_cached_run_has_no_throughput_to_compare(run, medmnist_root, tmp_path, capsys, check):
-    cached = cli(capsys, "-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+    cached = cli(capsys, "-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--datasets", "breastmnist",
                  "--methods", "prototype", "--shots", "1", "--seeds", "0", "--data-root", medmnist_root,
                  "--cache-dir", run.parent.parent / "cache", "--out", tmp_path / "out")
     assert cached.returncode == 0 and "2 hits, 0 misses" in cached.stdout

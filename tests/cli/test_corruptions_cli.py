@@ -32,7 +32,8 @@ def test_a_robustness_grid_end_to_end(medmnist_root, tmp_path):
     assert code == 0, err
     assert ("breastmnist: test split also corrupted (breastmnist set): 2 corruptions (contrast_down, speckle_noise) x "
             "severities 1,5") in " ".join(out.split()), out
-    assert "breastmnist (speckle_noise severity 5) prototype k=5 seed=1: ok" in err  # the log names the corruption
+    # the log's counts name the last cell, with its corruption
+    assert "cells 40/40: 40 ok, 0 not applicable, 0 failed (last: breastmnist (" in err and "severity 5) knn k=5" in err
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 2 * 2 * (1 + 4) and all(r["status"] == "ok" for r in records)
     supports = {}

@@ -78,7 +78,7 @@ def _images(root, classes=("benign", "malignant"), per_class=6, size=28):
 
 
 def _run(tmp_path, medmnist_root, *args):
-    return invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--methods", "prototype", "--shots", "1",
+    return invoke("-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--methods", "prototype", "--shots", "1",
                   "--seeds", "0", "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache", *args)
 
 

@@ -28,7 +28,7 @@ def builds():
 
 
 def _run(tmp_path: Path, medmnist_root: Path, methods: str, *extra: str, encoder: str = "toy-described"):
-    return invoke("-p", "toy_aligned_encoder", "run", "--encoders", encoder, "--datasets", "breastmnist",
+    return invoke("-p", "toy_aligned_encoder", "run", "--no-report", "--encoders", encoder, "--datasets", "breastmnist",
                   "--methods", methods, "--shots", "1", "--seeds", "0,1", "--max-test", "40", "--data-root", medmnist_root,
                   "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", *EXTRACTION, *extra)
 

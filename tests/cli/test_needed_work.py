@@ -35,7 +35,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def _run(tmp_path: Path, medmnist_root: Path, out: str, *args: str) -> str:
-    code, stdout, err = invoke("-p", "pixel_encoder", "-p", "toy_aligned_encoder", "run", "--datasets", "breastmnist",
+    code, stdout, err = invoke("-p", "pixel_encoder", "-p", "toy_aligned_encoder", "run", "--no-report", "--datasets", "breastmnist",
                                "--shots", "1", "--seeds", "0", "--data-root", medmnist_root, "--cache-dir",
                                tmp_path / "cache", "--out", tmp_path / out, *EXTRACTION, *args)
     assert code == 0, err

@@ -86,7 +86,7 @@ def test_a_plugins_exit_or_interrupt_fails_only_the_plugin(place, fault, medmnis
         assert code == 0 and "prototype" in out and "faulty" not in out
         assert "hica_bench_methods failed:" in _one_line(err)
         return
-    code, out, err = invoke("-p", "pixel_encoder", "-p", module, "run", "--encoder", "pixels", "--datasets",
+    code, out, err = invoke("-p", "pixel_encoder", "-p", module, "run", "--no-report", "--encoder", "pixels", "--datasets",
                             "breastmnist", "--methods", "faulty,prototype", "--shots", "1", "--seeds", "0,1",
                             "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out")
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]

@@ -48,7 +48,7 @@ def test_run_resume_and_leaderboard(medmnist_root, tmp_path):
 @pytest.mark.slow
 def test_multiclass_rgb_dataset_in_medmnist_format(tmp_path):
     write_medmnist_npz(tmp_path / "data" / "bloodmnist_64.npz", n_classes=8, size=64, rgb=True, counts=(80, 8, 40))
-    result = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "bloodmnist", "--size", "64",
+    result = hica_bench("-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--datasets", "bloodmnist", "--size", "64",
                         "--methods", "linear-probe,prototype:temperature=0.1", "--shots", "1,5", "--seeds", "0",
                         "--data-root", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
                         "--max-test", "24")
@@ -107,7 +107,7 @@ def test_list_and_help():
 @pytest.mark.slow
 def test_real_default_encoder_learns_breastmnist(medmnist_root, default_encoder_cache, tmp_path):
     """The offline default pair end to end: real ImageNet EfficientNet-Lite0 features of the real test split."""
-    result = hica_bench("run", "--datasets", "breastmnist", "--methods", "linear-probe,zero-shot", "--shots", "20",
+    result = hica_bench("run", "--no-report", "--datasets", "breastmnist", "--methods", "linear-probe,zero-shot", "--shots", "20",
                         "--seeds", "0", "--data-root", str(medmnist_root), "--cache-dir", str(default_encoder_cache),
                         "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
@@ -120,7 +120,7 @@ def test_real_default_encoder_learns_breastmnist(medmnist_root, default_encoder_
 
 @pytest.mark.slow
 def test_failing_cells_are_recorded_and_the_grid_goes_on(medmnist_root, tmp_path):
-    result = hica_bench("-p", "pixel_encoder", "-p", "faulty_methods", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+    result = hica_bench("-p", "pixel_encoder", "-p", "faulty_methods", "run", "--no-report", "--encoder", "pixels", "--datasets", "breastmnist",
                         "--methods", "raises,nans,brackets,prototype", "--shots", "1", "--seeds", "0,1",
                         "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
     assert result.returncode == 1, result.stderr
@@ -151,7 +151,7 @@ def test_zero_shot_runs_with_an_aligned_open_clip_pair(medmnist_root, tmp_path):
     the accuracy), here on ONNX Runtime: an open_clip ViT exports cleanly through the dynamo exporter (the one a named
     backend uses)."""
     encoder = f"open-clip:model=local-dir:{tiny_clip_folder(tmp_path / 'tiny-clip')}:pretrained=random"
-    result = hica_bench("run", "--datasets", "breastmnist", "--methods", "zero-shot,prototype", "--shots", "1", "--seeds", "0",
+    result = hica_bench("run", "--no-report", "--datasets", "breastmnist", "--methods", "zero-shot,prototype", "--shots", "1", "--seeds", "0",
                         "--encoder", encoder, "--max-test", "32", "--data-root", str(medmnist_root),
                         "--backend", "onnxruntime", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"),
                         "--out", str(tmp_path / "out"))
@@ -168,7 +168,7 @@ def test_zero_shot_runs_with_an_aligned_open_clip_pair(medmnist_root, tmp_path):
 
 @pytest.mark.slow
 def test_what_fit_chose_is_recorded(medmnist_root, tmp_path):
-    result = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+    result = hica_bench("-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--datasets", "breastmnist",
                         "--methods", "linear-probe,knn", "--shots", "1,5", "--seeds", "0", "--data-root", str(medmnist_root),
                         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr

@@ -69,7 +69,7 @@ def test_ray_started_in_this_process_gives_the_in_process_numbers(reference, med
         assert ray.is_initialized()  # a runtime the caller started is left running
         with pytest.MonkeyPatch.context() as patch:  # a method asking for more than any node has: one line, no wait
             patch.syspath_prepend(str(TEST_PLUGINS))
-            greedy = invoke("-p", "slow_methods", "-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets",
+            greedy = invoke("-p", "slow_methods", "-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--datasets",
                             "breastmnist", "--methods", "sleepy:cpus=64", "--shots", "1", "--seeds", "0",
                             "--data-root", medmnist_root, "--cache-dir", base / "cache", "--out", tmp_path / "greedy",
                             "--executor", "ray", "-q")

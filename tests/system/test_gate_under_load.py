@@ -53,7 +53,7 @@ def _run(medmnist_root: Path, root: Path, name: str, backend: str, busy: int, on
         shutil.copytree(onnx_from / "onnx", cache / "onnx")
     loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(duty=duty)]) for _ in range(busy)]
     try:
-        code, _, err = invoke("run", "--datasets", "breastmnist", "--methods", "prototype", "--shots", "1", "--seeds", "0",
+        code, _, err = invoke("run", "--no-report", "--datasets", "breastmnist", "--methods", "prototype", "--shots", "1", "--seeds", "0",
                               "--data-root", medmnist_root, "--no-download", "--cache-dir", cache,
                               "--out", root / name / "out", "--backend", backend, *SETTINGS, "--quiet")
     finally:

@@ -77,7 +77,7 @@ def test_a_fit_info_nested_100000_deep_is_recorded_and_every_command_reads_the_f
 
 
 def test_a_cell_that_fails_after_it_was_scored_carries_no_metrics(medmnist_root, tmp_path):
-    code, out, err = invoke("-p", "pixel_encoder", "-p", "result_hazards", "run", "--encoder", "pixels",
+    code, out, err = invoke("-p", "pixel_encoder", "-p", "result_hazards", "run", "--no-report", "--encoder", "pixels",
                             "--datasets", "breastmnist", "--methods", "raising-fit-info", "--shots", "1", "--seeds", "0",
                             "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out")
     assert code == 1, err

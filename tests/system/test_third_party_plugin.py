@@ -41,7 +41,7 @@ def test_installed_plugin_package_is_listed_and_runs(medmnist_root, tmp_path):
     row = next(line for line in listed.stdout.splitlines() if "majority" in line)
     assert "hica-bench-majority" in row and "1.2.3" in row and "alpha=1.0" in row
 
-    ran = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
+    ran = hica_bench("-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--datasets", "breastmnist",
                      "--methods", "majority:alpha=0.5,prototype", "--shots", "1,5", "--seeds", "0",
                      "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
                      env={**env, "PYTHONPATH": os.pathsep.join([str(target), str(__import__('conftest').TEST_PLUGINS),

@@ -246,7 +246,7 @@ def test_registered_and_run_by_the_cli_knn_ok_aligned_methods_not_applicable(med
     specs = load_registry().specs("method")
     assert all(specs[name].distribution == "hica-bench-baselines" for name in NEW_METHODS)
     methods = "knn,knn:neighbours=1,tip-adapter:alpha=0.5:beta=3,tip-adapter-f,clip-adapter,lp++,coop"
-    result = hica_bench("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", methods,
+    result = hica_bench("-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--datasets", "breastmnist", "--methods", methods,
                         "--shots", "1,5", "--seeds", "0", "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"),
                         "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr

@@ -135,7 +135,7 @@ def test_png_and_dicom_give_the_npz_images_features_and_metrics(breast, medmnist
     out = tmp_path / "out"
     # the support sets are drawn by the dataset's name: named as the .npz set, the folders get its supports
     png_label, dcm_label = f"folder:name=breastmnist:root={png}", f"folder:name=breastmnist:root={dcm}"
-    code, stdout, err = invoke("-p", "pixel_encoder", "run", "--datasets", f"breastmnist,{png_label},{dcm_label}",
+    code, stdout, err = invoke("-p", "pixel_encoder", "run", "--no-report", "--datasets", f"breastmnist,{png_label},{dcm_label}",
                                "--methods", "linear-probe,prototype", "--encoders", "pixels", "--shots", "1,5",
                                "--seeds", "0,1", "--data-root", medmnist_root, "--cache-dir", cache, "--out", out, "-q")
     assert code == 0, err
@@ -387,7 +387,7 @@ def finished(tmp_path_factory, medmnist_root):
     base = tmp_path_factory.mktemp("finished")
     with pytest.MonkeyPatch.context() as patch:  # -p pixel_encoder (the autouse fixture is set up after this one)
         patch.syspath_prepend(str(TEST_PLUGINS))
-        code, _, err = invoke("-p", "pixel_encoder", "run", "--datasets", "breastmnist", "--methods", "prototype",
+        code, _, err = invoke("-p", "pixel_encoder", "run", "--no-report", "--datasets", "breastmnist", "--methods", "prototype",
                               "--encoders", "pixels", "--shots", "1,5", "--seeds", "0", "--data-root", medmnist_root,
                               "--cache-dir", base / "cache", "--out", base / "out", "-q")
     assert code == 0, err
@@ -413,7 +413,7 @@ def test_bad_folder_input_is_one_line_exit_2_and_loses_nothing(kind, breast, fin
 
 def test_skip_bad_images_leaves_them_out_and_counts_them(breast, tmp_path):
     label = _break("not an image", tmp_path / "data", breast)
-    code, stdout, err = invoke("-p", "pixel_encoder", "run", "--datasets", label, "--methods", "prototype",
+    code, stdout, err = invoke("-p", "pixel_encoder", "run", "--no-report", "--datasets", label, "--methods", "prototype",
                                "--encoders", "pixels", "--shots", "1", "--seeds", "0", "--cache-dir", tmp_path / "cache",
                                "--out", tmp_path / "out", "--skip-bad-images", "-q")
     assert code == 0, err
@@ -461,7 +461,7 @@ def test_hica_uses_the_prompt_files_descriptors(breast, medmnist_root, tmp_path)
     prompts = tmp_path / "d.json"
     prompts.write_text(json.dumps({"descriptors": {"malignant": {"global": ["an irregular spiculated mass."],
                                                                  "local": ["angular margins.", "posterior shadowing."]}}}))
-    code, _, err = invoke("-p", "toy_aligned_encoder", "run", "--datasets", f"breastmnist:prompts={prompts}",
+    code, _, err = invoke("-p", "toy_aligned_encoder", "run", "--no-report", "--datasets", f"breastmnist:prompts={prompts}",
                           "--methods", "hica:stage1=false:epochs=5", "--encoders", "toy-aligned", "--shots", "1",
                           "--seeds", "0", "--data-root", medmnist_root, "--cache-dir", tmp_path / "cache",
                           "--out", tmp_path / "out", "-q")

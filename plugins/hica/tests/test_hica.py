@@ -21,7 +21,7 @@ def test_everything_is_listed_from_the_hica_distribution():
 
 
 def _run(medmnist_root, cache, out, methods="hica", seeds="0"):
-    result = hica_bench("run", "--datasets", "breastmnist", "--methods", methods, "--shots", "5", "--seeds", seeds,
+    result = hica_bench("run", "--no-report", "--datasets", "breastmnist", "--methods", methods, "--shots", "5", "--seeds", seeds,
                         "--max-test", "48", "--data-root", str(medmnist_root), "--cache-dir", str(cache), "--out", str(out))
     assert result.returncode == 0, result.stderr + result.stdout
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -69,7 +69,7 @@ def test_a_users_roi_extractor_and_loss_from_p_modules_are_used_by_hica(medmnist
     """HiCA builds its parts through ``task.components``, from the run's own registry: an ROI extractor and a loss
     from a ``-p`` module replace the built-in ones by name, are really called, and are recorded in the result."""
     calls = tmp_path / "calls.txt"
-    result = hica_bench("-p", "hica_components", "run", "--datasets", "breastmnist", "--methods",
+    result = hica_bench("-p", "hica_components", "run", "--no-report", "--datasets", "breastmnist", "--methods",
                         "hica:roi=corners:loss_global=cosine-ce", "--shots", "5", "--seeds", "0", "--max-test", "48",
                         "--data-root", str(medmnist_root), "--cache-dir", str(default_encoder_cache),
                         "--out", str(tmp_path / "out"), env={"HICA_TEST_COMPONENT_CALLS": str(calls)})
@@ -89,6 +89,6 @@ def test_a_users_roi_extractor_and_loss_from_p_modules_are_used_by_hica(medmnist
     called = calls.read_text().split()
     assert "corners" in called and called.count("cosine-ce") == 150  # one call per stage-2 epoch
 
-    unknown = hica_bench("run", "--methods", "hica:roi=nope", "--data-root", str(medmnist_root), "--out", str(tmp_path / "x"))
+    unknown = hica_bench("run", "--no-report", "--methods", "hica:roi=nope", "--data-root", str(medmnist_root), "--out", str(tmp_path / "x"))
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
     assert "method 'hica' option roi=nope: unknown roi-extractor 'nope'" in unknown.stderr

@@ -1,0 +1,68 @@
+"""LaTeX for a paper (issue 33): the report's tables as booktabs tables with user text escaped, PDF figures, and a
+document that inputs them, compiled by a real LaTeX engine from Debian's packages (``.ci/run`` installs TeX Live and
+poppler's pdftoppm; the compile test skips, saying why, where they are absent)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import invoke
+from hica_bench import latex
+
+
+def test_user_text_is_escaped():
+    assert latex.escape("hica:lambda1=0.5 & 100% #1 {x} a_b ~ ^ \\ ±") == (
+        r"hica:lambda1=0.5 \& 100\% \#1 \{x\} a\_b \textasciitilde{} \textasciicircum{} \textbackslash{} $\pm$")
+    assert latex.escape("naïve") == "na?ve"  # what pdflatex's default encoding cannot set
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory, medmnist_root):
+    """A grid's results (pixel encoder, real BreastMNIST and PneumoniaMNIST), reported with --latex."""
+    import sys
+
+    from conftest import TEST_PLUGINS
+
+    base = tmp_path_factory.mktemp("latex")
+    sys.path.insert(0, str(TEST_PLUGINS))
+    try:
+        code, _, err = invoke("-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets",
+                              "breastmnist,pneumoniamnist", "--methods", "linear-probe,prototype,knn:neighbours=3",
+                              "--shots", "1,5", "--seeds", "0,1,2", "--data-root", medmnist_root, "--cache-dir",
+                              base / "cache", "--out", base / "run", "--no-report", "-q")
+        assert code == 0, err
+        code, out, err = invoke("report", base / "run", "--out", base / "report", "--latex")
+    finally:
+        sys.path.remove(str(TEST_PLUGINS))
+    assert code == 0, err
+    return base, out
+
+
+def test_report_latex_writes_booktabs_tables_pdf_figures_and_a_document(reported):
+    base, out = reported
+    folder = base / "report" / "latex"
+    tables = sorted(p.name for p in (folder / "tables").iterdir())
+    assert len(tables) == 2 * 3 + 1  # two datasets x (ACC, AUC, ECE), and the ranks across them
+    text = (folder / "tables" / next(t for t in tables if t.startswith("breastmnist") and t.endswith("-acc.tex"))).read_text()
+    assert r"\toprule" in text and r"\midrule" in text and r"\bottomrule" in text
+    assert r"linear-probe$^\dagger$" in text and r"knn:neighbours=3" in text and r"\textbf{" in text
+    assert "Wilcoxon signed-rank" in text and "Holm-corrected" in text
+    main = (folder / "main.tex").read_text()
+    assert all(rf"\input{{tables/{t[:-4]}}}" in main for t in tables) and r"\footnote{" in main and "git" in main
+    assert any(p.suffix == ".pdf" for p in (base / "report" / "figures").iterdir())
+    assert r"\includegraphics[width=\linewidth]{figures/curves-" in (folder / "figures.tex").read_text()
+    assert "latex:" in out
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None or shutil.which("pdftoppm") is None,
+                    reason="no LaTeX engine (pdflatex, Debian's texlive-latex-recommended) or pdftoppm (poppler-utils) "
+                           "on PATH; .ci/run installs them")
+def test_the_document_compiles_with_a_real_latex_engine_and_page_1_renders(reported):
+    base, out = reported
+    folder = base / "report" / "latex"
+    assert (folder / "main.pdf").read_bytes()[:5] == b"%PDF-"
+    page = (folder / "main-page1.png").read_bytes()
+    assert page[:8] == b"\x89PNG\r\n\x1a\n" and len(page) > 10_000  # a page with tables on it, not a blank one
+    assert "compiled main.pdf and rendered its first page" in " ".join(out.split())
