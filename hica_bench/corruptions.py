@@ -418,19 +418,27 @@ def balanced_error_scores(dataset_name: str, clean_error: float, errors: dict[tu
     (None, None, []) where MedMNIST-C published no AlexNet errors for the dataset. AlexNet's errors are MedMNIST-C's
     reference: AlexNet trained on the full training split at 224 px; a ratio compares with it, it does not rank
     against it."""
+    terms = balanced_error_terms(dataset_name, clean_error, errors)
+    if terms is None:
+        return None, None, []
+    rbe = [r for _, r in terms.values() if r is not None]
+    return (float(np.mean([b for b, _ in terms.values()])), float(np.mean(rbe)) if rbe else None,
+            [name for name, (_, r) in terms.items() if r is None])
+
+
+def balanced_error_terms(dataset_name: str, clean_error: float, errors: dict[tuple[str, int], float]
+                         ) -> dict[str, tuple[float, float | None]] | None:
+    """Per corruption (sorted by name): its BE and rBE terms (rBE None where AlexNet's excess error is at most
+    :data:`RBE_FLOOR`); None where MedMNIST-C published no AlexNet errors for the dataset."""
     alexnet = ALEXNET.get(dataset_name)
     if alexnet is None:
-        return None, None, []
+        return None
     by_corruption: dict[str, list[float]] = {}
     for (name, _), error in errors.items():
         by_corruption.setdefault(name, []).append(error)
-    be, rbe, left_out = [], [], []
+    terms = {}
     for name, values in sorted(by_corruption.items()):
         mean = float(np.mean(values))
-        be.append(mean / alexnet[name])
         excess = alexnet[name] - alexnet["clean"]
-        if excess <= RBE_FLOOR:
-            left_out.append(name)
-            continue
-        rbe.append((mean - clean_error) / excess)
-    return float(np.mean(be)), float(np.mean(rbe)) if rbe else None, left_out
+        terms[name] = (mean / alexnet[name], None if excess <= RBE_FLOOR else (mean - clean_error) / excess)
+    return terms

@@ -43,6 +43,8 @@ def results_frame(results: list[CellResult]) -> pd.DataFrame:
         for timing in THROUGHPUT:
             value = getattr(r.timings, timing)
             row[timing] = float("nan") if value is None else value
+        paired = r.timings.paired_efficiency  # images/s over the plain eager forward's, timed in alternation
+        row["paired_efficiency"] = float("nan") if paired is None else paired
         if r.novel is not None:  # base-to-novel: the novel classes' scores (``metrics`` are the base classes')
             row["base_to_novel"] = True
             row.update({f"novel_{m}": getattr(r.novel.metrics, m) if r.novel.metrics else float("nan") for m in NOVEL})
@@ -84,6 +86,7 @@ def summary_table(results: list[CellResult]) -> pd.DataFrame:
         row["adapted_encode_s_mean"] = pd.to_numeric(part["adapted_encode_s"], errors="coerce").mean()
         for timing in THROUGHPUT:
             row[f"{timing}_mean"] = pd.to_numeric(part[timing], errors="coerce").mean()
+        row["paired_efficiency_mean"] = pd.to_numeric(part["paired_efficiency"], errors="coerce").mean()
         row["finished"] = part["finished_at"].max()
         row["last"] = int(part["position"].max())
         if "base_to_novel" in part and part["base_to_novel"].eq(True).any():  # novel means; HM of base and novel means
@@ -169,8 +172,11 @@ def _cost(part: pd.DataFrame, extraction: str | None) -> str:
     encoder = "encoder features from the cache (no images/s measured)" if ips != ips else f"encoder {ips:.1f} images/s"
     if ips == ips and extraction:
         encoder += f" ({extraction})"
-    if ips == ips and ref == ref:
-        encoder += f", {ips / ref:.2f}× the plain eager forward"
+    paired = part["paired_efficiency_mean"].mean() if "paired_efficiency_mean" in part else float("nan")
+    if ips == ips and paired == paired:  # the paired ratio the records hold (timed in alternation with the reference)
+        encoder += f", {paired:.2f}× the plain eager forward (paired)"
+    elif ips == ips and ref == ref:
+        encoder += f", {ips / ref:.2f}× the plain eager forward (unpaired)"
     fits = part.groupby("shown", sort=True)["fit_s_mean"].mean()
     line = f"Cost: {encoder}; fit seconds per cell (mean): " + ", ".join(f"{m} {s:.3g}" for m, s in fits.items())
     adapted = part.groupby("shown", sort=True)["adapted_encode_s_mean"].mean().dropna()
@@ -298,7 +304,12 @@ def robustness_table(results: list[CellResult]) -> pd.DataFrame:
     clean ACC minus its mean corrupted ACC), so a drop within noise shows as an interval reaching 0; MedMNIST-C's
     ``be`` and ``rbe`` (balanced error normalised by AlexNet's, see :mod:`hica_bench.corruptions`; empty where it
     published no AlexNet errors for the dataset); ``variants`` (corruption × severity pairs) and ``seeds``.
-    Clean and corrupted cells are paired only when their origins agree in everything but the corruption."""
+    Clean and corrupted cells are paired only when their origins agree in everything but the corruption.
+
+    Those rows have no ``corruption`` (:func:`aggregate_rows`). After each come one row per corruption (over its
+    severities: its drop with the interval, and its own BE and rBE terms, rBE empty where it is left out) and one row
+    per (corruption, severity) with its paired drop and 95 % t-interval over the same seeds (:func:`variant_rows`): a
+    corruption that *raises* accuracy shows as a negative drop."""
     import numpy as np
 
     from hica_bench import corruptions, stats
@@ -344,6 +355,22 @@ def robustness_table(results: list[CellResult]) -> pd.DataFrame:
         row["corruptions"] = len({name for name, _ in by_variant})
         row["seeds"] = ",".join(map(str, seeds))
         rows.append(row)
+        # each corruption (over its severities: its BE and rBE terms) and each (corruption, severity): paired drops
+        terms = corruptions.balanced_error_terms(dataset_name, clean_err, err) or {}
+        names = sorted({name for name, _ in by_variant})
+        parts = [((name, None), [v for v in by_variant if v[0] == name]) for name in names]
+        parts += [(variant, [variant]) for variant in sorted(by_variant)]
+        for (name, level), variants in parts:
+            per_seed = np.mean(np.stack([acc[v] for v in variants]), axis=0)
+            drop = stats.t_interval(100 * (clean_acc - per_seed))
+            be, rbe = terms.get(name, (None, None)) if level is None else (None, None)
+            rows.append({**dict(zip(ROBUST_ROW, key[:6])), "corruption": name, "severity": level,
+                         "acc_clean": float(clean_acc.mean()), "acc_corrupted": float(per_seed.mean()),
+                         "auc_corrupted": float(np.mean([auc[v] for v in variants])),
+                         "acc_drop_pp": float(np.mean(100 * (clean_acc - per_seed))),
+                         "acc_drop_pp_ci_low": drop.low if drop else None,
+                         "acc_drop_pp_ci_high": drop.high if drop else None, "be": be, "rbe": rbe,
+                         "variants": len(variants), "seeds": ",".join(map(str, seeds))})
     return pd.DataFrame(rows)
 
 
@@ -359,6 +386,17 @@ ROBUSTNESS_NOTE = (
     "(its ratio would flip sign or explode); robustness.csv names them (rbe_left_out).")
 
 
+def aggregate_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of :func:`robustness_table` over every corruption and severity (not one corruption's, not one
+    variant's)."""
+    return table[table["corruption"].isna()] if "corruption" in table else table
+
+
+def variant_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of :func:`robustness_table` of one (corruption, severity) each."""
+    return table[table["corruption"].notna() & table["severity"].notna()] if "corruption" in table else table.iloc[:0]
+
+
 def robustness_blocks(table: pd.DataFrame) -> list[tuple[str, list[dict[str, str]]]]:
     """The robustness table as shown: (title, rows of formatted cells) per (dataset, size, encoder, max_test)."""
     def pct(value) -> str:
@@ -370,6 +408,7 @@ def robustness_blocks(table: pd.DataFrame) -> list[tuple[str, list[dict[str, str
     blocks = []
     if table.empty:
         return blocks
+    table = aggregate_rows(table)
     for (dataset, size, encoder, max_test), part in table.groupby(["dataset", "size", "encoder", "max_test"],
                                                                   dropna=False, sort=True):
         test = "full test split" if max_test is None or max_test != max_test else f"first {int(max_test)} test images"

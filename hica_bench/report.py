@@ -284,7 +284,7 @@ def reliability(section: Section, folder: Path, svg: bool | tuple[str, ...] = Tr
                label="accuracy")
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
         ece = float(np.sum(np.abs(accuracy[filled] - confidence[filled])) / count.sum())
-        ax.set_title(f"{row.label}\nECE {100 * ece:.1f} (pooled, {len(diagrams)} seeds)", fontsize=8)
+        ax.set_title(f"{row.label}\nECE {100 * ece:.1f} (bins pooled over {len(diagrams)} seeds)", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence", fontsize=8)
@@ -443,7 +443,12 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
             lines.append(",".join(_csv(v) for v in (section.dataset, section.size, section.encoder, section.max_test, metric,
                                                       label, k, test.n, test.difference, test.p, test.p_holm, test.mark,
                                                       test.note, section.protocol)))
-        notes = sorted({t.note for t in section.tests.values() if t.note}) + section.notes
+        named: dict[str, list[str]] = {}  # each note with the tests it is about ("identical on every seed": which)
+        for (metric, label, k), test in section.tests.items():
+            if test.note:
+                named.setdefault(test.note, []).append(f"{label} {metric.upper()} k={k}")
+        notes = [f"{note} ({', '.join(where)})" for note, where in sorted(named.items())]
+        notes += list(dict.fromkeys(section.notes))  # Holm's note is the same for ACC and AUC: said once
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
                       "novel": _base_to_novel(section), "multilabel": _multilabel(section),
                       "curves": curves(section, figures, svg), "reliability": reliability(section, figures, svg),
@@ -478,7 +483,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         bootstrapped=bootstrapped, n_cells=sum(r.status is Status.OK for r in results),
         environment=_environment(results), provenance=origins, n_results=len(results), robustness=robustness,
         explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
-        robustness_note=ROBUSTNESS_NOTE.replace("`", ""), inflation=_inflation(results), inflation_note=INFLATION_NOTE,
+        robustness_note=ROBUSTNESS_NOTE.replace("`", ""), drops=drop_heatmaps(results, figures, svg), inflation=_inflation(results), inflation_note=INFLATION_NOTE,
         transfer=transfer_blocks(transfer_table(results)), transfer_note=TRANSFER_NOTE,
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
@@ -612,6 +617,43 @@ def _robustness(results: list[CellResult]) -> list[tuple[str, list[str], list[li
         return []
     return [(title.replace("`", ""), list(body[0]), [list(row.values()) for row in body])
             for title, body in robustness_blocks(robustness_table(results)) if body]
+
+
+def drop_heatmaps(results: list[CellResult], folder: Path, svg: bool | tuple[str, ...] = True) -> list[tuple[str, str]]:
+    """Per (dataset, size, encoder, max_test): a compact heatmap of the paired ACC drop (points) per corruption ×
+    severity, one panel per method at the largest k run (blue: accuracy rose under the corruption); (title, PNG data
+    URI) each."""
+    from hica_bench.leaderboard import robustness_table, variant_rows
+
+    if not any(r.key.corruption is not None for r in results):
+        return []
+    table = variant_rows(robustness_table(results))
+    out = []
+    for (dataset, size, encoder, max_test), part in table.groupby(["dataset", "size", "encoder", "max_test"],
+                                                                  dropna=False, sort=True):
+        part = part[part["k"] == part["k"].max()]
+        methods = sorted(set(part["method"]))
+        names = sorted(set(part["corruption"]))
+        levels = sorted({int(v) for v in part["severity"]})
+        limit = max(1.0, float(np.nanmax(np.abs(part["acc_drop_pp"]))))
+        figure, axes = _figure(1.6 + 1.9 * len(methods), 0.9 + 0.22 * len(names), ncols=len(methods), left=0.12,
+                               right=0.97, bottom=0.08, top=0.8, wspace=0.08)
+        for j, method in enumerate(methods):
+            grid = np.full((len(names), len(levels)), np.nan)
+            for _, row in part[part["method"] == method].iterrows():
+                grid[names.index(row["corruption"]), levels.index(int(row["severity"]))] = row["acc_drop_pp"]
+            ax = axes[0][j]
+            ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+            ax.set_xticks(range(len(levels)), [str(v) for v in levels], fontsize=7)
+            ax.set_yticks(range(len(names)), names if j == 0 else [""] * len(names), fontsize=7)
+            ax.set_title(method, fontsize=8)
+        k = int(part["k"].max())
+        title = f"{dataset} ({int(size)} px), encoder {encoder}, {k}-shot"
+        figure.suptitle(f"ACC drop in points per corruption (rows) and severity (columns), {title}; red: lower under "
+                        f"the corruption, blue: higher (colour scale ±{limit:.1f})", fontsize=8)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{dataset}-{size}-{encoder}").strip("-")[:48]
+        out.append((title, _save(figure, folder, f"drops-{slug}-{digest([dataset, size, encoder, max_test], 8)}", svg)))
+    return out
 
 
 def _csv(value: Any) -> str:

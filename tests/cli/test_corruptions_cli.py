@@ -61,8 +61,19 @@ def test_a_robustness_grid_end_to_end(medmnist_root, tmp_path):
     assert len([line for line in robust.splitlines() if line.startswith(("| prototype", "| knn"))]) == 4
     import pandas as pd
 
-    table = pd.read_csv(tmp_path / "out" / "robustness.csv", dtype={"seeds": str})
+    everything = pd.read_csv(tmp_path / "out" / "robustness.csv", dtype={"seeds": str})
+    table = everything[everything["corruption"].isna()]  # over every corruption and severity
     assert len(table) == 4 and set(table["method"]) == {"prototype", "knn"} and set(table["k"]) == {1, 5}
+    # per corruption (its BE and rBE terms) and per (corruption, severity): the paired drop, recomputed from the records
+    variants = everything[everything["severity"].notna()]
+    per_corruption = everything[everything["corruption"].notna() & everything["severity"].isna()]
+    assert len(variants) == 4 * 4 and len(per_corruption) == 4 * 2 and per_corruption["be"].notna().all()
+    by_cell = {(r["key"]["method"], r["key"]["k"], r["key"]["corruption"], r["key"]["severity"], r["key"]["seed"]):
+               r["metrics"]["acc"] for r in records}
+    row = variants[(variants["method"] == "knn") & (variants["k"] == 5) & (variants["corruption"] == "speckle_noise")
+                   & (variants["severity"] == 5)].iloc[0]
+    drops = [100 * (by_cell["knn", 5, None, None, s] - by_cell["knn", 5, "speckle_noise", 5, s]) for s in (0, 1)]
+    assert row["acc_drop_pp"] == pytest.approx(np.mean(drops), abs=1e-3) and row["variants"] == 1
     assert (table["variants"] == 4).all() and (table["corruptions"] == 2).all() and (table["seeds"] == "0,1").all()
     assert (table["be"] > 0).all() and table["rbe"].notna().all()  # MedMNIST-C published AlexNet's BreastMNIST errors
     drop = table["acc_clean"] - table["acc_corrupted"]
