@@ -98,6 +98,8 @@ def section_table(section: Any, metric: str, alpha: float = stats.ALPHA) -> str:
         note += (rf" $^\dagger$ reference ({reference}). $\blacktriangle$/$\blacktriangledown$: better/worse than the "
                  rf"reference, two-sided Wilcoxon signed-rank test over the seeds both have (the same support sets), "
                  rf"Holm-corrected over every test of this table, $p < {alpha}$.")
+    for extra in dict.fromkeys(section.notes):  # e.g. cells from several commits (each said once)
+        note += " " + escape(extra[0].upper() + extra[1:]) + "."
     lines += [r"\bottomrule", r"\end{tabular}", r"\par\smallskip\footnotesize " + note, r"\end{table}", ""]
     return "\n".join(lines)
 

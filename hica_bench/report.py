@@ -417,6 +417,10 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     found = sections(results)
     for section in found:
         paired_tests(section, chosen)
+        commits = sorted({r.environment.git or "unknown" for row in section.rows for cells in row.cells.values()
+                          for r in cells.values()})
+        if len(commits) > 1:  # a table that pairs cells from different commits says so
+            section.notes.append(f"this table pairs cells run at {len(commits)} commits ({', '.join(c[:10] for c in commits)})")
         if resamples:
             bootstrap(section, resamples, folders or {})
     bootstrapped = sum(section.bootstrapped for section in found)

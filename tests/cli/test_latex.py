@@ -66,3 +66,46 @@ def test_the_document_compiles_with_a_real_latex_engine_and_page_1_renders(repor
     page = (folder / "main-page1.png").read_bytes()
     assert page[:8] == b"\x89PNG\r\n\x1a\n" and len(page) > 10_000  # a page with tables on it, not a blank one
     assert "compiled main.pdf and rendered its first page" in " ".join(out.split())
+
+
+def test_a_table_that_pairs_cells_from_two_commits_says_so(reported, tmp_path):
+    """The same results with half the records marked as run at another commit: the HTML section and the LaTeX table
+    say that they pair cells from two commits, and the provenance lists both."""
+    import json
+
+    base, _ = reported
+    lines = (base / "run" / "results.jsonl").read_text().splitlines()
+    changed = []
+    for i, line in enumerate(lines):
+        record = json.loads(line)
+        record["environment"]["git"] = ("a" if i % 2 else "b") * 40
+        changed.append(json.dumps(record))
+    (tmp_path / "results.jsonl").write_text("\n".join(changed) + "\n")
+    code, _, err = invoke("report", tmp_path / "results.jsonl", "--out", tmp_path / "r")
+    assert code == 0, err
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "this table pairs cells run at 2 commits (aaaaaaaaaa, bbbbbbbbbb)" in page
+    assert "pair cells from 2 of them" in " ".join(page.split())
+    table = next((tmp_path / "r" / "latex" / "tables").glob("breastmnist*-acc.tex")).read_text()
+    assert "This table pairs cells run at 2 commits" in table
+
+
+def test_ranks_are_over_the_datasets_with_the_shots_averaged(reported):
+    """The ranking's blocks are the two datasets (independent), each method's value its mean ACC over seeds at each k
+    averaged over k; recomputed here from the records, with the exact permutation p of two blocks."""
+    import json
+
+    import pandas as pd
+
+    base, _ = reported
+    records = [json.loads(line) for line in (base / "run" / "results.jsonl").read_text().splitlines()]
+    frame = pd.DataFrame([{"dataset": r["key"]["dataset"], "method": r["key"]["method"], "k": r["key"]["k"],
+                           "acc": r["metrics"]["acc"]} for r in records])
+    value = frame.groupby(["dataset", "method", "k"])["acc"].mean().groupby(["dataset", "method"]).mean().unstack()
+    expected = value.rank(axis=1, ascending=False).mean()
+    ranks = pd.read_csv(base / "report" / "ranks.csv").set_index("method")
+    assert (ranks["blocks"] == 2).all()
+    for method, rank in expected.items():
+        assert ranks.loc[method, "average_rank"] == pytest.approx(rank)
+    page = (base / "report" / "report.html").read_text()
+    assert "Blocks: 2 datasets (breastmnist, pneumoniamnist)" in page and "exact permutation" in page
