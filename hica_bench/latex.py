@@ -28,6 +28,7 @@ _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": 
 _UNICODE = {"±": r"$\pm$", "—": "---", "–": "--", "−": "$-$", "×": r"$\times$", "→": r"$\rightarrow$", "χ": r"$\chi$",
             "²": r"$^2$", "α": r"$\alpha$", "≤": r"$\le$", "≥": r"$\ge$", "⟨": r"$\langle$", "⟩": r"$\rangle$"}
 ENGINE_TIMEOUT_S = 120  #: the most a LaTeX or pdftoppm call may take
+FLOATS_PER_PAGE_RUN = 4  #: tables between two \clearpage in main.tex (a board of 50 tables overflows LaTeX's float queue)
 
 
 def escape(text: Any) -> str:
@@ -160,8 +161,10 @@ def write(folder: Path, tables: list[tuple[str, str]], figures: list[tuple[str, 
     package set and machine among the results (``provenance``). Returns main.tex."""
     (folder / "tables").mkdir(parents=True, exist_ok=True)
     inputs = []
-    for name, text in tables:
+    for i, (name, text) in enumerate(tables):
         atomic_write(folder / "tables" / f"{name}.tex", text)
+        if i and i % FLOATS_PER_PAGE_RUN == 0:  # flush the floats: LaTeX holds only so many unplaced ones
+            inputs.append(r"\clearpage")
         inputs.append(rf"\input{{tables/{name}}}")
     atomic_write(folder / "figures.tex", "\n".join(figure_snippet(name, caption) for name, caption in figures))
     source = (r"\noindent\textbf{hica-bench results}\footnote{" + "; ".join(escape(p) for p in provenance) + "}\n\n"

@@ -475,6 +475,13 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     robustness = _robustness(results)
     tex += [(f"robustness-{i}", latex_module.rows_table(f"Robustness: {title}", [dict(zip(header, row)) for row in body]))
             for i, (title, header, body) in enumerate(robustness)]
+    inflation, transfer = _inflation(results), transfer_blocks(transfer_table(results))
+    tex += [(f"inflation-{i}", latex_module.rows_table(f"Test-set tuning inflation: {title}",
+                                                       [dict(zip(header, row)) for row in body], INFLATION_NOTE))
+            for i, (title, header, body) in enumerate(inflation)]
+    tex += [(f"transfer-{i}", latex_module.rows_table(f"Cross-dataset transfer: {title}",
+                                                      [dict(zip(header, row)) for row in body], TRANSFER_NOTE))
+            for i, (title, header, body) in enumerate(transfer)]
     figures_tex = [(f"curves-{s.slug}", f"Few-shot curves: {s.title}") for s in found if (figures / f"curves-{s.slug}.png").is_file()]
     main = latex_module.write(out_dir / "latex", tex, figures_tex, origins)
     LATEX_OUTCOME[:] = [latex_module.compile_document(main)] if latex else []
@@ -487,8 +494,8 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         bootstrapped=bootstrapped, n_cells=sum(r.status is Status.OK for r in results),
         environment=_environment(results), provenance=origins, n_results=len(results), robustness=robustness,
         explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
-        robustness_note=ROBUSTNESS_NOTE.replace("`", ""), drops=drop_heatmaps(results, figures, svg), inflation=_inflation(results), inflation_note=INFLATION_NOTE,
-        transfer=transfer_blocks(transfer_table(results)), transfer_note=TRANSFER_NOTE,
+        robustness_note=ROBUSTNESS_NOTE.replace("`", ""), drops=drop_heatmaps(results, figures, svg), inflation=inflation, inflation_note=INFLATION_NOTE,
+        transfer=transfer, transfer_note=TRANSFER_NOTE,
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
     atomic_write(path, page)

@@ -109,3 +109,11 @@ def test_ranks_are_over_the_datasets_with_the_shots_averaged(reported):
         assert ranks.loc[method, "average_rank"] == pytest.approx(rank)
     page = (base / "report" / "report.html").read_text()
     assert "Blocks: 2 datasets (breastmnist, pneumoniamnist)" in page and "exact permutation" in page
+
+
+def test_a_long_board_flushes_its_floats(tmp_path):
+    """A board of many tables (the protocols board has 50) would overflow LaTeX's queue of unplaced floats: main.tex
+    clears the page every few tables."""
+    main = latex.write(tmp_path, [(f"t{i}", "") for i in range(10)], [], [])
+    text = main.read_text()
+    assert text.count(r"\clearpage") == (10 - 1) // latex.FLOATS_PER_PAGE_RUN and r"\input{tables/t9}" in text
