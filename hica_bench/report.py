@@ -483,6 +483,22 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
                                                       [dict(zip(header, row)) for row in body], TRANSFER_NOTE))
             for i, (title, header, body) in enumerate(transfer)]
     figures_tex = [(f"curves-{s.slug}", f"Few-shot curves: {s.title}") for s in found if (figures / f"curves-{s.slug}.png").is_file()]
+    drops = drop_heatmaps(results, figures, svg)
+    figures_tex += [(name, f"ACC drop in points per corruption and severity: {title}") for title, _, name in drops]
+    for page in pages:  # base-to-novel and multi-label sections' own tables
+        columns = [f"{k}-shot" for k in page["shots"]]
+        if page["novel"]:
+            tex.append((f"{page['slug']}-base-to-novel", latex_module.rows_table(
+                f"{page['title']}: ACC base / novel / HM", [{"method": label, **dict(zip(columns, cells))}
+                                                            for label, cells in page["novel"]])))
+        if page["multilabel"]:
+            found_ml = page["multilabel"]
+            tex.append((f"{page['slug']}-ap", latex_module.rows_table(
+                f"{page['title']}: AP (multi-label, mean over labels)",
+                [{"method": label, **dict(zip(columns, cells))} for label, cells in found_ml["ap"]])))
+            tex.append((f"{page['slug']}-auc-per-label", latex_module.rows_table(
+                f"{page['title']}: AUC per label ({found_ml['k']}-shot)",
+                [{"method": label, **dict(zip(found_ml["labels"], cells))} for label, cells in found_ml["per_label"]])))
     main = latex_module.write(out_dir / "latex", tex, figures_tex, origins)
     LATEX_OUTCOME[:] = [latex_module.compile_document(main)] if latex else []
     explanations = [shown for shown in map(_explanation, explanations_module.read_all(out_dir)) if shown is not None]
@@ -494,7 +510,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         bootstrapped=bootstrapped, n_cells=sum(r.status is Status.OK for r in results),
         environment=_environment(results), provenance=origins, n_results=len(results), robustness=robustness,
         explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
-        robustness_note=ROBUSTNESS_NOTE.replace("`", ""), drops=drop_heatmaps(results, figures, svg), inflation=inflation, inflation_note=INFLATION_NOTE,
+        robustness_note=ROBUSTNESS_NOTE.replace("`", ""), drops=[(title, image) for title, image, _ in drops], inflation=inflation, inflation_note=INFLATION_NOTE,
         transfer=transfer, transfer_note=TRANSFER_NOTE,
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
@@ -633,7 +649,7 @@ def _robustness(results: list[CellResult]) -> list[tuple[str, list[str], list[li
 def drop_heatmaps(results: list[CellResult], folder: Path, svg: bool | tuple[str, ...] = True) -> list[tuple[str, str]]:
     """Per (dataset, size, encoder, max_test): a compact heatmap of the paired ACC drop (points) per corruption ×
     severity, one panel per method at the largest k run (blue: accuracy rose under the corruption); (title, PNG data
-    URI) each."""
+    URI, file name) each."""
     from hica_bench.leaderboard import robustness_table, variant_rows
 
     if not any(r.key.corruption is not None for r in results):
@@ -663,7 +679,8 @@ def drop_heatmaps(results: list[CellResult], folder: Path, svg: bool | tuple[str
         figure.suptitle(f"ACC drop in points per corruption (rows) and severity (columns), {title}; red: lower under "
                         f"the corruption, blue: higher (colour scale ±{limit:.1f})", fontsize=8)
         slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{dataset}-{size}-{encoder}").strip("-")[:48]
-        out.append((title, _save(figure, folder, f"drops-{slug}-{digest([dataset, size, encoder, max_test], 8)}", svg)))
+        name = f"drops-{slug}-{digest([dataset, size, encoder, max_test], 8)}"
+        out.append((title, _save(figure, folder, name, svg), name))
     return out
 
 

@@ -270,6 +270,8 @@ def test_base_to_novel_on_real_retinamnist(tmp_path, medmnist_root):
     code, _, err = invoke("report", tmp_path / "o", "--out", tmp_path / "r")
     page = (tmp_path / "r" / "report.html").read_text()
     assert code == 0 and "<h3>ACC base / novel / HM</h3>" in page and f"{base:.1f} / {novel:.1f} / {hm:.1f}" in page, err
+    table = next((tmp_path / "r" / "latex" / "tables").glob("*-base-to-novel.tex")).read_text()
+    assert f"{base:.1f} / {novel:.1f} / {hm:.1f}" in table and "ACC base / novel / HM" in table
 
 
 def test_base_to_novel_needs_three_classes(tmp_path, medmnist_root):
@@ -348,6 +350,7 @@ def test_a_cross_dataset_run_fits_on_the_source_and_scores_on_each_target(tmp_pa
     code, _, err = invoke("report", tmp_path / "o", "--out", tmp_path / "r")
     page = (tmp_path / "r" / "report.html").read_text()
     assert code == 0 and '<h2 id="transfer">Cross-dataset transfer</h2>' in page and "→ pneumoniamnist" in page, err
+    assert any(p.name.startswith("transfer-") for p in (tmp_path / "r" / "latex" / "tables").iterdir())
 
 
 @pytest.mark.parametrize("protocol_text, mapping, message", [
@@ -474,6 +477,8 @@ def test_chestmnist_runs_one_vs_rest_with_mean_auc_mean_ap_and_per_label_auc(tmp
     code, _, err = invoke("report", tmp_path / "o", "--out", tmp_path / "r")
     page = (tmp_path / "r" / "report.html").read_text()
     assert code == 0 and "<h3>AP (multi-label)</h3>" in page and "<th>hernia</th>" in page, err
+    tables = {p.name for p in (tmp_path / "r" / "latex" / "tables").iterdir()}
+    assert any(t.endswith("-ap.tex") for t in tables) and any(t.endswith("-auc-per-label.tex") for t in tables)
 
 
 def test_bad_multilabel_input_is_one_line(tmp_path, medmnist_root):
