@@ -103,7 +103,7 @@ def sample_support(labels: np.ndarray, n_classes: int, k: int, seed: int, datase
     if multilabel(labels):  # the union of each label's k positives (module docstring), in index order
         if classes is not None:
             raise UserError(f"{dataset} is multi-label: its supports cover every label")
-        return np.asarray(sorted(_union_of_positives(labels, k, lambda i: _key(dataset, seed, i))), dtype=np.int64)
+        return np.asarray(sorted(_per_label_union(labels, k, lambda i: _key(dataset, seed, i))), dtype=np.int64)
     chosen = []
     for c in (range(n_classes) if classes is None else classes):
         members = np.flatnonzero(labels == c)
@@ -112,7 +112,7 @@ def sample_support(labels: np.ndarray, n_classes: int, k: int, seed: int, datase
     return np.concatenate(chosen)
 
 
-def _union_of_positives(labels: np.ndarray, k: int, key) -> set[int]:
+def _per_label_union(labels: np.ndarray, k: int, key) -> set[int]:
     """Each label's k positive and k negative indices with the smallest keys, their union."""
     chosen: set[int] = set()
     for c in range(labels.shape[1]):
@@ -173,7 +173,7 @@ def sample_validation(labels: dict[str, np.ndarray], n_classes: int, k: int, see
     m = validation_size(k, per_class)
     pool = np.asarray(labels[where], dtype=np.int64)
     if multilabel(pool):  # each label's m positive val images with the smallest val keys, their union
-        return where, np.asarray(sorted(_union_of_positives(pool, m, lambda i: _key(f"{dataset}|val", seed, i))),
+        return where, np.asarray(sorted(_per_label_union(pool, m, lambda i: _key(f"{dataset}|val", seed, i))),
                                  dtype=np.int64)
     chosen = []
     for c in range(n_classes):

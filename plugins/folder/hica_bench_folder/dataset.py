@@ -138,7 +138,7 @@ class FolderDataset:
 
     # ------------------------------------------------------------------ identity
     def _has(self, entry: layout.Entry, name: str) -> bool:
-        return layout.Layout("", [], [], "", self.multilabel).has(entry, name)
+        return layout.has(entry, name, self.multilabel)
 
     def _digests(self, entries: list[layout.Entry], cache_dir: Path) -> list[str]:
         """Every file's sha256, remembered per file version under the cache folder (a second run reads no pixels)."""

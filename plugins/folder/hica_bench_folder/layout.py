@@ -63,7 +63,12 @@ class Layout:
 
     def has(self, entry: Entry, name: str) -> bool:
         """Whether ``entry`` is of class ``name`` (multi-label: has that label)."""
-        return name in entry.label.split("|") if self.multilabel else entry.label == name
+        return has(entry, name, self.multilabel)
+
+
+def has(entry: Entry, name: str, multilabel: bool) -> bool:
+    """Whether ``entry`` is of class ``name``; in a multi-label dataset, whether it has that label."""
+    return name in entry.label.split("|") if multilabel else entry.label == name
 
 
 def natural_key(text: str) -> tuple:
