@@ -21,7 +21,8 @@ except ImportError:  # pragma: no cover - older typer
     from click.exceptions import ClickException
 
 # each command registers itself on the app when imported; this order is the order of `hica-bench --help`
-from hica_bench.cli import run, listing, leaderboard, merge, report, download, explain, bench, check  # noqa: E402,F401
+from hica_bench.cli import (run, listing, leaderboard, merge, report, download, explain, bench, check,  # noqa: E402,F401
+                            track, bundle, history)
 from hica_bench.cli.app import app
 from hica_bench.errors import Interrupted, UserError
 
