@@ -4,7 +4,7 @@ run loop (:mod:`hica_bench.runner`) -> the published tables and report (:mod:`hi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +14,7 @@ from rich.table import Table
 from hica_bench.cli.app import (AMP_OPTION, BACKEND_OPTION, BATCH_SIZE_OPTION, CACHE_DIR_OPTION, CHANNELS_LAST_OPTION,
                                 COMPILE_OPTION, DATA_ROOT_OPTION, DEVICE_OPTION, DOWNLOAD_OPTION, THREADS_OPTION, app,
                                 console, registry, requested_extraction)
+from hica_bench.cli.track import TO_HELP, targets, track_results
 
 
 @app.command()
@@ -79,6 +80,10 @@ def run(
                                           "gets this many CPUs) [default: every CPU of the runtime]."),
     shard: Optional[str] = typer.Option(None, help="I/N: run only shard I (0 to N-1) of the grid's cells, into "
                                         "--out/shard-I-of-N (Slurm arrays); combine them with `hica-bench merge`."),
+    track: List[str] = typer.Option([], "--track", help="After the run, send its results to " + TO_HELP[0].lower()
+                                    + TO_HELP[1:] + " See `hica-bench track`."),
+    experiment: Optional[str] = typer.Option(None, help="With --track: the MLflow experiment / W&B project [default: "
+                                             "the suite file's name, else the --out folder's]."),
 ) -> None:
     """Run the grid datasets × protocols × methods × shots × seeds and write results and leaderboards to --out."""
     from hica_bench import plan, publish, runner
@@ -93,7 +98,15 @@ def run(
         extraction=requested_extraction(backend, batch_size, channels_last, threads, amp, compile),
         cell_timeout=cell_timeout, force=force, save_predictions=save_predictions, report=report,
         skip_bad_images=skip_bad_images, executor=executor, ray_address=ray_address, workers=workers, shard=shard)
+    trackers = targets(track)  # a wrong --track is one line before the grid is even planned
     grid, settings = plan.configure(request, lambda: registry(ctx))
+    if trackers:
+        from hica_bench.tracking import check_name
+
+        experiment = check_name(experiment if experiment is not None else
+                                (suite.stem if suite is not None else settings.out_dir.resolve().name), "--experiment")
+        # the extra is installed and the server answers, before any cell runs
+        trackers = [target.prepare(settings.out_dir) for target in trackers]
     with out_lock(settings.out_dir):  # the loop and the publishing of its results, one run at a time per --out
         if quiet:
             summary = runner.run(grid, settings, registry(ctx))
@@ -102,6 +115,10 @@ def run(
                 summary = runner.run(grid, settings, registry(ctx), events)
         published = publish.publish(settings.out_dir, report=settings.report)
     print_summary(summary, settings, published)
+    if trackers:  # after the results are written and published: a tracker that fails loses none of them
+        from hica_bench.results import read_many_with_files
+
+        track_results(trackers, read_many_with_files([settings.out_dir / "results.jsonl"]), experiment)
     if summary.failed:
         raise typer.Exit(1)
 
