@@ -14,14 +14,23 @@ from typing import Any
 from hica_bench.results import Environment
 
 
-def git_hash() -> str | None:
+def git_commit() -> tuple[str | None, str | None]:
+    """HEAD's commit hash and its committer time (ISO 8601, e.g. ``2026-11-29T19:49:22+01:00``) in the checkout this
+    package is imported from, in one ``git`` call; (None, None) outside a git checkout or without git."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "show", "-s", "--format=%H%n%cI", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        return None, None
+    lines = out.stdout.split() if out.returncode == 0 else []
+    return (lines[0], lines[1] if len(lines) > 1 else None) if lines else (None, None)
+
+
+def git_hash() -> str | None:
+    """HEAD's commit hash (:func:`git_commit`), or None."""
+    return git_commit()[0]
 
 
 def cpu_model() -> str:
@@ -63,6 +72,7 @@ def environment(device: str, extraction: dict[str, Any] | None = None) -> Enviro
         if dist.entry_points.select(group="hica_bench"):
             packages[dist.metadata["Name"]] = dist.version
     cpu = cpu_model()
+    git, git_time = git_commit()
     return Environment(
         packages=dict(sorted(packages.items())),
         python=platform.python_version(),
@@ -72,6 +82,7 @@ def environment(device: str, extraction: dict[str, Any] | None = None) -> Enviro
         cpu_count=os.cpu_count(),
         cpu_model=cpu,
         torch_threads=torch.get_num_threads() if hasattr(torch, "get_num_threads") else None,
-        git=git_hash(),
+        git=git,
+        git_time=git_time,
         extraction=extraction,
     )

@@ -393,13 +393,15 @@ def _cost(section: Section) -> list[tuple[str, str, str]]:
 
 def write(results: list[CellResult], out_dir: Path, reference: str | None = None, resamples: int = 0,
           folders: dict[str, Path] | None = None, sources: list[str] | None = None, svg: bool = True,
-          latex: bool = False) -> Path:
+          latex: bool = False, gate: Any = None) -> Path:
     """The report of ``results`` in ``out_dir`` (``report.html`` and beside it figures and CSVs, and ``latex/``: its
     tables in LaTeX and a document that inputs them, :mod:`hica_bench.latex`); returns the page. ``reference``: the
     paired tests' reference method (None: :data:`REFERENCE`, not required to be there; a name given must be).
     ``resamples`` > 0 adds test-set bootstrap intervals from saved predictions (``folders``: cell id -> the folder its
     ``predictions`` path is relative to). ``svg``: also write the figures as SVG. ``latex``: also as PDF, and compile
-    ``latex/main.tex`` when a LaTeX engine is installed (what happened: :data:`LATEX_OUTCOME`)."""
+    ``latex/main.tex`` when a LaTeX engine is installed (what happened: :data:`LATEX_OUTCOME`). Results of more than
+    one commit also get a history section (:mod:`hica_bench.history`), each commit gated against the one before it
+    (``gate``: a :class:`hica_bench.history.Gate`; default: ``hica-bench check``'s)."""
     import jinja2
 
     from hica_bench import latex as latex_module
@@ -502,6 +504,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
     main = latex_module.write(out_dir / "latex", tex, figures_tex, origins)
     LATEX_OUTCOME[:] = [latex_module.compile_document(main)] if latex else []
     explanations = [shown for shown in map(_explanation, explanations_module.read_all(out_dir)) if shown is not None]
+    history = _history(results, out_dir, svg, gate)
     environment = jinja2.Environment(loader=jinja2.PackageLoader("hica_bench", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     page = environment.get_template("report.html.j2").render(
@@ -511,11 +514,28 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         environment=_environment(results), provenance=origins, n_results=len(results), robustness=robustness,
         explanations=explanations, concepts=_concepts(results), grid=explanations_module.GRID,
         robustness_note=ROBUSTNESS_NOTE.replace("`", ""), drops=[(title, image) for title, image, _ in drops], inflation=inflation, inflation_note=INFLATION_NOTE,
-        transfer=transfer, transfer_note=TRANSFER_NOTE,
+        transfer=transfer, transfer_note=TRANSFER_NOTE, history=history,
         n_ok=sum(r.status is Status.OK for r in results), fmt=lambda v: "—" if v is None else f"{v:.3g}")
     path = out_dir / "report.html"
     atomic_write(path, page)
     return path
+
+
+def _history(results: list[CellResult], out_dir: Path, svg: bool | tuple[str, ...],
+             gate: Any = None) -> dict[str, Any] | None:
+    """The "History over commits" section (:mod:`hica_bench.history`) when ``results`` hold more than one commit: its
+    files in ``out_dir/history/`` and what the page shows; None, and nothing computed, with one commit."""
+    from hica_bench import history as history_module
+
+    if not history_module.several_commits(results):
+        return None
+    found = history_module.build(results, gate or history_module.default_gate())
+    written = history_module.write(found, out_dir / "history", ("svg",) if svg is True else tuple(svg or ()))
+    return {"intro": history_module.gate_text(found), "commits": history_module.commit_rows(found),
+            "gated": found.gate is not None,
+            "notes": found.notes + [f"{v.commit.label}: {note}" for v in found.verdicts for note in v.notes],
+            "tables": history_module.tables(found), "image": history_module.data_uri(written["history.png"]),
+            "files": sorted(name for name in written)}
 
 
 def write_beside(results: list[CellResult], out_dir: Path) -> Path | None:

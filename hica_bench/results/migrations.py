@@ -7,8 +7,8 @@ from typing import Any
 
 
 def upgrade(record: dict[str, Any]) -> dict[str, Any]:
-    """A parsed record of schema 2 to 9 in the shape of the current schema (10): the fields later schemas added are filled
-    with what they mean for an older record (none, or clean)."""
+    """A parsed record of schema 2 to 10 in the shape of the current schema (11): the fields later schemas added are
+    filled with what they mean for an older record (none, or clean)."""
     if record.get("schema_version") == 2:  # before per-class scores and saved predictions
         record = {"per_class": None, "predictions": None, **record}
     if record.get("schema_version") in (2, 3) and isinstance(record.get("timings"), dict):  # before paired timing
@@ -43,4 +43,7 @@ def upgrade(record: dict[str, Any]) -> dict[str, Any]:
         record = {**record, "multilabel": None}
         if isinstance(record.get("identity"), dict) and isinstance(record["identity"].get("origin"), dict):
             record["identity"] = {**record["identity"], "origin": {**record["identity"]["origin"], "support_from": None}}
+    if record.get("schema_version") in (2, 3, 4, 5, 6, 7, 8, 9, 10):  # before the commit's time was recorded
+        if isinstance(record.get("environment"), dict):
+            record["environment"] = {**record["environment"], "git_time": None}
     return record

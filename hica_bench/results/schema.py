@@ -27,7 +27,12 @@ adapted the encoder, the adapted encoder's identity (``adapted_encoder``) and th
 through it (``timings.adapted_encode_s``, ``adapted_images_per_s``); older records read with none. 7 adds the
 corruption of the test split (robustness track, :mod:`hica_bench.corruptions`): ``key.corruption`` and
 ``key.severity`` (None for clean cells) and its definition in the origin (``corruption``: name, severity, parameter,
-set, definitions version); older records read as clean, and a clean origin keeps the id it had before.
+set, definitions version); older records read as clean, and a clean origin keeps the id it had before. 8 adds the
+evaluation protocol (``key.protocol``, ``origin.protocol``, ``identity.validation``); older records read as plain
+few-shot cells. 9 adds the novel classes' score (``novel``, base-to-novel). 10 adds multi-label scores
+(``multilabel``) and the source of a cross-dataset support set (``origin.support_from``). 11 adds the commit's time to
+the environment (``environment.git_time``, what ``hica-bench history`` orders commits by); older records read with
+None. The environment is not part of the identity, so no cell id changed with it.
 
 Reading and writing records is :mod:`hica_bench.results.codec`; older schemas are upgraded by
 :mod:`hica_bench.results.migrations`; the JSONL file is :mod:`hica_bench.results.store`.
@@ -46,7 +51,7 @@ from hica_bench.files import digest
 from hica_bench.results import migrations
 from hica_bench.results.codec import jsonable, known, reader, typed
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 LEGACY = "legacy"  #: the ``origin_id`` of schema-1 records, whose origin was not recorded
 
 
@@ -173,7 +178,9 @@ class Environment:
     cpu_count: int | None = None
     cpu_model: str = ""
     torch_threads: int | None = None
-    git: str | None = None
+    git: str | None = None  #: the commit hash of the hica-bench checkout that ran it (None: not a git checkout)
+    #: that commit's committer time, ISO 8601 (``git show -s --format=%cI``; schema 11 on): orders runs by commit
+    git_time: str | None = None
     extraction: dict[str, Any] | None = None  #: the extraction settings (backend, batch size, threads, ...)
 
 

@@ -48,7 +48,7 @@ def test_a_record_round_trips_typed(tmp_path):
     assert loaded.timings.fit_s == 0.1 and loaded.timings.efficiency is None
     record = json.loads(store.path.read_text())
     assert record["cell_id"] == original.cell_id and record["origin_id"] == ORIGIN.id
-    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 10
+    assert record["status"] == "ok" and record["schema_version"] == SCHEMA_VERSION == 11
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -67,7 +67,7 @@ def test_a_record_that_does_not_match_its_schema_names_its_line(tmp_path):
     del record["identity"]
     with store.path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 10"):
+    with pytest.raises(UserError, match=r"results.jsonl:2 does not match result schema 11"):
         store.load()
 
 
