@@ -358,7 +358,7 @@ def work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, froze
         n = rows(grid, split, len(dataset.split(split).labels))
         if volumes.volumetric(dataset):
             shape = dataset.split(split).images.shape
-            n *= sum(shape[1 + axis] for axis in options.axes)
+            n *= sum(len(range(shape[1 + axis])[options.kept(shape[1 + axis])]) for axis in options.axes)
         return n
 
     count = sum(images(dataset, split) for dataset, split in unique.values())
@@ -367,7 +367,8 @@ def work(grid: Grid, datasets: dict[str, FewShotDataset], needs: dict[str, froze
     dataset, split = parts[0]
     if volumes.volumetric(dataset):  # the probe times slices, as the extraction will encode them
         sample = dataset.split(split).images[:8]
-        return Work(volumes.slices(sample, options.axes[0]), count)
+        axis = options.axes[0]
+        return Work(volumes.slices(sample, axis, options.kept(sample.shape[1 + axis])), count)
     return Work(dataset.split(split).images, count, (dataset.identity, split))
 
 
@@ -491,6 +492,7 @@ class RunRequest:
     severities: str | None = None
     slice_axis: str = "0"
     slice_pool: str = "mean"
+    slice_step: int = 1
     device: str = "auto"
     extraction: Requested = field(default_factory=Requested)
     data_root: str | None = None
@@ -542,7 +544,7 @@ def configure(request: RunRequest, registry: Callable[[], Registry]) -> tuple[Gr
             flag if flag is not None else default_names(plugins, kind, option), option), option)
 
     dataset_choices = each("dataset", "--datasets")
-    volume = volumes.VolumeOptions(request.slice_axis, request.slice_pool)  # checked before anything runs
+    volume = volumes.VolumeOptions(request.slice_axis, request.slice_pool, request.slice_step)  # checked before anything runs
     corruption_names = value("corruptions", suite_file.name_list)
     severity_list = value("severities", suite_file.int_list)
     if request.skip_bad_images:  # the option of every dataset that declares it

@@ -46,6 +46,8 @@ def run(
                                    "1 or 2 of (D, H, W), or along all three (planes); part of the feature identity."),
     slice_pool: str = typer.Option("mean", help="3D datasets with a 2D encoder: pool a volume's slice features by "
                                    "their mean or element-wise max; part of the feature identity."),
+    slice_step: int = typer.Option(1, help="3D datasets with a 2D encoder: encode every N-th slice of each volume (the "
+                                   "middle one of each group of N; 1: all); part of the feature identity."),
     device: str = DEVICE_OPTION,
     backend: str = BACKEND_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
@@ -94,7 +96,7 @@ def run(
         suite=suite, datasets=datasets, methods=methods, encoders=encoders, protocols=protocols, shots=shots,
         seeds=seeds, size=size,
         max_test=max_test, out=out, corruptions=corruptions, severities=severities, slice_axis=slice_axis,
-        slice_pool=slice_pool, device=device, data_root=data_root, cache_dir=cache_dir, download=download,
+        slice_pool=slice_pool, slice_step=slice_step, device=device, data_root=data_root, cache_dir=cache_dir, download=download,
         extraction=requested_extraction(backend, batch_size, channels_last, threads, amp, compile),
         cell_timeout=cell_timeout, force=force, save_predictions=save_predictions, report=report,
         skip_bad_images=skip_bad_images, executor=executor, ray_address=ray_address, workers=workers, shard=shard)

@@ -67,6 +67,11 @@ def test_a_3d_grid_end_to_end_with_caching_and_the_slicing_in_the_identity(data3
     assert {r["identity"]["origin"]["features"]["volume"] for r in other} == {"slices:axis=planes:pool=max"}
     assert not {r["cell_id"] for r in other} & {r["cell_id"] for r in records}
     assert len(set((tmp_path / "cache" / "features").glob("*.npy"))) == 4
+    code, _, err = _run(data3d, tmp_path, *args, "--slice-step", "4", "--out", tmp_path / "d")  # a quarter of the slices
+    assert code == 0, err
+    stepped = _records(tmp_path / "d")
+    assert {r["identity"]["origin"]["features"]["volume"] for r in stepped} == {"slices:axis=0:pool=mean:step=4"}
+    assert not {r["cell_id"] for r in stepped} & {r["cell_id"] for r in records}
 
 
 def test_64_voxel_volumes_run_the_same_way(data3d, tmp_path):
@@ -104,6 +109,7 @@ def test_a_monai_3d_network_is_a_native_volume_encoder(data3d, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("axis", "--slice-axis must be 0, 1, 2 or planes"),
     ("pool", "--slice-pool must be mean or max"),
+    ("step", "--slice-step must be a whole number from 1 (every slice) to 64, got 0"),
     ("3d-encoder-on-2d", "is a 3D encoder (it takes whole volumes); breastmnist holds 2D images"),
     ("2d-file-as-3d", "expected (N, 28, 28, 28) (a 3D dataset holds volumes)"),
     ("size", "adrenalmnist3d comes in sizes 28, 64"),
@@ -118,6 +124,8 @@ def test_bad_volume_input_is_one_line(case, message, data3d, medmnist_root, tmp_
         args += ["--slice-axis", "3"]
     elif case == "pool":
         args += ["--slice-pool", "median"]
+    elif case == "step":
+        args += ["--slice-step", "0"]
     elif case == "3d-encoder-on-2d":
         args[1], root, encoder = "breastmnist", medmnist_root, "monai-3d:checkpoint=random:size=32:text="
     elif case == "2d-file-as-3d":
