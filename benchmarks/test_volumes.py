@@ -76,3 +76,39 @@ def test_volumes_per_second_and_peak_rss_at_64_voxels(tmp_path):
                      f"{large['peak_rss_mib']:.0f} MiB at {large['volumes']} "
                      f"(ratio {large['peak_rss_mib'] / small['peak_rss_mib']:.2f})")
     print("\n" + "\n".join(lines))
+
+
+def test_slices_per_second_against_2d_images_side_by_side(tmp_path, registry, cache_dir):
+    """Volumes through a 2D encoder against the same encoder on 2D images of the same pixels (issue 35, target 3):
+    the very slices of 64³ volumes, once cut from the volumes by the volume path (``encode_sliced``, axis 0, mean),
+    once as a plain (N, 64, 64) image array through the 2D path, with the same extractor and settings (ONNX Runtime,
+    batch 64, 2 threads), in turns, 5 rounds; the ratio of slices/s to images/s per round (target ≥ 0.97)."""
+    import statistics
+    import time
+
+    from hica_bench import volumes
+    from hica_bench.extraction import FeatureExtractor, Requested
+
+    path = write_volumes(tmp_path / "data" / "nodulemnist3d_64.npz", 24, n_test=8)
+    dataset = registry.choose("dataset", "nodulemnist3d").build(root=str(path.parent), size=64, download=False,
+                                                                cache_dir=cache_dir)
+    vols = dataset.split("train").images  # memory-mapped, as a run reads it
+    flat = np.ascontiguousarray(volumes.slices(vols, 0))  # the same 24 · 64 slices as 2D images
+    pair = registry.choose("encoder", "effnet-lite0-minilm").build(device="cpu")
+    extractor = FeatureExtractor(pair, cache_dir, Requested(backend="onnxruntime", batch_size=64, channels_last=False,
+                                                             threads=2), reference=False)
+    options = volumes.VolumeOptions()
+    extractor.encode(flat[:128])  # warm-up: the session and the first batches
+    ratios, rates = [], []
+    for _ in range(5):
+        start = time.perf_counter()
+        volumes.encode_sliced(vols, options, extractor.encode)
+        sliced = len(flat) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        extractor.encode(flat)
+        images = len(flat) / (time.perf_counter() - start)
+        ratios.append(sliced / images)
+        rates.append((sliced, images))
+    print(f"\nvolumes by slices: {statistics.median(r[0] for r in rates):.1f} slices/s against "
+          f"{statistics.median(r[1] for r in rates):.1f} images/s on the same 2D pixels; ratio median "
+          f"{statistics.median(ratios):.3f} (per round {', '.join(f'{r:.3f}' for r in ratios)})  [target ≥ 0.97]")

@@ -32,3 +32,39 @@ def test_feature_cache_detects_corruption(tmp_path):
     assert cache.get(key) is None and cache.rejected == 1
     assert cache.get(key) is None and cache.misses == 2  # the corrupt entry was removed
     assert cache.key({"encoder": "e", "split": "train"}) != cache.key({"encoder": "e", "split": "test"})
+
+
+def _broadcast_normalisation(images, spec):
+    """Preprocessing as it was written before the per-channel normalisation and the kept buffers (features of every
+    committed result were computed so): resize, clamp, then (x - mean) / std with (1, 3, 1, 1) constants broadcast."""
+    import torch
+    import torch.nn.functional as F
+
+    batch = torch.from_numpy(np.array(images, copy=True)).float()
+    batch = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+    if batch.shape[-1] != spec.size or batch.shape[-2] != spec.size:
+        batch = F.interpolate(batch, size=(spec.size, spec.size), mode=spec.interpolation, antialias=True,
+                              align_corners=False).clamp_(0.0, 255.0)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0
+    return ((batch - mean) / std).contiguous()
+
+
+def test_preprocess_gives_the_same_bits_as_the_broadcast_normalisation_with_and_without_kept_buffers():
+    """Cell ids and cached features rest on these bits: grey and RGB, equal and unequal channel constants (CLIP's),
+    bicubic and bilinear, a resize and none, a batch's shorter last slice into kept buffers."""
+    rng = np.random.default_rng(0)
+    specs = [InputSpec(224, (0.5,) * 3, (0.5,) * 3, "bicubic"),
+             InputSpec(224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "bicubic"),
+             InputSpec(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear"),
+             InputSpec(28, (0.5,) * 3, (0.5,) * 3, "bilinear")]
+    for spec in specs:
+        for shape in ((21, 28, 28), (21, 28, 28, 3), (5, 64, 64)):
+            images = rng.integers(0, 256, shape, dtype=np.uint8)
+            buffers = {}
+            for start in range(0, len(images), 8):  # 8, 8, then 5 into the same buffers
+                expected = _broadcast_normalisation(images[start:start + 8], spec)
+                assert preprocess(images[start:start + 8], spec).equal(expected)
+                kept = preprocess(images[start:start + 8], spec, buffers=buffers)
+                assert kept.equal(expected) and kept.is_contiguous()
+            assert buffers["out"].shape[0] == min(8, len(images))
