@@ -61,10 +61,32 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it (Linux: /proc/self/status), else by setting and
+    restoring it once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: the mode a plain ``open(path, "w")`` gives a new file: what every atomically written file gets (mkstemp's 0600
+#: would leave results, leaderboards and reports unreadable to the colleagues and CI jobs they are written for)
+FILE_MODE = 0o666 & ~_umask()
+
+
 def _temporary(path: Path) -> Path:
-    """A new, unique, empty file beside ``path``: ``.NAME.PID.RANDOM.tmp``."""
+    """A new, unique, empty file beside ``path``: ``.NAME.PID.RANDOM.tmp``, with a plain new file's mode."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
     return Path(name)
 
 
@@ -123,6 +145,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())  # a plain new folder's mode, not mkdtemp's 0700 (a shared cache)
     except OSError as exc:
         raise cannot_write(path, exc) from None
     try:

@@ -89,3 +89,14 @@ def test_a_run_remembers_file_digests_in_its_cache_folder(tmp_path, monkeypatch)
         assert files.file_sha256(weights, on_disk=False) != first  # read
     monkeypatch.setattr(files, "_DIGESTS", {})
     assert files.file_sha256(weights) != first  # outside a run nothing on disk is consulted
+
+
+def test_atomically_written_files_get_a_plain_new_files_mode(tmp_path):
+    """Results, leaderboards and reports are written for others to read: the mode open() would give (0644 under the
+    usual umask 022), not mkstemp's 0600."""
+    import stat
+
+    written = atomic_write(tmp_path / "results.jsonl", "{}\n")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
