@@ -93,3 +93,44 @@ def test_small_grid(benchmark, registry, medmnist_root, cache_dir, tmp_path):
 
     summary = benchmark.pedantic(run_grid, rounds=3, iterations=1, warmup_rounds=1)  # the warm-up fills the cache
     assert summary.ok == 4 and summary.failed == 0 and summary.cache_hits == 2
+
+
+def test_encoder_loop_against_its_raw_forward(breastmnist, encoders, cache_dir):
+    """The harness's encoder loop (``encode_images``: a prefetch thread preprocessing the next batch) against the raw
+    forward of one preprocessed batch, and against the same batches preprocessed beforehand (the loop without
+    preprocessing), on ONNX Runtime (dynamo export, batch 16, 2 threads), 384 BreastMNIST images, 8 rounds in turns in
+    this process; ratios of images/s per round, reported (issue 35, target 1: the loop ≥ 0.95 of the raw forward)."""
+    import statistics
+    import time
+
+    import torch
+
+    from hica_bench.extraction.backends import onnx_forward
+    from hica_bench.extraction.encode import encode_images
+
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+    torch.set_num_threads(2)
+    images = breastmnist.split("train").images[:384]
+    spec = encoders.image.input_spec
+    forward = onnx_forward(encoders, "cpu", cache_dir, 2, "dynamo")
+    batches = [preprocess(images[s:s + BATCH], spec) for s in range(0, len(images), BATCH)]
+    for _ in range(3):
+        forward(batches[0])
+
+    def rate(work) -> float:
+        start = time.perf_counter()
+        work()
+        return len(images) / (time.perf_counter() - start)
+
+    rounds = {"raw": [], "loop": [], "prepared": []}
+    for _ in range(8):
+        rounds["raw"].append(rate(lambda: [forward(batches[0]) for _ in batches]))
+        rounds["loop"].append(rate(lambda: encode_images(images, encoders.image, "cpu", BATCH, forward=forward)))
+        rounds["prepared"].append(rate(lambda: [forward(b).numpy() for b in batches]))
+    lines = [f"raw forward {statistics.median(rounds['raw']):.1f} img/s"]
+    for name in ("loop", "prepared"):
+        ratios = [b / a for a, b in zip(rounds["raw"], rounds[name])]
+        lines.append(f"{name} {statistics.median(rounds[name]):.1f} img/s = {statistics.median(ratios):.3f}x raw "
+                     f"({min(ratios):.3f}-{max(ratios):.3f})")
+    print("\nencoder loop vs raw forward (384 images, ONNX Runtime, batch 16, 2 threads): " + "; ".join(lines)
+          + "  [target: loop >= 0.95x]")
