@@ -61,7 +61,10 @@ MAX_MEMBER_BYTES = 1 << 30  #: one member (a results file, a predictions file), 
 MAX_TOTAL_BYTES = 4 << 30  #: all members together, uncompressed
 MAX_MANIFEST_BYTES = 64 << 20  #: manifest.json
 MAX_SMALL_BYTES = MAX_CONFIG_BYTES  #: a suite or prompt file (what a run reads of them)
-MAX_NAME_BYTES = 255  #: one part of a member's name (between slashes), UTF-8
+#: one part of a member's name (between slashes), UTF-8: room left under the file system's 255 for the temporary name
+#: an atomic write gives it (``.NAME.PID.RANDOM.tmp``)
+MAX_NAME_BYTES = 200
+MAX_HEADERS_BYTES = 64 << 20  #: the tar headers' extended (PAX) records of all members together
 MAX_HEADER_BYTES = 1 << 20  #: one tar header (a long name's extended header included)
 #: the decompressed tar stream as a whole: the members, their headers and the end-of-archive padding
 MAX_STREAM_BYTES = MAX_TOTAL_BYTES + (MAX_MEMBERS + 8) * 4096
@@ -246,6 +249,7 @@ def export(results: list[Path], target: Path, *, suite: Path | None = None, prom
                                                     "predictions file its records name)"))
             result.predictions = name
     prompt_members: dict[str, dict[str, Any]] = {}
+    read_paths: list[Path] = [Path(suite)] if suite is not None else []  #: files read whole (not in a source's path)
     for result in merged.results:
         given = prompt_file_of(result)
         if given is None:
@@ -258,6 +262,7 @@ def export(results: list[Path], target: Path, *, suite: Path | None = None, prom
             raise UserError(f"{where}: not found at {path}; export from the folder the run was started in, or give "
                             "that folder as --prompts-from")
         data = read_regular(path, where, MAX_SMALL_BYTES)
+        read_paths.append(path)
         name = f"prompts/{hashlib.sha256(data).hexdigest()[:12]}/{_safe_part(path, 'prompts')}"
         if name not in prompt_members:
             prompt_members[name] = {"path": name, "given_as": given, "datasets": []}
@@ -269,6 +274,12 @@ def export(results: list[Path], target: Path, *, suite: Path | None = None, prom
         suite_member = f"suite/{_safe_part(Path(suite), 'suite')}"
         sources.append(_bytes_source(suite_member, read_regular(Path(suite), f"suite {suite}", MAX_SMALL_BYTES)))
     sources.append(_bytes_source(RESULTS, "".join(r.to_json() + "\n" for r in merged.results).encode("utf-8")))
+    written = Path(os.path.realpath(target))
+    for source in sources:  # `export out/ --out out/results.jsonl` would replace what it reads
+        if source.path is not None and Path(os.path.realpath(source.path)) == written:
+            raise UserError(f"--out {target} is a file the bundle is made of; write the bundle elsewhere")
+    if written in {Path(os.path.realpath(f)) for f in [*files, *read_paths]}:
+        raise UserError(f"--out {target} is a results file the bundle is made of; write the bundle elsewhere")
     order = {"results.jsonl": 0, "suite": 1, "prompts": 2, "predictions": 3}
     sources.sort(key=lambda s: (order[s.name.split("/")[0]], s.name))
     if len(sources) + 1 > MAX_MEMBERS:
@@ -526,7 +537,13 @@ def _verify(handle: BinaryIO, path: Path, scratch: Path) -> Bundle:
     try:
         stream = _Stream(handle, where)
         with tarfile.open(fileobj=stream, mode="r:") as tar:
+            headers = 0
             for count, info in enumerate(tar, 1):
+                tar.members.clear()  # tarfile keeps every header it read: not the bundle's to fill memory with
+                headers += sum(len(k) + len(v) for k, v in info.pax_headers.items())
+                if headers > MAX_HEADERS_BYTES:
+                    raise UserError(f"{where}: its tar headers hold more than {MAX_HEADERS_BYTES:,} bytes of extended "
+                                    "records; not a bundle hica-bench wrote")
                 name = info.name
                 if count > MAX_MEMBERS:
                     raise UserError(f"{where}: holds more than the {MAX_MEMBERS:,} members a bundle may hold")
@@ -602,6 +619,11 @@ def _verify(handle: BinaryIO, path: Path, scratch: Path) -> Bundle:
             if not result.predictions.startswith("predictions/") or result.predictions not in members:
                 raise UserError(f"{where}: the record of {short(_label(result), 160)} names saved predictions "
                                 f"{short(result.predictions)}, which the bundle does not hold")
+            if not re.fullmatch(rf"predictions/{re.escape(result.cell_id)}(\.[A-Za-z0-9]{{1,8}})?", result.predictions):
+                # export names each file after its cell: a record naming another cell's file would overwrite that
+                # cell's predictions in --out
+                raise UserError(f"{where}: the record of {short(_label(result), 160)} names saved predictions "
+                                f"{short(result.predictions)}, not its own cell's (predictions/{result.cell_id}.npz)")
             named.add(result.predictions)
     unused = sorted(n for n in members if n.startswith("predictions/") and n not in named)
     if unused:

@@ -310,8 +310,12 @@ def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers
     # channel whose constants equal an earlier one's is a copy of it
     mean = (torch.tensor(spec.mean) * 255.0).tolist()
     std = (torch.tensor(spec.std) * 255.0).tolist()
+    # the divisors as 0-dim tensors on the batch's device: CUDA divides by a CPU scalar as a product with its
+    # reciprocal (a bit off), by a device tensor truly, as the broadcast (1, 3, 1, 1) tensor was divided
+    divisors = torch.tensor(std, device=batch.device)
     shape = (batch.shape[0], 3, *batch.shape[2:])
-    out = torch.empty(shape, device=batch.device) if buffers is None else _kept(buffers, "out", shape, batch.device)
+    out = (torch.empty(shape, dtype=torch.float32, device=batch.device) if buffers is None
+           else _kept(buffers, "out", shape, batch.device))
     done: dict[tuple[int, float, float], int] = {}
     for channel in range(3):
         source = 0 if batch.shape[1] == 1 else channel
@@ -319,7 +323,7 @@ def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers
         if same is not None:
             out[:, channel].copy_(out[:, same])
             continue
-        torch.sub(batch[:, source], mean[channel], out=out[:, channel]).div_(std[channel])
+        torch.sub(batch[:, source], mean[channel], out=out[:, channel]).div_(divisors[channel])
         done[(source, mean[channel], std[channel])] = channel
     return out
 
@@ -335,5 +339,5 @@ def _kept(buffers: dict[str, Any], name: str, shape: tuple[int, ...], device: An
 
     kept = buffers.get(name)
     if kept is None or kept.shape[1:] != shape[1:] or kept.shape[0] < shape[0] or kept.device != torch.device(device):
-        kept = buffers[name] = torch.empty(shape, device=device)
+        kept = buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
     return kept[: shape[0]]

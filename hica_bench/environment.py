@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -19,13 +20,17 @@ def git_commit() -> tuple[str | None, str | None]:
     package is imported from, in one ``git`` call; (None, None) outside a git checkout or without git."""
     try:
         out = subprocess.run(
-            ["git", "show", "-s", "--format=%H%n%cI", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-            timeout=5,
+            # a marked format (a user's log.showSignature adds gpg lines to the output; they are not ours)
+            ["git", "-c", "log.showSignature=false", "show", "-s", "--format=hica-bench-commit %H %cI", "HEAD"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return None, None
-    lines = out.stdout.split() if out.returncode == 0 else []
-    return (lines[0], lines[1] if len(lines) > 1 else None) if lines else (None, None)
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "hica-bench-commit" and re.fullmatch(r"[0-9a-f]{40,64}", parts[1]):
+            return parts[1], parts[2]
+    return None, None
 
 
 def git_hash() -> str | None:

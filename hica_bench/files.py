@@ -81,10 +81,15 @@ FILE_MODE = 0o666 & ~_umask()
 
 
 def _temporary(path: Path) -> Path:
-    """A new, unique, empty file beside ``path``: ``.NAME.PID.RANDOM.tmp``, with a plain new file's mode."""
+    """A new, unique, empty file beside ``path``: ``.NAME.PID.RANDOM.tmp``, with the mode of the file it replaces, else
+    a plain new file's."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, FILE_MODE)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = FILE_MODE
+        os.fchmod(fd, mode)
     finally:
         os.close(fd)
     return Path(name)

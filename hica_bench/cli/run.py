@@ -116,11 +116,11 @@ def run(
             with (LiveEvents(console) if console.is_terminal else LogEvents()) as events:
                 summary = runner.run(grid, settings, registry(ctx), events)
         published = publish.publish(settings.out_dir, report=settings.report)
-    print_summary(summary, settings, published)
-    if trackers:  # after the results are written and published: a tracker that fails loses none of them
-        from hica_bench.results import read_many_with_files
+        print_summary(summary, settings, published)
+        if trackers:  # after the results are written and published (a tracker that fails loses none of them), under
+            from hica_bench.results import read_many_with_files  # the lock (two trackings never race on one store)
 
-        track_results(trackers, read_many_with_files([settings.out_dir / "results.jsonl"]), experiment)
+            track_results(trackers, read_many_with_files([settings.out_dir / "results.jsonl"]), experiment)
     if summary.failed:
         raise typer.Exit(1)
 

@@ -49,7 +49,7 @@ def track_(
     score; tags: status, origin, reason; artifacts: saved predictions), under a parent run per grid carrying its
     report. Tracking the same results again creates no duplicate runs (runs are keyed by cell id)."""
     from hica_bench.errors import UserError
-    from hica_bench.results import read_many_with_files, results_files
+    from hica_bench.results import out_lock, read_many_with_files, results_files
     from hica_bench.tracking import check_name
 
     chosen = targets(to)
@@ -60,4 +60,5 @@ def track_(
     name = check_name(experiment if experiment is not None else files[0].parent.resolve().name, "--experiment")
     grid = None if grid is None else check_name(grid, "--grid")
     trackers = [target.prepare(files[0].parent) for target in chosen]
-    track_results(trackers, loaded, name, grid)
+    with out_lock(files[0].parent, "track"):  # not beside a run or another tracking of these results
+        track_results(trackers, loaded, name, grid)

@@ -114,8 +114,9 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _key(text: str) -> str:
-    """A name MLflow and W&B both accept: letters, digits and ``_ - . /`` (others become ``_``), at most 250."""
-    return re.sub(r"[^\w\-./]", "_", text)[:250]
+    """A name MLflow and W&B both accept: letters, digits and ``_ - . /`` (others become ``_``; no empty path part, no
+    leading or trailing ``/``), at most 250."""
+    return re.sub(r"/{2,}", "/", re.sub(r"[^\w\-./]", "_", text)).strip("/")[:250] or "_"
 
 
 def _text(value: Any, limit: int) -> str:

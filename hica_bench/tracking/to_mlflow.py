@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -60,7 +62,15 @@ def reach(uri: str, seconds: float = REACH_S) -> None:
             pass
     except urllib.error.HTTPError:
         pass
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):  # it answered; MLflow's own TLS settings (a private CA) decide
+            return
+        raise UserError(f"cannot reach the MLflow tracking server at {uri} within {seconds:g} s "
+                        f"({' '.join(str(exc.reason).split())[:120]}); start it (mlflow server --host 127.0.0.1) or "
+                        "leave the URI out for a local store under the results folder") from None
+    except ssl.SSLError:
+        return
+    except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"cannot reach the MLflow tracking server at {uri} within {seconds:g} s "
                         f"({' '.join(str(reason).split())[:120]}); start it (mlflow server --host 127.0.0.1) or "
@@ -83,7 +93,12 @@ class MlflowTracker(Tracker):
             from mlflow import MlflowClient
         except ImportError as exc:
             raise needs_extra("mlflow", exc) from None
-        return cls(MlflowClient(tracking_uri=tracking_uri), tracking_uri, artifact_root)
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+        except Exception as exc:  # an unknown scheme, a locked or corrupt store, a missing database driver
+            raise UserError(f"MLflow cannot open the tracking store {tracking_uri}: {' '.join(str(exc).split())[:200]}"
+                            ) from None
+        return cls(client, tracking_uri, artifact_root)
 
     def track(self, grids: list[Grid], experiment: str, progress: Callable[[str], None] = print) -> Outcome:
         from mlflow.exceptions import MlflowException
@@ -100,6 +115,11 @@ class MlflowTracker(Tracker):
         except OSError as exc:  # requests' ConnectionError is one: the server went away mid-way
             raise UserError(f"MLflow ({self.uri}) stopped answering: {' '.join(str(exc).split())[:200]} (the results "
                             "are kept; track them again with `hica-bench track`)") from None
+        except UserError:
+            raise
+        except Exception as exc:  # an artifact store's own errors (S3 credentials, a missing boto3...)
+            raise UserError(f"MLflow ({self.uri}) failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]} "
+                            "(the results are kept; track them again with `hica-bench track`)") from None
         if self.artifact_root:
             outcome.lines.append(f"open it: mlflow ui --backend-store-uri {self.uri}")
         elif self.uri.startswith(("http://", "https://")):
@@ -114,11 +134,12 @@ class MlflowTracker(Tracker):
                                 "(mlflow experiments restore) or name another with --experiment")
             return found.experiment_id
         return self.client.create_experiment(name, artifact_location=self.artifact_root and
-                                             f"{self.artifact_root}/{name.replace('/', '_')}")
+                                             f"{self.artifact_root}/{urllib.parse.quote(name, safe='')}")
 
-    def _tracked(self, experiment_id: str) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
-        """The experiment's tracked cells (cell_id → run id, finished_at) and grids (name → parent run id)."""
-        cells: dict[str, tuple[str, str]] = {}
+    def _tracked(self, experiment_id: str) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
+        """The experiment's tracked cells (cell_id → its runs: run id, finished_at; a run without finished_at was cut
+        short) and grids (name → parent run id)."""
+        cells: dict[str, list[tuple[str, str]]] = {}
         parents: dict[str, str] = {}
         token = None
         while True:
@@ -126,7 +147,7 @@ class MlflowTracker(Tracker):
             for run in page:
                 tags = run.data.tags
                 if CELL_TAG in tags:
-                    cells[tags[CELL_TAG]] = (run.info.run_id, tags.get(FINISHED_TAG, ""))
+                    cells.setdefault(tags[CELL_TAG], []).append((run.info.run_id, tags.get(FINISHED_TAG, "")))
                 elif GRID_TAG in tags:
                     parents[tags[GRID_TAG]] = run.info.run_id
             token = page.token
@@ -141,12 +162,18 @@ class MlflowTracker(Tracker):
                                             tags={GRID_TAG: grid.name, "hica_bench.kind": "grid"}).info.run_id
             parents[grid.name] = parent
         for cell in grid.cells:
-            before = cells.get(cell.cell_id)
-            if before is not None and before[1] == cell.finished_at:
+            before = cells.get(cell.cell_id, [])
+            if any(finished == cell.finished_at for _, finished in before):
                 outcome.skipped += 1
                 continue
-            self._cell(cell, experiment_id, parent, before[0] if before else None, outcome)
-            cells[cell.cell_id] = ("", cell.finished_at)
+            # a re-run cell (or one whose tracking was cut short): its runs are replaced, so no score, tag or reason
+            # of the earlier record lingers beside the new one (MLflow cannot delete a metric from a run)
+            for run_id, _ in before:
+                self.client.delete_run(run_id)
+            self._cell(cell, experiment_id, parent, outcome)
+            outcome.updated += bool(before)
+            outcome.created += not before
+            cells[cell.cell_id] = [("", cell.finished_at)]
             changed = True
         if changed:  # the report of a grid whose runs changed (or a new grid)
             for path in grid.report_files():
@@ -155,23 +182,19 @@ class MlflowTracker(Tracker):
                 outcome.artifacts += 1
             self.client.set_terminated(parent, "FINISHED")
 
-    def _cell(self, cell: Tracked, experiment_id: str, parent: str, run_id: str | None, outcome: Outcome) -> None:
+    def _cell(self, cell: Tracked, experiment_id: str, parent: str, outcome: Outcome) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         end = timestamp_ms(cell.finished_at)
         took = cell.metrics.get("timings.fit_s", 0.0) + cell.metrics.get("timings.predict_s", 0.0)
         start = None if end is None else end - round(took * 1000)  # the run's duration: the cell's fit + predict
-        if run_id is None:
-            run_id = self.client.create_run(experiment_id, start_time=start, run_name=cell.name,
-                                            tags={"mlflow.parentRunId": parent}).info.run_id
-            params = [Param(k, v) for k, v in sorted(cell.params.items())]
-            outcome.created += 1
-        else:  # a re-run of a tracked cell: the same identity, so the same params; new scores, tags and status
-            params = []
-            outcome.updated += 1
-        # step 0 with the record's time: a re-run's scores follow the earlier ones in each metric's history
+        # keyed by its cell from its creation on; marked finished (FINISHED_TAG) only once all of it is logged, so a
+        # tracking cut short anywhere is found and replaced by the next one, never skipped
+        run_id = self.client.create_run(experiment_id, start_time=start, run_name=cell.name,
+                                        tags={"mlflow.parentRunId": parent, CELL_TAG: cell.cell_id}).info.run_id
+        params = [Param(k, v) for k, v in sorted(cell.params.items())]
         metrics = [Metric(k, v, end or 0, 0) for k, v in sorted(cell.metrics.items())]
-        tags = [RunTag(k, v) for k, v in sorted(cell.tags.items())]
+        tags = [RunTag(k, v) for k, v in sorted(cell.tags.items()) if k != FINISHED_TAG]
         for i in range(0, max(len(params), len(tags), len(metrics)), BATCH):
             self.client.log_batch(run_id, metrics=metrics[i:i + BATCH], params=params[i:i + BATCH],
                                   tags=tags[i:i + BATCH])
@@ -179,3 +202,4 @@ class MlflowTracker(Tracker):
             self.client.log_artifact(run_id, str(cell.predictions), "predictions")
             outcome.artifacts += 1
         self.client.set_terminated(run_id, STATUS.get(cell.status, "FINISHED"), end_time=end)  # None: now
+        self.client.set_tag(run_id, FINISHED_TAG, cell.finished_at)

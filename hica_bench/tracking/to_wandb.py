@@ -5,8 +5,10 @@ adding one). What each run holds is :func:`hica_bench.tracking.tracked`'s mappin
 the scores as its summary, the tags as config ``tags`` plus W&B tags (status, protocol), the saved predictions as an
 artifact (referenced in place: keep the results folder until it is synced).
 
-Which cells are tracked is kept in ``wandb/hica-bench-tracked.json`` (cell_id → the record's ``finished_at``): a cell
-tracked with the same record is skipped, a re-run one is tracked again under the same run id.
+Which cells are tracked is kept in ``wandb/hica-bench-tracked.json`` (per project and cell id: the record's
+``finished_at`` and the summary keys it wrote): a cell tracked with the same record is skipped; a re-run one is
+tracked again under the same run id, with the summary keys the earlier record had and this one has not set to None
+(a synced summary is merged into the run's, so no score of the earlier record lingers).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class WandbTracker(Tracker):
             raise needs_extra("wandb", exc) from None
         return cls(wandb, folder)
 
-    def _index(self) -> dict[str, str]:
+    def _index(self) -> dict[str, dict]:
         path = self.runs / INDEX
         if not path.exists():
             return {}
@@ -54,9 +56,10 @@ class WandbTracker(Tracker):
             index = json.loads(read_regular(path, "the W&B tracking index", INDEX_LIMIT))
         except (ValueError, UnicodeDecodeError):
             index = None
-        if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
-            raise UserError(f"{path} is not the index hica-bench writes (cell id → finished_at); move it away to "
-                            "track every cell again")
+        if not isinstance(index, dict) or not all(isinstance(v, dict) and isinstance(v.get("finished_at"), str)
+                                                  and isinstance(v.get("metrics"), list) for v in index.values()):
+            raise UserError(f"{path} is not the index hica-bench writes (project/cell id → finished_at, metrics); "
+                            "move it away to track every cell again")
         return index
 
     def _settings(self):
@@ -64,6 +67,16 @@ class WandbTracker(Tracker):
                                    mode="offline")
 
     def track(self, grids: list[Grid], experiment: str, progress: Callable[[str], None] = print) -> Outcome:
+        try:
+            return self._track(grids, experiment)
+        except UserError:
+            raise
+        except Exception as exc:  # wandb's own errors (a usage error, a file it cannot read or write)
+            raise UserError(f"W&B offline tracking into {self.runs} failed: {type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]} (the results are kept; track them again with "
+                            "`hica-bench track`)") from None
+
+    def _track(self, grids: list[Grid], experiment: str) -> Outcome:
         outcome = Outcome("wandb", str(self.runs))
         try:
             self.runs.mkdir(parents=True, exist_ok=True)
@@ -74,16 +87,18 @@ class WandbTracker(Tracker):
         for grid in grids:
             changed = False
             for cell in grid.cells:
-                before = index.get(cell.cell_id)
-                if before == cell.finished_at:
+                key = f"{project}/{cell.cell_id}"
+                before = index.get(key)
+                if before is not None and before["finished_at"] == cell.finished_at:
                     outcome.skipped += 1
                     continue
-                run = self.wandb.init(dir=str(self.folder), project=project, group=grid.name, job_type="cell",
+                run = self.wandb.init(dir=str(self.folder), project=project, group=grid.name[:128], job_type="cell",
                                       id=cell.cell_id, name=cell.name, config={**cell.config, "tags": cell.tags},
                                       tags=[cell.status, cell.tags["hica_bench.protocol"]][:2], reinit="create_new",
                                       settings=self._settings())
                 try:
-                    run.summary.update(cell.metrics)
+                    gone = {name: None for name in (before or {}).get("metrics", []) if name not in cell.metrics}
+                    run.summary.update({**gone, **cell.metrics})
                     if cell.predictions is not None:
                         artifact = self.wandb.Artifact(f"predictions-{cell.cell_id}", type="predictions")
                         artifact.add_file(str(cell.predictions), policy="immutable")
@@ -93,7 +108,7 @@ class WandbTracker(Tracker):
                     run.finish(exit_code=1 if cell.status == "failed" else 0)
                 outcome.updated += before is not None
                 outcome.created += before is None
-                index[cell.cell_id] = cell.finished_at
+                index[key] = {"finished_at": cell.finished_at, "metrics": sorted(cell.metrics)}
                 atomic_write(self.runs / INDEX, json.dumps(index, sort_keys=True, indent=0))
                 changed = True
             if changed:
@@ -103,7 +118,7 @@ class WandbTracker(Tracker):
 
     def _grid_run(self, grid: Grid, project: str, outcome: Outcome) -> None:
         files = grid.report_files()
-        run = self.wandb.init(dir=str(self.folder), project=project, group=grid.name, job_type="grid",
+        run = self.wandb.init(dir=str(self.folder), project=project, group=grid.name[:128], job_type="grid",
                               id="grid-" + digest([project, grid.name], 20), name=grid.name, reinit="create_new",
                               config={"grid": grid.name, "cells": len(grid.cells)}, settings=self._settings())
         try:

@@ -334,6 +334,26 @@ def test_a_record_naming_predictions_the_bundle_lacks(tmp_path, good, scratch):
             "which the bundle does not hold")
 
 
+def test_a_record_naming_another_cells_predictions(tmp_path, good, scratch):
+    """Each record names its own cell's file: one naming another's would overwrite that cell's predictions in --out."""
+    entries = members(good)
+    records = [json.loads(line) for line in entries[1][1].decode().splitlines()]
+    records[0]["predictions"] = records[1]["predictions"]
+    entries[1] = (entries[1][0], "".join(json.dumps(r) + "\n" for r in records).encode())
+    entries = [e for e in entries if e[0].name != f"predictions/{records[0]['cell_id']}.npz"]
+    refused(pack(tmp_path / "bad.tar.gz", with_manifest(entries)), tmp_path / "out", scratch,
+            f"not its own cell's (predictions/{records[0]['cell_id']}.npz)")
+
+
+def test_export_never_writes_over_what_it_reads(tmp_path):
+    folder = results_folder(tmp_path / "run", [0])
+    before = (folder / "results.jsonl").read_bytes()
+    for target in (folder / "results.jsonl", tmp_path / "p.yaml"):
+        with pytest.raises(UserError, match="the bundle is made of; write the bundle elsewhere"):
+            bundle.export([folder], target, prompts_from=tmp_path)
+    assert (folder / "results.jsonl").read_bytes() == before
+
+
 def test_results_the_manifest_miscounts(tmp_path, good, scratch):
     entries = with_manifest(members(good), lambda m: m.update(cells=5))
     refused(pack(tmp_path / "bad.tar.gz", entries), tmp_path / "out", scratch, "holds 2 cells but its manifest says 5")

@@ -100,3 +100,13 @@ def test_atomically_written_files_get_a_plain_new_files_mode(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_a_replaced_file_keeps_the_mode_it_had(tmp_path):
+    import stat
+
+    path = tmp_path / "private.jsonl"
+    path.write_text("old\n")
+    path.chmod(0o600)
+    atomic_write(path, "new\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "new\n"
