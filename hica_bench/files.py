@@ -75,9 +75,11 @@ def _umask() -> int:
     return mask
 
 
+_UMASK = _umask()
 #: the mode a plain ``open(path, "w")`` gives a new file: what every atomically written file gets (mkstemp's 0600
 #: would leave results, leaderboards and reports unreadable to the colleagues and CI jobs they are written for)
-FILE_MODE = 0o666 & ~_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK  #: likewise a plain ``mkdir``'s, for folders published whole (mkdtemp's is 0700)
 
 
 def _temporary(path: Path) -> Path:
@@ -150,7 +152,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
-        tmp.chmod(0o777 & ~_umask())  # a plain new folder's mode, not mkdtemp's 0700 (a shared cache)
+        tmp.chmod(DIR_MODE)
     except OSError as exc:
         raise cannot_write(path, exc) from None
     try:

@@ -5,10 +5,10 @@ of older schemas (:mod:`.migrations`), and the JSONL store with its lock, readin
 from hica_bench.results.codec import jsonable
 from hica_bench.results.schema import (LEGACY, SCHEMA_VERSION, Calibration, CellKey, CellResult, Component,
                                        Environment, Identity, Metrics, MultiLabelScore, NovelScore, Origin, PerClass, Status, Timings,
-                                       origin_differences)
+                                       flatten, origin_differences)
 from hica_bench.results.store import (OUTCOME, Merged, ResultsStore, merge_shards, out_lock, read_many, read_many_with_files,
                                       results_files)
 
 __all__ = ["LEGACY", "Merged", "OUTCOME", "SCHEMA_VERSION", "Calibration", "CellKey", "CellResult", "Component", "Environment",
            "Identity", "Metrics", "MultiLabelScore", "NovelScore", "Origin", "PerClass", "ResultsStore", "Status", "Timings", "jsonable",
-           "merge_shards", "origin_differences", "out_lock", "read_many", "read_many_with_files", "results_files"]
+           "flatten", "merge_shards", "origin_differences", "out_lock", "read_many", "read_many_with_files", "results_files"]

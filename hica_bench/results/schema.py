@@ -358,22 +358,24 @@ def _from_v1(record: dict[str, Any]) -> CellResult:
 def origin_differences(a: Origin, b: Origin) -> list[str]:
     """What differs between two origins, one ``path: a → b`` item per differing leaf (e.g.
     ``features.backend: onnxruntime → eager``)."""
-    left, right = _flatten(asdict(a)), _flatten(asdict(b))
+    left, right = flatten(asdict(a)), flatten(asdict(b))
     return [f"{path}: {_short(left.get(path))} → {_short(right.get(path))}"
             for path in sorted(set(left) | set(right)) if left.get(path) != right.get(path)]
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "", index: str = "[{}]", empty: str | None = "[]") -> dict[str, Any]:
+    """A nested record as ``{"a.b[0].c": leaf}``: dict keys joined by dots, list items by ``index`` (``".{}"``:
+    ``a.b.0.c``); an empty list is the leaf ``empty`` (None: left out)."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key), index, empty))
         return out
     if isinstance(value, (list, tuple)):
         out = {}
-        for index, item in enumerate(value):
-            out.update(_flatten(item, f"{prefix}[{index}]"))
-        return out or {prefix: "[]"}
+        for position, item in enumerate(value):
+            out.update(flatten(item, prefix + index.format(position), index, empty))
+        return out or ({} if empty is None else {prefix: empty})
     return {prefix: value}
 
 

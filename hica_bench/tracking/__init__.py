@@ -27,11 +27,11 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hica_bench import __version__
 from hica_bench.errors import UserError
-from hica_bench.results import CellResult, jsonable
+from hica_bench.results import CellResult, flatten, jsonable
 
 #: what a parameter value may hold (MLflow's limit is 6,000 characters); longer values are cut, with a mark
 PARAM_VALUE_LIMIT = 6000
@@ -99,20 +99,6 @@ class Outcome:
                 f"already tracked, {self.artifacts} artifacts")
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested record as ``{"a.b.0.c": leaf}`` (list items by position)."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    else:
-        return {prefix: value}
-    out: dict[str, Any] = {}
-    for key, item in items:
-        out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def _key(text: str) -> str:
     """A name MLflow and W&B both accept: letters, digits and ``_ - . /`` (others become ``_``; no empty path part, no
     leading or trailing ``/``), at most 250."""
@@ -135,7 +121,7 @@ def tracked(result: CellResult, results_file: Path) -> Tracked:
     nested = {"cell_id": result.cell_id, "origin_id": result.origin_id, "key": record["key"], "identity": identity,
               "n_support": result.n_support, "n_test": result.n_test}
     params = {_key(path): _text(value, PARAM_VALUE_LIMIT)
-              for path, value in flatten(nested).items() if value is not None and value != ""}
+              for path, value in flatten(nested, index=".{}", empty=None).items() if value is not None and value != ""}
     metrics: dict[str, Any] = {}
     if result.metrics is not None:
         metrics.update(record["metrics"])
@@ -242,7 +228,7 @@ class Tracker:
 
     name = ""
 
-    def track(self, grids: list[Grid], experiment: str, progress: Callable[[str], None] = print) -> Outcome:
+    def track(self, grids: list[Grid], experiment: str) -> Outcome:
         raise NotImplementedError
 
 

@@ -18,7 +18,6 @@ import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Callable
 
 from hica_bench.errors import UserError
 from hica_bench.tracking import (CELL_TAG, FINISHED_TAG, GRID_TAG, Grid, Outcome, Tracked, Tracker, needs_extra,
@@ -100,7 +99,7 @@ class MlflowTracker(Tracker):
                             ) from None
         return cls(client, tracking_uri, artifact_root)
 
-    def track(self, grids: list[Grid], experiment: str, progress: Callable[[str], None] = print) -> Outcome:
+    def track(self, grids: list[Grid], experiment: str) -> Outcome:
         from mlflow.exceptions import MlflowException
 
         outcome = Outcome("mlflow", self.uri)

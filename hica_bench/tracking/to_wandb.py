@@ -17,7 +17,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 from hica_bench.errors import UserError
 from hica_bench.files import atomic_write, digest, read_regular
@@ -66,7 +65,7 @@ class WandbTracker(Tracker):
         return self.wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True, save_code=False,
                                    mode="offline")
 
-    def track(self, grids: list[Grid], experiment: str, progress: Callable[[str], None] = print) -> Outcome:
+    def track(self, grids: list[Grid], experiment: str) -> Outcome:
         try:
             return self._track(grids, experiment)
         except UserError:
@@ -84,37 +83,44 @@ class WandbTracker(Tracker):
             raise UserError(f"cannot create {self.runs}: {exc.strerror or exc}") from None
         index = self._index()
         project = project_name(experiment)
-        for grid in grids:
-            changed = False
-            for cell in grid.cells:
-                key = f"{project}/{cell.cell_id}"
-                before = index.get(key)
-                if before is not None and before["finished_at"] == cell.finished_at:
-                    outcome.skipped += 1
-                    continue
-                run = self.wandb.init(dir=str(self.folder), project=project, group=grid.name[:128], job_type="cell",
-                                      id=cell.cell_id, name=cell.name, config={**cell.config, "tags": cell.tags},
-                                      tags=[cell.status, cell.tags["hica_bench.protocol"]][:2], reinit="create_new",
-                                      settings=self._settings())
-                try:
-                    gone = {name: None for name in (before or {}).get("metrics", []) if name not in cell.metrics}
-                    run.summary.update({**gone, **cell.metrics})
-                    if cell.predictions is not None:
-                        artifact = self.wandb.Artifact(f"predictions-{cell.cell_id}", type="predictions")
-                        artifact.add_file(str(cell.predictions), policy="immutable")
-                        run.log_artifact(artifact)
-                        outcome.artifacts += 1
-                finally:
-                    run.finish(exit_code=1 if cell.status == "failed" else 0)
-                outcome.updated += before is not None
-                outcome.created += before is None
-                index[key] = {"finished_at": cell.finished_at, "metrics": sorted(cell.metrics)}
+        try:
+            for grid in grids:
+                self._grid(grid, project, index, outcome)
+        finally:  # once, also when stopped part-way: the cells finished so far are not tracked twice
+            if outcome.created or outcome.updated:
                 atomic_write(self.runs / INDEX, json.dumps(index, sort_keys=True, indent=0))
-                changed = True
-            if changed:
-                self._grid_run(grid, project, outcome)
         outcome.lines.append(f"upload them: wandb sync {self.runs}/offline-run-*")
         return outcome
+
+    def _grid(self, grid: Grid, project: str, index: dict[str, dict], outcome: Outcome) -> None:
+        """A grid's cells, each a run (skipped when tracked with the same record), then its grid run if any changed."""
+        changed = False
+        for cell in grid.cells:
+            key = f"{project}/{cell.cell_id}"
+            before = index.get(key)
+            if before is not None and before["finished_at"] == cell.finished_at:
+                outcome.skipped += 1
+                continue
+            run = self.wandb.init(dir=str(self.folder), project=project, group=grid.name[:128], job_type="cell",
+                                  id=cell.cell_id, name=cell.name, config={**cell.config, "tags": cell.tags},
+                                  tags=[cell.status, cell.tags["hica_bench.protocol"]][:2], reinit="create_new",
+                                  settings=self._settings())
+            try:
+                gone = {name: None for name in (before or {}).get("metrics", []) if name not in cell.metrics}
+                run.summary.update({**gone, **cell.metrics})
+                if cell.predictions is not None:
+                    artifact = self.wandb.Artifact(f"predictions-{cell.cell_id}", type="predictions")
+                    artifact.add_file(str(cell.predictions), policy="immutable")
+                    run.log_artifact(artifact)
+                    outcome.artifacts += 1
+            finally:
+                run.finish(exit_code=1 if cell.status == "failed" else 0)
+            outcome.updated += before is not None
+            outcome.created += before is None
+            index[key] = {"finished_at": cell.finished_at, "metrics": sorted(cell.metrics)}
+            changed = True
+        if changed:
+            self._grid_run(grid, project, outcome)
 
     def _grid_run(self, grid: Grid, project: str, outcome: Outcome) -> None:
         files = grid.report_files()

@@ -3,6 +3,7 @@ refused with one line before anything is written (bad bundles are built with :mo
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -17,16 +18,10 @@ import pytest
 
 from hica_bench import bundle
 from hica_bench.errors import UserError
-from hica_bench.results import (SCHEMA_VERSION, CellKey, CellResult, Component, Identity, Metrics, Origin, ResultsStore,
-                                Status)
+from hica_bench.results import SCHEMA_VERSION, CellKey, CellResult, Identity, Metrics, ResultsStore, Status
+from test_store_properties import ORIGIN as STORE_ORIGIN
 
-ORIGIN = Origin(
-    harness="0.1.0", dataset=Component("dataset", "breastmnist", {}, "hica-bench-medmnist", "0.1.0"),
-    dataset_identity="medmnist/breastmnist@28/sha256:abc", size=28, max_test=None,
-    encoder=Component("encoder", "pixels", {}, "-p pixel_encoder", "?"),
-    features={"encoder": "e", "preprocessing": "p", "precision": "fp32", "backend": "eager", "device": "cpu"},
-    text_encoder=None, method=Component("method", "prototype", {}, "hica-bench-baselines", "0.1.0"),
-    method_components=(), device="cpu", prompts="digest-of-the-prompt-file")
+ORIGIN = dataclasses.replace(STORE_ORIGIN, prompts="digest-of-the-prompt-file")
 WHEN = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
