@@ -260,11 +260,18 @@ def curves(section: Section, folder: Path, svg: bool | tuple[str, ...] = True) -
     return _save(figure, folder, f"curves-{section.slug}", svg)
 
 
+def one_cell(section: Section) -> bool:
+    """Whether ``section`` holds a single cell (one method, one k, one seed)."""
+    return sum(len(cells) for row in section.rows for cells in row.cells.values()) == 1
+
+
 def reliability(section: Section, folder: Path, svg: bool | tuple[str, ...] = True) -> str | None:
-    """Per method at the largest k: accuracy against confidence per bin, pooled over seeds (counts summed)."""
+    """Per method at the largest k: accuracy against confidence per bin, pooled over seeds (counts summed). None for a
+    section of one cell (:func:`one_cell`): its ECE is in the table, and a figure of one cell is most of a smoke run's
+    report time (~0.7 s of a one-cell zero-shot run on 2 cores; matplotlib is then not imported at all)."""
     k = max(section.shots)
     rows = [row for row in section.rows if any(r.calibration for r in row.cells.get(k, {}).values())]
-    if not rows:
+    if not rows or one_cell(section):
         return None
     ncols = min(4, len(rows))
     nrows = math.ceil(len(rows) / ncols)
@@ -458,6 +465,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
                       "novel": _base_to_novel(section), "multilabel": _multilabel(section),
                       "curves": curves(section, figures, svg), "reliability": reliability(section, figures, svg),
+                      "one_cell": one_cell(section),
                       "cost": _cost(section), "reference": section.reference.label if section.reference else None,
                       "notes": notes, "bootstrap": [(label, k, f"{100 * lo:.1f}–{100 * hi:.1f}", n)
                                                     for (label, k), (lo, hi, n) in sorted(section.bootstrap.items())]})

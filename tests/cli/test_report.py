@@ -83,6 +83,18 @@ def test_a_single_shot_count_gets_no_curve(finished, tmp_path):
     assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 1  # reliability (one block: no CD diagram)
 
 
+def test_a_single_cell_gets_no_figure(finished, tmp_path):
+    """One cell (a smoke run): no reliability diagram and no curve are drawn; the page says so."""
+    records = [json.loads(line) for line in (finished / "out" / "results.jsonl").read_text().splitlines()]
+    one = next(r for r in records if r["key"]["method"] == "linear-probe" and r["key"]["k"] == 5)
+    (tmp_path / "one.jsonl").write_text(json.dumps(one) + "\n")
+    code, _, err = invoke("report", tmp_path / "one.jsonl", "--out", tmp_path / "rep")
+    assert code == 0, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "One cell only: no reliability diagram is drawn" in page and "<img" not in page
+    assert not any((tmp_path / "rep" / "figures").glob("*.png"))
+
+
 def test_results_from_other_data_are_never_paired(finished, tmp_path):
     """The reference's results on edited dataset files (another dataset identity) are not paired with the other
     methods' results on the old files."""

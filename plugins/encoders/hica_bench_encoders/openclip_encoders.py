@@ -11,8 +11,10 @@ checkpoint, so a local config + checkpoint builds with no network (see :func:`fr
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +23,7 @@ import numpy as np
 
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderPair, InputSpec, PluginSpec
-from hica_bench.files import digest, file_sha256
+from hica_bench.files import digest, file_sha256_soon
 from hica_bench_encoders.weights import (filled_by_strict_load, first_line, hub_file, local_file, seeded,
                                          state_dict_sha256)
 
@@ -29,6 +31,55 @@ BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 QUILTNET = "wisdomik/QuiltNet-B-32"  #: the Hugging Face repository of QuiltNet-B-32
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 BATCH = 64
+
+
+#: open_clip's optional libraries that it tries to import when it is imported, and its modules that try: neither is
+#: used by a model without a Hugging Face text tower or a timm image tower (ViT-B-32 and the other built-in CLIP
+#: configs), and together they are ~1.2 s of a 2-core machine's start (transformers ~0.75 s, timm ~0.6 s)
+OPTIONAL_LIBRARIES = {"transformers": ("open_clip.hf_model", "open_clip.coca_model"), "timm": ("open_clip.timm_model",)}
+_left_out: set[str] = set()  #: the optional libraries open_clip was imported without in this process
+
+
+def import_open_clip(model_cfg: dict[str, Any] | None = None) -> Any:
+    """``open_clip``, imported (first time) without the optional libraries of :data:`OPTIONAL_LIBRARIES` that are not
+    loaded yet; then, for a model whose config (``model_cfg``: open_clip's, with ``vision_cfg``/``text_cfg``) names a
+    timm tower or a Hugging Face text tower, that library is imported and the open_clip modules that looked for it
+    are re-executed (``importlib.reload``: their classes read the library from their module's namespace, so classes
+    other modules hold see it too). open_clip marks a missing optional library with ``None`` and fails only when a
+    model needs it; hiding one during its import (``sys.modules[name] = None``, Python's documented way to make an
+    import fail) takes that path. An open_clip that needs one at import time is imported whole instead."""
+    if "open_clip" not in sys.modules:
+        hidden = [name for name in OPTIONAL_LIBRARIES if name not in sys.modules]
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]
+        try:
+            importlib.import_module("open_clip")
+        except ImportError:
+            for module in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
+                del sys.modules[module]
+            for name in hidden:
+                del sys.modules[name]
+            hidden = []
+            importlib.import_module("open_clip")
+        finally:
+            for name in hidden:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+        _left_out.update(hidden)
+    cfg = model_cfg or {}
+    needs = {"timm": (cfg.get("vision_cfg") or {}).get("timm_model_name"),
+             "transformers": (cfg.get("text_cfg") or {}).get("hf_model_name")}
+    for name, needed in needs.items():
+        if needed and name in _left_out:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # not installed: open_clip's own error names it when the model is built
+                continue
+            for module in OPTIONAL_LIBRARIES[name]:
+                if module in sys.modules:
+                    importlib.reload(sys.modules[module])
+            _left_out.discard(name)
+    return sys.modules["open_clip"]
 
 
 class OpenCLIPImage:
@@ -127,7 +178,12 @@ def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -
     ``pretrained``: an open_clip tag, a local checkpoint file, or ``random`` for a random initialisation (seed 0),
     which the identity, and so every result and leaderboard heading, then says. Left empty, an architecture name is an
     error naming the option: no silent random weights."""
-    import open_clip
+    checkpoint = pretrained if pretrained and pretrained != RANDOM and not model.startswith(("hf-hub:", "local-dir:")) \
+        and os.path.isfile(os.path.expanduser(pretrained)) else None
+    if checkpoint:  # its digest (the identity's) on the second core while open_clip imports and the model builds
+        path = local_file(checkpoint, "pretrained")
+        checkpoint_sha256 = file_sha256_soon(path)
+    open_clip = import_open_clip()
 
     if model.startswith("hf-hub:"):
         return from_config(device, f"open-clip:{model}", model[len("hf-hub:"):], config="", checkpoint="",
@@ -139,6 +195,7 @@ def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -
         if not has_weights and pretrained != RANDOM:
             raise UserError(f"open-clip model={model}: the folder holds no weights ({', '.join(CHECKPOINT_NAMES)}); "
                             f"put them there, or pass pretrained={RANDOM} for a random initialisation")
+        import_open_clip(_model_cfg(folder / "open_clip_config.json"))
         with filled_by_strict_load(weights) if has_weights else seeded(0):
             net = _build(model, open_clip.create_model, model, device="cpu", pretrained_text=False, weights_only=True)
         tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
@@ -148,6 +205,7 @@ def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -
         close = difflib.get_close_matches(model, open_clip.list_models(), n=3, cutoff=0.6)
         raise UserError(f"open_clip has no model {model!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
                         + " (or use hf-hub:org/repo or local-dir:/folder)")
+    import_open_clip(open_clip.get_model_config(model))
     tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
     if not pretrained:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)[:4]) or "none published"
@@ -157,14 +215,15 @@ def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -
         with seeded(0):
             net = _build(model, open_clip.create_model, model, device="cpu", pretrained_text=False)
         return _pair(net, tokenizer, f"open-clip:{model}:random-init-seed0:sha256={state_dict_sha256(net)}", device)
-    if os.path.isfile(os.path.expanduser(pretrained)):
-        path, extra = local_file(pretrained, "pretrained"), {}
+    if checkpoint:
+        extra = {}
     else:
         path, extra = _tag_weights(model, pretrained)
+        checkpoint_sha256 = file_sha256_soon(path)
     with filled_by_strict_load(path):
         net = _build(f"{model} from {path}", open_clip.create_model, model, pretrained=str(path), device="cpu",
                      weights_only=True, **extra)
-    return _pair(net, tokenizer, f"open-clip:{model}:sha256={file_sha256(path)}", device)
+    return _pair(net, tokenizer, f"open-clip:{model}:sha256={checkpoint_sha256()}", device)
 
 
 def _tag_weights(model: str, tag: str) -> tuple[Path, dict[str, Any]]:
@@ -193,6 +252,15 @@ def _tag_weights(model: str, tag: str) -> tuple[Path, dict[str, Any]]:
     return Path(path), {"force_preprocess_cfg": preprocess, "force_quick_gelu": bool(cfg.get("quick_gelu", False))}
 
 
+def _model_cfg(path: Path) -> dict[str, Any] | None:
+    """The ``model_cfg`` of a ``local-dir:`` folder's config, or None where it is not readable (open_clip then says
+    why when it builds the model)."""
+    try:
+        return _read_config(path)["model_cfg"]
+    except UserError:
+        return None
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -215,9 +283,6 @@ def from_config(device: str, label: str, repo: str, config: str, checkpoint: str
     is resolved by transformers: a Hub name (HF cache, or network), or a local folder put in the config.
     ``local`` says, in Hub errors, which options give local files instead.
     """
-    import open_clip
-    from open_clip.tokenizer import HFTokenizer
-
     hint = _download_hint(repo, local)
     if config:
         config_path = Path(config).expanduser()
@@ -229,10 +294,12 @@ def from_config(device: str, label: str, repo: str, config: str, checkpoint: str
     else:
         config_path = Path(hub_file(repo, ["open_clip_config.json"], f"{label} config", hint))
     full_config = _read_config(config_path)
+    open_clip = import_open_clip(full_config["model_cfg"])
+    from open_clip.tokenizer import HFTokenizer
+
     weights = local_file(checkpoint, "checkpoint") if checkpoint else Path(
         hub_file(repo, list(CHECKPOINT_NAMES), f"{label} weights", hint))
-    config_digest = digest(full_config, 16)
-    identity = f"{label}:sha256={file_sha256(weights)}:config={config_digest}"
+    weights_sha256 = file_sha256_soon(weights)  # on the second core while the model builds
 
     with tempfile.TemporaryDirectory(prefix="hica-open-clip-") as scratch:
         (Path(scratch) / "open_clip_config.json").write_text(json.dumps(full_config), encoding="utf-8")
@@ -259,6 +326,7 @@ def from_config(device: str, label: str, repo: str, config: str, checkpoint: str
                            tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
     else:
         tokenizer = open_clip.SimpleTokenizer(context_length=context_length, **text_cfg.get("tokenizer_kwargs", {}))
+    identity = f"{label}:sha256={weights_sha256()}:config={digest(full_config, 16)}"
     return _pair(net, tokenizer, identity, device)
 
 

@@ -217,6 +217,65 @@ def test_open_clip_checkpoint_fills_every_parameter_of_a_model_built_without_ini
     assert torch.nn.init.normal_ is init_before
 
 
+#: builds a CLIP-architecture open_clip model, notes whether transformers/timm were imported, then builds a model with
+#: a timm image tower and a Hugging Face text tower in the same process and saves its features of the given input
+TOWERS_AFTER_A_PLAIN_MODEL = """
+import json, sys
+import numpy as np
+import torch
+from hica_bench.registry import load_registry
+registry = load_registry()
+registry.choose("encoder", sys.argv[1]).build(device="cpu")
+loaded = [name for name in ("transformers", "timm") if name in sys.modules]
+towers = registry.choose("encoder", sys.argv[2]).build(device="cpu")
+with torch.inference_mode():
+    image = towers.image.encode(torch.from_numpy(np.load(sys.argv[3]))).numpy()
+np.savez(sys.argv[4], image=image, text=towers.text.encode(["pneumonia chest x ray", "a bowl of soup"]))
+print(json.dumps({"loaded_after_plain": loaded, "identity": towers.image.identity}))
+"""
+
+
+def test_open_clip_imports_transformers_and_timm_only_for_a_model_with_their_towers(tiny_bert, images, tmp_path):
+    """A CLIP-architecture model is built without transformers and timm imported (~1.2 s of a run's start); a model
+    with a timm image tower and a transformers text tower built afterwards in the same process still works, with
+    the features of the same model built by an open_clip imported whole (this process's)."""
+    import open_clip
+
+    config = {"model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 64},
+        "text_cfg": {"hf_model_name": str(tiny_bert), "hf_tokenizer_name": str(tiny_bert), "hf_proj_type": "mlp",
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256}}}
+    folder = tmp_path / "towers"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(3)
+    reference = open_clip.create_model(f"local-dir:{folder}", pretrained_text=False).eval()
+    torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
+    plain = tmp_path / "plain"  # a CLIP-architecture config
+    plain.mkdir()
+    (plain / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}}))
+    here = build(load_registry(), f"biomedclip:config={folder}")  # BiomedCLIP's path: an open_clip_config.json
+    x = preprocess(images[:2], here.image.input_spec)
+    np.save(tmp_path / "x.npy", x.numpy())
+
+    out = subprocess.run([sys.executable, "-c", TOWERS_AFTER_A_PLAIN_MODEL, f"open-clip:model=local-dir:{plain}:pretrained=random",
+                          f"biomedclip:config={folder}", str(tmp_path / "x.npy"), str(tmp_path / "f.npz")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["loaded_after_plain"] == [] and answer["identity"] == here.image.identity
+    features = np.load(tmp_path / "f.npz")
+    tokens = here.text.tokenizer(["pneumonia chest x ray", "a bowl of soup"])
+    with torch.inference_mode():
+        np.testing.assert_array_equal(features["image"], reference.encode_image(x).numpy())
+        expected = reference.encode_text(tokens).numpy()
+    np.testing.assert_allclose(features["text"], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_biomedclip_offline_from_local_config_and_checkpoint(registry, images, tiny_bert, tmp_path):
     """BiomedCLIP's architecture (timm ViT-B/16 image tower, HF BERT text tower with MLP projection, 512-d,
