@@ -54,7 +54,7 @@ def import_open_clip(model_cfg: dict[str, Any] | None = None) -> Any:
             sys.modules[name] = None  # type: ignore[assignment]
         try:
             importlib.import_module("open_clip")
-        except ImportError:
+        except Exception:  # (ImportError; ValueError from a find_spec of a hidden name) import it whole instead
             for module in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
                 del sys.modules[module]
             for name in hidden:
