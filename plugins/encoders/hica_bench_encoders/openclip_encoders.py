@@ -11,11 +11,13 @@ checkpoint, so a local config + checkpoint builds with no network (see :func:`fr
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import json
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,49 +39,74 @@ BATCH = 64
 #: used by a model without a Hugging Face text tower or a timm image tower (ViT-B-32 and the other built-in CLIP
 #: configs), and together they are ~1.2 s of a 2-core machine's start (transformers ~0.75 s, timm ~0.6 s)
 OPTIONAL_LIBRARIES = {"transformers": ("open_clip.hf_model", "open_clip.coca_model"), "timm": ("open_clip.timm_model",)}
-_left_out: set[str] = set()  #: the optional libraries open_clip was imported without in this process
+#: where open_clip first needs each of them: (module, class, method)
+FIRST_USES = {"transformers": (("open_clip.hf_model", "HFTextEncoder", "__init__"), ("open_clip.coca_model", "CoCa", "generate")),
+              "timm": (("open_clip.timm_model", "TimmModel", "__init__"),)}
+_left_out: set[str] = set()  #: the optional libraries open_clip was imported without, not brought back yet
+_bringing_back = threading.Lock()
 
 
-def import_open_clip(model_cfg: dict[str, Any] | None = None) -> Any:
-    """``open_clip``, imported (first time) without the optional libraries of :data:`OPTIONAL_LIBRARIES` that are not
-    loaded yet; then, for a model whose config (``model_cfg``: open_clip's, with ``vision_cfg``/``text_cfg``) names a
-    timm tower or a Hugging Face text tower, that library is imported and the open_clip modules that looked for it
-    are re-executed (``importlib.reload``: their classes read the library from their module's namespace, so classes
-    other modules hold see it too). open_clip marks a missing optional library with ``None`` and fails only when a
-    model needs it; hiding one during its import (``sys.modules[name] = None``, Python's documented way to make an
-    import fail) takes that path. An open_clip that needs one at import time is imported whole instead."""
-    if "open_clip" not in sys.modules:
-        hidden = [name for name in OPTIONAL_LIBRARIES if name not in sys.modules]
+def import_open_clip() -> Any:
+    """``open_clip``, imported (the first time) without the optional libraries of :data:`OPTIONAL_LIBRARIES` that are
+    not loaded yet, each brought back the moment open_clip first needs it (:data:`FIRST_USES`: building a timm image
+    tower or a Hugging Face text tower, CoCa's ``generate``), by whoever calls it (this plugin, or any code of the run
+    using open_clip directly): the library is imported and the open_clip modules that looked for it are re-executed
+    (``importlib.reload``; their classes, also the ones other modules hold, read it from that module's namespace).
+
+    open_clip marks a missing optional library with ``None`` and fails only when a model needs it; hiding one during
+    its import (``sys.modules[name] = None``, Python's documented way to make an import fail) takes that path. If the
+    import fails with them hidden (an open_clip that needs one at import time), open_clip is imported whole."""
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"]
+    hidden = [name for name in OPTIONAL_LIBRARIES if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        importlib.import_module("open_clip")
+    except Exception:  # (ImportError; ValueError from a find_spec of a hidden name) import it whole instead
+        for module in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
+            del sys.modules[module]
         for name in hidden:
-            sys.modules[name] = None  # type: ignore[assignment]
-        try:
-            importlib.import_module("open_clip")
-        except Exception:  # (ImportError; ValueError from a find_spec of a hidden name) import it whole instead
-            for module in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
-                del sys.modules[module]
-            for name in hidden:
+            del sys.modules[name]
+        hidden = []
+        importlib.import_module("open_clip")
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
                 del sys.modules[name]
-            hidden = []
-            importlib.import_module("open_clip")
-        finally:
-            for name in hidden:
-                if name in sys.modules and sys.modules[name] is None:
-                    del sys.modules[name]
-        _left_out.update(hidden)
-    cfg = model_cfg or {}
-    needs = {"timm": (cfg.get("vision_cfg") or {}).get("timm_model_name"),
-             "transformers": (cfg.get("text_cfg") or {}).get("hf_model_name")}
-    for name, needed in needs.items():
-        if needed and name in _left_out:
-            try:
-                importlib.import_module(name)
-            except ImportError:  # not installed: open_clip's own error names it when the model is built
-                continue
-            for module in OPTIONAL_LIBRARIES[name]:
-                if module in sys.modules:
-                    importlib.reload(sys.modules[module])
-            _left_out.discard(name)
+    for name in hidden:
+        _left_out.add(name)
+        for module, owner, method in FIRST_USES[name]:
+            _bring_back_before(getattr(sys.modules.get(module), owner, None), method, name)
     return sys.modules["open_clip"]
+
+
+def _bring_back_before(owner: Any, method: str, library: str) -> None:
+    """Wrap ``owner.method`` so that ``library`` is brought back (:func:`_bring_back`) before it runs."""
+    original = getattr(owner, method, None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def bringing_back(*args: Any, **kwargs: Any) -> Any:
+        _bring_back(library)
+        return original(*args, **kwargs)
+
+    setattr(owner, method, bringing_back)
+
+
+def _bring_back(library: str) -> None:
+    with _bringing_back:
+        if library not in _left_out:
+            return
+        _left_out.discard(library)
+        try:
+            importlib.import_module(library)
+        except ImportError:  # not installed: open_clip's own error names it
+            return
+        for module in OPTIONAL_LIBRARIES[library]:
+            if module in sys.modules:
+                importlib.reload(sys.modules[module])
 
 
 class OpenCLIPImage:
@@ -195,7 +222,6 @@ def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -
         if not has_weights and pretrained != RANDOM:
             raise UserError(f"open-clip model={model}: the folder holds no weights ({', '.join(CHECKPOINT_NAMES)}); "
                             f"put them there, or pass pretrained={RANDOM} for a random initialisation")
-        import_open_clip(_model_cfg(folder / "open_clip_config.json"))
         with filled_by_strict_load(weights) if has_weights else seeded(0):
             net = _build(model, open_clip.create_model, model, device="cpu", pretrained_text=False, weights_only=True)
         tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
@@ -205,7 +231,6 @@ def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -
         close = difflib.get_close_matches(model, open_clip.list_models(), n=3, cutoff=0.6)
         raise UserError(f"open_clip has no model {model!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
                         + " (or use hf-hub:org/repo or local-dir:/folder)")
-    import_open_clip(open_clip.get_model_config(model))
     tokenizer = _build(f"the tokenizer of {model}", open_clip.get_tokenizer, model)
     if not pretrained:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)[:4]) or "none published"
@@ -252,15 +277,6 @@ def _tag_weights(model: str, tag: str) -> tuple[Path, dict[str, Any]]:
     return Path(path), {"force_preprocess_cfg": preprocess, "force_quick_gelu": bool(cfg.get("quick_gelu", False))}
 
 
-def _model_cfg(path: Path) -> dict[str, Any] | None:
-    """The ``model_cfg`` of a ``local-dir:`` folder's config, or None where it is not readable (open_clip then says
-    why when it builds the model)."""
-    try:
-        return _read_config(path)["model_cfg"]
-    except UserError:
-        return None
-
-
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -294,7 +310,7 @@ def from_config(device: str, label: str, repo: str, config: str, checkpoint: str
     else:
         config_path = Path(hub_file(repo, ["open_clip_config.json"], f"{label} config", hint))
     full_config = _read_config(config_path)
-    open_clip = import_open_clip(full_config["model_cfg"])
+    open_clip = import_open_clip()
     from open_clip.tokenizer import HFTokenizer
 
     weights = local_file(checkpoint, "checkpoint") if checkpoint else Path(

@@ -218,7 +218,8 @@ def test_open_clip_checkpoint_fills_every_parameter_of_a_model_built_without_ini
 
 
 #: builds a CLIP-architecture open_clip model, notes whether transformers/timm were imported, then builds a model with
-#: a timm image tower and a Hugging Face text tower in the same process and saves its features of the given input
+#: a timm image tower and a Hugging Face text tower in the same process, with open_clip directly and through the
+#: plugin, and saves their features of the given input
 TOWERS_AFTER_A_PLAIN_MODEL = """
 import json, sys
 import numpy as np
@@ -227,18 +228,22 @@ from hica_bench.registry import load_registry
 registry = load_registry()
 registry.choose("encoder", sys.argv[1]).build(device="cpu")
 loaded = [name for name in ("transformers", "timm") if name in sys.modules]
+import open_clip  # used directly, as any code of the run may
+x = torch.from_numpy(np.load(sys.argv[3]))
+direct = open_clip.create_model(sys.argv[4], pretrained=sys.argv[5]).eval()
 towers = registry.choose("encoder", sys.argv[2]).build(device="cpu")
 with torch.inference_mode():
-    image = towers.image.encode(torch.from_numpy(np.load(sys.argv[3]))).numpy()
-np.savez(sys.argv[4], image=image, text=towers.text.encode(["pneumonia chest x ray", "a bowl of soup"]))
+    image, direct_image = towers.image.encode(x).numpy(), direct.encode_image(x).numpy()
+np.savez(sys.argv[6], image=image, direct=direct_image,
+         text=towers.text.encode(["pneumonia chest x ray", "a bowl of soup"]))
 print(json.dumps({"loaded_after_plain": loaded, "identity": towers.image.identity}))
 """
 
 
 def test_open_clip_imports_transformers_and_timm_only_for_a_model_with_their_towers(tiny_bert, images, tmp_path):
     """A CLIP-architecture model is built without transformers and timm imported (~1.2 s of a run's start); a model
-    with a timm image tower and a transformers text tower built afterwards in the same process still works, with
-    the features of the same model built by an open_clip imported whole (this process's)."""
+    with a timm image tower and a transformers text tower built afterwards in the same process, by open_clip directly
+    and through the plugin, still works, with the features of the same model built by an open_clip imported whole."""
     import open_clip
 
     config = {"model_cfg": {
@@ -263,7 +268,8 @@ def test_open_clip_imports_transformers_and_timm_only_for_a_model_with_their_tow
     np.save(tmp_path / "x.npy", x.numpy())
 
     out = subprocess.run([sys.executable, "-c", TOWERS_AFTER_A_PLAIN_MODEL, f"open-clip:model=local-dir:{plain}:pretrained=random",
-                          f"biomedclip:config={folder}", str(tmp_path / "x.npy"), str(tmp_path / "f.npz")],
+                          f"biomedclip:config={folder}", str(tmp_path / "x.npy"), f"local-dir:{folder}",
+                          str(folder / "open_clip_pytorch_model.bin"), str(tmp_path / "f.npz")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     answer = json.loads(out.stdout.strip().splitlines()[-1])
@@ -272,6 +278,7 @@ def test_open_clip_imports_transformers_and_timm_only_for_a_model_with_their_tow
     tokens = here.text.tokenizer(["pneumonia chest x ray", "a bowl of soup"])
     with torch.inference_mode():
         np.testing.assert_array_equal(features["image"], reference.encode_image(x).numpy())
+        np.testing.assert_array_equal(features["direct"], reference.encode_image(x).numpy())
         expected = reference.encode_text(tokens).numpy()
     np.testing.assert_allclose(features["text"], expected, rtol=1e-5, atol=1e-6)
 
