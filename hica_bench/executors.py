@@ -169,7 +169,8 @@ class _WorkerState:
 
     def pair(self, ref: ChoiceRef) -> Any:
         if ref not in self.pairs:
-            self.pairs[ref] = encoder_pair(ref.resolve(self.registry), self.context.device)
+            self.pairs[ref] = encoder_pair(ref.resolve(self.registry), self.context.device,
+                                              Path(self.context.cache_dir))
         return self.pairs[ref]
 
     def environment(self, extraction: dict[str, Any]) -> Any:

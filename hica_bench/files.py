@@ -10,7 +10,8 @@
   kept and ours discarded, so a reader never finds the folder missing or half-replaced.
 - :func:`digest`: sha256 over canonical JSON, the key of every cache entry and every identity.
 - :func:`file_sha256`: a file's content digest, remembered per (path, size, mtime, inode) under a cache folder, so
-  a large dataset file is hashed once, not every run.
+  a large dataset file is hashed once, not every run; :func:`remembered` / :func:`remember`: any other fact about
+  file versions (an encoder's card) kept the same way.
 - :func:`read_config`: a user's TOML, YAML or JSON file (a suite, a prompt file) as plain values, or one line saying
   why not.
 """
@@ -254,8 +255,7 @@ def file_sha256(path: Path, memo_dir: Path | None = None, *, on_disk: bool = Tru
     file is read once; any change to it is a new question. ``on_disk=False``: this process's memory only (a check
     that must read the bytes once per process, e.g. the feature cache's integrity check)."""
     path = Path(path)
-    stat = path.stat()
-    fact = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    fact = file_version(path)
     version = tuple(fact.values())
     if version in _DIGESTS:
         return _DIGESTS[version]
@@ -281,6 +281,37 @@ def file_sha256(path: Path, memo_dir: Path | None = None, *, on_disk: bool = Tru
         except UserError:  # a read-only cache still works, it just hashes again next time
             pass
     return value
+
+
+def file_version(path: Path) -> dict[str, Any]:
+    """What names one version of a file: absolute path, size, modification time and inode (any change to the file is
+    a new version). The key of every memo about a file's content (:func:`file_sha256`, :func:`remembered`)."""
+    path = Path(path)
+    info = path.stat()
+    return {"path": str(path.resolve()), "size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
+
+
+def remembered(kind: str, fact: dict[str, Any]) -> Any:
+    """The JSON value :func:`remember` stored for exactly ``fact`` in this run's memo folder (the folder of
+    :func:`digests_remembered_in`: the run's cache folder), or None (none stored, unreadable, or outside a run)."""
+    if not _MEMO_DIR:
+        return None
+    try:
+        stored = json.loads((_MEMO_DIR[-1] / kind / f"{digest(fact, 32)}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get("value") if isinstance(stored, dict) and stored.get("fact") == fact else None
+
+
+def remember(kind: str, fact: dict[str, Any], value: Any) -> None:
+    """Store the JSON ``value`` for ``fact`` in this run's memo folder (nothing outside a run; a read-only cache
+    folder only means it is worked out again next time)."""
+    if not _MEMO_DIR:
+        return
+    try:
+        atomic_write(_MEMO_DIR[-1] / kind / f"{digest(fact, 32)}.json", json.dumps({"fact": fact, "value": value}))
+    except UserError:
+        pass
 
 
 def file_sha256_soon(path: Path, memo_dir: Path | None = None) -> Callable[[], str]:

@@ -439,7 +439,7 @@ def encoder_job(grid: Grid, settings: Settings, registry: Registry, events: Even
     with their identity in ``finished``) and in this shard, as an :class:`EncoderJob`; with how many were skipped as
     finished and how many belong to other shards. The encoder's extraction settings are chosen here (they are part of
     every identity); its models are built only when something needs them."""
-    pair = encoder_pair(encoder, settings.device)
+    pair = encoder_pair(encoder, settings.device, settings.cache_dir)
     flat = [label for label, dataset in datasets.items() if not volumes.volumetric(dataset)]
     if pair.card.volumetric and flat:
         raise UserError(f"encoder {encoder.label} is a 3D encoder (it takes whole volumes); {flat[0]} holds 2D images: "

@@ -26,8 +26,9 @@ FORMAT_VERSION = 1
 
 
 class FeatureCache:
-    def __init__(self, root: Path) -> None:
-        self.dir = Path(root) / "features"
+    def __init__(self, root: Path, kind: str = "features") -> None:
+        """Entries in ``root/kind``: ``features`` (image features), ``texts`` (:mod:`hica_bench.extraction.texts`)."""
+        self.dir = Path(root) / kind
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file in the way, no permission, a full disk

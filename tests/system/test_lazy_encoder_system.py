@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import hica_bench
+from conftest import hica_bench, tiny_clip_folder
 
 
 def test_a_cells_seed_reaches_torch_when_the_method_is_first_to_import_it():
@@ -40,7 +40,8 @@ sys.argv = ["hica-bench", *sys.argv[1:]]
 try:
     main()
 finally:
-    print("heavy modules loaded:", sorted(m for m in ("torch", "timm", "sentence_transformers", "medmnist") if m in sys.modules),
+    print("heavy modules loaded:", sorted(m for m in ("torch", "timm", "sentence_transformers", "medmnist", "open_clip")
+                                          if m in sys.modules),
           file=sys.stderr)
 """
 
@@ -63,3 +64,35 @@ def test_the_default_pair_served_from_the_cache_loads_no_torch(medmnist_root, de
     assert len(records) == 2 and records[0]["identity"] == records[1]["identity"]
     assert records[0]["metrics"] == records[1]["metrics"]
     assert records[1]["environment"]["torch_threads"] is None  # recorded as not loaded, not guessed
+
+
+def test_a_cached_zero_shot_run_never_builds_its_open_clip_pair(medmnist_root, tmp_path):
+    """open-clip's card is remembered from the first build (per file version) and the class texts' embeddings are cached
+    under the text encoder's identity: a zero-shot run whose features are cached imports no open_clip, scores
+    exactly as the first run, and a changed config file (a new file version) is not taken for the old card."""
+    folder = tiny_clip_folder(tmp_path / "tiny-clip")
+    args = ["run", "--no-report", "--datasets", "breastmnist", "--methods", "zero-shot", "--shots", "1", "--seeds", "0",
+            "--encoder", f"open-clip:model=local-dir:{folder}:pretrained=random", "--max-test", "32",
+            "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+            "--quiet"]
+    first = hica_bench(*args)
+    assert first.returncode == 0, first.stderr
+    assert len(list((tmp_path / "cache" / "encoder-cards").glob("*.json"))) == 1
+    script = tmp_path / "checked_run.py"
+    script.write_text(CHECKED_RUN)
+    again = subprocess.run([sys.executable, str(script), *args, "--force"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "open_clip" not in again.stderr.split("heavy modules loaded:")[-1], again.stderr
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[0]["identity"] == records[1]["identity"]
+    assert records[0]["metrics"] == records[1]["metrics"] and records[1]["status"] == "ok"
+
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["embed_dim"] += 16  # another model at the same path: a new file version, so built again
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    third = subprocess.run([sys.executable, str(script), *args, "--force"], capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr
+    assert "open_clip" in third.stderr.split("heavy modules loaded:")[-1]
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert records[-1]["identity"]["origin"]["encoder"] == records[0]["identity"]["origin"]["encoder"]
+    assert records[-1]["identity"]["origin"]["features"]["encoder"] != records[0]["identity"]["origin"]["features"]["encoder"]

@@ -60,7 +60,8 @@ def test_features_are_cached_keyed_by_their_identity_and_recorded(medmnist_root,
 
 def test_no_other_code_path_produces_features():
     """Only the service runs the encoder over images: ``encode_images`` and the feature cache are used in
-    hica_bench/extraction/ alone (the plan, bench and the kit call the service)."""
+    hica_bench/extraction/ alone (the plan, bench and the kit call the service; text embeddings are cached by its
+    ``texts`` module)."""
     users = {}
     for path in sorted((REPO / "hica_bench").rglob("*.py")):
         text = path.read_text()
@@ -68,7 +69,8 @@ def test_no_other_code_path_produces_features():
             if name in text:
                 users.setdefault(name, set()).add(path.relative_to(REPO).as_posix())
     assert users["encode_images("] == {"hica_bench/extraction/__init__.py", "hica_bench/extraction/encode.py"}
-    assert users["FeatureCache("] == {"hica_bench/extraction/__init__.py", "hica_bench/bench.py"}
+    assert users["FeatureCache("] == {"hica_bench/extraction/__init__.py", "hica_bench/extraction/texts.py",
+                                      "hica_bench/bench.py"}
     assert "split_features(" not in users
     for consumer in ("plan.py", "testing.py", "bench.py"):
         assert re.search(r"FeatureExtractor[.(]", (REPO / "hica_bench" / consumer).read_text()), consumer

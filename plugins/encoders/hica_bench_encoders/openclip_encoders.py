@@ -10,6 +10,7 @@ checkpoint, so a local config + checkpoint builds with no network (see :func:`fr
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib
@@ -24,8 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from hica_bench.errors import UserError
-from hica_bench.interfaces import EncoderPair, InputSpec, PluginSpec
-from hica_bench.files import digest, file_sha256_soon
+from hica_bench.interfaces import EncoderCard, EncoderPair, InputSpec, PluginSpec
+from hica_bench.files import digest, file_sha256_soon, file_version, remember, remembered
 from hica_bench_encoders.weights import (filled_by_strict_load, first_line, hub_file, local_file, seeded,
                                          state_dict_sha256)
 
@@ -201,6 +202,11 @@ RANDOM = "random"  #: the one spelling that asks for random weights (never a def
 
 
 def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -> EncoderPair:
+    """:func:`_open_clip_pair`, its card remembered for :func:`open_clip_card` (the spec's ``describe``)."""
+    return _remember_card(_open_clip_pair(device, model, pretrained), model, pretrained)
+
+
+def _open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -> EncoderPair:
     """``model``: an open_clip architecture name, ``hf-hub:org/repo`` or ``local-dir:/folder``.
     ``pretrained``: an open_clip tag, a local checkpoint file, or ``random`` for a random initialisation (seed 0),
     which the identity, and so every result and leaderboard heading, then says. Left empty, an architecture name is an
@@ -249,6 +255,64 @@ def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -
         net = _build(f"{model} from {path}", open_clip.create_model, model, pretrained=str(path), device="cpu",
                      weights_only=True, **extra)
     return _pair(net, tokenizer, f"open-clip:{model}:sha256={checkpoint_sha256()}", device)
+
+
+CARDS = "encoder-cards"  #: the run's memo folder kind holding built pairs' cards (hica_bench.files.remember)
+
+
+def _card_fact(model: str, pretrained: str) -> dict[str, Any] | None:
+    """What a built pair's card depends on, as a memo key: this module's file version, open_clip's and torch's
+    versions (a random initialisation's values), the options, and the version of every file the weights come from (a
+    local checkpoint; a ``local-dir:`` folder's config and weights). None for weights read through the Hugging Face
+    cache or the Hub (an open_clip tag, ``hf-hub:``), which are not remembered: the pair is built to know its card."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        fact: dict[str, Any] = {"code": file_version(Path(__file__)), "open_clip": version("open_clip_torch"),
+                                "torch": version("torch"), "model": model, "pretrained": pretrained}
+    except (PackageNotFoundError, OSError):
+        return None
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):]).expanduser()
+        files = [folder / "open_clip_config.json", *(folder / name for name in CHECKPOINT_NAMES)]
+    elif model.startswith("hf-hub:"):
+        return None
+    elif pretrained == RANDOM:
+        files = []
+    elif pretrained and os.path.isfile(os.path.expanduser(pretrained)):
+        files = [Path(pretrained).expanduser()]
+    else:
+        return None
+    try:
+        fact["files"] = [file_version(f) for f in files if f.is_file()]
+    except OSError:
+        return None
+    return fact
+
+
+def open_clip_card(device: str, model: str = "ViT-B-32", pretrained: str = "") -> EncoderCard | None:
+    """The spec's ``describe``: the card of a pair built from the same files before, remembered in the run's cache
+    folder (see :func:`_card_fact`), so a run whose image features and texts are all cached never imports open_clip
+    or torch; None (build it) the first time, outside a run, or for Hub weights."""
+    fact = _card_fact(model, pretrained)
+    card = remembered(CARDS, fact) if fact is not None else None
+    if not isinstance(card, dict):
+        return None
+    try:
+        spec = card["input_spec"]
+        return EncoderCard(image=card["image"], text=card["text"], aligned=card["aligned"], input_spec=InputSpec(
+            size=spec["size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]), interpolation=spec["interpolation"]))
+    except (KeyError, TypeError):
+        return None
+
+
+def _remember_card(pair: EncoderPair, model: str, pretrained: str) -> EncoderPair:
+    fact = _card_fact(model, pretrained)
+    if fact is not None:
+        card = pair.card
+        remember(CARDS, fact, {"image": card.image, "text": card.text, "aligned": card.aligned,
+                               "input_spec": dataclasses.asdict(card.input_spec)})
+    return pair
 
 
 def _tag_weights(model: str, tag: str) -> tuple[Path, dict[str, Any]]:
@@ -369,7 +433,7 @@ SPECS = [
                "Any OpenCLIP model, aligned. model: architecture name (open_clip.list_models()), hf-hub:org/repo or "
                "local-dir:/folder. pretrained: an open_clip tag such as laion2b_s34b_b79k (HF cache first, else "
                "downloaded), a local checkpoint file, or random (random init, seed 0, labelled as such); required.",
-               open_clip_pair),
+               open_clip_pair, describe=open_clip_card),
     PluginSpec("encoder", "biomedclip",
                "BiomedCLIP (ViT-B/16 + PubMedBERT, 512-d, aligned) via open_clip. checkpoint: local weights file "
                "('' = from the Hub / HF cache). config: local open_clip_config.json or a folder with it and the "
