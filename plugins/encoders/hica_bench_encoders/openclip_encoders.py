@@ -202,8 +202,15 @@ RANDOM = "random"  #: the one spelling that asks for random weights (never a def
 
 
 def open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -> EncoderPair:
-    """:func:`_open_clip_pair`, its card remembered for :func:`open_clip_card` (the spec's ``describe``)."""
-    return _remember_card(_open_clip_pair(device, model, pretrained), model, pretrained)
+    """:func:`_open_clip_pair`, its card remembered for :func:`open_clip_card` (the spec's ``describe``) under the
+    file versions seen before it was built."""
+    fact = _card_fact(model, pretrained)
+    pair = _open_clip_pair(device, model, pretrained)
+    if fact is not None:
+        card = pair.card
+        remember(CARDS, fact, {"image": card.image, "text": card.text, "aligned": card.aligned,
+                               "input_spec": dataclasses.asdict(card.input_spec)})
+    return pair
 
 
 def _open_clip_pair(device: str, model: str = "ViT-B-32", pretrained: str = "") -> EncoderPair:
@@ -275,6 +282,12 @@ def _card_fact(model: str, pretrained: str) -> dict[str, Any] | None:
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:"):]).expanduser()
         files = [folder / "open_clip_config.json", *(folder / name for name in CHECKPOINT_NAMES)]
+        try:
+            cfg = _read_config(files[0])["model_cfg"]
+        except UserError:
+            return None
+        if (cfg.get("text_cfg") or {}).get("hf_model_name") or (cfg.get("vision_cfg") or {}).get("timm_model_name"):
+            return None  # a tower built from files elsewhere (a Hugging Face folder, timm): not followed here
     elif model.startswith("hf-hub:"):
         return None
     elif pretrained == RANDOM:
@@ -304,15 +317,6 @@ def open_clip_card(device: str, model: str = "ViT-B-32", pretrained: str = "") -
             size=spec["size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]), interpolation=spec["interpolation"]))
     except (KeyError, TypeError):
         return None
-
-
-def _remember_card(pair: EncoderPair, model: str, pretrained: str) -> EncoderPair:
-    fact = _card_fact(model, pretrained)
-    if fact is not None:
-        card = pair.card
-        remember(CARDS, fact, {"image": card.image, "text": card.text, "aligned": card.aligned,
-                               "input_spec": dataclasses.asdict(card.input_spec)})
-    return pair
 
 
 def _tag_weights(model: str, tag: str) -> tuple[Path, dict[str, Any]]:
