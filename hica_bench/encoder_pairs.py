@@ -4,6 +4,7 @@ run whose features are all cached never builds the models; their text embeddings
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,11 +29,16 @@ class LazyEncoderPair:
         self.card, self.aligned, self.device = card, card.aligned, device
         self._build, self._label = build, label
         self._pair: EncoderPair | None = None
+        self._building = threading.RLock()
         self._text = None if cache_dir is None or card.text is None else CachedText(
             card.text, device, Path(cache_dir), lambda: self.pair().text)
 
     def pair(self) -> EncoderPair:
-        """The built pair (built now on first call)."""
+        """The built pair (built now on first call; one build even when threads ask at once, e.g. a timed-out cell's)."""
+        with self._building:
+            return self._built_pair()
+
+    def _built_pair(self) -> EncoderPair:
         if self._pair is None:
             try:
                 pair = self._build()

@@ -465,7 +465,8 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
                       "novel": _base_to_novel(section), "multilabel": _multilabel(section),
                       "curves": curves(section, figures, svg), "reliability": reliability(section, figures, svg),
-                      "one_cell": one_cell(section),
+                      "one_cell": one_cell(section) and any(r.calibration for row in section.rows
+                                                             for cells in row.cells.values() for r in cells.values()),
                       "cost": _cost(section), "reference": section.reference.label if section.reference else None,
                       "notes": notes, "bootstrap": [(label, k, f"{100 * lo:.1f}–{100 * hi:.1f}", n)
                                                     for (label, k), (lo, hi, n) in sorted(section.bootstrap.items())]})

@@ -3,6 +3,7 @@ besides image features."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,3 +40,19 @@ class CachedText:
         if name.startswith("__"):
             raise AttributeError(name)
         return getattr(self._built(), name)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        """A copy is the built text encoder's own deep copy (a method adapts that, never the frozen one), and is not
+        served from the cache: its weights are the method's to change."""
+        return copy.deepcopy(self._built(), memo)
+
+    def __copy__(self) -> Any:
+        return copy.copy(self._built())
+
+    def __reduce__(self) -> Any:
+        """Pickled as the built text encoder (the cache is this process's)."""
+        return _identity, (self._built(),)
+
+
+def _identity(value: Any) -> Any:
+    return value

@@ -85,3 +85,34 @@ def test_the_kit_gets_its_features_from_the_service():
     pair = testing.toy_pair(text=False, aligned=False)
     again = FeatureExtractor.plain(pair).encode(testing.toy_images(labels, seed=1))
     assert np.array_equal(again, test) and task.components is None
+
+
+def test_cached_texts_are_served_exactly_and_a_copy_is_the_encoders_own(tmp_path):
+    """A lazy pair's text encoder with a cache folder: a second ``encode`` of the same texts is read from the cache
+    (equal bits, the pair not built again), other texts are not; a deep copy (what an adapting method changes) is the
+    plugin's own encoder copied, never the cache wrapper or the frozen encoder; pickling gives the built encoder."""
+    import copy
+    import pickle
+
+    from hica_bench import testing
+    from hica_bench.encoder_pairs import LazyEncoderPair
+
+    builds = []
+
+    def build():
+        builds.append(1)
+        return testing.toy_pair()
+
+    card = testing.toy_pair().card
+    lazy = LazyEncoderPair(card, build, "toy", "cpu", tmp_path)
+    first = lazy.text.encode(["a chest x-ray", "a skin lesion"])
+    assert len(builds) == 1 and len(list((tmp_path / "texts").glob("*.npy"))) == 1
+    again = LazyEncoderPair(card, build, "toy", "cpu", tmp_path)
+    assert np.array_equal(again.text.encode(["a chest x-ray", "a skin lesion"]), first) and len(builds) == 1
+    other = again.text.encode(["a skin lesion", "a chest x-ray"])  # the order is part of the key
+    assert len(builds) == 2 and np.array_equal(other, first[::-1])
+    frozen = lazy.pair().text
+    copied = copy.deepcopy(lazy.text)
+    assert isinstance(copied, testing.ToyTextEncoder) and copied is not frozen
+    assert type(pickle.loads(pickle.dumps(lazy.text))) is testing.ToyTextEncoder
+    assert lazy.text.identity == frozen.identity and lazy.text.embed_dim == frozen.embed_dim

@@ -44,19 +44,24 @@ OPTIONAL_LIBRARIES = {"transformers": ("open_clip.hf_model", "open_clip.coca_mod
 FIRST_USES = {"transformers": (("open_clip.hf_model", "HFTextEncoder", "__init__"), ("open_clip.coca_model", "CoCa", "generate")),
               "timm": (("open_clip.timm_model", "TimmModel", "__init__"),)}
 _left_out: set[str] = set()  #: the optional libraries open_clip was imported without, not brought back yet
-_bringing_back = threading.Lock()
+_bringing_back = threading.RLock()  #: open_clip's import and a library's return
 
 
 def import_open_clip() -> Any:
     """``open_clip``, imported (the first time) without the optional libraries of :data:`OPTIONAL_LIBRARIES` that are
     not loaded yet, each brought back the moment open_clip first needs it (:data:`FIRST_USES`: building a timm image
     tower or a Hugging Face text tower, CoCa's ``generate``), by whoever calls it (this plugin, or any code of the run
-    using open_clip directly): the library is imported and the open_clip modules that looked for it are re-executed
-    (``importlib.reload``; their classes, also the ones other modules hold, read it from that module's namespace).
+    using open_clip directly): the library is imported and the open_clip modules' own optional-import statements
+    are run again (:func:`_import_again`; their classes read the names from their module's namespace).
 
     open_clip marks a missing optional library with ``None`` and fails only when a model needs it; hiding one during
     its import (``sys.modules[name] = None``, Python's documented way to make an import fail) takes that path. If the
     import fails with them hidden (an open_clip that needs one at import time), open_clip is imported whole."""
+    with _bringing_back:  # one import at a time: a second thread never sees a half-imported open_clip
+        return _import_open_clip()
+
+
+def _import_open_clip() -> Any:
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
     hidden = [name for name in OPTIONAL_LIBRARIES if name not in sys.modules]
@@ -107,7 +112,30 @@ def _bring_back(library: str) -> None:
             return
         for module in OPTIONAL_LIBRARIES[library]:
             if module in sys.modules:
-                importlib.reload(sys.modules[module])
+                _import_again(sys.modules[module], library)
+
+
+def _import_again(module: Any, library: str) -> None:
+    """Run ``module``'s own top-level ``try:`` statements that import ``library`` again, in its namespace (open_clip's
+    optional-import blocks: the names they bind, and flags such as ``_has_transformers``, are set now); its classes
+    stay the same objects, so models built from them pickle and ``isinstance`` as usual. Without its source, the
+    module is reloaded."""
+    import ast
+    import inspect
+
+    def imports_it(node: ast.AST) -> bool:
+        if isinstance(node, ast.Import):
+            return any(alias.name.split(".")[0] == library for alias in node.names)
+        return isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == library
+
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        importlib.reload(module)
+        return
+    for node in tree.body:
+        if isinstance(node, ast.Try) and any(imports_it(inner) for inner in ast.walk(node)):
+            exec(compile(ast.Module(body=[node], type_ignores=[]), module.__file__, "exec"), module.__dict__)
 
 
 class OpenCLIPImage:
@@ -286,7 +314,8 @@ def _card_fact(model: str, pretrained: str) -> dict[str, Any] | None:
             cfg = _read_config(files[0])["model_cfg"]
         except UserError:
             return None
-        if (cfg.get("text_cfg") or {}).get("hf_model_name") or (cfg.get("vision_cfg") or {}).get("timm_model_name"):
+        towers = [cfg.get("text_cfg"), cfg.get("vision_cfg")]
+        if not all(isinstance(t, dict) for t in towers) or towers[0].get("hf_model_name") or towers[1].get("timm_model_name"):
             return None  # a tower built from files elsewhere (a Hugging Face folder, timm): not followed here
     elif model.startswith("hf-hub:"):
         return None

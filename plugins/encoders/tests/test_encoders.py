@@ -231,6 +231,9 @@ loaded = [name for name in ("transformers", "timm") if name in sys.modules]
 import open_clip  # used directly, as any code of the run may
 x = torch.from_numpy(np.load(sys.argv[3]))
 direct = open_clip.create_model(sys.argv[4], pretrained=sys.argv[5]).eval()
+import pickle
+pickle.dumps(direct)  # its classes are still open_clip's own objects (pickled by reference)
+assert isinstance(direct.visual, open_clip.timm_model.TimmModel)
 towers = registry.choose("encoder", sys.argv[2]).build(device="cpu")
 with torch.inference_mode():
     image, direct_image = towers.image.encode(x).numpy(), direct.encode_image(x).numpy()
