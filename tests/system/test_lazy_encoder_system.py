@@ -69,7 +69,7 @@ def test_the_default_pair_served_from_the_cache_loads_no_torch(medmnist_root, de
 def test_a_cached_zero_shot_run_never_builds_its_open_clip_pair(medmnist_root, tmp_path):
     """open-clip's card is remembered from the first build (per file version) and the class texts' embeddings are cached
     under the text encoder's identity: a zero-shot run whose features are cached imports no open_clip, scores
-    exactly as the first run, and a changed config file (a new file version) is not taken for the old card."""
+    exactly as the first run, and a changed config file (a new file version) finds no card (the pair is built again)."""
     folder = tiny_clip_folder(tmp_path / "tiny-clip")
     args = ["run", "--no-report", "--datasets", "breastmnist", "--methods", "zero-shot", "--shots", "1", "--seeds", "0",
             "--encoder", f"open-clip:model=local-dir:{folder}:pretrained=random", "--max-test", "32",
@@ -87,12 +87,13 @@ def test_a_cached_zero_shot_run_never_builds_its_open_clip_pair(medmnist_root, t
     assert len(records) == 2 and records[0]["identity"] == records[1]["identity"]
     assert records[0]["metrics"] == records[1]["metrics"] and records[1]["status"] == "ok"
 
-    config = json.loads((folder / "open_clip_config.json").read_text())
-    config["model_cfg"]["embed_dim"] += 16  # another model at the same path: a new file version, so built again
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    third = subprocess.run([sys.executable, str(script), *args, "--force"], capture_output=True, text=True, timeout=600)
-    assert third.returncode == 0, third.stderr
-    assert "open_clip" in third.stderr.split("heavy modules loaded:")[-1]
-    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert records[-1]["identity"]["origin"]["encoder"] == records[0]["identity"]["origin"]["encoder"]
-    assert records[-1]["identity"]["origin"]["features"]["encoder"] != records[0]["identity"]["origin"]["features"]["encoder"]
+    from hica_bench.files import digests_remembered_in
+    from hica_bench_encoders.openclip_encoders import open_clip_card
+
+    with digests_remembered_in(tmp_path / "cache"):  # as a run asks: the card remembered for these file versions
+        card = open_clip_card("cpu", model=f"local-dir:{folder}", pretrained="random")
+        assert card is not None and card.image == records[0]["identity"]["origin"]["features"]["encoder"]
+        config = json.loads((folder / "open_clip_config.json").read_text())
+        config["model_cfg"]["embed_dim"] += 16  # another model at the same path: a new file version, built again
+        (folder / "open_clip_config.json").write_text(json.dumps(config))
+        assert open_clip_card("cpu", model=f"local-dir:{folder}", pretrained="random") is None
