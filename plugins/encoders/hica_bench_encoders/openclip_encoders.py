@@ -73,7 +73,8 @@ def _import_open_clip() -> Any:
         for module in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
             del sys.modules[module]
         for name in hidden:
-            del sys.modules[name]
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
         hidden = []
         importlib.import_module("open_clip")
     finally:
