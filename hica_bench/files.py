@@ -259,27 +259,17 @@ def file_sha256(path: Path, memo_dir: Path | None = None, *, on_disk: bool = Tru
     version = tuple(fact.values())
     if version in _DIGESTS:
         return _DIGESTS[version]
-    memo = None
-    if memo_dir is None and on_disk and _MEMO_DIR:
-        memo_dir = _MEMO_DIR[-1]
-    if memo_dir is not None and on_disk:
-        memo = Path(memo_dir) / "digests" / f"{digest(fact, 32)}.json"
-        try:
-            remembered = json.loads(memo.read_text())
-            if isinstance(remembered, dict) and remembered.get("fact") == fact and isinstance(remembered.get("sha256"), str):
-                return remembered["sha256"]  # (not put in this process's memory, which holds only digests it read)
-        except (OSError, ValueError):
-            pass
+    folder = (memo_dir if memo_dir is not None else _MEMO_DIR[-1] if _MEMO_DIR else None) if on_disk else None
+    known = remembered("digests", fact, folder, "sha256") if folder is not None else None
+    if isinstance(known, str):
+        return known  # (not put in this process's memory, which holds only digests it read)
     hasher = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             hasher.update(block)
     value = _DIGESTS[version] = hasher.hexdigest()
-    if memo is not None:
-        try:
-            atomic_write(memo, json.dumps({"fact": fact, "sha256": value}))
-        except UserError:  # a read-only cache still works, it just hashes again next time
-            pass
+    if folder is not None:
+        remember("digests", fact, value, folder, "sha256")
     return value
 
 
@@ -291,25 +281,31 @@ def file_version(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
 
 
-def remembered(kind: str, fact: dict[str, Any]) -> Any:
-    """The JSON value :func:`remember` stored for exactly ``fact`` in this run's memo folder (the folder of
-    :func:`digests_remembered_in`: the run's cache folder), or None (none stored, unreadable, or outside a run)."""
-    if not _MEMO_DIR:
-        return None
+def _memo_path(kind: str, fact: dict[str, Any], folder: Path | None) -> Path | None:
+    folder = folder if folder is not None else _MEMO_DIR[-1] if _MEMO_DIR else None
+    return None if folder is None else Path(folder) / kind / f"{digest(fact, 32)}.json"
+
+
+def remembered(kind: str, fact: dict[str, Any], folder: Path | None = None, field: str = "value") -> Any:
+    """The JSON value :func:`remember` stored for exactly ``fact`` under ``folder`` (default: this run's memo folder,
+    the folder of :func:`digests_remembered_in`, i.e. the run's cache folder), or None (none stored, unreadable, or
+    no folder). ``field``: the key the value is stored under (digests: ``sha256``, as they always were)."""
+    path = _memo_path(kind, fact, folder)
     try:
-        stored = json.loads((_MEMO_DIR[-1] / kind / f"{digest(fact, 32)}.json").read_text())
+        stored = json.loads(path.read_text()) if path is not None else None
     except (OSError, ValueError):
         return None
-    return stored.get("value") if isinstance(stored, dict) and stored.get("fact") == fact else None
+    return stored.get(field) if isinstance(stored, dict) and stored.get("fact") == fact else None
 
 
-def remember(kind: str, fact: dict[str, Any], value: Any) -> None:
-    """Store the JSON ``value`` for ``fact`` in this run's memo folder (nothing outside a run; a read-only cache
-    folder only means it is worked out again next time)."""
-    if not _MEMO_DIR:
+def remember(kind: str, fact: dict[str, Any], value: Any, folder: Path | None = None, field: str = "value") -> None:
+    """Store the JSON ``value`` for ``fact`` under ``folder`` (default as for :func:`remembered`; nothing without one;
+    a read-only cache folder only means it is worked out again next time)."""
+    path = _memo_path(kind, fact, folder)
+    if path is None:
         return
     try:
-        atomic_write(_MEMO_DIR[-1] / kind / f"{digest(fact, 32)}.json", json.dumps({"fact": fact, "value": value}))
+        atomic_write(path, json.dumps({"fact": fact, field: value}))
     except UserError:
         pass
 
