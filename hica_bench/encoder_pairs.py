@@ -25,10 +25,10 @@ class LazyEncoderPair:
     card its spec's ``describe`` gave, else the run stops naming the plugin."""
 
     def __init__(self, card: EncoderCard, build: Callable[[], EncoderPair], label: str, device: str,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, built: EncoderPair | None = None) -> None:
         self.card, self.aligned, self.device = card, card.aligned, device
         self._build, self._label = build, label
-        self._pair: EncoderPair | None = None
+        self._pair: EncoderPair | None = built  #: already built (a spec without ``describe``), else on first use
         self._building = threading.RLock()
         self._text = None if cache_dir is None or card.text is None else CachedText(
             card.text, device, Path(cache_dir), lambda: self.pair().text)
@@ -74,9 +74,7 @@ def encoder_pair(encoder: Choice, device: str, cache_dir: Path | None = None) ->
         pair = encoder.build(device=device)
         if cache_dir is None or pair.text is None:
             return pair
-        built = LazyEncoderPair(pair.card, lambda: pair, encoder.label, device, cache_dir)  # its texts cached too
-        built._pair = pair
-        return built
+        return LazyEncoderPair(pair.card, lambda: pair, encoder.label, device, cache_dir, built=pair)  # texts cached
     if not isinstance(card, EncoderCard):
         raise EncoderBuildError(f"encoder {encoder.label}: the plugin's describe() returned {type(card).__name__}, "
                                 "not an EncoderCard")
