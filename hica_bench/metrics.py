@@ -2,7 +2,8 @@
 
 ACC is argmax accuracy. AUC: binary tasks use the positive-class probability; multi-class tasks the
 one-vs-rest macro AUC. Also macro-F1, balanced accuracy and the expected calibration error (ECE, :func:`calibration`).
-Values are fractions in [0, 1].
+Values are fractions in [0, 1]. scikit-learn is imported by the functions that use it (about a second), so a run that stops
+on bad input, or whose cells are all finished, does not pay for it.
 The names live in one place: :class:`hica_bench.results.Metrics`; :data:`HEADLINE` are those the tables and the
 regression gate show.
 """
@@ -13,8 +14,6 @@ import math
 from typing import Iterable
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support, roc_auc_score)
 
 from hica_bench.results import Calibration, Metrics, MultiLabelScore, PerClass
 
@@ -24,6 +23,8 @@ HEADLINE = ("acc", "auc")  #: the ones leaderboards and ``hica-bench check`` com
 
 def classification_metrics(labels: np.ndarray, proba: np.ndarray, diagram: Calibration | None = None) -> Metrics:
     """The metrics of ``proba`` against ``labels``; ``diagram``: their :func:`calibration`, when already computed."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
     n_classes = proba.shape[1]
     predicted = proba.argmax(axis=1)
     present = np.unique(labels)
@@ -48,6 +49,8 @@ def multilabel_metrics(labels: np.ndarray, scores: np.ndarray, names: list[str])
     :class:`Metrics` hold their means over the labels (``auc``: mean AUC, as ChestMNIST's Evaluator; ``acc`` and
     ``balanced_acc``: the per-label accuracies at the 0.5 threshold, averaged; ``f1_macro``: scikit-learn's macro F1
     over labels; no ECE), the :class:`MultiLabelScore` the per-label values and mean AP."""
+    from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
+
     labels = np.asarray(labels).astype(np.int64)
     predicted = (scores >= 0.5).astype(np.int64)
     auc, ap, accs, balanced = [], [], [], []
@@ -91,6 +94,8 @@ def expected_calibration_error(diagram: Calibration) -> float:
 def per_class(labels: np.ndarray, proba: np.ndarray) -> PerClass:
     """Recall and precision of each class (0 where a class is never predicted or never present) and the confusion
     matrix, rows = true class, columns = predicted class (scikit-learn)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     classes = np.arange(proba.shape[1])
     predicted = proba.argmax(axis=1)
     precision, recall, _, _ = precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)
