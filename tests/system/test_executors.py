@@ -114,7 +114,7 @@ def test_a_worker_killed_mid_cell_fails_that_cell_and_a_rerun_completes_it(medmn
     base, _ = reference
     pids = tmp_path / "pids"
     command = ["-p", "slow_methods", "-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
-               "--methods", f"sleepy:seconds=4:pid_dir={pids},prototype", "--shots", "1", "--seeds", "0,1,2",
+               "--methods", f"sleepy:seconds=2.5:pid_dir={pids},prototype", "--shots", "1", "--seeds", "0,1,2",
                "--data-root", str(medmnist_root), "--cache-dir", str(base / "cache"), "--out", str(tmp_path / "out"),
                "--executor", "ray", "--workers", "2", "--no-report", "-q"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")])}
