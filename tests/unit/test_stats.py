@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from hica_bench import stats
 from hica_bench.metrics import aggregate, calibration, classification_metrics, expected_calibration_error
@@ -143,6 +144,31 @@ def test_differences_equal_in_size_tie_as_exact_counts_do():
     expected = scipy_stats.wilcoxon(counts, zero_method="zsplit", alternative="two-sided").pvalue
     assert stats.paired_test(method, reference).p == pytest.approx(expected, abs=1e-12)
     assert scipy_stats.wilcoxon(raw, zero_method="zsplit").pvalue != pytest.approx(expected, abs=1e-6)
+
+
+def _same_p_as_scipy(counts, unit: float) -> None:
+    from scipy import stats as scipy_stats
+
+    diffs = np.round(np.array(counts, float) * unit, stats.DIFF_DECIMALS)
+    if diffs.any():  # else paired_test answers "identical on every seed" before any test
+        expected = scipy_stats.wilcoxon(diffs, zero_method="zsplit", alternative="two-sided").pvalue
+        assert stats.wilcoxon_p(diffs) == float(expected), diffs
+
+
+# scipy's own p costs up to 2^n statistic calls (0.2 s at n = 10): few examples, up to 10 differences
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(-6, 6), min_size=1, max_size=10), st.sampled_from([1.0, 1 / 156, 1 / 4788, 0.25]))
+def test_the_paired_p_is_scipys_wilcoxon_p_exactly(counts, unit):
+    """wilcoxon_p (scipy's permutation test with the statistic vectorised) gives scipy.stats.wilcoxon's own p, to the
+    bit, on differences with ties and zeros (counts of a test split's images: the usual case) and without them."""
+    _same_p_as_scipy(counts, unit)
+
+
+@pytest.mark.parametrize("counts", [[3, -1, 0, 2, 2, -5, 1, 4, 0, 3, -2, 6, 1],  # 13 with ties and zeros: permuted
+                                    [3, -1, 0, 2, 2, -5, 1, 4, 0, 3, -2, 6, 1, 7],  # 14: scipy's normal approximation
+                                    [1, -2, 3, 4, -5, 6, 7, 8, -9, 10, 11, 12]])  # no ties, no zeros: scipy's exact
+def test_the_paired_p_is_scipys_at_its_switches(counts):
+    _same_p_as_scipy(counts, 1 / 156)
 
 
 def test_few_blocks_get_the_exact_permutation_p_not_chi_squares():
