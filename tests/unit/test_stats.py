@@ -171,6 +171,12 @@ def test_the_paired_p_is_scipys_at_its_switches(counts):
     _same_p_as_scipy(counts, 1 / 156)
 
 
+def test_a_nan_difference_gives_scipys_nan_not_a_p():
+    """A NaN among tied differences (inf - inf) is scipy's NaN, never a p computed past it."""
+    assert math.isnan(stats.wilcoxon_p(np.array([np.nan, 0.1, 0.1, 0.0])))
+    assert math.isnan(stats.wilcoxon_p(np.array([np.nan, np.nan, 0.2])))
+
+
 def test_few_blocks_get_the_exact_permutation_p_not_chi_squares():
     """3 methods ranked the same in 2 blocks: Friedman's statistic is its largest, 4 (rank sums 2, 4, 6: 12 / (2·3·4) ·
     56 − 3·2·4), chi-square's p exp(−2) = 0.135; by permuting the methods within each block (3!² = 36 arrangements),
