@@ -2,8 +2,8 @@
 
 ACC is argmax accuracy. AUC: binary tasks use the positive-class probability; multi-class tasks the
 one-vs-rest macro AUC. Also macro-F1, balanced accuracy and the expected calibration error (ECE, :func:`calibration`).
-Values are fractions in [0, 1]. scikit-learn is imported by the functions that use it (about a second), so a run that stops
-on bad input, or whose cells are all finished, does not pay for it.
+Values are fractions in [0, 1]. scikit-learn is imported by the functions that use it (about a second), so a run
+that stops on bad input, or whose cells are all finished, does not pay for it.
 The names live in one place: :class:`hica_bench.results.Metrics`; :data:`HEADLINE` are those the tables and the
 regression gate show.
 """
@@ -49,7 +49,8 @@ def multilabel_metrics(labels: np.ndarray, scores: np.ndarray, names: list[str])
     :class:`Metrics` hold their means over the labels (``auc``: mean AUC, as ChestMNIST's Evaluator; ``acc`` and
     ``balanced_acc``: the per-label accuracies at the 0.5 threshold, averaged; ``f1_macro``: scikit-learn's macro F1
     over labels; no ECE), the :class:`MultiLabelScore` the per-label values and mean AP."""
-    from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
+    from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, f1_score,
+                                 roc_auc_score)
 
     labels = np.asarray(labels).astype(np.int64)
     predicted = (scores >= 0.5).astype(np.int64)
