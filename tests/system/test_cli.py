@@ -14,7 +14,7 @@ def _results(out):
 
 @pytest.mark.slow
 def test_run_resume_and_leaderboard(medmnist_root, tmp_path):
-    args = ["-p", "pixel_encoder", "run", "--encoder", "pixels", "--methods", "zero-shot,linear-probe,prototype",
+    args = ["-p", "pixel_encoder", "run", "--no-report", "--encoder", "pixels", "--methods", "zero-shot,linear-probe,prototype",
             "--shots", "1,5", "--seeds", "0,1",
             "--data-root", str(medmnist_root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     first = hica_bench(*args)

@@ -152,7 +152,7 @@ def test_sigterm_during_a_ray_run_is_one_line_and_keeps_finished_cells(medmnist_
     cells kept (the local runtime it started is shut down)."""
     base, _ = reference
     command = ["-p", "slow_methods", "-p", "pixel_encoder", "run", "--encoder", "pixels", "--datasets", "breastmnist",
-               "--methods", "sleepy:seconds=1.5", "--shots", "1", "--seeds", ",".join(map(str, range(8))),
+               "--methods", "sleepy:seconds=1", "--shots", "1", "--seeds", ",".join(map(str, range(6))),
                "--data-root", str(medmnist_root), "--cache-dir", str(base / "cache"), "--out", str(tmp_path / "out"),
                "--executor", "ray", "--workers", "2", "--no-report", "-q"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TEST_PLUGINS), os.environ.get("PYTHONPATH", "")])}
@@ -168,7 +168,7 @@ def test_sigterm_during_a_ray_run_is_one_line_and_keeps_finished_cells(medmnist_
     assert err.strip().splitlines() == ["hica-bench: interrupted by SIGTERM; finished cells are kept in the results "
                                         "file (rerun the same command to resume)"]
     kept = records(results)
-    assert 2 <= len(kept) < 8 and {r["status"] for r in kept} == {"ok"}
+    assert 2 <= len(kept) < 6 and {r["status"] for r in kept} == {"ok"}
     again = hica_bench(*command, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"{len(kept)} already finished, {8 - len(kept)} ran ok" in " ".join(again.stdout.split())
+    assert f"{len(kept)} already finished, {6 - len(kept)} ran ok" in " ".join(again.stdout.split())
