@@ -33,7 +33,7 @@ from conftest import TEST_PLUGINS
 from hica_bench.extraction.cache import FeatureCache
 
 GRID = ["--encoder", "pixels", "--datasets", "breastmnist", "--methods", "linear-probe,prototype", "--shots", "1,3",
-        "--seeds", "0,1", "--max-test", "60", "--quiet",
+        "--seeds", "0,1", "--max-test", "60", "--quiet", "--no-report",  # no test here reads the report
         # extraction fixed: a probe would pick its batch size by timing, and two runs here with separate caches
         # could then record different (equally valid) ``environment.extraction`` settings
         "--backend", "eager", "--batch-size", "16", "--no-channels-last", "--threads", "2"]
