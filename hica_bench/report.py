@@ -265,6 +265,12 @@ def one_cell(section: Section) -> bool:
     return sum(len(cells) for row in section.rows for cells in row.cells.values()) == 1
 
 
+def diagram_left_out(section: Section) -> bool:
+    """Whether the page says :func:`reliability` drew no diagram for this section: a single cell with an ECE."""
+    return one_cell(section) and any(r.calibration for row in section.rows for cells in row.cells.values()
+                                     for r in cells.values())
+
+
 def reliability(section: Section, folder: Path, svg: bool | tuple[str, ...] = True) -> str | None:
     """Per method at the largest k: accuracy against confidence per bin, pooled over seeds (counts summed). None for a
     section of one cell (:func:`one_cell`): its ECE is in the table, and a figure of one cell is most of a smoke run's
@@ -465,8 +471,7 @@ def write(results: list[CellResult], out_dir: Path, reference: str | None = None
         pages.append({"title": section.title, "slug": section.slug, "shots": section.shots, "tables": tables,
                       "novel": _base_to_novel(section), "multilabel": _multilabel(section),
                       "curves": curves(section, figures, svg), "reliability": reliability(section, figures, svg),
-                      "one_cell": one_cell(section) and any(r.calibration for row in section.rows
-                                                             for cells in row.cells.values() for r in cells.values()),
+                      "one_cell": diagram_left_out(section),
                       "cost": _cost(section), "reference": section.reference.label if section.reference else None,
                       "notes": notes, "bootstrap": [(label, k, f"{100 * lo:.1f}–{100 * hi:.1f}", n)
                                                     for (label, k), (lo, hi, n) in sorted(section.bootstrap.items())]})

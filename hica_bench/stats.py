@@ -122,9 +122,10 @@ def wilcoxon_p(diffs: np.ndarray) -> float:
     """``scipy.stats.wilcoxon(diffs, zero_method="zsplit", alternative="two-sided").pvalue``, the same number, faster
     where scipy runs a permutation test (ties or zeros among at most 13 differences: the usual case, as accuracies
     over one test split tie). There scipy calls its statistic once per sign arrangement (2^n of them: 1,024 calls,
-    ~0.2 s, for 10 seeds; most of a report's time); here ``scipy.stats.permutation_test`` gets the same statistic vectorised: a sign
-    flip leaves |d| and so its ranks unchanged, so R+ (with zsplit: the ranks of the positive differences plus half
-    those of the zeros, multiples of 1/4, summed exactly) is one product over all arrangements. Elsewhere: scipy itself.
+    ~0.2 s, for 10 seeds; most of a report's time); here ``scipy.stats.permutation_test`` gets the same statistic
+    vectorised: a sign flip leaves |d| and so its ranks unchanged, so R+ (with zsplit: the ranks of the positive
+    differences plus half those of the zeros, multiples of 1/4, summed exactly) is one product over all arrangements.
+    Elsewhere: scipy itself.
     scipy >= 1.15 (pyproject's floor) runs that permutation test; tests/unit/test_stats.py checks the two agree on
     generated differences with ties and zeros."""
     from scipy import stats

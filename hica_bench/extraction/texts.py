@@ -4,6 +4,7 @@ besides image features."""
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +28,7 @@ class CachedText:
         if not texts or not all(isinstance(t, str) for t in texts):
             return self._built().encode(texts)
         parts = {"text_encoder": self.identity, "device": self.device, "texts": texts}
-        cache, key = FeatureCache(self._cache_dir, "texts"), FeatureCache.key(parts)
+        cache, key = self._cache, FeatureCache.key(parts)
         found = cache.get(key)
         if found is not None:
             return found
@@ -35,6 +36,11 @@ class CachedText:
         if isinstance(embedded, np.ndarray) and embedded.dtype != object and len(embedded) == len(texts):
             cache.put(key, embedded, parts)
         return embedded
+
+    @functools.cached_property
+    def _cache(self) -> FeatureCache:
+        """The cache's ``texts`` folder, opened (made) on the first ``encode``."""
+        return FeatureCache(self._cache_dir, "texts")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
