@@ -27,6 +27,7 @@ import numpy as np
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderCard, EncoderPair, InputSpec, PluginSpec
 from hica_bench.files import digest, file_sha256_soon, file_version, remember, remembered
+from hica_bench_encoders.torchvision_import import import_torchvision
 from hica_bench_encoders.weights import (filled_by_strict_load, first_line, hub_file, local_file, seeded,
                                          state_dict_sha256)
 
@@ -56,7 +57,9 @@ def import_open_clip() -> Any:
 
     open_clip marks a missing optional library with ``None`` and fails only when a model needs it; hiding one during
     its import (``sys.modules[name] = None``, Python's documented way to make an import fail) takes that path. If the
-    import fails with them hidden (an open_clip that needs one at import time), open_clip is imported whole."""
+    import fails with them hidden (an open_clip that needs one at import time), open_clip is imported whole.
+    torchvision, which open_clip needs, is imported first without torch's compiler stack
+    (:func:`hica_bench_encoders.torchvision_import.import_torchvision`)."""
     with _bringing_back:  # one import at a time: a second thread never sees a half-imported open_clip
         return _import_open_clip()
 
@@ -64,6 +67,7 @@ def import_open_clip() -> Any:
 def _import_open_clip() -> Any:
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
+    import_torchvision()
     hidden = [name for name in OPTIONAL_LIBRARIES if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]
