@@ -16,6 +16,7 @@ from typing import Iterable
 import numpy as np
 
 from hica_bench.results import Calibration, Metrics, MultiLabelScore, PerClass
+from hica_bench.startup import collection_paused
 
 METRICS = Metrics.names()  #: every metric a result records
 HEADLINE = ("acc", "auc")  #: the ones leaderboards and ``hica-bench check`` compare
@@ -23,7 +24,8 @@ HEADLINE = ("acc", "auc")  #: the ones leaderboards and ``hica-bench check`` com
 
 def classification_metrics(labels: np.ndarray, proba: np.ndarray, diagram: Calibration | None = None) -> Metrics:
     """The metrics of ``proba`` against ``labels``; ``diagram``: their :func:`calibration`, when already computed."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+    with collection_paused():  # scikit-learn's import, the first time (hica_bench.startup)
+        from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
     n_classes = proba.shape[1]
     predicted = proba.argmax(axis=1)
@@ -49,8 +51,9 @@ def multilabel_metrics(labels: np.ndarray, scores: np.ndarray, names: list[str])
     :class:`Metrics` hold their means over the labels (``auc``: mean AUC, as ChestMNIST's Evaluator; ``acc`` and
     ``balanced_acc``: the per-label accuracies at the 0.5 threshold, averaged; ``f1_macro``: scikit-learn's macro F1
     over labels; no ECE), the :class:`MultiLabelScore` the per-label values and mean AP."""
-    from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, f1_score,
-                                 roc_auc_score)
+    with collection_paused():
+        from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, f1_score,
+                                     roc_auc_score)
 
     labels = np.asarray(labels).astype(np.int64)
     predicted = (scores >= 0.5).astype(np.int64)
@@ -95,7 +98,8 @@ def expected_calibration_error(diagram: Calibration) -> float:
 def per_class(labels: np.ndarray, proba: np.ndarray) -> PerClass:
     """Recall and precision of each class (0 where a class is never predicted or never present) and the confusion
     matrix, rows = true class, columns = predicted class (scikit-learn)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    with collection_paused():
+        from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     classes = np.arange(proba.shape[1])
     predicted = proba.argmax(axis=1)

@@ -32,6 +32,7 @@ from hica_bench.errors import PLUGIN_FAULTS, UserError, fault_text
 from hica_bench.files import digest, file_sha256, short
 from hica_bench.interfaces import COMPONENT_KINDS, KINDS, PluginSpec, SpecError, declaration_problem
 from hica_bench.results import Component
+from hica_bench.startup import collection_paused
 
 ENTRY_POINT_GROUP = "hica_bench"
 DISABLE_AUTOLOAD_ENV = "HICA_BENCH_DISABLE_PLUGIN_AUTOLOAD"
@@ -112,7 +113,8 @@ class Choice:
         """The factory called with the kind's fixed arguments and the options; an option named like a fixed argument
         replaces it (the ``folder`` dataset's own ``root=`` in place of the data root). A dataset with a corruption
         comes back with its test split corrupted."""
-        built = self.registered.spec.load_factory()(**{**fixed, **self.options})
+        with collection_paused():  # a factory imports its libraries (torch, open_clip...) the first time
+            built = self.registered.spec.load_factory()(**{**fixed, **self.options})
         if self.corruption is not None:
             from hica_bench.corruptions import CorruptedDataset
 
@@ -122,8 +124,9 @@ class Choice:
     def describe(self, **fixed: Any) -> Any:
         """An encoder's :class:`~hica_bench.interfaces.EncoderCard` from its spec's ``describe`` without building it;
         None when the spec has no ``describe`` or it cannot tell cheaply."""
-        describe = self.registered.spec.load_describe()
-        return None if describe is None else describe(**fixed, **self.options)
+        with collection_paused():
+            describe = self.registered.spec.load_describe()
+            return None if describe is None else describe(**fixed, **self.options)
 
 
 class Registry:
@@ -365,7 +368,8 @@ def load_registry(modules: Iterable[str] = ()) -> Registry:
             raise UserError(f"{DISABLE_AUTOLOAD_ENV} turns entry-point plugins off, yet ${ALLOW_ENV} / --plugins-only "
                             "names some to load; unset one of them")
     else:
-        registry.load_entry_points(allowed)
+        with collection_paused():  # imports every plugin's module
+            registry.load_entry_points(allowed)
     for module in modules:
         registry.load_module(module)
     return registry

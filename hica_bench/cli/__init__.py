@@ -20,10 +20,13 @@ try:
 except ImportError:  # pragma: no cover - older typer
     from click.exceptions import ClickException
 
-# each command registers itself on the app when imported; this order is the order of `hica-bench --help`
-from hica_bench.cli import (run, listing, leaderboard, merge, report, download, explain, bench, check,  # noqa: E402,F401
-                            track, bundle, history)
-from hica_bench.cli.app import app
+from hica_bench.startup import collection_paused
+
+with collection_paused():  # the commands' modules import the core and pandas (hica_bench.startup)
+    # each command registers itself on the app when imported; this order is the order of `hica-bench --help`
+    from hica_bench.cli import (run, listing, leaderboard, merge, report, download, explain, bench, check,  # noqa: E402,F401
+                                track, bundle, history)
+    from hica_bench.cli.app import app
 from hica_bench.errors import Interrupted, UserError
 
 __all__ = ["app", "main"]
