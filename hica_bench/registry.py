@@ -367,11 +367,11 @@ def load_registry(modules: Iterable[str] = ()) -> Registry:
         if allowed:
             raise UserError(f"{DISABLE_AUTOLOAD_ENV} turns entry-point plugins off, yet ${ALLOW_ENV} / --plugins-only "
                             "names some to load; unset one of them")
-    else:
-        with collection_paused():  # imports every plugin's module
+    with collection_paused():  # imports every plugin's module
+        if not os.environ.get(DISABLE_AUTOLOAD_ENV):
             registry.load_entry_points(allowed)
-    for module in modules:
-        registry.load_module(module)
+        for module in modules:
+            registry.load_module(module)
     return registry
 
 

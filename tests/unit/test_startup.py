@@ -36,6 +36,18 @@ def test_a_process_without_collection_stays_without(collector_on):
     assert not gc.isenabled()
 
 
+def test_a_child_forked_inside_a_block_collects(collector_on):
+    import os
+
+    with collection_paused():
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once
+            os._exit(0 if gc.isenabled() else 1)
+        assert not gc.isenabled()  # the parent's block goes on paused
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 PLUGIN = """
 import gc
 from hica_bench import hookimpl

@@ -9,12 +9,18 @@ stack, which an eager or ONNX Runtime run never uses.
 :func:`import_torchvision` imports torchvision with two placeholders standing in ``sys.modules`` for
 ``torch._dynamo`` and ``torch._dynamo.utils`` for the duration of that import. The placeholder's
 ``is_compile_supported`` asks the real function when called (importing it then, if compiling has not already); any
-other name asked of a placeholder during the import imports the real module and answers from it. Afterwards the
-placeholders leave ``sys.modules``, so the next ``import torch._dynamo`` (``torch.compile``, an ONNX export,
-torchvision's ``tv_tensors``, which decorates with ``torch.compiler.disable``) is the real one. Hand-written because
-neither torch nor torchvision offers a way to import one without the other's compiler; checked in
-plugins/encoders/tests/test_torchvision_import.py (roi_align, the stand-in against the real function,
-``torch.compile`` afterwards) and measured in docs/benchmarks.md.
+other *name* asked of a placeholder during the import imports the real module and answers from it. A torchvision
+(or torch) that imports a *submodule* of ``torch._dynamo`` while being imported fails to import beside the
+placeholders: then they are removed, torchvision's half-imported modules dropped, and torchvision imported plainly,
+compiler included. Afterwards the placeholders leave ``sys.modules``, so the next ``import torch._dynamo``
+(``torch.compile``, an ONNX export, torchvision's ``tv_tensors``, which decorates with ``torch.compiler.disable``)
+is the real one.
+
+The placeholders stand in ``sys.modules`` for the whole process while torchvision imports: another thread importing
+``torch._dynamo`` in that moment would see them (the plugin imports open_clip from the thread that builds the
+encoder, before any other thread of the run uses torch). Hand-written because neither torch nor torchvision offers
+a way to import one without the other's compiler; checked in plugins/encoders/tests/test_torchvision_import.py (the
+stand-in against the real function, ``torch.compile`` afterwards, the fallback) and measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -43,10 +49,15 @@ def import_torchvision() -> Any:
         sys.modules[DYNAMO], sys.modules[DYNAMO_UTILS] = package, utils
         try:
             return importlib.import_module("torchvision")
+        except ImportError:  # it needed a submodule of torch._dynamo: import it plainly
+            _remove(package, utils)
+            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+                del sys.modules[name]
+            return importlib.import_module("torchvision")
         finally:
             _remove(package, utils)
-            if torch.__dict__.get("_dynamo") is package:
-                del torch._dynamo
+            if torch.__dict__.get("_dynamo") is package:  # a guard: the import system binds no attribute for a module
+                del torch._dynamo  # it finds in sys.modules, so the placeholder should never be torch._dynamo
 
 
 def _remove(*placeholders: types.ModuleType) -> None:
@@ -56,7 +67,7 @@ def _remove(*placeholders: types.ModuleType) -> None:
 
 
 def _placeholders() -> tuple[types.ModuleType, types.ModuleType]:
-    package = types.ModuleType(DYNAMO, "placeholder while torchvision is imported (hica_bench_encoders.torchvision_import)")
+    package = types.ModuleType(DYNAMO, "placeholder while torchvision imports (hica_bench_encoders.torchvision_import)")
     package.__path__ = []  # a package, as the real one
     utils = types.ModuleType(DYNAMO_UTILS, package.__doc__)
 
