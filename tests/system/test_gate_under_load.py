@@ -5,11 +5,14 @@ passed, and is caught as a regression where the load leaves the gate room to res
 Under a share ``c`` of the CPUs taken, the gate only flags drops past ``1 - (1 - bound)(1 - c)`` (see
 :mod:`hica_bench.check`): with one core of two busy (c = 0.5) that is 70 % or more, about where this 4x slowdown
 lands (-75 % to -81 % measured on a 2-core VM), so there the honest verdicts are "regressed" or "not comparable";
-with a core busy half the time (c = 0.25) the bound is 55 % and the slowdown must be caught."""
+with a core busy half the time (c = 0.25) the bound is 55 % and the slowdown must be caught, unless the runs' own
+noise (the spread of their paired passes) widened it past the drop: then the gate rightly says "not comparable", and
+the test is an expected failure saying so (a noisy shared VM did that once in six CI runs)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import invoke
+from hica_bench.check import DEFAULT_THROUGHPUT_TOLERANCE
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.serial  # it loads the CPU itself and measures the load: alone, never beside another test
@@ -89,4 +93,10 @@ def test_the_gate_holds_on_a_loaded_cpu(small_breastmnist, tmp_path, default_enc
     load = json.loads((half / "results.jsonl").read_text().splitlines()[0])["timings"]["cpu_contention"]
     assert 0.1 <= load < 0.4, load  # the half-time loop was seen, as less than a whole core
     code, row = _verdict(baseline, half, tmp_path / "slow-half-load.json")
+    if row["verdict"] == "not comparable":  # allowed only where the runs' own noise, not the load, hid the drop
+        noise = re.search(r"own noise is ±(\d+) %", row["note"])
+        assert noise is not None and int(noise.group(1)) > 100 * DEFAULT_THROUGHPUT_TOLERANCE, row
+        drop = -float(row["change"].rstrip("%")) / 100
+        assert drop > 1 - (1 - DEFAULT_THROUGHPUT_TOLERANCE) * (1 - load), row  # the load alone would have caught it
+        pytest.xfail(f"the machine was too noisy to judge the half-load slowdown: {row['note']}")
     assert code == 1 and row["verdict"] == "regressed", row
