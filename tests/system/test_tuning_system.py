@@ -40,6 +40,34 @@ def test_onnx_export_of_the_default_encoder_matches_eager_on_real_images(medmnis
     assert np.abs(cl.numpy() - eager[:4]).max() <= backends.ONNX_TOLERANCE * np.abs(eager).max()
 
 
+def test_the_traced_export_of_the_default_encoder_is_folded_and_keeps_its_features_to_the_bit(
+        medmnist_root, default_encoder_cache, tmp_path):
+    """The torchscript export's shape arithmetic is folded and its pads fused into the convolutions (no Pad, Shape or
+    Gather left: what kept ONNX Runtime from running it as fast as the dynamo graph), and on real images at a dynamic
+    batch it gives the plain trace's features to the bit, so its feature identity stands."""
+    import onnx
+    from hica_bench_encoders.timm_encoders import effnet_lite0_minilm
+
+    encoders = effnet_lite0_minilm("cpu")
+    path, record = backends.export_onnx(encoders, default_encoder_cache, "torchscript")
+    assert record["ok"] and record["fold"]["kept"], record
+    assert record["fold"]["nodes_after"] < record["fold"]["nodes_before"]
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert "Conv" in ops and not ops & {"Pad", "Shape", "Gather"}, ops
+    plain = tmp_path / "plain.onnx"
+    with torch.inference_mode():
+        backends._trace_export(backends._exported(encoders.image, encoders.modules["image"]),
+                               backends._check_batch(encoders.image, 2), plain)
+    assert {node.op_type for node in onnx.load(plain).graph.node} >= {"Pad", "Shape", "Gather"}  # what was folded
+    session = backends._session(plain, 2)
+    images = LazyNpz(medmnist_root / "breastmnist.npz", default_encoder_cache).memmap("test_images")[:24]
+    folded = encode_images(images, encoders.image, "cpu", batch_size=10,
+                           forward=backends.onnx_forward(encoders, "cpu", default_encoder_cache, 2, "torchscript"))
+    traced = encode_images(images, encoders.image, "cpu", batch_size=10,
+                           forward=lambda batch: torch.from_numpy(session.run(None, {"images": batch.numpy()})[0]))
+    assert np.array_equal(folded, traced)
+
+
 @pytest.mark.slow
 def test_run_records_the_chosen_settings_and_keys_the_cache_by_backend(tmp_path):
     data = tmp_path / "data"
