@@ -222,7 +222,7 @@ def _trace_export(module: Any, example: Any, path: Path) -> None:
                                  f"({' '.join(str(frozen[0].message).split())[:200]})")
 
 
-#: the most rounds of folding a traced graph's shape arithmetic (each resolves at least one chain; Lite0 needs 6)
+#: the most rounds of folding a traced graph's shape arithmetic (each resolves at least one chain; Lite0 takes 7)
 MAX_FOLD_ROUNDS = 32
 
 
@@ -233,7 +233,7 @@ def _fold_trace(path: Path, encoder: ImageEncoder) -> dict[str, Any]:
     batch axis is dynamic): timm's TensorFlow-"same" convolutions work out their padding from the input's height
     and width at run time, so each stride-2 convolution of EfficientNet-Lite0 gets a chain of ~30 nodes ending in an
     explicit ``Pad``, which ONNX Runtime cannot fuse into the convolution and must run outside its blocked (NCHWc)
-    layout, reordering the activations out and back around each one: the traced graph ran at ~0.65x the dynamo
+    layout, reordering the activations out and back around each one: the traced graph ran at ~0.6x the dynamo
     export's speed. onnxscript's optimiser folds such chains and fuses the pads into the convolutions, but it
     reads a dimension out of a shape only for a 1-D index, and tracing gathers with a scalar one:
     :func:`_static_dimension_rule` is that one missing rewrite (onnxscript's pattern API); the folding, the pad
@@ -241,11 +241,32 @@ def _fold_trace(path: Path, encoder: ImageEncoder) -> dict[str, Any]:
     order, so the features should not move; that is checked: the folded graph must give the plain one's features to
     the bit on the check batch, else the plain trace is kept. Returns what happened, for the export record."""
     import numpy as np
-    from onnxscript import ir, optimizer, rewriter
-    from onnxscript.rewriter.rules import common
 
     plain = _session(path, None).run(None, {"images": _check_batch(encoder).numpy()})[0]
     start = time.perf_counter()
+    folded_path = path.with_name("folded.onnx")
+    try:
+        model, before, rounds = _folded(path, folded_path)
+        got = _session(folded_path, None).run(None, {"images": _check_batch(encoder).numpy()})[0]
+    except Exception as exc:  # onnxscript could not fold this graph: the plain trace is kept, and says why
+        folded_path.unlink(missing_ok=True)
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return {"kept": False, "reason": f"the fold failed: {type(exc).__name__}: {first_line}"}
+    record = {"nodes_before": before, "nodes_after": len(model.graph), "rounds": rounds,
+              "fold_s": time.perf_counter() - start}
+    if got.shape == plain.shape and np.array_equal(got, plain):
+        folded_path.replace(path)
+        return {**record, "kept": True}
+    folded_path.unlink()
+    return {**record, "kept": False, "reason": "the folded graph's features differ from the plain trace's"}
+
+
+def _folded(path: Path, to: Path) -> tuple[Any, int, int]:
+    """The traced graph at ``path`` folded and saved at ``to``: onnxscript's IR model of it, its node count before,
+    and the rounds it took."""
+    from onnxscript import ir, optimizer, rewriter
+    from onnxscript.rewriter.rules import common
+
     model = ir.load(path)
     before = len(model.graph)
     rules = rewriter.RewriteRuleSet([_static_dimension_rule(), common.normalize_pad_format_conv_rule,
@@ -258,16 +279,8 @@ def _fold_trace(path: Path, encoder: ImageEncoder) -> dict[str, Any]:
         optimizer.remove_unused_nodes(model)
         if len(model.graph) == count:
             break
-    folded_path = path.with_name("folded.onnx")
-    ir.save(model, folded_path)
-    got = _session(folded_path, None).run(None, {"images": _check_batch(encoder).numpy()})[0]
-    record = {"nodes_before": before, "nodes_after": len(model.graph), "rounds": rounds,
-              "fold_s": time.perf_counter() - start}
-    if got.shape == plain.shape and np.array_equal(got, plain):
-        folded_path.replace(path)
-        return {**record, "kept": True}
-    folded_path.unlink()
-    return {**record, "kept": False, "reason": "the folded graph's features differ from the plain trace's"}
+    ir.save(model, to)
+    return model, before, rounds
 
 
 def _small_fill(node: Any) -> bool | None:

@@ -137,7 +137,7 @@ def test_the_probe_is_budgeted_by_the_work_ahead(tmp_path):
     remembered = json.loads(small.path.read_text())
     assert remembered["budget"] == small.budget
 
-    big = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "b", work=tuning.Work(images, 10**7))
+    big = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "b", work=tuning.Work(images, 10**9))
     assert {p.get("exporter") for p in big.probe if p["backend"] == "onnxruntime"} == {"torchscript", "dynamo"}
     assert big.budget["skipped"] == []  # a long run affords the whole walk
     assert len({p["batch_size"] for p in big.probe}) > 1
