@@ -1,4 +1,4 @@
-"""``hica-bench bench`` (report version 2): encoder throughput of four variants, measured in one run.
+"""``hica-bench bench`` (report version 3): encoder throughput of four variants, measured in one run.
 
 Variants, each as images/s with its ratio to naive eager:
 
@@ -14,7 +14,7 @@ Variants, each as images/s with its ratio to naive eager:
   by default), then :meth:`hica_bench.extraction.FeatureExtractor.features` over the images with a fresh, throw-away
   feature cache each repeat: memory-mapped read, preprocessing, forward, copy to host, cache write. Its report also
   has the seconds per stage and its overhead ratio: harness images/s ÷ raw forward images/s of the same
-  forward, measured in the same worker right after each extraction.
+  forward, measured in the same worker right before and right after each extraction (the mean of the two).
 
 Every variant runs in a long-lived worker process of its own (``python -m hica_bench.bench --worker``, JSON
 lines on stdin/stdout), so the allocator can differ (naive: without THP; the others with
@@ -24,6 +24,9 @@ dataset through the plugin registry exactly as the CLI does (all workers at once
 once, undisturbed, and is remembered under the cache folder for the others and later runs. Then the
 workers measure *in turns*: each repeat, each variant once, one at a time, so load from other processes hits
 all alike; ratios to naive are taken per repeat (pairwise) and the report has their medians with min and max.
+Every timed segment (a variant's passes, the harness's extraction, its raw forward before and after) follows
+``--warmup`` untimed passes of its own forward: a worker resumes after the others measured, and its first pass
+then runs cold (version 2 warmed up once at set-up, so the extraction ran cold and the raw forward after it warm).
 All variants see the same ``--images`` N images of the split; the raw variants time ceil(N / batch) forward
 passes of a batch made of those images.
 
@@ -55,7 +58,7 @@ import numpy as np
 
 from hica_bench.errors import UserError
 
-BENCH_VERSION = 2
+BENCH_VERSION = 3  #: 3: a warm-up before every timed segment; the overhead line's raw forward before and after
 VARIANTS = ("naive", "eager-tuned", "onnxruntime", "harness")
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 #: images whose features every variant compares with naive eager's
@@ -282,7 +285,7 @@ def bench(
             # it is timed on its own after the extraction and is not subtracted from the total
             stages["other"] = stages["total"] - stages["forward"] - stages["cache_write"]
             entry.update({
-                "raw_images_per_s": _spread(raw),  #: its own forward on a preprocessed batch, same worker
+                "raw_images_per_s": _spread(raw),  #: its own forward on a preprocessed batch, same worker, before and after
                 "overhead_ratio": _spread(overhead),  #: harness ÷ raw, per repeat
                 "recorded_images_per_s": float(np.median([r["recorded_images_per_s"] for r in runs[variant]])),
                 "stage_seconds": stages,
@@ -523,14 +526,17 @@ class _Variant:
 
     def measure(self, repeat: int) -> dict[str, Any]:
         if self.variant != "harness":
+            self._raw(self.job["warmup"])
             seconds = self._raw(self.passes)
             images = self.passes * len(self.batch)
             return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
         return self._harness(repeat)
 
     def _harness(self, repeat: int) -> dict[str, Any]:
-        """One extraction of the images into a fresh feature cache through the service, as ``run`` does, then its
-        stages and the raw forward alone."""
+        """One extraction of the images into a fresh feature cache through the service, as ``run`` does, with its
+        stages, bracketed by the raw forward alone: before it and after it (their mean is the overhead line's raw
+        rate, so a drift of the machine's speed during the repeat falls on both sides alike). Each timed segment
+        follows the same untimed warm-up passes: the extraction does not start cold while the raw forward runs warm."""
         import torch
 
         from hica_bench.data import preprocess
@@ -552,6 +558,8 @@ class _Variant:
         n = len(self.images)
         with tempfile.TemporaryDirectory(prefix=f"harness-{repeat}-", dir=self.job["scratch"]) as tmp:
             extractor = FeatureExtractor(self.pair, Path(tmp), settings=s, forward=timed, reference=False)
+            self._raw(self.job["warmup"])
+            raw_s = self._raw(self.passes)
             self._sync()
             start = time.perf_counter()
             features, extraction = extractor.features(self.subset, self.job["split"])
@@ -560,15 +568,18 @@ class _Variant:
             if repeat == 0:
                 self._save_features(features)
             start = time.perf_counter()
+            kept: dict[str, Any] = {}  # into kept buffers, as the loop preprocesses
             with torch.inference_mode():
                 for begin in range(0, n, s.batch_size):
-                    preprocess(self.images[begin : begin + s.batch_size], self.encoder.input_spec, self.device)
+                    preprocess(self.images[begin : begin + s.batch_size], self.encoder.input_spec, self.device, kept)
             self._sync()
             preprocess_s = time.perf_counter() - start
             start = time.perf_counter()
             FeatureCache(Path(tmp)).put("stage-timing", features, {"bench": "cache-write"})
             cache_write_s = time.perf_counter() - start
-        raw_s = self._raw(self.passes)
+        self._raw(self.job["warmup"])
+        after_s = self._raw(self.passes)
+        raw_s = (raw_s + after_s) / 2
         return {"images": n, "seconds": total, "images_per_s": n / total,
                 "recorded_images_per_s": n / extraction.seconds,  # as results record it: without the cache write
                 "raw_images_per_s": self.passes * len(self.batch) / raw_s,

@@ -34,7 +34,7 @@ def bench_(
     amp: bool = AMP_OPTION,
     naive_batch_size: int = typer.Option(64, help="Batch size of naive eager (CLIP_benchmark's default)."),
     images: int = typer.Option(128, help="Images every variant encodes per repeat (the first N of the split)."),
-    warmup: int = typer.Option(1, help="Untimed forward passes per variant before timing."),
+    warmup: int = typer.Option(1, help="Untimed forward passes before each timed segment of each variant."),
     repeats: int = typer.Option(5, help="Repeats (each variant once per repeat, in turns); medians over them are reported."),
     data_root: Optional[str] = typer.Option(None, help="Folder with the dataset files [default: $HICA_BENCH_DATA]."),
     cache_dir: Optional[str] = typer.Option(None, help="Tuning, ONNX exports and scratch (throw-away feature caches) [default: $HICA_BENCH_CACHE]."),
