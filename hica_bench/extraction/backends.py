@@ -109,12 +109,24 @@ def _onnx_dir(cache_dir: Path, encoder: ImageEncoder, exporter: str = "dynamo") 
     return Path(cache_dir) / "onnx" / digest(parts, 20)
 
 
+def export_record(pair: EncoderPair, cache_dir: Path, exporter: str = "dynamo") -> dict[str, Any] | None:
+    """The record of this encoder's export by ``exporter`` in ``cache_dir`` (None: not exported yet, or unreadable)."""
+    try:
+        record = json.loads((_onnx_dir(cache_dir, pair.image, exporter) / "export.json").read_text())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def trace_folded(pair: EncoderPair, cache_dir: Path) -> bool:
+    """Whether this encoder's torchscript export sits in ``cache_dir`` with its shape arithmetic folded (:func:`_fold_trace`)."""
+    record = export_record(pair, cache_dir, "torchscript") or {}
+    return bool(record.get("ok") and (record.get("fold") or {}).get("kept"))
+
+
 def onnx_exported(pair: EncoderPair, cache_dir: Path, exporter: str = "dynamo") -> bool:
     """Whether this encoder's export already sits, checked, in ``cache_dir`` (then trying it costs no export)."""
-    try:
-        return bool(json.loads((_onnx_dir(cache_dir, pair.image, exporter) / "export.json").read_text()).get("ok"))
-    except (OSError, ValueError, AttributeError):
-        return False
+    return bool((export_record(pair, cache_dir, exporter) or {}).get("ok"))
 
 
 def _check_batch(encoder: ImageEncoder, n: int = 3):
@@ -239,26 +251,37 @@ def _fold_trace(path: Path, encoder: ImageEncoder) -> dict[str, Any]:
     :func:`_static_dimension_rule` is that one missing rewrite (onnxscript's pattern API); the folding, the pad
     fusion and the clean-up are onnxscript's. Zero padding inside the convolution adds the same products in the same
     order, so the features should not move; that is checked: the folded graph must give the plain one's features to
-    the bit on the check batch, else the plain trace is kept. Returns what happened, for the export record."""
+    the bit on the check batch (and on one image on one thread), else the plain trace is kept. Returns what happened,
+    for the export record."""
     import numpy as np
 
-    plain = _session(path, None).run(None, {"images": _check_batch(encoder).numpy()})[0]
+    plain = _check_outputs(path, encoder)
     start = time.perf_counter()
     folded_path = path.with_name("folded.onnx")
     try:
         model, before, rounds = _folded(path, folded_path)
-        got = _session(folded_path, None).run(None, {"images": _check_batch(encoder).numpy()})[0]
+        got = _check_outputs(folded_path, encoder)
+    except OSError:  # a full disk says nothing about the graph: export_onnx does not remember it
+        folded_path.unlink(missing_ok=True)
+        raise
     except Exception as exc:  # onnxscript could not fold this graph: the plain trace is kept, and says why
         folded_path.unlink(missing_ok=True)
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         return {"kept": False, "reason": f"the fold failed: {type(exc).__name__}: {first_line}"}
     record = {"nodes_before": before, "nodes_after": len(model.graph), "rounds": rounds,
               "fold_s": time.perf_counter() - start}
-    if got.shape == plain.shape and np.array_equal(got, plain):
+    if all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(got, plain)):
         folded_path.replace(path)
         return {**record, "kept": True}
     folded_path.unlink()
     return {**record, "kept": False, "reason": "the folded graph's features differ from the plain trace's"}
+
+
+def _check_outputs(path: Path, encoder: ImageEncoder) -> list[Any]:
+    """The graph's features of the check batch with ONNX Runtime's default threads, and of its first image on one
+    thread (a run may use another batch size and thread count than the check)."""
+    batch = _check_batch(encoder).numpy()
+    return [_session(path, None).run(None, {"images": batch})[0], _session(path, 1).run(None, {"images": batch[:1]})[0]]
 
 
 def _folded(path: Path, to: Path) -> tuple[Any, int, int]:
@@ -274,10 +297,10 @@ def _folded(path: Path, to: Path) -> tuple[Any, int, int]:
     rounds = 0
     for rounds in range(1, MAX_FOLD_ROUNDS + 1):  # a fused pad gives the next chain its input's shape, the rule its dims
         count = len(model.graph)
-        optimizer.fold_constants_ir(model, onnx_shape_inference=True, should_fold=_small_fill)
-        rewriter.RewritePass(rules)(model)
+        folded = optimizer.fold_constants_ir(model, onnx_shape_inference=True, should_fold=_small_fill).modified
+        rewritten = rewriter.RewritePass(rules)(model).modified
         optimizer.remove_unused_nodes(model)
-        if len(model.graph) == count:
+        if not (folded or rewritten or len(model.graph) != count):
             break
     ir.save(model, to)
     return model, before, rounds
@@ -302,6 +325,16 @@ def _static_dimension_rule():
     from onnxscript import ir
     from onnxscript.rewriter import pattern
 
+    def dimension(x, index, shape) -> int | None:
+        """The dimension the Gather reads, when it is a known number (None: leave the Gather alone)."""
+        k = index.const_value
+        if k is None or k.numpy().ndim != 0 or x.shape is None:
+            return None
+        attributes = shape.producer().attributes
+        dims = list(x.shape)[attributes.get_int("start", 0):attributes.get_int("end", None)]
+        k = int(k.numpy())
+        return dims[k] if -len(dims) <= k < len(dims) and isinstance(dims[k], int) else None
+
     class StaticDimension(pattern.RewriteRuleClassBase):
         def pattern(self, op, x, index):
             return op.Gather(op.Shape(x, _allow_other_attributes=True, _outputs=["shape"]), index,
@@ -309,23 +342,15 @@ def _static_dimension_rule():
 
         def check(self, context, x, index, shape, **_):
             result = pattern.MatchResult()
-            gather, k = context.root, index.const_value
-            if k is None or k.numpy().ndim != 0 or gather.attributes.get_int("axis", 0) != 0:
-                return result.fail("not a scalar constant index on axis 0")
-            if x.shape is None:
-                return result.fail("the input's shape is not known")
-            attributes = shape.producer().attributes
-            dims = list(x.shape)[attributes.get_int("start", 0):attributes.get_int("end", None)]
-            k = int(k.numpy())
-            if not -len(dims) <= k < len(dims) or not isinstance(dims[k], int):
-                return result.fail("a dynamic dimension")
-            self._value = dims[k]
-            return result
+            if context.root.attributes.get_int("axis", 0) != 0:
+                return result.fail("not a Gather on axis 0")
+            return result if dimension(x, index, shape) is not None else result.fail("not a known dimension")
 
         def rewrite(self, op, x, index, shape, **_):
-            return op.Constant(value=ir.tensor(np.array(self._value, dtype=np.int64)))
+            return op.Constant(value=ir.tensor(np.array(dimension(x, index, shape), dtype=np.int64)))
 
-    return StaticDimension.rule()
+    # the Shape may feed other nodes too (several Gathers of one shape): keep it, unused nodes are removed after
+    return StaticDimension.rule(remove_nodes=False)
 
 
 @contextlib.contextmanager

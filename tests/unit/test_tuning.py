@@ -119,6 +119,36 @@ def test_the_tracing_exporter_refuses_data_dependent_control_flow(tmp_path):
     assert backends.onnx_exported(pair(ConvEncoder()), tmp_path, "torchscript")
 
 
+class SamePaddingEncoder(ConvEncoder):
+    """TensorFlow-"same" padding at stride 2 (timm's ``Conv2dSame``, as in EfficientNet-Lite0): the padding is worked
+    out from the input's height and width when it runs, so a trace records it as shape arithmetic and a ``Pad``."""
+
+    identity = "test-same-padding-32px-v1"
+
+    def __init__(self) -> None:
+        from timm.layers import create_conv2d
+
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(create_conv2d(3, 8, 3, stride=2, padding="same"), torch.nn.BatchNorm2d(8),
+                                         torch.nn.ReLU(), create_conv2d(8, 8, 3, stride=2, padding="same", depthwise=True),
+                                         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+
+
+def test_the_traced_graph_is_folded_into_the_convolutions(tmp_path):
+    """The trace's run-time padding arithmetic is folded into the convolutions (no Pad, Shape or Gather left) and the
+    folded graph kept: its features are the plain trace's to the bit (the export's own check)."""
+    import onnx
+
+    encoder = pair(SamePaddingEncoder())
+    assert not backends.trace_folded(encoder, tmp_path)  # nothing exported yet
+    path, record = backends.export_onnx(encoder, tmp_path, "torchscript")
+    fold = record["fold"]
+    assert record["ok"] and fold["kept"] and fold["nodes_after"] < fold["nodes_before"] and fold["rounds"] >= 2, fold
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert "Conv" in ops and not ops & {"Pad", "Shape", "Gather"}, ops
+    assert backends.trace_folded(encoder, tmp_path)  # what the probe reads to expect less of the dynamo export
+
+
 def test_the_probe_is_budgeted_by_the_work_ahead(tmp_path):
     """A small run does not pay for a slow export or a long batch walk; the real images ahead are what is timed; the
     budget and what it left out are remembered with the verdict."""
