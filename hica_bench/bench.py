@@ -24,9 +24,12 @@ dataset through the plugin registry exactly as the CLI does (all workers at once
 once, undisturbed, and is remembered under the cache folder for the others and later runs. Then the
 workers measure *in turns*: each repeat, each variant once, one at a time, so load from other processes hits
 all alike; ratios to naive are taken per repeat (pairwise) and the report has their medians with min and max.
-Every timed segment (a variant's passes, the harness's extraction, its raw forward before and after) follows
-``--warmup`` untimed passes of its own forward: a worker resumes after the others measured, and its first pass
-then runs cold (version 2 warmed up once at set-up, so the extraction ran cold and the raw forward after it warm).
+A worker resumes cold after the others measured, so every variant's timed passes follow ``--warmup`` untimed passes
+of its own forward; the harness times its raw forward (after the warm-up), then its extraction, then its raw forward
+again (after the warm-up), and its overhead line divides by the mean of the two (version 2 warmed up once at set-up,
+so the extraction ran cold and the raw forward after it warm). Its extraction so starts warmer than the other
+variants' timed passes: a raw forward ran a median 2.7 % faster after an extraction than before it (5 repeats of one
+bench run; 3.5 % over 14 in one process), which bounds what this adds to the harness's ratio to naive.
 All variants see the same ``--images`` N images of the split; the raw variants time ceil(N / batch) forward
 passes of a batch made of those images.
 
@@ -58,7 +61,7 @@ import numpy as np
 
 from hica_bench.errors import UserError
 
-BENCH_VERSION = 3  #: 3: a warm-up before every timed segment; the overhead line's raw forward before and after
+BENCH_VERSION = 3  #: 3: a warm-up before each timed pass series; the overhead line's raw forward before and after
 VARIANTS = ("naive", "eager-tuned", "onnxruntime", "harness")
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 #: images whose features every variant compares with naive eager's
@@ -534,9 +537,9 @@ class _Variant:
 
     def _harness(self, repeat: int) -> dict[str, Any]:
         """One extraction of the images into a fresh feature cache through the service, as ``run`` does, with its
-        stages, bracketed by the raw forward alone: before it and after it (their mean is the overhead line's raw
-        rate, so a drift of the machine's speed during the repeat falls on both sides alike). Each timed segment
-        follows the same untimed warm-up passes: the extraction does not start cold while the raw forward runs warm."""
+        stages, bracketed by the raw forward alone: before it and after it, each after the warm-up passes (their mean
+        is the overhead line's raw rate, so a drift of the machine's speed during the repeat falls on both sides
+        alike, and the extraction does not start cold while its yardstick runs warm)."""
         import torch
 
         from hica_bench.data import preprocess
