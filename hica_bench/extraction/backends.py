@@ -119,7 +119,8 @@ def export_record(pair: EncoderPair, cache_dir: Path, exporter: str = "dynamo") 
 
 
 def trace_folded(pair: EncoderPair, cache_dir: Path) -> bool:
-    """Whether this encoder's torchscript export sits in ``cache_dir`` with its shape arithmetic folded (:func:`_fold_trace`)."""
+    """Whether this encoder's torchscript export sits in ``cache_dir`` with its shape arithmetic folded
+    (:func:`_fold_trace`)."""
     record = export_record(pair, cache_dir, "torchscript") or {}
     return bool(record.get("ok") and (record.get("fold") or {}).get("kept"))
 
@@ -295,7 +296,8 @@ def _folded(path: Path, to: Path) -> tuple[Any, int, int]:
     rules = rewriter.RewriteRuleSet([_static_dimension_rule(), common.normalize_pad_format_conv_rule,
                                      common.fuse_pad_into_conv_rule])
     rounds = 0
-    for rounds in range(1, MAX_FOLD_ROUNDS + 1):  # a fused pad gives the next chain its input's shape, the rule its dims
+    # a fused pad gives the next chain its input's shape, and the rule its dimensions
+    for rounds in range(1, MAX_FOLD_ROUNDS + 1):
         count = len(model.graph)
         folded = optimizer.fold_constants_ir(model, onnx_shape_inference=True, should_fold=_small_fill).modified
         rewritten = rewriter.RewritePass(rules)(model).modified
