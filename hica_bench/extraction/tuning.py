@@ -378,7 +378,8 @@ class _Probe:
     def export_not_worth_it(self, exporter: str, best_rate: float, first_rate: float) -> str | None:
         """Why an ONNX export should not be tried for this run (None: try it). It is tried when already cached, or
         when its expected saving on the work ahead (:data:`ONNX_GAIN_PRIOR` over the best rate so far; for ``dynamo``
-        :data:`DYNAMO_GAIN_OVER_A_FOLDED_TRACE` where the trace was folded) exceeds its expected cost: :data:`TORCHSCRIPT_EXPORT_BATCHES` forward batches at the first rate for ``torchscript``,
+        :data:`DYNAMO_GAIN_OVER_A_FOLDED_TRACE` where the trace was folded) exceeds its expected cost:
+        :data:`TORCHSCRIPT_EXPORT_BATCHES` forward batches at the first rate for ``torchscript``,
         :data:`DYNAMO_EXPORT_PRIOR_S` for ``dynamo``."""
         if self.work is None or onnx_exported(self.pair, self.cache_dir, exporter):
             return None

@@ -45,7 +45,10 @@ def test_the_traced_export_of_the_default_encoder_is_folded_and_keeps_its_featur
     """The torchscript export's shape arithmetic is folded and its pads fused into the convolutions (no Pad, Shape or
     Gather left: what kept ONNX Runtime from running it as fast as the dynamo graph), and on real images at a dynamic
     batch it gives the plain trace's features to the bit, so its feature identity stands."""
+    import warnings
+
     import onnx
+    import onnxruntime
     from hica_bench_encoders.timm_encoders import effnet_lite0_minilm
 
     encoders = effnet_lite0_minilm("cpu")
@@ -54,9 +57,6 @@ def test_the_traced_export_of_the_default_encoder_is_folded_and_keeps_its_featur
     assert record["fold"]["nodes_after"] < record["fold"]["nodes_before"]
     ops = {node.op_type for node in onnx.load(path).graph.node}
     assert "Conv" in ops and not ops & {"Pad", "Shape", "Gather"}, ops
-    import warnings
-
-    import onnxruntime
 
     class Encode(torch.nn.Module):  # the plain trace, as torch.onnx.export makes it
         def __init__(self) -> None:
