@@ -527,10 +527,14 @@ class _Variant:
 
         return sum(forward_seconds(self.forward, self.batch, self.device, iterations=passes))
 
+    def _warm_raw(self) -> float:
+        """Seconds of the timed passes of a repeat, after ``--warmup`` untimed ones."""
+        self._raw(self.job["warmup"])
+        return self._raw(self.passes)
+
     def measure(self, repeat: int) -> dict[str, Any]:
         if self.variant != "harness":
-            self._raw(self.job["warmup"])
-            seconds = self._raw(self.passes)
+            seconds = self._warm_raw()
             images = self.passes * len(self.batch)
             return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
         return self._harness(repeat)
@@ -561,8 +565,7 @@ class _Variant:
         n = len(self.images)
         with tempfile.TemporaryDirectory(prefix=f"harness-{repeat}-", dir=self.job["scratch"]) as tmp:
             extractor = FeatureExtractor(self.pair, Path(tmp), settings=s, forward=timed, reference=False)
-            self._raw(self.job["warmup"])
-            raw_s = self._raw(self.passes)
+            raw_s = self._warm_raw()
             self._sync()
             start = time.perf_counter()
             features, extraction = extractor.features(self.subset, self.job["split"])
@@ -580,9 +583,7 @@ class _Variant:
             start = time.perf_counter()
             FeatureCache(Path(tmp)).put("stage-timing", features, {"bench": "cache-write"})
             cache_write_s = time.perf_counter() - start
-        self._raw(self.job["warmup"])
-        after_s = self._raw(self.passes)
-        raw_s = (raw_s + after_s) / 2
+        raw_s = (raw_s + self._warm_raw()) / 2
         return {"images": n, "seconds": total, "images_per_s": n / total,
                 "recorded_images_per_s": n / extraction.seconds,  # as results record it: without the cache write
                 "raw_images_per_s": self.passes * len(self.batch) / raw_s,

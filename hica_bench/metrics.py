@@ -22,10 +22,17 @@ METRICS = Metrics.names()  #: every metric a result records
 HEADLINE = ("acc", "auc")  #: the ones leaderboards and ``hica-bench check`` compare
 
 
+def _sklearn_metrics():
+    """``sklearn.metrics``, imported (the first time) with the collector paused (hica_bench.startup)."""
+    with collection_paused():
+        import sklearn.metrics
+
+    return sklearn.metrics
+
+
 def classification_metrics(labels: np.ndarray, proba: np.ndarray, diagram: Calibration | None = None) -> Metrics:
     """The metrics of ``proba`` against ``labels``; ``diagram``: their :func:`calibration`, when already computed."""
-    with collection_paused():  # scikit-learn's import, the first time (hica_bench.startup)
-        from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+    sk = _sklearn_metrics()
 
     n_classes = proba.shape[1]
     predicted = proba.argmax(axis=1)
@@ -33,14 +40,14 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray, diagram: Calib
     if len(present) < 2:
         auc = float("nan")  # undefined with one class in the evaluated labels
     elif n_classes == 2:
-        auc = roc_auc_score(labels, proba[:, 1])
+        auc = sk.roc_auc_score(labels, proba[:, 1])
     else:
-        auc = roc_auc_score(labels, proba, multi_class="ovr", average="macro", labels=np.arange(n_classes))
+        auc = sk.roc_auc_score(labels, proba, multi_class="ovr", average="macro", labels=np.arange(n_classes))
     return Metrics(
-        acc=float(accuracy_score(labels, predicted)),
+        acc=float(sk.accuracy_score(labels, predicted)),
         auc=float(auc),
-        f1_macro=float(f1_score(labels, predicted, average="macro", labels=np.arange(n_classes), zero_division=0)),
-        balanced_acc=float(balanced_accuracy_score(labels, predicted)),
+        f1_macro=float(sk.f1_score(labels, predicted, average="macro", labels=np.arange(n_classes), zero_division=0)),
+        balanced_acc=float(sk.balanced_accuracy_score(labels, predicted)),
         ece=expected_calibration_error(diagram if diagram is not None else calibration(labels, proba)),
     )
 
@@ -51,22 +58,20 @@ def multilabel_metrics(labels: np.ndarray, scores: np.ndarray, names: list[str])
     :class:`Metrics` hold their means over the labels (``auc``: mean AUC, as ChestMNIST's Evaluator; ``acc`` and
     ``balanced_acc``: the per-label accuracies at the 0.5 threshold, averaged; ``f1_macro``: scikit-learn's macro F1
     over labels; no ECE), the :class:`MultiLabelScore` the per-label values and mean AP."""
-    with collection_paused():
-        from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, f1_score,
-                                     roc_auc_score)
+    sk = _sklearn_metrics()
 
     labels = np.asarray(labels).astype(np.int64)
     predicted = (scores >= 0.5).astype(np.int64)
     auc, ap, accs, balanced = [], [], [], []
     for j in range(labels.shape[1]):
         both = len(np.unique(labels[:, j])) == 2
-        auc.append(float(roc_auc_score(labels[:, j], scores[:, j])) if both else None)
-        ap.append(float(average_precision_score(labels[:, j], scores[:, j])) if both else None)
-        accs.append(float(accuracy_score(labels[:, j], predicted[:, j])))
-        balanced.append(float(balanced_accuracy_score(labels[:, j], predicted[:, j])) if both else accs[-1])
+        auc.append(float(sk.roc_auc_score(labels[:, j], scores[:, j])) if both else None)
+        ap.append(float(sk.average_precision_score(labels[:, j], scores[:, j])) if both else None)
+        accs.append(float(sk.accuracy_score(labels[:, j], predicted[:, j])))
+        balanced.append(float(sk.balanced_accuracy_score(labels[:, j], predicted[:, j])) if both else accs[-1])
     mean = lambda values: float(np.mean([v for v in values if v is not None])) if any(v is not None for v in values) else float("nan")  # noqa: E731
     metrics = Metrics(acc=float(np.mean(accs)), auc=mean(auc),
-                      f1_macro=float(f1_score(labels, predicted, average="macro", zero_division=0)),
+                      f1_macro=float(sk.f1_score(labels, predicted, average="macro", zero_division=0)),
                       balanced_acc=float(np.mean(balanced)), ece=None)
     return metrics, MultiLabelScore(list(names), auc, ap, [int(v) for v in labels.sum(axis=0)], mean(auc), mean(ap))
 
@@ -98,13 +103,12 @@ def expected_calibration_error(diagram: Calibration) -> float:
 def per_class(labels: np.ndarray, proba: np.ndarray) -> PerClass:
     """Recall and precision of each class (0 where a class is never predicted or never present) and the confusion
     matrix, rows = true class, columns = predicted class (scikit-learn)."""
-    with collection_paused():
-        from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    sk = _sklearn_metrics()
 
     classes = np.arange(proba.shape[1])
     predicted = proba.argmax(axis=1)
-    precision, recall, _, _ = precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)
-    confusion = confusion_matrix(labels, predicted, labels=classes)
+    precision, recall, _, _ = sk.precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)
+    confusion = sk.confusion_matrix(labels, predicted, labels=classes)
     return PerClass([float(v) for v in recall], [float(v) for v in precision], confusion.astype(int).tolist())
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from hica_bench.errors import UserError
 from hica_bench.interfaces import EncoderCard, EncoderPair, InputSpec, PluginSpec
 from hica_bench.files import digest, file_sha256_soon, file_version, remember, remembered
-from hica_bench_encoders.torchvision_import import import_torchvision
+from hica_bench_encoders.torchvision_import import forget_package, import_torchvision
 from hica_bench_encoders.weights import (filled_by_strict_load, first_line, hub_file, local_file, seeded,
                                          state_dict_sha256)
 
@@ -74,8 +74,7 @@ def _import_open_clip() -> Any:
     try:
         importlib.import_module("open_clip")
     except Exception:  # (ImportError; ValueError from a find_spec of a hidden name) import it whole instead
-        for module in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
-            del sys.modules[module]
+        forget_package("open_clip")
         for name in hidden:
             if name in sys.modules and sys.modules[name] is None:
                 del sys.modules[name]

@@ -51,13 +51,19 @@ def import_torchvision() -> Any:
             return importlib.import_module("torchvision")
         except ImportError:  # it needed a submodule of torch._dynamo: import it plainly
             _remove(package, utils)
-            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-                del sys.modules[name]
+            forget_package("torchvision")
             return importlib.import_module("torchvision")
         finally:
             _remove(package, utils)
             if torch.__dict__.get("_dynamo") is package:  # a guard: the import system binds no attribute for a module
                 del torch._dynamo  # it finds in sys.modules, so the placeholder should never be torch._dynamo
+
+
+def forget_package(name: str) -> None:
+    """Drop package ``name`` and its submodules from ``sys.modules`` (a half-imported package, before importing it
+    again another way)."""
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[module]
 
 
 def _remove(*placeholders: types.ModuleType) -> None:
