@@ -118,13 +118,6 @@ def export_record(pair: EncoderPair, cache_dir: Path, exporter: str = "dynamo") 
     return record if isinstance(record, dict) else None
 
 
-def trace_folded(pair: EncoderPair, cache_dir: Path) -> bool:
-    """Whether this encoder's torchscript export sits in ``cache_dir`` with its shape arithmetic folded
-    (:func:`_fold_trace`)."""
-    record = export_record(pair, cache_dir, "torchscript") or {}
-    return bool(record.get("ok") and (record.get("fold") or {}).get("kept"))
-
-
 def onnx_exported(pair: EncoderPair, cache_dir: Path, exporter: str = "dynamo") -> bool:
     """Whether this encoder's export already sits, checked, in ``cache_dir`` (then trying it costs no export)."""
     return bool((export_record(pair, cache_dir, exporter) or {}).get("ok"))
