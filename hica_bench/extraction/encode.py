@@ -6,6 +6,8 @@ Only :class:`hica_bench.extraction.FeatureExtractor` calls :func:`encode_images`
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
@@ -41,12 +43,12 @@ def encode_images(
     ``first``: the first batch's features, already computed with this very forward and batch (the settings probe
     times real batches and hands its winner's over), so that batch is not encoded again.
 
-    One background thread reads and preprocesses the next batch while ``forward`` runs on the current one, into
-    one of two sets of kept buffers (no ~10 MB allocation per batch). On 2 cores preprocessing cannot hide behind an
-    engine that uses both: its CPU time is the harness's cost. With preprocessing 4x cheaper and its buffers kept,
-    the loop ran 0.95-0.96 of the raw ONNX Runtime forward's images/s (in-process, 384 BreastMNIST images, batch 16,
-    8 rounds in turns; 0.90 before). ``on_batch`` is called
-    after each batch, in this thread, once that prefetch has finished, so it never overlaps with it."""
+    One background thread (the process's, kept between calls: :func:`_preprocessing_thread`) reads and preprocesses
+    the next batch while ``forward`` runs on the current one, into one of two sets of kept buffers (no ~10 MB
+    allocation per batch). On 2 cores preprocessing cannot hide behind an engine that uses both: its CPU time is the
+    harness's cost. With preprocessing 4x cheaper and its buffers kept, the loop ran 0.95-0.96 of the raw ONNX Runtime
+    forward's images/s (in-process, 384 BreastMNIST images, batch 16, 8 rounds in turns; 0.90 before). ``on_batch``
+    is called after each batch, in this thread, once that prefetch has finished, so it never overlaps with it."""
     import torch
 
     forward = forward or eager_forward(encoder, device, precision(device, amp))
@@ -69,7 +71,8 @@ def encode_images(
         out[:done] = first
         if on_batch:
             on_batch(done)
-    with torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="hica-bench-preprocess") as pool:
+    pool = _preprocessing_thread()
+    with torch.inference_mode():
         pending = pool.submit(load, done) if done < len(images) else None
         for start in range(done, len(images), batch_size):
             batch = pending.result()
@@ -82,6 +85,26 @@ def encode_images(
                     wait([pending])
                 on_batch(len(batch))
     return out
+
+
+_PREPROCESSING: list[ThreadPoolExecutor] = []  #: the process's preprocessing thread, once started
+_PREPROCESSING_LOCK = threading.Lock()
+
+
+def _preprocessing_thread() -> ThreadPoolExecutor:
+    """The one background thread that preprocesses batches for :func:`encode_images`, started on first use and kept
+    for the process: a new thread's first torch operation starts a team of OpenMP workers of its own (7.4 ms for the
+    first 8-image resize on 2 cores, against 0.5 ms on a thread that has run one before), which a thread per call paid
+    for every split (and every chunk of a volume split). Calls from several threads share it: their batches are
+    prepared in turn, each into its own call's buffers. A forked child starts a new one (the parent's thread does
+    not exist there)."""
+    with _PREPROCESSING_LOCK:
+        if not _PREPROCESSING:
+            _PREPROCESSING.append(ThreadPoolExecutor(1, thread_name_prefix="hica-bench-preprocess"))
+        return _PREPROCESSING[0]
+
+
+os.register_at_fork(after_in_child=_PREPROCESSING.clear)
 
 
 def forward_seconds(forward: Forward, batch, device: str, iterations: int, warmup: int = 0,

@@ -116,3 +116,45 @@ def test_cached_texts_are_served_exactly_and_a_copy_is_the_encoders_own(tmp_path
     assert isinstance(copied, testing.ToyTextEncoder) and copied is not frozen
     assert type(pickle.loads(pickle.dumps(lazy.text))) is testing.ToyTextEncoder
     assert lazy.text.identity == frozen.identity and lazy.text.embed_dim == frozen.embed_dim
+
+
+def test_batches_are_prepared_on_one_kept_thread_and_a_forked_child_starts_its_own(medmnist_root, tmp_path):
+    """The background thread that prepares batches is started once per process and kept (a new thread's first torch
+    operation starts an OpenMP team of its own: ~7 ms per split on 2 cores); a forked child, where the parent's thread
+    does not exist, starts its own instead of waiting on it forever."""
+    import os
+    import signal
+    import threading
+    import time
+
+    images = np.load(medmnist_root / "breastmnist.npz")["test_images"][:40]
+    extractor = FeatureExtractor.plain(_pixels_pair(), batch_size=8)
+    first = extractor.encode(images)
+
+    def preparing() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("hica-bench-preprocess")]
+
+    kept = preparing()
+    assert len(kept) == 1
+    for _ in range(3):
+        np.testing.assert_array_equal(extractor.encode(images), first)
+    assert preparing() == kept
+
+    out = tmp_path / "child.npy"
+    pid = os.fork()
+    if pid == 0:  # the child: encode, save, leave without running the parent's exit handlers
+        code = 1
+        try:
+            np.save(out, extractor.encode(images))
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child's encoding did not finish in 120 s")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    np.testing.assert_array_equal(np.load(out), first)
