@@ -72,18 +72,23 @@ def encode_images(
         if on_batch:
             on_batch(done)
     pool = _preprocessing_thread()
-    with torch.inference_mode():
-        pending = pool.submit(load, done) if done < len(images) else None
-        for start in range(done, len(images), batch_size):
-            batch = pending.result()
-            following = start + batch_size
-            pending = pool.submit(load, following) if following < len(images) else None
-            features = forward(batch)
-            out[start : start + len(batch)] = features.float().cpu().numpy()
-            if on_batch:
-                if pending is not None:
-                    wait([pending])
-                on_batch(len(batch))
+    pending = None
+    try:
+        with torch.inference_mode():
+            pending = pool.submit(load, done) if done < len(images) else None
+            for start in range(done, len(images), batch_size):
+                batch = pending.result()
+                following = start + batch_size
+                pending = pool.submit(load, following) if following < len(images) else None
+                features = forward(batch)
+                out[start : start + len(batch)] = features.float().cpu().numpy()
+                if on_batch:
+                    if pending is not None:
+                        wait([pending])
+                    on_batch(len(batch))
+    finally:  # on an error, the batch being prepared is finished before this returns (nothing runs on behind it)
+        if pending is not None:
+            wait([pending])
     return out
 
 
@@ -104,7 +109,14 @@ def _preprocessing_thread() -> ThreadPoolExecutor:
         return _PREPROCESSING[0]
 
 
-os.register_at_fork(after_in_child=_PREPROCESSING.clear)
+def _forget_preprocessing_thread() -> None:
+    """In a forked child: the parent's thread (and whoever held the lock) is not there; start afresh."""
+    global _PREPROCESSING_LOCK
+    _PREPROCESSING.clear()
+    _PREPROCESSING_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_preprocessing_thread)
 
 
 def forward_seconds(forward: Forward, batch, device: str, iterations: int, warmup: int = 0,
