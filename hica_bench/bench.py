@@ -487,7 +487,7 @@ class _Variant:
             self.ready["tuning"] = {"source": tuned.source, "probe_s": tuned.probe_s, "unavailable": tuned.unavailable,
                                     "path": str(tuned.path) if tuned.path else None}
             if self.settings.backend == "onnxruntime":
-                self.ready["export"] = export_onnx(pair, self.cache_dir)[1]
+                self.ready["export"] = export_onnx(pair, self.cache_dir, self.settings.onnx_exporter)[1]
         self.ready.update(settings=asdict(self.settings), describe=self.settings.describe())
         self.ready["worker"] = {"pid": os.getpid(), THP_ENV: os.environ.get(THP_ENV), "allocator": allocator(),
                                 "torch_threads": torch.get_num_threads()}

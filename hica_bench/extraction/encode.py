@@ -57,7 +57,11 @@ def encode_images(
     # two sets of preprocessing buffers, taken in turns: the batch being encoded and the one being prepared
     buffers: tuple[dict, dict] = ({}, {})
 
+    threads = torch.get_num_threads()  # the kept thread keeps the count it first ran with: give it the caller's
+
     def load(start: int):
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         with torch.inference_mode():
             batch = preprocess(images[start : start + batch_size], encoder.input_spec, device,
                                buffers[(start // batch_size) % 2])

@@ -158,3 +158,40 @@ def test_batches_are_prepared_on_one_kept_thread_and_a_forked_child_starts_its_o
         raise AssertionError("the forked child's encoding did not finish in 120 s")
     assert os.waitstatus_to_exitcode(done[1]) == 0
     np.testing.assert_array_equal(np.load(out), first)
+
+
+def test_the_kept_thread_prepares_with_the_callers_torch_threads(medmnist_root):
+    """A thread keeps the torch thread count it first ran with, so the kept preparing thread is given the caller's
+    on every call (``--threads`` and a probe's choice reach preprocessing as they did with a thread per call)."""
+    import threading
+
+    import torch
+
+    from hica_bench.interfaces import EncoderPair
+
+    class NotingEncoder:
+        """The pixels encoder, noting the torch thread count of each preparing thread that reads its input spec."""
+
+        def __init__(self, inner) -> None:
+            self.inner, self.seen = inner, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        @property
+        def input_spec(self):
+            if threading.current_thread().name.startswith("hica-bench-preprocess"):
+                self.seen.append(torch.get_num_threads())
+            return self.inner.input_spec
+
+    images = np.load(medmnist_root / "breastmnist.npz")["test_images"][:24]
+    encoder = NotingEncoder(_pixels_pair().image)
+    before = torch.get_num_threads()
+    try:
+        for count in (2, 1, 2):
+            torch.set_num_threads(count)
+            encoder.seen.clear()
+            FeatureExtractor.plain(EncoderPair(encoder, None, False), batch_size=8).encode(images)
+            assert encoder.seen and set(encoder.seen) == {count}, (count, encoder.seen)
+    finally:
+        torch.set_num_threads(before)

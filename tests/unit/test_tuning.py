@@ -175,6 +175,27 @@ def test_the_probe_is_budgeted_by_the_work_ahead(tmp_path):
     assert len({p["batch_size"] for p in big.probe}) > 1
 
 
+def test_under_auto_the_dynamo_export_is_timed_wherever_it_is_had_and_the_trace_only_where_it_is_not(tmp_path):
+    """The two exports' features differ in the last bits (the exporter is part of the feature identity): the dynamo
+    graph, the one --backend onnxruntime runs, is timed whenever it is cached or pays for itself, and then the trace is
+    not tried; the trace is timed where the dynamo export was not made (here: a run too short for it)."""
+    images = np.load(write_medmnist_npz(tmp_path / "tiny.npz", n_classes=2, counts=(40, 4, 8)))["train_images"]
+    work = tuning.Work(images, tuning.PROBE_MIN_IMAGES)  # too short a run for either export to pay for itself
+
+    def exporters(choice) -> set:
+        return {p.get("exporter") for p in choice.probe if p["backend"] == "onnxruntime"}
+
+    backends.export_onnx(pair(ConvEncoder()), tmp_path / "dynamo-cached")
+    cached = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "dynamo-cached", work=work)
+    assert exporters(cached) == {"dynamo"}
+    assert "not needed" in cached.unavailable["onnxruntime (torchscript export)"]
+
+    backends.export_onnx(pair(ConvEncoder()), tmp_path / "trace-cached", "torchscript")
+    traced = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "trace-cached", work=work)
+    assert exporters(traced) == {"torchscript"}
+    assert "would not pay for itself" in traced.unavailable["onnxruntime (dynamo export)"]
+
+
 def test_the_probes_winner_hands_over_the_first_batch_it_encoded(tmp_path):
     """The probe times real batches of the run's first split; the winner's features of the first batch are kept and
     the extraction does not encode that batch again. They must be the very bits the extraction would compute."""
