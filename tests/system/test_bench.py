@@ -72,6 +72,8 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
     overhead = harness["overhead_ratio"]["per_repeat"]
     assert overhead == [h / r for h, r in zip(harness["images_per_s"]["per_repeat"], harness["raw_images_per_s"]["per_repeat"])]
     stages = harness["stage_seconds"]
+    inside = harness["forward_ratio"]["per_repeat"]  # the forward calls alone, inside the extraction, against raw
+    assert len(inside) == len(overhead) and all(i >= o for i, o in zip(inside, overhead))
     assert stages["total"] > 0 and stages["preprocess"] > 0 and stages["cache_write"] > 0 and stages["forward"] > 0
     assert harness["recorded_images_per_s"] > 0
 
