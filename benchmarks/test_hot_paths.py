@@ -96,9 +96,8 @@ def test_small_grid(benchmark, registry, medmnist_root, cache_dir, tmp_path):
 
 
 def test_encoder_loop_against_its_raw_forward(breastmnist, encoders, cache_dir):
-    """The harness's encoder loop (``encode_images``: a prefetch thread preprocessing the next batch; ``serial``: each
-    batch preprocessed just before its forward, what the harness does where ONNX Runtime fills every CPU) against the
-    raw forward of one preprocessed batch, and against the same batches preprocessed beforehand (the loop without
+    """The harness's encoder loop (``encode_images``: a prefetch thread preprocessing the next batch) against the raw
+    forward of one preprocessed batch, and against the same batches preprocessed beforehand (the loop without
     preprocessing), on ONNX Runtime (dynamo export, batch 16, 2 threads), 384 BreastMNIST images, 8 rounds in turns in
     this process; ratios of images/s per round, reported (issue 35, target 1: the loop ≥ 0.95 of the raw forward)."""
     import statistics
@@ -123,15 +122,13 @@ def test_encoder_loop_against_its_raw_forward(breastmnist, encoders, cache_dir):
         work()
         return len(images) / (time.perf_counter() - start)
 
-    rounds = {"raw": [], "loop": [], "serial": [], "prepared": []}
+    rounds = {"raw": [], "loop": [], "prepared": []}
     for _ in range(8):
         rounds["raw"].append(rate(lambda: [forward(batches[0]) for _ in batches]))
         rounds["loop"].append(rate(lambda: encode_images(images, encoders.image, "cpu", BATCH, forward=forward)))
-        rounds["serial"].append(rate(lambda: encode_images(images, encoders.image, "cpu", BATCH, forward=forward,
-                                                           prefetch=False)))
         rounds["prepared"].append(rate(lambda: [forward(b).numpy() for b in batches]))
     lines = [f"raw forward {statistics.median(rounds['raw']):.1f} img/s"]
-    for name in ("loop", "serial", "prepared"):
+    for name in ("loop", "prepared"):
         ratios = [b / a for a, b in zip(rounds["raw"], rounds[name])]
         lines.append(f"{name} {statistics.median(rounds[name]):.1f} img/s = {statistics.median(ratios):.3f}x raw "
                      f"({min(ratios):.3f}-{max(ratios):.3f})")

@@ -287,15 +287,13 @@ def bench(
             inside = [r["images"] / r["stages"]["forward"] / raw_rate for r, raw_rate in zip(runs[variant], raw)]
             stages = {name: float(np.median([r["stages"][name] for r in runs[variant]]))
                       for name in ("total", "preprocess", "forward", "cache_write")}
-            # preprocessing runs beside the forward in a background thread, or just before each forward where ONNX
-            # Runtime fills every CPU (FeatureExtractor.prefetch; then it is part of "other"): it is timed on its own
-            # after the extraction and is not subtracted from the total
+            # preprocessing runs in a background thread, overlapped with the forward (encode.encode_images), so
+            # it is timed on its own after the extraction and is not subtracted from the total
             stages["other"] = stages["total"] - stages["forward"] - stages["cache_write"]
             entry.update({
                 "raw_images_per_s": _spread(raw),  #: its own forward on a preprocessed batch, same worker, before and after
                 "overhead_ratio": _spread(overhead),  #: harness ÷ raw, per repeat
                 "forward_ratio": _spread(inside),  #: the harness's forward calls' images/s ÷ raw, per repeat
-                "prefetch": runs[variant][0]["prefetch"],  #: the next batch prepared beside the forward (else before it)
                 "recorded_images_per_s": float(np.median([r["recorded_images_per_s"] for r in runs[variant]])),
                 "stage_seconds": stages,
             })
@@ -377,10 +375,8 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     console.print(f"harness overhead: harness / raw forward of the same settings {overhead['median']:.3f} "
                   f"({overhead['min']:.3f} – {overhead['max']:.3f}); seconds per repeat (median): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "preprocess")
-                  + f"; preprocessing {stages['preprocess']:.2f} s alone, "
-                  + ("overlapped with the forward in the harness" if harness["prefetch"]
-                     else "before each forward in the harness (ONNX Runtime on every CPU)")
-                  + f", whose forward calls ran at {harness['forward_ratio']['median']:.3f} of the raw forward's rate",
+                  + f"; preprocessing {stages['preprocess']:.2f} s alone, overlapped with the forward in the harness, "
+                  f"whose forward calls ran at {harness['forward_ratio']['median']:.3f} of the raw forward's rate",
                   markup=False, highlight=False)
     console.print("peak RSS per worker: " + ", ".join(f"{name} {entry['peak_rss_mb']:.0f} MiB" for name, entry in variants.items()
                                                       if entry["available"]), markup=False, highlight=False)
@@ -593,7 +589,7 @@ class _Variant:
             FeatureCache(Path(tmp)).put("stage-timing", features, {"bench": "cache-write"})
             cache_write_s = time.perf_counter() - start
         raw_s = (raw_s + self._warm_raw()) / 2
-        return {"images": n, "seconds": total, "images_per_s": n / total, "prefetch": extractor.prefetch,
+        return {"images": n, "seconds": total, "images_per_s": n / total,
                 "recorded_images_per_s": n / extraction.seconds,  # as results record it: without the cache write
                 "raw_images_per_s": self.passes * len(self.batch) / raw_s,
                 "stages": {"total": total, "preprocess": preprocess_s, "forward": forward_s, "cache_write": cache_write_s}}

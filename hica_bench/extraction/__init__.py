@@ -37,8 +37,7 @@ from hica_bench.errors import UserError
 from hica_bench.extraction.backends import Forward
 from hica_bench.extraction.cache import FeatureCache
 from hica_bench.extraction.encode import REFERENCE_MIN_IMAGES, CpuContention, ReferenceProbe, encode_images, precision
-from hica_bench.extraction.tuning import (ExtractionSettings, Requested, Tuning, Work, allocator, build_forward, choose,
-                                          usable_cpus)
+from hica_bench.extraction.tuning import ExtractionSettings, Requested, Tuning, Work, allocator, build_forward, choose
 from hica_bench.interfaces import EncoderPair, FewShotDataset
 
 __all__ = ["FeatureExtractor", "FeatureIdentity", "ExtractionRecord", "ExtractionSettings", "Requested", "Tuning", "Work"]
@@ -181,15 +180,7 @@ class FeatureExtractor:
         first batch's features, when already computed with these settings."""
         settings = self.settings
         return encode_images(images, self.pair.image, self.pair.device, settings.batch_size,
-                             amp=settings.precision != "fp32", on_batch=on_batch, forward=self.forward(), first=first,
-                             prefetch=self.prefetch)
-
-    @property
-    def prefetch(self) -> bool:
-        """Whether the next batch is prepared beside the forward (:func:`.encode.encode_images`): not where ONNX Runtime
-        runs on every CPU this process has, whose threads lose more to it than preparing each batch before its forward
-        takes."""
-        return not (self.settings.backend == "onnxruntime" and self.settings.threads >= usable_cpus())
+                             amp=settings.precision != "fp32", on_batch=on_batch, forward=self.forward(), first=first)
 
     def features(self, dataset: FewShotDataset, split: str, on_batch: Callable[[int], None] | None = None,
                  rows: int | None = None, compute: bool = True) -> tuple[np.ndarray, ExtractionRecord]:

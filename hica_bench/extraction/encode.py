@@ -37,7 +37,6 @@ def encode_images(
     on_batch: Callable[[int], None] | None = None,
     forward: Forward | None = None,
     first: np.ndarray | None = None,
-    prefetch: bool = True,
 ) -> np.ndarray:
     """(N, H, W[, 3]) uint8, possibly memory-mapped -> (N, D) float32, reading ``batch_size`` images at a time.
     ``forward`` runs the encoder (see :mod:`hica_bench.extraction.backends`); default: eager ``encoder.encode``.
@@ -49,16 +48,7 @@ def encode_images(
     allocation per batch). On 2 cores preprocessing cannot hide behind an engine that uses both: its CPU time is the
     harness's cost. With preprocessing 4x cheaper and its buffers kept, the loop ran 0.95-0.96 of the raw ONNX Runtime
     forward's images/s (in-process, 384 BreastMNIST images, batch 16, 8 rounds in turns; 0.90 before). ``on_batch``
-    is called after each batch, in this thread, once that prefetch has finished, so it never overlaps with it.
-
-    ``prefetch=False``: each batch is prepared in this thread just before its forward (one set of buffers). Where the
-    forward's own threads already fill every core (ONNX Runtime on 2 of 2), overlapping costs more than preparing
-    does: the engine's threads lose more than preprocessing's CPU time to it, by an amount that varies with the
-    scheduler. Measured in one process, in turns (128 BreastMNIST images, batch 8, the dynamo graph, 2 threads,
-    cache write included; four experiments of 14-40 pairs): the serial extraction at 0.956-0.975 of the raw forward's
-    images/s against 0.940-0.948 overlapped, 1.010-1.019x its images/s in three, 0.992x in the shortest. Eager
-    backends were not seen to gain (0.92x, within their noise), so they keep the prefetch
-    (:attr:`hica_bench.extraction.FeatureExtractor.prefetch` decides)."""
+    is called after each batch, in this thread, once that prefetch has finished, so it never overlaps with it."""
     import torch
 
     forward = forward or eager_forward(encoder, device, precision(device, amp))
@@ -74,7 +64,7 @@ def encode_images(
             torch.set_num_threads(threads)
         with torch.inference_mode():
             batch = preprocess(images[start : start + batch_size], encoder.input_spec, device,
-                               buffers[(start // batch_size) % 2 if prefetch else 0])
+                               buffers[(start // batch_size) % 2])
         release_pages(images)  # the batch is copied: unmap the pages read, so RSS does not grow with N
         return batch
 
@@ -85,14 +75,6 @@ def encode_images(
         out[:done] = first
         if on_batch:
             on_batch(done)
-    if not prefetch:
-        with torch.inference_mode():
-            for start in range(done, len(images), batch_size):
-                batch = load(start)
-                out[start : start + len(batch)] = forward(batch).float().cpu().numpy()
-                if on_batch:
-                    on_batch(len(batch))
-        return out
     pool = _preprocessing_thread()
     pending = None
     try:

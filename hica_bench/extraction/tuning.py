@@ -153,11 +153,6 @@ def allocator() -> str:
     return "thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "default"
 
 
-def usable_cpus() -> int:
-    """The logical CPUs this process may run on (its affinity where the platform tells it, else all)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def build_forward(pair: EncoderPair, settings: ExtractionSettings, cache_dir: Path) -> Forward:
     """The forward for ``settings`` (puts the image module in the matching memory format; sets torch threads)."""
     import torch
@@ -219,7 +214,7 @@ def tuning_key(card: EncoderCard, device: str, requested: Requested) -> dict[str
         "onnxruntime": onnxruntime_version(), "cpus": os.cpu_count() or 1, "allocator": allocator(),
         "requested": asdict(requested),
         "threads_env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-        "usable_cpus": usable_cpus(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
 
 

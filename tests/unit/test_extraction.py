@@ -11,12 +11,12 @@ from hica_bench.extraction import FeatureExtractor, Requested
 from hica_bench.registry import load_registry
 
 
-def _pixels_pair(**options):
+def _pixels_pair():
     import sys
 
     sys.path.insert(0, str(TEST_PLUGINS))
     try:
-        return load_registry(["pixel_encoder"]).choose("encoder", "pixels").build(device="cpu", **options)
+        return load_registry(["pixel_encoder"]).choose("encoder", "pixels").build(device="cpu")
     finally:
         sys.path.remove(str(TEST_PLUGINS))
 
@@ -195,30 +195,3 @@ def test_the_kept_thread_prepares_with_the_callers_torch_threads(medmnist_root):
             assert encoder.seen and set(encoder.seen) == {count}, (count, encoder.seen)
     finally:
         torch.set_num_threads(before)
-
-
-def test_batches_prepared_before_each_forward_are_the_same_bits_and_the_service_chooses_when(medmnist_root):
-    """Where ONNX Runtime runs on every CPU the process has, each batch is prepared just before its forward instead of
-    beside it (the engine's threads lose more to a preparing thread than preparing takes); the features are the same
-    bits either way, with or without a first batch handed over. The pixels encoder at 56 px returns its resized,
-    normalised input, so this compares what preprocessing wrote into the kept buffers batch by batch."""
-    import dataclasses
-
-    from hica_bench.extraction.encode import encode_images
-    from hica_bench.extraction.tuning import ExtractionSettings, usable_cpus
-
-    images = np.load(medmnist_root / "breastmnist.npz")["test_images"][:44]  # 5 full batches of 8 and a short one
-    pair = _pixels_pair(side=56)
-    beside = encode_images(images, pair.image, "cpu", 8)
-    before = encode_images(images, pair.image, "cpu", 8, prefetch=False)
-    np.testing.assert_array_equal(before, beside)
-    counted: list[int] = []
-    handed = encode_images(images, pair.image, "cpu", 8, prefetch=False, first=beside[:8], on_batch=counted.append)
-    np.testing.assert_array_equal(handed, beside)
-    assert counted == [8, 8, 8, 8, 8, 4]
-
-    onnx = ExtractionSettings("onnxruntime", 8, False, usable_cpus(), "fp32", False, "default", False, "dynamo")
-    assert not FeatureExtractor(pair, settings=onnx).prefetch  # on every CPU: before each forward
-    assert FeatureExtractor(pair, settings=dataclasses.replace(onnx, backend="eager", exporter=None)).prefetch
-    if usable_cpus() > 1:  # a core left over: beside the forward
-        assert FeatureExtractor(pair, settings=dataclasses.replace(onnx, threads=usable_cpus() - 1)).prefetch
