@@ -6,8 +6,8 @@ Only :class:`hica_bench.extraction.FeatureExtractor` calls :func:`encode_images`
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
@@ -96,31 +96,19 @@ def encode_images(
     return out
 
 
-_PREPROCESSING: list[ThreadPoolExecutor] = []  #: the process's preprocessing thread, once started
-_PREPROCESSING_LOCK = threading.Lock()
-
-
+@functools.cache
 def _preprocessing_thread() -> ThreadPoolExecutor:
     """The one background thread that preprocesses batches for :func:`encode_images`, started on first use and kept
     for the process: a new thread's first torch operation starts a team of OpenMP workers of its own (7.4 ms for the
     first 8-image resize on 2 cores, against 0.5 ms on a thread that has run one before), which a thread per call paid
     for every split (and every chunk of a volume split). Calls from several threads share it: their batches are
-    prepared in turn, each into its own call's buffers. A forked child starts a new one (the parent's thread does
-    not exist there)."""
-    with _PREPROCESSING_LOCK:
-        if not _PREPROCESSING:
-            _PREPROCESSING.append(ThreadPoolExecutor(1, thread_name_prefix="hica-bench-preprocess"))
-        return _PREPROCESSING[0]
+    prepared in turn, each into its own call's buffers (two first calls at the same instant may each start one; the
+    spare ends when its caller drops it). A forked child starts a new one (the parent's thread does not exist
+    there)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="hica-bench-preprocess")
 
 
-def _forget_preprocessing_thread() -> None:
-    """In a forked child: the parent's thread (and whoever held the lock) is not there; start afresh."""
-    global _PREPROCESSING_LOCK
-    _PREPROCESSING.clear()
-    _PREPROCESSING_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_preprocessing_thread)
+os.register_at_fork(after_in_child=_preprocessing_thread.cache_clear)
 
 
 def forward_seconds(forward: Forward, batch, device: str, iterations: int, warmup: int = 0,
