@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
@@ -45,17 +46,19 @@ def encode_images(
 
     One background thread (the process's, kept between calls: :func:`_preprocessing_thread`) reads and preprocesses
     the next batch while ``forward`` runs on the current one, into one of two sets of kept buffers (no ~10 MB
-    allocation per batch). On 2 cores preprocessing cannot hide behind an engine that uses both: its CPU time is the
-    harness's cost. With preprocessing 4x cheaper and its buffers kept, the loop ran 0.95-0.96 of the raw ONNX Runtime
-    forward's images/s (in-process, 384 BreastMNIST images, batch 16, 8 rounds in turns; 0.90 before). ``on_batch``
-    is called after each batch, in this thread, once that prefetch has finished, so it never overlaps with it."""
+    allocation per batch; on the CPU the two sets are kept between calls too: :func:`kept_buffers`). On 2 cores
+    preprocessing cannot hide behind an engine that uses both: its CPU time is the harness's cost. With preprocessing
+    4x cheaper and its buffers kept, the loop ran 0.95-0.96 of the raw ONNX Runtime forward's images/s (in-process,
+    384 BreastMNIST images, batch 16, 8 rounds in turns; 0.90 before). ``on_batch`` is called after each batch, in
+    this thread, once that prefetch has finished, so it never overlaps with it."""
     import torch
 
     forward = forward or eager_forward(encoder, device, precision(device, amp))
     out = np.empty((len(images), encoder.embed_dim), dtype=np.float32)
 
     # two sets of preprocessing buffers, taken in turns: the batch being encoded and the one being prepared
-    buffers: tuple[dict, dict] = ({}, {})
+    shelf = kept_buffers() if str(device).startswith("cpu") else None
+    buffers: tuple[dict, dict] = shelf.take() if shelf is not None else ({}, {})
 
     threads = torch.get_num_threads()  # the kept thread keeps the count it first ran with: give it the caller's
 
@@ -93,6 +96,8 @@ def encode_images(
     finally:  # on an error, the batch being prepared is finished before this returns (nothing runs on behind it)
         if pending is not None:
             wait([pending])
+        if shelf is not None:  # no batch is being prepared into them any more
+            shelf.give_back(buffers)
     return out
 
 
@@ -108,7 +113,49 @@ def _preprocessing_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="hica-bench-preprocess")
 
 
-os.register_at_fork(after_in_child=_preprocessing_thread.cache_clear)
+#: the most bytes of preprocessing buffers (both sets) kept between calls of :func:`encode_images`; larger ones (big
+#: batches of large inputs) are freed when their call ends, as before
+KEPT_BUFFERS_MAX_BYTES = 128 * 2**20
+
+
+class _Shelf:
+    """One pair of preprocessing buffer sets, lent to one call of :func:`encode_images` at a time (a call that finds
+    it lent out starts its own pair, which is kept afterwards if the shelf is empty by then)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: tuple[dict, dict] | None = None
+
+    def take(self) -> tuple[dict, dict]:
+        with self._lock:
+            kept, self._kept = self._kept, None
+        return kept if kept is not None else ({}, {})
+
+    def give_back(self, buffers: tuple[dict, dict]) -> None:
+        size = sum(tensor.untyped_storage().nbytes() for kept in buffers for tensor in kept.values())
+        if size <= KEPT_BUFFERS_MAX_BYTES:
+            with self._lock:
+                if self._kept is None:
+                    self._kept = buffers
+
+
+@functools.cache
+def kept_buffers() -> _Shelf:
+    """The process's preprocessing buffers on the CPU, kept between calls of :func:`encode_images`. A call that
+    allocated its own (~26 MB for batches of 16 grey images at 224 px) page-faulted them in: up to 2,700 page faults
+    per split on the bench's 2-core VM (glibc had handed the last call's blocks back to the system), before the first
+    forward and beside it; ``hica-bench bench``'s time outside the forward calls went from 18-41 ms to 9-12 ms a
+    repeat and the forward calls from 0.950 to 0.970 of the raw forward's rate. CUDA keeps none here: torch's
+    caching allocator already reuses its blocks. A forked child starts empty."""
+    return _Shelf()
+
+
+def _after_fork_in_child() -> None:
+    _preprocessing_thread.cache_clear()
+    kept_buffers.cache_clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def forward_seconds(forward: Forward, batch, device: str, iterations: int, warmup: int = 0,
