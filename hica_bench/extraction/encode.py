@@ -144,9 +144,10 @@ def kept_buffers() -> _Shelf:
     """The process's preprocessing buffers on the CPU, kept between calls of :func:`encode_images`. A call that
     allocated its own (~26 MB for batches of 16 grey images at 224 px) page-faulted them in: up to 2,700 page faults
     per split on the bench's 2-core VM (glibc had handed the last call's blocks back to the system), before the first
-    forward and beside it; ``hica-bench bench``'s time outside the forward calls went from 18-41 ms to 9-12 ms a
-    repeat and the forward calls from 0.950 to 0.970 of the raw forward's rate. CUDA keeps none here: torch's
-    caching allocator already reuses its blocks. A forked child starts empty."""
+    forward and beside it. In ``hica-bench bench`` (medians of four runs before, five after) the harness's time
+    outside its forward calls and cache write went from 20.9 to 12.8 ms a repeat, its forward calls from 0.961 to
+    0.969 of the raw forward's rate (docs/benchmarks.md). CUDA keeps none here: torch's caching allocator already
+    reuses its blocks. A forked child starts empty."""
     return _Shelf()
 
 
