@@ -6,16 +6,16 @@
 batches of the run's images (:class:`Work`; synthetic ones without) for each candidate and keeps the fastest:
 
 1. backend × memory layout (eager NCHW, eager channels-last, ONNX Runtime when installed and exportable) at a middle
-   batch size. ONNX Runtime runs the ``dynamo`` export, the one ``--backend onnxruntime`` runs, whenever that export
-   pays for itself (or is cached); the cheap ``torchscript`` export only where it does not, or cannot be made. The two
-   graphs' features differ in the last bits, so a long run keeps the identity that asking for ONNX Runtime by name
-   gives (and that the committed leaderboards were made with);
+   batch size. Which ONNX export it runs is chosen by the run's size alone (:func:`auto_exporter`), never by
+   timings or by what is cached: the two graphs' features differ in the last bits (the exporter is part of the
+   feature identity), so the same command gives the same features and cell ids on every machine. A run of at least
+   :data:`DYNAMO_MIN_IMAGES` images gets the ``dynamo`` export, the one ``--backend onnxruntime`` runs; a smaller
+   one the cheap ``torchscript`` export; either falls back to the other only where it cannot be made;
 2. batch size for the winner, walking up and down from the middle while the rate improves;
 3. thread count, when the machine offers more than one sensible value (torch's default vs. logical CPUs).
 
 The probe must pay for itself on the run's work (:class:`_Probe`): the first rate prices the work ahead, steps 1-3
-stop at :data:`PROBE_SHARE` of it, an export is tried only when its expected saving exceeds its expected cost, the
-winner's features of the first batch are kept for the extraction, and a run with fewer than
+stop at :data:`PROBE_SHARE` of it (the export the run's size selects is always timed), the winner's features of the first batch are kept for the extraction, and a run with fewer than
 :data:`PROBE_MIN_IMAGES` images to encode does not probe at all (the defaults, not remembered).
 
 The probe's verdict is stored as JSON under ``<cache>/tuning/``, keyed by everything it depends on (encoder
@@ -38,7 +38,7 @@ from typing import Any
 
 from hica_bench.errors import UserError
 from hica_bench.extraction.backends import (BACKENDS, EXPORTERS, BackendUnavailable, Forward, eager_forward, export_onnx,
-                                            onnx_exported, onnx_forward, onnxruntime_version, set_channels_last)
+                                            onnx_forward, onnxruntime_version, set_channels_last)
 from hica_bench.extraction.encode import forward_seconds
 from hica_bench.extraction.encode import precision as compute_precision
 from hica_bench.files import atomic_write, cannot_write, digest, file_lock
@@ -47,8 +47,9 @@ from hica_bench.environment import device_name
 
 #: 2: the key is worked out without torch; the probe is budgeted. 3: under auto the dynamo export is preferred wherever
 #: it pays (verdicts of version 2 chose the trace for the default suite, whose cell ids then differ from the committed
-#: board's: each cache probes once more)
-TUNING_VERSION = 3
+#: board's: each cache probes once more). 4: under auto the export is chosen by the run's size (a version-3 verdict
+#: followed the machine's speed: on a faster VM the default suite's first run chose the trace by a few img/s)
+TUNING_VERSION = 4
 MAX_BATCH = 4096  #: the most images one encoder batch may hold (--batch-size)
 MAX_THREADS = 1024  #: the most CPU threads an encoder may be given (--threads)
 CPU_BATCHES = (8, 16, 32, 64)
@@ -62,16 +63,14 @@ MIN_PROBE_S = 1.5
 #: PROBE_SHARE is worth it only from 480 images. It runs with the defaults (eager, NCHW, batch 16, torch's threads,
 #: or what the user fixed) and remembers nothing, so the next larger run still probes
 PROBE_MIN_IMAGES = int(3 * 16 / PROBE_SHARE)
-#: ONNX exports' costs before they are known, measured on 2 cores: the torchscript export took EfficientNet-Lite0
-#: 2.2-2.5 s with its fold (~5 of its eager batches of 16; open_clip's ViTs are refused by the trace); the dynamo
-#: export 10-15 s, and 11 s for open_clip ViT-B/32
-TORCHSCRIPT_EXPORT_BATCHES = 6
-DYNAMO_EXPORT_PRIOR_S = 15.0
-#: the gain each export is expected to bring over the best eager rate measured before it, kept conservative for
-#: encoders other than those measured (Lite0: the dynamo graph and the folded trace ~2.4x eager channels-last;
-#: ViT-B/32: none); an export is tried when that gain on the work ahead would save more than the export costs, or
-#: when it is already cached
-ONNX_GAIN_PRIOR = {"torchscript": 1.3, "dynamo": 1.4}
+#: under ``--backend auto``, a run encoding at least this many images gets the dynamo export, a smaller one the
+#: torchscript trace (:func:`auto_exporter`). Measured on 2 cores: the trace takes EfficientNet-Lite0 2.2-2.5 s with
+#: its fold (open_clip's ViTs are refused by it), the dynamo export 10-15 s (11 s for open_clip ViT-B/32), both once per
+#: encoder and cache. With a conservative 1.4x gain of the dynamo graph over eager (Lite0: ~2.4x; ViT-B/32: none), a
+#: first run of 2,000 images pays for that export wherever eager encodes below ~40 img/s; every later run gets it free.
+#: A threshold on the size, not on timings: the default suite (6,034 images) has the dynamo graph's identity on
+#: every machine, as its committed board does, and a first try on one small dataset does not wait for that export.
+DYNAMO_MIN_IMAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -204,11 +203,20 @@ def _torch_build() -> dict[str, str]:
     return {"version": version, "build": digest(text, 16)}
 
 
-def tuning_key(card: EncoderCard, device: str, requested: Requested) -> dict[str, Any]:
+def auto_exporter(work: Work | None) -> str:
+    """The ONNX export ``--backend auto`` times for a run of ``work`` (see :data:`DYNAMO_MIN_IMAGES`): ``dynamo`` from
+    that many images on, and without work (a probe on synthetic batches: the export ``--backend onnxruntime`` runs),
+    else ``torchscript``."""
+    return "dynamo" if work is None or work.count >= DYNAMO_MIN_IMAGES else "torchscript"
+
+
+def tuning_key(card: EncoderCard, device: str, requested: Requested, work: Work | None = None) -> dict[str, Any]:
     """Everything a probe's verdict depends on, worked out without importing torch or building the encoder (a run
     whose features are all cached needs neither). torch's default thread count is a function of the thread
-    variables and the CPUs this process may use, so those stand for it."""
+    variables and the CPUs this process may use, so those stand for it; under auto, the export the run's size
+    selects (a small first run's verdict is not a large run's)."""
     return {
+        "exporter": auto_exporter(work) if requested.backend == "auto" else None,
         "version": TUNING_VERSION, "encoder": card.image, "input_spec": repr(card.input_spec),
         "device": device, "device_name": device_name(device), "torch": _torch_build(),
         "onnxruntime": onnxruntime_version(), "cpus": os.cpu_count() or 1, "allocator": allocator(),
@@ -225,7 +233,7 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
     probe step when given. Raises UserError when a backend the user asked for cannot run this encoder."""
     device = pair.device
     cuda = device.startswith("cuda")
-    key = tuning_key(pair.card, device, requested)
+    key = tuning_key(pair.card, device, requested, work)
     path = Path(cache_dir) / "tuning" / f"{digest(key, 20)}.json"
     remembered = _remembered(path)
     if remembered is not None:
@@ -272,9 +280,11 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
     layouts = [requested.channels_last] if requested.channels_last is not None else (
         [False, True] if "image" in pair.modules else [False])
     candidates = [replace(base, backend="eager", channels_last=c) for c in layouts if "eager" in backends]
-    # ONNX Runtime: dynamo first; under auto the trace only where dynamo was not timed (_Probe.export_not_worth_it)
+    # ONNX Runtime: under auto the export the run's size selects, the other only where that one cannot be made
+    # (_Probe.fallback_not_needed); asked for by name, the dynamo export
     if "onnxruntime" in backends:
-        exporters = EXPORTERS if requested.backend == "auto" else ("dynamo",)
+        selected = auto_exporter(work)
+        exporters = (selected, *(e for e in EXPORTERS if e != selected)) if requested.backend == "auto" else ("dynamo",)
         candidates += [replace(base, backend="onnxruntime", channels_last=False, exporter=e) for e in exporters]
     batches = [requested.batch_size] if requested.batch_size else list(CUDA_BATCHES if cuda else CPU_BATCHES)
     cpus = os.cpu_count() or 1
@@ -318,8 +328,8 @@ class _Probe:
     """Times candidate settings on real batches of the run's images (synthetic ones without ``work``) and keeps the
     fastest, spending at most a share of the encoding ahead (:data:`PROBE_SHARE`, at least :data:`MIN_PROBE_S`):
     a first run on a small dataset must not spend longer choosing than encoding. Order: backend × layout at the
-    middle batch size (ONNX Runtime only when its export pays for itself on the work ahead, or is already cached),
-    then the batch size walk, then the thread count; a step that would overrun the budget is skipped and recorded."""
+    middle batch size (ONNX Runtime on the export the run's size selects: :func:`auto_exporter`), then the batch size
+    walk, then the thread count; a step that would overrun the budget is skipped and recorded."""
 
     def __init__(self, pair: EncoderPair, requested: Requested, cache_dir: Path, log, work: Work | None) -> None:
         self.pair, self.requested, self.cache_dir, self.log, self.work = pair, requested, cache_dir, log, work
@@ -379,24 +389,17 @@ class _Probe:
         self.probe[0]["images_per_s"] = round(rate, 2)
         return rate
 
-    def export_not_worth_it(self, exporter: str, best_rate: float, first_rate: float) -> str | None:
-        """Why an ONNX export should not be tried for this run (None: try it). The trace is not tried once the
-        dynamo graph was measured (the same speed for the encoders measured, and the identity ``--backend
-        onnxruntime`` gives). An export is tried when already cached, or when its expected saving on the work ahead
-        (:data:`ONNX_GAIN_PRIOR` over the best eager rate) exceeds its expected cost:
-        :data:`TORCHSCRIPT_EXPORT_BATCHES` forward batches at the first rate for ``torchscript``,
-        :data:`DYNAMO_EXPORT_PRIOR_S` for ``dynamo``."""
-        if exporter == "torchscript" and any(p.get("exporter") == "dynamo" for p in self.probe):
-            return "not needed: the dynamo export, which --backend onnxruntime runs, was made and timed"
-        if self.work is None or onnx_exported(self.pair, self.cache_dir, exporter):
+    def fallback_not_needed(self, exporter: str) -> str | None:
+        """Why the ONNX export ``exporter`` is not tried under auto (None: try it): it is not the one the run's size
+        selects (:func:`auto_exporter`), and that one was made and timed (the fallback is for an encoder it cannot
+        export)."""
+        selected = auto_exporter(self.work)
+        if exporter == selected or not any(p.get("exporter") == selected for p in self.probe):
             return None
-        ahead_s = self.work.count / best_rate
-        saving = ahead_s * (1 - 1 / ONNX_GAIN_PRIOR[exporter])
-        cost = (TORCHSCRIPT_EXPORT_BATCHES * 16 / first_rate if exporter == "torchscript" else DYNAMO_EXPORT_PRIOR_S)
-        if saving > cost:
-            return None
-        return (f"not tried: its export (~{cost:.0f} s) would not pay for itself on this run's {self.work.count} "
-                f"images (~{ahead_s:.0f} s of encoding)")
+        if self.work is None:
+            return f"not needed: the {selected} export, which --backend onnxruntime runs, was made and timed"
+        return (f"not needed: under auto this run's {self.work.count} images select the {selected} export (dynamo from "
+                f"{DYNAMO_MIN_IMAGES} images on), which was made and timed")
 
     def affordable(self, settings: ExtractionSettings, rate: float, what: str) -> bool:
         """Whether timing ``settings`` (three batches at about ``rate``) fits in what is left of the budget."""
@@ -412,20 +415,20 @@ class _Probe:
         cuda = self.device.startswith("cuda")
         middle = 16 if not cuda else 128
         middle = min(batches, key=lambda b: abs(b - middle))
-        best, best_rate, first_rate = None, 0.0, 0.0
+        best, best_rate = None, 0.0
         for candidate in candidates:
             candidate = replace(candidate, batch_size=middle)
             if candidate.backend == "eager" and best is not None and not self.affordable(
                     candidate, best_rate, f"eager {'channels-last' if candidate.channels_last else 'NCHW'}"):
                 continue
-            if candidate.backend == "onnxruntime" and best is not None and self.requested.backend == "auto":
-                why = self.export_not_worth_it(candidate.exporter, best_rate, first_rate)
+            if candidate.backend == "onnxruntime" and self.requested.backend == "auto":
+                why = self.fallback_not_needed(candidate.exporter)
                 if why:
                     unavailable[f"onnxruntime ({candidate.exporter} export)"] = why
                     continue
             try:
                 if best is not None and not self.looked:  # best is the first candidate, timed once so far
-                    best_rate = first_rate = self.second_look(best, best_rate)
+                    best_rate = self.second_look(best, best_rate)
                 rate = self.measure(candidate, repeats=1 if best is None else 2)
             except BackendUnavailable as exc:
                 if self.requested.backend == candidate.backend:
@@ -433,10 +436,8 @@ class _Probe:
                 unavailable[f"onnxruntime ({candidate.onnx_exporter} export)"
                             if candidate.backend == "onnxruntime" else candidate.backend] = str(exc)
                 continue
-            if best is None:  # the first rate prices the work ahead: the budget is a share of it
-                first_rate = rate
-                if self.work is not None:
-                    self.budget_s = max(MIN_PROBE_S, PROBE_SHARE * self.work.count / rate)
+            if best is None and self.work is not None:  # the first rate prices the work ahead: the budget is a share
+                self.budget_s = max(MIN_PROBE_S, PROBE_SHARE * self.work.count / rate)
             if best is None or rate > best_rate * MARGIN:
                 best, best_rate = candidate, rate
         assert best is not None  # eager is always a candidate unless the user asked for onnxruntime alone

@@ -162,7 +162,7 @@ def test_the_probe_is_budgeted_by_the_work_ahead(tmp_path):
     n = tuning.PROBE_MIN_IMAGES
     small = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "a", work=tuning.Work(images, n))
     assert small.budget["work_images"] == n and small.budget["budget_s"] == tuning.MIN_PROBE_S
-    assert f"would not pay for itself on this run's {n} images" in small.unavailable["onnxruntime (dynamo export)"]
+    assert f"this run's {n} images select the torchscript export" in small.unavailable["onnxruntime (dynamo export)"]
     assert all(p.get("exporter") != "dynamo" for p in small.probe)
     assert small.probe_s < tuning.MIN_PROBE_S + 30  # bounded by the budget plus the steps that are never skipped
     remembered = json.loads(small.path.read_text())
@@ -175,25 +175,37 @@ def test_the_probe_is_budgeted_by_the_work_ahead(tmp_path):
     assert len({p["batch_size"] for p in big.probe}) > 1
 
 
-def test_under_auto_the_dynamo_export_is_timed_wherever_it_is_had_and_the_trace_only_where_it_is_not(tmp_path):
-    """The two exports' features differ in the last bits (the exporter is part of the feature identity): the dynamo
-    graph, the one --backend onnxruntime runs, is timed whenever it is cached or pays for itself, and then the trace is
-    not tried; the trace is timed where the dynamo export was not made (here: a run too short for it)."""
+def test_under_auto_the_runs_size_alone_selects_the_export(tmp_path):
+    """The two exports' features differ in the last bits (the exporter is part of the feature identity), so under auto
+    the export is chosen by the run's size, never by timings or by what is cached: the dynamo graph (the one --backend
+    onnxruntime runs) from DYNAMO_MIN_IMAGES images on, the trace below, each even where the other is cached; a small
+    first run's verdict is not a large run's; the other export is tried only where the selected one cannot be made."""
     images = np.load(write_medmnist_npz(tmp_path / "tiny.npz", n_classes=2, counts=(40, 4, 8)))["train_images"]
-    work = tuning.Work(images, tuning.PROBE_MIN_IMAGES)  # too short a run for either export to pay for itself
+    small, large = tuning.Work(images, tuning.DYNAMO_MIN_IMAGES - 1), tuning.Work(images, tuning.DYNAMO_MIN_IMAGES)
+    assert tuning.auto_exporter(small) == "torchscript" and tuning.auto_exporter(large) == "dynamo"
+    assert tuning.auto_exporter(None) == "dynamo"
 
     def exporters(choice) -> set:
         return {p.get("exporter") for p in choice.probe if p["backend"] == "onnxruntime"}
 
     backends.export_onnx(pair(ConvEncoder()), tmp_path / "dynamo-cached")
-    cached = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "dynamo-cached", work=work)
-    assert exporters(cached) == {"dynamo"}
-    assert "not needed" in cached.unavailable["onnxruntime (torchscript export)"]
+    traced = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "dynamo-cached", work=small)
+    assert exporters(traced) == {"torchscript"}
+    assert "select the torchscript export" in traced.unavailable["onnxruntime (dynamo export)"]
+    after = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "dynamo-cached", work=large)
+    assert after.source == "measured" and after.path != traced.path  # not the small run's verdict
+    assert exporters(after) == {"dynamo"}
 
     backends.export_onnx(pair(ConvEncoder()), tmp_path / "trace-cached", "torchscript")
-    traced = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "trace-cached", work=work)
-    assert exporters(traced) == {"torchscript"}
-    assert "would not pay for itself" in traced.unavailable["onnxruntime (dynamo export)"]
+    dynamo = tuning.choose(pair(ConvEncoder()), tuning.Requested(threads=1), tmp_path / "trace-cached", work=large)
+    assert exporters(dynamo) == {"dynamo"}
+    assert "select the dynamo export" in dynamo.unavailable["onnxruntime (torchscript export)"]
+
+    # the trace refuses this encoder's pixel-dependent branch: the dynamo export is tried instead of it
+    refused = tuning.choose(pair(NumpyInsideEncoder()), tuning.Requested(threads=1), tmp_path / "refused", work=small)
+    assert "freeze data-dependent control flow" in refused.unavailable["onnxruntime (torchscript export)"]
+    assert "not needed" not in refused.unavailable.get("onnxruntime (dynamo export)", "")
+    assert exporters(refused) == {"dynamo"} or "onnxruntime (dynamo export)" in refused.unavailable  # tried
 
 
 def test_the_probes_winner_hands_over_the_first_batch_it_encoded(tmp_path):
