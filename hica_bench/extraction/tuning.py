@@ -15,8 +15,9 @@ batches of the run's images (:class:`Work`; synthetic ones without) for each can
 3. thread count, when the machine offers more than one sensible value (torch's default vs. logical CPUs).
 
 The probe must pay for itself on the run's work (:class:`_Probe`): the first rate prices the work ahead, steps 1-3
-stop at :data:`PROBE_SHARE` of it (the export the run's size selects is always timed), the winner's features of the first batch are kept for the extraction, and a run with fewer than
-:data:`PROBE_MIN_IMAGES` images to encode does not probe at all (the defaults, not remembered).
+stop at :data:`PROBE_SHARE` of it (the export the run's size selects is always timed), the winner's features of the
+first batch are kept for the extraction, and a run with fewer than :data:`PROBE_MIN_IMAGES` images to encode does not
+probe at all (the defaults, not remembered).
 
 The probe's verdict is stored as JSON under ``<cache>/tuning/``, keyed by everything it depends on (encoder
 identity, input spec, device and its model, torch's build and ONNX Runtime's version, CPU count and thread
