@@ -6,16 +6,15 @@
 batches of the run's images (:class:`Work`; synthetic ones without) for each candidate and keeps the fastest:
 
 1. backend × memory layout (eager NCHW, eager channels-last, ONNX Runtime when installed and exportable) at a middle
-   batch size. Which ONNX export it runs is chosen by the run's size alone (:func:`auto_exporter`), never by
-   timings or by what is cached: the two graphs' features differ in the last bits (the exporter is part of the
-   feature identity), so the same command gives the same features and cell ids on every machine. A run of at least
-   :data:`DYNAMO_MIN_IMAGES` images gets the ``dynamo`` export, the one ``--backend onnxruntime`` runs; a smaller
-   one the cheap ``torchscript`` export; either falls back to the other only where it cannot be made;
+   batch size. ONNX Runtime runs the ``dynamo`` export, the one ``--backend onnxruntime`` runs, whatever the run's
+   size, its timings or what is cached; the ``torchscript`` export only where the dynamo export cannot be made. The
+   two graphs' features differ in the last bits (the exporter is part of the feature identity), so which export a
+   run gets must not depend on the machine's speed or on the rest of the grid;
 2. batch size for the winner, walking up and down from the middle while the rate improves;
 3. thread count, when the machine offers more than one sensible value (torch's default vs. logical CPUs).
 
 The probe must pay for itself on the run's work (:class:`_Probe`): the first rate prices the work ahead, steps 1-3
-stop at :data:`PROBE_SHARE` of it (the export the run's size selects is always timed), the winner's features of the
+stop at :data:`PROBE_SHARE` of it (the ONNX export is always timed), the winner's features of the
 first batch are kept for the extraction, and a run with fewer than :data:`PROBE_MIN_IMAGES` images to encode does not
 probe at all (the defaults, not remembered).
 
@@ -48,8 +47,8 @@ from hica_bench.environment import device_name
 
 #: 2: the key is worked out without torch; the probe is budgeted. 3: under auto the dynamo export is preferred wherever
 #: it pays (verdicts of version 2 chose the trace for the default suite, whose cell ids then differ from the committed
-#: board's: each cache probes once more). 4: under auto the export is chosen by the run's size (a version-3 verdict
-#: followed the machine's speed: on a faster VM the default suite's first run chose the trace by a few img/s)
+#: board's: each cache probes once more). 4: under auto always the dynamo export (a version-3 verdict followed the
+#: machine's speed: on a faster VM the default suite's first run chose the trace by a few img/s)
 TUNING_VERSION = 4
 MAX_BATCH = 4096  #: the most images one encoder batch may hold (--batch-size)
 MAX_THREADS = 1024  #: the most CPU threads an encoder may be given (--threads)
@@ -64,14 +63,13 @@ MIN_PROBE_S = 1.5
 #: PROBE_SHARE is worth it only from 480 images. It runs with the defaults (eager, NCHW, batch 16, torch's threads,
 #: or what the user fixed) and remembers nothing, so the next larger run still probes
 PROBE_MIN_IMAGES = int(3 * 16 / PROBE_SHARE)
-#: under ``--backend auto``, a run encoding at least this many images gets the dynamo export, a smaller one the
-#: torchscript trace (:func:`auto_exporter`). Measured on 2 cores: the trace takes EfficientNet-Lite0 2.2-2.5 s with
-#: its fold (open_clip's ViTs are refused by it), the dynamo export 10-15 s (11 s for open_clip ViT-B/32), both once per
-#: encoder and cache. With a conservative 1.4x gain of the dynamo graph over eager (Lite0: ~2.4x; ViT-B/32: none), a
-#: first run of 2,000 images pays for that export wherever eager encodes below ~40 img/s; every later run gets it free.
-#: A threshold on the size, not on timings: the default suite (6,034 images) has the dynamo graph's identity on
-#: every machine, as its committed board does, and a first try on one small dataset does not wait for that export.
-DYNAMO_MIN_IMAGES = 2000
+#: the ONNX export ``--backend auto`` times: always the dynamo export (``--backend onnxruntime``'s), the trace only
+#: where that cannot be made. Measured on 2 cores, once per encoder and cache: the dynamo export 10-15 s
+#: (EfficientNet-Lite0; 11 s open_clip ViT-B/32), the trace 2.2-2.5 s with its fold, their graphs equally fast. A
+#: cheaper export for small runs (the trace below 2,000 images, or wherever the dynamo export would not pay for itself
+#: at the measured eager rate) made a dataset's cell ids depend on the rest of the grid or on the machine's speed;
+#: a first run now pays the dynamo export once instead
+AUTO_EXPORTER = "dynamo"
 
 
 @dataclass(frozen=True)
@@ -204,20 +202,11 @@ def _torch_build() -> dict[str, str]:
     return {"version": version, "build": digest(text, 16)}
 
 
-def auto_exporter(work: Work | None) -> str:
-    """The ONNX export ``--backend auto`` times for a run of ``work`` (see :data:`DYNAMO_MIN_IMAGES`): ``dynamo`` from
-    that many images on, and without work (a probe on synthetic batches: the export ``--backend onnxruntime`` runs),
-    else ``torchscript``."""
-    return "dynamo" if work is None or work.count >= DYNAMO_MIN_IMAGES else "torchscript"
-
-
-def tuning_key(card: EncoderCard, device: str, requested: Requested, work: Work | None = None) -> dict[str, Any]:
+def tuning_key(card: EncoderCard, device: str, requested: Requested) -> dict[str, Any]:
     """Everything a probe's verdict depends on, worked out without importing torch or building the encoder (a run
     whose features are all cached needs neither). torch's default thread count is a function of the thread
-    variables and the CPUs this process may use, so those stand for it; under auto, the export the run's size
-    selects (a small first run's verdict is not a large run's)."""
+    variables and the CPUs this process may use, so those stand for it."""
     return {
-        "exporter": auto_exporter(work) if requested.backend == "auto" else None,
         "version": TUNING_VERSION, "encoder": card.image, "input_spec": repr(card.input_spec),
         "device": device, "device_name": device_name(device), "torch": _torch_build(),
         "onnxruntime": onnxruntime_version(), "cpus": os.cpu_count() or 1, "allocator": allocator(),
@@ -234,7 +223,7 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
     probe step when given. Raises UserError when a backend the user asked for cannot run this encoder."""
     device = pair.device
     cuda = device.startswith("cuda")
-    key = tuning_key(pair.card, device, requested, work)
+    key = tuning_key(pair.card, device, requested)
     path = Path(cache_dir) / "tuning" / f"{digest(key, 20)}.json"
     remembered = _remembered(path)
     if remembered is not None:
@@ -281,11 +270,10 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
     layouts = [requested.channels_last] if requested.channels_last is not None else (
         [False, True] if "image" in pair.modules else [False])
     candidates = [replace(base, backend="eager", channels_last=c) for c in layouts if "eager" in backends]
-    # ONNX Runtime: under auto the export the run's size selects, the other only where that one cannot be made
-    # (_Probe.fallback_not_needed); asked for by name, the dynamo export
+    # ONNX Runtime: the dynamo export; under auto the trace only where that one cannot be made (_Probe.fallback_not_needed)
     if "onnxruntime" in backends:
-        selected = auto_exporter(work)
-        exporters = (selected, *(e for e in EXPORTERS if e != selected)) if requested.backend == "auto" else ("dynamo",)
+        exporters = (AUTO_EXPORTER, *(e for e in EXPORTERS if e != AUTO_EXPORTER)) if requested.backend == "auto" \
+            else ("dynamo",)
         candidates += [replace(base, backend="onnxruntime", channels_last=False, exporter=e) for e in exporters]
     batches = [requested.batch_size] if requested.batch_size else list(CUDA_BATCHES if cuda else CPU_BATCHES)
     cpus = os.cpu_count() or 1
@@ -329,8 +317,7 @@ class _Probe:
     """Times candidate settings on real batches of the run's images (synthetic ones without ``work``) and keeps the
     fastest, spending at most a share of the encoding ahead (:data:`PROBE_SHARE`, at least :data:`MIN_PROBE_S`):
     a first run on a small dataset must not spend longer choosing than encoding. Order: backend × layout at the
-    middle batch size (ONNX Runtime on the export the run's size selects: :func:`auto_exporter`), then the batch size
-    walk, then the thread count; a step that would overrun the budget is skipped and recorded."""
+    middle batch size (ONNX Runtime on the dynamo export: :data:`AUTO_EXPORTER`), then the batch size walk, then the thread count; a step that would overrun the budget is skipped and recorded."""
 
     def __init__(self, pair: EncoderPair, requested: Requested, cache_dir: Path, log, work: Work | None) -> None:
         self.pair, self.requested, self.cache_dir, self.log, self.work = pair, requested, cache_dir, log, work
@@ -391,16 +378,11 @@ class _Probe:
         return rate
 
     def fallback_not_needed(self, exporter: str) -> str | None:
-        """Why the ONNX export ``exporter`` is not tried under auto (None: try it): it is not the one the run's size
-        selects (:func:`auto_exporter`), and that one was made and timed (the fallback is for an encoder it cannot
-        export)."""
-        selected = auto_exporter(self.work)
-        if exporter == selected or not any(p.get("exporter") == selected for p in self.probe):
+        """Why the ONNX export ``exporter`` is not tried under auto (None: try it): it is not
+        :data:`AUTO_EXPORTER`, and that one was made and timed (the fallback is for an encoder it cannot export)."""
+        if exporter == AUTO_EXPORTER or not any(p.get("exporter") == AUTO_EXPORTER for p in self.probe):
             return None
-        if self.work is None:
-            return f"not needed: the {selected} export, which --backend onnxruntime runs, was made and timed"
-        return (f"not needed: under auto this run's {self.work.count} images select the {selected} export (dynamo from "
-                f"{DYNAMO_MIN_IMAGES} images on), which was made and timed")
+        return f"not needed: the {AUTO_EXPORTER} export, which --backend onnxruntime runs, was made and timed"
 
     def affordable(self, settings: ExtractionSettings, rate: float, what: str) -> bool:
         """Whether timing ``settings`` (three batches at about ``rate``) fits in what is left of the budget."""
