@@ -118,11 +118,6 @@ def export_record(pair: EncoderPair, cache_dir: Path, exporter: str = "dynamo") 
     return record if isinstance(record, dict) else None
 
 
-def onnx_exported(pair: EncoderPair, cache_dir: Path, exporter: str = "dynamo") -> bool:
-    """Whether this encoder's export already sits, checked, in ``cache_dir`` (then trying it costs no export)."""
-    return bool((export_record(pair, cache_dir, exporter) or {}).get("ok"))
-
-
 def _check_batch(encoder: ImageEncoder, n: int = 3):
     """A fixed, seeded batch in the encoder's normalised input range (odd size: exercises the dynamic axis)."""
     import torch

@@ -115,10 +115,10 @@ def test_the_tracing_exporter_refuses_data_dependent_control_flow(tmp_path):
     the torchscript export is refused, with the reason remembered, instead of giving silently wrong features."""
     with pytest.raises(backends.BackendUnavailable, match="freeze data-dependent control flow"):
         backends.export_onnx(pair(NumpyInsideEncoder()), tmp_path, "torchscript")
-    assert not backends.onnx_exported(pair(NumpyInsideEncoder()), tmp_path, "torchscript")
+    assert not backends.export_record(pair(NumpyInsideEncoder()), tmp_path, "torchscript")["ok"]  # remembered, refused
     path, record = backends.export_onnx(pair(ConvEncoder()), tmp_path, "torchscript")
     assert record["ok"] and record["exporter"] == "torchscript" and path.is_file()
-    assert backends.onnx_exported(pair(ConvEncoder()), tmp_path, "torchscript")
+    assert backends.export_record(pair(ConvEncoder()), tmp_path, "torchscript")["ok"]
 
 
 class SamePaddingEncoder(ConvEncoder):
