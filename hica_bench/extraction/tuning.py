@@ -270,7 +270,7 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
     layouts = [requested.channels_last] if requested.channels_last is not None else (
         [False, True] if "image" in pair.modules else [False])
     candidates = [replace(base, backend="eager", channels_last=c) for c in layouts if "eager" in backends]
-    # ONNX Runtime: the dynamo export; under auto the trace only where that one cannot be made (_Probe.fallback_not_needed)
+    # ONNX Runtime: the dynamo export; under auto the trace only where that cannot be made (_Probe.fallback_not_needed)
     if "onnxruntime" in backends:
         exporters = (AUTO_EXPORTER, *(e for e in EXPORTERS if e != AUTO_EXPORTER)) if requested.backend == "auto" \
             else ("dynamo",)
@@ -317,7 +317,8 @@ class _Probe:
     """Times candidate settings on real batches of the run's images (synthetic ones without ``work``) and keeps the
     fastest, spending at most a share of the encoding ahead (:data:`PROBE_SHARE`, at least :data:`MIN_PROBE_S`):
     a first run on a small dataset must not spend longer choosing than encoding. Order: backend × layout at the
-    middle batch size (ONNX Runtime on the dynamo export: :data:`AUTO_EXPORTER`), then the batch size walk, then the thread count; a step that would overrun the budget is skipped and recorded."""
+    middle batch size (ONNX Runtime on the dynamo export: :data:`AUTO_EXPORTER`), then the batch size walk, then the
+    thread count; a step that would overrun the budget is skipped and recorded."""
 
     def __init__(self, pair: EncoderPair, requested: Requested, cache_dir: Path, log, work: Work | None) -> None:
         self.pair, self.requested, self.cache_dir, self.log, self.work = pair, requested, cache_dir, log, work
