@@ -75,7 +75,7 @@ def encode_images(
         if on_batch:
             on_batch(done)
     # two sets of preprocessing buffers, taken in turns: the batch being encoded and the one being prepared
-    shelf = kept_buffers() if str(device).startswith("cpu") else None
+    shelf = kept_buffers() if device.startswith("cpu") else None
     buffers: tuple[dict, dict] = shelf.take() if shelf is not None else ({}, {})
     pool = _preprocessing_thread()
     pending = None
@@ -140,14 +140,13 @@ class _Shelf:
 
 @functools.cache
 def kept_buffers() -> _Shelf:
-    """The process's preprocessing buffers on the CPU, kept between calls of :func:`encode_images`. A call that
-    allocated its own (~26 MB for batches of 16 grey images at 224 px; ~103 MB, then held by the process, at batch
-    64) page-faulted them in: up to 2,700 page faults
-    per split on the bench's 2-core VM (glibc had handed the last call's blocks back to the system), before the first
-    forward and beside it. In ``hica-bench bench`` (medians of four runs before, five after) the harness's time
-    outside its forward calls and cache write went from 20.9 to 12.8 ms a repeat, its forward calls from 0.961 to
-    0.969 of the raw forward's rate (docs/benchmarks.md). CUDA keeps none here: torch's caching allocator already
-    reuses its blocks. A forked child starts empty."""
+    """The process's preprocessing buffers on the CPU, kept between calls of :func:`encode_images`. A call that allocated
+    its own (~26 MB for batches of 16 grey images at 224 px; ~103 MB, then held by the process, at batch 64)
+    page-faulted them in: up to 2,700 page faults per split on the bench's 2-core VM (glibc had handed the last call's
+    blocks back to the system), before the first forward and beside it. In ``hica-bench bench`` (medians of four runs
+    before, five after) the harness's time outside its forward calls and cache write went from 20.9 to 12.8 ms a repeat,
+    its forward calls from 0.961 to 0.969 of the raw forward's rate (docs/benchmarks.md). CUDA keeps none here: torch's
+    caching allocator already reuses its blocks. A forked child starts empty."""
     return _Shelf()
 
 

@@ -63,13 +63,6 @@ MIN_PROBE_S = 1.5
 #: PROBE_SHARE is worth it only from 480 images. It runs with the defaults (eager, NCHW, batch 16, torch's threads,
 #: or what the user fixed) and remembers nothing, so the next larger run still probes
 PROBE_MIN_IMAGES = int(3 * 16 / PROBE_SHARE)
-#: the ONNX export ``--backend auto`` times: always the dynamo export (``--backend onnxruntime``'s), the trace only
-#: where that cannot be made. Measured on 2 cores, once per encoder and cache: the dynamo export 10-15 s
-#: (EfficientNet-Lite0; 11 s open_clip ViT-B/32), the trace 2.2-2.5 s with its fold, their graphs equally fast. A
-#: cheaper export for small runs (the trace below 2,000 images, or wherever the dynamo export would not pay for itself
-#: at the measured eager rate) made a dataset's cell ids depend on the rest of the grid or on the machine's speed;
-#: a first run now pays the dynamo export once instead
-AUTO_EXPORTER = "dynamo"
 
 
 @dataclass(frozen=True)
@@ -270,10 +263,14 @@ def choose(pair: EncoderPair, requested: Requested, cache_dir: Path, log=None, w
     layouts = [requested.channels_last] if requested.channels_last is not None else (
         [False, True] if "image" in pair.modules else [False])
     candidates = [replace(base, backend="eager", channels_last=c) for c in layouts if "eager" in backends]
-    # ONNX Runtime: the dynamo export; under auto the trace only where that cannot be made (_Probe.fallback_not_needed)
+    # ONNX Runtime: the dynamo export (EXPORTERS[0], --backend onnxruntime's), whatever the run's size, timings or cache;
+    # under auto the trace after it, tried only where the dynamo export cannot be made (_Probe.fallback_not_needed).
+    # Measured on 2 cores, once per encoder and cache: the dynamo export 10-15 s (EfficientNet-Lite0; 11 s open_clip
+    # ViT-B/32), the trace 2.2-2.5 s with its fold, their graphs equally fast. A cheaper export for small runs (the
+    # trace below 2,000 images, or wherever the dynamo export would not pay for itself at the measured eager rate)
+    # made a dataset's cell ids depend on the rest of the grid or on the machine's speed; a first run now pays it once
     if "onnxruntime" in backends:
-        exporters = (AUTO_EXPORTER, *(e for e in EXPORTERS if e != AUTO_EXPORTER)) if requested.backend == "auto" \
-            else ("dynamo",)
+        exporters = EXPORTERS if requested.backend == "auto" else ("dynamo",)
         candidates += [replace(base, backend="onnxruntime", channels_last=False, exporter=e) for e in exporters]
     batches = [requested.batch_size] if requested.batch_size else list(CUDA_BATCHES if cuda else CPU_BATCHES)
     cpus = os.cpu_count() or 1
@@ -317,8 +314,8 @@ class _Probe:
     """Times candidate settings on real batches of the run's images (synthetic ones without ``work``) and keeps the
     fastest, spending at most a share of the encoding ahead (:data:`PROBE_SHARE`, at least :data:`MIN_PROBE_S`):
     a first run on a small dataset must not spend longer choosing than encoding. Order: backend × layout at the
-    middle batch size (ONNX Runtime on the dynamo export: :data:`AUTO_EXPORTER`), then the batch size walk, then the
-    thread count; a step that would overrun the budget is skipped and recorded."""
+    middle batch size (ONNX Runtime on the dynamo export, the trace only where that cannot be made), then the batch
+    size walk, then the thread count; a step that would overrun the budget is skipped and recorded."""
 
     def __init__(self, pair: EncoderPair, requested: Requested, cache_dir: Path, log, work: Work | None) -> None:
         self.pair, self.requested, self.cache_dir, self.log, self.work = pair, requested, cache_dir, log, work
@@ -379,11 +376,11 @@ class _Probe:
         return rate
 
     def fallback_not_needed(self, exporter: str) -> str | None:
-        """Why the ONNX export ``exporter`` is not tried under auto (None: try it): it is not
-        :data:`AUTO_EXPORTER`, and that one was made and timed (the fallback is for an encoder it cannot export)."""
-        if exporter == AUTO_EXPORTER or not any(p.get("exporter") == AUTO_EXPORTER for p in self.probe):
+        """Why the ONNX export ``exporter`` is not tried under auto (None: try it): it is the trace, and the dynamo
+        export was made and timed (the trace is for an encoder the dynamo exporter cannot export)."""
+        if exporter == "dynamo" or not any(p.get("exporter") == "dynamo" for p in self.probe):
             return None
-        return f"not needed: the {AUTO_EXPORTER} export, which --backend onnxruntime runs, was made and timed"
+        return "not needed: the dynamo export, which --backend onnxruntime runs, was made and timed"
 
     def affordable(self, settings: ExtractionSettings, rate: float, what: str) -> bool:
         """Whether timing ``settings`` (three batches at about ``rate``) fits in what is left of the budget."""
