@@ -59,7 +59,7 @@ def test_preprocess_gives_the_same_bits_as_the_broadcast_normalisation_with_and_
              InputSpec(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear"),
              InputSpec(28, (0.5,) * 3, (0.5,) * 3, "bilinear")]
     for spec in specs:
-        for shape in ((21, 28, 28), (21, 28, 28, 3), (5, 64, 64)):
+        for shape in ((21, 28, 28), (21, 28, 28, 3), (5, 64, 64), (3, 65, 65, 3)):  # 65 px: past the products' limit
             images = rng.integers(0, 256, shape, dtype=np.uint8)
             buffers = {}
             for start in range(0, len(images), 8):  # 8, 8, then 5 into the same buffers
@@ -68,3 +68,32 @@ def test_preprocess_gives_the_same_bits_as_the_broadcast_normalisation_with_and_
                 kept = preprocess(images[start:start + 8], spec, buffers=buffers)
                 assert kept.equal(expected) and kept.is_contiguous()
             assert buffers["out"].shape[0] == min(8, len(images))
+
+
+def test_small_images_are_resized_as_matrix_products_of_the_kernels_weights_with_its_bits():
+    """The products path (weights read off torch's kernel, checked per shape) runs for MedMNIST's 28 and 64 px images
+    on this machine, and the check says yes exactly when the products give the kernel's bits: also where they do not
+    (downsampling 512 -> 224 px adds many more products, in another order) and for the products in the wrong order."""
+    import torch
+
+    from hica_bench.data import PRODUCTS_MAX_SIDE, resize_by_products, products_match, resize_weights
+
+    threads = torch.get_num_threads()
+    for kernel, taps in (("_upsample_bicubic2d_aa", 4), ("_upsample_bilinear2d_aa", 2)):
+        weights = resize_weights(kernel, 28, 224, False)
+        assert weights.shape == (224, 28) and torch.allclose(weights.sum(1), torch.ones(224))
+        assert 2 <= int((weights != 0).sum(1).max()) <= taps  # the kernel's support, not a dense or empty row
+        assert torch.equal(resize_weights(kernel, 28, 224, True), weights.T)
+        for shape in ((8, 1, 28, 28), (5, 3, 28, 28), (1, 1, PRODUCTS_MAX_SIDE, PRODUCTS_MAX_SIDE)):
+            assert products_match(kernel, shape, (224, 224), threads), (kernel, shape)
+    rng = torch.Generator().manual_seed(1)
+    for kernel, shape in (("_upsample_bicubic2d_aa", (2, 1, 512, 512)), ("_upsample_bicubic2d_aa", (2, 1, 28, 28))):
+        sample = torch.randint(0, 256, shape, generator=rng).float()
+        same = torch.equal(resize_by_products(kernel, sample, (224, 224), None, None),
+                           getattr(torch._C._nn, kernel)(sample, (224, 224), False, None, None))
+        assert products_match(kernel, shape, (224, 224), threads) == same
+    sample = torch.randint(0, 256, (2, 1, 28, 28), generator=rng).float()
+    rows_first = torch.matmul(torch.matmul(resize_weights("_upsample_bicubic2d_aa", 28, 224, False), sample),
+                              resize_weights("_upsample_bicubic2d_aa", 28, 224, True))
+    differ = rows_first != torch._C._nn._upsample_bicubic2d_aa(sample, (224, 224), False, None, None)
+    assert float(differ.float().mean()) > 0.1  # what the check's random batch is there to see
