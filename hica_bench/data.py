@@ -324,46 +324,54 @@ def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers
 
 
 #: the resize kernels F.interpolate calls for antialiased bicubic and bilinear, which take an ``out`` tensor
-_RESIZE_OUT = {"bicubic": "_upsample_bicubic2d_aa", "bilinear": "_upsample_bilinear2d_aa"}
+RESIZE_KERNELS = {"bicubic": "_upsample_bicubic2d_aa", "bilinear": "_upsample_bilinear2d_aa"}
 
 #: the largest image side (pixels) that :func:`_resize` resizes as two matrix products on the CPU. Measured on 2 cores
 #: (one thread, 8 grey images to 224 px, bicubic), the products' time against torch's kernel's: 28 px 0.19, 64 px 0.40,
 #: 128 px 0.77, and 224 -> 384 px 1.28; downsampling 512 -> 224 px is slower and not the same bits
 PRODUCTS_MAX_SIDE = 64
+#: the most images in a batch resized so (the probe's largest batch): each new batch shape is checked once on a random
+#: batch of its size (:func:`products_match`), which a call with a whole split at once would make as large as the split
+PRODUCTS_MAX_BATCH = 64
 
 
 def _resize(batch, size: tuple[int, int], interpolation: str, buffers: dict[str, Any] | None):
     """``F.interpolate(batch, size, mode=interpolation, antialias=True)``, bit for bit, into ``buffers`` when given.
 
-    A small image on the CPU (sides up to :data:`PRODUCTS_MAX_SIDE`) is resized as two matrix products, its columns
-    and then its rows, by weight matrices read off torch's kernel itself (:func:`resize_weights`): 5x faster than the
-    kernel for a 28 px image, whose resize was the largest part of preparing a batch beside the engine's forward. The
+    Small images on the CPU (sides up to :data:`PRODUCTS_MAX_SIDE`, up to :data:`PRODUCTS_MAX_BATCH` of them) are
+    resized as two matrix products, their columns
+    and then their rows, by weight matrices read off torch's kernel itself (:func:`resize_weights`): 5x faster than
+    the kernel for 28 px images, whose resize was the largest part of preparing a batch beside the engine's forward. The
     two are the same arithmetic (each output a sum, in order, of the same products) only where the matrix library adds
     the products in the kernel's order, so a batch shape is resized this way only once the two have given the same bits
     on a random batch of that shape (:func:`products_match`); anywhere else, and on CUDA, torch's kernel runs."""
     import torch
     import torch.nn.functional as F
 
-    kernel = _RESIZE_OUT.get(interpolation)
+    kernel = RESIZE_KERNELS.get(interpolation)
     if kernel is None or not hasattr(torch._C._nn, kernel):
         return F.interpolate(batch, size=size, mode=interpolation, antialias=True, align_corners=False)
-    shape = (*batch.shape[:2], *size)
-    resized = (_kept(buffers, "resized", shape, batch.device) if buffers is not None
-               else torch.empty(shape, device=batch.device))
-    if batch.device.type == "cpu" and max(batch.shape[-2:]) <= PRODUCTS_MAX_SIDE:
+
+    def tensor(name: str, shape: tuple[int, ...]):
+        return (_kept(buffers, name, shape, batch.device) if buffers is not None
+                else torch.empty(shape, dtype=torch.float32, device=batch.device))
+
+    resized = tensor("resized", (*batch.shape[:2], *size))
+    if (batch.device.type == "cpu" and max(batch.shape[-2:]) <= PRODUCTS_MAX_SIDE
+            and batch.shape[0] <= PRODUCTS_MAX_BATCH):
         batch = batch.contiguous()  # an RGB batch is a permuted view: the products are checked on a contiguous one
         if products_match(kernel, tuple(batch.shape), size, torch.get_num_threads()):
-            across = (_kept(buffers, "across", (*batch.shape[:3], size[1]), batch.device) if buffers is not None
-                      else None)
-            return resize_by_products(kernel, batch, size, across, resized)
+            return resize_by_products(kernel, batch, size, tensor("across", (*batch.shape[:3], size[1])), resized)
     return getattr(torch._C._nn, kernel)(batch, size, False, None, None, out=resized)
 
 
 def resize_by_products(kernel: str, batch, size: tuple[int, int], across, out):
-    """(N, C, h, w) -> (N, C, size): ``batch @ columns`` (w -> size[1]), then ``rows @ that`` (h -> size[0])."""
+    """(N, C, h, w) float32 -> ``out`` (N, C, size): ``batch @ columns`` into ``across`` (N, C, h, size[1]), then
+    ``rows @ across`` (h -> size[0]). Both results are given (float32): the check runs the very calls that real use runs
+    (with ``out=``, ``torch.matmul`` neither autocasts nor folds the batch another way)."""
     import torch
 
-    across = torch.matmul(batch, resize_weights(kernel, batch.shape[-1], size[1], True), out=across)
+    torch.matmul(batch, resize_weights(kernel, batch.shape[-1], size[1], True), out=across)
     return torch.matmul(resize_weights(kernel, batch.shape[-2], size[0], False), across, out=out)
 
 
@@ -375,7 +383,7 @@ def resize_weights(kernel: str, n_in: int, n_out: int, transposed: bool):
     of 1)."""
     import torch
 
-    impulses = torch.eye(n_in).reshape(n_in, 1, n_in, 1).expand(n_in, 1, n_in, 2).contiguous()
+    impulses = torch.eye(n_in, dtype=torch.float32).reshape(n_in, 1, n_in, 1).expand(n_in, 1, n_in, 2).contiguous()
     weights = getattr(torch._C._nn, kernel)(impulses, (n_out, 2), False, None, None)[:, 0, :, 0]  # (n_in, n_out)
     return (weights if transposed else weights.T).contiguous()
 
@@ -384,13 +392,15 @@ def resize_weights(kernel: str, n_in: int, n_out: int, transposed: bool):
 def products_match(kernel: str, shape: tuple[int, ...], size: tuple[int, int], threads: int) -> bool:
     """Whether :func:`resize_by_products` gives torch's ``kernel``'s bits for a batch of ``shape`` resized to ``size``
     with ``threads`` torch threads: both run on one random batch of whole numbers 0-255 (what a uint8 image becomes),
-    once per process. Adding the same products in another order, or rounding them otherwise, differs in a large part
-    of the pixels (adding the rows first: 40 % of them), so a random batch shows it."""
+    once per process for each. Adding the same products in another order, or rounding them otherwise, differs in a
+    large part of the pixels (adding the rows first: 40 % of them), so one random batch all but surely shows it."""
     import torch
 
     sample = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)).float()
     expected = getattr(torch._C._nn, kernel)(sample, size, False, None, None)
-    return torch.equal(resize_by_products(kernel, sample, size, None, None), expected)
+    across = torch.empty((*shape[:3], size[1]), dtype=torch.float32)
+    got = resize_by_products(kernel, sample, size, across, torch.empty_like(expected))
+    return torch.equal(got.view(torch.int32), expected.view(torch.int32))  # bits: -0.0 is not 0.0 here
 
 
 def _kept(buffers: dict[str, Any], name: str, shape: tuple[int, ...], device: Any):
