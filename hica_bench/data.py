@@ -339,12 +339,12 @@ def _resize(batch, size: tuple[int, int], interpolation: str, buffers: dict[str,
     """``F.interpolate(batch, size, mode=interpolation, antialias=True)``, bit for bit, into ``buffers`` when given.
 
     Small images on the CPU (sides up to :data:`PRODUCTS_MAX_SIDE`, up to :data:`PRODUCTS_MAX_BATCH` of them) are
-    resized as two matrix products, their columns
-    and then their rows, by weight matrices read off torch's kernel itself (:func:`resize_weights`): 5x faster than
-    the kernel for 28 px images, whose resize was the largest part of preparing a batch beside the engine's forward. The
-    two are the same arithmetic (each output a sum, in order, of the same products) only where the matrix library adds
-    the products in the kernel's order, so a batch shape is resized this way only once the two have given the same bits
-    on a random batch of that shape (:func:`products_match`); anywhere else, and on CUDA, torch's kernel runs."""
+    resized as two matrix products, their columns and then their rows, by weight matrices read off torch's kernel
+    itself (:func:`resize_weights`): 5x faster than the kernel for 28 px images, whose resize was the largest part of
+    preparing a batch beside the engine's forward. The two are the same arithmetic (each output a sum, in order, of
+    the same products) only where the matrix library adds the products in the kernel's order, so a batch shape is
+    resized this way only once the two have given the same bits on a random batch of that shape
+    (:func:`products_match`); anywhere else, and on CUDA, torch's kernel runs, on the batch as given."""
     import torch
     import torch.nn.functional as F
 
@@ -359,9 +359,9 @@ def _resize(batch, size: tuple[int, int], interpolation: str, buffers: dict[str,
     resized = tensor("resized", (*batch.shape[:2], *size))
     if (batch.device.type == "cpu" and max(batch.shape[-2:]) <= PRODUCTS_MAX_SIDE
             and batch.shape[0] <= PRODUCTS_MAX_BATCH):
-        batch = batch.contiguous()  # an RGB batch is a permuted view: the products are checked on a contiguous one
-        if products_match(kernel, tuple(batch.shape), size, torch.get_num_threads()):
-            return resize_by_products(kernel, batch, size, tensor("across", (*batch.shape[:3], size[1])), resized)
+        dense = batch.contiguous()  # an RGB batch is a permuted view: the products are checked on a contiguous one
+        if products_match(kernel, tuple(dense.shape), size, torch.get_num_threads()):
+            return resize_by_products(kernel, dense, size, tensor("across", (*dense.shape[:3], size[1])), resized)
     return getattr(torch._C._nn, kernel)(batch, size, False, None, None, out=resized)
 
 
