@@ -175,15 +175,16 @@ def test_the_cpu_preprocessing_buffers_are_kept_between_calls_up_to_their_limit(
     first = extractor.encode(images)
     shelf = encode.kept_buffers()
 
-    def storages() -> set[int]:
+    def on_the_shelf() -> tuple[dict, dict]:
         kept = shelf.take()
         shelf.give_back(kept)
-        return {tensor.untyped_storage().data_ptr() for buffers in kept for tensor in buffers.values()}
+        return kept
+
+    def storages() -> set[int]:
+        return {tensor.untyped_storage().data_ptr() for buffers in on_the_shelf() for tensor in buffers.values()}
 
     kept = storages()
-    pair = shelf.take()
-    shelf.give_back(pair)
-    names = set(pair[0]) | set(pair[1])
+    names = {name for buffers in on_the_shelf() for name in buffers}
     # per set: the resized batch, the normalised one, and the first of the resize's products where they run (data.py)
     assert {"resized", "out"} <= names <= {"resized", "across", "out"} and len(kept) == 2 * len(names)
     for _ in range(2):
