@@ -556,15 +556,21 @@ class _Variant:
         from hica_bench.extraction.cache import FeatureCache
 
         forward_s = 0.0
-        forward = self.forward
 
-        def timed(batch):
-            nonlocal forward_s
-            start = time.perf_counter()
-            out = forward(batch)
-            self._sync()
-            forward_s += time.perf_counter() - start
-            return out
+        def timing(forward):
+            def timed(batch):
+                nonlocal forward_s
+                start = time.perf_counter()
+                out = forward(batch)
+                self._sync()
+                forward_s += time.perf_counter() - start
+                return out
+            return timed
+
+        timed = timing(self.forward)
+        pixels = getattr(self.forward, "pixels", None)
+        if pixels is not None:  # the loop runs the engine that normalises the pixels itself: timed as well
+            timed.pixels = timing(pixels)
 
         s = self.settings
         n = len(self.images)
@@ -582,7 +588,8 @@ class _Variant:
             kept: dict[str, Any] = {}  # into kept buffers, as the loop preprocesses
             with torch.inference_mode():
                 for begin in range(0, n, s.batch_size):
-                    preprocess(self.images[begin : begin + s.batch_size], self.encoder.input_spec, self.device, kept)
+                    preprocess(self.images[begin : begin + s.batch_size], self.encoder.input_spec, self.device, kept,
+                               normalised=pixels is None)
             self._sync()
             preprocess_s = time.perf_counter() - start
             start = time.perf_counter()

@@ -281,8 +281,22 @@ def preprocessing_id(spec: InputSpec) -> str:
     return f"uint8/255|rgb|resize{spec.size}-{spec.interpolation}-antialias|mean{spec.mean}|std{spec.std}"
 
 
-def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers: dict[str, Any] | None = None):
+def normalisation(spec: InputSpec) -> tuple[list[float], list[float]]:
+    """The per-channel constants of ``(x - mean) / std`` on pixels 0-255: the float32 products ``mean * 255`` and
+    ``std * 255`` (as a broadcast (1, 3, 1, 1) float32 tensor held them), as Python floats; :func:`preprocess` and an
+    engine that normalises its input itself (:mod:`hica_bench.extraction.backends`) both use these."""
+    import torch
+
+    return (torch.tensor(spec.mean) * 255.0).tolist(), (torch.tensor(spec.std) * 255.0).tolist()
+
+
+def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers: dict[str, Any] | None = None,
+               normalised: bool = True):
     """uint8 (N, H, W) or (N, H, W, 3) -> float32 tensor (N, 3, size, size) normalised per ``spec``.
+
+    ``normalised=False``: the pixels before :func:`normalise`, (N, 1, size, size) for grey images and (N, 3, size, size) for
+    RGB ones (contiguous, values 0-255), for a forward whose engine normalises them itself (its ``pixels``,
+    :mod:`hica_bench.extraction.backends`): a grey batch is then a third of the bytes to write.
 
     ``buffers``: a dict the caller keeps between calls (one per batch in flight): the resized batch (and the first of
     its two products, :func:`_resize`) and the result are written into tensors kept there, so a loop over batches does
@@ -298,27 +312,35 @@ def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers
     size = (spec.size, spec.size)
     if batch.shape[-2:] != size:
         batch = _resize(batch, size, spec.interpolation, buffers).clamp_(0.0, 255.0)
-    # (x - mean) / std per channel, each written once into the (N, 3, S, S) result: the same float32 operations (the
-    # constants are the float32 products mean * 255 and std * 255, as a broadcast (1, 3, 1, 1) tensor held them), so the
-    # same bits as normalising the broadcast batch (tests/unit/test_data.py), at a quarter of the time and memory traffic
-    # on CPU (measured: 0.69 → 0.17 ms per 224-px image on 2 cores); a grey batch (N, 1, S, S) is resized once, and a
-    # channel whose constants equal an earlier one's is a copy of it
-    mean = (torch.tensor(spec.mean) * 255.0).tolist()
-    std = (torch.tensor(spec.std) * 255.0).tolist()
+    if not normalised:
+        return batch.contiguous()
+    shape = (batch.shape[0], 3, *batch.shape[2:])
+    return normalise(batch, spec, None if buffers is None else _kept(buffers, "out", shape, batch.device))
+
+
+def normalise(pixels, spec: InputSpec, out=None):
+    """(N, 1 or 3, S, S) float32 pixels 0-255 -> ``(pixels - mean) / std`` (N, 3, S, S), into ``out`` when given.
+
+    Each channel is written once into the result: the same float32 operations as normalising the broadcast batch
+    (the constants are :func:`normalisation`'s), so the same bits (tests/unit/test_data.py), at a quarter of the time
+    and memory traffic on CPU (measured: 0.69 → 0.17 ms per 224-px image on 2 cores); a grey batch is resized once,
+    and a channel whose constants equal an earlier one's is a copy of it."""
+    import torch
+
+    mean, std = normalisation(spec)
     # the divisors as 0-dim tensors on the batch's device: CUDA divides by a CPU scalar as a product with its
     # reciprocal (a bit off), by a device tensor truly, as the broadcast (1, 3, 1, 1) tensor was divided
-    divisors = torch.tensor(std, device=batch.device)
-    shape = (batch.shape[0], 3, *batch.shape[2:])
-    out = (torch.empty(shape, dtype=torch.float32, device=batch.device) if buffers is None
-           else _kept(buffers, "out", shape, batch.device))
+    divisors = torch.tensor(std, device=pixels.device)
+    if out is None:
+        out = torch.empty((pixels.shape[0], 3, *pixels.shape[2:]), dtype=torch.float32, device=pixels.device)
     done: dict[tuple[int, float, float], int] = {}
     for channel in range(3):
-        source = 0 if batch.shape[1] == 1 else channel
+        source = 0 if pixels.shape[1] == 1 else channel
         same = done.get((source, mean[channel], std[channel]))
         if same is not None:
             out[:, channel].copy_(out[:, same])
             continue
-        torch.sub(batch[:, source], mean[channel], out=out[:, channel]).div_(divisors[channel])
+        torch.sub(pixels[:, source], mean[channel], out=out[:, channel]).div_(divisors[channel])
         done[(source, mean[channel], std[channel])] = channel
     return out
 

@@ -54,6 +54,9 @@ def encode_images(
     import torch
 
     forward = forward or eager_forward(encoder, device, precision(device, amp))
+    # an engine that normalises the pixels itself (ONNX Runtime's, backends.OnnxForward) gets them as they are
+    pixels = getattr(forward, "pixels", None)
+    run = pixels or forward
     out = np.empty((len(images), encoder.embed_dim), dtype=np.float32)
 
     threads = torch.get_num_threads()  # the kept thread keeps the count it first ran with: give it the caller's
@@ -63,7 +66,7 @@ def encode_images(
             torch.set_num_threads(threads)
         with torch.inference_mode():
             batch = preprocess(images[start : start + batch_size], encoder.input_spec, device,
-                               buffers[(start // batch_size) % 2])
+                               buffers[(start // batch_size) % 2], normalised=pixels is None)
         release_pages(images)  # the batch is copied: unmap the pages read, so RSS does not grow with N
         return batch
 
@@ -86,7 +89,7 @@ def encode_images(
                 batch = pending.result()
                 following = start + batch_size
                 pending = pool.submit(load, following) if following < len(images) else None
-                features = forward(batch)
+                features = run(batch)
                 out[start : start + len(batch)] = features.float().cpu().numpy()
                 if on_batch:
                     if pending is not None:
