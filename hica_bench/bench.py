@@ -568,9 +568,14 @@ class _Variant:
             return timed
 
         timed = timing(self.forward)
-        pixels = getattr(self.forward, "pixels", None)
-        if pixels is not None:  # the loop runs the engine that normalises the pixels itself: timed as well
-            timed.pixels = timing(pixels)
+        preparing = getattr(self.forward, "for_images", None)
+        prepares = preparing(self.images) if preparing is not None else None
+        if prepares is not None:  # the loop runs the engine that prepares the images itself: timed as well
+            def for_images(images):
+                chosen = preparing(images)
+                return None if chosen is None else timing(chosen)
+
+            timed.for_images = for_images
 
         s = self.settings
         n = len(self.images)
@@ -588,8 +593,11 @@ class _Variant:
             kept: dict[str, Any] = {}  # into kept buffers, as the loop preprocesses
             with torch.inference_mode():
                 for begin in range(0, n, s.batch_size):
-                    preprocess(self.images[begin : begin + s.batch_size], self.encoder.input_spec, self.device, kept,
-                               normalised=pixels is None)
+                    if prepares is not None:  # what the loop's preprocessing thread does then: copy the images
+                        np.array(self.images[begin : begin + s.batch_size])
+                    else:
+                        preprocess(self.images[begin : begin + s.batch_size], self.encoder.input_spec, self.device,
+                                   kept)
             self._sync()
             preprocess_s = time.perf_counter() - start
             start = time.perf_counter()

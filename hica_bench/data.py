@@ -283,20 +283,15 @@ def preprocessing_id(spec: InputSpec) -> str:
 
 def normalisation(spec: InputSpec) -> tuple[list[float], list[float]]:
     """The per-channel constants of ``(x - mean) / std`` on pixels 0-255: the float32 products ``mean * 255`` and
-    ``std * 255`` (as a broadcast (1, 3, 1, 1) float32 tensor held them), as Python floats; :func:`preprocess` and an
-    engine that normalises its input itself (:mod:`hica_bench.extraction.backends`) both use these."""
+    ``std * 255`` (as a broadcast (1, 3, 1, 1) float32 tensor held them), as Python floats; :func:`preprocess` and the
+    graphs with which ONNX Runtime prepares the images itself (:mod:`hica_bench.extraction.backends`) both use these."""
     import torch
 
     return (torch.tensor(spec.mean) * 255.0).tolist(), (torch.tensor(spec.std) * 255.0).tolist()
 
 
-def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers: dict[str, Any] | None = None,
-               normalised: bool = True):
+def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers: dict[str, Any] | None = None):
     """uint8 (N, H, W) or (N, H, W, 3) -> float32 tensor (N, 3, size, size) normalised per ``spec``.
-
-    ``normalised=False``: the pixels before :func:`normalise`, (N, 1, size, size) for grey images and (N, 3, size, size) for
-    RGB ones (contiguous, values 0-255), for a forward whose engine normalises them itself (its ``pixels``,
-    :mod:`hica_bench.extraction.backends`): a grey batch is then a third of the bytes to write.
 
     ``buffers``: a dict the caller keeps between calls (one per batch in flight): the resized batch (and the first of
     its two products, :func:`_resize`) and the result are written into tensors kept there, so a loop over batches does
@@ -312,8 +307,6 @@ def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers
     size = (spec.size, spec.size)
     if batch.shape[-2:] != size:
         batch = _resize(batch, size, spec.interpolation, buffers).clamp_(0.0, 255.0)
-    if not normalised:
-        return batch.contiguous()
     shape = (batch.shape[0], 3, *batch.shape[2:])
     return normalise(batch, spec, None if buffers is None else _kept(buffers, "out", shape, batch.device))
 

@@ -391,68 +391,93 @@ def onnx_forward(pair: EncoderPair, device: str, cache_dir: Path, threads: int |
     return OnnxForward(_session(path, threads), path, pair.image.input_spec, threads)
 
 
-#: bump when the pixels graph's recipe changes (part of its file name): 1: ``Sub`` then ``Div`` by (1, 3, 1, 1) constants
-PIXELS_VERSION = 1
+#: bump when the recipe of the graphs that prepare the images themselves changes (part of their file names):
+#: 1: Cast, layout, the resize as two MatMuls, Clip, Sub and Div in front of the exported graph
+PREPARING_VERSION = 1
+#: the most image shapes whose preparing graph a forward keeps a session of (each holds the weights once more)
+PREPARING_SESSIONS = 4
 
 
 class OnnxForward:
-    """The ONNX Runtime forward: ``forward(batch)`` runs the exported graph on a normalised batch (N, 3, S, S), as
-    every forward does. ``forward.pixels`` (None where it is not to be used) runs the same graph with the
-    normalisation put in front of it (:func:`pixels_graph`) on the pixels before normalising (``preprocess(...,
-    normalised=False)``: (N, 1, S, S) for grey images, (N, 3, S, S) for RGB), so the engine, not the preprocessing
-    thread beside it, writes its (N, 3, S, S) input. Made on first use, and used only once it has given
-    ``forward``'s features to the bit on random pixels of both kinds (:func:`pixels_match`): the same ``Sub`` and
-    ``Div`` of float32 numbers as :func:`hica_bench.data.preprocess`'s, then the same graph on the same numbers, so
-    the feature identity does not change. The encoder loop (:func:`hica_bench.extraction.encode.encode_images`) takes
-    it where there is one: on the 2-core VM, 384 BreastMNIST images at batch 16 ran at 0.988 of the raw forward's
-    images/s against 0.937 normalising beside it (docs/benchmarks.md)."""
+    """The ONNX Runtime forward: ``forward(batch)`` runs the exported graph on a preprocessed batch (N, 3, S, S), as
+    every forward does. ``forward.for_images(images)`` is, where it can be used, a forward that takes the uint8 images
+    themselves, (N, H, W) or (N, H, W, 3) as a dataset's split holds them, and prepares them inside ONNX Runtime, as
+    :func:`hica_bench.data.preprocess` does, in front of the same exported graph (:func:`preparing_graph`); the
+    preprocessing thread beside the engine then only copies the images. Made once per image shape, and used only once
+    it has given ``forward``'s features of :func:`~hica_bench.data.preprocess`'s batch to the bit, on random images
+    of that shape (:func:`preparing_matches`): the same float32 operations (the resize's weights read off torch's
+    kernel, as :func:`hica_bench.data.resize_by_products` uses them), then the same graph on the same numbers, so the
+    feature identity does not change. The encoder loop (:func:`hica_bench.extraction.encode.encode_images`) takes it
+    where there is one: on the 2-core VM, 384 BreastMNIST images at batch 8 ran at 1.01 of the raw forward's images/s
+    against 0.95 preprocessing beside it (docs/benchmarks.md)."""
 
     def __init__(self, session: Any, path: Path, spec: Any, threads: int | None) -> None:
         self._session, self._path, self._spec, self._threads = session, path, spec, threads
         self._lock = threading.Lock()
-        self._pixels: Forward | None | bool = False  # False: not made yet
+        self._preparing: dict[tuple[int, ...], Forward | None] = {}
 
     def __call__(self, batch):
         import torch
 
         return torch.from_numpy(self._session.run(None, {"images": batch.numpy()})[0])
 
-    @property
-    def pixels(self) -> Forward | None:
-        with self._lock:
-            if self._pixels is False:
-                self._pixels = self._pixels_forward()
-            return self._pixels
+    def for_images(self, images: Any) -> Forward | None:
+        """The forward for ``images``' uint8 batches as they are, or None (another dtype, a resize the graph does not
+        do, a graph it could not make or that did not give the features' bits): then preprocess, as before."""
+        import numpy as np
 
-    def _pixels_forward(self) -> Forward | None:
+        shape = tuple(getattr(images, "shape", ())[1:])
+        if getattr(images, "dtype", None) != np.uint8 or len(shape) not in (2, 3) or shape[2:] not in ((), (3,)):
+            return None
+        with self._lock:
+            if shape not in self._preparing:
+                if len(self._preparing) >= PREPARING_SESSIONS:
+                    self._preparing.pop(next(iter(self._preparing)))
+                self._preparing[shape] = self._preparing_forward(shape)
+            return self._preparing[shape]
+
+    def _preparing_forward(self, shape: tuple[int, ...]) -> Forward | None:
         import torch
 
         try:
-            session = _session(pixels_graph(self._path, self._spec), self._threads)
-        except Exception:  # a cache it cannot write, a graph it cannot edit: the normalised batch, as before
+            path = preparing_graph(self._path, self._spec, shape)
+            session = None if path is None else _session(path, self._threads)
+        except Exception:  # a cache it cannot write, a graph it cannot edit: preprocessed batches, as before
             return None
-        if not pixels_match(self, session, self._spec):
+        if session is None or not preparing_matches(self, session, self._spec, shape):
             return None
 
-        def forward(pixels):
-            return torch.from_numpy(session.run(None, {"pixels": pixels.numpy()})[0])
+        def forward(images):
+            return torch.from_numpy(session.run(None, {"uint8_images": images})[0])
 
         return forward
 
 
-def pixels_graph(path: Path, spec: Any) -> Path:
-    """The exported graph at ``path`` with ``(pixels - mean) / std`` in front of it (:func:`hica_bench.data.normalisation`'s
-    float32 constants, broadcast from (1, 3, 1, 1), so one input of (N, 1, S, S) or (N, 3, S, S) gives (N, 3, S, S)),
-    saved beside it (once; it reads the same weights file, so only the graph is written): its input is ``pixels``,
-    and ``images``, the exported graph's input, becomes the ``Div``'s output."""
-    target = path.with_name(f"pixels-{PIXELS_VERSION}.onnx")
+def preparing_graph(path: Path, spec: Any, shape: tuple[int, ...]) -> Path | None:
+    """The exported graph at ``path`` with :func:`hica_bench.data.preprocess` in front of it for uint8 images of
+    ``shape`` (H, W) or (H, W, 3), saved beside it once (it reads the same weights file, so only the graph and the
+    resize's weights are written); None where the resize is not done so (a side over
+    :data:`hica_bench.data.PRODUCTS_MAX_SIDE`). Its input is ``uint8_images`` (N, H, W[, 3]); then ``Cast`` to
+    float32, ``Unsqueeze`` (grey) or ``Transpose`` (RGB) to (N, C, H, W), where H x W is not S x S the resize as two
+    ``MatMul`` (columns, then rows: :func:`hica_bench.data.resize_weights`' matrices) and ``Clip`` to 0-255, then
+    ``Sub`` and ``Div`` by :func:`hica_bench.data.normalisation`'s (1, 3, 1, 1) constants, into ``images``, the exported
+    graph's input."""
+    import numpy as np
+
+    from hica_bench import data
+
+    height, width = shape[:2]
+    channels = shape[2] if len(shape) == 3 else 1
+    resize = (height, width) != (spec.size, spec.size)
+    kernel = data.RESIZE_KERNELS.get(spec.interpolation)
+    if resize and (max(height, width) > data.PRODUCTS_MAX_SIDE or kernel is None):
+        return None
+    target = path.with_name(f"preparing-{PREPARING_VERSION}-{height}x{width}x{channels}.onnx")
     if target.exists():
         return target
-    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
-    from hica_bench.data import normalisation
     from hica_bench.files import atomic_write
 
     model = onnx.load(str(path), load_external_data=False)
@@ -460,35 +485,44 @@ def pixels_graph(path: Path, spec: Any) -> Path:
     (images,) = graph.input
     if images.name != "images":
         raise BackendUnavailable(f"the exported graph's input is {images.name!r}, not 'images'")
-    mean, std = (np.array(values, dtype=np.float32).reshape(1, 3, 1, 1) for values in normalisation(spec))
-    graph.initializer.extend([numpy_helper.from_array(mean, "pixels_mean"), numpy_helper.from_array(std, "pixels_std")])
-    side = images.type.tensor_type.shape.dim[2:]
-    pixels = helper.make_tensor_value_info("pixels", onnx.TensorProto.FLOAT,
-                                           ["batch", "channels", *(d.dim_value or d.dim_param for d in side)])
-    nodes = [helper.make_node("Sub", ["pixels", "pixels_mean"], ["pixels_centred"]),
-             helper.make_node("Div", ["pixels_centred", "pixels_std"], ["images"])]
+    mean, std = (np.array(values, dtype=np.float32).reshape(1, 3, 1, 1) for values in data.normalisation(spec))
+    constants = {"prepare_mean": mean, "prepare_std": std, "prepare_axis": np.array([1], dtype=np.int64)}
+    node = helper.make_node
+    nodes = [node("Cast", ["uint8_images"], ["prepare_float"], to=onnx.TensorProto.FLOAT),
+             node("Transpose", ["prepare_float"], ["prepare_nchw"], perm=[0, 3, 1, 2]) if channels == 3
+             else node("Unsqueeze", ["prepare_float", "prepare_axis"], ["prepare_nchw"])]
+    pixels = "prepare_nchw"
+    if resize:
+        constants.update(prepare_columns=data.resize_weights(kernel, width, spec.size, True).numpy(),
+                         prepare_rows=data.resize_weights(kernel, height, spec.size, False).numpy(),
+                         prepare_low=np.array(0.0, dtype=np.float32), prepare_high=np.array(255.0, dtype=np.float32))
+        nodes += [node("MatMul", ["prepare_nchw", "prepare_columns"], ["prepare_across"]),
+                  node("MatMul", ["prepare_rows", "prepare_across"], ["prepare_resized"]),
+                  node("Clip", ["prepare_resized", "prepare_low", "prepare_high"], ["prepare_pixels"])]
+        pixels = "prepare_pixels"
+    nodes += [node("Sub", [pixels, "prepare_mean"], ["prepare_centred"]),
+              node("Div", ["prepare_centred", "prepare_std"], ["images"])]
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
     exported = list(graph.node)
     del graph.node[:]
     graph.node.extend([*nodes, *exported])  # before the exported graph's first node (ONNX wants its nodes in order)
     del graph.input[:]
-    graph.input.append(pixels)
+    graph.input.append(helper.make_tensor_value_info("uint8_images", onnx.TensorProto.UINT8, ["batch", *shape]))
     return atomic_write(target, model.SerializeToString())
 
 
-def pixels_match(forward: Forward, session: Any, spec: Any) -> bool:
-    """Whether ``session`` (:func:`pixels_graph`'s) gives ``forward``'s features to the bit on random pixels (0-255, not
-    only whole numbers, as the resize leaves them) of a grey and an RGB batch: normalised by
-    :func:`hica_bench.data.normalise` into ``forward``, as they are into ``session``."""
+def preparing_matches(forward: Forward, session: Any, spec: Any, shape: tuple[int, ...]) -> bool:
+    """Whether ``session`` (:func:`preparing_graph`'s) gives ``forward``'s features of
+    :func:`hica_bench.data.preprocess`'s batch to the bit, on three random uint8 images of ``shape``. Adding the
+    resize's products in another order than torch's kernel differs in a large part of the pixels (data.py), so one
+    random batch all but surely shows it; it is a check, not a proof, as for the resize by products."""
     import numpy as np
     import torch
 
-    from hica_bench.data import normalise
+    from hica_bench.data import preprocess
 
-    generator = torch.Generator().manual_seed(0)
-    for channels in (1, 3):
-        pixels = torch.rand((2, channels, spec.size, spec.size), generator=generator) * 255.0
-        expected = forward(normalise(pixels, spec)).numpy()
-        got = session.run(None, {"pixels": pixels.numpy()})[0]
-        if got.shape != expected.shape or not np.array_equal(got.view(np.int32), expected.view(np.int32)):
-            return False
-    return True
+    images = torch.randint(0, 256, (3, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    with torch.inference_mode():
+        expected = forward(preprocess(images, spec)).numpy()
+    got = session.run(None, {"uint8_images": images})[0]
+    return got.shape == expected.shape and np.array_equal(got.view(np.int32), expected.view(np.int32))

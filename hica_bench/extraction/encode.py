@@ -54,9 +54,10 @@ def encode_images(
     import torch
 
     forward = forward or eager_forward(encoder, device, precision(device, amp))
-    # an engine that normalises the pixels itself (ONNX Runtime's, backends.OnnxForward) gets them as they are
-    pixels = getattr(forward, "pixels", None)
-    run = pixels or forward
+    # an engine that prepares the images itself (ONNX Runtime's, backends.OnnxForward) gets them as they are
+    preparing = getattr(forward, "for_images", None)
+    prepares = preparing(images) if preparing is not None else None
+    run = prepares or forward
     out = np.empty((len(images), encoder.embed_dim), dtype=np.float32)
 
     threads = torch.get_num_threads()  # the kept thread keeps the count it first ran with: give it the caller's
@@ -64,9 +65,12 @@ def encode_images(
     def load(start: int):
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        with torch.inference_mode():
-            batch = preprocess(images[start : start + batch_size], encoder.input_spec, device,
-                               buffers[(start // batch_size) % 2], normalised=pixels is None)
+        if prepares is not None:
+            batch = np.array(images[start : start + batch_size])  # a copy: the engine reads it while pages are released
+        else:
+            with torch.inference_mode():
+                batch = preprocess(images[start : start + batch_size], encoder.input_spec, device,
+                                   buffers[(start // batch_size) % 2])
         release_pages(images)  # the batch is copied: unmap the pages read, so RSS does not grow with N
         return batch
 

@@ -83,52 +83,54 @@ def test_the_traced_export_of_the_default_encoder_is_folded_and_keeps_its_featur
     assert np.array_equal(folded, traced)
 
 
-def test_onnx_runtime_normalises_the_pixels_itself_with_the_features_bits_on_real_grey_and_rgb_images(
+def test_onnx_runtime_prepares_the_images_itself_with_the_features_bits_on_real_grey_and_rgb_images(
         medmnist_root, default_encoder_cache, tmp_path):
-    """The encoder loop hands ONNX Runtime the pixels before normalising (one channel for grey images) and its graph
-    normalises them (``Sub`` and ``Div`` in front of the exported graph, in a file beside it): on real BreastMNIST
-    (grey) and RetinaMNIST (RGB) images the features are the exported graph's on the normalised batch, to the bit,
-    so the feature identity stands. A pixels graph that does not give them (here: made for other constants) is not
-    used, and the loop gives the same bits the slower way."""
+    """The encoder loop hands ONNX Runtime the uint8 images as they are, and a graph made for their shape prepares them
+    (cast, layout, the resize as two matrix products, clip and normalisation in front of the exported graph, in a file
+    beside it): on real BreastMNIST (grey) and RetinaMNIST (RGB) images, 28 px, and on 224 px images (no resize), the
+    features are the exported graph's on the preprocessed batch, to the bit, so the feature identity stands. A
+    preparing graph that does not give them (here: made for other constants) is not used, and the loop gives the same
+    bits the slower way; neither is one for a shape it does not resize so (past the products' limit)."""
     import onnx
     from hica_bench_encoders.timm_encoders import effnet_lite0_minilm
 
-    from hica_bench.extraction.encode import kept_buffers
     from hica_bench.interfaces import InputSpec
 
     encoders = effnet_lite0_minilm("cpu")
     spec = encoders.image.input_spec
     forward = backends.onnx_forward(encoders, "cpu", default_encoder_cache, 2)
-    assert forward.pixels is not None
     path = backends.export_onnx(encoders, default_encoder_cache)[0]
-    graph = onnx.load(path.with_name(f"pixels-{backends.PIXELS_VERSION}.onnx"), load_external_data=False).graph
-    assert [i.name for i in graph.input] == ["pixels"] and [n.op_type for n in graph.node[:2]] == ["Sub", "Div"]
 
-    for name in ("breastmnist", "retinamnist"):
-        images = LazyNpz(medmnist_root / f"{name}.npz", default_encoder_cache).memmap("test_images")[:21]
+    def bits(images, forward):
         with torch.inference_mode():
-            expected = np.concatenate([forward(preprocess(images[s:s + 8], spec)).numpy() for s in range(0, 21, 8)])
-            pixels = preprocess(images[:8], spec, normalised=False)
-            assert pixels.shape[1] == (1 if images.ndim == 3 else 3)
-            assert np.array_equal(forward.pixels(pixels).numpy(), expected[:8])
-        kept_buffers.cache_clear()  # a new shelf: what an earlier loop kept there is not this one's
+            expected = np.concatenate([forward(preprocess(images[s:s + 8], spec)).numpy() for s in range(0, len(images), 8)])
         got = encode_images(images, encoders.image, "cpu", batch_size=8, forward=forward)  # 8 + 8 + 5
-        assert np.array_equal(got.view(np.int32), expected.view(np.int32)), name
-        buffers = kept_buffers().take()  # the loop kept the pixels, and wrote no normalised batch
-        kept_buffers().give_back(buffers)
-        assert buffers[0] and not any("out" in kept for kept in buffers)
+        return np.array_equal(got.view(np.int32), expected.view(np.int32))
 
-    # a pixels graph with other constants where the loop looks for it: refused by the check, not used
+    real = {name: LazyNpz(medmnist_root / f"{name}.npz", default_encoder_cache).memmap("test_images")[:21]
+            for name in ("breastmnist", "retinamnist")}
+    real["224 px"] = np.random.default_rng(0).integers(0, 256, (21, 224, 224, 3), dtype=np.uint8)
+    for name, images in real.items():
+        assert forward.for_images(images) is not None, name
+        assert bits(images, forward), name
+    graph = onnx.load(path.with_name(f"preparing-{backends.PREPARING_VERSION}-28x28x1.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == ["uint8_images"]
+    assert [n.op_type for n in graph.node[:7]] == ["Cast", "Unsqueeze", "MatMul", "MatMul", "Clip", "Sub", "Div"]
+    assert forward.for_images(np.zeros((2, 65, 65), np.uint8)) is None  # past PRODUCTS_MAX_SIDE: preprocessed
+    assert forward.for_images(np.zeros((2, 28, 28), np.float32)) is None  # not uint8
+
+    # a preparing graph with other constants where the loop looks for it: refused by the check, not used
     folder = tmp_path / "export"
     folder.mkdir()
     for part in path.parent.iterdir():
-        if not part.name.startswith("pixels-"):
+        if not part.name.startswith("preparing-"):
             (folder / part.name).symlink_to(part)
-    backends.pixels_graph(folder / path.name, InputSpec(spec.size, (0.5,) * 3, (0.5,) * 3, spec.interpolation))
+    images = real["breastmnist"]
+    backends.preparing_graph(folder / path.name, InputSpec(spec.size, (0.5,) * 3, (0.5,) * 3, spec.interpolation),
+                             images.shape[1:])
     other = backends.OnnxForward(backends._session(folder / path.name, 2), folder / path.name, spec, 2)
-    assert other.pixels is None
-    got = encode_images(images, encoders.image, "cpu", batch_size=8, forward=other)
-    assert np.array_equal(got.view(np.int32), expected.view(np.int32))
+    assert other.for_images(images) is None
+    assert bits(images, other)
 
 
 @pytest.mark.slow

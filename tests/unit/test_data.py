@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hica_bench.data import normalise, preprocess
+from hica_bench.data import preprocess
 from hica_bench.extraction.cache import FeatureCache
 from hica_bench.interfaces import InputSpec
 
@@ -57,7 +57,7 @@ def test_preprocess_gives_the_same_bits_as_the_broadcast_normalisation_with_and_
     """Cell ids and cached features rest on these bits: grey and RGB, equal and unequal channel constants (CLIP's),
     bicubic and bilinear, a resize and none, a batch's shorter last slice into kept buffers; the resize as chosen
     (the products for small images, data.py), by torch's kernel alone, and through F.interpolate (a torch without
-    the kernel's name); and the pixels before normalising, normalised on their own."""
+    the kernel's name)."""
     from hica_bench import data
 
     if resize == "kernel only":
@@ -78,10 +78,6 @@ def test_preprocess_gives_the_same_bits_as_the_broadcast_normalisation_with_and_
                 assert preprocess(images[start:start + 8], spec).equal(expected)
                 kept = preprocess(images[start:start + 8], spec, buffers=buffers)
                 assert kept.equal(expected) and kept.is_contiguous()
-                # the pixels an engine that normalises them itself gets: one channel for grey images, three for RGB
-                pixels = preprocess(images[start:start + 8], spec, buffers=buffers, normalised=False)
-                assert tuple(pixels.shape) == (len(expected), 1 if len(shape) == 3 else 3, spec.size, spec.size)
-                assert pixels.is_contiguous() and normalise(pixels, spec).equal(expected)
             assert buffers["out"].shape[0] == min(8, len(images))
 
 
