@@ -12,7 +12,9 @@ device. :func:`build_forward` makes one for a chosen :class:`~hica_bench.extract
   cores) and ``torchscript`` (tracing, then its shape arithmetic folded, :func:`_fold_trace`: Lite0 2.2-2.5 s, as
   fast as the dynamo graph; open_clip ViT-B/32 is refused, :func:`_trace_export`). Their graphs give
   features that differ in the last bits, so the exporter is part of the feature identity. Needs the optional ``onnxruntime``, ``onnx`` and ``onnxscript`` packages
-  (``pip install hica-bench[onnx]``) and an encoder whose ``modules["image"]`` holds its weights.
+  (``pip install hica-bench[onnx]``) and an encoder whose ``modules["image"]`` holds its weights. Its forward
+  (:class:`OnnxForward`) also offers ``for_images``: the same features from the uint8 images as they are, the
+  preprocessing done inside ONNX Runtime by a graph made per image shape, where that gives the same bits.
 """
 
 from __future__ import annotations
