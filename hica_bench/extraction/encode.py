@@ -10,7 +10,7 @@ import functools
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable
 
 import numpy as np
@@ -49,7 +49,10 @@ def encode_images(
     allocation per batch; on the CPU the two sets are kept between calls too: :func:`kept_buffers`). On 2 cores
     preprocessing cannot hide behind an engine that uses both: its CPU time is the harness's cost. With preprocessing
     4x cheaper and its buffers kept, the loop ran 0.95-0.96 of the raw ONNX Runtime forward's images/s (in-process,
-    384 BreastMNIST images, batch 16, 8 rounds in turns; 0.90 before). ``on_batch`` is called after each batch, in
+    384 BreastMNIST images, batch 16, 8 rounds in turns; 0.90 before). A forward whose engine prepares the images
+    itself (ONNX Runtime's ``for_images``, :class:`~hica_bench.extraction.backends.OnnxForward`) gets the uint8 images
+    as they are, an array's copied in this thread: the loop then ran at 1.08 of that raw forward (128 images, batch 8,
+    20 rounds in turns). ``on_batch`` is called after each batch, in
     this thread, once that prefetch has finished, so it never overlaps with it."""
     import torch
 
@@ -84,15 +87,19 @@ def encode_images(
     # two sets of preprocessing buffers, taken in turns: the batch being encoded and the one being prepared
     shelf = kept_buffers() if device.startswith("cpu") else None
     buffers: tuple[dict, dict] = shelf.take() if shelf is not None else ({}, {})
-    pool = _preprocessing_thread()
+    # an array's batch for an engine that prepares it itself is a copy of a few KB, taken here, in turn: handing it to
+    # the thread and back cost more than that (a 128-image split at batch 8 ran at 1.01 of the raw forward's images/s
+    # through the thread, 1.08 without it: docs/benchmarks.md); images computed as they are read (corruptions) still
+    # get the thread
+    submit = _at_once if prepares is not None and isinstance(images, np.ndarray) else _preprocessing_thread().submit
     pending = None
     try:
         with torch.inference_mode():
-            pending = pool.submit(load, done) if done < len(images) else None
+            pending = submit(load, done) if done < len(images) else None
             for start in range(done, len(images), batch_size):
                 batch = pending.result()
                 following = start + batch_size
-                pending = pool.submit(load, following) if following < len(images) else None
+                pending = submit(load, following) if following < len(images) else None
                 features = run(batch)
                 out[start : start + len(batch)] = features.float().cpu().numpy()
                 if on_batch:
@@ -105,6 +112,16 @@ def encode_images(
         if shelf is not None:  # no batch is being prepared into them any more
             shelf.give_back(buffers)
     return out
+
+
+def _at_once(work: Callable, *args) -> Future:
+    """``work(*args)`` run now, in this thread, as a finished future (its result, or its exception when asked)."""
+    future: Future = Future()
+    try:
+        future.set_result(work(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 @functools.cache
