@@ -32,7 +32,7 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
     result, report = run_bench(tmp_path, medmnist_root, "--encoder", "pixels", "--images", "40", "--repeats", "2",
                                "--warmup", "0", "--naive-batch-size", "16")
     assert result.returncode == 0, result.stderr
-    assert report["bench_version"] == BENCH_VERSION == 3
+    assert report["bench_version"] == BENCH_VERSION == 4
     assert (report["images"], report["repeats"], report["naive_batch_size"], report["device"]) == (40, 2, 16, "cpu")
     assert (report["size"], report["input_size"], report["encoder_identity"]) == (28, 16, "test-pixels-16px-v1")
     assert list(report["variants"]) == list(VARIANTS)
