@@ -396,27 +396,30 @@ def onnx_forward(pair: EncoderPair, device: str, cache_dir: Path, threads: int |
 #: bump when the recipe of the graphs that prepare the images themselves changes (part of their file names):
 #: 1: Cast, layout, the resize as two MatMuls, Clip, Sub and Div in front of the exported graph
 PREPARING_VERSION = 1
-#: the most image shapes whose preparing graph a forward keeps a session of (each holds the weights once more)
-PREPARING_SESSIONS = 4
+#: the most image shapes whose preparing graph a forward keeps a session of (each holds the weights and an arena of
+#: its own: ~90 MiB for EfficientNet-Lite0 at batch 8); the oldest is dropped for a new shape
+PREPARING_SESSIONS = 2
 
 
 class OnnxForward:
     """The ONNX Runtime forward: ``forward(batch)`` runs the exported graph on a preprocessed batch (N, 3, S, S), as
     every forward does. ``forward.for_images(images)`` is, where it can be used, a forward that takes the uint8 images
     themselves, (N, H, W) or (N, H, W, 3) as a dataset's split holds them, and prepares them inside ONNX Runtime, as
-    :func:`hica_bench.data.preprocess` does, in front of the same exported graph (:func:`preparing_graph`); the
-    preprocessing thread beside the engine then only copies the images. Made once per image shape, and used only once
+    :func:`hica_bench.data.preprocess` does, in front of the same exported graph (:func:`preparing_graph`); the loop
+    then only copies the images. Made once per image shape, and used only once
     it has given ``forward``'s features of :func:`~hica_bench.data.preprocess`'s batch to the bit, on random images
     of that shape (:func:`preparing_matches`): the same float32 operations (the resize's weights read off torch's
     kernel, as :func:`hica_bench.data.resize_by_products` uses them), then the same graph on the same numbers, so the
     feature identity does not change. The encoder loop (:func:`hica_bench.extraction.encode.encode_images`) takes it
     where there is one: on the 2-core VM, 384 BreastMNIST images at batch 8 ran at 1.01 of the raw forward's images/s
-    against 0.95 preprocessing beside it (docs/benchmarks.md)."""
+    against 0.95 preprocessing beside it (docs/benchmarks.md). A shape without one (its graph could not be made or
+    loaded, or the check said no) is not tried again by this forward."""
 
     def __init__(self, session: Any, path: Path, spec: Any, threads: int | None) -> None:
         self._session, self._path, self._spec, self._threads = session, path, spec, threads
         self._lock = threading.Lock()
-        self._preparing: dict[tuple[int, ...], Forward | None] = {}
+        self._preparing: dict[tuple[int, ...], Forward] = {}
+        self._refused: set[tuple[int, ...]] = set()  # shapes without one: not tried again in this process
 
     def __call__(self, batch):
         import torch
@@ -432,21 +435,35 @@ class OnnxForward:
         if getattr(images, "dtype", None) != np.uint8 or len(shape) not in (2, 3) or shape[2:] not in ((), (3,)):
             return None
         with self._lock:
+            if shape in self._refused:
+                return None
             if shape not in self._preparing:
+                made = self._preparing_forward(shape)
+                if made is None:
+                    self._refused.add(shape)
+                    return None
                 if len(self._preparing) >= PREPARING_SESSIONS:
                     self._preparing.pop(next(iter(self._preparing)))
-                self._preparing[shape] = self._preparing_forward(shape)
+                self._preparing[shape] = made
             return self._preparing[shape]
 
     def _preparing_forward(self, shape: tuple[int, ...]) -> Forward | None:
         import torch
 
+        session = None
+        for attempt in range(2):  # a damaged file (it does not load) is written anew, once
+            try:
+                path = preparing_graph(self._path, self._spec, shape, anew=attempt > 0)
+                if path is None:
+                    return None
+                session = _session(path, self._threads)
+                break
+            except Exception:  # a cache it cannot write, a graph it cannot edit: preprocessed batches, as before
+                continue
         try:
-            path = preparing_graph(self._path, self._spec, shape)
-            session = None if path is None else _session(path, self._threads)
-        except Exception:  # a cache it cannot write, a graph it cannot edit: preprocessed batches, as before
-            return None
-        if session is None or not preparing_matches(self, session, self._spec, shape):
+            if session is None or not preparing_matches(self, session, self._spec, shape):
+                return None
+        except Exception:  # the check could not run (memory, an engine error): preprocessed batches, as before
             return None
 
         def forward(images):
@@ -455,11 +472,12 @@ class OnnxForward:
         return forward
 
 
-def preparing_graph(path: Path, spec: Any, shape: tuple[int, ...]) -> Path | None:
+def preparing_graph(path: Path, spec: Any, shape: tuple[int, ...], anew: bool = False) -> Path | None:
     """The exported graph at ``path`` with :func:`hica_bench.data.preprocess` in front of it for uint8 images of
-    ``shape`` (H, W) or (H, W, 3), saved beside it once (it reads the same weights file, so only the graph and the
-    resize's weights are written); None where the resize is not done so (a side over
-    :data:`hica_bench.data.PRODUCTS_MAX_SIDE`). Its input is ``uint8_images`` (N, H, W[, 3]); then ``Cast`` to
+    ``shape`` (H, W) or (H, W, 3), saved beside it once (``anew``: again, over a damaged one); where the export keeps
+    its weights in a file of their own (the dynamo export), that file is read, so only the graph and the resize's
+    weights are written; a graph with its weights inside (the folded trace) is written whole. None where the resize is
+    not done so (a side over :data:`hica_bench.data.PRODUCTS_MAX_SIDE`). Its input is ``uint8_images`` (N, H, W[, 3]); then ``Cast`` to
     float32, ``Unsqueeze`` (grey) or ``Transpose`` (RGB) to (N, C, H, W), where H x W is not S x S the resize as two
     ``MatMul`` (columns, then rows: :func:`hica_bench.data.resize_weights`' matrices) and ``Clip`` to 0-255, then
     ``Sub`` and ``Div`` by :func:`hica_bench.data.normalisation`'s (1, 3, 1, 1) constants, into ``images``, the exported
@@ -475,7 +493,7 @@ def preparing_graph(path: Path, spec: Any, shape: tuple[int, ...]) -> Path | Non
     if resize and (max(height, width) > data.PRODUCTS_MAX_SIDE or kernel is None):
         return None
     target = path.with_name(f"preparing-{PREPARING_VERSION}-{height}x{width}x{channels}.onnx")
-    if target.exists():
+    if target.exists() and not anew:
         return target
     import onnx
     from onnx import helper, numpy_helper
@@ -515,16 +533,22 @@ def preparing_graph(path: Path, spec: Any, shape: tuple[int, ...]) -> Path | Non
 
 def preparing_matches(forward: Forward, session: Any, spec: Any, shape: tuple[int, ...]) -> bool:
     """Whether ``session`` (:func:`preparing_graph`'s) gives ``forward``'s features of
-    :func:`hica_bench.data.preprocess`'s batch to the bit, on three random uint8 images of ``shape``. Adding the
-    resize's products in another order than torch's kernel differs in a large part of the pixels (data.py), so one
-    random batch all but surely shows it; it is a check, not a proof, as for the resize by products."""
+    :func:`hica_bench.data.preprocess`'s batch to the bit, on random uint8 images of ``shape``, one alone and three
+    together (the resize's first product is one matrix of N·C·H rows, and a matrix library may take another path for
+    one row). Adding the resize's products in another order than torch's kernel differs in a large part of the pixels
+    (data.py), so one random batch all but surely shows it; it is a check, not a proof, as for the resize by
+    products. The exported graph after the preparation is the same, on the same numbers."""
     import numpy as np
     import torch
 
     from hica_bench.data import preprocess
 
-    images = torch.randint(0, 256, (3, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
-    with torch.inference_mode():
-        expected = forward(preprocess(images, spec)).numpy()
-    got = session.run(None, {"uint8_images": images})[0]
-    return got.shape == expected.shape and np.array_equal(got.view(np.int32), expected.view(np.int32))
+    generator = torch.Generator().manual_seed(0)
+    for count in (1, 3):
+        images = torch.randint(0, 256, (count, *shape), generator=generator, dtype=torch.uint8).numpy()
+        with torch.inference_mode():
+            expected = forward(preprocess(images, spec)).numpy()
+        got = session.run(None, {"uint8_images": images})[0]
+        if got.shape != expected.shape or not np.array_equal(got.view(np.int32), expected.view(np.int32)):
+            return False
+    return True

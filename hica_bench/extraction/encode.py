@@ -45,21 +45,22 @@ def encode_images(
     times real batches and hands its winner's over), so that batch is not encoded again.
 
     One background thread (the process's, kept between calls: :func:`_preprocessing_thread`) reads and preprocesses
-    the next batch while ``forward`` runs on the current one, into one of two sets of kept buffers (no ~10 MB
+    the next batch while ``forward`` runs on the current one (unless the engine prepares the images itself, below), into one of two sets of kept buffers (no ~10 MB
     allocation per batch; on the CPU the two sets are kept between calls too: :func:`kept_buffers`). On 2 cores
     preprocessing cannot hide behind an engine that uses both: its CPU time is the harness's cost. With preprocessing
     4x cheaper and its buffers kept, the loop ran 0.95-0.96 of the raw ONNX Runtime forward's images/s (in-process,
     384 BreastMNIST images, batch 16, 8 rounds in turns; 0.90 before). A forward whose engine prepares the images
     itself (ONNX Runtime's ``for_images``, :class:`~hica_bench.extraction.backends.OnnxForward`) gets the uint8 images
-    as they are, an array's copied in this thread: the loop then ran at 1.08 of that raw forward (128 images, batch 8,
-    20 rounds in turns). ``on_batch`` is called after each batch, in
+    as they are, an array's small batches (:data:`INLINE_MAX_BYTES`) copied in this thread: the loop then ran at 1.08 of
+    that raw forward (128 images, batch 8, 20 rounds in turns). ``on_batch`` is called after each batch, in
     this thread, once that prefetch has finished, so it never overlaps with it."""
     import torch
 
     forward = forward or eager_forward(encoder, device, precision(device, amp))
     # an engine that prepares the images itself (ONNX Runtime's, backends.OnnxForward) gets them as they are
     preparing = getattr(forward, "for_images", None)
-    prepares = preparing(images) if preparing is not None else None
+    done = len(first) if first is not None and len(images) else 0
+    prepares = preparing(images) if preparing is not None and done < len(images) else None
     run = prepares or forward
     out = np.empty((len(images), encoder.embed_dim), dtype=np.float32)
 
@@ -77,9 +78,7 @@ def encode_images(
         release_pages(images)  # the batch is copied: unmap the pages read, so RSS does not grow with N
         return batch
 
-    done = 0
-    if first is not None and len(images):
-        done = len(first)
+    if done:
         assert done == min(batch_size, len(images)), "first must be the features of the first batch"
         out[:done] = first
         if on_batch:
@@ -87,11 +86,13 @@ def encode_images(
     # two sets of preprocessing buffers, taken in turns: the batch being encoded and the one being prepared
     shelf = kept_buffers() if device.startswith("cpu") else None
     buffers: tuple[dict, dict] = shelf.take() if shelf is not None else ({}, {})
-    # an array's batch for an engine that prepares it itself is a copy of a few KB, taken here, in turn: handing it to
-    # the thread and back cost more than that (a 128-image split at batch 8 ran at 1.01 of the raw forward's images/s
-    # through the thread, 1.08 without it: docs/benchmarks.md); images computed as they are read (corruptions) still
-    # get the thread
-    submit = _at_once if prepares is not None and isinstance(images, np.ndarray) else _preprocessing_thread().submit
+    # an array's small batch for an engine that prepares it itself is a copy of a few KB, taken here, in turn: handing
+    # it to the thread and back cost more than that (a 128-image split at batch 8 ran at 1.01 of the raw forward's
+    # images/s through the thread, 1.08 without it: docs/benchmarks.md); larger batches (whose pages a cold cache may
+    # have to read from disk) and images computed as they are read (corruptions) still get the thread
+    inline = (prepares is not None and isinstance(images, np.ndarray)
+              and images.itemsize * int(np.prod(images.shape[1:])) * batch_size <= INLINE_MAX_BYTES)
+    submit = _at_once if inline else _preprocessing_thread().submit
     pending = None
     try:
         with torch.inference_mode():
@@ -112,6 +113,11 @@ def encode_images(
         if shelf is not None:  # no batch is being prepared into them any more
             shelf.give_back(buffers)
     return out
+
+
+#: the largest batch (bytes of uint8 images) that :func:`encode_images` copies in its own thread for an engine that
+#: prepares the images itself (8 images of 224 x 224 x 3 are 1.2 MB; 64 slices of 64 x 64, 262 KB)
+INLINE_MAX_BYTES = 2**20
 
 
 def _at_once(work: Callable, *args) -> Future:

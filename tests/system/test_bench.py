@@ -49,6 +49,7 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
         assert entry["tuning"]["source"] == "measured" and entry["tuning"]["path"]  # probed, and remembered
     assert len({naive["worker"]["pid"], tuned["worker"]["pid"], harness["worker"]["pid"]}) == 3
     assert tuned["settings"]["backend"] == harness["settings"]["backend"] == "eager"
+    assert harness["prepares_images"] is False  # eager: preprocessed beside the engine
 
     # no image module: ONNX Runtime is reported as unavailable with its reason, the bench goes on
     assert variants["onnxruntime"]["available"] is False and "image module" in variants["onnxruntime"]["reason"]
@@ -118,6 +119,9 @@ def test_default_encoder_gives_real_ratios_flops_and_ceiling(medmnist_root, defa
     assert export["max_abs_diff"] <= ONNX_TOLERANCE * export["max_abs_eager"]
     assert report["feature_check"]["harness_within_tolerance"]
     assert 0 < report["variants"]["harness"]["overhead_ratio"]["median"]
+    harness = report["variants"]["harness"]  # on ONNX Runtime the engine prepares the 28 px images itself
+    assert harness["prepares_images"] == (harness["settings"]["backend"] == "onnxruntime")
+    assert ("ONNX Runtime prepared the images itself" in " ".join(result.stdout.split())) == harness["prepares_images"]
 
 
 @pytest.mark.slow

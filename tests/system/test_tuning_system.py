@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,8 +90,9 @@ def test_onnx_runtime_prepares_the_images_itself_with_the_features_bits_on_real_
     (cast, layout, the resize as two matrix products, clip and normalisation in front of the exported graph, in a file
     beside it): on real BreastMNIST (grey) and RetinaMNIST (RGB) images, 28 px, and on 224 px images (no resize), the
     features are the exported graph's on the preprocessed batch, to the bit, so the feature identity stands. A
-    preparing graph that does not give them (here: made for other constants) is not used, and the loop gives the same
-    bits the slower way; neither is one for a shape it does not resize so (past the products' limit)."""
+    preparing graph that does not give them (here: made for ImageNet's constants) is not used, and the loop gives the same
+    bits the slower way; neither is one for a shape it does not resize so (past the products' limit). A damaged one
+    is written anew."""
     import onnx
     from hica_bench_encoders.timm_encoders import effnet_lite0_minilm
 
@@ -119,18 +121,27 @@ def test_onnx_runtime_prepares_the_images_itself_with_the_features_bits_on_real_
     assert forward.for_images(np.zeros((2, 65, 65), np.uint8)) is None  # past PRODUCTS_MAX_SIDE: preprocessed
     assert forward.for_images(np.zeros((2, 28, 28), np.float32)) is None  # not uint8
 
-    # a preparing graph with other constants where the loop looks for it: refused by the check, not used
+    # a preparing graph with other constants where the loop looks for it: it loads, the check refuses it, not used
     folder = tmp_path / "export"
     folder.mkdir()
-    for part in path.parent.iterdir():
+    for part in path.parent.iterdir():  # copies: ONNX Runtime reads no weights file from outside the graph's folder
         if not part.name.startswith("preparing-"):
-            (folder / part.name).symlink_to(part)
+            shutil.copyfile(part, folder / part.name)
     images = real["breastmnist"]
-    backends.preparing_graph(folder / path.name, InputSpec(spec.size, (0.5,) * 3, (0.5,) * 3, spec.interpolation),
-                             images.shape[1:])
+    imagenet = InputSpec(spec.size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), spec.interpolation)
+    assert imagenet.mean != spec.mean
+    backends.preparing_graph(folder / path.name, imagenet, images.shape[1:])
+    wrong = backends._session(folder / f"preparing-{backends.PREPARING_VERSION}-28x28x1.onnx", 2)
+    assert not backends.preparing_matches(forward, wrong, spec, images.shape[1:])
     other = backends.OnnxForward(backends._session(folder / path.name, 2), folder / path.name, spec, 2)
-    assert other.for_images(images) is None
+    assert other.for_images(images) is None and other.for_images(images) is None  # refused, and not tried again
     assert bits(images, other)
+    # a damaged one (it does not load) is written anew, checked and used
+    damaged = folder / f"preparing-{backends.PREPARING_VERSION}-28x28x1.onnx"
+    damaged.write_bytes(b"not a graph")
+    mended = backends.OnnxForward(backends._session(folder / path.name, 2), folder / path.name, spec, 2)
+    assert mended.for_images(images) is not None and damaged.stat().st_size > 1000
+    assert bits(images, mended)
 
 
 @pytest.mark.slow
