@@ -477,11 +477,12 @@ def preparing_graph(path: Path, spec: Any, shape: tuple[int, ...], anew: bool = 
     ``shape`` (H, W) or (H, W, 3), saved beside it once (``anew``: again, over a damaged one); where the export keeps
     its weights in a file of their own (the dynamo export), that file is read, so only the graph and the resize's
     weights are written; a graph with its weights inside (the folded trace) is written whole. None where the resize is
-    not done so (a side over :data:`hica_bench.data.PRODUCTS_MAX_SIDE`). Its input is ``uint8_images`` (N, H, W[, 3]); then ``Cast`` to
-    float32, ``Unsqueeze`` (grey) or ``Transpose`` (RGB) to (N, C, H, W), where H x W is not S x S the resize as two
-    ``MatMul`` (columns, then rows: :func:`hica_bench.data.resize_weights`' matrices) and ``Clip`` to 0-255, then
-    ``Sub`` and ``Div`` by :func:`hica_bench.data.normalisation`'s (1, 3, 1, 1) constants, into ``images``, the exported
-    graph's input."""
+    not done so (a side over :data:`hica_bench.data.PRODUCTS_MAX_SIDE`).
+
+    Its input is ``uint8_images`` (N, H, W[, 3]); then ``Cast`` to float32, ``Unsqueeze`` (grey) or ``Transpose``
+    (RGB) to (N, C, H, W), where H x W is not S x S the resize as two ``MatMul`` (columns, then rows:
+    :func:`hica_bench.data.resize_weights`' matrices) and ``Clip`` to 0-255, then ``Sub`` and ``Div`` by
+    :func:`hica_bench.data.normalisation`'s (1, 3, 1, 1) constants, into ``images``, the exported graph's input."""
     import numpy as np
 
     from hica_bench import data

@@ -45,8 +45,9 @@ def encode_images(
     times real batches and hands its winner's over), so that batch is not encoded again.
 
     One background thread (the process's, kept between calls: :func:`_preprocessing_thread`) reads and preprocesses
-    the next batch while ``forward`` runs on the current one (unless the engine prepares the images itself, below), into one of two sets of kept buffers (no ~10 MB
-    allocation per batch; on the CPU the two sets are kept between calls too: :func:`kept_buffers`). On 2 cores
+    the next batch while ``forward`` runs on the current one (unless the engine prepares the images itself, below),
+    into one of two sets of kept buffers (no ~10 MB allocation per batch; on the CPU the two sets are kept between
+    calls too: :func:`kept_buffers`). On 2 cores
     preprocessing cannot hide behind an engine that uses both: its CPU time is the harness's cost. With preprocessing
     4x cheaper and its buffers kept, the loop ran 0.95-0.96 of the raw ONNX Runtime forward's images/s (in-process,
     384 BreastMNIST images, batch 16, 8 rounds in turns; 0.90 before). A forward whose engine prepares the images
