@@ -273,7 +273,8 @@ def _check_outputs(path: Path, encoder: ImageEncoder) -> list[Any]:
     """The graph's features of the check batch with ONNX Runtime's default threads, and of its first image on one
     thread (a run may use another batch size and thread count than the check)."""
     batch = _check_batch(encoder).numpy()
-    return [_session(path, None).run(None, {"images": batch})[0], _session(path, 1).run(None, {"images": batch[:1]})[0]]
+    return [ort_session(path, None).run(None, {"images": batch})[0],
+            ort_session(path, 1).run(None, {"images": batch[:1]})[0]]
 
 
 def _folded(path: Path, to: Path) -> tuple[Any, int, int]:
@@ -357,7 +358,9 @@ def _quiet():
         yield
 
 
-def _session(path: Path, threads: int | None):
+def ort_session(path: Path, threads: int | None):
+    """An ONNX Runtime CPU session of the graph at ``path`` (all graph optimisations; ``threads`` intra-op threads,
+    None: ONNX Runtime's default), as every forward and check here makes it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -375,7 +378,7 @@ def _compare(encoder: ImageEncoder, path: Path) -> dict[str, float]:
     batch = _check_batch(encoder)
     with torch.inference_mode():
         eager = encoder.encode(batch).float().numpy()
-    got = _session(path, None).run(None, {"images": batch.numpy()})[0]
+    got = ort_session(path, None).run(None, {"images": batch.numpy()})[0]
     if got.shape != eager.shape:
         raise BackendUnavailable(f"the exported model returns shape {got.shape}, eager {eager.shape}")
     return {"max_abs_diff": float(np.abs(got - eager).max()), "max_abs_eager": float(np.abs(eager).max())}
@@ -390,7 +393,7 @@ def onnx_forward(pair: EncoderPair, device: str, cache_dir: Path, threads: int |
     import torch
 
     path, _ = export_onnx(pair, cache_dir, exporter)
-    return OnnxForward(_session(path, threads), path, pair.image.input_spec, threads)
+    return OnnxForward(ort_session(path, threads), path, pair.image.input_spec, threads)
 
 
 #: bump when the recipe of the graphs that prepare the images themselves changes (part of their file names):
@@ -456,7 +459,7 @@ class OnnxForward:
                 path = preparing_graph(self._path, self._spec, shape, anew=attempt > 0)
                 if path is None:
                     return None
-                session = _session(path, self._threads)
+                session = ort_session(path, self._threads)
                 break
             except Exception:  # a cache it cannot write, a graph it cannot edit: preprocessed batches, as before
                 continue

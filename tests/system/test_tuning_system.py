@@ -131,15 +131,15 @@ def test_onnx_runtime_prepares_the_images_itself_with_the_features_bits_on_real_
     imagenet = InputSpec(spec.size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), spec.interpolation)
     assert imagenet.mean != spec.mean
     backends.preparing_graph(folder / path.name, imagenet, images.shape[1:])
-    wrong = backends._session(folder / f"preparing-{backends.PREPARING_VERSION}-28x28x1.onnx", 2)
+    wrong = backends.ort_session(folder / f"preparing-{backends.PREPARING_VERSION}-28x28x1.onnx", 2)
     assert not backends.preparing_matches(forward, wrong, spec, images.shape[1:])
-    other = backends.OnnxForward(backends._session(folder / path.name, 2), folder / path.name, spec, 2)
+    other = backends.OnnxForward(backends.ort_session(folder / path.name, 2), folder / path.name, spec, 2)
     assert other.for_images(images) is None and other.for_images(images) is None  # refused, and not tried again
     assert bits(images, other)
     # a damaged one (it does not load) is written anew, checked and used
     damaged = folder / f"preparing-{backends.PREPARING_VERSION}-28x28x1.onnx"
     damaged.write_bytes(b"not a graph")
-    mended = backends.OnnxForward(backends._session(folder / path.name, 2), folder / path.name, spec, 2)
+    mended = backends.OnnxForward(backends.ort_session(folder / path.name, 2), folder / path.name, spec, 2)
     assert mended.for_images(images) is not None and damaged.stat().st_size > 1000
     assert bits(images, mended)
 
