@@ -14,12 +14,18 @@ Each case is one ``hica-bench bench --device cuda`` (its workers take turns, one
 
 The dataset is PneumoniaMNIST's train split (4,708 images; 4,096 timed per repeat): BreastMNIST's 546 images take
 ~50 ms on a data-centre GPU, too short to time.
+
+Two variables adapt it to a machine set up otherwise: ``HICA_BENCH_GPU_ENCODER`` names the encoder (default: the
+default pair; e.g. ``timm:model=tf_efficientnet_lite0:checkpoint=/path/to/weights:text=`` where the MiniLM package is
+not installed: the same image tower, for the bench only times the images), and ``HICA_BENCH_GPU_REPORTS`` a folder
+that receives each case's JSON report (``gpu-eager.json``, ``gpu-compile.json``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +57,15 @@ def test_gpu_harness_against_its_raw_forward(compile, medmnist_root, cache_dir, 
     command = [str(Path(sys.executable).parent / "hica-bench"), "bench", "--device", "cuda", "--dataset", "pneumoniamnist",
                "--images", str(IMAGES), "--repeats", "5", "--warmup", "3", "--data-root", str(medmnist_root),
                "--cache-dir", str(cache_dir), "--out", str(out)] + (["--compile"] if compile else [])
+    if os.environ.get("HICA_BENCH_GPU_ENCODER"):
+        command += ["--encoder", os.environ["HICA_BENCH_GPU_ENCODER"]]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
+    if os.environ.get("HICA_BENCH_GPU_REPORTS"):
+        reports = Path(os.environ["HICA_BENCH_GPU_REPORTS"])
+        reports.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, reports / f"gpu-{'compile' if compile else 'eager'}.json")
     variants = report["variants"]
     raw, harness = variants["eager-tuned"], variants["harness"]
     print(f"\nGPU {report['environment']['device_name'] or report['device']} ({'torch.compile' if compile else 'eager'}): "
@@ -62,4 +74,6 @@ def test_gpu_harness_against_its_raw_forward(compile, medmnist_root, cache_dir, 
           f"{harness['images_per_s']['median']:.0f} img/s = {harness['overhead_ratio']['median']:.3f}x its own raw "
           f"forward (min {harness['overhead_ratio']['min']:.3f}, max {harness['overhead_ratio']['max']:.3f}; target "
           f">= 0.8); stages {json.dumps({k: round(v, 3) for k, v in harness['stage_seconds'].items()})}; peak GPU "
-          f"{harness['peak_gpu_mb']:.0f} MiB")
+          f"{harness['peak_gpu_mb']:.0f} MiB; features vs naive fp32: max |diff| {harness['features_max_abs_diff']:.2e} "
+          f"(allowed {harness['features_tolerance']:g} x {report['feature_check']['max_abs_eager']:.3g} in "
+          f"{harness['settings']['precision']})")

@@ -313,8 +313,14 @@ def preprocess(images: np.ndarray, spec: InputSpec, device: str = "cpu", buffers
     # grey batch (N, 1, S, S) is resized once, and a channel whose constants equal an earlier one's is a copy of it
     mean, std = normalisation(spec)
     # the divisors as 0-dim tensors on the batch's device: CUDA divides by a CPU scalar as a product with its
-    # reciprocal (a bit off), by a device tensor truly, as the broadcast (1, 3, 1, 1) tensor was divided
-    divisors = torch.tensor(std, device=batch.device)
+    # reciprocal (a bit off), by a device tensor truly, as the broadcast (1, 3, 1, 1) tensor was divided. Kept with the
+    # buffers: on CUDA making them is a blocking copy, which would wait for the forward running on the stream
+    key = f"divisors {std} on {batch.device}"
+    divisors = None if buffers is None else buffers.get(key)
+    if divisors is None:
+        divisors = torch.tensor(std, device=batch.device)
+        if buffers is not None:
+            buffers[key] = divisors
     shape = (batch.shape[0], 3, *batch.shape[2:])
     out = (torch.empty(shape, dtype=torch.float32, device=batch.device) if buffers is None
            else _kept(buffers, "out", shape, batch.device))

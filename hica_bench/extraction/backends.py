@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from hica_bench.errors import UserError
 from hica_bench.files import atomic_dir, cannot_write, digest, remove_orphans
 from hica_bench.interfaces import EncoderPair, ImageEncoder
 
@@ -88,7 +89,7 @@ def eager_forward(encoder: ImageEncoder, device: str, precision: str = "fp32", c
 
     encode = encoder.encode
     if compile:
-        encode = torch.compile(encode, dynamic=False)
+        encode = _compiled(encoder)
     if channels_last:
         def forward(batch):
             with _autocast(device, precision):
@@ -98,6 +99,25 @@ def eager_forward(encoder: ImageEncoder, device: str, precision: str = "fp32", c
             with _autocast(device, precision):
                 return encode(batch)
     return forward
+
+
+def _compiled(encoder: ImageEncoder) -> Callable[[Any], Any]:
+    """``torch.compile(encoder.encode)`` (one graph per batch shape), its compilation's failure (Dynamo, Inductor, a
+    missing C++ compiler or Triton; at a call with a new batch shape) a one-line :class:`UserError` naming the way
+    out, not a traceback."""
+    import torch
+    from torch._dynamo.exc import TorchDynamoException  # Inductor's errors too (torch has no public name for it)
+
+    compiled = torch.compile(encoder.encode, dynamic=False)
+
+    def encode(batch):
+        try:
+            return compiled(batch)
+        except TorchDynamoException as exc:  # its first line (the rest tells how to get torch's internal trace)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"--compile: torch.compile of {encoder.identity} failed ({type(exc).__name__}: "
+                            f"{first[:300]}); run without --compile") from None
+    return encode
 
 
 def _onnx_dir(cache_dir: Path, encoder: ImageEncoder, exporter: str = "dynamo") -> Path:

@@ -26,7 +26,9 @@ def precision(device: str, amp: bool) -> str:
         return "fp32"
     import torch
 
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # bf16 only where the GPU computes in it (Ampere and later); torch's default also says yes where it is emulated
+    # (a T4 or V100), which runs slower than fp16 there
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def encode_images(

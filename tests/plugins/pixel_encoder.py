@@ -21,4 +21,19 @@ class PixelEncoder:
 @hookimpl
 def hica_bench_encoders():
     return [PluginSpec("encoder", "pixels", "raw pixels, side x side (tests)",
-                       lambda device, side=16: EncoderPair(PixelEncoder(side), None, False, device))]
+                       lambda device, side=16: EncoderPair(PixelEncoder(side), None, False, device)),
+            PluginSpec("encoder", "pixels-doubled", "the pixels times two (tests: a forward torch.compile compiles)",
+                       lambda device: EncoderPair(DoubledPixelEncoder(), None, False, device))]
+
+
+
+class DoubledPixelEncoder(PixelEncoder):
+    """The pixels times two: arithmetic, for which ``torch.compile`` (Inductor) writes and compiles a C++ kernel on the
+    CPU (the plain pixels are a reshape, which needs none)."""
+
+    def __init__(self) -> None:
+        super().__init__(16)
+        self.identity = "test-pixels-doubled-v1"
+
+    def encode(self, images):
+        return images.reshape(len(images), -1) * 2.0

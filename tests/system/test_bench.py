@@ -32,7 +32,7 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
     result, report = run_bench(tmp_path, medmnist_root, "--encoder", "pixels", "--images", "40", "--repeats", "2",
                                "--warmup", "0", "--naive-batch-size", "16")
     assert result.returncode == 0, result.stderr
-    assert report["bench_version"] == BENCH_VERSION == 4
+    assert report["bench_version"] == BENCH_VERSION == 5
     assert (report["images"], report["repeats"], report["naive_batch_size"], report["device"]) == (40, 2, 16, "cpu")
     assert (report["size"], report["input_size"], report["encoder_identity"]) == (28, 16, "test-pixels-16px-v1")
     assert list(report["variants"]) == list(VARIANTS)
@@ -65,6 +65,7 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
         assert ratio["median"] == statistics.median(ratio["per_repeat"])
         assert entry["gflops_per_s"] == 0 and entry["fraction_of_ceiling"] == 0  # mean pooling has no matmul FLOPs
         assert entry["peak_rss_mb"] > 0 and entry["features_within_tolerance"] and entry["features_max_abs_diff"] == 0
+        assert entry["features_tolerance"] == ONNX_TOLERANCE and entry["peak_gpu_mb"] is None  # fp32, on the CPU
     assert naive["ratio_to_naive"]["per_repeat"] == [1.0, 1.0]
     # raw variants time ceil(N / batch) full batches; the harness encodes exactly the N images
     assert naive["images_timed"] == math.ceil(40 / 16) * 16 and harness["images_timed"] == 40
@@ -84,6 +85,7 @@ def test_pixels_report_structure_and_worker_isolation(tmp_path, medmnist_root):
     assert report["flops_per_image"]["gflop"] == 0
     check = report["feature_check"]
     assert check["images"] == CHECK_IMAGES and check["tolerance"] == ONNX_TOLERANCE and check["harness_within_tolerance"]
+    assert check["precision"] == "fp32" and check["reference"] == "naive eager (fp32)"
     assert report["environment"]["cpu_model"] and report["wall_s"] > 0 and "naive eager" in report["naive_definition"]
 
     for text in ("naive", "eager-tuned", "not available", "matmul ceiling", "harness overhead", "within tolerance",
@@ -135,6 +137,40 @@ def test_a_worker_that_dies_is_one_line_naming_it(tmp_path, medmnist_root):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("hica-bench: error: bench worker 'naive' died (exit code -9)"), result.stderr
     assert "Traceback" not in result.stderr
+    # the workers' stderr outlives the run's scratch folder, and the line says where it is
+    kept = tmp_path / "cache" / "bench-logs"
+    assert lines[-1].endswith(f"(the workers' stderr: {kept})")
+    assert sorted(p.name for p in kept.iterdir()) == [f"{v}.stderr" for v in sorted(VARIANTS)]
+
+
+@pytest.mark.slow
+def test_compiled_forward_end_to_end(tmp_path, medmnist_root):
+    """``--compile`` (torch.compile: Dynamo and Inductor; the pixels need no C++ kernel, which keeps this test short):
+    the tuned and harness variants run compiled, with naive eager's features to the bit; the harness's extraction path
+    was warmed up at set-up on the batches it times (40 images at batch 16: a short last batch too)."""
+    result, report = run_bench(tmp_path, medmnist_root, "--encoder", "pixels", "--images", "40", "--repeats", "1",
+                               "--warmup", "0", "--naive-batch-size", "16", "--batch-size", "16", "--compile",
+                               env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert result.returncode == 0, result.stderr
+    variants = report["variants"]
+    for name in ("eager-tuned", "harness"):
+        assert variants[name]["settings"]["compile"] is True and "torch.compile" in variants[name]["describe"]
+        assert variants[name]["features_max_abs_diff"] == 0, name
+    assert variants["naive"]["settings"]["compile"] is False
+
+
+@pytest.mark.slow
+def test_compile_without_a_cxx_compiler_is_one_line(tmp_path, medmnist_root):
+    # Inductor cannot build its CPU kernel without a C++ compiler: the run stops in one line saying so and how to go on
+    result = hica_bench("-p", "pixel_encoder", "run", "--data-root", str(medmnist_root), "--datasets", "breastmnist",
+                        "--methods", "prototype", "--shots", "1", "--seeds", "0", "--encoders", "pixels-doubled",
+                        "--compile", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                        env={"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hica-bench: error: --compile: torch.compile of test-pixels-doubled-v1 "
+                                                   "failed (InductorError: "), result.stderr
+    assert "no-such-compiler" in lines[0] and lines[0].endswith("run without --compile")
 
 
 @pytest.mark.slow
