@@ -257,7 +257,7 @@ def bench(
             peaks = {v: workers[v].ask({"cmd": "peak"}) for v in measured}
         except WorkerFailed as exc:  # its traceback is in the scratch folder, which goes: keep the workers' stderr
             kept = _keep_logs(Path(scratch), cache_dir)
-            raise WorkerFailed(f"{exc} (the workers' stderr: {kept})") from None
+            raise WorkerFailed(f"{exc} (the workers' stderr: {kept})" if kept else str(exc)) from None
         finally:
             for worker in workers.values():
                 worker.close()
@@ -300,6 +300,8 @@ def bench(
         })
         if info.get("export"):
             entry["onnx_export"] = info["export"]
+        if info["settings"]["compile"]:  # graphs compiled inside its timed passes (a recompile there is timed)
+            entry["compiles_while_timed"] = sum(r["compiles"] for r in runs[variant])
         if variant == "harness":
             raw = [r["raw_images_per_s"] for r in runs[variant]]
             overhead = [h / r for h, r in zip(ips, raw)]
@@ -363,17 +365,21 @@ def feature_tolerance(precision: str) -> float:
     return FEATURE_TOLERANCE.get(precision, ONNX_TOLERANCE)
 
 
-def _keep_logs(scratch: Path, cache_dir: Path) -> Path:
-    """Every worker's stderr (the ends of them), copied out of the run's scratch folder into ``<cache>/bench-logs/``
-    (replacing the last failed run's); returns that folder."""
+def _keep_logs(scratch: Path, cache_dir: Path) -> Path | None:
+    """Every worker's stderr (the last :data:`MAX_LOG_BYTES` of each), copied out of the run's scratch folder into
+    ``<cache>/bench-logs/`` (replacing the last failed run's); returns that folder, or None where it cannot be written
+    (the failure is then reported without it)."""
     kept = cache_dir / "bench-logs"
-    kept.mkdir(parents=True, exist_ok=True)
-    for old in kept.glob("*.stderr"):
-        old.unlink()
-    for log in scratch.glob("*.stderr"):
-        with log.open("rb") as source:
-            source.seek(max(0, log.stat().st_size - MAX_LOG_BYTES))
-            (kept / log.name).write_bytes(source.read())
+    try:
+        kept.mkdir(parents=True, exist_ok=True)
+        for old in kept.glob("*.stderr"):
+            old.unlink(missing_ok=True)
+        for log in scratch.glob("*.stderr"):
+            with log.open("rb") as source:
+                source.seek(max(0, log.stat().st_size - MAX_LOG_BYTES))
+                (kept / log.name).write_bytes(source.read(MAX_LOG_BYTES))
+    except OSError:
+        return None
     return kept
 
 
@@ -415,6 +421,10 @@ def print_report(report: dict[str, Any], console: Any) -> None:
                   + ("" if check["precision"] == "fp32" else f", the harness computing in {check['precision']}") + "); "
                   f"harness ({check['harness_backend']}) "
                   f"{'within' if check['harness_within_tolerance'] else 'NOT within'} tolerance", markup=False, highlight=False)
+    for name, entry in variants.items():
+        if entry.get("compiles_while_timed"):
+            console.print(f"torch.compile compiled {entry['compiles_while_timed']} graph(s) inside {name}'s timed passes: "
+                          f"their compile time is in its figures", markup=False, highlight=False)
     export = variants["onnxruntime"].get("onnx_export")
     if export:
         console.print(f"ONNX export check ({export.get('identity', '')}): max |ort - eager| {export['max_abs_diff']:.1e} "
@@ -561,7 +571,8 @@ class _Variant:
             self._save_features(self.extractor.encode(check_images))
         else:  # its extraction's path warmed up (untimed) on the batches it times, the last short one too: a compiled
             self.extractor.encode(self.images)  # forward is specialised on each batch's shape (a first-repeat recompile)
-        self._raw(self.job["warmup"])
+        # a compiled forward's first pass on the raw batch compiles (its shape or tensor kind may be new): never timed
+        self._raw(max(self.job["warmup"], 1 if self.settings.compile else 0))
         self.peak_scope = _reset_peak_rss()
         self.peak_gpu_mb: float | None = 0.0 if self.cuda else None
         return self.ready
@@ -595,6 +606,7 @@ class _Variant:
         return self._raw(self.passes)
 
     def measure(self, repeat: int) -> dict[str, Any]:
+        graphs = _compiled_graphs() if self.settings.compile else None
         if self.cuda:  # the peak of the measured passes alone (the ceiling's matrices come and go between them)
             import torch
 
@@ -607,6 +619,8 @@ class _Variant:
             measured = self._harness(repeat)
         if self.cuda:
             self.peak_gpu_mb = max(self.peak_gpu_mb or 0.0, torch.cuda.max_memory_allocated(self.device) / 2**20)
+        if graphs is not None:  # graphs compiled inside the timed passes: 0 where the set-up warmed every shape up
+            measured["compiles"] = _compiled_graphs() - graphs
         return measured
 
     def _harness(self, repeat: int) -> dict[str, Any]:
@@ -706,6 +720,13 @@ class _Variant:
                     best = min(best, time.perf_counter() - start)
         return {"gflops_per_s": 2 * n**3 / best / 1e9, "size": n, "dtype": str(dtype).replace("torch.", ""),
                 "threads": torch.get_num_threads(), "allocator": allocator()}
+
+
+def _compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process (Dynamo's own counter; torch has no public one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _worker(variant: str) -> int:

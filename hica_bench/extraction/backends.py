@@ -101,22 +101,50 @@ def eager_forward(encoder: ImageEncoder, device: str, precision: str = "fp32", c
     return forward
 
 
-def _compiled(encoder: ImageEncoder) -> Callable[[Any], Any]:
-    """``torch.compile(encoder.encode)`` (one graph per batch shape), its compilation's failure (Dynamo, Inductor, a
-    missing C++ compiler or Triton; at a call with a new batch shape) a one-line :class:`UserError` naming the way
-    out, not a traceback."""
-    import torch
-    from torch._dynamo.exc import TorchDynamoException  # Inductor's errors too (torch has no public name for it)
+#: the most batch shapes a compiled encoder may be specialised on in one process (Dynamo's default is 8)
+COMPILED_SHAPES_MAX = 64
 
-    compiled = torch.compile(encoder.encode, dynamic=False)
+
+def _compiled(encoder: ImageEncoder) -> Callable[[Any], Any]:
+    """``torch.compile(encoder.encode)``, one graph per batch shape (``dynamic=False``: every batch of a shape runs the
+    same kernels, so gives the same bits). Past its limit of graphs per function Dynamo would run the encoder eagerly
+    without a word: other bits under the same feature identity (``compile`` is part of it). So the limit is raised to
+    :data:`COMPILED_SHAPES_MAX` (a split's last, shorter batch is a shape of its own) and reaching it is an error,
+    for the process (Dynamo's settings are global). A failure of the compilation (Dynamo, Inductor, a missing C++
+    compiler or Triton, at a call with a new batch shape) or of that limit is a one-line :class:`UserError` naming
+    the way out, not a traceback."""
+    import torch
+    import torch._dynamo.config as dynamo_config
+    # torch has no public names for these; BackendCompilerFailed covers Inductor's errors
+    from torch._dynamo import exc as dynamo_exc
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+
+    limit_hit = getattr(dynamo_exc, "FailOnRecompileLimitHit", None)  # torch >= 2.6, as the settings below
+
+    def failed(exc: BaseException) -> UserError:  # its first line (the rest tells how to get torch's internal trace)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return UserError(f"--compile: torch.compile of {encoder.identity} failed ({type(exc).__name__}: {first[:300]}); "
+                         f"run without --compile")
+
+    if limit_hit is not None and hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_SHAPES_MAX)
+        dynamo_config.fail_on_recompile_limit_hit = True
+    try:
+        compiled = torch.compile(encoder.encode, dynamic=False)
+    except RuntimeError as exc:  # Dynamo does not run on this Python
+        raise failed(exc) from None
 
     def encode(batch):
         try:
             return compiled(batch)
-        except TorchDynamoException as exc:  # its first line (the rest tells how to get torch's internal trace)
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise UserError(f"--compile: torch.compile of {encoder.identity} failed ({type(exc).__name__}: "
-                            f"{first[:300]}); run without --compile") from None
+        except (BackendCompilerFailed, InternalTorchDynamoError) as exc:
+            raise failed(exc) from None
+        except Exception as exc:  # the encoder's own errors pass as they are
+            if limit_hit is None or not isinstance(exc, limit_hit):
+                raise
+            raise UserError(f"--compile: {encoder.identity} met more than {COMPILED_SHAPES_MAX} batch shapes in this "
+                            f"process, each compiled anew (a split's last batch is one); run without --compile, or "
+                            f"fewer datasets per run") from None
     return encode
 
 

@@ -27,8 +27,12 @@ def precision(device: str, amp: bool) -> str:
     import torch
 
     # bf16 only where the GPU computes in it (Ampere and later); torch's default also says yes where it is emulated
-    # (a T4 or V100), which runs slower than fp16 there
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    # (a T4 or V100), which runs slower than fp16 there (torch before 2.5 has no such argument, nor emulation)
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        native = torch.cuda.is_bf16_supported()
+    return "bf16" if native else "fp16"
 
 
 def encode_images(

@@ -26,7 +26,6 @@ def hica_bench_encoders():
                        lambda device: EncoderPair(DoubledPixelEncoder(), None, False, device))]
 
 
-
 class DoubledPixelEncoder(PixelEncoder):
     """The pixels times two: arithmetic, for which ``torch.compile`` (Inductor) writes and compiles a C++ kernel on the
     CPU (the plain pixels are a reshape, which needs none)."""

@@ -156,7 +156,8 @@ def test_compiled_forward_end_to_end(tmp_path, medmnist_root):
     for name in ("eager-tuned", "harness"):
         assert variants[name]["settings"]["compile"] is True and "torch.compile" in variants[name]["describe"]
         assert variants[name]["features_max_abs_diff"] == 0, name
-    assert variants["naive"]["settings"]["compile"] is False
+        assert variants[name]["compiles_while_timed"] == 0, name  # every shape compiled at set-up, none while timed
+    assert variants["naive"]["settings"]["compile"] is False and "compiles_while_timed" not in variants["naive"]
 
 
 @pytest.mark.slow

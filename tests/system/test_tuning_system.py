@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hica_bench, write_medmnist_npz
+from conftest import TEST_PLUGINS, hica_bench, write_medmnist_npz
 from hica_bench.data import LazyNpz, preprocess
 from hica_bench.extraction import backends, tuning
 from hica_bench.extraction.encode import encode_images
@@ -174,3 +174,25 @@ def test_run_records_the_chosen_settings_and_keys_the_cache_by_backend(tmp_path)
     refused = hica_bench(*common, "--backend", "onnxruntime", "--out", str(tmp_path / "c"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "--backend onnxruntime cannot run" in refused.stderr and not (tmp_path / "c" / "results.jsonl").exists()
+
+
+def test_a_compiled_encoder_past_its_shapes_limit_is_one_line_never_an_eager_fallback(monkeypatch):
+    """Dynamo runs a function eagerly, unsaid, once it has compiled it for as many shapes as its limit allows: other
+    bits under a feature identity that says compiled. The compiled forward makes that an error, in one line."""
+    import torch._dynamo.config as dynamo_config
+
+    from hica_bench.errors import UserError
+
+    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
+    from pixel_encoder import PixelEncoder
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", dynamo_config.recompile_limit)  # restored afterwards
+    monkeypatch.setattr(dynamo_config, "fail_on_recompile_limit_hit", dynamo_config.fail_on_recompile_limit_hit)
+    forward = backends.eager_forward(PixelEncoder(), "cpu", compile=True)
+    assert dynamo_config.recompile_limit >= backends.COMPILED_SHAPES_MAX and dynamo_config.fail_on_recompile_limit_hit
+    dynamo_config.recompile_limit = 2  # as if the 64 shapes were spent
+    with torch.inference_mode():
+        for n in (1, 2):  # a graph each, within the limit
+            assert forward(torch.ones(n, 3, 16, 16)).shape == (n, 768)
+        with pytest.raises(UserError, match=r"met more than 64 batch shapes in this process"):
+            forward(torch.ones(3, 3, 16, 16))
