@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from hica_bench.errors import UserError
+from hica_bench.errors import UserError, first_line
 from hica_bench.files import atomic_path, atomic_write, cannot_write, digest
 from hica_bench.interfaces import InputSpec
 
@@ -140,7 +140,7 @@ class LazyNpz:
             with np.load(self.path, allow_pickle=False) as npz:
                 array = npz[key]
         except Exception as exc:  # any reader of any member (zlib, bz2, lzma, a header promising terabytes...)
-            raise UserError(f"{self.path}: array {key!r} is unreadable ({type(exc).__name__}: {_first_line(exc)}); "
+            raise UserError(f"{self.path}: array {key!r} is unreadable ({type(exc).__name__}: {first_line(exc)}); "
                             "delete the file and download it again") from None
         if not isinstance(array, np.ndarray):  # numpy hands back the raw bytes of a member that is not a .npy array
             raise UserError(f"{self.path}: array {key!r} is not a valid .npy array; download the file again")
@@ -156,7 +156,7 @@ class LazyNpz:
             try:
                 return self._memmap_stored(info)
             except Exception as exc:  # a header numpy cannot parse, promises the member cannot keep, objects
-                raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({_first_line(exc)}); "
+                raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({first_line(exc)}); "
                                 "download the file again") from None
         target = self._scratch / f"{key}.npy"
         if not self._scratch_matches(target, info):
@@ -164,7 +164,7 @@ class LazyNpz:
         try:
             array = np.load(target, mmap_mode="r", allow_pickle=False)
         except (ValueError, OverflowError) as exc:  # the copy is the member's bytes: the member is not a valid array
-            raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({_first_line(exc)}); "
+            raise UserError(f"{self.path}: array {key!r} is not a valid .npy array ({first_line(exc)}); "
                             "download the file again") from None
         return array
 
@@ -181,14 +181,14 @@ class LazyNpz:
                     source = self._zip.open(info)
                 except Exception as exc:  # an unsupported method, an encrypted member, a damaged local header
                     raise UserError(f"{self.path}: array {key!r} cannot be read ({type(exc).__name__}: "
-                                    f"{_first_line(exc)}); download it again") from None
+                                    f"{first_line(exc)}); download it again") from None
                 with source:
                     while True:
                         try:  # zipfile checks the member's CRC-32 at its end
                             block = source.read(1 << 22)
                         except Exception as exc:  # zlib, bz2, lzma errors, a bad CRC, a truncated file
                             raise UserError(f"{self.path}: array {key!r} is truncated or corrupt ({type(exc).__name__}: "
-                                            f"{_first_line(exc)}); download it again") from None
+                                            f"{first_line(exc)}); download it again") from None
                         if not block:
                             break
                         try:
@@ -249,10 +249,6 @@ class LazyNpz:
         log.warning("scratch copy %s does not match %s (damaged or edited); making it again", target, self.path.name)
         target.unlink(missing_ok=True)
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def release_pages(images: np.ndarray | None) -> None:

@@ -37,3 +37,9 @@ def fault_text(exc: BaseException, limit: int = 300) -> str:
         return "KeyboardInterrupt raised by the plugin's own code (a real Ctrl-C stops the run)"
     text = " ".join(str(exc).split())
     return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:limit]
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (libraries such as torch follow it with
+    lines on how to get their internal trace, which a one-line error leaves out)."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hica_bench.errors import UserError
+from hica_bench.errors import UserError, first_line
 from hica_bench.files import atomic_dir, cannot_write, digest, remove_orphans
 from hica_bench.interfaces import EncoderPair, ImageEncoder
 
@@ -121,10 +121,9 @@ def _compiled(encoder: ImageEncoder) -> Callable[[Any], Any]:
 
     limit_hit = getattr(dynamo_exc, "FailOnRecompileLimitHit", None)  # torch >= 2.6, as the settings below
 
-    def failed(exc: BaseException) -> UserError:  # its first line (the rest tells how to get torch's internal trace)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return UserError(f"--compile: torch.compile of {encoder.identity} failed ({type(exc).__name__}: {first[:300]}); "
-                         f"run without --compile")
+    def failed(exc: BaseException) -> UserError:
+        return UserError(f"--compile: torch.compile of {encoder.identity} failed ({type(exc).__name__}: "
+                         f"{first_line(exc, 300)}); run without --compile")
 
     if limit_hit is not None and hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_SHAPES_MAX)
@@ -225,8 +224,7 @@ def export_onnx(pair: EncoderPair, cache_dir: Path, exporter: str = "dynamo") ->
         except OSError as exc:  # a full disk or no permission says nothing about the encoder: not remembered
             raise cannot_write(folder, exc) from None
         except Exception as exc:  # any exporter failure means: this encoder does not export cleanly
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            record.update(ok=False, reason=f"torch.onnx.export failed: {type(exc).__name__}: {first_line}")
+            record.update(ok=False, reason=f"torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}")
         if not record["ok"]:  # remember the failure, not a model that failed its check
             for leftover in partial.iterdir():
                 leftover.unlink()
@@ -306,8 +304,7 @@ def _fold_trace(path: Path, encoder: ImageEncoder) -> dict[str, Any]:
         raise
     except Exception as exc:  # onnxscript could not fold this graph: the plain trace is kept, and says why
         folded_path.unlink(missing_ok=True)
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        return {"kept": False, "reason": f"the fold failed: {type(exc).__name__}: {first_line}"}
+        return {"kept": False, "reason": f"the fold failed: {type(exc).__name__}: {first_line(exc)}"}
     record = {"nodes_before": before, "nodes_after": len(model.graph), "rounds": rounds,
               "fold_s": time.perf_counter() - start}
     if all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(got, plain)):
