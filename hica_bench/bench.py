@@ -1,4 +1,4 @@
-"""``hica-bench bench`` (report version 4): encoder throughput of four variants, measured in one run.
+"""``hica-bench bench`` (report version 5): encoder throughput of four variants, measured in one run.
 
 Variants, each as images/s with its ratio to naive eager:
 
@@ -618,7 +618,7 @@ class _Variant:
         else:
             measured = self._harness(repeat)
         if self.cuda:
-            self.peak_gpu_mb = max(self.peak_gpu_mb or 0.0, torch.cuda.max_memory_allocated(self.device) / 2**20)
+            self.peak_gpu_mb = max(self.peak_gpu_mb, torch.cuda.max_memory_allocated(self.device) / 2**20)
         if graphs is not None:  # graphs compiled inside the timed passes: 0 where the set-up warmed every shape up
             measured["compiles"] = _compiled_graphs() - graphs
         return measured
