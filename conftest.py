@@ -22,6 +22,12 @@ def shared_medmnist() -> Path | None:
     return None
 
 
+if "HICA_BENCH_DATA" not in os.environ and shared_medmnist() is not None:
+    # the files beside the checkout (README: "the tests look there too"), for the hica-bench processes the tests start
+    # as well as for this one: as .ci/run sets it
+    os.environ["HICA_BENCH_DATA"] = str(shared_medmnist())
+
+
 @pytest.fixture(scope="session")
 def medmnist_root() -> Path:
     root = shared_medmnist()
